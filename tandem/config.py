@@ -1,0 +1,58 @@
+"""Engine configuration: one dataclass a concern, gathered in EngineConfig."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype, default: torch.dtype = torch.float32) -> torch.dtype:
+    """'auto', a name or a torch.dtype to a torch.dtype; unknown names are a ValueError."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return default
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    num_gpu_blocks: int | None = None  # overrides the memory fraction when set
+    gpu_memory_utilization: float = 0.9  # fraction of (free) device memory, or of host RAM on CPU
+    cpu_kv_cache_gib: float = 4.0  # KV budget on CPU when no block count is given
+    enable_prefix_caching: bool = True
+    hash_seed: str = "tandem"
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    policy: str = "fcfs"  # or "priority"
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    tokenizer: str | None = None
+    dtype: str | torch.dtype = "auto"
+    device: str = "cpu"
+    max_model_len: int | None = None
+    seed: int = 0
+    generation_config: str = "auto"  # "auto": the model's generation_config.json; "vllm"/"none": ignore
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -1,0 +1,1 @@
+"""The engine: model, paged KV cache, scheduler, sampler, one schedule -> execute -> update loop."""

@@ -1,0 +1,101 @@
+"""Paged attention behind one interface, and its torch reference backend.
+
+The model calls `AttentionBatch.forward(layer, q, k, v)` for every layer; the batch owns the
+per-step metadata (built once per step, shared by all layers) and the KV cache tensors. A GPU
+backend (Triton kernels) implements the same `forward`.
+
+Layout: one tensor per layer, [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
+Token t of a request lives in slot `block_table[t // block_size] * block_size + t % block_size`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSeq:
+    """A request computing more than one token this step (a prompt chunk)."""
+
+    query_start: int
+    query_len: int
+    context_len: int  # tokens in the cache after this step, the query's own included
+    block_table: torch.Tensor  # [ceil(context_len / block_size)]
+
+
+@dataclass
+class AttentionBatch:
+    kv_caches: list[torch.Tensor]
+    slot_mapping: torch.Tensor  # [num_tokens] flat slot of each query token
+    decode_rows: torch.Tensor  # [B] rows of the flat batch that are single-token queries
+    decode_block_tables: torch.Tensor  # [B, max_blocks] padded with block 0
+    decode_context_lens: torch.Tensor  # [B]
+    prefills: list[PrefillSeq]
+    scale: float
+    sliding_window: int | None = None
+
+    def __post_init__(self) -> None:
+        # Masks depend on the step only, not the layer: build them once.
+        self._decode_mask = None
+        if len(self.decode_rows):
+            block_size = self.kv_caches[0].shape[2]
+            width = self.decode_block_tables.shape[1] * block_size
+            key_pos = torch.arange(width)
+            ctx = self.decode_context_lens[:, None]
+            mask = key_pos[None, :] < ctx
+            if self.sliding_window:
+                mask &= key_pos[None, :] > ctx - 1 - self.sliding_window
+            self._decode_mask = mask[:, None, None, :]
+        self._prefill_masks = [self._causal_mask(p) for p in self.prefills]
+
+    def _causal_mask(self, p: PrefillSeq) -> torch.Tensor | None:
+        prefix = p.context_len - p.query_len
+        if prefix == 0 and not self.sliding_window:
+            return None  # plain causal: let SDPA use is_causal
+        q_pos = torch.arange(prefix, p.context_len)[:, None]
+        k_pos = torch.arange(p.context_len)[None, :]
+        mask = k_pos <= q_pos
+        if self.sliding_window:
+            mask &= k_pos > q_pos - self.sliding_window
+        return mask
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]; writes k/v into the cache first."""
+        cache = self.kv_caches[layer]
+        _, num_blocks, block_size, num_kv, head_dim = cache.shape
+        flat = cache.view(2, num_blocks * block_size, num_kv, head_dim)
+        flat[0].index_copy_(0, self.slot_mapping, k)
+        flat[1].index_copy_(0, self.slot_mapping, v)
+        group = q.shape[1] // num_kv
+        out = torch.empty_like(q)
+        if len(self.decode_rows):
+            out[self.decode_rows] = self._decode(cache, q[self.decode_rows], group)
+        for p, mask in zip(self.prefills, self._prefill_masks):
+            rows = slice(p.query_start, p.query_start + p.query_len)
+            out[rows] = self._prefill(flat, q[rows], p, mask, group, block_size)
+        return out
+
+    def _decode(self, cache: torch.Tensor, q: torch.Tensor, group: int) -> torch.Tensor:
+        b, _, d = q.shape
+        keys = cache[0][self.decode_block_tables]  # [B, nblk, bs, Hkv, D]
+        values = cache[1][self.decode_block_tables]
+        num_kv = keys.shape[3]
+        keys = keys.flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
+        values = values.flatten(1, 2).transpose(1, 2)
+        # The query heads sharing a KV head become that head's "query rows": no K/V repeat.
+        qg = q.view(b, num_kv, group, d)
+        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=self._decode_mask, scale=self.scale)
+        return o.reshape(b, num_kv * group, d)
+
+    def _prefill(self, flat: torch.Tensor, q: torch.Tensor, p: PrefillSeq, mask: torch.Tensor | None,
+                 group: int, block_size: int) -> torch.Tensor:
+        slots = (p.block_table[:, None] * block_size + torch.arange(block_size)).flatten()[: p.context_len]
+        keys = flat[0][slots].transpose(0, 1)  # [Hkv, L, D]
+        values = flat[1][slots].transpose(0, 1)
+        qh = q.transpose(0, 1)  # [Hq, Lq, D]
+        o = F.scaled_dot_product_attention(
+            qh.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,
+            is_causal=mask is None, scale=self.scale, enable_gqa=group > 1)
+        return o[0].transpose(0, 1)

@@ -1,0 +1,253 @@
+"""LLMEngine: one loop of schedule -> execute -> update over the paged KV cache."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tandem.config import EngineConfig, parse_dtype
+from tandem.engine import loader
+from tandem.engine.kv_cache.manager import KVCacheManager
+from tandem.engine.model_runner import ModelRunner
+from tandem.engine.models import model_class
+from tandem.engine.request import Request, RequestGroup
+from tandem.engine.sampler import Sample
+from tandem.engine.scheduler import Scheduler
+from tandem.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tandem.sampling_params import SamplingParams
+from tandem.tokenizer import IncrementalDetokenizer, eos_token_ids, find_stop, load_generation_config, load_tokenizer
+
+log = logging.getLogger("tandem.engine")
+
+# generation_config.json keys that become default sampling parameters (vLLM's behaviour)
+_GEN_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                 "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_free_blocks: int
+    num_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_path = loader.resolve_model(config.model)
+        hf_config = loader.load_config(self.model_path)
+        cls = model_class(hf_config)
+        self.dtype = parse_dtype(config.dtype, default=torch.float32)
+        self.device = torch.device(config.device)
+        limit = hf_config.get("max_position_embeddings", 4096)
+        self.max_model_len = config.max_model_len or limit
+        if self.max_model_len > limit:
+            raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's "
+                             f"max_position_embeddings ({limit})")
+        torch.manual_seed(config.seed)
+        self.model = self._load(cls, hf_config)
+        self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
+        self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer)
+        self.generation_defaults = self._generation_defaults()
+        cache = config.cache
+        num_blocks = self._num_blocks()
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, cache.hash_seed)
+        self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.groups: dict[str, RequestGroup] = {}
+        self._detok: dict[Request, IncrementalDetokenizer] = {}
+
+    def _load(self, cls, hf_config: dict):
+        with torch.device("meta"):  # no random init: every weight is loaded
+            model = cls(hf_config, self.max_model_len)
+        model = model.to_empty(device=self.device)
+        model.init_rope()
+        model.load_weights(loader.iterate_weights(self.model_path))
+        return model.to(self.dtype).eval()
+
+    def _generation_defaults(self) -> dict[str, Any]:
+        if self.config.generation_config in ("vllm", "none"):
+            return {}
+        gen = load_generation_config(self.config.generation_config if os.path.isdir(
+            self.config.generation_config) else self.model_path)
+        return {ours: gen[theirs] for theirs, ours in _GEN_DEFAULTS.items() if theirs in gen}
+
+    def _num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_gpu_blocks is not None:
+            return cache.num_gpu_blocks
+        per_block = ModelRunner.kv_bytes_per_block(self.model, cache.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * cache.gpu_memory_utilization
+        else:
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+            budget = min(cache.cpu_kv_cache_gib * 2**30, available * cache.gpu_memory_utilization)
+        # never more than every sequence at full length could use
+        most = self.config.scheduler.max_num_seqs * -(-self.max_model_len // cache.block_size) + 1
+        return max(1, min(int(budget // per_block), most))
+
+    # ---- requests in ------------------------------------------------------------------------
+
+    def default_sampling_params(self) -> SamplingParams:
+        return SamplingParams(**self.generation_defaults)
+
+    def process_prompt(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
+        """Text, token ids, or {"prompt": ...} / {"prompt_token_ids": ...} to (text, ids), checked."""
+        if isinstance(prompt, dict):
+            prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            text, ids = None, list(prompt)
+            vocab = self.model.shape.vocab
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt is {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
+                             "the prompt must be shorter to leave room for output")
+        return text, ids
+
+    def prepare_params(self, params: SamplingParams) -> SamplingParams:
+        params = params.clone()
+        params._eos_token_ids = () if params.ignore_eos else self.eos_token_ids
+        words = []
+        for word in params.bad_words:
+            for variant in (word, " " + word.lstrip()):
+                ids = self.tokenizer.encode(variant, add_special_tokens=False)
+                if ids and ids not in words:
+                    words.append(ids)
+        params._bad_words_token_ids = words
+        return params
+
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        if request_id in self.groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids = self.process_prompt(prompt)
+        params = self.prepare_params(params or self.default_sampling_params())
+        if params.max_tokens is None:
+            params.max_tokens = self.max_model_len - len(ids)
+        group = RequestGroup.create(request_id, text, ids, params, arrival_time or time.monotonic(), priority)
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]
+        self.groups[request_id] = group
+        for seq in group.seqs:
+            self._detok[seq] = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        self.scheduler.add(group.seqs[0])
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            group = self.groups.pop(rid, None)
+            if group is not None:
+                for seq in group.seqs:
+                    self.scheduler.finish(seq, "abort")
+                    self._detok.pop(seq, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One schedule -> execute -> update pass; outputs of every group that progressed."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            if self.scheduler.waiting and not self.scheduler.running:
+                req = self.scheduler.waiting[0]
+                raise RuntimeError(f"request {req.seq_id} ({req.num_tokens} tokens) cannot fit in the "
+                                   f"KV cache ({self.kv.pool.num_blocks} blocks of {self.kv.block_size})")
+            return []
+        tables = {s.request.seq_id: self.kv.block_ids(s.request) for s in sched.scheduled}
+        result = self.runner.execute(sched, tables)
+        touched: dict[str, RequestGroup] = {}
+        now = time.monotonic()
+        for s in sched.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+        for req, entries in result.prompt_logprobs.items():
+            req.group.prompt_logprobs.extend(entries)
+        for req, samples in result.samples.items():
+            forks = req.pending_forks
+            req.group.forked = True
+            for child, smp in zip(forks, samples[1:]):
+                self.kv.fork(req, child)
+                child.num_computed_tokens = req.num_computed_tokens
+                self.scheduler.add_running(child)
+                self._update(child, smp, now)
+            self._update(req, samples[0], now)
+            touched[req.group.request_id] = req.group
+        outputs = [self._output(g) for g in touched.values()]
+        for out in outputs:
+            if out.finished:
+                self._release(self.groups.pop(out.request_id))
+        return outputs
+
+    def _update(self, req: Request, smp: Sample, now: float) -> None:
+        p = req.params
+        req.append_token(smp.token_id)
+        req.cumulative_logprob += smp.logprob
+        if req.logprobs is not None:
+            req.logprobs.append(smp.top or {})
+        if req.first_token_time is None:
+            req.first_token_time = now
+        n_out = len(req.output_token_ids)
+        may_stop = n_out >= p.min_tokens
+        tok = smp.token_id
+        if may_stop and tok in p._eos_token_ids:
+            return self.scheduler.finish(req, "stop")
+        if may_stop and tok in p.stop_token_ids:
+            return self.scheduler.finish(req, "stop", tok)
+        detok = self._detok[req]
+        delta = detok.add(tok)
+        if may_stop and p.stop and delta:
+            hit = find_stop(detok.text, len(delta), p.stop)
+            if hit is not None:
+                i, stop = hit
+                detok.text = detok.text[: i + len(stop) if p.include_stop_str_in_output else i]
+                return self.scheduler.finish(req, "stop", stop)
+        if n_out >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            self.scheduler.finish(req, "length")
+
+    def _output(self, group: RequestGroup) -> RequestOutput:
+        seqs = group.seqs if group.forked else group.seqs[:1]
+        if group.finished and group.params.best_of > group.params.n:
+            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: group.params.n]
+        outs = [CompletionOutput(
+            index=i, text=self._detok[s].text, token_ids=list(s.output_token_ids),
+            cumulative_logprob=s.cumulative_logprob, logprobs=s.logprobs,
+            finish_reason=s.finish_reason, stop_reason=s.stop_reason) for i, s in enumerate(seqs)]
+        first = group.seqs[0]
+        metrics = RequestMetrics(
+            arrival_time=group.arrival_time, first_scheduled_time=first.first_scheduled_time,
+            first_token_time=first.first_token_time, last_token_time=time.monotonic(),
+            finished_time=time.monotonic() if group.finished else None,
+            num_cached_tokens=max(first.num_cached_tokens, 0),
+            num_preemptions=sum(s.num_preemptions for s in group.seqs))
+        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, group.prompt_logprobs,
+                             outs, group.finished, metrics, max(first.num_cached_tokens, 0))
+
+    def _release(self, group: RequestGroup) -> None:
+        for seq in group.seqs:
+            self.scheduler.finish(seq, "abort")  # no-op for finished ones; frees never-forked ones
+            self._detok.pop(seq, None)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.kv.pool.usage(), num_free_blocks=self.kv.pool.num_free,
+            num_blocks=self.kv.pool.num_blocks, prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits, num_preemptions=self.scheduler.num_preemptions)

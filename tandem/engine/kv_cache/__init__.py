@@ -1,0 +1,1 @@
+"""The paged KV cache: block hashes, the block pool, and the per-request manager."""

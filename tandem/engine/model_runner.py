@@ -1,0 +1,111 @@
+"""Executes one scheduled step: builds the flat token batch and attention metadata, runs the model,
+and samples. Owns the model and the KV cache tensors."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.engine.attention import AttentionBatch, PrefillSeq
+from tandem.engine.models.llama import LlamaForCausalLM
+from tandem.engine.request import Request
+from tandem.engine.sampler import Sample, SampleRow, prompt_logprobs, sample
+from tandem.engine.scheduler import SchedulerOutput
+from tandem.outputs import Logprob
+
+
+@dataclass
+class StepResult:
+    samples: dict[Request, list[Sample]] = field(default_factory=dict)  # first, then forks
+    prompt_logprobs: dict[Request, list[dict[int, Logprob]]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        s = model.shape
+        self.kv_caches = [
+            torch.zeros(2, num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)
+            for _ in range(s.num_layers)]
+        self.scale = s.head_dim ** -0.5
+
+    @staticmethod
+    def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+        s = model.shape
+        return 2 * s.num_layers * block_size * s.num_kv_heads * s.head_dim * dtype.itemsize
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([c[0] for c in copies], device=self.device)
+        dst = torch.tensor([c[1] for c in copies], device=self.device)
+        for cache in self.kv_caches:
+            cache[:, dst] = cache[:, src]
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]) -> StepResult:
+        self._copy_blocks(sched.block_copies)
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_rows, decode_tables, decode_lens = [], [], []
+        prefills: list[PrefillSeq] = []
+        sample_rows: list[int] = []
+        plp_rows: list[tuple[Request, int, int]] = []  # (request, first row, count)
+        for s in sched.scheduled:
+            r, n = s.request, s.num_new_tokens
+            start, ctx = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+            table = block_tables[r.seq_id]
+            row = len(input_ids)
+            input_ids += r.all_token_ids[start:ctx]
+            positions += range(start, ctx)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, ctx)]
+            if n == 1:
+                decode_rows.append(row)
+                decode_tables.append(table[: -(-ctx // bs)])
+                decode_lens.append(ctx)
+            else:
+                prefills.append(PrefillSeq(row, n, ctx, torch.tensor(table[: -(-ctx // bs)])))
+            if r.params.prompt_logprobs is not None and start < r.num_prompt_tokens - 1:
+                count = min(ctx, r.num_prompt_tokens - 1) - start
+                plp_rows.append((r, row, count))
+            if s.samples:
+                sample_rows.append(row + n - 1)
+        width = max((len(t) for t in decode_tables), default=0)
+        padded = torch.zeros(len(decode_tables), width, dtype=torch.long)
+        for i, t in enumerate(decode_tables):
+            padded[i, : len(t)] = torch.tensor(t)
+        attn = AttentionBatch(
+            kv_caches=self.kv_caches,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long),
+            decode_block_tables=padded, decode_context_lens=torch.tensor(decode_lens, dtype=torch.long),
+            prefills=prefills, scale=self.scale, sliding_window=self.model.shape.sliding_window)
+        hidden = self.model(torch.tensor(input_ids, device=self.device),
+                            torch.tensor(positions, device=self.device), attn)
+        result = StepResult()
+        for r, row, count in plp_rows:
+            logits = self.model.compute_logits(hidden[row:row + count])
+            nxt = r.prompt_token_ids[r.num_computed_tokens + 1: r.num_computed_tokens + 1 + count]
+            result.prompt_logprobs[r] = prompt_logprobs(logits, nxt, r.params.prompt_logprobs)
+        if sample_rows:
+            self._sample(sched, hidden[torch.tensor(sample_rows)], result)
+        return result
+
+    def _sample(self, sched: SchedulerOutput, hidden: torch.Tensor, result: StepResult) -> None:
+        logits = self.model.compute_logits(hidden)
+        rows: list[SampleRow] = []
+        owners: list[Request] = []
+        index: list[int] = []
+        for i, r in enumerate(s.request for s in sched.scheduled if s.samples):
+            for seq in [r] + r.pending_forks:
+                rows.append(SampleRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator))
+                owners.append(r)
+                index.append(i)
+        samples = sample(logits[torch.tensor(index)], rows)
+        for owner, smp in zip(owners, samples):
+            result.samples.setdefault(owner, []).append(smp)

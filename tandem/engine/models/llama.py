@@ -1,0 +1,155 @@
+"""The Llama family in native torch: Llama 2/3.x, Mistral, Qwen2/2.5 (q/k/v bias), Qwen3 (q/k norm),
+SmolLM2. Tokens of all requests are one flat batch; attention goes through `AttentionBatch`.
+Parallelism stays out of this file."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.engine.attention import AttentionBatch
+from tandem.engine.models.rope import apply_rope, rope_cos_sin, rope_parameters
+
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same operation order as Hugging Face's, so float32 runs match it bit for bit.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: "ModelShape", layer: int) -> None:
+        super().__init__()
+        self.layer, self.cfg = layer, cfg
+        self.input_layernorm = RMSNorm(cfg.hidden, cfg.eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.eps)
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden, q + 2 * kv, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q, cfg.hidden, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden, 2 * cfg.intermediate, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate, cfg.hidden, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.eps)
+        self.act = _ACTIVATIONS[cfg.act]
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
+        c = self.cfg
+        x = self.input_layernorm(h)
+        q, k, v = self.qkv_proj(x).split(
+            [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
+        q = q.view(-1, c.num_heads, c.head_dim)
+        k = k.view(-1, c.num_kv_heads, c.head_dim)
+        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = attn.forward(self.layer, q, k, v.contiguous())
+        h = h + self.o_proj(o.reshape(-1, c.num_heads * c.head_dim))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(h)).chunk(2, dim=-1)
+        return h + self.down_proj(self.act(gate) * up)
+
+
+class ModelShape:
+    """The numbers a config.json fixes, under one spelling for every family."""
+
+    def __init__(self, config: dict, max_model_len: int) -> None:
+        self.hidden = config["hidden_size"]
+        self.num_layers = config["num_hidden_layers"]
+        self.num_heads = config["num_attention_heads"]
+        self.num_kv_heads = config.get("num_key_value_heads") or self.num_heads
+        self.head_dim = config.get("head_dim") or self.hidden // self.num_heads
+        self.intermediate = config["intermediate_size"]
+        self.vocab = config["vocab_size"]
+        self.eps = config.get("rms_norm_eps", 1e-6)
+        self.act = config.get("hidden_act", "silu")
+        self.tie = config.get("tie_word_embeddings", False)
+        arch = (config.get("architectures") or [""])[0]
+        self.qkv_bias = config.get("attention_bias", arch == "Qwen2ForCausalLM")
+        self.qk_norm = arch == "Qwen3ForCausalLM"
+        self.theta, self.rope_scaling = rope_parameters(config)
+        window = config.get("sliding_window")
+        uses_window = config.get("use_sliding_window", arch == "MistralForCausalLM")
+        self.sliding_window = window if (window and uses_window) else None
+        self.max_positions = max_model_len
+        if self.act not in _ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.act!r}; supported: {', '.join(_ACTIVATIONS)}")
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: dict, max_model_len: int) -> None:
+        super().__init__()
+        self.shape = cfg = ModelShape(config, max_model_len)
+        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden, cfg.eps)
+        self.lm_head = None if cfg.tie else nn.Linear(cfg.hidden, cfg.vocab, bias=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def init_rope(self) -> None:
+        """Compute the rotary tables (buffers, not weights) on the model's device."""
+        s = self.shape
+        cos, sin = rope_cos_sin(s.head_dim, s.max_positions, s.theta, s.rope_scaling)
+        device = self.embed_tokens.weight.device
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        cos = self.rope_cos[positions].to(h.dtype)
+        sin = self.rope_sin[positions].to(h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, attn)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights) -> None:
+        """Hugging Face tensor names -> this module's (fused q/k/v and gate/up) parameters."""
+        cfg = self.shape
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        qkv_offsets = {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)}
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and cfg.tie:
+                continue
+            parts = name.split(".")
+            target, rows = name, None
+            if len(parts) >= 4 and parts[2] == "self_attn" and parts[3] in qkv_offsets:
+                target = ".".join(parts[:2] + ["qkv_proj", parts[4]])
+                rows = qkv_offsets[parts[3]]
+            elif len(parts) >= 4 and parts[2] == "self_attn":
+                target = ".".join(parts[:2] + parts[3:])
+            elif len(parts) >= 4 and parts[2] == "mlp" and parts[3] in ("gate_proj", "up_proj"):
+                target = ".".join(parts[:2] + ["gate_up_proj", parts[4]])
+                rows = (0, cfg.intermediate) if parts[3] == "gate_proj" else (cfg.intermediate, 2 * cfg.intermediate)
+            elif len(parts) >= 4 and parts[2] == "mlp":
+                target = ".".join(parts[:2] + parts[3:])
+            if target not in params:
+                raise ValueError(f"unexpected weight {name!r} for this architecture")
+            param = params[target]
+            if rows is None:
+                param.copy_(tensor)
+            else:
+                param[rows[0]:rows[1]].copy_(tensor)
+            loaded.add(f"{target}:{rows}")
+        expected = len(params) + sum(1 for n in params if "qkv_proj" in n) * 2 + \
+            sum(1 for n in params if "gate_up_proj" in n)
+        if len(loaded) != expected:
+            raise ValueError(f"checkpoint is missing weights: loaded {len(loaded)} of {expected} tensors")

@@ -1,0 +1,135 @@
+"""Logits to tokens: penalties, bad words, min_tokens, then greedy or temperature / top-k / top-p /
+min-p sampling, and logprobs of the model's raw distribution (as vLLM reports them).
+
+One row per sample to draw. Work is batched across rows; only seeded rows draw their noise from
+their own generator, so a seeded request samples the same tokens whatever else is in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tandem.outputs import Logprob
+from tandem.sampling_params import SamplingParams
+
+
+@dataclass
+class SampleRow:
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None
+
+
+@dataclass
+class Sample:
+    token_id: int
+    logprob: float  # of the sampled token under the raw distribution
+    top: dict[int, Logprob] | None  # requested top logprobs plus the sampled token
+
+
+def _penalize(logits: torch.Tensor, rows: list[SampleRow]) -> None:
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), dtype=torch.long)
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and row.output_token_ids:
+            ids, counts = torch.tensor(row.output_token_ids, dtype=torch.long).unique(return_counts=True)
+            logits[i, ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+
+
+def _ban(logits: torch.Tensor, rows: list[SampleRow]) -> None:
+    for i, row in enumerate(rows):
+        p = row.params
+        banned: list[int] = []
+        if len(row.output_token_ids) < p.min_tokens:
+            banned += list(p.stop_token_ids) + list(p._eos_token_ids)
+        out = row.output_token_ids
+        for word in p._bad_words_token_ids:
+            prefix = word[:-1]
+            if not prefix or out[len(out) - len(prefix):] == prefix:
+                banned.append(word[-1])
+        if banned:
+            logits[i, torch.tensor(banned, dtype=torch.long)] = float("-inf")
+
+
+def _filter(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p on the non-greedy rows; returns probabilities."""
+    temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype)
+    logits = logits / temps[:, None]
+    top_k = torch.tensor([r.params.top_k or logits.shape[1] for r in rows])
+    top_p = torch.tensor([r.params.top_p for r in rows], dtype=logits.dtype)
+    min_p = torch.tensor([r.params.min_p for r in rows], dtype=logits.dtype)
+    if bool((top_k < logits.shape[1]).any() or (top_p < 1).any()):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(logits.shape[1])[None, :]
+        drop = ranks >= top_k[:, None]
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
+        drop |= before > top_p[:, None]
+        drop[:, 0] = False
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    if bool((min_p > 0).any()):
+        limit = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+        probs = probs.masked_fill(probs < limit, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def _draw(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """Gumbel-style draw: argmax(p / E) with E ~ Exp(1), per-row generators where seeded."""
+    noise = torch.empty_like(probs).exponential_()
+    for i, row in enumerate(rows):
+        if row.generator is not None:
+            noise[i] = torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(generator=row.generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sample]:
+    """logits: [len(rows), vocab] float32, the model's raw output for each row."""
+    raw_logprobs = logits.log_softmax(dim=-1)  # cumulative logprobs rank best_of samples
+    logits = logits.clone()
+    _penalize(logits, rows)
+    _ban(logits, rows)
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        idx = torch.tensor(sampled)
+        sub = [rows[i] for i in sampled]
+        tokens[idx] = _draw(_filter(logits[idx], sub), sub)
+    out: list[Sample] = []
+    chosen_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    for i, (row, tok, chosen) in enumerate(zip(rows, tokens.tolist(), chosen_logprobs)):
+        if row.params.logprobs is None:
+            out.append(Sample(tok, chosen, None))
+            continue
+        lp = raw_logprobs[i]
+        top: dict[int, Logprob] = {}
+        if row.params.logprobs:
+            vals, ids = lp.topk(row.params.logprobs)
+            for rank, (v, t) in enumerate(zip(vals.tolist(), ids.tolist()), start=1):
+                top[t] = Logprob(v, rank)
+        if tok not in top:
+            top[tok] = Logprob(chosen, int((lp > lp[tok]).sum().item()) + 1)
+        out.append(Sample(tok, chosen, top))
+    return out
+
+
+def prompt_logprobs(logits: torch.Tensor, next_tokens: list[int], k: int) -> list[dict[int, Logprob]]:
+    """Logprobs of each actual next prompt token (plus the top k) from the logits before it."""
+    lp = logits.log_softmax(dim=-1)
+    out = []
+    for i, tok in enumerate(next_tokens):
+        entry: dict[int, Logprob] = {}
+        if k:
+            vals, ids = lp[i].topk(k)
+            for rank, (v, t) in enumerate(zip(vals.tolist(), ids.tolist()), start=1):
+                entry[t] = Logprob(v, rank)
+        if tok not in entry:
+            entry[tok] = Logprob(lp[i, tok].item(), int((lp[i] > lp[i, tok]).sum().item()) + 1)
+        out.append(entry)
+    return out

@@ -1,0 +1,142 @@
+"""Continuous batching under a token budget, with chunked prefill and preemption by recompute.
+
+There is no prefill phase and no decode phase: each step every scheduled request computes
+`num_new_tokens` more of its tokens (a prompt chunk, or the one token sampled last step), so
+chunked prefill and prefix hits need no special mode.
+
+Queues and lifecycle:
+  waiting  -- add() puts new requests here (fcfs: arrival order; priority: (priority, arrival)).
+  running  -- schedule() admits waiting requests while the token budget, max_num_seqs and free
+              blocks allow. A running request that cannot get a block preempts the lowest-ranked
+              running request: its blocks are freed, its computed tokens reset to zero (recompute),
+              and it goes back to the front of waiting.
+  finished -- finish() frees the blocks at once and drops the request from both queues.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tandem.config import SchedulerConfig
+from tandem.engine.kv_cache.manager import KVCacheManager
+from tandem.engine.request import Request, Status
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """This step computes the request's last known token, so the step yields a new token."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def _rank(self, req: Request) -> tuple:
+        if self.config.policy == "priority":
+            return (req.priority, req.arrival_time, req.seq_id)
+        return (req.arrival_time, req.seq_id)
+
+    def add(self, req: Request) -> None:
+        req.status = Status.WAITING
+        self.waiting.append(req)
+        self.waiting.sort(key=self._rank)
+
+    def add_running(self, req: Request) -> None:
+        """A sequence forked from a running one: it shares the parent's blocks already."""
+        req.status = Status.RUNNING
+        self.running.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        self.running.sort(key=self._rank)
+        kept: list[Request] = []
+        queue = list(self.running)
+        while queue and budget > 0:
+            req = queue.pop(0)
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate(req, num_new):
+                victim = queue.pop() if queue else req
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            else:
+                kept.append(req)
+                out.scheduled.append(ScheduledRequest(req, num_new))
+                budget -= num_new
+        kept.extend(queue)  # not scheduled this step (no budget left) but still running
+        self.running = kept
+        if not out.preempted:  # admitting new work while preempting would thrash
+            budget = self._admit(out, budget)
+        out.block_copies = self.kv.take_copies()
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            prefix = self.kv.computed_prefix(req)
+            cached = len(prefix) * self.kv.block_size
+            num_new = req.num_tokens - cached
+            if not self.config.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = min(num_new, budget)
+            if not self.kv.allocate(req, num_new, prefix):
+                break
+            self.waiting.pop(0)
+            req.num_computed_tokens = cached
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = cached
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+            req.status = Status.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, num_new))
+            budget -= num_new
+        return budget
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = Status.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted.append(req)
+        self.waiting.insert(0, req)
+        self.waiting.sort(key=self._rank)
+
+    def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        if req.finished:
+            return
+        req.status = Status.FINISHED
+        req.finish_reason, req.stop_reason = reason, stop_reason
+        self.kv.free(req)
+        if req in self.running:
+            self.running.remove(req)
+        if req in self.waiting:
+            self.waiting.remove(req)

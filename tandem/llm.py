@@ -1,0 +1,103 @@
+"""The offline API, vLLM's shape: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from tandem.config import CacheConfig, EngineConfig, SchedulerConfig
+from tandem.engine.engine import LLMEngine
+from tandem.outputs import RequestOutput
+from tandem.sampling_params import SamplingParams
+from tandem.tokenizer import apply_chat_template
+
+PromptType = str | list[int] | dict
+
+
+class LLM:
+    """A colocated engine for batch generation.
+
+    `model=None` is the embedded SmolLM2-135M-Instruct. Other arguments use vLLM's names.
+    """
+
+    def __init__(self, model: str | None = None, *, tokenizer: str | None = None, dtype: str = "auto",
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True, block_size: int = 16,
+                 num_gpu_blocks_override: int | None = None, gpu_memory_utilization: float = 0.9,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, scheduling_policy: str = "fcfs",
+                 enable_chunked_prefill: bool = True, seed: int = 0, device: str = "cpu",
+                 generation_config: str = "auto", **unused: Any) -> None:
+        if unused:
+            raise TypeError(f"unknown LLM arguments: {', '.join(sorted(unused))}")
+        config = EngineConfig(
+            model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed,
+            generation_config=generation_config,
+            cache=CacheConfig(block_size=block_size, num_gpu_blocks=num_gpu_blocks_override,
+                              gpu_memory_utilization=gpu_memory_utilization,
+                              enable_prefix_caching=enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                      policy=scheduling_policy, enable_chunked_prefill=enable_chunked_prefill))
+        self.engine = LLMEngine(config)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        return self.engine.default_sampling_params()
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. Bad input raises ValueError before any work starts."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else \
+            [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        for p in prompts:  # validate everything before queueing anything
+            self.engine.process_prompt(p)
+        ids = [f"offline-{next(self._ids)}" for _ in prompts]
+        for i, (rid, prompt, sp) in enumerate(zip(ids, prompts, params)):
+            self.engine.add_request(rid, prompt, sp, priority=priority[i] if priority else 0)
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm or len(ids) < 8)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            self.engine.abort_request(list(self.engine.groups))
+            raise
+        finally:
+            bar.close()
+        return [done[i] for i in ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+             tools: list | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        prompts = []
+        for conv in conversations:
+            text = apply_chat_template(tok, conv, add_generation_prompt=add_generation_prompt,
+                                       continue_final_message=continue_final_message, chat_template=chat_template,
+                                       tools=tools, **(chat_template_kwargs or {}))
+            prompts.append({"prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def stats(self):
+        return self.engine.stats()

@@ -1,0 +1,95 @@
+"""Sampling parameters, vLLM's `SamplingParams` shape, validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request's output. Invalid values raise ValueError naming the field."""
+
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    # Filled by the engine: token ids that end generation (the model's EOS ids), and the
+    # token-id sequences of bad_words.
+    _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+    _bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif isinstance(self.stop, (list, tuple)) and all(isinstance(s, str) for s in self.stop):
+            self.stop = list(self.stop)
+        else:
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.bad_words = list(self.bad_words or [])
+        if self.best_of is None:
+            self.best_of = self.n
+        if self.top_k == -1:
+            self.top_k = 0
+        self._verify()
+        if self.temperature < _EPS:  # greedy: the other sampling knobs do nothing
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
+
+    def _verify(self) -> None:
+        def need(ok: bool, name: str, limit: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} must be {limit}, got {getattr(self, name)!r}")
+
+        need(isinstance(self.n, int) and self.n >= 1, "n", "an integer >= 1")
+        need(isinstance(self.best_of, int) and self.best_of >= self.n, "best_of",
+             f"an integer >= n ({self.n})")
+        need(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "in [-2, 2]")
+        need(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "in [-2, 2]")
+        need(self.repetition_penalty > 0.0, "repetition_penalty", "> 0")
+        need(self.temperature >= 0.0, "temperature", ">= 0")
+        need(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]")
+        need(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "-1, 0 (off) or a positive integer")
+        need(0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]")
+        need(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+             "max_tokens", "an integer >= 1")
+        need(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", ">= 0")
+        need(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+             f"<= max_tokens ({self.max_tokens})")
+        need(self.logprobs is None or self.logprobs >= 0, "logprobs", ">= 0")
+        need(self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", ">= 0")
+        need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+             "a list of non-negative integers")
+        need(all("" != s for s in self.stop), "stop", "non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _EPS
+
+    def clone(self, **changes: Any) -> "SamplingParams":
+        values = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        values.update(changes)
+        out = SamplingParams(**values)
+        out._eos_token_ids = self._eos_token_ids
+        out._bad_words_token_ids = self._bad_words_token_ids
+        return out
