@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random-weight models saved as Hugging Face folders, the embedded model,
+and a block-accounting check after every test that made an engine."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def _tiny_config(arch: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    vocab = 49152  # the embedded model's tokenizer, reused by every tiny model
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, rope_theta=500000.0,
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                           **TINY_SHAPE)
+    if arch == "qwen2":
+        return Qwen2Config(vocab_size=vocab, tie_word_embeddings=True, rope_theta=1000000.0, **TINY_SHAPE)
+    if arch == "mistral":
+        return MistralConfig(vocab_size=vocab, tie_word_embeddings=False, sliding_window=None,
+                             num_key_value_heads=1, **{k: v for k, v in TINY_SHAPE.items()
+                                                       if k != "num_key_value_heads"})
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> str:
+    """The embedded SmolLM2-135M-Instruct, converted once from its GGUF to a Hugging Face folder."""
+    from tandem.engine.loader import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, smollm_dir) -> dict[str, str]:
+    """Random-weight tiny Llama (llama3 rope scaling, untied), Qwen2 (q/k/v bias, tied) and
+    Mistral (GQA 4:1) models, each saved with the embedded model's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    out = {}
+    for arch in ("llama", "qwen2", "mistral"):
+        torch.manual_seed({"llama": 1, "qwen2": 2, "mistral": 3}[arch])
+        model = AutoModelForCausalLM.from_config(_tiny_config(arch), dtype=torch.float32)
+        path = tmp_path_factory.mktemp(f"tiny-{arch}")
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        out[arch] = str(path)
+    return out
+
+
+@pytest.fixture
+def make_llm():
+    """Builds LLMs and, after the test, checks every block came back to each one's pool."""
+    from tandem import LLM
+
+    made: list = []
+
+    def build(model=None, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        llm = LLM(model=model, **kwargs)
+        made.append(llm)
+        return llm
+
+    yield build
+    for llm in made:
+        pool = llm.engine.kv.pool
+        assert not llm.engine.has_unfinished_requests()
+        assert pool.num_free == pool.num_blocks, f"leaked {pool.num_blocks - pool.num_free} KV blocks"

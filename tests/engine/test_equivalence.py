@@ -1,0 +1,114 @@
+"""Greedy output token-identical to transformers' `generate` (float32, CPU), for the embedded
+SmolLM2 (loaded by transformers straight from its GGUF file: an independent path) and for tiny
+random-weight Llama, Qwen2 and Mistral folders — plain, with prefix caching, with chunked prefill
+under a tiny token budget, and with so few KV blocks that preemption happens."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tandem import SamplingParams
+
+TINY_NEW_TOKENS = 24
+SMOL_NEW_TOKENS = 40
+CHATS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Explain in one sentence why the sky is blue, then give an example of another blue thing.",
+    "Hi",
+]
+
+
+def _tiny_prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randint(3, 49000, (40,), generator=g).tolist()  # a 2.5-block common prefix
+    lengths = [3, 17, 33, 64, 90]
+    prompts = [torch.randint(3, 49000, (n,), generator=g).tolist() for n in lengths]
+    prompts += [shared + torch.randint(3, 49000, (n,), generator=g).tolist() for n in (5, 16, 29)]
+    return prompts
+
+
+def _hf_greedy(model, prompts: list[list[int]], new_tokens: int, force_length: bool) -> list[list[int]]:
+    out = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        kwargs = dict(min_new_tokens=new_tokens) if force_length else {}
+        with torch.no_grad():
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=2, **kwargs)
+        out.append(y[0, len(ids):].tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model_dirs, smollm_dir):
+    """(model path, prompts, params, transformers' greedy outputs) per model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    from tandem.engine.loader import default_model_path
+
+    refs = {}
+    prompts = _tiny_prompts()
+    params = SamplingParams(temperature=0.0, max_tokens=TINY_NEW_TOKENS, min_tokens=TINY_NEW_TOKENS)
+    for arch, path in tiny_model_dirs.items():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        refs[arch] = (path, prompts, params, _hf_greedy(model, prompts, TINY_NEW_TOKENS, True))
+    gguf = default_model_path()
+    folder, name = os.path.split(gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True)).eval()
+    tok = AutoTokenizer.from_pretrained(smollm_dir)
+    chats = [tok.encode(tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                                add_generation_prompt=True), add_special_tokens=False)
+             for c in CHATS]
+    refs["smollm2"] = (None, chats, SamplingParams(temperature=0.0, max_tokens=SMOL_NEW_TOKENS),
+                       _hf_greedy(model, chats, SMOL_NEW_TOKENS, False))
+    return refs
+
+
+def _generate(llm, prompts, params) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+MODELS = ["smollm2", "llama", "qwen2", "mistral"]
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_plain_batch(arch, references, make_llm):
+    path, prompts, params, expected = references[arch]
+    llm = make_llm(path, enable_prefix_caching=False)
+    assert _generate(llm, prompts, params) == expected
+    assert llm.stats().prefix_cache_hits == 0
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_prefix_caching(arch, references, make_llm):
+    path, prompts, params, expected = references[arch]
+    llm = make_llm(path, enable_prefix_caching=True)
+    assert _generate(llm, prompts, params) == expected
+    first_hits = llm.stats().prefix_cache_hits
+    assert _generate(llm, prompts, params) == expected  # now mostly from the cache
+    assert llm.stats().prefix_cache_hits > first_hits + sum(len(p) for p in prompts) // 2
+    if arch != "smollm2":
+        assert first_hits > 0  # the shared 40-token prefix was reused within the first batch
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_chunked_prefill(arch, references, make_llm):
+    path, prompts, params, expected = references[arch]
+    llm = make_llm(path, max_num_batched_tokens=12, enable_prefix_caching=False)
+    assert _generate(llm, prompts, params) == expected
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_preemption(arch, references, make_llm):
+    path, prompts, params, expected = references[arch]
+    longest = max(len(p) for p in prompts) + params.max_tokens
+    blocks = -(-longest // 16) + 2  # room for the longest request, not for the whole batch
+    llm = make_llm(path, num_gpu_blocks_override=blocks, enable_prefix_caching=arch != "qwen2")
+    assert _generate(llm, prompts, params) == expected
+    assert llm.stats().num_preemptions > 0
