@@ -1,0 +1,100 @@
+"""`tandem` command line. Subcommands grow with the product; `tandem --help` lists them."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    p.add_argument("--num-gpu-blocks-override", type=int, default=None, help="KV blocks, instead of sizing")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse KV blocks of shared prompt prefixes (default: on)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
+                num_gpu_blocks_override=args.num_gpu_blocks_override,
+                enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens)
+
+
+def _sampling(args: argparse.Namespace):
+    from tandem import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                          seed=args.seed)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tandem import LLM
+
+    llm = LLM(**_engine_kwargs(args))
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for out in llm.generate(prompts, _sampling(args)):
+        print(out.outputs[0].text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tandem import LLM
+
+    llm = LLM(**_engine_kwargs(args))
+    history: list[dict] = []
+    print("Tandem chat on the local engine. Empty line or Ctrl-D to quit.", flush=True)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        text = llm.chat(history, _sampling(args), use_tqdm=False)[0].outputs[0].text
+        history.append({"role": "assistant", "content": text})
+        print(text, flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description="Tandem: disaggregated prefill/decode LLM serving.")
+    parser.add_argument("--version", action="version", version=f"tandem {__import__('tandem').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    gen = sub.add_parser("generate", help="generate completions for prompts (arguments or stdin lines)",
+                         description="Offline batch generation on the local engine.")
+    _add_engine_args(gen)
+    _add_sampling_args(gen)
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable); default: one per stdin line")
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="chat with a model in the terminal",
+                          description="Interactive chat on the local engine with the model's chat template.")
+    _add_engine_args(chat)
+    _add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
