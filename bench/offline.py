@@ -197,14 +197,14 @@ def worker(args: argparse.Namespace) -> None:
     setup = {"tandem": setup_tandem, "hf": setup_hf, "llamacpp": setup_llamacpp}[args.worker]
     gen = setup(args, max(map(len, prompts)) + n)
     gen(wl["warmup"], 8)  # separate prompts: nothing from the workload gets prefix-cached
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     outs = gen(prompts, n)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     bad = [i for i, o in enumerate(outs) if len(o) != n]
     assert len(outs) == len(prompts) and not bad, f"prompts {bad[:5]} did not yield {n} tokens"
     total = sum(map(len, outs))
     res = {"engine": args.worker, "wall_s": wall, "output_tokens": total,
-           "output_tok_s": total / wall, "loadavg_1m_after": os.getloadavg()[0],
+           "output_tok_s": total / wall, "cpu_s": cpu, "loadavg_1m_after": os.getloadavg()[0],
            "output_token_ids": outs}
     Path(args.result).write_text(json.dumps(res))
 
@@ -249,13 +249,13 @@ def main() -> None:
 
 def report(args: argparse.Namespace, prompts: list[list[int]], results: dict[str, Any]) -> None:
     """Print the table/ratios and write the JSON file."""
-    print(f"\n{'engine':<10} {'wall s':>9} {'out tokens':>11} {'out tok/s':>10}")
+    print(f"\n{'engine':<10} {'wall s':>9} {'out tokens':>11} {'out tok/s':>10} {'cpu s':>8}")
     for eng, r in results.items():
         if "error" in r:
             print(f"{eng:<10} {r['error']}")
         else:
             print(f"{eng:<10} {r['wall_s']:>9.2f} {r['output_tokens']:>11} "
-                  f"{r['output_tok_s']:>10.1f}")
+                  f"{r['output_tok_s']:>10.1f} {r['cpu_s']:>8.1f}")
     ratios = {}
     tps = {e: r["output_tok_s"] for e, r in results.items() if "error" not in r}
     for base, target in (("hf", 3.0), ("llamacpp", 1.5)):

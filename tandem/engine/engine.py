@@ -11,6 +11,7 @@ import torch
 
 from tandem.config import EngineConfig, parse_dtype
 from tandem.engine import loader
+from tandem.engine.cpu_tuning import tune_host_allocator
 from tandem.engine.kv_cache.manager import KVCacheManager
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.models import model_class
@@ -48,6 +49,8 @@ class LLMEngine:
         cls = model_class(hf_config)
         self.dtype = parse_dtype(config.dtype, default=torch.float32)
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            tune_host_allocator()
         limit = hf_config.get("max_position_embeddings", 4096)
         self.max_model_len = config.max_model_len or limit
         if self.max_model_len > limit:

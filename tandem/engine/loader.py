@@ -82,7 +82,11 @@ def iterate_weights(folder: str):
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {folder}")
-    for file in tqdm(files, desc="Loading weights", unit="file", disable=len(files) < 2):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+    handles = [safe_open(file, framework="pt") for file in files]
+    total = sum(len(h.keys()) for h in handles)
+    with tqdm(total=total, desc="Loading weights", unit="tensor", leave=False,
+              disable=total < 64 or os.environ.get("TANDEM_NO_PROGRESS") == "1") as bar:
+        for h in handles:
+            for name in h.keys():
+                yield name, h.get_tensor(name)
+                bar.update(1)

@@ -190,7 +190,7 @@ def test_request_that_cannot_fit_the_kv_cache(make_llm, tiny_model_dirs):
                                        "after earlier prompts were queued, and they stay in the engine")
 def test_priority_list_of_the_wrong_length(llm):
     try:
-        with pytest.raises(ValueError, match="priority"):
+        with pytest.raises(ValueError, match="priorit"):
             llm.generate(PROMPTS, GREEDY, use_tqdm=False, priority=[0])
         _assert_idle(llm)
     finally:

@@ -356,3 +356,40 @@ def test_engine_prefix_caching_hits_and_same_output(make_llm, tiny_model_dirs, c
         assert fifth.num_cached_tokens == 64
     else:
         assert llm.stats().prefix_cache_hits == 0 and second.num_cached_tokens == 0
+
+
+def test_engine_prefix_hit_within_one_batch(make_llm, tiny_model_dirs):
+    """Identical prompts admitted in the same step share the blocks the first one is filling: the
+    forward pass writes every layer's KV before that layer's attention reads it."""
+    from tandem import SamplingParams as SP
+
+    llm = make_llm(tiny_model_dirs["llama"], block_size=16, num_gpu_blocks_override=32, max_model_len=256)
+    prompt = list(range(3000, 3050))
+    sp = SP(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = llm.generate([prompt] * 3, sp, use_tqdm=False)
+    assert [o.num_cached_tokens for o in outs] == [0, 48, 48]
+    assert outs[1].outputs[0].token_ids == outs[0].outputs[0].token_ids == outs[2].outputs[0].token_ids
+    solo = make_llm(tiny_model_dirs["llama"], block_size=16, num_gpu_blocks_override=32, max_model_len=256,
+                    enable_prefix_caching=False)
+    assert solo.generate([prompt], sp, use_tqdm=False)[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+
+
+def test_engine_prefix_cache_under_eviction_pressure(make_llm, tiny_model_dirs):
+    """A small cache where cached prefixes are evicted and their blocks reused for other prompts:
+    every answer equals the answer of an engine without prefix caching."""
+    from tandem import SamplingParams as SP
+
+    a, b, c = list(range(100, 130)), list(range(200, 226)), list(range(300, 333))
+    order = [a, b, a + [5, 6, 7], c, a, b[:20] + [9] * 10, c[:-1], a]
+    sp = SP(temperature=0, max_tokens=8, ignore_eos=True)
+    plain = make_llm(tiny_model_dirs["llama"], block_size=4, num_gpu_blocks_override=24, max_model_len=128,
+                     enable_prefix_caching=False)
+    want = [o.outputs[0].token_ids for o in plain.generate(order, sp, use_tqdm=False)]
+    cached = make_llm(tiny_model_dirs["llama"], block_size=4, num_gpu_blocks_override=24, max_model_len=128)
+    got, hits = [], []
+    for i in range(0, len(order), 2):  # pairs, so two prompts compete for the 24 blocks
+        outs = cached.generate(order[i:i + 2], sp, use_tqdm=False)
+        got += [o.outputs[0].token_ids for o in outs]
+        hits += [o.num_cached_tokens for o in outs]
+    assert got == want
+    assert sum(hits) > 0 and hits[2] == 28  # a's 7 full blocks survived b

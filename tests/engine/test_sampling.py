@@ -211,6 +211,16 @@ def test_stop_token_ids_and_max_tokens(make_llm, tiny_model_dirs):
     assert one.token_ids == ids[:1] and one.finish_reason == "length"
 
 
+def test_max_tokens_none_runs_to_max_model_len_without_mutating_params(make_llm, tiny_model_dirs):
+    llm = _tiny(make_llm, tiny_model_dirs, max_model_len=32)
+    sp = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True, bad_words=["the"])
+    first, short = _gen(llm, [PROMPT, PROMPT[:10]], sp)
+    assert len(first.outputs[0].token_ids) == 32 - len(PROMPT) and first.outputs[0].finish_reason == "length"
+    assert len(short.outputs[0].token_ids) == 22  # max_tokens is per request, not from the first one
+    assert sp.max_tokens is None and sp._eos_token_ids == () and sp._bad_words_token_ids == []
+    assert _gen(llm, [PROMPT], sp)[0].outputs[0].token_ids == first.outputs[0].token_ids
+
+
 @pytest.mark.xfail(strict=True, reason="engine._update finishes on a stop token id before detokenizing it, "
                                        "so include_stop_str_in_output never adds its text (vLLM does)")
 def test_stop_token_text_with_include_stop_str_in_output(make_llm, tiny_model_dirs):
