@@ -74,26 +74,35 @@ class AttentionBatch:
             out[self.decode_rows] = self._decode(cache, q[self.decode_rows], group)
         for p, mask in zip(self.prefills, self._prefill_masks):
             rows = slice(p.query_start, p.query_start + p.query_len)
-            out[rows] = self._prefill(flat, q[rows], p, mask, group, block_size)
+            out[rows] = self._prefill(cache, q[rows], p, mask, group)
         return out
+
+    @staticmethod
+    def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of whole blocks, [len(block_ids) * block_size, Hkv, D] each. index_select on
+        block rows copies contiguous runs: several times faster on CPUs than advanced indexing."""
+        _, num_blocks, block_size, num_kv, head_dim = cache.shape
+        ids = block_ids.flatten()
+        k = cache[0].view(num_blocks, -1).index_select(0, ids)
+        v = cache[1].view(num_blocks, -1).index_select(0, ids)
+        return k.view(-1, num_kv, head_dim), v.view(-1, num_kv, head_dim)
 
     def _decode(self, cache: torch.Tensor, q: torch.Tensor, group: int) -> torch.Tensor:
         b, _, d = q.shape
-        keys = cache[0][self.decode_block_tables]  # [B, nblk, bs, Hkv, D]
-        values = cache[1][self.decode_block_tables]
-        num_kv = keys.shape[3]
-        keys = keys.flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D]
-        values = values.flatten(1, 2).transpose(1, 2)
+        keys, values = self._gather(cache, self.decode_block_tables)
+        num_kv = keys.shape[1]
+        keys = keys.view(b, -1, num_kv, d).transpose(1, 2)  # [B, Hkv, L, D]
+        values = values.view(b, -1, num_kv, d).transpose(1, 2)
         # The query heads sharing a KV head become that head's "query rows": no K/V repeat.
         qg = q.view(b, num_kv, group, d)
         o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=self._decode_mask, scale=self.scale)
         return o.reshape(b, num_kv * group, d)
 
-    def _prefill(self, flat: torch.Tensor, q: torch.Tensor, p: PrefillSeq, mask: torch.Tensor | None,
-                 group: int, block_size: int) -> torch.Tensor:
-        slots = (p.block_table[:, None] * block_size + torch.arange(block_size)).flatten()[: p.context_len]
-        keys = flat[0][slots].transpose(0, 1)  # [Hkv, L, D]
-        values = flat[1][slots].transpose(0, 1)
+    def _prefill(self, cache: torch.Tensor, q: torch.Tensor, p: PrefillSeq, mask: torch.Tensor | None,
+                 group: int) -> torch.Tensor:
+        keys, values = self._gather(cache, p.block_table)
+        keys = keys[: p.context_len].transpose(0, 1)  # [Hkv, L, D]
+        values = values[: p.context_len].transpose(0, 1)
         qh = q.transpose(0, 1)  # [Hq, Lq, D]
         o = F.scaled_dot_product_attention(
             qh.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0), attn_mask=mask,

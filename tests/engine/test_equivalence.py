@@ -43,19 +43,37 @@ def _hf_greedy(model, prompts: list[list[int]], new_tokens: int, force_length: b
     return out
 
 
+class _References(dict):
+    """(model path, prompts, params, transformers' greedy outputs), computed on first use per model."""
+
+    def __init__(self, tiny_model_dirs: dict, smollm_dir: str) -> None:
+        super().__init__()
+        self.tiny, self.smollm_dir = tiny_model_dirs, smollm_dir
+
+    def __missing__(self, arch: str):
+        self[arch] = _smollm_reference(self.smollm_dir) if arch == "smollm2" else _tiny_reference(self.tiny[arch])
+        return self[arch]
+
+
 @pytest.fixture(scope="module")
 def references(tiny_model_dirs, smollm_dir):
-    """(model path, prompts, params, transformers' greedy outputs) per model."""
+    return _References(tiny_model_dirs, smollm_dir)
+
+
+def _tiny_reference(path: str):
+    from transformers import AutoModelForCausalLM
+
+    prompts = _tiny_prompts()
+    params = SamplingParams(temperature=0.0, max_tokens=TINY_NEW_TOKENS, min_tokens=TINY_NEW_TOKENS)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return path, prompts, params, _hf_greedy(model, prompts, TINY_NEW_TOKENS, True)
+
+
+def _smollm_reference(smollm_dir: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     from tandem.engine.loader import default_model_path
 
-    refs = {}
-    prompts = _tiny_prompts()
-    params = SamplingParams(temperature=0.0, max_tokens=TINY_NEW_TOKENS, min_tokens=TINY_NEW_TOKENS)
-    for arch, path in tiny_model_dirs.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        refs[arch] = (path, prompts, params, _hf_greedy(model, prompts, TINY_NEW_TOKENS, True))
     gguf = default_model_path()
     folder, name = os.path.split(gguf)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
@@ -64,9 +82,8 @@ def references(tiny_model_dirs, smollm_dir):
     chats = [tok.encode(tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
                                                 add_generation_prompt=True), add_special_tokens=False)
              for c in CHATS]
-    refs["smollm2"] = (None, chats, SamplingParams(temperature=0.0, max_tokens=SMOL_NEW_TOKENS),
-                       _hf_greedy(model, chats, SMOL_NEW_TOKENS, False))
-    return refs
+    return (None, chats, SamplingParams(temperature=0.0, max_tokens=SMOL_NEW_TOKENS),
+            _hf_greedy(model, chats, SMOL_NEW_TOKENS, False))
 
 
 def _generate(llm, prompts, params) -> list[list[int]]:
