@@ -61,11 +61,18 @@ class LLM:
             [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
-        for p in prompts:  # validate everything before queueing anything
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        for p, sp in zip(prompts, params):  # validate everything before queueing anything
             self.engine.process_prompt(p)
+            self.engine.check_params(sp)
         ids = [f"offline-{next(self._ids)}" for _ in prompts]
-        for i, (rid, prompt, sp) in enumerate(zip(ids, prompts, params)):
-            self.engine.add_request(rid, prompt, sp, priority=priority[i] if priority else 0)
+        try:
+            for i, (rid, prompt, sp) in enumerate(zip(ids, prompts, params)):
+                self.engine.add_request(rid, prompt, sp, priority=priority[i] if priority else 0)
+        except BaseException:
+            self.engine.abort_request(ids)
+            raise
         return self._run(ids, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

@@ -125,6 +125,17 @@ class LLMEngine:
                              "the prompt must be shorter to leave room for output")
         return text, ids
 
+    def check_params(self, params: SamplingParams) -> None:
+        """Limits SamplingParams cannot know: the vocabulary size."""
+        vocab = self.model.shape.vocab
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise ValueError(f"{name} must be <= the vocabulary size ({vocab}), got {k}")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids must be < the vocabulary size ({vocab}), got {bad[:5]}")
+
     def prepare_params(self, params: SamplingParams) -> SamplingParams:
         params = params.clone()
         params._eos_token_ids = () if params.ignore_eos else self.eos_token_ids
@@ -142,7 +153,9 @@ class LLMEngine:
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self.process_prompt(prompt)
-        params = self.prepare_params(params or self.default_sampling_params())
+        params = params or self.default_sampling_params()
+        self.check_params(params)
+        params = self.prepare_params(params)
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(ids)
         group = RequestGroup.create(request_id, text, ids, params, arrival_time or time.monotonic(), priority)
@@ -179,10 +192,14 @@ class LLMEngine:
         result = self.runner.execute(sched, tables)
         touched: dict[str, RequestGroup] = {}
         now = time.monotonic()
+        starts = {s.request: s.request.num_computed_tokens for s in sched.scheduled}
         for s in sched.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
         for req, entries in result.prompt_logprobs.items():
-            req.group.prompt_logprobs.extend(entries)
+            # entries[0] is prompt position starts[req] + 1; positions below len(...) are recorded
+            # already (a preempted request recomputes its prompt)
+            done = len(req.group.prompt_logprobs) - (starts[req] + 1)
+            req.group.prompt_logprobs.extend(entries[max(done, 0):])
         for req, samples in result.samples.items():
             forks = req.pending_forks
             req.group.forked = True
@@ -213,6 +230,8 @@ class LLMEngine:
         if may_stop and tok in p._eos_token_ids:
             return self.scheduler.finish(req, "stop")
         if may_stop and tok in p.stop_token_ids:
+            if p.include_stop_str_in_output:
+                self._detok[req].add(tok)
             return self.scheduler.finish(req, "stop", tok)
         detok = self._detok[req]
         delta = detok.add(tok)

@@ -97,7 +97,7 @@ class RequestGroup:
         for i in range(params.best_of):
             generator = None
             if params.seed is not None:
-                generator = torch.Generator().manual_seed(params.seed * 1_000_003 + i)
+                generator = torch.Generator().manual_seed((params.seed * 1_000_003 + i) % 2**63)
             group.seqs.append(Request(
                 seq_id=request_id if i == 0 else f"{request_id}#{i}", prompt_token_ids=group.prompt_token_ids,
                 params=params, group=group, index=i, arrival_time=arrival_time, priority=priority,

@@ -186,8 +186,6 @@ def test_request_that_cannot_fit_the_kv_cache(make_llm, tiny_model_dirs):
     assert _token_ids(llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False)) == want
 
 
-@pytest.mark.xfail(strict=True, reason="LLM.generate does not check len(priority); the IndexError comes "
-                                       "after earlier prompts were queued, and they stay in the engine")
 def test_priority_list_of_the_wrong_length(llm):
     try:
         with pytest.raises(ValueError, match="priorit"):
@@ -197,8 +195,6 @@ def test_priority_list_of_the_wrong_length(llm):
         llm.engine.abort_request(list(llm.engine.groups))
 
 
-@pytest.mark.xfail(strict=True, reason="a seed whose derived per-sample seed (seed * 1_000_003 + i) "
-                                       "overflows int64 crashes RequestGroup.create")
 def test_large_seed(llm):
     try:
         sp = SamplingParams(temperature=1.0, seed=2**50, max_tokens=4)
@@ -208,8 +204,6 @@ def test_large_seed(llm):
         llm.engine.abort_request(list(llm.engine.groups))
 
 
-@pytest.mark.xfail(strict=True, reason="logprobs / prompt_logprobs larger than the vocabulary are not "
-                                       "validated: topk fails inside step() and the whole batch is aborted")
 def test_too_many_logprobs_is_rejected_up_front(llm):
     llm.generate([PROMPTS[0]], GREEDY, use_tqdm=False)
     for bad in (SamplingParams(max_tokens=2, logprobs=60000), SamplingParams(max_tokens=2, prompt_logprobs=60000)):
@@ -217,8 +211,6 @@ def test_too_many_logprobs_is_rejected_up_front(llm):
             llm.generate(PROMPTS[:2], [GREEDY, bad], use_tqdm=False)
 
 
-@pytest.mark.xfail(strict=True, reason="stop_token_ids outside the vocabulary are not validated: with "
-                                       "min_tokens > 0 the sampler indexes past the logits inside step()")
 def test_stop_token_id_out_of_vocab_is_rejected_up_front(llm):
     bad = SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[10**9])
     with pytest.raises(ValueError, match="stop_token_ids"):

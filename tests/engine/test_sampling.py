@@ -221,8 +221,6 @@ def test_max_tokens_none_runs_to_max_model_len_without_mutating_params(make_llm,
     assert _gen(llm, [PROMPT], sp)[0].outputs[0].token_ids == first.outputs[0].token_ids
 
 
-@pytest.mark.xfail(strict=True, reason="engine._update finishes on a stop token id before detokenizing it, "
-                                       "so include_stop_str_in_output never adds its text (vLLM does)")
 def test_stop_token_text_with_include_stop_str_in_output(make_llm, tiny_model_dirs):
     llm = _tiny(make_llm, tiny_model_dirs)
     ids = _ids(_gen(llm, [PROMPT], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0])
@@ -367,8 +365,6 @@ def test_logprobs_match_transformers(make_llm, tiny_model_dirs, hf_llama, max_nu
     assert s.cumulative_logprob == pytest.approx(total, abs=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="LLMEngine.step appends the prompt logprobs of every prefill chunk, "
-                                       "so a preempted request's recompute appends them a second time")
 def test_prompt_logprobs_survive_preemption(make_llm, tiny_model_dirs):
     """Two requests that cannot both grow in a 14-block cache: one is preempted and recomputed. Its
     prompt logprobs must still have one entry per prompt token."""
