@@ -57,12 +57,17 @@ def _ban(logits: torch.Tensor, rows: list[SampleRow]) -> None:
 
 
 def _filter(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p on the non-greedy rows; returns probabilities."""
+    """Temperature, then min-p, then top-k and top-p (vLLM's order) on the non-greedy rows;
+    returns probabilities."""
     temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype)
     logits = logits / temps[:, None]
     top_k = torch.tensor([r.params.top_k or logits.shape[1] for r in rows])
     top_p = torch.tensor([r.params.top_p for r in rows], dtype=logits.dtype)
     min_p = torch.tensor([r.params.min_p for r in rows], dtype=logits.dtype)
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(dim=-1)
+        limit = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+        logits = logits.masked_fill(probs < limit, float("-inf"))
     if bool((top_k < logits.shape[1]).any() or (top_p < 1).any()):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(logits.shape[1])[None, :]
@@ -72,12 +77,7 @@ def _filter(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         drop |= before > top_p[:, None]
         drop[:, 0] = False
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    if bool((min_p > 0).any()):
-        limit = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
-        probs = probs.masked_fill(probs < limit, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs
+    return logits.softmax(dim=-1)
 
 
 def _draw(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
