@@ -26,28 +26,34 @@ class PrefillSeq:
 
 
 @dataclass
+class DecodeGroup:
+    """Single-token queries of similar context length, padded to the group's longest."""
+
+    rows: torch.Tensor  # [B] rows of the flat batch
+    block_tables: torch.Tensor  # [B, max_blocks] padded with block 0
+    context_lens: torch.Tensor  # [B]
+    mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size], built once per step
+
+
+@dataclass
 class AttentionBatch:
     kv_caches: list[torch.Tensor]
     slot_mapping: torch.Tensor  # [num_tokens] flat slot of each query token
-    decode_rows: torch.Tensor  # [B] rows of the flat batch that are single-token queries
-    decode_block_tables: torch.Tensor  # [B, max_blocks] padded with block 0
-    decode_context_lens: torch.Tensor  # [B]
+    decodes: list[DecodeGroup]
     prefills: list[PrefillSeq]
     scale: float
     sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         # Masks depend on the step only, not the layer: build them once.
-        self._decode_mask = None
-        if len(self.decode_rows):
-            block_size = self.kv_caches[0].shape[2]
-            width = self.decode_block_tables.shape[1] * block_size
-            key_pos = torch.arange(width)
-            ctx = self.decode_context_lens[:, None]
+        block_size = self.kv_caches[0].shape[2]
+        for g in self.decodes:
+            key_pos = torch.arange(g.block_tables.shape[1] * block_size)
+            ctx = g.context_lens[:, None]
             mask = key_pos[None, :] < ctx
             if self.sliding_window:
                 mask &= key_pos[None, :] > ctx - 1 - self.sliding_window
-            self._decode_mask = mask[:, None, None, :]
+            g.mask = mask[:, None, None, :]
         self._prefill_masks = [self._causal_mask(p) for p in self.prefills]
 
     def _causal_mask(self, p: PrefillSeq) -> torch.Tensor | None:
@@ -70,8 +76,8 @@ class AttentionBatch:
         flat[1].index_copy_(0, self.slot_mapping, v)
         group = q.shape[1] // num_kv
         out = torch.empty_like(q)
-        if len(self.decode_rows):
-            out[self.decode_rows] = self._decode(cache, q[self.decode_rows], group)
+        for g in self.decodes:
+            out[g.rows] = self._decode(cache, q[g.rows], g, group)
         for p, mask in zip(self.prefills, self._prefill_masks):
             rows = slice(p.query_start, p.query_start + p.query_len)
             out[rows] = self._prefill(cache, q[rows], p, mask, group)
@@ -87,15 +93,15 @@ class AttentionBatch:
         v = cache[1].view(num_blocks, -1).index_select(0, ids)
         return k.view(-1, num_kv, head_dim), v.view(-1, num_kv, head_dim)
 
-    def _decode(self, cache: torch.Tensor, q: torch.Tensor, group: int) -> torch.Tensor:
+    def _decode(self, cache: torch.Tensor, q: torch.Tensor, g: DecodeGroup, group: int) -> torch.Tensor:
         b, _, d = q.shape
-        keys, values = self._gather(cache, self.decode_block_tables)
+        keys, values = self._gather(cache, g.block_tables)
         num_kv = keys.shape[1]
         keys = keys.view(b, -1, num_kv, d).transpose(1, 2)  # [B, Hkv, L, D]
         values = values.view(b, -1, num_kv, d).transpose(1, 2)
         # The query heads sharing a KV head become that head's "query rows": no K/V repeat.
         qg = q.view(b, num_kv, group, d)
-        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=self._decode_mask, scale=self.scale)
+        o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask, scale=self.scale)
         return o.reshape(b, num_kv * group, d)
 
     def _prefill(self, cache: torch.Tensor, q: torch.Tensor, p: PrefillSeq, mask: torch.Tensor | None,

@@ -6,12 +6,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tandem.engine.attention import AttentionBatch, PrefillSeq
+from tandem.engine.attention import AttentionBatch, DecodeGroup, PrefillSeq
 from tandem.engine.models.llama import LlamaForCausalLM
 from tandem.engine.request import Request
 from tandem.engine.sampler import Sample, SampleRow, prompt_logprobs, sample
 from tandem.engine.scheduler import SchedulerOutput
 from tandem.outputs import Logprob
+
+DECODE_GROUP_SIZE = 16
 
 
 @dataclass
@@ -75,15 +77,10 @@ class ModelRunner:
                 plp_rows.append((r, row, count))
             if s.samples:
                 sample_rows.append(row + n - 1)
-        width = max((len(t) for t in decode_tables), default=0)
-        padded = torch.zeros(len(decode_tables), width, dtype=torch.long)
-        for i, t in enumerate(decode_tables):
-            padded[i, : len(t)] = torch.tensor(t)
         attn = AttentionBatch(
             kv_caches=self.kv_caches,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            decode_rows=torch.tensor(decode_rows, dtype=torch.long),
-            decode_block_tables=padded, decode_context_lens=torch.tensor(decode_lens, dtype=torch.long),
+            decodes=self._decode_groups(decode_rows, decode_tables, decode_lens),
             prefills=prefills, scale=self.scale, sliding_window=self.model.shape.sliding_window)
         hidden = self.model(torch.tensor(input_ids, device=self.device),
                             torch.tensor(positions, device=self.device), attn)
@@ -95,6 +92,22 @@ class ModelRunner:
         if sample_rows:
             self._sample(sched, hidden[torch.tensor(sample_rows)], result)
         return result
+
+    @staticmethod
+    def _decode_groups(rows: list[int], tables: list[list[int]], lens: list[int]) -> list[DecodeGroup]:
+        """Decode rows sorted by context length and cut into groups, so that padding every row
+        to its group's longest context wastes little attention work (it dominated decode steps)."""
+        order = sorted(range(len(rows)), key=lambda i: lens[i])
+        groups = []
+        for start in range(0, len(order), DECODE_GROUP_SIZE):
+            members = order[start:start + DECODE_GROUP_SIZE]
+            width = max(len(tables[i]) for i in members)
+            padded = torch.zeros(len(members), width, dtype=torch.long)
+            for j, i in enumerate(members):
+                padded[j, : len(tables[i])] = torch.tensor(tables[i])
+            groups.append(DecodeGroup(torch.tensor([rows[i] for i in members]), padded,
+                                      torch.tensor([lens[i] for i in members])))
+        return groups
 
     def _sample(self, sched: SchedulerOutput, hidden: torch.Tensor, result: StepResult) -> None:
         logits = self.model.compute_logits(hidden)

@@ -129,3 +129,18 @@ def test_preemption(arch, references, make_llm):
     llm = make_llm(path, num_gpu_blocks_override=blocks, enable_prefix_caching=arch != "qwen2")
     assert _generate(llm, prompts, params) == expected
     assert llm.stats().num_preemptions > 0
+
+
+def test_large_mixed_batch(tiny_model_dirs, make_llm):
+    """More sequences than one decode group, with contexts spread across many block counts."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_dirs["mistral"]
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 49000, (int(n),), generator=g).tolist()
+               for n in torch.randint(1, 150, (40,), generator=g)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    expected = _hf_greedy(model, prompts, 12, True)
+    llm = make_llm(path, enable_prefix_caching=False)
+    assert _generate(llm, prompts, params) == expected
