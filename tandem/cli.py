@@ -84,12 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    from tandem.server.launch import add_serve_parser  # light: heavy imports wait for the command
+
+    add_serve_parser(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "config", None):  # file values become defaults, so the command line still wins
+        from tandem.server.launch import apply_config_file
+
+        apply_config_file(args.config_parser, args.config)
+        args = parser.parse_args(argv)
+    return parser, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

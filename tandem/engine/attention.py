@@ -29,7 +29,7 @@ class PrefillSeq:
 class DecodeGroup:
     """Single-token queries of similar context length, padded to the group's longest."""
 
-    rows: torch.Tensor  # [B] rows of the flat batch
+    rows: slice  # contiguous rows of the flat batch
     block_tables: torch.Tensor  # [B, max_blocks] padded with block 0
     context_lens: torch.Tensor  # [B]
     mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size], built once per step

@@ -56,11 +56,14 @@ class ModelRunner:
         slots: list[int] = []
         decode_rows, decode_tables, decode_lens = [], [], []
         prefills: list[PrefillSeq] = []
-        sample_rows: list[int] = []
+        sample_rows: list[tuple[Request, int]] = []
         plp_rows: list[tuple[Request, int, int]] = []  # (request, first row, count)
-        for s in sched.scheduled:
+        # Prompt chunks first, then single-token rows by context length: each decode group is then
+        # a contiguous slice of the batch (views, no gathers or scatters of q and out).
+        order = sorted(sched.scheduled, key=lambda s: (s.num_new_tokens == 1, s.request.num_computed_tokens))
+        for s in order:
             r, n = s.request, s.num_new_tokens
-            start, ctx = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+            start, ctx = r.num_computed_tokens, r.num_computed_tokens + n
             table = block_tables[r.seq_id]
             row = len(input_ids)
             input_ids += r.all_token_ids[start:ctx]
@@ -76,7 +79,7 @@ class ModelRunner:
                 count = min(ctx, r.num_prompt_tokens - 1) - start
                 plp_rows.append((r, row, count))
             if s.samples:
-                sample_rows.append(row + n - 1)
+                sample_rows.append((r, row + n - 1))
         attn = AttentionBatch(
             kv_caches=self.kv_caches,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
@@ -90,31 +93,31 @@ class ModelRunner:
             nxt = r.prompt_token_ids[r.num_computed_tokens + 1: r.num_computed_tokens + 1 + count]
             result.prompt_logprobs[r] = prompt_logprobs(logits, nxt, r.params.prompt_logprobs)
         if sample_rows:
-            self._sample(sched, hidden[torch.tensor(sample_rows)], result)
+            rows = torch.tensor([row for _, row in sample_rows])
+            self._sample([r for r, _ in sample_rows], hidden[rows], result)
         return result
 
     @staticmethod
     def _decode_groups(rows: list[int], tables: list[list[int]], lens: list[int]) -> list[DecodeGroup]:
-        """Decode rows sorted by context length and cut into groups, so that padding every row
-        to its group's longest context wastes little attention work (it dominated decode steps)."""
-        order = sorted(range(len(rows)), key=lambda i: lens[i])
+        """Consecutive decode rows (sorted by context length) cut into groups, so that padding each
+        row to its group's longest context wastes little attention work."""
         groups = []
-        for start in range(0, len(order), DECODE_GROUP_SIZE):
-            members = order[start:start + DECODE_GROUP_SIZE]
+        for start in range(0, len(rows), DECODE_GROUP_SIZE):
+            members = range(start, min(start + DECODE_GROUP_SIZE, len(rows)))
             width = max(len(tables[i]) for i in members)
             padded = torch.zeros(len(members), width, dtype=torch.long)
             for j, i in enumerate(members):
                 padded[j, : len(tables[i])] = torch.tensor(tables[i])
-            groups.append(DecodeGroup(torch.tensor([rows[i] for i in members]), padded,
+            groups.append(DecodeGroup(slice(rows[members[0]], rows[members[-1]] + 1), padded,
                                       torch.tensor([lens[i] for i in members])))
         return groups
 
-    def _sample(self, sched: SchedulerOutput, hidden: torch.Tensor, result: StepResult) -> None:
+    def _sample(self, requests: list[Request], hidden: torch.Tensor, result: StepResult) -> None:
         logits = self.model.compute_logits(hidden)
         rows: list[SampleRow] = []
         owners: list[Request] = []
         index: list[int] = []
-        for i, r in enumerate(s.request for s in sched.scheduled if s.samples):
+        for i, r in enumerate(requests):
             for seq in [r] + r.pending_forks:
                 rows.append(SampleRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator))
                 owners.append(r)

@@ -1,0 +1,158 @@
+"""`build_app(client, config)`: the OpenAI-compatible FastAPI application over any EngineClient.
+
+Routes: /v1/models, /v1/completions, /v1/chat/completions, /tokenize, /detokenize, /health,
+/version, /metrics. Middleware (pure ASGI, so streams and disconnects pass straight through):
+CORS outermost, then X-Request-Id, then the API key on /v1/*.
+"""
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tandem import __version__
+from tandem.server.config import ServerConfig
+from tandem.server.engine_client import EngineClient
+from tandem.server.errors import APIError, SafeJSONResponse, bad_request, install_error_handlers, unauthorized
+from tandem.server.metrics import ServerMetrics
+from tandem.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                    CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
+                                    ModelCard, ModelList, TokenizeRequest, TokenizeResponse, VersionResponse)
+from tandem.server.serving_chat import ChatServing, render_chat
+from tandem.server.serving_common import ServingContext
+from tandem.server.serving_completions import CompletionServing
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": desc} for code, desc in (
+        (400, "Invalid request"), (401, "Missing or wrong API key"), (404, "Unknown model"),
+        (500, "Engine failure"), (503, "Engine not running"))}
+
+
+class APIKeyMiddleware:
+    """Requires `Authorization: Bearer <key>` on /v1/* (CORS preflights pass: they carry no key)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                await unauthorized().response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class RequestIdMiddleware:
+    """Echoes X-Request-Id (or a fresh one, which the handlers then use as the response id)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = dict(scope["headers"]).get(b"x-request-id")
+        if not rid:
+            rid = secrets.token_hex(16).encode()
+            scope = {**scope, "headers": [*scope["headers"], (b"x-request-id", rid)]}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def build_app(client: EngineClient, config: ServerConfig | None = None) -> FastAPI:
+    """The API over `client`; the caller owns the client's lifetime (start, shutdown)."""
+    config = config or ServerConfig()
+    names = list(config.served_model_names or [client.model_name])
+    ctx = ServingContext(client, config, ServerMetrics(names[0], client.stats), names)
+    completions, chat = CompletionServing(ctx), ChatServing(ctx)
+    app = FastAPI(title="Tandem", version=__version__, default_response_class=SafeJSONResponse,
+                  description="OpenAI-compatible LLM serving (vLLM's extra parameters included).")
+    app.state.ctx = ctx
+    install_error_handlers(app)
+
+    def json(model: Any) -> SafeJSONResponse:
+        return SafeJSONResponse(model.model_dump(mode="json"))
+
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, tags=["OpenAI"])
+    async def list_models() -> Response:
+        return json(ModelList(data=[ModelCard(id=n, root=client.model_path, max_model_len=client.max_model_len)
+                                    for n in names]))
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS, tags=["OpenAI"])
+    async def create_completion(body: CompletionRequest, raw: Request) -> Response:
+        """A completion; with `stream: true`, server-sent events ending in `data: [DONE]`."""
+        result = await completions.create(body, raw)
+        return result if isinstance(result, Response) else json(result)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS, tags=["OpenAI"])
+    async def create_chat_completion(body: ChatCompletionRequest, raw: Request) -> Response:
+        """A chat completion; with `stream: true`, server-sent events ending in `data: [DONE]`."""
+        result = await chat.create(body, raw)
+        return result if isinstance(result, Response) else json(result)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS, tags=["vLLM"])
+    async def tokenize(body: TokenizeRequest) -> Response:
+        ctx.model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("give exactly one of prompt and messages", "prompt")
+        if body.messages is not None:
+            if not body.messages:
+                raise bad_request("messages must not be empty", "messages")
+            text = render_chat(ctx, body.messages, add_generation_prompt=body.add_generation_prompt,
+                               continue_final_message=body.continue_final_message,
+                               chat_template=body.chat_template, chat_template_kwargs=body.chat_template_kwargs)
+            special = bool(body.add_special_tokens)
+        else:
+            text, special = body.prompt, body.add_special_tokens is not False
+        try:
+            ids = client.tokenizer.encode(text, add_special_tokens=special)
+        except Exception as exc:  # noqa: BLE001 - e.g. lone surrogates
+            raise bad_request(f"text could not be tokenized: {exc}", "prompt") from exc
+        strs = client.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return json(TokenizeResponse(count=len(ids), max_model_len=client.max_model_len, tokens=ids, token_strs=strs))
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS, tags=["vLLM"])
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        ctx.model(body.model)
+        vocab = len(client.tokenizer)
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"token ids must be in [0, {vocab}), got {bad[:5]}", "tokens")
+        return json(DetokenizeResponse(prompt=client.tokenizer.decode(body.tokens)))
+
+    @app.get("/health", responses={503: _ERRORS[503]}, tags=["Server"])
+    async def health() -> Response:
+        """200 while the engine runs; 503 once it has died (a restart is needed)."""
+        if not client.is_healthy():
+            return APIError(503, "the engine is not running").response()
+        return Response(status_code=200)
+
+    @app.get("/version", response_model=VersionResponse, tags=["Server"])
+    async def version() -> Response:
+        return json(VersionResponse(version=__version__))
+
+    @app.get("/metrics", tags=["Server"], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus text format, every series named `tandem:*`."""
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=config.api_key)
+    if config.enable_request_id_headers:
+        app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
+                       allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials)
+    return app

@@ -1,0 +1,260 @@
+"""What the API layer needs from an engine (`EngineClient`), and its colocated implementation.
+
+`AsyncEngine` owns one `LLMEngine` and runs its step loop in a background thread. The event loop
+never touches the engine: requests and aborts go to the thread through a command queue, outputs
+come back through `loop.call_soon_threadsafe`. The router will implement the same protocol over
+remote prefill/decode workers, so the HTTP layer does not change.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol, runtime_checkable
+
+from tandem.config import EngineConfig
+from tandem.outputs import RequestOutput
+from tandem.sampling_params import SamplingParams
+
+log = logging.getLogger("tandem.server.engine")
+
+
+class EngineError(RuntimeError):
+    """The engine failed while this request was in flight (a server fault, not the client's)."""
+
+
+class EngineDeadError(EngineError):
+    """The engine loop is gone; no request can run until the server restarts."""
+
+
+@dataclass
+class EngineStats:
+    """Engine-side numbers behind /metrics (a snapshot; counters are cumulative)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    """An engine as the OpenAI layer sees it: token ids in, cumulative RequestOutputs out."""
+
+    model_name: str  # the model's own name (the served name defaults to it)
+    model_path: str
+    max_model_len: int  # prompt plus output never exceeds this
+    tokenizer: Any  # a transformers tokenizer
+    generation_defaults: dict[str, Any]  # SamplingParams defaults from generation_config.json
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Validates now (ValueError for bad input), then streams cumulative outputs until one is
+        finished. Leaving the iteration early (disconnect, cancel) aborts the request."""
+        ...
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks (fire and forget; unknown ids are ignored)."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+    def is_healthy(self) -> bool: ...
+
+
+@dataclass(eq=False)
+class _Stream:
+    """The consumer side of one request: the newest output (outputs are cumulative, so a slow
+    reader skips intermediate ones instead of queueing them) or the error that ended it."""
+
+    loop: asyncio.AbstractEventLoop
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    latest: RequestOutput | None = None
+    error: BaseException | None = None
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, BaseException):
+            self.error = item
+        else:
+            self.latest = item
+        self.event.set()
+
+
+class AsyncEngine:
+    """The colocated EngineClient: an LLMEngine stepped by one background thread."""
+
+    def __init__(self, config: EngineConfig, model_name: str | None = None, *, engine: Any = None) -> None:
+        from tandem.engine.engine import LLMEngine  # heavy: torch and transformers
+
+        self.engine = engine if engine is not None else LLMEngine(config)
+        self.model_path = self.engine.model_path
+        self.model_name = model_name or self.model_path
+        self.tokenizer = self.engine.tokenizer
+        capacity = self.engine.kv.pool.num_blocks * self.engine.kv.block_size
+        # a request alone must always fit in the KV cache, or the scheduler could never run it
+        self.max_model_len = min(self.engine.max_model_len, capacity)
+        self.generation_defaults = dict(self.engine.generation_defaults)
+        self._streams: dict[str, _Stream] = {}
+        self._commands: collections.deque[tuple] = collections.deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._stats = self._snapshot()
+        self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
+        self._thread.start()
+
+    # ---- the EngineClient protocol (event-loop side) ---------------------------------------------
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 priority: int = 0) -> AsyncIterator[RequestOutput]:
+        self._check_alive()
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        # read-only checks (tokenizer, model shape): safe beside the engine thread
+        _, ids = self.engine.process_prompt(list(prompt_token_ids))
+        self.engine.check_params(params)
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
+                             f"the maximum context length of {self.max_model_len} tokens")
+        return self._stream(request_id, ids, params, priority)
+
+    async def _stream(self, request_id: str, ids: list[int], params: SamplingParams,
+                      priority: int) -> AsyncIterator[RequestOutput]:
+        self._check_alive()
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        stream = _Stream(asyncio.get_running_loop())
+        self._streams[request_id] = stream
+        self._submit(("add", request_id, ids, params, priority, time.monotonic()))
+        finished = False
+        try:
+            while not finished:
+                await stream.event.wait()
+                stream.event.clear()
+                if stream.error is not None:
+                    raise stream.error
+                out, stream.latest = stream.latest, None
+                if out is not None:
+                    finished = out.finished
+                    yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:  # the consumer left early (disconnect, cancel, error): free its blocks now
+                self._submit(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._submit(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    def is_healthy(self) -> bool:
+        return self._dead is None and self._thread.is_alive()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _check_alive(self) -> None:
+        if not self.is_healthy():
+            raise EngineDeadError(f"the engine is not running: {self._dead!r}")
+
+    def _submit(self, command: tuple) -> None:
+        self._commands.append(command)
+        self._wake.set()
+
+    # ---- the engine thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._apply_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._stats = self._snapshot()
+                    self._wake.wait()
+                    self._wake.clear()  # commands queued before this are drained next iteration
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:  # noqa: BLE001 - any step failure fails the batch, not the server
+                    self._fail_in_flight(exc)
+                    continue
+                self._stats = self._snapshot()
+                self._dispatch(outputs)
+        except BaseException as exc:  # the loop itself broke: every request must hear about it
+            log.exception("engine loop died")
+            self._dead = exc
+            self._deliver_all(EngineDeadError(f"the engine loop died: {exc!r}"))
+            raise
+        finally:
+            if self._dead is None and self._stopping:
+                self._dead = EngineDeadError("the engine was shut down")
+                self._deliver_all(self._dead)
+
+    def _apply_commands(self) -> None:
+        while self._commands:
+            cmd = self._commands.popleft()
+            if cmd[0] == "abort":
+                self.engine.abort_request(cmd[1])
+                continue
+            _, rid, ids, params, priority, arrival = cmd
+            if rid not in self._streams:  # aborted before it was added
+                continue
+            try:
+                self.engine.add_request(rid, ids, params, priority=priority, arrival_time=arrival)
+            except Exception as exc:  # noqa: BLE001 - input checks run before; this is defensive
+                self._deliver(rid, exc if isinstance(exc, ValueError) else EngineError(str(exc)))
+
+    def _fail_in_flight(self, exc: Exception) -> None:
+        """A failed step: fail (and drop) every request in the engine, keep serving new ones."""
+        log.exception("engine step failed; failing %d requests in flight", len(self.engine.groups))
+        failed = list(self.engine.groups)
+        self.engine.abort_request(failed)  # if this raises too, the loop dies loudly
+        self._stats = self._snapshot()
+        err = EngineError(f"the engine failed while running this request: {exc!r}")
+        for rid in failed:
+            self._deliver(rid, err)
+
+    def _snapshot(self) -> EngineStats:
+        s = self.engine.stats()
+        return EngineStats(s.num_running, s.num_waiting, s.kv_usage, s.num_free_blocks, s.num_blocks,
+                           s.prefix_cache_queries, s.prefix_cache_hits, s.num_preemptions)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        # one wake-up per event loop and step, not one per request
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            _call_soon(loop, _put_all, items)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            _call_soon(stream.loop, stream.put, item)
+
+    def _deliver_all(self, item: BaseException) -> None:
+        for stream in list(self._streams.values()):
+            _call_soon(stream.loop, stream.put, item)
+
+
+def _put_all(items: list[tuple[_Stream, Any]]) -> None:
+    for stream, item in items:
+        stream.put(item)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # that loop is closed: nobody is listening any more
+        pass

@@ -1,0 +1,141 @@
+"""`tandem serve [MODEL]`: vLLM's flag names, an optional YAML config file, uvicorn.
+
+Precedence: command line > --config file > defaults. The file maps flag names (dashes or
+underscores, without the leading `--`) to values; `model` sets the positional argument.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the served name of the embedded model
+
+
+def _list(value: str) -> list[str]:
+    """A JSON list (vLLM's form: '["http://a", "http://b"]') or comma-separated values."""
+    value = value.strip()
+    if value.startswith("["):
+        items = json.loads(value)
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {value!r}")
+        return items
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from tandem.cli import _add_engine_args  # the engine flags `generate` and `chat` share
+
+    p = sub.add_parser(
+        "serve", help="serve a model over the OpenAI API (like `vllm serve`)",
+        description="Start an OpenAI-compatible HTTP server on one colocated engine. Point the official "
+                    "`openai` client at http://HOST:PORT/v1. Flags follow vLLM's names.")
+    _add_engine_args(p)
+    g = p.add_argument_group("engine (more)")
+    g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                   help="fcfs: arrival order; priority: the request's `priority` (lower first), then arrival "
+                        "(default: fcfs)")
+    g.add_argument("--generation-config", default="auto",
+                   help="'auto': defaults from the model's generation_config.json; 'vllm': ignore it; "
+                        "or a folder holding a generation_config.json (default: auto)")
+    g.add_argument("--seed", type=int, default=0, help="engine random seed (default: 0)")
+    s = p.add_argument_group("server")
+    s.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag values (the command line wins)")
+    s.add_argument("--host", default="0.0.0.0", help="address to bind (default: 0.0.0.0)")
+    s.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    s.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $TANDEM_API_KEY, else none)")
+    s.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="model name(s) clients use; the first is reported (default: the model argument)")
+    s.add_argument("--chat-template", help="chat template file or inline Jinja (default: the tokenizer's)")
+    s.add_argument("--chat-template-content-format", choices=["auto", "string", "openai"], default="auto",
+                   help="message content as a string or as OpenAI's list of parts; auto (the default) "
+                        "reads the template")
+    s.add_argument("--response-role", default="assistant", help="role of the generated chat message (default: assistant)")
+    s.add_argument("--max-logprobs", type=int, default=20, help="most logprobs a request may ask for (default: 20)")
+    s.add_argument("--disable-log-requests", action="store_true", help="do not log each request")
+    s.add_argument("--enable-request-id-headers", action="store_true",
+                   help="echo X-Request-Id (or a generated one) in every response")
+    s.add_argument("--allowed-origins", type=_list, default=["*"], help="CORS origins, a JSON list or a,b (default: *)")
+    s.add_argument("--allowed-methods", type=_list, default=["*"], help="CORS methods (default: *)")
+    s.add_argument("--allowed-headers", type=_list, default=["*"], help="CORS headers (default: *)")
+    s.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    s.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level (default: info)")
+    p.set_defaults(func=cmd_serve, config_parser=p)
+    return p
+
+
+def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
+    """Make the file's values the parser's defaults, so the command line still overrides them."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        parser.error(f"cannot read config file {path}: {exc}")
+    if not isinstance(values, dict):
+        parser.error(f"config file {path} must hold a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions}
+    defaults: dict[str, Any] = {}
+    for key, value in values.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in actions or dest in ("help", "config"):
+            parser.error(f"unknown key {key!r} in config file {path}")
+        action = actions[dest]
+        if isinstance(value, list) and action.type is _list:
+            value = [str(v) for v in value]
+        elif isinstance(value, str) and action.type is not None and action.type is not str:
+            value = action.type(value)
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"{key} in {path} must be one of {list(action.choices)}, got {value!r}")
+        if dest == "served_model_name" and isinstance(value, str):
+            value = [value]
+        defaults[dest] = value
+    parser.set_defaults(**defaults)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tandem.config import CacheConfig, EngineConfig, SchedulerConfig
+    from tandem.server.api import build_app
+    from tandem.server.config import ServerConfig
+    from tandem.server.engine_client import AsyncEngine
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
+    log = logging.getLogger("tandem.server")
+    try:
+        server_config = ServerConfig(
+            served_model_names=args.served_model_name, api_key=args.api_key, chat_template=args.chat_template,
+            chat_template_content_format=args.chat_template_content_format, response_role=args.response_role,
+            max_logprobs=args.max_logprobs, disable_log_requests=args.disable_log_requests,
+            enable_request_id_headers=args.enable_request_id_headers, allowed_origins=args.allowed_origins,
+            allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
+            allow_credentials=args.allow_credentials)
+        engine_config = EngineConfig(
+            model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+            generation_config=args.generation_config,
+            cache=CacheConfig(block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks_override,
+                              enable_prefix_caching=args.enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                      policy=args.scheduling_policy))
+        log.info("loading %s", args.model or f"the embedded {DEFAULT_MODEL_NAME}")
+        client = AsyncEngine(engine_config, model_name=args.model or DEFAULT_MODEL_NAME)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"tandem serve: error: {exc}", file=sys.stderr)
+        return 2
+    app = build_app(client, server_config)
+    log.info("serving %s (max_model_len %d) on http://%s:%d/v1", app.state.ctx.names[0], client.max_model_len,
+             args.host, args.port)
+    try:
+        # streams still open at Ctrl-C get 10 s, then are cancelled (which aborts their requests)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                    timeout_keep_alive=30, timeout_graceful_shutdown=10)
+    finally:
+        client.shutdown()
+    return 0

@@ -1,0 +1,223 @@
+"""POST /v1/chat/completions: messages through the chat template, streamed or not, with n,
+logprobs / top_logprobs, continue_final_message and per-request templates and template kwargs."""
+from __future__ import annotations
+
+import inspect
+import re
+import secrets
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from starlette.responses import Response
+
+from tandem.outputs import CompletionOutput, RequestOutput
+from tandem.server.errors import APIError, bad_request
+from tandem.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
+                                    ChoiceLogprobs, ResponseMessage, TokenLogprob, TopLogprob, UsageInfo)
+from tandem.server.serving_common import (SSE_DONE, ServingContext, SSEResponse, cancel_on_disconnect, clamp_logprob,
+                                          merge_streams, now, resolve_max_tokens, sampling_params, sse, stop_holdback,
+                                          stream_error)
+from tandem.tokenizer import apply_chat_template
+
+# a template that loops over a message's content expects OpenAI's list of parts, not a string
+_ITERATES_CONTENT = re.compile(r"for\s+\w+\s+in\s+\w+\s*(\[\s*['\"]content['\"]\s*\]|\.content\b)")
+
+
+def content_format(template: str | None, configured: str) -> str:
+    if configured != "auto":
+        return configured
+    return "openai" if isinstance(template, str) and _ITERATES_CONTENT.search(template) else "string"
+
+
+def _message(m: ChatMessage, fmt: str) -> dict[str, Any]:
+    content: Any = m.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.type != "text" or part.text is None:
+                raise bad_request(f"message content parts of type {part.type!r} are not supported: "
+                                  "only text parts", "messages")
+            texts.append(part.text)
+        content = "\n".join(texts) if fmt == "string" else [{"type": "text", "text": t} for t in texts]
+    elif fmt == "openai":
+        content = [] if content is None else [{"type": "text", "text": content}]
+    elif content is None:
+        content = ""  # string templates concatenate content; an assistant turn with tool calls has none
+    out: dict[str, Any] = {"role": m.role, "content": content}
+    for key in ("name", "tool_calls", "tool_call_id"):
+        if getattr(m, key) is not None:
+            out[key] = getattr(m, key)
+    return out
+
+
+def render_chat(ctx: ServingContext, messages: list[ChatMessage], *, add_generation_prompt: bool,
+                continue_final_message: bool, chat_template: str | None,
+                chat_template_kwargs: dict[str, Any] | None, tools: list | None = None) -> str:
+    """The prompt text for a conversation; any template failure is the request's fault (400)."""
+    tok = ctx.client.tokenizer
+    if add_generation_prompt and continue_final_message:
+        raise bad_request("continue_final_message and add_generation_prompt cannot both be true "
+                          "(set add_generation_prompt to false)", "continue_final_message")
+    if continue_final_message and messages[-1].role != "assistant":
+        raise bad_request("continue_final_message needs an assistant message last", "continue_final_message")
+    template = chat_template or ctx.config.chat_template
+    kwargs = dict(chat_template_kwargs or {})
+    reserved = sorted(set(kwargs) & _reserved_kwargs(tok))
+    if reserved:
+        raise bad_request(f"chat_template_kwargs may not set {', '.join(reserved)}", "chat_template_kwargs")
+    fmt = content_format(template or tok.chat_template, ctx.config.chat_template_content_format)
+    conversation = [_message(m, fmt) for m in messages]
+    try:
+        text = apply_chat_template(tok, conversation, add_generation_prompt=add_generation_prompt,
+                                   continue_final_message=continue_final_message, chat_template=template,
+                                   tools=tools, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - template errors come from the request's messages/template
+        raise bad_request(f"the chat template failed on these messages: {type(exc).__name__}: {exc}",
+                          "messages") from exc
+    if not isinstance(text, str):
+        raise bad_request("the chat template did not produce text", "chat_template")
+    return text
+
+
+_RESERVED: set[str] | None = None
+
+
+def _reserved_kwargs(tok: Any) -> set[str]:
+    """apply_chat_template's own arguments: template kwargs must not override them."""
+    global _RESERVED
+    if _RESERVED is None:
+        params = inspect.signature(tok.apply_chat_template).parameters
+        _RESERVED = {p for p, v in params.items() if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)}
+        _RESERVED |= {"messages", "conversation", "tokenize", "return_dict", "tokenizer_kwargs"}
+    return _RESERVED
+
+
+class ChatServing:
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+
+    async def create(self, req: ChatCompletionRequest, raw: Request) -> Response | ChatCompletionResponse:
+        ctx = self.ctx
+        model = ctx.model(req.model)
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise bad_request("response_format other than {'type': 'text'} is not supported", "response_format")
+        if req.top_logprobs and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+        if req.n > ctx.config.max_seqs_per_request:
+            raise bad_request(f"n must be <= {ctx.config.max_seqs_per_request}", "n")
+        text = render_chat(ctx, req.messages, add_generation_prompt=req.add_generation_prompt,
+                           continue_final_message=req.continue_final_message, chat_template=req.chat_template,
+                           chat_template_kwargs=req.chat_template_kwargs,
+                           tools=req.tools if req.tool_choice != "none" else None)
+        try:
+            ids = ctx.client.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        except Exception as exc:  # noqa: BLE001 - e.g. lone surrogates in the messages
+            raise bad_request(f"messages could not be tokenized: {exc}", "messages") from exc
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = resolve_max_tokens(ctx, requested, len(ids), ctx.client.generation_defaults.get("max_tokens"),
+                                        prompt_param="messages")
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        params = sampling_params(ctx, req, max_tokens=max_tokens, logprobs=top)
+        rid = ctx.request_id(raw, req.request_id)
+        stream = ctx.track(f"chatcmpl-{rid}-{secrets.token_hex(4)}", ids, params, req.priority, now())
+        ctx.log_request(rid, [len(ids)], params)
+        head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": model}
+        if req.stream:
+            return SSEResponse(self._stream(req, head, stream, params.stop, len(ids)))
+        return await cancel_on_disconnect(raw, self._full(req, head, stream))
+
+    async def _full(self, req: ChatCompletionRequest, head: dict, stream: AsyncIterator) -> ChatCompletionResponse:
+        final: RequestOutput | None = None
+        try:
+            async for _, out in merge_streams([stream]):
+                final = out
+        except APIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - engine failures become OpenAI-shaped errors
+            raise stream_error(exc) from exc
+        assert final is not None and final.finished, "a stream ended without a finished output"
+        choices = []
+        for o in final.outputs:
+            logprobs = None
+            if req.logprobs:
+                logprobs = ChoiceLogprobs(content=self._logprobs(o.token_ids, o.logprobs or [], req.top_logprobs or 0))
+            choices.append(ChatChoice(index=o.index, message=ResponseMessage(role=self.ctx.config.response_role,
+                                                                             content=o.text),
+                                      logprobs=logprobs, finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+        completion = sum(len(o.token_ids) for o in final.outputs)
+        usage = UsageInfo(prompt_tokens=len(final.prompt_token_ids), completion_tokens=completion,
+                          total_tokens=len(final.prompt_token_ids) + completion)
+        return ChatCompletionResponse(choices=choices, usage=usage, **head)
+
+    async def _stream(self, req: ChatCompletionRequest, head: dict, stream: AsyncIterator,
+                      stops: list[str], prompt_len: int) -> AsyncIterator[bytes]:
+        opts = req.stream_options
+        head = {**head, "object": "chat.completion.chunk"}
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        latest: RequestOutput | None = None
+
+        def chunk(choice: dict) -> bytes:
+            body = {**head, "choices": [choice]}
+            if opts is not None and opts.continuous_usage_stats:
+                body["usage"] = _usage(latest, prompt_len)
+            return sse(body)
+
+        try:
+            for i in range(req.n):  # the role first, as OpenAI does, before any token exists
+                yield chunk({"index": i, "delta": {"role": self.ctx.config.response_role, "content": ""},
+                             "logprobs": None, "finish_reason": None})
+            async for _, out in merge_streams([stream]):
+                latest = out
+                for o in out.outputs:
+                    if o.index in sent_tokens and sent_tokens[o.index] < 0:
+                        continue  # that choice has finished
+                    choice = self._delta(req, o, stops, sent_text, sent_tokens)
+                    if choice is not None:
+                        yield chunk(choice)
+            if opts is not None and opts.include_usage:
+                yield sse({**head, "choices": [], "usage": _usage(latest, prompt_len)})
+        except Exception as exc:  # noqa: BLE001 - reported in-band: the status line has been sent
+            yield sse(stream_error(exc).body())
+        yield SSE_DONE
+
+    def _delta(self, req: ChatCompletionRequest, o: CompletionOutput, stops: list[str], sent_text: dict[int, int],
+               sent_tokens: dict[int, int]) -> dict | None:
+        finished = o.finish_reason is not None
+        end = len(o.text) if finished else len(o.text) - stop_holdback(o.text, stops)
+        start, done_tokens = sent_text.get(o.index, 0), sent_tokens.get(o.index, 0)
+        text = o.text[start:max(start, end)]
+        new_ids = o.token_ids[done_tokens:]
+        logprobs = None
+        if req.logprobs and new_ids:
+            # the engine may already be appending the next step's entry: slice by token count
+            entries = (o.logprobs or [])[done_tokens:len(o.token_ids)]
+            logprobs = {"content": [e.model_dump() for e in self._logprobs(new_ids, entries, req.top_logprobs or 0)]}
+        if not (text or finished or logprobs):
+            return None
+        sent_text[o.index] = max(start, end)
+        sent_tokens[o.index] = -1 if finished else len(o.token_ids)
+        return {"index": o.index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                "finish_reason": o.finish_reason if finished else None,
+                "stop_reason": o.stop_reason if finished else None}
+
+    def _logprobs(self, token_ids: list[int], entries: list, k: int) -> list[TokenLogprob]:
+        out = []
+        for tid, entry in zip(token_ids, entries):
+            top = sorted(((t, v) for t, v in entry.items() if v.rank is not None and v.rank <= k),
+                         key=lambda tv: tv[1].rank)[:k]
+            chosen = entry.get(tid)
+            out.append(TokenLogprob(**self._token(tid, chosen.logprob if chosen else float("-inf")),
+                                    top_logprobs=[TopLogprob(**self._token(t, v.logprob)) for t, v in top]))
+        return out
+
+    def _token(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.ctx.token_text(token_id)
+        return {"token": text, "logprob": clamp_logprob(logprob),
+                "bytes": list(text.encode("utf-8", errors="replace"))}
+
+
+def _usage(out: RequestOutput | None, prompt: int) -> dict[str, int]:
+    completion = sum(len(o.token_ids) for o in out.outputs) if out is not None else 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -1,0 +1,95 @@
+"""`tandem serve`: help text, flag / config-file precedence, and the real command in a subprocess."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tandem.cli import main, parse_args
+from tests.server.conftest import free_port
+
+
+def test_help_reads_well(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "serve" in top and "serve a model over the OpenAI API" in top
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--host", "--port", "--api-key", "--served-model-name", "--max-model-len", "--dtype", "--block-size",
+                 "--enable-prefix-caching, --no-enable-prefix-caching", "--max-num-seqs", "--max-num-batched-tokens",
+                 "--chat-template", "--chat-template-content-format", "--response-role", "--generation-config",
+                 "--disable-log-requests", "--enable-request-id-headers", "--allowed-origins", "--uvicorn-log-level",
+                 "--config FILE.yaml"):
+        assert flag in text, flag
+    assert "(default: 8000)" in text
+
+
+def test_config_file_precedence(tmp_path):
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("model: /models/x\nport: 9001\nmax-model-len: 256\nserved_model_name: foo\n"
+                   "enable-prefix-caching: false\nallowed-origins: [http://a, http://b]\n"
+                   "chat-template-content-format: openai\n")
+    _, args = parse_args(["serve", "--config", str(cfg), "--port", "9002"])
+    assert args.port == 9002  # command line beats the file
+    assert args.max_model_len == 256 and args.served_model_name == ["foo"] and args.model == "/models/x"
+    assert args.enable_prefix_caching is False and args.allowed_origins == ["http://a", "http://b"]
+    assert args.chat_template_content_format == "openai"
+    assert args.host == "0.0.0.0" and args.max_num_seqs == 256  # defaults where neither says
+    _, args = parse_args(["serve", "/models/y", "--config", str(cfg), "--enable-prefix-caching"])
+    assert args.model == "/models/y" and args.enable_prefix_caching is True
+    _, args = parse_args(["serve", "--allowed-origins", '["http://c"]'])
+    assert args.allowed_origins == ["http://c"] and args.port == 8000
+    for bad in ("nonsense-flag: 1\n", "chat-template-content-format: xml\n", "- just a list\n"):
+        cfg.write_text(bad)
+        with pytest.raises(SystemExit):
+            parse_args(["serve", "--config", str(cfg)])
+
+
+def test_tandem_serve_subprocess(tiny_model_dirs, tmp_path):
+    port = free_port()
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"port: {port}\nhost: 127.0.0.1\nmax-model-len: 128\nserved-model-name: [tiny-served]\n"
+                   "uvicorn-log-level: warning\n")
+    tandem = Path(sys.executable).with_name("tandem")
+    proc = subprocess.Popen([str(tandem), "serve", tiny_model_dirs["qwen2"], "--config", str(cfg),
+                             "--api-key", "k1", "--dtype", "float32", "--enable-request-id-headers"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TANDEM_NO_PROGRESS": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "tandem serve did not come up"
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k1", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny-served"]
+        assert client.models.list().data[0].model_extra["max_model_len"] == 128
+        r = client.chat.completions.with_raw_response.create(
+            model="tiny-served", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+            extra_body={"ignore_eos": True})
+        assert r.headers["x-request-id"] and r.parse().usage.completion_tokens == 3
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k2", max_retries=0).models.list()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert proc.returncode == 0, out
+    assert "serving tiny-served" in out and "request" in out  # startup line and a request log line
