@@ -163,7 +163,7 @@ def setup_llamacpp(args: argparse.Namespace, max_len: int) -> Gen:
     import numpy as np
     from llama_cpp import Llama, llama_token_is_eog
     llm = Llama(model_path=gguf_path(), n_ctx=max_len + 16, n_threads=args.threads,
-                n_threads_batch=args.threads, n_batch=512, verbose=False)
+                n_threads_batch=args.threads, n_batch=512, flash_attn=True, verbose=False)
     # End-of-generation ids are masked so that every prompt yields exactly k tokens.
     eog = np.array([t for t in range(llm.n_vocab()) if llama_token_is_eog(llm._model.vocab, t)])
 
@@ -204,9 +204,23 @@ def worker(args: argparse.Namespace) -> None:
     assert len(outs) == len(prompts) and not bad, f"prompts {bad[:5]} did not yield {n} tokens"
     total = sum(map(len, outs))
     res = {"engine": args.worker, "wall_s": wall, "output_tokens": total,
-           "output_tok_s": total / wall, "cpu_s": cpu, "loadavg_1m_after": os.getloadavg()[0],
+           "output_tok_s": total / wall, "cpu_s": cpu,
            "output_token_ids": outs}
     Path(args.result).write_text(json.dumps(res))
+
+
+def cpu_busy(interval: float = 2.0) -> float:
+    """Fraction of all CPUs busy (any process) over `interval` seconds; 0.0 if unknown."""
+    def snap() -> tuple[int, int]:
+        vals = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(vals), vals[3] + vals[4]  # total, idle + iowait
+    try:
+        t1, i1 = snap()
+        time.sleep(interval)
+        t2, i2 = snap()
+    except OSError:
+        return 0.0
+    return 1.0 - (i2 - i1) / max(1, t2 - t1)
 
 
 def main() -> None:
@@ -225,9 +239,6 @@ def main() -> None:
     lens = sorted(map(len, prompts))
     print(f"[bench] {len(prompts)} prompts, input tokens min/median/max "
           f"{lens[0]}/{lens[len(lens) // 2]}/{lens[-1]}, {args.max_tokens} new tokens each")
-    if os.getloadavg()[0] > 0.5:
-        print(f"[bench] WARNING: load average {os.getloadavg()[0]:.2f}; other processes "
-              "will distort the numbers (llama.cpp's OpenMP spin-waits suffer most)")
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         wl = Path(tmp, "workload.json")
@@ -240,10 +251,15 @@ def main() -> None:
                    "--result", str(res_path), "--threads", str(args.threads),
                    "--dtype", args.dtype, "--hf-batch-size", str(args.hf_batch_size),
                    "--model-dir", args.model_dir]
-            print(f"[bench] running {eng} ...", flush=True)
+            busy = cpu_busy()
+            print(f"[bench] running {eng} (CPU {busy:.0%} busy before)", flush=True)
+            if busy > 0.15:
+                print("[bench] WARNING: the machine is not idle; other processes distort the "
+                      "numbers (llama.cpp's OpenMP spin-waits suffer most)", flush=True)
             proc = subprocess.run(cmd, env=os.environ.copy())
             results[eng] = (json.loads(res_path.read_text()) if proc.returncode == 0
                             else {"engine": eng, "error": f"worker exited {proc.returncode}"})
+            results[eng]["cpu_busy_before"] = busy
     report(args, prompts, results)
 
 
@@ -286,7 +302,7 @@ def parse_args() -> argparse.Namespace:
                                  ("--max-len", 512, "approx. longest prompt (tokens)"),
                                  ("--seed", 0, "workload seed"),
                                  ("--threads", 2, "CPU threads for every engine"),
-                                 ("--hf-batch-size", 16, "static batch size for HF generate")):
+                                 ("--hf-batch-size", 32, "static batch size for HF generate")):
         p.add_argument(flag, type=int, default=default, help=help_)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--model-dir", help="HF folder (default: resolve_model(None) or own conversion)")

@@ -176,7 +176,7 @@ def test_n_streams_and_async(tiny):
 
 def test_server_template_role_and_openai_content_format(tiny_engine, serve):
     template = ("{% for m in messages %}{{ m['role'] }}:{% for part in m['content'] %}<{{ part['text'] }}>"
-                "{% endfor %}\n{% endfor %}")
+                "{% endfor %}{{ '\\n' }}{% endfor %}")
     assert content_format(template, "auto") == "openai"
     assert content_format(tiny_engine.tokenizer.chat_template, "auto") == "string"
     server = serve(tiny_engine, ServerConfig(chat_template=template, response_role="bot"))
