@@ -6,7 +6,7 @@ PIP = $(VENV)/bin/pip
 PY = $(VENV)/bin/python
 STAMP = $(VENV)/.tandem-installed
 
-.PHONY: install test run bench clean
+.PHONY: install test run bench proto clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ run: install
 bench: install
 	$(PIP) install --quiet '.[bench]'
 	$(PY) bench/offline.py
+
+# the gRPC stubs under proto/ are committed; regenerate them after editing a .proto file
+proto: install
+	$(PY) proto/build.py
 
 clean:
 	rm -rf $(VENV) *.egg-info
