@@ -56,3 +56,8 @@ class EngineConfig:
     generation_config: str = "auto"  # "auto": the model's generation_config.json; "vllm"/"none": ignore
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kv_role: str | None = None  # None: colocated; "producer": prefill worker; "consumer": decode worker
+
+    def __post_init__(self) -> None:
+        if self.kv_role not in (None, "producer", "consumer"):
+            raise ValueError(f"kv_role must be None, 'producer' or 'consumer', got {self.kv_role!r}")

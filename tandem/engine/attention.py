@@ -10,6 +10,7 @@ Token t of a request lives in slot `block_table[t // block_size] * block_size + 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ class AttentionBatch:
     prefills: list[PrefillSeq]
     scale: float
     sliding_window: int | None = None
+    on_layer_written: Callable[[int, torch.Tensor], None] | None = None  # (layer, its cache): KV saving
 
     def __post_init__(self) -> None:
         # Masks depend on the step only, not the layer: build them once.
@@ -74,6 +76,8 @@ class AttentionBatch:
         flat = cache.view(2, num_blocks * block_size, num_kv, head_dim)
         flat[0].index_copy_(0, self.slot_mapping, k)
         flat[1].index_copy_(0, self.slot_mapping, v)
+        if self.on_layer_written is not None:
+            self.on_layer_written(layer, cache)
         group = q.shape[1] // num_kv
         out = torch.empty_like(q)
         for g in self.decodes:

@@ -11,8 +11,12 @@ import torch
 
 from tandem.config import EngineConfig, parse_dtype
 from tandem.engine import loader
+from tandem.inputs import InputChecker
 from tandem.engine.cpu_tuning import tune_host_allocator
 from tandem.engine.kv_cache.manager import KVCacheManager
+from tandem.engine.kv_transfer.consumer import KVConsumer, Lease
+from tandem.engine.kv_transfer.layout import describe
+from tandem.engine.kv_transfer.producer import KVProducer, KVSink
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.models import model_class
 from tandem.engine.request import Request, RequestGroup
@@ -61,11 +65,16 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
         self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer)
         self.generation_defaults = self._generation_defaults()
+        self.inputs = InputChecker(self.tokenizer, self.model.shape.vocab, self.max_model_len)
         cache = config.cache
         num_blocks = self._num_blocks()
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, cache.hash_seed)
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.layout = describe(hf_config, self.model, self.dtype, cache.block_size)
+        self.producer = KVProducer(self.layout, cache.block_size) if config.kv_role == "producer" else None
+        self.consumer = (KVConsumer(self.kv, self.runner.kv_caches, self.layout)
+                         if config.kv_role == "consumer" else None)
         self.groups: dict[str, RequestGroup] = {}
         self._detok: dict[Request, IncrementalDetokenizer] = {}
 
@@ -105,36 +114,10 @@ class LLMEngine:
         return SamplingParams(**self.generation_defaults)
 
     def process_prompt(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
-        """Text, token ids, or {"prompt": ...} / {"prompt_token_ids": ...} to (text, ids), checked."""
-        if isinstance(prompt, dict):
-            prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
-        if isinstance(prompt, str):
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            text, ids = None, list(prompt)
-            vocab = self.model.shape.vocab
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt token ids must be in [0, {vocab}), got {bad[:5]}")
-        else:
-            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt is {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
-                             "the prompt must be shorter to leave room for output")
-        return text, ids
+        return self.inputs.prompt(prompt)
 
     def check_params(self, params: SamplingParams) -> None:
-        """Limits SamplingParams cannot know: the vocabulary size."""
-        vocab = self.model.shape.vocab
-        for name in ("logprobs", "prompt_logprobs"):
-            k = getattr(params, name)
-            if k is not None and k > vocab:
-                raise ValueError(f"{name} must be <= the vocabulary size ({vocab}), got {k}")
-        bad = [t for t in params.stop_token_ids if t >= vocab]
-        if bad:
-            raise ValueError(f"stop_token_ids must be < the vocabulary size ({vocab}), got {bad[:5]}")
+        self.inputs.params(params)
 
     def prepare_params(self, params: SamplingParams) -> SamplingParams:
         params = params.clone()
@@ -148,8 +131,11 @@ class LLMEngine:
         params._bad_words_token_ids = words
         return params
 
-    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
+    def _new_group(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None,
+                   priority: int, arrival_time: float | None, resume_token_ids: list[int] = (),
+                   seed_index: int = 0) -> RequestGroup:
+        """A checked request group, registered but not yet scheduled. `resume_token_ids`: output a
+        worker that failed streamed already; this sequence continues after them."""
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self.process_prompt(prompt)
@@ -158,43 +144,124 @@ class LLMEngine:
         params = self.prepare_params(params)
         if params.max_tokens is None:
             params.max_tokens = self.max_model_len - len(ids)
-        group = RequestGroup.create(request_id, text, ids, params, arrival_time or time.monotonic(), priority)
+        if resume_token_ids:
+            if params.best_of != 1:
+                raise ValueError("only a single sequence (n = best_of = 1) can be resumed")
+            if len(resume_token_ids) >= params.max_tokens or len(ids) + len(resume_token_ids) >= self.max_model_len:
+                raise ValueError("nothing left to generate after the resumed tokens")
+        group = RequestGroup.create(request_id, text, ids, params, arrival_time or time.monotonic(), priority,
+                                    seed_index)
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         self.groups[request_id] = group
         for seq in group.seqs:
             self._detok[seq] = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        seq = group.seqs[0]
+        for tok in resume_token_ids:
+            seq.append_token(tok)
+            self._detok[seq].add(tok)
+            if seq.logprobs is not None:
+                seq.logprobs.append({})
+        return group
+
+    def add_request(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | None = None,
+                    priority: int = 0, arrival_time: float | None = None, *, resume_token_ids: list[int] = (),
+                    seed_index: int = 0) -> None:
+        group = self._new_group(request_id, prompt, params, priority, arrival_time, resume_token_ids, seed_index)
         self.scheduler.add(group.seqs[0])
+
+    # ---- KV transfer roles (see tandem.engine.kv_transfer) ----------------------------------
+
+    def add_kv_request(self, request_id: str, prompt_token_ids: list[int], sink: KVSink, skip_tokens: int = 0) -> None:
+        """Producer role: compute the KV of `prompt_token_ids` and stream tokens [skip_tokens, ..) to
+        `sink`, layer by layer. The request finishes ("prefilled") once every token is computed."""
+        if self.producer is None:
+            raise RuntimeError("this engine has no KV producer role")
+        group = self._new_group(request_id, list(prompt_token_ids), SamplingParams(max_tokens=1), 0, None)
+        seq = group.seqs[0]
+        seq.kv_only = True
+        self.producer.attach(seq, sink, skip_tokens)
+        self.scheduler.add(seq)
+
+    def add_remote_request(self, request_id: str, prompt: list[int], params: SamplingParams, priority: int = 0,
+                           arrival_time: float | None = None, *, lease_seconds: float = 30.0,
+                           resume_token_ids: list[int] = (), seed_index: int = 0) -> Lease | None:
+        """Consumer role: reserve the prompt's blocks under a lease that a producer fills. None when
+        the cache has no room now: the request is then prefilled here like any other."""
+        if self.consumer is None:
+            raise RuntimeError("this engine has no KV consumer role")
+        group = self._new_group(request_id, prompt, params, priority, arrival_time, resume_token_ids, seed_index)
+        lease = self.consumer.reserve(group.seqs[0], lease_seconds)
+        if lease is None:
+            self.scheduler.add(group.seqs[0])
+        return lease
+
+    def prefill_locally(self, request_id: str) -> bool:
+        """Consumer role: give up a request's lease and compute its prompt here instead."""
+        group = self.groups.get(request_id)
+        seq = group.seqs[0] if group else None
+        if seq is None or self.consumer is None or self.consumer.release(seq) is None:
+            return False
+        self.kv.free(seq)
+        seq.num_cached_tokens = -1
+        self.scheduler.add(seq)
+        return True
+
+    def expired_leases(self) -> list[str]:
+        """Request ids whose lease ran out before their KV arrived (the caller aborts them)."""
+        if self.consumer is None:
+            return []
+        return [lease.request.group.request_id for lease in self.consumer.expired(time.monotonic())]
+
+    def _admit_loaded(self) -> None:
+        for lease in self.consumer.take_complete():
+            req = lease.request
+            self.kv.publish(req, lease.num_tokens)
+            req.num_computed_tokens = lease.num_tokens
+            self.scheduler.add(req)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
             group = self.groups.pop(rid, None)
             if group is not None:
-                for seq in group.seqs:
-                    self.scheduler.finish(seq, "abort")
-                    self._detok.pop(seq, None)
+                self._release(group)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
+
+    def has_work(self) -> bool:
+        """A step would do something (requests waiting for their KV alone give it nothing)."""
+        return self.scheduler.has_unfinished() or bool(self.consumer and self.consumer.has_complete())
 
     # ---- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """One schedule -> execute -> update pass; outputs of every group that progressed."""
+        if self.consumer is not None:
+            self._admit_loaded()
         sched = self.scheduler.schedule()
         if not sched.scheduled:
-            if self.scheduler.waiting and not self.scheduler.running:
+            leased = self.consumer is not None and bool(self.consumer.leases)  # blocks come back later
+            if self.scheduler.waiting and not self.scheduler.running and not leased:
                 req = self.scheduler.waiting[0]
                 raise RuntimeError(f"request {req.seq_id} ({req.num_tokens} tokens) cannot fit in the "
                                    f"KV cache ({self.kv.pool.num_blocks} blocks of {self.kv.block_size})")
             return []
         tables = {s.request.seq_id: self.kv.block_ids(s.request) for s in sched.scheduled}
-        result = self.runner.execute(sched, tables)
+        saving = self.producer is not None and self.producer.plan(sched.scheduled, tables)
+        result = self.runner.execute(sched, tables, self.producer.save_layer if saving else None)
         touched: dict[str, RequestGroup] = {}
         now = time.monotonic()
         starts = {s.request: s.request.num_computed_tokens for s in sched.scheduled}
         for s in sched.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
+        if self.producer is not None:
+            self.producer.step_done()
+            for s in sched.scheduled:
+                req = s.request
+                if req.kv_only and req.num_computed_tokens >= req.num_tokens:
+                    self.scheduler.finish(req, "prefilled")
+                    touched[req.group.request_id] = req.group
         for req, entries in result.prompt_logprobs.items():
             # entries[0] is prompt position starts[req] + 1; positions below len(...) are recorded
             # already (a preempted request recomputes its prompt)
@@ -264,6 +331,10 @@ class LLMEngine:
 
     def _release(self, group: RequestGroup) -> None:
         for seq in group.seqs:
+            if self.consumer is not None:
+                self.consumer.release(seq)  # before its blocks are freed: no transfer writes after
+            if self.producer is not None:
+                self.producer.detach(seq)
             self.scheduler.finish(seq, "abort")  # no-op for finished ones; frees never-forked ones
             self._detok.pop(seq, None)
 

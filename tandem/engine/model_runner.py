@@ -3,6 +3,7 @@ and samples. Owns the model and the KV cache tensors."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -48,7 +49,8 @@ class ModelRunner:
             cache[:, dst] = cache[:, src]
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, block_tables: dict[str, list[int]]) -> StepResult:
+    def execute(self, sched: SchedulerOutput, block_tables: dict[str, list[int]],
+                on_layer_written: Callable[[int, torch.Tensor], None] | None = None) -> StepResult:
         self._copy_blocks(sched.block_copies)
         bs = self.block_size
         input_ids: list[int] = []
@@ -78,13 +80,14 @@ class ModelRunner:
             if r.params.prompt_logprobs is not None and start < r.num_prompt_tokens - 1:
                 count = min(ctx, r.num_prompt_tokens - 1) - start
                 plp_rows.append((r, row, count))
-            if s.samples:
+            if s.samples and not r.kv_only:
                 sample_rows.append((r, row + n - 1))
         attn = AttentionBatch(
             kv_caches=self.kv_caches,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             decodes=self._decode_groups(decode_rows, decode_tables, decode_lens),
-            prefills=prefills, scale=self.scale, sliding_window=self.model.shape.sliding_window)
+            prefills=prefills, scale=self.scale, sliding_window=self.model.shape.sliding_window,
+            on_layer_written=on_layer_written)
         hidden = self.model(torch.tensor(input_ids, device=self.device),
                             torch.tensor(positions, device=self.device), attn)
         result = StepResult()
@@ -119,7 +122,7 @@ class ModelRunner:
         index: list[int] = []
         for i, r in enumerate(requests):
             for seq in [r] + r.pending_forks:
-                rows.append(SampleRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator))
+                rows.append(SampleRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.seed))
                 owners.append(r)
                 index.append(i)
         samples = sample(logits[torch.tensor(index)], rows)

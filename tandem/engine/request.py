@@ -10,8 +10,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from tandem.outputs import Logprob
 from tandem.sampling_params import SamplingParams
 
@@ -37,7 +35,7 @@ class Request:
     num_computed_tokens: int = 0
     status: Status = Status.WAITING
     block_hashes: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    seed: int | None = None  # this sequence's sampling seed (None: unseeded)
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None
@@ -46,6 +44,7 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    kv_only: bool = False  # prefill role: compute the KV of every token, sample nothing
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
@@ -92,16 +91,15 @@ class RequestGroup:
 
     @classmethod
     def create(cls, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-               params: SamplingParams, arrival_time: float, priority: int = 0) -> "RequestGroup":
+               params: SamplingParams, arrival_time: float, priority: int = 0,
+               seed_index: int = 0) -> "RequestGroup":
+        """`seed_index`: the sample number of the first sequence, for a sequence continued alone."""
         group = cls(request_id, prompt, list(prompt_token_ids), params, arrival_time=arrival_time)
         for i in range(params.best_of):
-            generator = None
-            if params.seed is not None:
-                generator = torch.Generator().manual_seed((params.seed * 1_000_003 + i) % 2**63)
+            seed = None if params.seed is None else (params.seed * 1_000_003 + seed_index + i) % 2**63
             group.seqs.append(Request(
                 seq_id=request_id if i == 0 else f"{request_id}#{i}", prompt_token_ids=group.prompt_token_ids,
-                params=params, group=group, index=i, arrival_time=arrival_time, priority=priority,
-                generator=generator))
+                params=params, group=group, index=i, arrival_time=arrival_time, priority=priority, seed=seed))
         return group
 
     @property

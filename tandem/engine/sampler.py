@@ -3,6 +3,8 @@ min-p sampling, and logprobs of the model's raw distribution (as vLLM reports th
 
 One row per sample to draw. Work is batched across rows; only seeded rows draw their noise from
 their own generator, so a seeded request samples the same tokens whatever else is in the batch.
+A seeded row's noise depends only on (seed, output position), not on earlier draws: a sequence
+continued on another worker after a failure samples what it would have sampled here.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ class SampleRow:
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    generator: torch.Generator | None
+    seed: int | None  # the sequence's seed; the draw at each output position is seeded from it
 
 
 @dataclass
@@ -80,12 +82,18 @@ def _filter(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     return logits.softmax(dim=-1)
 
 
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
 def _draw(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """Gumbel-style draw: argmax(p / E) with E ~ Exp(1), per-row generators where seeded."""
+    """Gumbel-style draw: argmax(p / E) with E ~ Exp(1), per-row seeded noise where seeded."""
     noise = torch.empty_like(probs).exponential_()
+    generator = None
     for i, row in enumerate(rows):
-        if row.generator is not None:
-            noise[i] = torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(generator=row.generator)
+        if row.seed is not None:
+            generator = generator or torch.Generator()
+            generator.manual_seed((row.seed + len(row.output_token_ids) * _GOLDEN) % 2**63)
+            noise[i] = torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(generator=generator)
     return (probs / noise).argmax(dim=-1)
 
 

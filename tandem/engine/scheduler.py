@@ -6,6 +6,8 @@ chunked prefill and prefix hits need no special mode.
 
 Queues and lifecycle:
   waiting  -- add() puts new requests here (fcfs: arrival order; priority: (priority, arrival)).
+              A request whose prompt KV came from another worker (see kv_transfer) arrives
+              holding its blocks, with all but its last prompt token computed.
   running  -- schedule() admits waiting requests while the token budget, max_num_seqs and free
               blocks allow. A running request that cannot get a block preempts the lowest-ranked
               running request: its blocks are freed, its computed tokens reset to zero (recompute),
@@ -100,8 +102,11 @@ class Scheduler:
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            prefix = self.kv.computed_prefix(req)
-            cached = len(prefix) * self.kv.block_size
+            if self.kv.has_table(req):  # KV loaded from another worker: its blocks are held already
+                prefix, cached = [], req.num_computed_tokens
+            else:
+                prefix = self.kv.computed_prefix(req)
+                cached = len(prefix) * self.kv.block_size
             num_new = req.num_tokens - cached
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break

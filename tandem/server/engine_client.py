@@ -72,18 +72,22 @@ class EngineClient(Protocol):
 @dataclass(eq=False)
 class _Stream:
     """The consumer side of one request: the newest output (outputs are cumulative, so a slow
-    reader skips intermediate ones instead of queueing them) or the error that ended it."""
+    reader skips intermediate ones instead of queueing them), events in order (anything else a
+    worker role reports, such as a lease), or the error that ended it."""
 
     loop: asyncio.AbstractEventLoop
     event: asyncio.Event = field(default_factory=asyncio.Event)
     latest: RequestOutput | None = None
+    events: collections.deque = field(default_factory=collections.deque)
     error: BaseException | None = None
 
-    def put(self, item: RequestOutput | BaseException) -> None:
+    def put(self, item: Any) -> None:
         if isinstance(item, BaseException):
             self.error = item
-        else:
+        elif isinstance(item, RequestOutput):
             self.latest = item
+        else:
+            self.events.append(item)
         self.event.set()
 
 
@@ -113,31 +117,37 @@ class AsyncEngine:
     # ---- the EngineClient protocol (event-loop side) ---------------------------------------------
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 priority: int = 0) -> AsyncIterator[RequestOutput]:
+                 priority: int = 0, *, resume_token_ids: list[int] = (),
+                 seed_index: int = 0) -> AsyncIterator[RequestOutput]:
+        """`resume_token_ids` continue a sequence another worker started (see LLMEngine)."""
+        ids = self.check(request_id, prompt_token_ids, params, resume_token_ids)
+        return self.open_stream(request_id, ("add", request_id, ids, params, priority, time.monotonic(),
+                                             tuple(resume_token_ids), seed_index))
+
+    def check(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+              resume_token_ids: list[int] = ()) -> list[int]:
+        """Read-only checks (tokenizer, model shape), safe beside the engine thread."""
         self._check_alive()
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        # read-only checks (tokenizer, model shape): safe beside the engine thread
-        _, ids = self.engine.process_prompt(list(prompt_token_ids))
-        self.engine.check_params(params)
-        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds "
-                             f"the maximum context length of {self.max_model_len} tokens")
-        return self._stream(request_id, ids, params, priority)
+        return self.engine.inputs.request(prompt_token_ids, params, self.max_model_len, resume_token_ids)
 
-    async def _stream(self, request_id: str, ids: list[int], params: SamplingParams,
-                      priority: int) -> AsyncIterator[RequestOutput]:
+    async def open_stream(self, request_id: str, command: tuple) -> AsyncIterator[Any]:
+        """Submit `command` for a new request and yield what the engine thread reports for it:
+        events in order, then cumulative outputs until one is finished."""
         self._check_alive()
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
-        self._submit(("add", request_id, ids, params, priority, time.monotonic()))
+        self._submit(command)
         finished = False
         try:
             while not finished:
                 await stream.event.wait()
                 stream.event.clear()
+                while stream.events:
+                    yield stream.events.popleft()
                 if stream.error is not None:
                     raise stream.error
                 out, stream.latest = stream.latest, None
@@ -177,9 +187,10 @@ class AsyncEngine:
         try:
             while not self._stopping:
                 self._apply_commands()
-                if not self.engine.has_unfinished_requests():
+                self._tick()
+                if not self.engine.has_work():
                     self._stats = self._snapshot()
-                    self._wake.wait()
+                    self._wake.wait(self._idle_timeout())
                     self._wake.clear()  # commands queued before this are drained next iteration
                     continue
                 try:
@@ -200,18 +211,29 @@ class AsyncEngine:
                 self._deliver_all(self._dead)
 
     def _apply_commands(self) -> None:
+        """Commands are (name, request_id, ...); `_cmd_<name>` runs each on the engine thread."""
         while self._commands:
             cmd = self._commands.popleft()
-            if cmd[0] == "abort":
-                self.engine.abort_request(cmd[1])
-                continue
-            _, rid, ids, params, priority, arrival = cmd
-            if rid not in self._streams:  # aborted before it was added
-                continue
             try:
-                self.engine.add_request(rid, ids, params, priority=priority, arrival_time=arrival)
+                getattr(self, f"_cmd_{cmd[0]}")(*cmd[1:])
             except Exception as exc:  # noqa: BLE001 - input checks run before; this is defensive
-                self._deliver(rid, exc if isinstance(exc, ValueError) else EngineError(str(exc)))
+                self._deliver(cmd[1], exc if isinstance(exc, ValueError) else EngineError(str(exc)))
+
+    def _cmd_add(self, rid: str, ids: list[int], params: SamplingParams, priority: int, arrival: float,
+                 resume: tuple[int, ...], seed_index: int) -> None:
+        if rid in self._streams:  # else it was aborted before it was added
+            self.engine.add_request(rid, ids, params, priority=priority, arrival_time=arrival,
+                                    resume_token_ids=list(resume), seed_index=seed_index)
+
+    def _cmd_abort(self, rid: str) -> None:
+        self.engine.abort_request(rid)
+
+    def _tick(self) -> None:
+        """Each loop iteration, before stepping: room for a role's timers (lease expiry)."""
+
+    def _idle_timeout(self) -> float | None:
+        """How long the idle loop may sleep without a command (None: until woken)."""
+        return None
 
     def _fail_in_flight(self, exc: Exception) -> None:
         """A failed step: fail (and drop) every request in the engine, keep serving new ones."""

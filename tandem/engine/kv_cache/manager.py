@@ -46,8 +46,9 @@ class KVCacheManager:
         self.prefix_hits += len(hit) * self.block_size
         return hit
 
-    def allocate(self, req: Request, num_new_tokens: int, prefix: list[Block] = ()) -> bool:
-        """Room for `num_new_tokens` more tokens (after `prefix`, for a request not yet running)."""
+    def allocate(self, req: Request, num_new_tokens: int, prefix: list[Block] = (), publish: bool = True) -> bool:
+        """Room for `num_new_tokens` more tokens (after `prefix`, for a request not yet running).
+        `publish=False` keeps the new blocks out of the prefix cache (their KV arrives later)."""
         table = self.tables.get(req.seq_id, [])
         computed = req.num_computed_tokens + len(prefix) * self.block_size
         total_blocks = len(table) + len(prefix)
@@ -73,10 +74,14 @@ class KVCacheManager:
             table[write_block] = new
         if needed > 0:
             table.extend(self.pool.allocate(needed))
-        self._publish(req, computed + num_new_tokens)
+        if publish:
+            self.publish(req, computed + num_new_tokens)
         return True
 
-    def _publish(self, req: Request, num_tokens: int) -> None:
+    def has_table(self, req: Request) -> bool:
+        return req.seq_id in self.tables
+
+    def publish(self, req: Request, num_tokens: int) -> None:
         """Cache the blocks this step fills (their KV is written in the same forward pass, before
         any attention reads it, so a request scheduled alongside may already reuse them)."""
         if not self.enable_caching:

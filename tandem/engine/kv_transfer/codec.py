@@ -1,0 +1,62 @@
+"""KV chunks: a token range of one layer's K and V as bytes with a CRC-32, and back.
+
+A chunk's data is [2, num_tokens, num_kv_heads, head_dim] (K then V) in the cache dtype, raw
+little-endian bytes. Chunks are cut so none exceeds `max_bytes`: messages stay bounded whatever
+the prompt length.
+"""
+from __future__ import annotations
+
+import warnings
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+warnings.filterwarnings("ignore", message="The given buffer is not writable")  # frombuffer on bytes
+
+
+@dataclass
+class KVChunkData:
+    layer: int
+    token_start: int
+    num_tokens: int
+    data: bytes
+    crc32: int = 0
+
+    def seal(self) -> "KVChunkData":
+        self.crc32 = zlib.crc32(self.data)
+        return self
+
+    def intact(self) -> bool:
+        return zlib.crc32(self.data) == self.crc32
+
+
+def slots_of(block_ids: list[int], block_size: int, start: int, end: int) -> torch.Tensor:
+    """Flat cache slots of positions [start, end) of a sequence with this block table."""
+    pos = torch.arange(start, end)
+    table = torch.tensor(block_ids, dtype=torch.long)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+def encode(cache: torch.Tensor, slots: torch.Tensor) -> bytes:
+    """K and V of `slots` from one layer's cache [2, blocks, block_size, Hkv, D], as bytes."""
+    _, num_blocks, block_size, heads, dim = cache.shape
+    flat = cache.view(2, num_blocks * block_size, heads, dim)
+    kv = flat.index_select(1, slots.to(cache.device)).cpu().contiguous()
+    return kv.view(torch.uint8).numpy().tobytes()
+
+
+def decode_into(cache: torch.Tensor, slots: torch.Tensor, data: bytes) -> None:
+    """Write bytes made by `encode` into `slots` of one layer's cache."""
+    _, num_blocks, block_size, heads, dim = cache.shape
+    kv = torch.frombuffer(data, dtype=torch.uint8).view(cache.dtype).view(2, len(slots), heads, dim)
+    flat = cache.view(2, num_blocks * block_size, heads, dim)
+    flat.index_copy_(1, slots.to(cache.device), kv.to(cache.device))
+
+
+def split(start: int, end: int, token_bytes: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Token ranges [a, b) covering [start, end), each of at most max_bytes (one token at least)."""
+    step = max(1, max_bytes // token_bytes)
+    return [(a, min(a + step, end)) for a in range(start, end, step)]

@@ -1,0 +1,159 @@
+"""The consumer role (decode): reserve blocks for a prompt under a lease, take its KV from a
+transport, admit the request when every token of every layer arrived.
+
+Lifecycle of a lease: `reserve` (engine thread: the prompt's blocks are allocated, its cached
+prefix reused, nothing published to the prefix cache yet) -> `open` / `write` / `close` (transport
+thread: each chunk is checked against the lease and written into its blocks; `open` of a new
+transfer id restarts the count, so a retry from another prefill worker rewrites the lease) ->
+`take_complete` (engine thread: the request joins the scheduler with all but its last prompt
+token computed) or `release` (abort, expiry, local fallback). A lease is released under its lock,
+so no chunk is written after it ended: a late transfer gets an error and writes nothing.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from tandem.engine.kv_cache.manager import KVCacheManager
+from tandem.engine.kv_transfer import codec
+from tandem.engine.kv_transfer.codec import KVChunkData
+from tandem.engine.kv_transfer.layout import LayoutDescriptor, incompatibility
+from tandem.engine.request import Request
+
+_ids = itertools.count(1)
+
+
+class LeaseError(Exception):
+    """A transfer into a lease that does not (or no longer) exist, or that does not fit it."""
+
+
+@dataclass(eq=False)
+class Lease:
+    lease_id: str
+    request: Request
+    block_ids: list[int]
+    skip_tokens: int  # tokens the consumer had cached: not transferred
+    num_tokens: int  # KV of tokens [skip_tokens, num_tokens) is wanted
+    deadline: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    alive: bool = True
+    complete: bool = False
+    transfer_id: str = ""
+    received: torch.Tensor | None = None  # [layers, num_tokens] bool, per transfer
+    granted: float = field(default_factory=time.monotonic)
+
+
+class KVConsumer:
+    def __init__(self, kv: KVCacheManager, caches: list[torch.Tensor], layout: LayoutDescriptor,
+                 on_complete: Callable[[], None] = lambda: None) -> None:
+        self.kv = kv
+        self.caches = caches
+        self.layout = layout
+        self.on_complete = on_complete  # wakes the engine thread
+        self.leases: dict[str, Lease] = {}
+        self.by_request: dict[Request, Lease] = {}
+        self._complete: collections.deque[Lease] = collections.deque()
+
+    # ---- scheduler side (engine thread) --------------------------------------------------------
+
+    def reserve(self, req: Request, lease_seconds: float) -> Lease | None:
+        """Blocks for the request's tokens under a new lease; None when the cache lacks room."""
+        prefix = self.kv.computed_prefix(req)
+        cached = len(prefix) * self.kv.block_size
+        if not self.kv.allocate(req, req.num_tokens - cached, prefix, publish=False):
+            return None
+        req.num_cached_tokens = cached
+        lease = Lease(f"lease-{next(_ids)}-{req.seq_id}", req, self.kv.block_ids(req), cached,
+                      req.num_tokens - 1, time.monotonic() + lease_seconds)
+        self.leases[lease.lease_id] = lease
+        self.by_request[req] = lease
+        return lease
+
+    def take_complete(self) -> list[Lease]:
+        """Leases whose KV is all here; they leave the table (the request owns the blocks now)."""
+        done = []
+        while self._complete:
+            lease = self._complete.popleft()
+            if self._forget(lease):
+                done.append(lease)
+        return done
+
+    def has_complete(self) -> bool:
+        return bool(self._complete)
+
+    def expired(self, now: float) -> list[Lease]:
+        return [lease for lease in self.leases.values() if lease.deadline <= now and not lease.complete]
+
+    def next_deadline(self) -> float | None:
+        return min((lease.deadline for lease in self.leases.values()), default=None)
+
+    def release(self, req: Request) -> Lease | None:
+        """End the request's lease (if any) before its blocks are freed: no write lands after."""
+        lease = self.by_request.get(req)
+        if lease is None:
+            return None
+        with lease.lock:
+            lease.alive = False
+        self._forget(lease)
+        return lease
+
+    def _forget(self, lease: Lease) -> bool:
+        self.by_request.pop(lease.request, None)
+        return self.leases.pop(lease.lease_id, None) is not None
+
+    # ---- worker side (transport threads) -------------------------------------------------------
+
+    def _get(self, lease_id: str) -> Lease:
+        lease = self.leases.get(lease_id)
+        if lease is None or not lease.alive:
+            raise LeaseError(f"lease {lease_id!r} does not exist (expired, cancelled or never granted)")
+        return lease
+
+    def open(self, lease_id: str, transfer_id: str, layout: LayoutDescriptor) -> Lease:
+        error = incompatibility(self.layout, layout, "the sender")
+        if error:
+            raise LeaseError(error)
+        lease = self._get(lease_id)
+        with lease.lock:
+            if not lease.alive or lease.complete:
+                raise LeaseError(f"lease {lease_id!r} is {'complete' if lease.complete else 'gone'}")
+            lease.transfer_id = transfer_id
+            lease.received = torch.zeros(self.layout.num_layers, lease.num_tokens, dtype=torch.bool)
+        return lease
+
+    def write(self, lease_id: str, transfer_id: str, chunk: KVChunkData) -> None:
+        lease = self._get(lease_id)
+        end = chunk.token_start + chunk.num_tokens
+        if not (0 <= chunk.layer < self.layout.num_layers and lease.skip_tokens <= chunk.token_start < end
+                <= lease.num_tokens):
+            raise LeaseError(f"chunk layer {chunk.layer} tokens [{chunk.token_start}, {end}) is outside lease "
+                             f"{lease_id} (layers 0..{self.layout.num_layers - 1}, tokens "
+                             f"[{lease.skip_tokens}, {lease.num_tokens}))")
+        if len(chunk.data) != chunk.num_tokens * self.layout.token_bytes:
+            raise LeaseError(f"chunk of {chunk.num_tokens} tokens has {len(chunk.data)} bytes, expected "
+                             f"{chunk.num_tokens * self.layout.token_bytes}")
+        slots = codec.slots_of(lease.block_ids, self.kv.block_size, chunk.token_start, end)
+        with lease.lock:
+            if not lease.alive or lease.transfer_id != transfer_id:
+                raise LeaseError(f"lease {lease_id!r} ended or was taken over by another transfer")
+            codec.decode_into(self.caches[chunk.layer], slots, chunk.data)
+            lease.received[chunk.layer, chunk.token_start:end] = True
+
+    def close(self, lease_id: str, transfer_id: str) -> None:
+        """Every wanted token of every layer arrived: hand the request to the engine."""
+        lease = self._get(lease_id)
+        with lease.lock:
+            if not lease.alive or lease.transfer_id != transfer_id:
+                raise LeaseError(f"lease {lease_id!r} ended or was taken over by another transfer")
+            missing = (~lease.received[:, lease.skip_tokens:]).sum().item()
+            if missing:
+                raise LeaseError(f"transfer closed with {missing} (layer, token) entries missing")
+            lease.complete = True
+        self._complete.append(lease)
+        self.on_complete()

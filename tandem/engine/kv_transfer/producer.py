@@ -1,0 +1,88 @@
+"""The producer role (prefill): send a prompt's KV, layer by layer, as the forward pass makes it.
+
+Lifecycle of one transfer: `attach` (the request is added, with the sink a transport gave and the
+first token the consumer lacks) -> every step, `plan` (scheduler side) picks the token range the
+step completes that is not sent yet, and `save_layer` (worker side, called by attention right
+after it wrote that layer's K and V) encodes the range into chunks for the sink -> `step_done`
+advances the transfer and calls `sink.finish()` once every wanted token went out -> `detach` on
+abort. A preempted request recomputes its prompt; tokens already sent are not sent again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from tandem.engine.kv_transfer import codec
+from tandem.engine.kv_transfer.codec import KVChunkData
+from tandem.engine.kv_transfer.layout import LayoutDescriptor
+from tandem.engine.request import Request
+
+
+class KVSink(Protocol):
+    """Where a transfer's chunks go (a transport). Called on the engine thread: must not block."""
+
+    def put(self, chunk: KVChunkData) -> None: ...
+
+    def finish(self) -> None:
+        """Every chunk was put."""
+
+
+@dataclass(eq=False)
+class _Transfer:
+    sink: KVSink
+    next_token: int  # first token not sent yet
+    end_token: int  # KV of tokens [.., end_token) is wanted
+    pieces: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # this step: (start, end, slots)
+
+
+class KVProducer:
+    def __init__(self, layout: LayoutDescriptor, block_size: int, max_chunk_bytes: int = codec.DEFAULT_CHUNK_BYTES):
+        self.layout = layout
+        self.block_size = block_size
+        self.max_chunk_bytes = max_chunk_bytes
+        self.transfers: dict[Request, _Transfer] = {}
+        self._planned: list[_Transfer] = []
+
+    def attach(self, req: Request, sink: KVSink, skip_tokens: int) -> None:
+        """Send KV of the request's tokens from `skip_tokens` on (the consumer has the rest)."""
+        self.transfers[req] = _Transfer(sink, skip_tokens, req.num_tokens)
+
+    def detach(self, req: Request) -> None:
+        self.transfers.pop(req, None)
+
+    # ---- scheduler side -----------------------------------------------------------------------
+
+    def plan(self, scheduled: list, tables: dict[str, list[int]]) -> bool:
+        """This step's sends; True when save_layer has work."""
+        self._planned = []
+        for s in scheduled:
+            t = self.transfers.get(s.request)
+            if t is None:
+                continue
+            end = min(s.request.num_computed_tokens + s.num_new_tokens, t.end_token)
+            if end <= t.next_token:
+                continue
+            table = tables[s.request.seq_id]
+            t.pieces = [(a, b, codec.slots_of(table, self.block_size, a, b))
+                        for a, b in codec.split(t.next_token, end, self.layout.token_bytes, self.max_chunk_bytes)]
+            self._planned.append(t)
+        return bool(self._planned)
+
+    # ---- worker side --------------------------------------------------------------------------
+
+    def save_layer(self, layer: int, cache: torch.Tensor) -> None:
+        for t in self._planned:
+            for a, b, slots in t.pieces:
+                t.sink.put(KVChunkData(layer, a, b - a, codec.encode(cache, slots)))
+
+    def step_done(self) -> None:
+        for t in self._planned:
+            t.next_token = t.pieces[-1][1]
+            t.pieces = []
+        self._planned = []
+        for req, t in list(self.transfers.items()):
+            if t.next_token >= t.end_token:
+                del self.transfers[req]
+                t.sink.finish()

@@ -1,0 +1,228 @@
+"""KV handoff between two engines in one process (no transport): a producer engine computes
+prompts and streams their KV layer by layer, a consumer engine takes it into leased blocks and
+decodes. Outputs must equal a colocated engine's, token for token; leases must end cleanly."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tandem import SamplingParams
+from tandem.config import CacheConfig, EngineConfig, SchedulerConfig
+from tandem.engine.engine import LLMEngine
+from tandem.engine.kv_transfer import codec
+from tandem.engine.kv_transfer.codec import KVChunkData
+from tandem.engine.kv_transfer.consumer import LeaseError
+
+
+class Recorder:
+    """A sink that keeps chunks, as a transport's send queue would."""
+
+    def __init__(self) -> None:
+        self.chunks: list[KVChunkData] = []
+        self.finished = False
+        self.layers_when_put: list[int] = []
+
+    def put(self, chunk: KVChunkData) -> None:
+        self.chunks.append(chunk.seal())
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+def engine(path: str, role: str | None, blocks: int = 256, budget: int = 2048, **cache) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=path, dtype="float32", kv_role=role,
+                                  cache=CacheConfig(num_gpu_blocks=blocks, **cache),
+                                  scheduler=SchedulerConfig(max_num_batched_tokens=budget)))
+
+
+def run(e: LLMEngine) -> dict:
+    done = {}
+    while e.has_unfinished_requests():
+        for out in e.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def handoff(prefill: LLMEngine, decode: LLMEngine, prompts: list[list[int]], params: SamplingParams,
+            chunk_bytes: int | None = None) -> dict:
+    """Every prompt through prefill -> decode, chunks delivered after prefill finished them."""
+    if chunk_bytes:
+        prefill.producer.max_chunk_bytes = chunk_bytes
+    leases, sinks = {}, {}
+    for i, ids in enumerate(prompts):
+        lease = decode.add_remote_request(f"r{i}", ids, params)
+        assert lease is not None and lease.block_ids
+        leases[i], sinks[i] = lease, Recorder()
+        prefill.add_kv_request(f"p{i}", ids[:-1], sinks[i], skip_tokens=lease.skip_tokens)
+    finished = run(prefill)
+    assert all(o.outputs[0].finish_reason == "prefilled" for o in finished.values())
+    for i, lease in leases.items():
+        assert sinks[i].finished
+        decode.consumer.open(lease.lease_id, "t1", prefill.layout)
+        for chunk in sinks[i].chunks:
+            assert chunk.intact() and len(chunk.data) <= max(chunk_bytes or codec.DEFAULT_CHUNK_BYTES,
+                                                             prefill.layout.token_bytes)
+            decode.consumer.write(lease.lease_id, "t1", chunk)
+        decode.consumer.close(lease.lease_id, "t1")
+    out = run(decode)
+    assert not decode.consumer.leases
+    for e in (prefill, decode):
+        assert e.kv.pool.num_free == e.kv.pool.num_blocks, "leaked KV blocks"
+    return {int(k[1:]): v.outputs[0].token_ids for k, v in out.items()}
+
+
+def prompts_for(seed: int, lengths: list[int]) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 49000, (n,), generator=g).tolist() for n in lengths]
+
+
+def colocated(path: str, prompts, params) -> dict:
+    e = engine(path, None)
+    for i, ids in enumerate(prompts):
+        e.add_request(f"c{i}", ids, params)
+    return {int(k[1:]): v.outputs[0].token_ids for k, v in run(e).items()}
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_handoff_matches_colocated(tiny_model_dirs, arch):
+    path = tiny_model_dirs[arch]
+    prompts = prompts_for(1, [2, 5, 16, 17, 33, 70])
+    want = colocated(path, prompts, GREEDY)
+    got = handoff(engine(path, "producer"), engine(path, "consumer"), prompts, GREEDY, chunk_bytes=700)
+    assert got == want
+
+
+def test_handoff_with_chunked_prefill_and_seeded_sampling(tiny_model_dirs):
+    path = tiny_model_dirs["llama"]
+    prompts = prompts_for(2, [40, 90, 7])
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=10, ignore_eos=True, n=2)
+    e = engine(path, None)
+    for i, ids in enumerate(prompts):
+        e.add_request(f"c{i}", ids, params)
+    want = {int(k[1:]): [o.token_ids for o in v.outputs] for k, v in run(e).items()}
+    prefill, decode = engine(path, "producer", budget=24), engine(path, "consumer")
+    got = {}
+    for i, ids in enumerate(prompts):
+        lease = decode.add_remote_request(f"r{i}", ids, params)
+        sink = Recorder()
+        prefill.add_kv_request(f"p{i}", ids[:-1], sink)
+        run(prefill)
+        decode.consumer.open(lease.lease_id, "t", prefill.layout)
+        for c in sink.chunks:
+            decode.consumer.write(lease.lease_id, "t", c)
+        decode.consumer.close(lease.lease_id, "t")
+        got.update({int(k[1:]): [o.token_ids for o in v.outputs] for k, v in run(decode).items()})
+    assert got == want
+
+
+def test_decode_prefix_cache_skips_tokens(tiny_model_dirs):
+    """Decode already holds a prompt's prefix: the lease skips those tokens, fewer bytes move."""
+    path = tiny_model_dirs["qwen2"]
+    shared = prompts_for(3, [48])[0]
+    first, second = shared + [11, 12, 13], shared + [21, 22, 23, 24]
+    prefill, decode = engine(path, "producer"), engine(path, "consumer")
+    handoff(prefill, decode, [first], GREEDY)
+    lease = decode.add_remote_request("again", second, GREEDY)
+    assert lease.skip_tokens == 48 and lease.num_tokens == len(second) - 1
+    sink = Recorder()
+    prefill.add_kv_request("p", second[:-1], sink, skip_tokens=lease.skip_tokens)
+    run(prefill)
+    assert {c.token_start for c in sink.chunks} == {48} and all(c.num_tokens == 3 for c in sink.chunks)
+    decode.consumer.open(lease.lease_id, "t", prefill.layout)
+    for c in sink.chunks:
+        decode.consumer.write(lease.lease_id, "t", c)
+    decode.consumer.close(lease.lease_id, "t")
+    got = run(decode)["again"].outputs[0].token_ids
+    assert got == colocated(path, [second], GREEDY)[0]
+
+
+def test_chunks_leave_layer_by_layer_during_the_forward_pass(tiny_model_dirs):
+    """The sink receives layer 0's chunks before layer 1 is computed (the hook runs per layer)."""
+    path = tiny_model_dirs["llama"]
+    prefill = engine(path, "producer")
+    order = []
+
+    class Spy(Recorder):
+        def put(self, chunk):
+            order.append(chunk.layer)
+            super().put(chunk)
+
+    prefill.add_kv_request("p", prompts_for(4, [30])[0], Spy())
+    run(prefill)
+    assert order == sorted(order) and set(order) == {0, 1}
+
+
+def test_lease_refuses_bad_and_late_transfers(tiny_model_dirs):
+    path = tiny_model_dirs["llama"]
+    prefill, decode = engine(path, "producer"), engine(path, "consumer")
+    ids = prompts_for(5, [40])[0]
+    lease = decode.add_remote_request("r", ids, GREEDY, lease_seconds=60)
+    sink = Recorder()
+    prefill.add_kv_request("p", ids[:-1], sink)
+    run(prefill)
+    c = decode.consumer
+    other = dataclasses.replace(prefill.layout, dtype="bfloat16", compat_hash="")
+    with pytest.raises(LeaseError, match="dtype 'float32' != 'bfloat16'"):
+        c.open(lease.lease_id, "t", other)
+    with pytest.raises(LeaseError, match="does not exist"):
+        c.open("lease-nope", "t", prefill.layout)
+    c.open(lease.lease_id, "t", prefill.layout)
+    chunk = sink.chunks[0]
+    with pytest.raises(LeaseError, match="outside lease"):
+        c.write(lease.lease_id, "t", KVChunkData(5, 0, 1, chunk.data[: prefill.layout.token_bytes]))
+    with pytest.raises(LeaseError, match="bytes"):
+        c.write(lease.lease_id, "t", KVChunkData(0, 0, 2, chunk.data[:10]))
+    c.write(lease.lease_id, "t", chunk)
+    with pytest.raises(LeaseError, match="missing"):
+        c.close(lease.lease_id, "t")
+    c.open(lease.lease_id, "t2", prefill.layout)  # a retry takes the lease over
+    with pytest.raises(LeaseError, match="taken over"):
+        c.write(lease.lease_id, "t", chunk)
+    before = decode.runner.kv_caches[0].clone()
+    lease.deadline = 0.0
+    assert decode.expired_leases() == ["r"]
+    decode.abort_request("r")
+    with pytest.raises(LeaseError, match="does not exist"):
+        c.write(lease.lease_id, "t2", chunk)
+    assert torch.equal(before, decode.runner.kv_caches[0]), "a late chunk was written"
+    assert decode.kv.pool.num_free == decode.kv.pool.num_blocks
+
+
+def test_fallback_to_local_prefill_and_resume(tiny_model_dirs):
+    path = tiny_model_dirs["mistral"]
+    ids = prompts_for(6, [37])[0]
+    want = colocated(path, [ids], GREEDY)[0]
+    decode = engine(path, "consumer")
+    decode.add_remote_request("r", ids, GREEDY)
+    assert decode.prefill_locally("r") and not decode.consumer.leases
+    assert run(decode)["r"].outputs[0].token_ids == want
+    decode.add_request("resumed", ids, GREEDY, resume_token_ids=want[:5])
+    out = run(decode)["resumed"].outputs[0]
+    assert out.token_ids == want and decode.kv.pool.num_free == decode.kv.pool.num_blocks
+
+
+def test_seeded_sampling_resumes_identically(tiny_model_dirs):
+    path = tiny_model_dirs["qwen2"]
+    ids = prompts_for(7, [20])[0]
+    params = SamplingParams(temperature=1.0, seed=9, max_tokens=12, ignore_eos=True)
+    want = colocated(path, [ids], params)[0]
+    e = engine(path, None)
+    e.add_request("x", ids, params, resume_token_ids=want[:7])
+    assert run(e)["x"].outputs[0].token_ids == want
+
+
+def test_a_full_cache_leaves_the_request_to_local_prefill(tiny_model_dirs):
+    path = tiny_model_dirs["llama"]
+    decode = engine(path, "consumer", blocks=3)
+    ids = prompts_for(8, [30])[0]
+    assert decode.add_remote_request("a", ids, GREEDY) is not None  # 2 blocks leased
+    assert decode.add_remote_request("b", ids[:20] + [5] * 20, GREEDY) is None  # no room: local
+    assert decode.scheduler.waiting and decode.scheduler.waiting[0].seq_id == "b"
+    decode.abort_request(["a", "b"])
+    assert decode.kv.pool.num_free == 3
