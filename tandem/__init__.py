@@ -1,7 +1,10 @@
 """Tandem: disaggregated prefill/decode LLM serving. `from tandem import LLM, SamplingParams`."""
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's core logs connection churn at INFO otherwise
 
 from tandem.outputs import CompletionOutput, RequestOutput
 from tandem.sampling_params import SamplingParams

@@ -84,9 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
-    from tandem.server.launch import add_serve_parser  # light: heavy imports wait for the command
+    from tandem.router.main import add_router_parser  # light: heavy imports wait for the command
+    from tandem.server.launch import add_serve_parser
+    from tandem.worker.process import add_worker_parsers
 
     add_serve_parser(sub)
+    add_router_parser(sub)
+    add_worker_parsers(sub)
     return parser
 
 

@@ -33,6 +33,15 @@ _GEN_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k
                  "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
 
 
+def sampling_defaults(model_path: str, generation_config: str = "auto") -> dict[str, Any]:
+    """SamplingParams defaults from generation_config.json ('auto': the model's; 'vllm' or 'none':
+    none; or a folder holding one)."""
+    if generation_config in ("vllm", "none"):
+        return {}
+    gen = load_generation_config(generation_config if os.path.isdir(generation_config) else model_path)
+    return {ours: gen[theirs] for theirs, ours in _GEN_DEFAULTS.items() if theirs in gen}
+
+
 @dataclass
 class EngineStats:
     num_running: int
@@ -87,11 +96,7 @@ class LLMEngine:
         return model.to(self.dtype).eval()
 
     def _generation_defaults(self) -> dict[str, Any]:
-        if self.config.generation_config in ("vllm", "none"):
-            return {}
-        gen = load_generation_config(self.config.generation_config if os.path.isdir(
-            self.config.generation_config) else self.model_path)
-        return {ours: gen[theirs] for theirs, ours in _GEN_DEFAULTS.items() if theirs in gen}
+        return sampling_defaults(self.model_path, self.config.generation_config)
 
     def _num_blocks(self) -> int:
         cache = self.config.cache

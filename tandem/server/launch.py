@@ -42,10 +42,17 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="'auto': defaults from the model's generation_config.json; 'vllm': ignore it; "
                         "or a folder holding a generation_config.json (default: auto)")
     g.add_argument("--seed", type=int, default=0, help="engine random seed (default: 0)")
+    add_http_args(p)
+    p.set_defaults(func=cmd_serve, config_parser=p)
+    return p
+
+
+def add_http_args(p: argparse.ArgumentParser, port: int = 8000) -> None:
+    """The OpenAI server's flags (vLLM's names), shared by `tandem serve` and `tandem router`."""
     s = p.add_argument_group("server")
     s.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag values (the command line wins)")
     s.add_argument("--host", default="0.0.0.0", help="address to bind (default: 0.0.0.0)")
-    s.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    s.add_argument("--port", type=int, default=port, help=f"port to bind (default: {port})")
     s.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $TANDEM_API_KEY, else none)")
     s.add_argument("--served-model-name", nargs="+", metavar="NAME",
@@ -65,8 +72,18 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     s.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
     s.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level (default: info)")
-    p.set_defaults(func=cmd_serve, config_parser=p)
-    return p
+
+
+def server_config(args: argparse.Namespace):
+    from tandem.server.config import ServerConfig
+
+    return ServerConfig(
+        served_model_names=args.served_model_name, api_key=args.api_key, chat_template=args.chat_template,
+        chat_template_content_format=args.chat_template_content_format, response_role=args.response_role,
+        max_logprobs=args.max_logprobs, disable_log_requests=args.disable_log_requests,
+        enable_request_id_headers=args.enable_request_id_headers, allowed_origins=args.allowed_origins,
+        allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
+        allow_credentials=args.allow_credentials)
 
 
 def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
@@ -104,19 +121,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from tandem.config import CacheConfig, EngineConfig, SchedulerConfig
     from tandem.server.api import build_app
-    from tandem.server.config import ServerConfig
     from tandem.server.engine_client import AsyncEngine
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     log = logging.getLogger("tandem.server")
     try:
-        server_config = ServerConfig(
-            served_model_names=args.served_model_name, api_key=args.api_key, chat_template=args.chat_template,
-            chat_template_content_format=args.chat_template_content_format, response_role=args.response_role,
-            max_logprobs=args.max_logprobs, disable_log_requests=args.disable_log_requests,
-            enable_request_id_headers=args.enable_request_id_headers, allowed_origins=args.allowed_origins,
-            allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
-            allow_credentials=args.allow_credentials)
+        config = server_config(args)
         engine_config = EngineConfig(
             model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
             generation_config=args.generation_config,
@@ -129,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"tandem serve: error: {exc}", file=sys.stderr)
         return 2
-    app = build_app(client, server_config)
+    app = build_app(client, config)
     log.info("serving %s (max_model_len %d) on http://%s:%d/v1", app.state.ctx.names[0], client.max_model_len,
              args.host, args.port)
     try:

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from tandem.engine.kv_cache.block_hash import BlockHash
+from tandem.engine.kv_cache.events import KVEventLog
 
 
 @dataclass(eq=False)
@@ -29,6 +30,7 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[BlockHash, Block] = {}
+        self.events: KVEventLog | None = None  # set by a worker that reports its cache to a router
 
     @property
     def num_free(self) -> int:
@@ -46,6 +48,8 @@ class BlockPool:
             if block.block_hash is not None:  # evict the cached prefix it held
                 if self._cached.get(block.block_hash) is block:
                     del self._cached[block.block_hash]
+                    if self.events is not None:
+                        self.events.removed(block.block_hash)
                 block.block_hash = None
             block.ref_cnt = 1
             out.append(block)
@@ -78,12 +82,24 @@ class BlockPool:
         if not self.enable_caching or block.block_hash is not None:
             return
         block.block_hash = block_hash
-        self._cached.setdefault(block_hash, block)
+        if self._cached.setdefault(block_hash, block) is block and self.events is not None:
+            self.events.stored(block_hash)
 
     def reset_prefix_cache(self) -> bool:
         if self.num_free != self.num_blocks:
             return False
         for block in self.blocks:
             block.block_hash = None
+        if self.events is not None:
+            for block_hash in self._cached:
+                self.events.removed(block_hash)
         self._cached.clear()
         return True
+
+    def cached_hashes(self) -> list[BlockHash]:
+        """Every hash in the prefix cache now (callable from another thread)."""
+        while True:
+            try:
+                return list(self._cached)
+            except RuntimeError:  # resized by the engine thread mid-copy: try again
+                continue

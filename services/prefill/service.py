@@ -1,0 +1,104 @@
+"""The prefill worker's gRPC API: Prefill (compute a prompt, write its KV into a decode worker's
+lease, answer with the transfer's statistics) and Cancel."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from tandem.engine.kv_transfer.layout import incompatibility
+from tandem.prefill.engine import PrefillEngine
+from tandem.prefill.sender import GrpcKVSender, TransferFailed
+from tandem.proto import prefill_pb2, prefill_pb2_grpc
+from tandem.rpc.convert import layout_from_proto, layout_to_proto
+from tandem.rpc.grpc_util import ChannelPool
+from tandem.server.engine_client import EngineDeadError
+from tandem.telemetry import incoming_context, tracer
+from tandem.worker.metrics import TransferMetrics
+
+log = logging.getLogger("tandem.prefill")
+
+_STATUS = {"incompatible": grpc.StatusCode.FAILED_PRECONDITION, "lease_refused": grpc.StatusCode.FAILED_PRECONDITION,
+           "checksum": grpc.StatusCode.DATA_LOSS, "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,
+           "cancelled": grpc.StatusCode.CANCELLED}
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, host: PrefillEngine, worker_id: str, transfers: TransferMetrics,
+                 chunk_window: int = 16) -> None:
+        self.host = host
+        self.worker_id = worker_id
+        self.transfers = transfers
+        self.chunk_window = chunk_window
+        self.layout = host.engine.layout
+        self.channels = ChannelPool()
+
+    async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+                      ) -> prefill_pb2.PrefillReply:
+        ticket = request.ticket
+        with tracer().start_as_current_span(
+                "prefill", context=incoming_context(context.invocation_metadata()),
+                attributes={"tandem.request_id": request.request_id, "tandem.decode": ticket.endpoint,
+                            "tandem.prompt_tokens": len(request.prompt_token_ids),
+                            "tandem.skip_tokens": ticket.skip_tokens}) as span:
+            problem = incompatibility(self.layout, layout_from_proto(ticket.layout), f"decode {ticket.endpoint}")
+            if problem:
+                self.transfers.record(_failed(ticket.endpoint, "incompatible"))
+                span.set_attribute("tandem.failure_class", "incompatible")
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+            sender = GrpcKVSender(asyncio.get_running_loop(), self.channels.get(ticket.endpoint), ticket,
+                                  layout_to_proto(self.layout), self.worker_id, window=self.chunk_window)
+            rid = f"prefill-{request.request_id}"
+            try:
+                stream = self.host.prefill(rid, list(request.prompt_token_ids), sender, ticket.skip_tokens)
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except EngineDeadError as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            started = time.monotonic()
+            with tracer().start_as_current_span("kv.transfer", attributes={"tandem.transport": "grpc"}) as tspan:
+                send = asyncio.ensure_future(sender.run())
+                compute = asyncio.ensure_future(self._compute(stream))
+                try:
+                    done, _ = await asyncio.wait({send, compute}, return_when=asyncio.FIRST_EXCEPTION)
+                    for task in done:
+                        task.result()  # the first failure, if any
+                    cached = (await compute)
+                    compute_s = time.monotonic() - started
+                    stats = await send
+                except TransferFailed as exc:
+                    self.transfers.record(sender.stats)
+                    tspan.set_attribute("tandem.failure_class", exc.failure_class)
+                    log.warning("request %s: %s", request.request_id, exc)
+                    await context.abort(_STATUS.get(exc.failure_class, grpc.StatusCode.UNAVAILABLE),
+                                        f"[{exc.failure_class}] {exc}")
+                finally:
+                    for task in (send, compute):
+                        task.cancel()
+                    await asyncio.gather(send, compute, return_exceptions=True)
+                for name in ("bytes", "handshake_s", "queue_s", "wire_s", "gbps", "retransmits"):
+                    tspan.set_attribute(f"tandem.{name}", getattr(stats, name))
+            self.transfers.record(stats)
+            return prefill_pb2.PrefillReply(transfer=stats, num_cached_tokens=cached, compute_s=compute_s)
+
+    @staticmethod
+    async def _compute(stream) -> int:
+        """Run the prefill to its end; the prompt tokens prefill found in its own prefix cache."""
+        async for out in stream:
+            if out.finished:
+                return out.num_cached_tokens
+        return 0
+
+    async def Cancel(self, request: prefill_pb2.PrefillCancelRequest, context) -> prefill_pb2.PrefillCancelReply:
+        rid = f"prefill-{request.request_id}"
+        found = rid in self.host._streams
+        self.host.abort(rid)
+        return prefill_pb2.PrefillCancelReply(found=found)
+
+
+def _failed(peer: str, failure_class: str):
+    from tandem.proto import common_pb2
+
+    return common_pb2.TransferStats(transport="grpc", peer=peer, failure_class=failure_class)

@@ -1,0 +1,113 @@
+"""Routing policy as plugins, llm-d style: filters drop workers that cannot serve a request,
+scorers rate each remaining worker in [0, 1], a profile sums the weighted scores and picks the
+best. One profile picks the decode worker, another the prefill worker (among those whose KV
+layout matches that decode worker's). Weights come from the router's configuration.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tandem.engine.kv_cache.block_hash import common_prefix_blocks, hash_blocks
+from tandem.router.pool import Worker
+
+
+@dataclass
+class RoutingRequest:
+    prompt_token_ids: list[int]
+    max_tokens: int = 0
+    decode: Worker | None = None  # set when picking a prefill worker for this decode worker
+    _hashes: dict[tuple[int, str], list[int]] = field(default_factory=dict)
+
+    def block_hashes(self, block_size: int, seed: str) -> list[int]:
+        key = (block_size, seed)
+        if key not in self._hashes:
+            self._hashes[key] = hash_blocks(self.prompt_token_ids, block_size, seed)
+        return self._hashes[key]
+
+    def cached_tokens(self, w: Worker) -> int:
+        """Prompt tokens the worker's prefix cache holds (leading full blocks, as its events say)."""
+        bs = w.info.layout.block_size or 16
+        return common_prefix_blocks(self.block_hashes(bs, w.info.kv_hash_seed), w.cached) * bs
+
+
+Filter = Callable[[RoutingRequest, list[Worker]], list[Worker]]
+Scorer = Callable[[RoutingRequest, Worker], float]
+
+
+def compatible(req: RoutingRequest, workers: list[Worker]) -> list[Worker]:
+    """Prefill: only workers whose KV layout (compat hash) equals the decode worker's."""
+    if req.decode is None:
+        return workers
+    return [w for w in workers if w.compat_hash == req.decode.compat_hash]
+
+
+def fits(req: RoutingRequest, workers: list[Worker]) -> list[Worker]:
+    """Decode: only workers whose context is long enough for prompt plus output."""
+    need = len(req.prompt_token_ids) + req.max_tokens
+    return [w for w in workers if w.info.max_model_len >= need]
+
+
+def kv_free(req: RoutingRequest, w: Worker) -> float:
+    """Free KV blocks, less what requests already sent here (not yet in a heartbeat) will take."""
+    total = w.load.num_blocks or 1
+    bs = w.info.layout.block_size or 16
+    pending = w.in_flight * -(-len(req.prompt_token_ids) // bs)
+    return min(1.0, max(0.0, (w.load.num_free_blocks - pending) / total))
+
+
+def load(req: RoutingRequest, w: Worker) -> float:
+    busy = w.load.num_running + w.load.num_waiting + w.load.num_leases + w.in_flight
+    return 1.0 / (1.0 + busy)
+
+
+def queue(req: RoutingRequest, w: Worker) -> float:
+    return 1.0 / (1.0 + w.load.num_prefilling + w.in_flight)
+
+
+def prefix(req: RoutingRequest, w: Worker) -> float:
+    return req.cached_tokens(w) / max(1, len(req.prompt_token_ids))
+
+
+FILTERS: dict[str, Filter] = {"compatible": compatible, "fits": fits}
+SCORERS: dict[str, Scorer] = {"kv_free": kv_free, "load": load, "queue": queue, "prefix": prefix}
+DECODE_DEFAULTS = {"kv_free": 1.0, "load": 1.0, "prefix": 1.0}
+PREFILL_DEFAULTS = {"prefix": 1.0, "queue": 1.0}
+
+
+@dataclass
+class Profile:
+    filters: list[str]
+    weights: dict[str, float]
+
+    def __post_init__(self) -> None:
+        unknown = [n for n in self.filters if n not in FILTERS] + [n for n in self.weights if n not in SCORERS]
+        if unknown:
+            raise ValueError(f"unknown routing plugins {unknown}; filters: {sorted(FILTERS)}, "
+                             f"scorers: {sorted(SCORERS)}")
+
+    def scores(self, req: RoutingRequest, workers: list[Worker]) -> dict[Worker, float]:
+        for name in self.filters:
+            workers = FILTERS[name](req, workers)
+        return {w: sum(weight * SCORERS[name](req, w) for name, weight in self.weights.items()) for w in workers}
+
+    def pick(self, req: RoutingRequest, workers: list[Worker]) -> Worker | None:
+        """The best-scoring worker; ties go to the one with fewer requests in flight, then chance."""
+        scored = self.scores(req, workers)
+        if not scored:
+            return None
+        return max(scored, key=lambda w: (round(scored[w], 9), -w.in_flight, random.random()))
+
+
+def parse_weights(spec: str | dict | None, defaults: dict[str, float]) -> dict[str, float]:
+    """'kv_free=1,load=2' (or a mapping, from a config file) to weights; None: the defaults."""
+    if spec is None:
+        return dict(defaults)
+    if isinstance(spec, dict):
+        return {str(k): float(v) for k, v in spec.items()}
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, weight = item.partition("=")
+        out[name.strip()] = float(weight or 1.0)
+    return out

@@ -1,0 +1,173 @@
+"""The router's view of the workers: who is alive, how loaded, what each one's prefix cache holds.
+
+Lifecycle of a worker entry: a heartbeat (or, for a worker given statically, a poll) creates or
+refreshes it -> it serves requests while its last report is younger than `heartbeat_timeout` ->
+a call that finds it dead (`mark_failed`), a missed deadline or a deregistration takes it out of
+rotation at once, and every call in flight to it is cancelled so its requests fail over -> a
+later report from it (a restarted process is a new instance) brings it back.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from tandem.proto import router_pb2, router_pb2_grpc
+
+log = logging.getLogger("tandem.router")
+KVEvent = router_pb2.KVEvent
+
+
+@dataclass(eq=False)
+class Worker:
+    worker_id: str
+    info: router_pb2.WorkerInfo
+    load: router_pb2.WorkerLoad
+    last_seen: float
+    static: bool = False
+    cached: set[int] = field(default_factory=set)
+    next_event_seq: int = 0
+    in_flight: int = 0  # requests the router sent here and that are not done: fresher than heartbeats
+    failed_at: float | None = None
+    calls: set[Any] = field(default_factory=set)  # gRPC calls in flight, cancelled if the worker leaves
+
+    @property
+    def role(self) -> int:
+        return self.info.role
+
+    @property
+    def address(self) -> str:
+        return self.info.address
+
+    @property
+    def compat_hash(self) -> str:
+        return self.info.layout.compat_hash
+
+    @property
+    def gone(self) -> bool:
+        return self.failed_at is not None
+
+    def describe(self) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, "role": router_pb2.Role.Name(self.role).lower(), "address": self.address,
+                "compat_hash": self.compat_hash, "static": self.static, "in_flight": self.in_flight,
+                "cached_blocks": len(self.cached), "num_running": self.load.num_running,
+                "num_waiting": self.load.num_waiting, "num_free_blocks": self.load.num_free_blocks,
+                "num_blocks": self.load.num_blocks, "age_s": round(time.monotonic() - self.last_seen, 3),
+                "healthy": not self.gone}
+
+
+class WorkerPool:
+    def __init__(self, heartbeat_interval: float = 0.5, heartbeat_timeout: float = 2.0) -> None:
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.workers: dict[str, Worker] = {}
+        self.changed = asyncio.Event()  # set on every join and leave (tests and the launcher wait on it)
+
+    # ---- reports in ----------------------------------------------------------------------------
+
+    def report(self, state: router_pb2.WorkerState, static: bool = False) -> router_pb2.HeartbeatReply:
+        info, now = state.info, time.monotonic()
+        w = self.workers.get(info.worker_id)
+        if w is None or w.info.instance_id != info.instance_id:
+            if w is not None:
+                self._leave(w, "restarted")
+            w = self.workers[info.worker_id] = Worker(info.worker_id, info, state.load, now, static)
+            w.next_event_seq = -1  # nothing known of its cache yet: a snapshot is needed
+            log.info("worker %s joined: %s at %s, KV layout %s", w.worker_id, router_pb2.Role.Name(w.role).lower(),
+                     w.address, w.compat_hash)
+            self.changed.set()
+        elif w.gone:
+            log.info("worker %s is back", w.worker_id)
+            w.failed_at = None
+            self.changed.set()
+        w.info, w.load, w.last_seen = info, state.load, now
+        resync = not self._apply_events(w, state)
+        return router_pb2.HeartbeatReply(acked_event_seq=max(w.next_event_seq, 0),
+                                         interval_s=self.heartbeat_interval, resync=resync)
+
+    @staticmethod
+    def _apply_events(w: Worker, state: router_pb2.WorkerState) -> bool:
+        """Apply a report's cache events; False when they do not continue what we have."""
+        if state.snapshot:
+            w.cached = set()
+        elif state.first_event_seq != w.next_event_seq:
+            return False
+        for event in state.events:
+            if event.kind == KVEvent.STORED:
+                w.cached.update(event.block_hashes)
+            else:
+                w.cached.difference_update(event.block_hashes)
+        w.next_event_seq = state.next_event_seq
+        return True
+
+    def deregister(self, worker_id: str, instance_id: str) -> None:
+        w = self.workers.get(worker_id)
+        if w is not None and w.info.instance_id == instance_id:
+            self._leave(w, "deregistered")
+            del self.workers[worker_id]
+
+    # ---- who serves ----------------------------------------------------------------------------
+
+    def live(self, role: int) -> list[Worker]:
+        return [w for w in self.workers.values() if w.role == role and not w.gone]
+
+    def mark_failed(self, w: Worker, reason: str) -> None:
+        if not w.gone:
+            self._leave(w, reason)
+
+    def _leave(self, w: Worker, reason: str) -> None:
+        log.warning("worker %s (%s) left the pool: %s; cancelling %d calls in flight", w.worker_id, w.address,
+                    reason, len(w.calls))
+        w.failed_at = time.monotonic()
+        for call in list(w.calls):
+            call.cancel()
+        self.changed.set()
+
+    async def sweep(self) -> None:
+        """Take out workers whose heartbeats stopped."""
+        while True:
+            await asyncio.sleep(self.heartbeat_interval / 2)
+            now = time.monotonic()
+            for w in list(self.workers.values()):
+                if not w.gone and now - w.last_seen > self.heartbeat_timeout:
+                    self._leave(w, f"no heartbeat for {now - w.last_seen:.1f}s")
+
+    async def poll(self, address: str) -> None:
+        """Follow a worker the router was told about (flags or config) by polling its state."""
+        channel = grpc.aio.insecure_channel(address)
+        stub = router_pb2_grpc.WorkerStub(channel)
+        worker_id = None
+        try:
+            while True:
+                w = self.workers.get(worker_id) if worker_id else None
+                snapshot = w is None or w.next_event_seq < 0
+                try:
+                    state = await stub.GetState(router_pb2.StateRequest(
+                        since_event_seq=0 if snapshot else w.next_event_seq, snapshot=snapshot),
+                        timeout=self.heartbeat_timeout)
+                except grpc.aio.AioRpcError:
+                    pass  # the sweep takes it out once its last report is too old
+                else:
+                    worker_id = state.info.worker_id
+                    reply = self.report(state, static=True)
+                    if reply.resync:
+                        self.workers[worker_id].next_event_seq = -1
+                await asyncio.sleep(self.heartbeat_interval)
+        finally:
+            await channel.close(grace=None)
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+
+    async def Heartbeat(self, request: router_pb2.WorkerState, context) -> router_pb2.HeartbeatReply:
+        return self.pool.report(request)
+
+    async def Deregister(self, request: router_pb2.DeregisterRequest, context) -> router_pb2.DeregisterReply:
+        self.pool.deregister(request.worker_id, request.instance_id)
+        return router_pb2.DeregisterReply()

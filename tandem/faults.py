@@ -1,0 +1,38 @@
+"""Fault injection for tests of the disaggregated path: named points the code checks, switched on
+per process by the TANDEM_FAULTS environment variable ("name=value,name2"). Off in production:
+an unset variable makes every check a dictionary miss.
+
+Points: kv.corrupt_chunk=K (flip a byte of the K-th KV chunk once), kv.corrupt_all (every chunk,
+every time), kv.delay_close=S (sleep S seconds before closing a transfer), prefill.kill_after_chunks=K
+(SIGKILL this prefill worker after it sent K chunks), decode.kill_after_tokens=N (SIGKILL this
+decode worker once a request streamed N tokens).
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _parse(spec: str) -> dict[str, str]:
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, value = item.partition("=")
+        out[name] = value or "1"
+    return out
+
+
+ACTIVE = _parse(os.environ.get("TANDEM_FAULTS", ""))
+
+
+def value(name: str) -> str | None:
+    return ACTIVE.get(name)
+
+
+def number(name: str) -> float | None:
+    v = ACTIVE.get(name)
+    return None if v is None else float(v)
+
+
+def kill_self() -> None:
+    """A real kill -9 of this process (as if the node died)."""
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,146 @@
+"""`tandem prefill` / `tandem decode`: one worker process, as a pod runs it.
+
+The main thread runs an asyncio loop with the gRPC server (the role's service and Worker.GetState),
+the HTTP side (/health, /metrics) and the heartbeat to the router; the engine steps on its own
+thread. SIGTERM or SIGINT: deregister, stop taking requests, end the engine, exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+from tandem.proto import router_pb2, router_pb2_grpc
+
+log = logging.getLogger("tandem.worker")
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    from tandem.cli import _add_engine_args
+
+    _add_engine_args(p)
+    g = p.add_argument_group("worker")
+    g.add_argument("--host", default="0.0.0.0", help="address the gRPC and HTTP servers bind (default: 0.0.0.0)")
+    g.add_argument("--port", type=int, default=0, help="gRPC port (default: 0, any free port)")
+    g.add_argument("--http-port", type=int, default=0, help="HTTP port of /health and /metrics (default: any free)")
+    g.add_argument("--advertise-address", help="host:port peers use to reach this worker's gRPC server "
+                   "(default: $POD_IP or 127.0.0.1, with the bound port)")
+    g.add_argument("--worker-id", help="stable worker name (default: $POD_NAME or ROLE-host:port)")
+    g.add_argument("--router", metavar="HOST:PORT", help="the router's gRPC address to register and heartbeat with")
+    g.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between heartbeats (default: 0.5)")
+    g.add_argument("--seed", type=int, default=0, help="engine random seed (default: 0)")
+    g.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--otlp-traces-endpoint", help="OTLP gRPC endpoint for traces (default: none)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def add_worker_parsers(sub: argparse._SubParsersAction) -> None:
+    for role, text in ((router_pb2.PREFILL, "compute prompts' KV caches and write them into decode workers"),
+                       (router_pb2.DECODE, "run the paged-attention engine for requests the router sends")):
+        name = router_pb2.Role.Name(role).lower()
+        p = sub.add_parser(name, help=f"a {name} worker: {text}",
+                           description=f"A {name} worker: {text}. Serves gRPC; registers with --router.")
+        add_worker_args(p)
+        p.set_defaults(func=lambda args, role=role: run_worker(args, role), config_parser=p)
+
+
+def engine_config(args: argparse.Namespace, kv_role: str):
+    from tandem.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed, kv_role=kv_role,
+        cache=CacheConfig(block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks_override,
+                          enable_prefix_caching=args.enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens))
+
+
+def run_worker(args: argparse.Namespace, role: int) -> int:
+    """Build the engine host for `role`, then serve until told to stop."""
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format=f"%(levelname)s %(asctime)s {router_pb2.Role.Name(role).lower()} %(name)s: %(message)s")
+    if args.num_threads:
+        import torch
+
+        torch.set_num_threads(args.num_threads)
+    from tandem.server.launch import DEFAULT_MODEL_NAME
+    from tandem.telemetry import setup_tracing
+
+    name = router_pb2.Role.Name(role).lower()
+    setup_tracing(f"tandem-{name}", args.otlp_traces_endpoint)
+    try:
+        if role == router_pb2.DECODE:
+            from tandem.decode.engine import DecodeEngine
+
+            host = DecodeEngine(engine_config(args, "consumer"), model_name=args.model or DEFAULT_MODEL_NAME)
+        else:
+            from tandem.prefill.engine import PrefillEngine
+
+            host = PrefillEngine(engine_config(args, "producer"), model_name=args.model or DEFAULT_MODEL_NAME)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"tandem {name}: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_serve(args, role, host))
+    finally:
+        host.shutdown()
+
+
+async def _serve(args: argparse.Namespace, role: int, host) -> int:
+    from tandem.rpc.grpc_util import bind, make_server
+    from tandem.server.embedded import bound_port, start_http
+    from tandem.worker.metrics import WorkerMetrics, http_app
+    from tandem.worker.reporter import WorkerReporter, WorkerStateServicer
+
+    name = router_pb2.Role.Name(role).lower()
+    server = make_server()
+    port = bind(server, args.host, args.port)
+    advertise = args.advertise_address or f"{os.environ.get('POD_IP', '127.0.0.1')}:{port}"
+    worker_id = args.worker_id or os.environ.get("POD_NAME") or f"{name}-{advertise}"
+    metrics = WorkerMetrics(host, host.model_name)
+    http, http_task = await start_http(http_app(host, metrics), args.host, args.http_port)
+    http_port = bound_port(http)
+    metrics_host = advertise.rsplit(":", 1)[0]
+    if role == router_pb2.DECODE:
+        from tandem.decode.service import DecodeServicer
+        from tandem.proto import decode_pb2_grpc
+
+        decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(host, advertise, metrics.transfers), server)
+        extra = lambda load: setattr(load, "num_leases", host.num_leases)  # noqa: E731
+    else:
+        from tandem.prefill.service import PrefillServicer
+        from tandem.proto import prefill_pb2_grpc
+
+        prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(host, worker_id, metrics.transfers), server)
+        extra = lambda load: setattr(load, "num_prefilling", host.num_prefilling)  # noqa: E731
+    reporter = WorkerReporter(host, role, worker_id, advertise, host.model_name, extra,
+                              metrics_url=f"http://{metrics_host}:{http_port}/metrics")
+    router_pb2_grpc.add_WorkerServicer_to_server(WorkerStateServicer(reporter), server)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    heartbeat = asyncio.ensure_future(reporter.heartbeat(args.router, stop, args.heartbeat_interval)) \
+        if args.router else None
+    log.info("%s worker %s ready: gRPC %s (bound %s:%d), HTTP http://%s:%d (/health, /metrics), "
+             "KV layout %s", name, worker_id, advertise, args.host, port, metrics_host, http_port,
+             host.engine.layout.compat_hash)
+    print(f"TANDEM_READY role={name} grpc={advertise} http={metrics_host}:{http_port} pid={os.getpid()}", flush=True)
+    await stop.wait()
+    log.info("%s worker %s stopping", name, worker_id)
+    if heartbeat is not None:
+        await asyncio.wait_for(heartbeat, 3)
+    await server.stop(grace=2)
+    http.should_exit = True
+    await http_task
+    return 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
