@@ -1,4 +1,4 @@
-# Tandem: `make run` starts Tandem locally on the embedded model, `make test` runs the suite.
+# Tandem: `make run` starts the disaggregated stack locally on the embedded model, `make test` runs the suite.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
@@ -23,7 +23,7 @@ test: install
 	$(PY) -m pytest tests
 
 run: install
-	$(VENV)/bin/tandem chat
+	$(VENV)/bin/tandem up
 
 bench: install
 	$(PIP) install --quiet '.[bench]'

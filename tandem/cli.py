@@ -16,13 +16,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="reuse KV blocks of shared prompt prefixes (default: on)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    p.add_argument("--kv-cache-gib", type=float, default=4.0,
+                   help="KV cache size in GiB on CPU when --num-gpu-blocks-override is not given (default: 4)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
                 num_gpu_blocks_override=args.num_gpu_blocks_override,
                 enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens)
+                max_num_batched_tokens=args.max_num_batched_tokens, cpu_kv_cache_gib=args.kv_cache_gib)
 
 
 def _sampling(args: argparse.Namespace):
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    from tandem.launcher import add_up_parser
     from tandem.router.main import add_router_parser  # light: heavy imports wait for the command
     from tandem.server.launch import add_serve_parser
     from tandem.worker.process import add_worker_parsers
@@ -91,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_router_parser(sub)
     add_worker_parsers(sub)
+    add_up_parser(sub)
     return parser
 
 

@@ -131,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
             generation_config=args.generation_config,
             cache=CacheConfig(block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks_override,
-                              enable_prefix_caching=args.enable_prefix_caching),
+                              enable_prefix_caching=args.enable_prefix_caching, cpu_kv_cache_gib=args.kv_cache_gib),
             scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                       policy=args.scheduling_policy))
         log.info("loading %s", args.model or f"the embedded {DEFAULT_MODEL_NAME}")
