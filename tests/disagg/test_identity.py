@@ -1,0 +1,60 @@
+"""Greedy output through the disaggregated stack (router + prefill + decode processes, as `tandem
+up` starts them) equals colocated `tandem serve`, token for token, for 1+1 and 2+2 workers; both
+the remote-prefill and the decode-local paths are taken."""
+from __future__ import annotations
+
+import pytest
+
+from tests.disagg.conftest import ServeProcess, total
+
+PROMPTS = [
+    "The capital of France is",
+    "Hi",
+    "Write a short story about a robot who learns to paint. Once upon a time, in a small workshop at the edge "
+    "of a quiet town, there lived a robot named",
+    "List three fruits:",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "In 1969, the first humans landed on the Moon. The mission was called Apollo 11 and the astronauts were "
+    "Neil Armstrong, Buzz Aldrin and Michael Collins. Describe what they did on the surface:",
+]
+CHATS = [[{"role": "user", "content": "What is the tallest mountain on Earth? Answer in one sentence."}],
+         [{"role": "system", "content": "You are a terse assistant."},
+          {"role": "user", "content": "Name two primary colors."}]]
+KW = dict(max_tokens=24, temperature=0, logprobs=1)
+
+
+def run_all(client) -> list:
+    out = []
+    for p in PROMPTS:
+        r = client.completions.create(model="SmolLM2-135M-Instruct", prompt=p, **KW)
+        c = r.choices[0]
+        out.append((c.text, c.logprobs.tokens, c.finish_reason, r.usage.completion_tokens))
+    for m in CHATS:
+        r = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=m, max_tokens=24, temperature=0)
+        out.append((r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens))
+    stream = client.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPTS[2], stream=True,
+                                       max_tokens=24, temperature=0)
+    out.append("".join(ch.choices[0].text for ch in stream if ch.choices))
+    return out
+
+
+@pytest.fixture(scope="module")
+def colocated():
+    serve = ServeProcess(None, ["--max-num-batched-tokens", "512"])
+    try:
+        yield run_all(serve.openai())
+    finally:
+        serve.close()
+
+
+@pytest.mark.parametrize("prefill,decode", [(1, 1), (2, 2)])
+def test_disaggregated_equals_colocated(stack_factory, colocated, prefill, decode):
+    s = stack_factory(None, prefill, decode, worker_args=["--num-gpu-blocks-override", "1024"])
+    assert run_all(s.openai()) == colocated
+    m = s.metrics()
+    assert total(m, "tandem:router_prefill_decisions_total", decision="remote") >= 4
+    assert total(m, "tandem:router_prefill_decisions_total", decision="local") >= 1  # "Hi" is under the threshold
+    assert total(m, "tandem:kv_transfers_total", outcome="success") >= 4
+    if decode == 2:  # both decode workers took requests: the load scorer spreads them
+        served = [total(s.metrics(f"decode-{i}"), "tandem:kv_transfers_total") for i in range(2)]
+        assert sum(served) >= 4
