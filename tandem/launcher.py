@@ -64,12 +64,13 @@ class Stack:
     def __init__(self, model: str | None, port: int = 8000, num_prefill: int = 1, num_decode: int = 1,
                  host: str = "127.0.0.1", threads_per_worker: int | None = None, engine_args: list[str] = (),
                  router_args: list[str] = (), worker_args: list[str] = (), env: dict[str, dict[str, str]] | None = None,
-                 log_dir: str | None = None) -> None:
+                 log_dir: str | None = None, child_args: dict[str, list[str]] | None = None) -> None:
+        """`env` and `child_args`: more environment and flags for the children so named (tests)."""
         self.host = host
         self.port = port
         self.grpc_port = free_port(host)
         self.log_dir = log_dir
-        env = env or {}
+        env, child_args = env or {}, child_args or {}
         cmd = tandem_command()
         model_arg = [model] if model else []
         threads = threads_per_worker or max(1, (os.cpu_count() or 2) // max(1, num_prefill + num_decode))
@@ -84,7 +85,7 @@ class Stack:
                 self.children.append(Child(name, [
                     *cmd, role, *model_arg, "--host", host, "--port", str(grpc_port), "--http-port", str(http_port),
                     "--worker-id", name, "--router", f"{host}:{self.grpc_port}", "--num-threads", str(threads),
-                    *engine_args, *worker_args], http_port, env.get(name, {})))
+                    *engine_args, *worker_args, *child_args.get(name, [])], http_port, env.get(name, {})))
         self.stopping = False
 
     @property

@@ -5,7 +5,6 @@ layout matches that decode worker's). Weights come from the router's configurati
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -93,11 +92,12 @@ class Profile:
         return {w: sum(weight * SCORERS[name](req, w) for name, weight in self.weights.items()) for w in workers}
 
     def pick(self, req: RoutingRequest, workers: list[Worker]) -> Worker | None:
-        """The best-scoring worker; ties go to the one with fewer requests in flight, then chance."""
+        """The best-scoring worker; ties go to the one with fewer requests in flight, then to the
+        first by id (deterministic, so a replayed workload routes the same way)."""
         scored = self.scores(req, workers)
         if not scored:
             return None
-        return max(scored, key=lambda w: (round(scored[w], 9), -w.in_flight, random.random()))
+        return min(scored, key=lambda w: (-round(scored[w], 9), w.in_flight, w.worker_id))
 
 
 def parse_weights(spec: str | dict | None, defaults: dict[str, float]) -> dict[str, float]:

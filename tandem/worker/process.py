@@ -36,6 +36,10 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--otlp-traces-endpoint", help="OTLP gRPC endpoint for traces (default: none)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--kv-chunk-bytes", type=int, default=1 << 20,
+                   help="prefill: largest KV chunk on the wire, in bytes (default: 1 MiB)")
+    g.add_argument("--kv-window", type=int, default=16,
+                   help="prefill: KV chunks in flight before an acknowledgement (default: 16)")
 
 
 def add_worker_parsers(sub: argparse._SubParsersAction) -> None:
@@ -114,7 +118,9 @@ async def _serve(args: argparse.Namespace, role: int, host) -> int:
         from tandem.prefill.service import PrefillServicer
         from tandem.proto import prefill_pb2_grpc
 
-        prefill_pb2_grpc.add_PrefillServicer_to_server(PrefillServicer(host, worker_id, metrics.transfers), server)
+        host.engine.producer.max_chunk_bytes = args.kv_chunk_bytes
+        prefill_pb2_grpc.add_PrefillServicer_to_server(
+            PrefillServicer(host, worker_id, metrics.transfers, chunk_window=args.kv_window), server)
         extra = lambda load: setattr(load, "num_prefilling", host.num_prefilling)  # noqa: E731
     reporter = WorkerReporter(host, role, worker_id, advertise, host.model_name, extra,
                               metrics_url=f"http://{metrics_host}:{http_port}/metrics")

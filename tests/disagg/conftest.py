@@ -97,11 +97,12 @@ def stack_factory(tmp_path):
     made: list[LiveStack] = []
 
     def build(model: str, num_prefill: int = 1, num_decode: int = 1, router_args: list[str] = (),
-              worker_args: list[str] = (), env: dict | None = None, check_idle: bool = True) -> LiveStack:
+              worker_args: list[str] = (), env: dict | None = None, check_idle: bool = True,
+              child_args: dict | None = None) -> LiveStack:
         log_dir = tmp_path / f"stack{len(made)}"
         log_dir.mkdir()
         s = LiveStack(model, free_port(), num_prefill, num_decode, router_args=FAST_ROUTER + list(router_args),
-                      worker_args=WORKER + list(worker_args), env=env, log_dir=str(log_dir))
+                      worker_args=WORKER + list(worker_args), env=env, log_dir=str(log_dir), child_args=child_args)
         s.check_idle = check_idle
         made.append(s)
         s.start_all()
