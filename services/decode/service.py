@@ -3,7 +3,6 @@ and the KV transfer prefill workers write into leases (TransferKV)."""
 from __future__ import annotations
 
 import logging
-import time
 from typing import AsyncIterator
 
 import grpc
@@ -126,7 +125,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         peer = metadata_value(context, "tandem-worker-id") or context.peer()
         stats = common_pb2.TransferStats(transport="grpc", peer=peer)
         lease_id = transfer_id = None
-        started = time.monotonic()
+        complete = False
         span = tracer().start_span("decode.kv_receive", context=incoming_context(context.invocation_metadata()))
         try:
             async for msg in request_iterator:
@@ -170,14 +169,13 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                         stats.failure_class = "lease_refused"
                         yield Ack(status=Ack.REFUSED, error=str(exc))
                         return
-                    stats.wire_s = time.monotonic() - started
-                    stats.gbps = stats.bytes / stats.wire_s / 1e9 if stats.wire_s > 0 else 0.0
+                    complete = True  # wire time and GB/s are the sender's to measure: it knows send times
                     yield Ack(complete=True)
                     return
             stats.failure_class = stats.failure_class or "sender_gone"
         finally:
             if lease_id is not None or stats.failure_class:
-                if not stats.failure_class and not stats.wire_s:
+                if not stats.failure_class and not complete:
                     stats.failure_class = "cancelled"
                 self.transfers.record(stats)
             span.set_attribute("tandem.bytes", stats.bytes)

@@ -5,6 +5,10 @@ stream is open and the lease accepted. At most `window` chunks are unacknowledge
 control on top of HTTP/2's); a chunk decode reports as corrupted is sent again, at most
 `max_retransmits` times. `run` returns the transfer's statistics or raises `TransferFailed` with a
 failure class: incompatible, lease_refused, checksum, decode_unavailable, timeout, cancelled.
+
+Wire time is the time at least one chunk was in flight (sent, not yet acknowledged): while the
+forward pass is slower than the wire the stream idles between layers, and that is compute, not
+transfer. GB/s = bytes / wire time.
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ class GrpcKVSender:
         self._drained = asyncio.Event()
         self._complete = asyncio.Event()
         self._error: TransferFailed | None = None
+        self._sent_at: dict[int, float] = {}
+        self._busy_until = 0.0  # end of the last in-flight interval counted into wire time
         self._corrupt_at = faults.number("kv.corrupt_chunk")
         self._kill_after = faults.number("prefill.kill_after_chunks")
 
@@ -77,7 +83,7 @@ class GrpcKVSender:
                                      f"decode refused the transfer: {error or 'stream closed'}")
             self.stats.handshake_s = time.monotonic() - opened
             reader = asyncio.ensure_future(self._read_acks(call))
-            seq, sent_first = 0, None
+            seq = 0
             while True:
                 item = await self._next(reader)
                 if item is None:
@@ -86,10 +92,10 @@ class GrpcKVSender:
                 await self._wait(self._window.acquire(), reader)
                 now = time.monotonic()
                 self.stats.queue_s += now - produced
-                sent_first = sent_first or now
                 seq += 1
                 chunk.seal()
                 self._unacked[seq] = chunk
+                self._sent_at[seq] = time.monotonic()
                 await self._write(call, seq, chunk, corrupt=self._corrupt_at == seq)
                 if self._kill_after is not None and seq >= self._kill_after:
                     faults.kill_self()
@@ -102,7 +108,6 @@ class GrpcKVSender:
             await self._wait(self._complete.wait(), reader)
             await call.done_writing()
             self.stats.chunks = seq
-            self.stats.wire_s = time.monotonic() - (sent_first or opened)
             self.stats.gbps = self.stats.bytes / self.stats.wire_s / 1e9 if self.stats.wire_s > 0 else 0.0
             return self.stats
         except grpc.aio.AioRpcError as exc:
@@ -171,6 +176,9 @@ class GrpcKVSender:
                 raise TransferFailed("lease_refused", f"decode refused chunk {ack.seq}: {ack.error}")
             chunk = self._unacked.pop(ack.seq, None)
             if chunk is not None:
+                now = time.monotonic()
+                self.stats.wire_s += now - max(self._sent_at.pop(ack.seq), self._busy_until)
+                self._busy_until = now
                 self.stats.bytes += len(chunk.data)
                 self._window.release()
             if not self._unacked:

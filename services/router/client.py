@@ -162,7 +162,7 @@ class RemoteEngineClient:
                                     self.pool.live(router_pb2.DECODE), excluded)
                 if decode is None:
                     raise EngineError("no decode worker is available" + (
-                        f" to continue this request (failed: {', '.join(sorted(excluded))})" if excluded else ""))
+                        f" to continue this request (failed: {', '.join(rec.decode)})" if excluded else ""))
                 resume = []
                 if asm.seqs:
                     if params.best_of > 1:
@@ -178,7 +178,7 @@ class RemoteEngineClient:
                     log.warning("request %s: %s; prefilling on decode", rid, exc)
                     force_local = True
                 except DecodeLost as exc:
-                    excluded.add(decode.worker_id)
+                    excluded.add(decode.info.instance_id)
                     self.pool.mark_failed(decode, f"request {rid}: {exc}")
                     rec.failovers += 1
                     self.metrics.failovers.inc()
@@ -201,8 +201,9 @@ class RemoteEngineClient:
             log.info(rec.line(asm))
 
     def _pick(self, profile: Profile, req: RoutingRequest, workers: list[Worker], excluded: set[str]) -> Worker | None:
+        """`excluded`: worker instances that failed this request (a restarted worker is a new one)."""
         started = time.perf_counter()
-        chosen = profile.pick(req, [w for w in workers if w.worker_id not in excluded])
+        chosen = profile.pick(req, [w for w in workers if w.info.instance_id not in excluded])
         self.metrics.scoring.observe(time.perf_counter() - started)
         return chosen
 
@@ -296,7 +297,7 @@ class RemoteEngineClient:
                                  self.pool.live(router_pb2.PREFILL), tried)
             if prefill is None:
                 break
-            tried.add(prefill.worker_id)
+            tried.add(prefill.info.instance_id)
             if attempt:
                 self.metrics.prefill_retries.inc()
             outcome = await self._prefill_once(prefill, request, decode, rec, ctx)

@@ -52,7 +52,7 @@ class Worker:
         return self.failed_at is not None
 
     def describe(self) -> dict[str, Any]:
-        return {"worker_id": self.worker_id, "role": router_pb2.Role.Name(self.role).lower(), "address": self.address,
+        return {"worker_id": self.worker_id, "instance_id": self.info.instance_id, "role": router_pb2.Role.Name(self.role).lower(), "address": self.address,
                 "compat_hash": self.compat_hash, "static": self.static, "in_flight": self.in_flight,
                 "cached_blocks": len(self.cached), "num_running": self.load.num_running,
                 "num_waiting": self.load.num_waiting, "num_free_blocks": self.load.num_free_blocks,

@@ -54,8 +54,9 @@ class TransferMetrics:
         self.transfers.labels(*labels, "success").inc()
         if stats.handshake_s:
             self.handshake.labels(*labels).observe(stats.handshake_s)
-        self.queue.labels(*labels).observe(stats.queue_s)
-        self.wire.labels(*labels).observe(stats.wire_s)
+        if stats.wire_s:  # measured by senders only
+            self.queue.labels(*labels).observe(stats.queue_s)
+            self.wire.labels(*labels).observe(stats.wire_s)
         self.size.labels(*labels).observe(stats.bytes)
         self.bytes.labels(*labels).inc(stats.bytes)
         if stats.gbps:

@@ -93,56 +93,85 @@ def run_worker(args: argparse.Namespace, role: int) -> int:
         host.shutdown()
 
 
+class WorkerServer:
+    """One worker's servers around its engine host: gRPC (its role's service and Worker.GetState),
+    HTTP (/health, /metrics) and the heartbeat to a router. `start` / `stop` also serve tests
+    that run workers in-process."""
+
+    def __init__(self, role: int, host, *, bind_host: str = "127.0.0.1", port: int = 0, http_port: int = 0,
+                 advertise: str | None = None, worker_id: str | None = None, router: str | None = None,
+                 heartbeat_interval: float = 0.5, kv_chunk_bytes: int = 1 << 20, kv_window: int = 16) -> None:
+        self.role, self.host, self.bind_host = role, host, bind_host
+        self.port, self.http_port, self.advertise, self.worker_id = port, http_port, advertise, worker_id
+        self.router, self.heartbeat_interval = router, heartbeat_interval
+        self.kv_chunk_bytes, self.kv_window = kv_chunk_bytes, kv_window
+        self.name = router_pb2.Role.Name(role).lower()
+
+    async def start(self) -> None:
+        from tandem.rpc.grpc_util import bind, make_server
+        from tandem.server.embedded import bound_port, start_http
+        from tandem.worker.metrics import WorkerMetrics, http_app
+        from tandem.worker.reporter import WorkerReporter, WorkerStateServicer
+
+        host = self.host
+        self.server = make_server()
+        self.port = bind(self.server, self.bind_host, self.port)
+        self.advertise = self.advertise or f"{os.environ.get('POD_IP', '127.0.0.1')}:{self.port}"
+        self.worker_id = self.worker_id or os.environ.get("POD_NAME") or f"{self.name}-{self.advertise}"
+        self.metrics = WorkerMetrics(host, host.model_name)
+        self.http, self._http_task = await start_http(http_app(host, self.metrics), self.bind_host, self.http_port)
+        self.http_port = bound_port(self.http)
+        metrics_host = self.advertise.rsplit(":", 1)[0]
+        if self.role == router_pb2.DECODE:
+            from tandem.decode.service import DecodeServicer
+            from tandem.proto import decode_pb2_grpc
+
+            decode_pb2_grpc.add_DecodeServicer_to_server(
+                DecodeServicer(host, self.advertise, self.metrics.transfers), self.server)
+            extra = lambda load: setattr(load, "num_leases", host.num_leases)  # noqa: E731
+        else:
+            from tandem.prefill.service import PrefillServicer
+            from tandem.proto import prefill_pb2_grpc
+
+            host.engine.producer.max_chunk_bytes = self.kv_chunk_bytes
+            prefill_pb2_grpc.add_PrefillServicer_to_server(
+                PrefillServicer(host, self.worker_id, self.metrics.transfers, chunk_window=self.kv_window), self.server)
+            extra = lambda load: setattr(load, "num_prefilling", host.num_prefilling)  # noqa: E731
+        self.reporter = WorkerReporter(host, self.role, self.worker_id, self.advertise, host.model_name, extra,
+                                       metrics_url=f"http://{metrics_host}:{self.http_port}/metrics")
+        router_pb2_grpc.add_WorkerServicer_to_server(WorkerStateServicer(self.reporter), self.server)
+        await self.server.start()
+        self._stop = asyncio.Event()
+        self._heartbeat = asyncio.ensure_future(self.reporter.heartbeat(
+            self.router, self._stop, self.heartbeat_interval)) if self.router else None
+        log.info("%s worker %s ready: gRPC %s (bound %s:%d), HTTP http://%s:%d (/health, /metrics), KV layout %s",
+                 self.name, self.worker_id, self.advertise, self.bind_host, self.port, metrics_host, self.http_port,
+                 host.engine.layout.compat_hash)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            await asyncio.wait_for(self._heartbeat, 3)
+        await self.server.stop(grace=2)
+        self.http.should_exit = True
+        await self._http_task
+
+
 async def _serve(args: argparse.Namespace, role: int, host) -> int:
-    from tandem.rpc.grpc_util import bind, make_server
-    from tandem.server.embedded import bound_port, start_http
-    from tandem.worker.metrics import WorkerMetrics, http_app
-    from tandem.worker.reporter import WorkerReporter, WorkerStateServicer
-
-    name = router_pb2.Role.Name(role).lower()
-    server = make_server()
-    port = bind(server, args.host, args.port)
-    advertise = args.advertise_address or f"{os.environ.get('POD_IP', '127.0.0.1')}:{port}"
-    worker_id = args.worker_id or os.environ.get("POD_NAME") or f"{name}-{advertise}"
-    metrics = WorkerMetrics(host, host.model_name)
-    http, http_task = await start_http(http_app(host, metrics), args.host, args.http_port)
-    http_port = bound_port(http)
-    metrics_host = advertise.rsplit(":", 1)[0]
-    if role == router_pb2.DECODE:
-        from tandem.decode.service import DecodeServicer
-        from tandem.proto import decode_pb2_grpc
-
-        decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(host, advertise, metrics.transfers), server)
-        extra = lambda load: setattr(load, "num_leases", host.num_leases)  # noqa: E731
-    else:
-        from tandem.prefill.service import PrefillServicer
-        from tandem.proto import prefill_pb2_grpc
-
-        host.engine.producer.max_chunk_bytes = args.kv_chunk_bytes
-        prefill_pb2_grpc.add_PrefillServicer_to_server(
-            PrefillServicer(host, worker_id, metrics.transfers, chunk_window=args.kv_window), server)
-        extra = lambda load: setattr(load, "num_prefilling", host.num_prefilling)  # noqa: E731
-    reporter = WorkerReporter(host, role, worker_id, advertise, host.model_name, extra,
-                              metrics_url=f"http://{metrics_host}:{http_port}/metrics")
-    router_pb2_grpc.add_WorkerServicer_to_server(WorkerStateServicer(reporter), server)
-    await server.start()
+    worker = WorkerServer(role, host, bind_host=args.host, port=args.port, http_port=args.http_port,
+                          advertise=args.advertise_address, worker_id=args.worker_id, router=args.router,
+                          heartbeat_interval=args.heartbeat_interval, kv_chunk_bytes=args.kv_chunk_bytes,
+                          kv_window=args.kv_window)
+    await worker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    heartbeat = asyncio.ensure_future(reporter.heartbeat(args.router, stop, args.heartbeat_interval)) \
-        if args.router else None
-    log.info("%s worker %s ready: gRPC %s (bound %s:%d), HTTP http://%s:%d (/health, /metrics), "
-             "KV layout %s", name, worker_id, advertise, args.host, port, metrics_host, http_port,
-             host.engine.layout.compat_hash)
-    print(f"TANDEM_READY role={name} grpc={advertise} http={metrics_host}:{http_port} pid={os.getpid()}", flush=True)
+    print(f"TANDEM_READY role={worker.name} grpc={worker.advertise} http_port={worker.http_port} pid={os.getpid()}",
+          flush=True)
     await stop.wait()
-    log.info("%s worker %s stopping", name, worker_id)
-    if heartbeat is not None:
-        await asyncio.wait_for(heartbeat, 3)
-    await server.stop(grace=2)
-    http.should_exit = True
-    await http_task
+    log.info("%s worker %s stopping", worker.name, worker.worker_id)
+    await worker.stop()
     return 0
 
 

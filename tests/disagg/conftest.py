@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tandem.launcher import Stack, tandem_command
 from tandem.worker.process import free_port
 
-FAST_ROUTER = ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "1.5", "--local-prefill-threshold", "8",
+FAST_ROUTER = ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "3", "--local-prefill-threshold", "8",
                "--disable-log-requests"]
 WORKER = ["--heartbeat-interval", "0.2", "--num-gpu-blocks-override", "256", "--max-num-batched-tokens", "512"]
 

@@ -1,0 +1,122 @@
+"""Routing plugins and the worker pool, on worker states built the way heartbeats carry them."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tandem.engine.kv_cache.block_hash import hash_blocks
+from tandem.proto import common_pb2, router_pb2
+from tandem.router.plugins import SCORERS, Profile, RoutingRequest, parse_weights
+from tandem.router.pool import WorkerPool
+
+KV = router_pb2.KVEvent
+
+
+def state(worker_id: str, role=router_pb2.DECODE, compat="aaa", free=100, blocks=100, running=0, waiting=0,
+          prefilling=0, instance="i1", first=0, events=(), snapshot=False, max_len=4096) -> router_pb2.WorkerState:
+    info = router_pb2.WorkerInfo(worker_id=worker_id, instance_id=instance, role=role, address=f"{worker_id}:1",
+                                 layout=common_pb2.LayoutDescriptor(compat_hash=compat, block_size=16),
+                                 max_model_len=max_len, kv_hash_seed="tandem", max_num_seqs=256)
+    load = router_pb2.WorkerLoad(num_free_blocks=free, num_blocks=blocks, num_running=running, num_waiting=waiting,
+                                 num_prefilling=prefilling)
+    nxt = first if snapshot else first + len(events)  # a snapshot's events are the cache, not log entries
+    return router_pb2.WorkerState(info=info, load=load, first_event_seq=first, next_event_seq=nxt,
+                                  snapshot=snapshot, events=list(events))
+
+
+@pytest.fixture
+def pool():
+    return WorkerPool(heartbeat_interval=0.05, heartbeat_timeout=0.2)
+
+
+PROMPT = list(range(100, 180))  # 5 full blocks of 16
+
+
+def test_scores_are_in_unit_interval(pool):
+    for st in (state("a"), state("b", free=0, running=300, waiting=50, prefilling=9), state("c", free=7, blocks=9)):
+        pool.report(st)
+    for w in pool.workers.values():
+        w.in_flight = 3
+        for name, scorer in SCORERS.items():
+            assert 0.0 <= scorer(RoutingRequest(PROMPT), w) <= 1.0, name
+
+
+def test_prefix_scorer_follows_kv_events(pool):
+    hashes = hash_blocks(PROMPT, 16, "tandem")
+    pool.report(state("a", snapshot=True, events=[KV(kind=KV.STORED, block_hashes=hashes[:3])]))
+    pool.report(state("b"))
+    picked = Profile([], {"prefix": 1.0}).pick(RoutingRequest(PROMPT), list(pool.workers.values()))
+    assert picked.worker_id == "a"
+    req = RoutingRequest(PROMPT)
+    assert req.cached_tokens(pool.workers["a"]) == 48
+    # block 3 evicted: only the leading chain counts
+    pool.report(state("a", first=0, events=[KV(kind=KV.REMOVED, block_hashes=[hashes[1]])]))
+    assert RoutingRequest(PROMPT).cached_tokens(pool.workers["a"]) == 16
+
+
+def test_event_gap_asks_for_a_snapshot(pool):
+    pool.report(state("a", snapshot=True))
+    reply = pool.report(state("a", first=5, events=[KV(kind=KV.STORED, block_hashes=[1])]))
+    assert reply.resync and 1 not in pool.workers["a"].cached
+    reply = pool.report(state("a", snapshot=True, first=6, events=[KV(kind=KV.STORED, block_hashes=[1, 2])]))
+    assert not reply.resync and pool.workers["a"].cached == {1, 2} and reply.acked_event_seq == 6
+
+
+def test_decode_profile_prefers_free_and_idle_workers(pool):
+    pool.report(state("busy", free=10, running=40))
+    pool.report(state("idle", free=90))
+    profile = Profile(["fits"], parse_weights("kv_free=1,load=1", {}))
+    assert profile.pick(RoutingRequest(PROMPT), pool.live(router_pb2.DECODE)).worker_id == "idle"
+    assert profile.pick(RoutingRequest(PROMPT, max_tokens=5000), pool.live(router_pb2.DECODE)) is None  # fits
+
+
+def test_prefill_profile_pairs_only_compatible_workers(pool):
+    pool.report(state("d", compat="aaa"))
+    pool.report(state("p-same", role=router_pb2.PREFILL, compat="aaa", prefilling=5))
+    pool.report(state("p-other", role=router_pb2.PREFILL, compat="bbb"))
+    profile = Profile(["compatible"], {"queue": 1.0})
+    req = RoutingRequest(PROMPT, decode=pool.workers["d"])
+    assert profile.pick(req, pool.live(router_pb2.PREFILL)).worker_id == "p-same"  # busier, but compatible
+
+
+def test_ties_break_on_in_flight_then_id(pool):
+    for name in ("w2", "w1", "w3"):
+        pool.report(state(name))
+    profile = Profile([], {"kv_free": 1.0})
+    assert profile.pick(RoutingRequest([1]), pool.live(router_pb2.DECODE)).worker_id == "w1"
+    pool.workers["w1"].in_flight = 1
+    assert profile.pick(RoutingRequest([1]), pool.live(router_pb2.DECODE)).worker_id == "w2"
+
+
+def test_unknown_plugins_and_bad_weights_are_errors():
+    with pytest.raises(ValueError, match="unknown routing plugins"):
+        Profile(["nope"], {})
+    with pytest.raises(ValueError, match="unknown routing plugins"):
+        Profile([], parse_weights("kv_free=1,bogus=2", {}))
+    with pytest.raises(ValueError):
+        parse_weights("kv_free=abc", {})
+
+
+def test_silent_workers_leave_and_calls_are_cancelled(pool):
+    class Call:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    async def scenario():
+        pool.report(state("a"))
+        call = Call()
+        pool.workers["a"].calls.add(call)
+        sweeper = asyncio.ensure_future(pool.sweep())
+        await asyncio.sleep(0.4)
+        sweeper.cancel()
+        return call
+
+    call = asyncio.run(scenario())
+    assert call.cancelled and pool.live(router_pb2.DECODE) == []
+    pool.report(state("a"))  # it speaks again: back in rotation
+    assert [w.worker_id for w in pool.live(router_pb2.DECODE)] == ["a"]
+    pool.report(state("a", instance="i2"))  # a restarted process is a new instance, its cache unknown
+    assert pool.workers["a"].next_event_seq == -1 or pool.workers["a"].cached == set()
