@@ -45,12 +45,12 @@ def start(kind: str, args: argparse.Namespace, port: int, logdir: Path) -> subpr
                serve.MODEL, "--disable-log-requests", "--uvicorn-log-level", "warning", *common]
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     else:
-        per = max(1, args.threads // 2)
+        per = args.worker_threads or args.threads
         cmd = [tandem(), "up", *model, "--port", str(port), "--threads-per-worker", str(per), "--kv-cache-gib", "2",
                "--router-args", f"--served-model-name {serve.MODEL} --disable-log-requests "
                                 f"--local-prefill-threshold {args.local_prefill_threshold}",
                "--log-dir", str(logdir), *common]
-        env.update(OMP_NUM_THREADS=str(per), MKL_NUM_THREADS=str(per))
+        env.update(OMP_NUM_THREADS=str(per), MKL_NUM_THREADS=str(per), OMP_WAIT_POLICY="PASSIVE")
     return subprocess.Popen(cmd, cwd=tempfile.gettempdir(), env=env, stdout=(logdir / f"{kind}.log").open("w"),
                             stderr=subprocess.STDOUT)
 
@@ -138,7 +138,7 @@ def main() -> None:
     for flag, default in (("--num-prompts", 32), ("--min-len", 32), ("--max-len", 1024), ("--min-out", 16),
                           ("--max-out", 64), ("--context", 2048), ("--seed", 0), ("--threads", 2),
                           ("--long-len", 1000), ("--long-repeats", 8), ("--local-prefill-threshold", 128),
-                          ("--startup-timeout", 600)):
+                          ("--startup-timeout", 600), ("--worker-threads", 0)):
         p.add_argument(flag, type=int, default=default)
     p.add_argument("--out", help="JSON path (default bench/results/pd-<date>.json)")
     args = p.parse_args()

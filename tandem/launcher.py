@@ -100,7 +100,9 @@ class Stack:
         if self.log_dir:
             out = open(os.path.join(self.log_dir, f"{child.name}.log"), "ab")
         # outside the repository: its top-level operator/ folder would shadow the standard library's
-        child.proc = subprocess.Popen(child.argv, env={**os.environ, "TANDEM_NO_PROGRESS": "1", **child.env},
+        # several engines share the cores: idle OpenMP threads must sleep, not spin
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "TANDEM_NO_PROGRESS": "1", **child.env}
+        child.proc = subprocess.Popen(child.argv, env=env,
                                       cwd=tempfile.gettempdir(), stdout=out, stderr=subprocess.STDOUT if out else None,
                                       start_new_session=True, preexec_fn=_die_with_parent)
         child.exited_at = None

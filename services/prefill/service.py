@@ -3,6 +3,7 @@ lease, answer with the transfer's statistics) and Cancel."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 
@@ -13,9 +14,9 @@ from tandem.prefill.engine import PrefillEngine
 from tandem.prefill.sender import GrpcKVSender, TransferFailed
 from tandem.proto import prefill_pb2, prefill_pb2_grpc
 from tandem.rpc.convert import layout_from_proto, layout_to_proto
-from tandem.rpc.grpc_util import ChannelPool
+from tandem.rpc.grpc_util import SyncChannelPool
 from tandem.server.engine_client import EngineDeadError
-from tandem.telemetry import incoming_context, tracer
+from tandem.telemetry import incoming_context, outgoing_metadata, tracer
 from tandem.worker.metrics import TransferMetrics
 
 log = logging.getLogger("tandem.prefill")
@@ -33,7 +34,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.transfers = transfers
         self.chunk_window = chunk_window
         self.layout = host.engine.layout
-        self.channels = ChannelPool()
+        self.channels = SyncChannelPool()
+        self.senders = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="kv-send")
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
                       ) -> prefill_pb2.PrefillReply:
@@ -48,18 +50,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 self.transfers.record(_failed(ticket.endpoint, "incompatible"))
                 span.set_attribute("tandem.failure_class", "incompatible")
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
-            sender = GrpcKVSender(asyncio.get_running_loop(), self.channels.get(ticket.endpoint), ticket,
-                                  layout_to_proto(self.layout), self.worker_id, window=self.chunk_window)
             rid = f"prefill-{request.request_id}"
-            try:
-                stream = self.host.prefill(rid, list(request.prompt_token_ids), sender, ticket.skip_tokens)
-            except ValueError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except EngineDeadError as exc:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             started = time.monotonic()
             with tracer().start_as_current_span("kv.transfer", attributes={"tandem.transport": "grpc"}) as tspan:
-                send = asyncio.ensure_future(sender.run())
+                sender = GrpcKVSender(self.channels.get(ticket.endpoint), ticket, layout_to_proto(self.layout),
+                                      self.worker_id, outgoing_metadata(), window=self.chunk_window)
+                try:
+                    stream = self.host.prefill(rid, list(request.prompt_token_ids), sender, ticket.skip_tokens)
+                except ValueError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                except EngineDeadError as exc:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                send = asyncio.get_running_loop().run_in_executor(self.senders, sender.run)
                 compute = asyncio.ensure_future(self._compute(stream))
                 try:
                     done, _ = await asyncio.wait({send, compute}, return_when=asyncio.FIRST_EXCEPTION)
@@ -75,8 +77,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                     await context.abort(_STATUS.get(exc.failure_class, grpc.StatusCode.UNAVAILABLE),
                                         f"[{exc.failure_class}] {exc}")
                 finally:
-                    for task in (send, compute):
-                        task.cancel()
+                    sender.cancel()  # a no-op once it finished; else its thread ends now
+                    compute.cancel()
                     await asyncio.gather(send, compute, return_exceptions=True)
                 for name in ("bytes", "handshake_s", "queue_s", "wire_s", "gbps", "retransmits"):
                     tspan.set_attribute(f"tandem.{name}", getattr(stats, name))

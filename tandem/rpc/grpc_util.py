@@ -44,6 +44,24 @@ class ChannelPool:
             await self.drop(address)
 
 
+class SyncChannelPool:
+    """One blocking channel per address, for work that runs on threads of its own (KV sends)."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def get(self, address: str) -> grpc.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return channel
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+
 def make_server() -> grpc.aio.Server:
     return grpc.aio.server(options=SERVER_OPTIONS)
 

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""The gRPC KV transport alone, with no forward pass competing for the cores: a real `tandem decode`
+worker grants a lease for a ~N-token prompt, this process writes the lease's KV (random bytes in
+the worker's layout) with the prefill worker's sender, and reports GB/s (see bench/README.md)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+from tandem.engine.kv_transfer import codec
+from tandem.engine.kv_transfer.codec import KVChunkData
+from tandem.prefill.sender import GrpcKVSender
+from tandem.proto import decode_pb2, decode_pb2_grpc, router_pb2, router_pb2_grpc
+from tandem.rpc.convert import layout_from_proto, params_to_proto
+from tandem.rpc.grpc_util import CHANNEL_OPTIONS
+from tandem.sampling_params import SamplingParams
+from tandem.worker.process import free_port
+
+
+async def one(address: str, tokens: int, chunk_bytes: int, window: int, seed: int) -> tuple[float, object]:
+    channel = grpc.aio.insecure_channel(address)
+    stub = decode_pb2_grpc.DecodeStub(channel)
+    state = await router_pb2_grpc.WorkerStub(channel).GetState(router_pb2.StateRequest())
+    layout = layout_from_proto(state.info.layout)
+    prompt = torch.randint(3, 40000, (tokens + 1,), generator=torch.Generator().manual_seed(seed)).tolist()
+    call = stub.Generate(decode_pb2.GenerateRequest(
+        request_id=f"bench-{seed}", prompt_token_ids=prompt, prefill=decode_pb2.REMOTE, lease_seconds=60,
+        params=params_to_proto(SamplingParams(max_tokens=1, temperature=0))))
+    ticket = (await call.read()).ticket
+    sync_channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    sender = GrpcKVSender(sync_channel, ticket, state.info.layout, "bench", window=window)
+    started = time.perf_counter()
+    run = asyncio.get_running_loop().run_in_executor(None, sender.run)
+    data = os.urandom(layout.token_bytes * tokens)
+    for layer in range(layout.num_layers):
+        for a, b in codec.split(ticket.skip_tokens, ticket.num_tokens, layout.token_bytes, chunk_bytes):
+            sender.put(KVChunkData(layer, a, b - a, data[a * layout.token_bytes:b * layout.token_bytes]))
+    sender.finish()
+    stats = await run
+    wall = time.perf_counter() - started
+    while await call.read() is not grpc.aio.EOF:  # decode admits the request and finishes it
+        pass
+    await channel.close()
+    sync_channel.close()
+    return wall, stats
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="HF folder or .gguf (default: the embedded SmolLM2)")
+    p.add_argument("--tokens", type=int, default=1000)
+    p.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    port = free_port()
+    env = {**os.environ, "TANDEM_NO_PROGRESS": "1", "OMP_NUM_THREADS": str(args.threads)}
+    cmd = [str(Path(sys.executable).with_name("tandem")), "decode", *([args.model] if args.model else []),
+           "--host", "127.0.0.1", "--port", str(port), "--kv-cache-gib", "1", "--num-threads", str(args.threads)]
+    proc = subprocess.Popen(cmd, cwd=tempfile.gettempdir(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("TANDEM_READY"):
+                break
+        results = [asyncio.run(one(f"127.0.0.1:{port}", args.tokens, args.chunk_bytes, args.window, i))
+                   for i in range(args.repeats + 1)][1:]  # the first one warms up
+        walls = [w for w, _ in results]
+        mb = results[0][1].bytes / 1e6
+        print(f"{args.tokens}-token prompt, {mb:.1f} MB in {results[0][1].chunks} chunks of <= {args.chunk_bytes} B, "
+              f"window {args.window}: median {statistics.median(walls) * 1e3:.1f} ms open-to-complete = "
+              f"{mb / 1e3 / statistics.median(walls):.2f} GB/s; wire-time GB/s median "
+              f"{statistics.median(s.gbps for _, s in results):.2f}; handshake "
+              f"{statistics.median(s.handshake_s for _, s in results) * 1e3:.2f} ms")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+if __name__ == "__main__":
+    main()
