@@ -79,6 +79,7 @@ PREFILL_DEFAULTS = {"prefix": 1.0, "queue": 1.0}
 class Profile:
     filters: list[str]
     weights: dict[str, float]
+    _turn: int = 0  # rotates ties, so equally good workers take turns
 
     def __post_init__(self) -> None:
         unknown = [n for n in self.filters if n not in FILTERS] + [n for n in self.weights if n not in SCORERS]
@@ -92,12 +93,15 @@ class Profile:
         return {w: sum(weight * SCORERS[name](req, w) for name, weight in self.weights.items()) for w in workers}
 
     def pick(self, req: RoutingRequest, workers: list[Worker]) -> Worker | None:
-        """The best-scoring worker; ties go to the one with fewer requests in flight, then to the
-        first by id (deterministic, so a replayed workload routes the same way)."""
+        """The best-scoring worker; among equals, the fewest requests in flight, then the workers
+        take turns in id order (deterministic: a replayed workload routes the same way)."""
         scored = self.scores(req, workers)
         if not scored:
             return None
-        return min(scored, key=lambda w: (-round(scored[w], 9), w.in_flight, w.worker_id))
+        best = min((-round(v, 9), w.in_flight) for w, v in scored.items())
+        tied = sorted((w for w, v in scored.items() if (-round(v, 9), w.in_flight) == best), key=lambda w: w.worker_id)
+        self._turn += 1
+        return tied[(self._turn - 1) % len(tied)]
 
 
 def parse_weights(spec: str | dict | None, defaults: dict[str, float]) -> dict[str, float]:

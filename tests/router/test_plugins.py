@@ -80,13 +80,14 @@ def test_prefill_profile_pairs_only_compatible_workers(pool):
     assert profile.pick(req, pool.live(router_pb2.PREFILL)).worker_id == "p-same"  # busier, but compatible
 
 
-def test_ties_break_on_in_flight_then_id(pool):
+def test_ties_break_on_in_flight_then_take_turns(pool):
     for name in ("w2", "w1", "w3"):
         pool.report(state(name))
     profile = Profile([], {"kv_free": 1.0})
-    assert profile.pick(RoutingRequest([1]), pool.live(router_pb2.DECODE)).worker_id == "w1"
-    pool.workers["w1"].in_flight = 1
-    assert profile.pick(RoutingRequest([1]), pool.live(router_pb2.DECODE)).worker_id == "w2"
+    picks = [profile.pick(RoutingRequest([1]), pool.live(router_pb2.DECODE)).worker_id for _ in range(4)]
+    assert picks == ["w1", "w2", "w3", "w1"]
+    pool.workers["w2"].in_flight = pool.workers["w3"].in_flight = 1
+    assert {profile.pick(RoutingRequest([1]), pool.live(router_pb2.DECODE)).worker_id for _ in range(3)} == {"w1"}
 
 
 def test_unknown_plugins_and_bad_weights_are_errors():
