@@ -123,11 +123,7 @@ def run_kind(kind: str, args: argparse.Namespace, items, longs, logdir: Path) ->
         out["cpu_busy_before"] = busy
         return out
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        serve.stop(proc)
 
 
 def main() -> None:

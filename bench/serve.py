@@ -177,11 +177,15 @@ def bench_engine(engine: str, args: argparse.Namespace, items: list[dict[str, An
         summary["cpu_busy_before"] = busy
         return summary
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def report(args: argparse.Namespace, items: list[dict[str, Any]], results: dict[str, dict[str, Any]]) -> None:

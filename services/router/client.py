@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -28,11 +27,12 @@ from tandem.engine import loader
 from tandem.engine.engine import sampling_defaults
 from tandem.inputs import InputChecker
 from tandem.outputs import RequestOutput
-from tandem.proto import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc, router_pb2
+from tandem.proto import common_pb2, decode_pb2, decode_pb2_grpc, router_pb2
 from tandem.router.config import RouterConfig
 from tandem.router.metrics import RouterMetrics
 from tandem.router.plugins import Profile, RoutingRequest
 from tandem.router.pool import Worker, WorkerPool
+from tandem.router.remote_prefill import DecodeLost, RemotePrefill, cancelled_by_pool
 from tandem.rpc.convert import params_to_proto
 from tandem.rpc.grpc_util import ChannelPool
 from tandem.rpc.token_stream import OutputAssembler
@@ -43,10 +43,6 @@ from tandem.tokenizer import load_tokenizer
 
 log = logging.getLogger("tandem.router")
 Code = grpc.StatusCode
-
-
-class DecodeLost(Exception):
-    """The decode worker serving a request died, hung or left: resume elsewhere."""
 
 
 class RetryLocal(Exception):
@@ -83,12 +79,6 @@ class RequestRecord:
                 + (f" error={self.error!r}" if self.error else ""))
 
 
-def _cancelled_by_us(worker: Worker) -> bool:
-    """A CancelledError from a call the pool cancelled (worker left), not from our own task."""
-    task = asyncio.current_task()
-    return worker.gone and (task is None or task.cancelling() == 0)
-
-
 class RemoteEngineClient:
     def __init__(self, model: str | None, model_name: str, pool: WorkerPool, config: RouterConfig | None = None,
                  max_model_len: int | None = None, generation_config: str = "auto") -> None:
@@ -105,6 +95,7 @@ class RemoteEngineClient:
         self.channels = ChannelPool()
         self.decode_profile = Profile(self.config.decode_filters, self.config.decode_scorers)
         self.prefill_profile = Profile(self.config.prefill_filters, self.config.prefill_scorers)
+        self.prefills = RemotePrefill(self)
 
     # ---- the EngineClient protocol --------------------------------------------------------------
 
@@ -241,7 +232,7 @@ class RemoteEngineClient:
                     raise DecodeLost("decode answered a remote-prefill request without a lease")
                 if not event.ticket.lease_id:
                     decision, reason = "fallback", "decode_full"
-                elif not await self._remote_prefill(event.ticket, tokens, decode, rec, ctx):
+                elif not await self.prefills.fill(event.ticket, tokens, decode, rec, ctx):
                     decision, reason = "fallback", "prefill_failed"
             rec.decision = f"{decision}({reason})"
             self.metrics.decisions.labels(decision, reason).inc()
@@ -271,7 +262,7 @@ class RemoteEngineClient:
         except asyncio.TimeoutError:
             raise DecodeLost(f"no answer from decode worker {decode.worker_id} in {timeout:.1f}s") from None
         except asyncio.CancelledError:
-            if _cancelled_by_us(decode):
+            if cancelled_by_pool(decode):
                 raise DecodeLost(f"decode worker {decode.worker_id} left the pool") from None
             raise
 
@@ -285,71 +276,3 @@ class RemoteEngineClient:
         if code == Code.INTERNAL:
             return EngineError(f"decode worker {decode.worker_id} failed: {details}")
         return DecodeLost(f"{code.name}: {details}")
-
-    async def _remote_prefill(self, ticket: common_pb2.Ticket, tokens: list[int], decode: Worker,
-                              rec: RequestRecord, ctx: Any) -> bool:
-        """Fill decode's lease from a prefill worker (trying another if one fails); False when all
-        failed and decode was told to prefill the prompt itself."""
-        tried: set[str] = set()
-        request = prefill_pb2.PrefillRequest(request_id=ticket.request_id, prompt_token_ids=tokens, ticket=ticket)
-        for attempt in range(self.config.prefill_attempts):
-            prefill = self._pick(self.prefill_profile, RoutingRequest(tokens, decode=decode),
-                                 self.pool.live(router_pb2.PREFILL), tried)
-            if prefill is None:
-                break
-            tried.add(prefill.info.instance_id)
-            if attempt:
-                self.metrics.prefill_retries.inc()
-            outcome = await self._prefill_once(prefill, request, decode, rec, ctx)
-            if outcome == "ok":
-                return True
-            if outcome == "stop":
-                break
-        try:
-            await decode_pb2_grpc.DecodeStub(self.channels.get(decode.address)).ResolveLease(
-                decode_pb2.ResolveLeaseRequest(lease_id=ticket.lease_id, action=decode_pb2.PREFILL_LOCALLY,
-                                               reason="; ".join(rec.prefill_failures) or "no prefill worker"),
-                timeout=self.config.ticket_timeout, metadata=outgoing_metadata(ctx=ctx))
-        except grpc.aio.AioRpcError as exc:
-            raise DecodeLost(f"cannot reach decode worker {decode.worker_id}: {exc.code().name}") from exc
-        return False
-
-    async def _prefill_once(self, prefill: Worker, request: prefill_pb2.PrefillRequest, decode: Worker,
-                            rec: RequestRecord, ctx: Any) -> str:
-        """ok, retry (try another prefill worker) or stop (the lease itself is gone)."""
-        call = prefill_pb2_grpc.PrefillStub(self.channels.get(prefill.address)).Prefill(
-            request, timeout=self.config.prefill_timeout, metadata=outgoing_metadata(ctx=ctx))
-        prefill.calls.add(call)
-        prefill.in_flight += 1
-        started = time.monotonic()
-        try:
-            reply = await call
-        except asyncio.CancelledError:
-            if not _cancelled_by_us(prefill):
-                raise
-            return self._prefill_failed(prefill, decode, rec, "prefill_lost", "the prefill worker left the pool")
-        except grpc.aio.AioRpcError as exc:
-            details = exc.details() or ""
-            found = re.match(r"\[(\w+)\]", details)
-            cls = found.group(1) if found else {Code.DEADLINE_EXCEEDED: "timeout", Code.UNAVAILABLE: "prefill_lost",
-                                                Code.FAILED_PRECONDITION: "incompatible"}.get(exc.code(), "internal")
-            if cls in ("timeout", "prefill_lost"):
-                self.pool.mark_failed(prefill, f"prefill call failed: {exc.code().name}")
-            outcome = self._prefill_failed(prefill, decode, rec, cls, f"{exc.code().name} {details}")
-            return "stop" if cls in ("lease_refused", "decode_unavailable") else outcome
-        finally:
-            prefill.calls.discard(call)
-            prefill.in_flight -= 1
-            if not call.done():
-                call.cancel()  # prefill drops the request and its transfer
-        rec.prefill, rec.transfer = prefill.worker_id, reply.transfer
-        self.metrics.transfers.record(reply.transfer, prefill.worker_id, decode.worker_id)
-        self.metrics.prefill_time.labels(prefill.worker_id, decode.worker_id).observe(time.monotonic() - started)
-        return "ok"
-
-    def _prefill_failed(self, prefill: Worker, decode: Worker, rec: RequestRecord, cls: str, detail: str) -> str:
-        rec.prefill_failures.append(f"{prefill.worker_id}: {detail}")
-        self.metrics.transfers.record(common_pb2.TransferStats(transport="grpc", failure_class=cls),
-                                      prefill.worker_id, decode.worker_id)
-        log.warning("request %s: remote prefill on %s failed (%s): %s", rec.request_id, prefill.worker_id, cls, detail)
-        return "retry"

@@ -5,7 +5,6 @@ hang; afterwards no worker holds a KV block and no process is left (the stack fi
 from __future__ import annotations
 
 import signal
-import threading
 import time
 
 import grpc

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from tests.disagg.conftest import router_log, total
-from tandem.worker.process import free_port
 
 PROMPT = torch.randint(3, 49000, (200,), generator=torch.Generator().manual_seed(21)).tolist()
 TOKEN_BYTES = 2 * 2 * 16 * 4 * 2  # tiny llama: K+V, 2 KV heads, head size 16, float32, 2 layers
