@@ -114,7 +114,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return decode_pb2.ResolveLeaseReply(found=True)
 
     async def Cancel(self, request: decode_pb2.CancelRequest, context) -> decode_pb2.CancelReply:
-        found = request.request_id in self.host._streams
+        found = self.host.has_request(request.request_id)
         self.host.abort(request.request_id)
         return decode_pb2.CancelReply(found=found)
 

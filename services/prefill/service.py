@@ -12,7 +12,7 @@ import grpc
 from tandem.engine.kv_transfer.layout import incompatibility
 from tandem.prefill.engine import PrefillEngine
 from tandem.prefill.sender import GrpcKVSender, TransferFailed
-from tandem.proto import prefill_pb2, prefill_pb2_grpc
+from tandem.proto import common_pb2, prefill_pb2, prefill_pb2_grpc
 from tandem.rpc.convert import layout_from_proto, layout_to_proto
 from tandem.rpc.grpc_util import SyncChannelPool
 from tandem.server.engine_client import EngineDeadError
@@ -95,12 +95,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     async def Cancel(self, request: prefill_pb2.PrefillCancelRequest, context) -> prefill_pb2.PrefillCancelReply:
         rid = f"prefill-{request.request_id}"
-        found = rid in self.host._streams
+        found = self.host.has_request(rid)
         self.host.abort(rid)
         return prefill_pb2.PrefillCancelReply(found=found)
 
 
-def _failed(peer: str, failure_class: str):
-    from tandem.proto import common_pb2
-
+def _failed(peer: str, failure_class: str) -> common_pb2.TransferStats:
     return common_pb2.TransferStats(transport="grpc", peer=peer, failure_class=failure_class)

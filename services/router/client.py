@@ -159,7 +159,7 @@ class RemoteEngineClient:
                     if params.best_of > 1:
                         raise EngineError(f"decode worker {rec.decode[-1]} failed; a request with n > 1 cannot be "
                                           "resumed on another worker")
-                    resume, _ = asm.resume_point()
+                    resume = asm.resume_point()
                 try:
                     async for out in self._attempt(decode, rid, ids, params, priority, asm, resume, rec, ctx,
                                                    force_local):

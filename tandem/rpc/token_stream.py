@@ -114,13 +114,14 @@ class OutputAssembler:
             self.metrics.finished_time = now
         return self.output()
 
-    def resume_point(self) -> tuple[list[int], float]:
-        """The single sequence's tokens so far and its cumulative logprob, for another worker."""
+    def resume_point(self) -> list[int]:
+        """The single sequence's tokens so far, for another worker to continue after; the
+        cumulative logprob it reached becomes the base the new worker's values add to."""
         seq = self.seqs.get(0)
         if seq is None:
-            return [], 0.0
+            return []
         seq.base_logprob = seq.cumulative_logprob
-        return list(seq.token_ids), seq.cumulative_logprob
+        return list(seq.token_ids)
 
     def output(self) -> RequestOutput:
         outs = [CompletionOutput(index=s.index, text=s.text, token_ids=list(s.token_ids),

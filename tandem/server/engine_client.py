@@ -162,6 +162,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
 
+    def has_request(self, request_id: str) -> bool:
+        """A stream for this request is open (read on the event loop)."""
+        return request_id in self._streams
+
     def stats(self) -> EngineStats:
         return self._stats
 

@@ -22,7 +22,6 @@ class Recorder:
     def __init__(self) -> None:
         self.chunks: list[KVChunkData] = []
         self.finished = False
-        self.layers_when_put: list[int] = []
 
     def put(self, chunk: KVChunkData) -> None:
         self.chunks.append(chunk.seal())

@@ -46,7 +46,6 @@ class Lease:
     complete: bool = False
     transfer_id: str = ""
     received: torch.Tensor | None = None  # [layers, num_tokens] bool, per transfer
-    granted: float = field(default_factory=time.monotonic)
 
 
 class KVConsumer:

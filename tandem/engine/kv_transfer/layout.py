@@ -39,7 +39,7 @@ class LayoutDescriptor:
     @property
     def token_bytes(self) -> int:
         """Bytes of one token's K and V in one layer."""
-        return 2 * self.num_kv_heads * self.head_dim * torch.empty(0, dtype=self.torch_dtype).element_size()
+        return 2 * self.num_kv_heads * self.head_dim * self.torch_dtype.itemsize
 
     @property
     def torch_dtype(self) -> torch.dtype:
