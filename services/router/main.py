@@ -12,7 +12,15 @@ log = logging.getLogger("tandem.router")
 
 
 def _addresses(value: str) -> list[str]:
-    return [a.strip() for a in value.split(",") if a.strip()]
+    from tandem.router.discovery import split_address
+
+    addresses = [a.strip() for a in value.split(",") if a.strip()]
+    for a in addresses:
+        try:
+            split_address(a)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return addresses
 
 
 def add_router_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -34,9 +42,10 @@ def add_router_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     r.add_argument("--grpc-port", type=int, default=50051, help="port workers register and heartbeat on "
                    "(default: 50051; 0: any free port)")
     r.add_argument("--prefill-workers", type=_addresses, default=[], metavar="HOST:PORT,...",
-                   help="prefill workers to poll, besides those that register")
+                   help="prefill workers to poll, besides those that register; a DNS name (a headless "
+                        "Service) stands for every address it resolves to, re-resolved every few seconds")
     r.add_argument("--decode-workers", type=_addresses, default=[], metavar="HOST:PORT,...",
-                   help="decode workers to poll, besides those that register")
+                   help="decode workers to poll, besides those that register (DNS names as above)")
     r.add_argument("--local-prefill-threshold", type=int, default=128,
                    help="prompts with fewer uncached tokens than this are prefilled on decode (default: 128)")
     r.add_argument("--lease-seconds", type=float, default=30.0, help="how long decode holds blocks for a remote "
@@ -111,6 +120,7 @@ class Router:
     async def start(self, host: str, port: int, grpc_host: str, grpc_port: int, static: list[str] = (),
                     log_level: str = "warning") -> tuple[int, int]:
         from tandem.proto import router_pb2_grpc
+        from tandem.router.discovery import follow
         from tandem.router.pool import RouterServicer
         from tandem.rpc.grpc_util import bind, make_server
         from tandem.server.embedded import bound_port, start_http
@@ -120,7 +130,7 @@ class Router:
         self.grpc_port = bind(self.grpc, grpc_host, grpc_port)
         await self.grpc.start()
         self._tasks = [asyncio.ensure_future(self.pool.sweep())]
-        self._tasks += [asyncio.ensure_future(self.pool.poll(a)) for a in static]
+        self._tasks += [asyncio.ensure_future(follow(a, self.pool.poll)) for a in static]
         self.http, self._http_task = await start_http(self.app, host, port, log_level, timeout_keep_alive=30,
                                                       timeout_graceful_shutdown=10)
         self.port = bound_port(self.http)

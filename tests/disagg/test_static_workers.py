@@ -27,7 +27,7 @@ def test_router_polls_statically_listed_workers(tiny_model_dirs):
     workers = [start(role, model, "--host", "127.0.0.1", "--port", str(ports[role]), "--worker-id", f"static-{role}",
                      "--num-gpu-blocks-override", "128") for role in ("prefill", "decode")]
     router = start("router", model, "--host", "127.0.0.1", "--port", str(ports["http"]), "--grpc-port", "0",
-                   "--prefill-workers", f"127.0.0.1:{ports['prefill']}", "--decode-workers",
+                   "--prefill-workers", f"localhost:{ports['prefill']}", "--decode-workers",
                    f"127.0.0.1:{ports['decode']}", "--local-prefill-threshold", "8", "--heartbeat-interval", "0.2",
                    "--heartbeat-timeout", "3", "--served-model-name", "m")
     url = f"http://127.0.0.1:{ports['http']}"
