@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.engine.attention import AttentionBatch
-from tandem.engine.models.rope import apply_rope, rope_cos_sin, rope_parameters
+from tandem.engine.models import ops
+from tandem.engine.models.rope import rope_cos_sin, rope_parameters
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -19,11 +20,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same operation order as Hugging Face's, so float32 runs match it bit for bit.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with a residual, (norm(x + residual), x + residual) in one pass."""
+        out, total = ops.rms_norm(x, self.weight, self.eps, residual)
+        return out if residual is None else (out, total)
 
 
 class DecoderLayer(nn.Module):
@@ -42,9 +42,15 @@ class DecoderLayer(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.eps)
         self.act = _ACTIVATIONS[cfg.act]
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the previous layer's output, not yet added to the residual stream (vLLM's layout: the
+        add fuses into this layer's first norm). Returns (this layer's output, the residual)."""
         c = self.cfg
-        x = self.input_layernorm(h)
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
         q, k, v = self.qkv_proj(x).split(
             [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
         q = q.view(-1, c.num_heads, c.head_dim)
@@ -52,11 +58,16 @@ class DecoderLayer(nn.Module):
         v = v.view(-1, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = attn.forward(self.layer, q, k, v.contiguous())
-        h = h + self.o_proj(o.reshape(-1, c.num_heads * c.head_dim))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(h)).chunk(2, dim=-1)
-        return h + self.down_proj(self.act(gate) * up)
+        q, k = ops.apply_rope(q, k, positions, *rope)
+        o = attn.forward(self.layer, q, k, v)
+        x, residual = self.post_attention_layernorm(self.o_proj(o.reshape(-1, c.num_heads * c.head_dim)), residual)
+        gate_up = self.gate_up_proj(x)
+        if c.act == "silu":
+            x = ops.silu_and_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            x = self.act(gate) * up
+        return self.down_proj(x), residual
 
 
 class ModelShape:
@@ -104,12 +115,10 @@ class LlamaForCausalLM(nn.Module):
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
-        cos = self.rope_cos[positions].to(h.dtype)
-        sin = self.rope_sin[positions].to(h.dtype)
+        h, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            h = layer(h, cos, sin, attn)
-        return self.norm(h)
+            h, residual = layer(h, residual, positions, (self.rope_cos, self.rope_sin), attn)
+        return self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
