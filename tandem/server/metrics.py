@@ -70,6 +70,9 @@ class ServerMetrics:
                                          registry=r).labels(model_name)
         self.request_success = Counter("tandem:request_success", "Finished requests by finish reason.",
                                        labels + ["finished_reason"], registry=r)
+        self.request_failures = Counter("tandem:request_failures", "Requests whose stream ended in an error "
+                                        "(client disconnects not counted), by exception.",
+                                        labels + ["exception"], registry=r)
         r.register(_EngineCollector(stats, model_name))
 
     def render(self) -> bytes:
@@ -102,6 +105,9 @@ class ServerMetrics:
                     reason = (out.outputs[0].finish_reason if out.outputs else None) or "stop"
                     self.request_success.labels(self.model_name, reason).inc()
                 yield out
+        except Exception as exc:  # counted, then handled by the caller as before
+            self.request_failures.labels(self.model_name, type(exc).__name__).inc()
+            raise
         finally:
             if isinstance(outputs, AsyncGenerator):  # close the source now, not at garbage collection
                 await outputs.aclose()
