@@ -21,6 +21,21 @@ def parse_dtype(dtype: str | torch.dtype, default: torch.dtype = torch.float32) 
     return _DTYPES[dtype]
 
 
+def resolve_device(device: str) -> torch.device:
+    """'auto' is the GPU where there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_dtype(hf_config: dict, device: torch.device) -> torch.dtype:
+    """'auto': float32 on CPUs (exact, and fast there); on GPUs the checkpoint's 16-bit type, else bfloat16."""
+    if device.type == "cpu":
+        return torch.float32
+    name = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, torch.bfloat16)
+
+
 @dataclass
 class CacheConfig:
     block_size: int = 16
@@ -50,7 +65,10 @@ class EngineConfig:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     tokenizer: str | None = None
     dtype: str | torch.dtype = "auto"
-    device: str = "cpu"
+    device: str = "auto"  # "auto": CUDA where there is a GPU, else the CPU
+    enforce_eager: bool = False  # CUDA: no decode graphs
+    load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks), as in vLLM
+    skip_tokenizer_init: bool = False  # token ids in and out, no tokenizer (as in vLLM)
     max_model_len: int | None = None
     seed: int = 0
     generation_config: str = "auto"  # "auto": the model's generation_config.json; "vllm"/"none": ignore

@@ -26,13 +26,15 @@ class LLM:
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, block_size: int = 16,
                  num_gpu_blocks_override: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, scheduling_policy: str = "fcfs",
-                 enable_chunked_prefill: bool = True, seed: int = 0, device: str = "cpu",
-                 generation_config: str = "auto", cpu_kv_cache_gib: float = 4.0, **unused: Any) -> None:
+                 enable_chunked_prefill: bool = True, seed: int = 0, device: str = "auto",
+                 generation_config: str = "auto", cpu_kv_cache_gib: float = 4.0, enforce_eager: bool = False,
+                 load_format: str = "auto", skip_tokenizer_init: bool = False, **unused: Any) -> None:
         if unused:
             raise TypeError(f"unknown LLM arguments: {', '.join(sorted(unused))}")
         config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed,
-            generation_config=generation_config,
+            generation_config=generation_config, enforce_eager=enforce_eager, load_format=load_format,
+            skip_tokenizer_init=skip_tokenizer_init,
             cache=CacheConfig(block_size=block_size, num_gpu_blocks=num_gpu_blocks_override,
                               gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
                               enable_prefix_caching=enable_prefix_caching),

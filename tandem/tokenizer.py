@@ -12,13 +12,17 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path)
 
 
-def eos_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
-    """EOS ids from generation_config.json (int or list) and the tokenizer."""
+def eos_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase | None) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (int or list) and the tokenizer (or, with no tokenizer,
+    config.json)."""
     ids: list[int] = []
     gen = load_generation_config(model_path)
+    if tokenizer is None and "eos_token_id" not in gen:
+        with open(os.path.join(model_path, "config.json")) as f:
+            gen = json.load(f)
     eos = gen.get("eos_token_id")
     ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return tuple(dict.fromkeys(ids))
 
@@ -41,6 +45,15 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict]
         messages, tokenize=False, add_generation_prompt=add_generation_prompt and not continue_final_message,
         continue_final_message=continue_final_message, chat_template=chat_template, tools=tools,
         **template_kwargs)
+
+
+class NoDetokenizer:
+    """Stands in for IncrementalDetokenizer when the engine has no tokenizer: token ids only."""
+
+    text = ""
+
+    def add(self, token_id: int) -> str:
+        return ""
 
 
 class IncrementalDetokenizer:

@@ -1,19 +1,63 @@
-"""Paged attention behind one interface, and its torch reference backend.
-
-The model calls `AttentionBatch.forward(layer, q, k, v)` for every layer; the batch owns the
-per-step metadata (built once per step, shared by all layers) and the KV cache tensors. A GPU
-backend (Triton kernels) implements the same `forward`.
+"""Paged attention behind one interface: the model calls `AttentionBatch.forward(layer, q, k, v)`
+for every layer; the batch owns the step's metadata (built once per step, shared by all layers) and
+the KV cache tensors. `TorchAttention` here is the reference backend (CPUs); `TritonAttention`
+(attention_triton.py) runs the Triton kernels on CUDA. `build_attention` picks one for the device.
 
 Layout: one tensor per layer, [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
 Token t of a request lives in slot `block_table[t // block_size] * block_size + t % block_size`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from tandem.engine import ops
+
+DECODE_GROUP_SIZE = 16  # reference backend: decode rows padded to the longest context of 16 rows
+
+
+@dataclass
+class SeqSlice:
+    """One request's rows in the step's flat batch, in the order the batch holds them."""
+
+    row: int
+    query_len: int
+    context_len: int  # tokens in the cache after this step, the query's own included
+    block_table: list[int]  # the blocks covering context_len
+
+
+@dataclass
+class AttentionBatch:
+    kv_caches: list[torch.Tensor]
+    slot_mapping: torch.Tensor  # [num_tokens] flat slot of each query token; < 0: padding
+    scale: float
+    sliding_window: int | None = None
+    on_layer_written: Callable[[int, torch.Tensor], None] | None = None  # (layer, its cache): KV saving
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]; writes k/v into the cache first."""
+        cache = self.kv_caches[layer]
+        ops.reshape_and_cache(k, v, cache, self.slot_mapping)
+        if self.on_layer_written is not None:
+            self.on_layer_written(layer, cache)
+        return self.attend(cache, q)
+
+    def attend(self, cache: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def build_attention(kv_caches: list[torch.Tensor], seqs: list[SeqSlice], slots: list[int], scale: float,
+                    sliding_window: int | None, on_layer_written=None) -> AttentionBatch:
+    """The device's backend for one step; `seqs` lists prompt chunks first, then single-token rows."""
+    device = kv_caches[0].device
+    slot_mapping = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
+    if device.type == "cuda":
+        from tandem.engine.attention_triton import TritonAttention
+        return TritonAttention.build(kv_caches, seqs, slot_mapping, scale, sliding_window, on_layer_written)
+    return TorchAttention.build(kv_caches, seqs, slot_mapping, scale, sliding_window, on_layer_written)
 
 
 @dataclass
@@ -37,14 +81,25 @@ class DecodeGroup:
 
 
 @dataclass
-class AttentionBatch:
-    kv_caches: list[torch.Tensor]
-    slot_mapping: torch.Tensor  # [num_tokens] flat slot of each query token
-    decodes: list[DecodeGroup]
-    prefills: list[PrefillSeq]
-    scale: float
-    sliding_window: int | None = None
-    on_layer_written: Callable[[int, torch.Tensor], None] | None = None  # (layer, its cache): KV saving
+class TorchAttention(AttentionBatch):
+    decodes: list[DecodeGroup] = field(default_factory=list)
+    prefills: list[PrefillSeq] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, kv_caches, seqs: list[SeqSlice], slot_mapping, scale, sliding_window, on_layer_written):
+        prefills = [PrefillSeq(s.row, s.query_len, s.context_len, torch.tensor(s.block_table))
+                    for s in seqs if s.query_len > 1]
+        singles = [s for s in seqs if s.query_len == 1]
+        decodes = []
+        for start in range(0, len(singles), DECODE_GROUP_SIZE):
+            members = singles[start:start + DECODE_GROUP_SIZE]
+            width = max(len(s.block_table) for s in members)
+            padded = torch.zeros(len(members), width, dtype=torch.long)
+            for j, s in enumerate(members):
+                padded[j, : len(s.block_table)] = torch.tensor(s.block_table)
+            decodes.append(DecodeGroup(slice(members[0].row, members[-1].row + 1), padded,
+                                       torch.tensor([s.context_len for s in members])))
+        return cls(kv_caches, slot_mapping, scale, sliding_window, on_layer_written, decodes, prefills)
 
     def __post_init__(self) -> None:
         # Masks depend on the step only, not the layer: build them once.
@@ -69,16 +124,8 @@ class AttentionBatch:
             mask &= k_pos > q_pos - self.sliding_window
         return mask
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]; writes k/v into the cache first."""
-        cache = self.kv_caches[layer]
-        _, num_blocks, block_size, num_kv, head_dim = cache.shape
-        flat = cache.view(2, num_blocks * block_size, num_kv, head_dim)
-        flat[0].index_copy_(0, self.slot_mapping, k)
-        flat[1].index_copy_(0, self.slot_mapping, v)
-        if self.on_layer_written is not None:
-            self.on_layer_written(layer, cache)
-        group = q.shape[1] // num_kv
+    def attend(self, cache: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        group = q.shape[1] // cache.shape[3]
         out = torch.empty_like(q)
         for g in self.decodes:
             out[g.rows] = self._decode(cache, q[g.rows], g, group)

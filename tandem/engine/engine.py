@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tandem.config import EngineConfig, parse_dtype
+from tandem.config import EngineConfig, default_dtype, parse_dtype, resolve_device
 from tandem.engine import loader
 from tandem.inputs import InputChecker
 from tandem.engine.cpu_tuning import tune_host_allocator
@@ -24,7 +24,7 @@ from tandem.engine.sampler import Sample
 from tandem.engine.scheduler import Scheduler
 from tandem.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tandem.sampling_params import SamplingParams
-from tandem.tokenizer import IncrementalDetokenizer, eos_token_ids, find_stop, load_generation_config, load_tokenizer
+from tandem.tokenizer import IncrementalDetokenizer, NoDetokenizer, eos_token_ids, find_stop, load_generation_config, load_tokenizer
 
 log = logging.getLogger("tandem.engine")
 
@@ -60,8 +60,8 @@ class LLMEngine:
         self.model_path = loader.resolve_model(config.model)
         hf_config = loader.load_config(self.model_path)
         cls = model_class(hf_config)
-        self.dtype = parse_dtype(config.dtype, default=torch.float32)
-        self.device = torch.device(config.device)
+        self.device = resolve_device(config.device)
+        self.dtype = parse_dtype(config.dtype, default=default_dtype(hf_config, self.device))
         if self.device.type == "cpu":
             tune_host_allocator()
         limit = hf_config.get("max_position_embeddings", 4096)
@@ -71,7 +71,7 @@ class LLMEngine:
                              f"max_position_embeddings ({limit})")
         torch.manual_seed(config.seed)
         self.model = self._load(cls, hf_config)
-        self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or self.model_path)
         self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer)
         self.generation_defaults = self._generation_defaults()
         self.inputs = InputChecker(self.tokenizer, self.model.shape.vocab, self.max_model_len)
@@ -79,6 +79,8 @@ class LLMEngine:
         num_blocks = self._num_blocks()
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, cache.hash_seed)
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_graphs(min(config.scheduler.max_num_seqs, 512), self.max_model_len)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.layout = describe(hf_config, self.model, self.dtype, cache.block_size)
         self.producer = KVProducer(self.layout, cache.block_size) if config.kv_role == "producer" else None
@@ -92,7 +94,10 @@ class LLMEngine:
             model = cls(hf_config, self.max_model_len)
         model = model.to_empty(device=self.device)
         model.init_rope()
-        model.load_weights(loader.iterate_weights(self.model_path))
+        if self.config.load_format == "dummy":
+            loader.init_dummy_weights(model)
+        else:
+            model.load_weights(loader.iterate_weights(self.model_path))
         return model.to(self.dtype).eval()
 
     def _generation_defaults(self) -> dict[str, Any]:
@@ -104,8 +109,17 @@ class LLMEngine:
             return cache.num_gpu_blocks
         per_block = ModelRunner.kv_bytes_per_block(self.model, cache.block_size, self.dtype)
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * cache.gpu_memory_utilization
+            sched = self.config.scheduler
+            peak = ModelRunner.profile_activations(self.model, sched.max_num_batched_tokens, self.max_model_len,
+                                                   sched.max_num_seqs, cache.block_size, self.dtype, self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            # the fraction is of the whole device, as in vLLM: weights, activations and cache included
+            budget = total * cache.gpu_memory_utilization - (total - free) - peak
+            if budget < per_block:
+                raise ValueError(f"no room for the KV cache: weights and a {sched.max_num_batched_tokens}-token "
+                                 f"step need {(total - free + peak) / 2**30:.1f} GiB of the "
+                                 f"{total * cache.gpu_memory_utilization / 2**30:.1f} GiB allowed "
+                                 "(raise gpu_memory_utilization or lower max_num_batched_tokens)")
         else:
             available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
             budget = min(cache.cpu_kv_cache_gib * 2**30, available * cache.gpu_memory_utilization)
@@ -128,6 +142,8 @@ class LLMEngine:
         params = params.clone()
         params._eos_token_ids = () if params.ignore_eos else self.eos_token_ids
         words = []
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError("bad_words needs a tokenizer (this engine has skip_tokenizer_init)")
         for word in params.bad_words:
             for variant in (word, " " + word.lstrip()):
                 ids = self.tokenizer.encode(variant, add_special_tokens=False)
@@ -160,7 +176,8 @@ class LLMEngine:
             group.prompt_logprobs = [None]
         self.groups[request_id] = group
         for seq in group.seqs:
-            self._detok[seq] = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            self._detok[seq] = (NoDetokenizer() if self.tokenizer is None else
+                                IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens))
         seq = group.seqs[0]
         for tok in resume_token_ids:
             seq.append_token(tok)

@@ -90,3 +90,16 @@ def iterate_weights(folder: str):
             for name in h.keys():
                 yield name, h.get_tensor(name)
                 bar.update(1)
+
+
+@torch.no_grad()
+def init_dummy_weights(model: torch.nn.Module, std: float = 0.02) -> None:
+    """Random weights in place (load_format="dummy", as vLLM's): benchmarks of real shapes without
+    checkpoints. Norm scales are 1 and biases 0, so activations stay in a realistic range."""
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        elif name.endswith("bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, std)

@@ -7,14 +7,12 @@ from typing import Callable
 
 import torch
 
-from tandem.engine.attention import AttentionBatch, DecodeGroup, PrefillSeq
+from tandem.engine.attention import SeqSlice, build_attention
 from tandem.engine.models.llama import LlamaForCausalLM
 from tandem.engine.request import Request
 from tandem.engine.sampler import Sample, SampleRow, prompt_logprobs, sample
 from tandem.engine.scheduler import SchedulerOutput
 from tandem.outputs import Logprob
-
-DECODE_GROUP_SIZE = 16
 
 
 @dataclass
@@ -34,6 +32,42 @@ class ModelRunner:
             torch.zeros(2, num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)
             for _ in range(s.num_layers)]
         self.scale = s.head_dim ** -0.5
+        self.graphs = None
+
+    def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
+        from tandem.engine.cuda_graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.scale, max_batch, max_model_len, self.block_size)
+        self.graphs.capture()
+
+    @staticmethod
+    @torch.inference_mode()
+    def profile_activations(model: LlamaForCausalLM, num_tokens: int, max_model_len: int, num_logit_rows: int,
+                            block_size: int, dtype: torch.dtype, device: torch.device) -> int:
+        """Peak bytes a step of `num_tokens` prompt tokens allocates beyond what is live before it (CUDA),
+        measured on a throwaway cache just large enough for it."""
+        lens = [min(max_model_len, num_tokens - i) for i in range(0, num_tokens, max_model_len)]
+        runner = ModelRunner(model, sum(-(-n // block_size) for n in lens) + 1, block_size, dtype, device)
+        seqs, slots, next_block, row = [], [], 1, 0
+        for n in lens:
+            table = list(range(next_block, next_block + -(-n // block_size)))
+            next_block += len(table)
+            seqs.append(SeqSlice(row, n, n, table))
+            slots += [table[p // block_size] * block_size + p % block_size for p in range(n)]
+            row += n
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        ids = torch.randint(0, model.shape.vocab, (num_tokens,), device=device)
+        positions = torch.cat([torch.arange(n, device=device) for n in lens])
+        attn = build_attention(runner.kv_caches, seqs, slots, runner.scale, model.shape.sliding_window)
+        hidden = model(ids, positions, attn)
+        model.compute_logits(hidden[:num_logit_rows]).softmax(dim=-1)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del runner, hidden, attn
+        torch.cuda.empty_cache()
+        return peak
 
     @staticmethod
     def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -56,12 +90,11 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        decode_rows, decode_tables, decode_lens = [], [], []
-        prefills: list[PrefillSeq] = []
+        seqs: list[SeqSlice] = []
         sample_rows: list[tuple[Request, int]] = []
         plp_rows: list[tuple[Request, int, int]] = []  # (request, first row, count)
-        # Prompt chunks first, then single-token rows by context length: each decode group is then
-        # a contiguous slice of the batch (views, no gathers or scatters of q and out).
+        # Prompt chunks first, then single-token rows by context length: each backend then finds its
+        # kinds of rows as contiguous slices of the batch (views, no gathers or scatters of q and out).
         order = sorted(sched.scheduled, key=lambda s: (s.num_new_tokens == 1, s.request.num_computed_tokens))
         for s in order:
             r, n = s.request, s.num_new_tokens
@@ -71,25 +104,13 @@ class ModelRunner:
             input_ids += r.all_token_ids[start:ctx]
             positions += range(start, ctx)
             slots += [table[p // bs] * bs + p % bs for p in range(start, ctx)]
-            if n == 1:
-                decode_rows.append(row)
-                decode_tables.append(table[: -(-ctx // bs)])
-                decode_lens.append(ctx)
-            else:
-                prefills.append(PrefillSeq(row, n, ctx, torch.tensor(table[: -(-ctx // bs)])))
+            seqs.append(SeqSlice(row, n, ctx, table[: -(-ctx // bs)]))
             if r.params.prompt_logprobs is not None and start < r.num_prompt_tokens - 1:
                 count = min(ctx, r.num_prompt_tokens - 1) - start
                 plp_rows.append((r, row, count))
             if s.samples and not r.kv_only:
                 sample_rows.append((r, row + n - 1))
-        attn = AttentionBatch(
-            kv_caches=self.kv_caches,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            decodes=self._decode_groups(decode_rows, decode_tables, decode_lens),
-            prefills=prefills, scale=self.scale, sliding_window=self.model.shape.sliding_window,
-            on_layer_written=on_layer_written)
-        hidden = self.model(torch.tensor(input_ids, device=self.device),
-                            torch.tensor(positions, device=self.device), attn)
+        hidden = self._forward(input_ids, positions, slots, seqs, on_layer_written)
         result = StepResult()
         for r, row, count in plp_rows:
             logits = self.model.compute_logits(hidden[row:row + count])
@@ -100,20 +121,19 @@ class ModelRunner:
             self._sample([r for r, _ in sample_rows], hidden[rows], result)
         return result
 
-    @staticmethod
-    def _decode_groups(rows: list[int], tables: list[list[int]], lens: list[int]) -> list[DecodeGroup]:
-        """Consecutive decode rows (sorted by context length) cut into groups, so that padding each
-        row to its group's longest context wastes little attention work."""
-        groups = []
-        for start in range(0, len(rows), DECODE_GROUP_SIZE):
-            members = range(start, min(start + DECODE_GROUP_SIZE, len(rows)))
-            width = max(len(tables[i]) for i in members)
-            padded = torch.zeros(len(members), width, dtype=torch.long)
-            for j, i in enumerate(members):
-                padded[j, : len(tables[i])] = torch.tensor(tables[i])
-            groups.append(DecodeGroup(slice(rows[members[0]], rows[members[-1]] + 1), padded,
-                                      torch.tensor([lens[i] for i in members])))
-        return groups
+    def _forward(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
+                 on_layer_written) -> torch.Tensor:
+        if self.graphs is not None and on_layer_written is None:
+            hidden = self.graphs.run(input_ids, positions, slots, seqs)
+            if hidden is not None:
+                return hidden
+        attn = build_attention(self.kv_caches, seqs, slots, self.scale, self.model.shape.sliding_window,
+                               on_layer_written)
+        return self.model(self._device_tensor(input_ids), self._device_tensor(positions), attn)
+
+    def _device_tensor(self, values: list[int]) -> torch.Tensor:
+        t = torch.tensor(values, dtype=torch.long)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def _sample(self, requests: list[Request], hidden: torch.Tensor, result: StepResult) -> None:
         logits = self.model.compute_logits(hidden)

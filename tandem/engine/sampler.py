@@ -35,11 +35,13 @@ def _penalize(logits: torch.Tensor, rows: list[SampleRow]) -> None:
     for i, row in enumerate(rows):
         p = row.params
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), dtype=torch.long)
+            seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), dtype=torch.long,
+                                device=logits.device)
             vals = logits[i, seen]
             logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
         if (p.frequency_penalty or p.presence_penalty) and row.output_token_ids:
-            ids, counts = torch.tensor(row.output_token_ids, dtype=torch.long).unique(return_counts=True)
+            ids, counts = torch.tensor(row.output_token_ids, dtype=torch.long, device=logits.device).unique(
+                return_counts=True)
             logits[i, ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
 
 
@@ -55,24 +57,26 @@ def _ban(logits: torch.Tensor, rows: list[SampleRow]) -> None:
             if not prefix or out[len(out) - len(prefix):] == prefix:
                 banned.append(word[-1])
         if banned:
-            logits[i, torch.tensor(banned, dtype=torch.long)] = float("-inf")
+            logits[i, torch.tensor(banned, dtype=torch.long, device=logits.device)] = float("-inf")
 
 
 def _filter(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     """Temperature, then min-p, then top-k and top-p (vLLM's order) on the non-greedy rows;
     returns probabilities."""
-    temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype)
+    # which filters apply is read off the parameters on the host: no device round trip
+    dev = logits.device
+    temps = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype, device=dev)
     logits = logits / temps[:, None]
-    top_k = torch.tensor([r.params.top_k or logits.shape[1] for r in rows])
-    top_p = torch.tensor([r.params.top_p for r in rows], dtype=logits.dtype)
-    min_p = torch.tensor([r.params.min_p for r in rows], dtype=logits.dtype)
-    if bool((min_p > 0).any()):
+    top_k = torch.tensor([r.params.top_k or logits.shape[1] for r in rows], device=dev)
+    top_p = torch.tensor([r.params.top_p for r in rows], dtype=logits.dtype, device=dev)
+    min_p = torch.tensor([r.params.min_p for r in rows], dtype=logits.dtype, device=dev)
+    if any(r.params.min_p > 0 for r in rows):
         probs = logits.softmax(dim=-1)
         limit = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
         logits = logits.masked_fill(probs < limit, float("-inf"))
-    if bool((top_k < logits.shape[1]).any() or (top_p < 1).any()):
+    if any((r.params.top_k or logits.shape[1]) < logits.shape[1] or r.params.top_p < 1 for r in rows):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        ranks = torch.arange(logits.shape[1])[None, :]
+        ranks = torch.arange(logits.shape[1], device=dev)[None, :]
         drop = ranks >= top_k[:, None]
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
@@ -93,7 +97,7 @@ def _draw(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         if row.seed is not None:
             generator = generator or torch.Generator()
             generator.manual_seed((row.seed + len(row.output_token_ids) * _GOLDEN) % 2**63)
-            noise[i] = torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(generator=generator)
+            noise[i] = torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(generator=generator).to(noise.device)
     return (probs / noise).argmax(dim=-1)
 
 
@@ -106,12 +110,13 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sample]:
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
-        idx = torch.tensor(sampled)
+        idx = torch.tensor(sampled, device=logits.device)
         sub = [rows[i] for i in sampled]
         tokens[idx] = _draw(_filter(logits[idx], sub), sub)
     out: list[Sample] = []
-    chosen_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0].tolist()
-    for i, (row, tok, chosen) in enumerate(zip(rows, tokens.tolist(), chosen_logprobs)):
+    chosen_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+    tokens, chosen_logprobs = tokens.tolist(), chosen_logprobs.tolist()  # the step's one wait for the device
+    for i, (row, tok, chosen) in enumerate(zip(rows, tokens, chosen_logprobs)):
         if row.params.logprobs is None:
             out.append(Sample(tok, chosen, None))
             continue

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tandem.engine.attention import AttentionBatch
-from tandem.engine.models import ops
+from tandem.engine import ops
 from tandem.engine.models.rope import rope_cos_sin, rope_parameters
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}

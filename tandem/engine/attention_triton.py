@@ -1,0 +1,84 @@
+"""The CUDA attention backend: one launch of the paged prefill kernel for every prompt chunk of the
+step and one of the paged decode kernel (split-K) for every single-token row, both reading K/V
+through the block tables (no gathers).
+
+Every value the kernels' grids need is a host int passed in, never read back from the device, so a
+decode batch can be captured in a CUDA graph (cuda_graphs.py) and replayed with new tensors' contents.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tandem.engine.attention import AttentionBatch, SeqSlice
+
+
+def _table(seqs: list[SeqSlice], width: int | None = None) -> torch.Tensor:
+    width = width or max(len(s.block_table) for s in seqs)
+    rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+@dataclass
+class DecodeMeta:
+    start: int  # first single-token row; they run to the end of the batch
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32; 0 for padding rows
+    max_context_len: int
+    num_splits: int | None = None
+
+
+@dataclass
+class PrefillMeta:
+    num_rows: int  # prompt-chunk rows come first: [0, num_rows)
+    cu_seqlens_q: torch.Tensor  # [N + 1] int32
+    context_lens: torch.Tensor  # [N] int32
+    block_tables: torch.Tensor  # [N, max_blocks] int32
+    max_query_len: int
+
+
+@dataclass
+class TritonAttention(AttentionBatch):
+    decode: DecodeMeta | None = None
+    prefill: PrefillMeta | None = None
+
+    @classmethod
+    def build(cls, kv_caches, seqs: list[SeqSlice], slot_mapping, scale, sliding_window, on_layer_written):
+        device = kv_caches[0].device
+
+        def dev(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory().to(device, non_blocking=True)
+
+        chunks = [s for s in seqs if s.query_len > 1]
+        singles = [s for s in seqs if s.query_len == 1]
+        prefill = decode = None
+        if chunks:
+            cu = [0]
+            for s in chunks:
+                cu.append(cu[-1] + s.query_len)
+            prefill = PrefillMeta(cu[-1], dev(torch.tensor(cu, dtype=torch.int32)),
+                                  dev(torch.tensor([s.context_len for s in chunks], dtype=torch.int32)),
+                                  dev(_table(chunks)), max(s.query_len for s in chunks))
+        if singles:
+            decode = DecodeMeta(singles[0].row, dev(_table(singles)),
+                                dev(torch.tensor([s.context_len for s in singles], dtype=torch.int32)),
+                                max(s.context_len for s in singles))
+        return cls(kv_caches, slot_mapping, scale, sliding_window, on_layer_written, decode, prefill)
+
+    def attend(self, cache: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        from tandem.kernels.paged_decode_attention import paged_decode_attention
+        from tandem.kernels.paged_prefill_attention import paged_prefill_attention
+
+        out = torch.empty_like(q)
+        if self.prefill is not None:
+            p = self.prefill
+            paged_prefill_attention(q[:p.num_rows], cache, p.cu_seqlens_q, p.context_lens, p.block_tables,
+                                    self.scale, self.sliding_window, out=out[:p.num_rows],
+                                    max_query_len=p.max_query_len)
+        if self.decode is not None:
+            d = self.decode
+            paged_decode_attention(q[d.start:], cache, d.block_tables, d.context_lens, self.scale,
+                                   self.sliding_window, num_splits=d.num_splits, out=out[d.start:],
+                                   max_context_len=d.max_context_len)
+        return out

@@ -1,0 +1,87 @@
+"""CUDA graphs of the decode-only forward pass at bucketed batch sizes.
+
+A step whose rows are all single tokens (the steady state of generation) replays the graph of the
+smallest bucket that holds it, after copying its inputs into the graph's static tensors; the rows
+past the batch are padding: slot -1 (the cache write skips it) and context length 0 (attention
+reads nothing). Steps with a prompt chunk, KV saving, or more rows than the largest bucket run eager.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+
+import numpy as np
+import torch
+
+from tandem.engine.attention import SeqSlice
+from tandem.engine.attention_triton import DecodeMeta, TritonAttention
+
+log = logging.getLogger("tandem.engine")
+
+
+def bucket_sizes(max_batch: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
+    return sizes + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_caches: list[torch.Tensor], scale: float, max_batch: int, max_model_len: int,
+                 block_size: int) -> None:
+        self.model = model
+        self.buckets = bucket_sizes(max_batch)
+        self.max_model_len = max_model_len
+        device = kv_caches[0].device
+        max_blocks = -(-max_model_len // block_size)
+        # host staging (pinned) and device copies of every input, sized for the largest bucket
+        self.host = {"input_ids": np.zeros(max_batch, np.int64), "positions": np.zeros(max_batch, np.int64),
+                     "slots": np.full(max_batch, -1, np.int64), "context_lens": np.zeros(max_batch, np.int32),
+                     "block_tables": np.zeros((max_batch, max_blocks), np.int32)}
+        self.pinned = {k: torch.from_numpy(v).pin_memory() for k, v in self.host.items()}
+        self.host = {k: v.numpy() for k, v in self.pinned.items()}  # write straight into pinned memory
+        self.dev = {k: v.to(device) for k, v in self.pinned.items()}
+        self.attn = {b: TritonAttention(kv_caches, self.dev["slots"][:b], scale, model.shape.sliding_window,
+                                        decode=DecodeMeta(0, self.dev["block_tables"][:b],
+                                                          self.dev["context_lens"][:b], max_model_len))
+                     for b in self.buckets}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Largest bucket first, so the smaller ones reuse its memory from the shared pool."""
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for b in reversed(self.buckets):
+                args = (self.dev["input_ids"][:b], self.dev["positions"][:b], self.attn[b])
+                self.model(*args)  # compiles the kernels and sets up cuBLAS outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    hidden = self.model(*args)
+                self.graphs[b] = (graph, hidden)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int],
+            seqs: list[SeqSlice]) -> torch.Tensor | None:
+        """The hidden states of a decode-only step, or None when this step cannot replay a graph."""
+        n = len(seqs)
+        if n > self.buckets[-1] or len(input_ids) != n or not self.graphs:
+            return None
+        b = self.buckets[bisect.bisect_left(self.buckets, n)]
+        h = self.host
+        h["input_ids"][:n] = input_ids
+        h["positions"][:n] = positions
+        h["slots"][:n] = slots
+        h["slots"][n:b] = -1
+        h["context_lens"][:n] = [s.context_len for s in seqs]
+        h["context_lens"][n:b] = 0
+        table = h["block_tables"]
+        for i, s in enumerate(seqs):
+            table[i, :len(s.block_table)] = s.block_table
+        for key in ("input_ids", "positions", "slots", "context_lens", "block_tables"):
+            self.dev[key][:b].copy_(self.pinned[key][:b], non_blocking=True)
+        graph, hidden = self.graphs[b]
+        graph.replay()
+        return hidden[:n]
