@@ -1,0 +1,193 @@
+"""GPU throughput of LLM.generate against transformers' generate and the roofline, on random-weight
+bf16 models of Llama-3.2-1B and Llama-3.1-8B shapes (the GPU issue's workloads).
+
+    python bench/gpu.py [--shapes 1b,8b] [--workloads W1,W1-64,P512,single,W2] [--no-hf] [--out DIR]
+
+Every request is random token ids, greedy, ignore_eos with min_tokens = max_tokens, all submitted at
+once after one warm-up pass. The roofline: copy bandwidth and bf16 matmul rate are measured first;
+ceiling time = prefill FLOPs / matmul rate + decode bytes (weights + the batch's KV, every step) /
+copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_models import config_folder, kv_bytes_per_token, llama_config, num_params  # noqa: E402
+
+# vLLM 0.25.0 on an H200 (the issue's table), output tokens/s
+VLLM_H200 = {("W1", "1b"): 41168, ("W1", "8b"): 18817, ("W1-64", "1b"): 22382, ("W1-64", "8b"): 9616,
+             ("P512", "1b"): 27736, ("P512", "8b"): 6962, ("single", "1b"): 533, ("single", "8b"): 201,
+             ("W2", "8b"): 5852}
+H200_COPY_TBPS = 4.25
+
+
+def workload(name: str, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """(prompt length, output length) per request."""
+    if name == "W1":
+        return [(128, 512)] * 256
+    if name == "W1-64":
+        return [(128, 512)] * 64
+    if name == "P512":
+        return [(512, 128)] * 256
+    if name == "single":
+        return [(512, 128)]
+    if name == "W2":
+        def lognormal(mean: float, lo: int, hi: int) -> np.ndarray:
+            mu = np.log(mean) - 0.8 ** 2 / 2  # so that the mean is `mean`
+            return np.clip(rng.lognormal(mu, 0.8, 256), lo, hi).astype(int)
+        return list(zip(lognormal(600, 16, 2048).tolist(), lognormal(250, 8, 1024).tolist()))
+    raise ValueError(f"unknown workload {name!r}")
+
+
+def timed(fn, sync=True) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def ceilings() -> dict:
+    """Copy bandwidth (bytes read + written) and bf16 matmul rate, medians of repeated runs."""
+    src = torch.randn(2**30 // 2, dtype=torch.bfloat16, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    times = [timed(lambda: dst.copy_(src)) for _ in range(20)]
+    copy = 2 * src.numel() * 2 / float(np.median(times[5:]))
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    times = [timed(lambda: a @ b) for _ in range(20)]
+    flops = 2 * 8192 ** 3 / float(np.median(times[5:]))
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return {"copy_bytes_per_s": copy, "bf16_flops_per_s": flops}
+
+
+def roofline_seconds(cfg: dict, requests: list[tuple[int, int]], ceil: dict) -> float:
+    """Prefill at the matmul rate, then every decode step reads the weights and the running batch's KV."""
+    params = num_params(cfg)
+    prompt_tokens = sum(p for p, _ in requests)
+    prefill = 2 * params * prompt_tokens / ceil["bf16_flops_per_s"]
+    kv = kv_bytes_per_token(cfg)
+    decode_bytes = 0
+    for step in range(1, max(o for _, o in requests)):
+        live = [(p + step) for p, o in requests if o > step]
+        decode_bytes += 2 * params + kv * sum(live)
+    return prefill + decode_bytes / ceil["copy_bytes_per_s"]
+
+
+def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_model_len: int) -> dict:
+    from tandem import LLM, SamplingParams
+
+    llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=max_model_len,
+              max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.9, enable_prefix_caching=False)
+    vocab = llm.engine.model.shape.vocab
+    warm = [rng.integers(0, vocab, 64).tolist() for _ in range(8)]
+    llm.generate(warm, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    out = {}
+    for name, reqs in runs.items():
+        prompts = [rng.integers(0, vocab, p).tolist() for p, _ in reqs]
+        params = [SamplingParams(temperature=0, max_tokens=o, min_tokens=o, ignore_eos=True) for _, o in reqs]
+        t = time.perf_counter()
+        results = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t
+        tokens = sum(len(r.outputs[0].token_ids) for r in results)
+        assert tokens == sum(o for _, o in reqs), "every request generates exactly its max_tokens"
+        out[name] = {"seconds": elapsed, "output_tokens": tokens, "tok_per_s": tokens / elapsed}
+        print(f"  tandem {name}: {tokens / elapsed:,.0f} out tok/s ({elapsed:.2f} s)", flush=True)
+    out["num_kv_blocks"] = llm.engine.kv.pool.num_blocks
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_hf(cfg: dict, runs: dict[str, list[tuple[int, int]]], rng) -> dict:
+    """transformers' generate, one static batch per workload (equal lengths only)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=torch.bfloat16).eval()
+    out = {}
+    warm = torch.randint(0, cfg["vocab_size"], (8, 64), device="cuda")
+    model.generate(warm, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    for name, reqs in runs.items():
+        if len(set(reqs)) != 1:
+            out[name] = None  # variable lengths: no fair static batch
+            continue
+        p, o = reqs[0]
+        ids = torch.from_numpy(rng.integers(0, cfg["vocab_size"], (len(reqs), p))).cuda()
+        elapsed = timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=o,
+                                               min_new_tokens=o, do_sample=False, pad_token_id=0))
+        tokens = len(reqs) * o
+        out[name] = {"seconds": elapsed, "output_tokens": tokens, "tok_per_s": tokens / elapsed}
+        print(f"  transformers {name}: {tokens / elapsed:,.0f} out tok/s ({elapsed:.2f} s)", flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="1b,8b")
+    ap.add_argument("--workloads", default="W1,W1-64,P512,single,W2")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
+    args = ap.parse_args()
+    import triton
+    import transformers
+
+    device = torch.cuda.get_device_name()
+    ceil = ceilings()
+    print(f"{device}: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"bf16 matmul {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    bw_scale = ceil["copy_bytes_per_s"] / 1e12 / H200_COPY_TBPS
+    result = {"device": device, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+              "ceilings": ceil, "shapes": {}}
+    rows = []
+    for shape in args.shapes.split(","):
+        cfg = llama_config(shape)
+        rng = np.random.default_rng(0)
+        runs = {w: workload(w, rng) for w in args.workloads.split(",")}
+        longest = max(p + o for reqs in runs.values() for p, o in reqs)
+        folder = config_folder(shape)
+        print(f"{shape}: {num_params(cfg) / 1e9:.2f} B parameters", flush=True)
+        ours = run_tandem(folder, runs, np.random.default_rng(1), max_model_len=max(longest, 4096))
+        hf = {} if args.no_hf else run_hf(cfg, runs, np.random.default_rng(1))
+        shape_result = {}
+        for w, reqs in runs.items():
+            ceiling_tps = sum(o for _, o in reqs) / roofline_seconds(cfg, reqs, ceil)
+            vllm = VLLM_H200.get((w, shape))
+            target = vllm * 1.1 * (1.0 if "H200" in device else bw_scale) if vllm else None
+            shape_result[w] = {"tandem": ours[w], "transformers": hf.get(w), "ceiling_tok_per_s": ceiling_tps,
+                               "vllm_h200": vllm, "target_tok_per_s": target}
+            t = ours[w]["tok_per_s"]
+            h = (hf.get(w) or {}).get("tok_per_s")
+            rows.append(f"{shape:>3} {w:<7} {t:>9,.0f} {h or 0:>9,.0f} {t / h if h else 0:>6.2f}x "
+                        f"{ceiling_tps:>9,.0f} {100 * t / ceiling_tps:>5.1f}% "
+                        f"{(vllm or 0):>8,} {t / target if target else 0:>6.2f}")
+        result["shapes"][shape] = shape_result
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"gpu-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nshape workload  tandem/s     hf/s  ratio  ceiling/s  %ceil  vllm-H200  vs target(1.1x vllm"
+          f"{'' if 'H200' in device else ' x copy-bandwidth ratio'}))")
+    print("\n".join(rows))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
