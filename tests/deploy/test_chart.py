@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import helm_python as helm
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -191,6 +191,23 @@ def test_optional_model_and_notes():
         notes = chart.render(values=values, name="tandem", namespace="tandem-system")["tandem/templates/NOTES.txt"]
     assert "kubectl -n models port-forward svc/smollm2-router 8000" in notes
     assert "http://smollm2-router.models.svc:8000/v1" in notes
+
+
+@pytest.mark.parametrize("change", [
+    {"prefill": {"replicas": -1}},
+    {"decode": {"tensorParallelSize": "8"}},
+    {"model": {"dtype": "int3"}},
+    {"model": {"source": {"hf": "a/b", "pvc": {"claimName": "weights"}}}},  # exactly one source
+    {"router": {"replica": 2}},  # a typo: unknown fields are refused
+])
+def test_tandemmodel_is_checked_against_the_crd(change):
+    values = values_of("model")
+    spec = values["model"]["spec"]
+    for key, fields in change.items():
+        spec[key] = spec.get(key, {}) | fields
+    (model,) = by_kind(render(values), "TandemModel")
+    with pytest.raises(jsonschema.ValidationError):
+        validate(model)
 
 
 @pytest.mark.parametrize("bad", [
