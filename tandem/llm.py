@@ -41,6 +41,7 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       policy=scheduling_policy, enable_chunked_prefill=enable_chunked_prefill))
         self.engine = LLMEngine(config)
+        self.engine.stream_outputs = False  # generate() returns whole outputs: no per-step snapshots
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -88,6 +88,7 @@ class LLMEngine:
                          if config.kv_role == "consumer" else None)
         self.groups: dict[str, RequestGroup] = {}
         self._detok: dict[Request, IncrementalDetokenizer] = {}
+        self.stream_outputs = True  # False: `step` reports finished requests only (offline batches)
 
     def _load(self, cls, hf_config: dict):
         with torch.device("meta"):  # no random init: every weight is loaded
@@ -299,7 +300,7 @@ class LLMEngine:
                 self._update(child, smp, now)
             self._update(req, samples[0], now)
             touched[req.group.request_id] = req.group
-        outputs = [self._output(g) for g in touched.values()]
+        outputs = [self._output(g) for g in touched.values() if self.stream_outputs or g.finished]
         for out in outputs:
             if out.finished:
                 self._release(self.groups.pop(out.request_id))
