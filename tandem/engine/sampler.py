@@ -46,6 +46,10 @@ def _penalize(logits: torch.Tensor, rows: list[SampleRow]) -> None:
 
 
 def _ban(logits: torch.Tensor, rows: list[SampleRow]) -> None:
+    """-inf for EOS and stop ids before min_tokens, and for the last token of a bad word whose prefix
+    was just generated; one indexed write for the whole batch."""
+    row_idx: list[int] = []
+    col_idx: list[int] = []
     for i, row in enumerate(rows):
         p = row.params
         banned: list[int] = []
@@ -56,8 +60,10 @@ def _ban(logits: torch.Tensor, rows: list[SampleRow]) -> None:
             prefix = word[:-1]
             if not prefix or out[len(out) - len(prefix):] == prefix:
                 banned.append(word[-1])
-        if banned:
-            logits[i, torch.tensor(banned, dtype=torch.long, device=logits.device)] = float("-inf")
+        row_idx += [i] * len(banned)
+        col_idx += banned
+    if row_idx:
+        logits[torch.tensor(row_idx, device=logits.device), torch.tensor(col_idx, device=logits.device)] = float("-inf")
 
 
 def _filter(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
