@@ -18,13 +18,19 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--kv-cache-gib", type=float, default=4.0,
                    help="KV cache size in GiB on CPU when --num-gpu-blocks-override is not given (default: 4)")
+    p.add_argument("--device", default="auto", help="auto (CUDA where there is a GPU), cuda or cpu")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights, activations and KV cache (default: 0.9)")
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode CUDA graphs")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
                 num_gpu_blocks_override=args.num_gpu_blocks_override,
                 enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens, cpu_kv_cache_gib=args.kv_cache_gib)
+                max_num_batched_tokens=args.max_num_batched_tokens, cpu_kv_cache_gib=args.kv_cache_gib,
+                device=args.device, gpu_memory_utilization=args.gpu_memory_utilization,
+                enforce_eager=args.enforce_eager)
 
 
 def _sampling(args: argparse.Namespace):

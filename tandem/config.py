@@ -76,6 +76,21 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_role: str | None = None  # None: colocated; "producer": prefill worker; "consumer": decode worker
 
+    @classmethod
+    def from_args(cls, args, **overrides) -> "EngineConfig":
+        """From the engine flags every command shares (tandem.cli's `_add_engine_args`)."""
+        get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+        return cls(
+            model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=get("seed", 0),
+            device=get("device", "auto"), enforce_eager=get("enforce_eager", False),
+            generation_config=get("generation_config", "auto"),
+            cache=CacheConfig(block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks_override,
+                              gpu_memory_utilization=get("gpu_memory_utilization", 0.9),
+                              enable_prefix_caching=args.enable_prefix_caching, cpu_kv_cache_gib=args.kv_cache_gib),
+            scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                      policy=get("scheduling_policy", "fcfs")),
+            **overrides)
+
     def __post_init__(self) -> None:
         if self.kv_role not in (None, "producer", "consumer"):
             raise ValueError(f"kv_role must be None, 'producer' or 'consumer', got {self.kv_role!r}")

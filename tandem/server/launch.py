@@ -119,7 +119,7 @@ def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from tandem.config import CacheConfig, EngineConfig, SchedulerConfig
+    from tandem.config import EngineConfig
     from tandem.server.api import build_app
     from tandem.server.engine_client import AsyncEngine
 
@@ -127,13 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("tandem.server")
     try:
         config = server_config(args)
-        engine_config = EngineConfig(
-            model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
-            generation_config=args.generation_config,
-            cache=CacheConfig(block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks_override,
-                              enable_prefix_caching=args.enable_prefix_caching, cpu_kv_cache_gib=args.kv_cache_gib),
-            scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                      policy=args.scheduling_policy))
+        engine_config = EngineConfig.from_args(args)
         log.info("loading %s", args.model or f"the embedded {DEFAULT_MODEL_NAME}")
         client = AsyncEngine(engine_config, model_name=args.model or DEFAULT_MODEL_NAME)
     except (ValueError, FileNotFoundError) as exc:

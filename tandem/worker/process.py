@@ -53,13 +53,9 @@ def add_worker_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def engine_config(args: argparse.Namespace, kv_role: str):
-    from tandem.config import CacheConfig, EngineConfig, SchedulerConfig
+    from tandem.config import EngineConfig
 
-    return EngineConfig(
-        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed, kv_role=kv_role,
-        cache=CacheConfig(block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks_override,
-                          enable_prefix_caching=args.enable_prefix_caching, cpu_kv_cache_gib=args.kv_cache_gib),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens))
+    return EngineConfig.from_args(args, kv_role=kv_role)
 
 
 def run_worker(args: argparse.Namespace, role: int) -> int:
