@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
     from tandem.launcher import add_up_parser
+    from tandem.operator.main import add_operator_parser  # light: kopf is imported when the command runs
     from tandem.router.main import add_router_parser  # light: heavy imports wait for the command
     from tandem.server.launch import add_serve_parser
     from tandem.worker.process import add_worker_parsers
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_router_parser(sub)
     add_worker_parsers(sub)
     add_up_parser(sub)
+    add_operator_parser(sub)
     return parser
 
 

@@ -1,0 +1,113 @@
+"""The kopf handlers: thin, they parse, build, reconcile and report. A TandemModel is reconciled when it
+is created, changed or found at start (resume), and when one of its children is deleted (restored);
+its status follows its workloads' events. Deleting it needs nothing here: every child has an owner
+reference, so the garbage collector deletes them (no finalizer)."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import kopf
+from pydantic import ValidationError
+
+from tandem.operator import groups, status
+from tandem.operator.build import build_children
+from tandem.operator.common import GROUP_INDEX_LABEL, MANAGED_BY, MODEL_LABEL, Obj
+from tandem.operator.kube import Kube, connect
+from tandem.operator.pools import LWS_API_VERSION
+from tandem.operator.reconcile import child_kinds, reconcile
+from tandem.operator.spec import GROUP, KIND, PLURAL, VERSION, TandemModel
+
+API_VERSION = f"{GROUP}/{VERSION}"
+CHILDREN = {"app.kubernetes.io/managed-by": MANAGED_BY, MODEL_LABEL: kopf.PRESENT}
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    # kopf's bookkeeping in annotations: the CRD's status schema has no room for it
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    if getattr(memo, "kube", None) is None:
+        memo.kube = Kube(connect())
+    if getattr(memo, "default_image", None) is None:
+        memo.default_image = os.environ.get("TANDEM_IMAGE", "tandem:latest")
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_status(kube: Kube, model: TandemModel, body: Obj, lws: bool, error: tuple[str, str] | None = None) -> None:
+    """Compute the status from the children now in the cluster; patch it if it changed."""
+    selector = {MODEL_LABEL: model.owner.name}
+    children = [obj for api_version, kind in child_kinds(lws)
+                for obj in kube.list(api_version, kind, model.owner.namespace, selector)]
+    old = body.get("status") or {}
+    new = status.compute(model, children, body["metadata"].get("generation", 0), old.get("conditions") or [],
+                         now(), error)
+    if {key: old.get(key) for key in new} != new:
+        kube.patch_status(API_VERSION, KIND, model.owner.namespace, model.owner.name, new)
+
+
+def sync(memo: kopf.Memo, body: Obj) -> None:
+    kube: Kube = memo.kube
+    meta = body["metadata"]
+    try:
+        model = TandemModel.from_body(body, memo.default_image)
+    except ValidationError as exc:
+        degraded = status.condition("Degraded", True, "InvalidSpec", str(exc), meta.get("generation", 0),
+                                    (body.get("status") or {}).get("conditions") or [], now())
+        kube.patch_status(API_VERSION, KIND, meta["namespace"], meta["name"], {"conditions": [degraded]})
+        raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+    lws = kube.serves(LWS_API_VERSION, "leaderworkersets")
+    try:
+        reconcile(kube, model, build_children(model, lws), lws)
+    except Exception as exc:  # noqa: BLE001 - shown as Degraded, then kopf retries
+        write_status(kube, model, body, lws, ("ReconcileFailed", f"{type(exc).__name__}: {exc}"))
+        raise kopf.TemporaryError(f"reconcile failed: {exc}", delay=10) from exc
+    write_status(kube, model, body, lws)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def tandem_model_changed(body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    sync(memo, dict(body))
+
+
+def owning_model(kube: Kube, child: Obj) -> Obj | None:
+    """The live TandemModel that owns `child`, if any."""
+    meta = child["metadata"]
+    owner = kube.get(API_VERSION, KIND, meta["namespace"], meta["labels"][MODEL_LABEL])
+    if owner is None or owner["metadata"].get("deletionTimestamp"):
+        return None
+    uids = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
+    return owner if owner["metadata"]["uid"] in uids else None
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILDREN)
+@kopf.on.event("apps", "v1", "statefulsets", labels=CHILDREN)
+@kopf.on.event("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", labels=CHILDREN)
+@kopf.on.event("", "v1", "services", labels=CHILDREN)
+@kopf.on.event("", "v1", "configmaps", labels=CHILDREN)
+def child_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    """A deleted child is restored; a workload's change updates its TandemModel's status."""
+    owner = owning_model(memo.kube, dict(body))
+    if owner is None:
+        return
+    if event["type"] == "DELETED":
+        sync(memo, owner)
+    elif body["kind"] in ("Deployment", "StatefulSet", "LeaderWorkerSet"):
+        try:
+            model = TandemModel.from_body(owner, memo.default_image)
+        except ValidationError:
+            return  # reported by the TandemModel's own handler
+        write_status(memo.kube, model, owner, memo.kube.serves(LWS_API_VERSION, "leaderworkersets"))
+
+
+@kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/managed-by": MANAGED_BY, GROUP_INDEX_LABEL: kopf.PRESENT})
+def group_member_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_) -> None:
+    pod = dict(body)
+    if groups.member_failed(pod):
+        restarted = groups.restart_group(memo.kube, pod)
+        logger.warning("group member %s failed: restarting its group %s", pod["metadata"]["name"], restarted)
