@@ -37,7 +37,7 @@ async def one(address: str, tokens: int, chunk_bytes: int, window: int, seed: in
         request_id=f"bench-{seed}", prompt_token_ids=prompt, prefill=decode_pb2.REMOTE, lease_seconds=60,
         params=params_to_proto(SamplingParams(max_tokens=1, temperature=0))))
     ticket = (await call.read()).ticket
-    sync_channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    sync_channel = grpc.insecure_channel(ticket.endpoint, options=CHANNEL_OPTIONS)
     sender = GrpcKVSender(sync_channel, ticket, state.info.layout, "bench", window=window)
     started = time.perf_counter()
     run = asyncio.get_running_loop().run_in_executor(None, sender.run)

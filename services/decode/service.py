@@ -1,5 +1,6 @@
-"""The decode worker's gRPC API: the request token stream (Generate), lease resolution, cancel,
-and the KV transfer prefill workers write into leases (TransferKV)."""
+"""The decode worker's gRPC API: the request token stream (Generate), lease resolution and cancel.
+The KV transfer prefill workers write into leases (TransferKV) has a server of its own:
+kv_receiver.py."""
 from __future__ import annotations
 
 import logging
@@ -9,32 +10,18 @@ import grpc
 
 from tandem import faults
 from tandem.decode.engine import DecodeEngine, LeaseExpired, LeaseGranted, PrefillingLocally
-from tandem.engine.kv_transfer.codec import KVChunkData
-from tandem.engine.kv_transfer.consumer import LeaseError
 from tandem.proto import common_pb2, decode_pb2, decode_pb2_grpc
-from tandem.rpc.convert import layout_from_proto, layout_to_proto, params_from_proto
+from tandem.rpc.convert import layout_to_proto, params_from_proto
 from tandem.rpc.token_stream import DeltaEncoder
 from tandem.server.engine_client import EngineDeadError, EngineError
 from tandem.telemetry import incoming_context, tracer
 from tandem.tokenizer import IncrementalDetokenizer
-from tandem.worker.metrics import TransferMetrics
 
 log = logging.getLogger("tandem.decode")
-Ack = decode_pb2.TransferAck
-
-
-def metadata_value(context: grpc.aio.ServicerContext, key: str) -> str:
-    for item in context.invocation_metadata() or ():
-        if item.key == key:
-            return item.value
-    return ""
-
-
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, host: DecodeEngine, address: str, transfers: TransferMetrics) -> None:
+    def __init__(self, host: DecodeEngine, kv_endpoint: str) -> None:
         self.host = host
-        self.address = address
-        self.transfers = transfers
+        self.kv_endpoint = kv_endpoint  # where prefill workers send KV (kv_receiver.py's server)
         self.layout = layout_to_proto(host.engine.layout)
 
     # ---- the request's token stream ----------------------------------------------------------
@@ -97,7 +84,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return detok.text
 
     def _ticket(self, request_id: str, lease: LeaseGranted) -> common_pb2.Ticket:
-        return common_pb2.Ticket(request_id=request_id, lease_id=lease.lease_id, endpoint=self.address,
+        return common_pb2.Ticket(request_id=request_id, lease_id=lease.lease_id, endpoint=self.kv_endpoint,
                                  layout=self.layout, skip_tokens=lease.skip_tokens, num_tokens=lease.num_tokens,
                                  block_ids=list(lease.block_ids), lease_seconds=lease.lease_seconds)
 
@@ -117,68 +104,3 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         found = self.host.has_request(request.request_id)
         self.host.abort(request.request_id)
         return decode_pb2.CancelReply(found=found)
-
-    # ---- KV transfer, the receiving side -------------------------------------------------------
-
-    async def TransferKV(self, request_iterator, context: grpc.aio.ServicerContext) -> AsyncIterator[Ack]:
-        consumer = self.host.engine.consumer
-        peer = metadata_value(context, "tandem-worker-id") or context.peer()
-        stats = common_pb2.TransferStats(transport="grpc", peer=peer)
-        lease_id = transfer_id = None
-        complete = False
-        span = tracer().start_span("decode.kv_receive", context=incoming_context(context.invocation_metadata()))
-        try:
-            async for msg in request_iterator:
-                kind = msg.WhichOneof("body")
-                if kind == "open":
-                    lease_id, transfer_id = msg.open.lease_id, msg.open.transfer_id
-                    span.set_attribute("tandem.lease_id", lease_id)
-                    try:
-                        consumer.open(lease_id, transfer_id, layout_from_proto(msg.open.layout))
-                    except LeaseError as exc:
-                        stats.failure_class = "incompatible" if "incompatible" in str(exc) else "lease_refused"
-                        yield Ack(seq=0, status=Ack.REFUSED, error=str(exc))
-                        return
-                    yield Ack(seq=0)
-                elif kind == "chunk":
-                    c = msg.chunk
-                    chunk = KVChunkData(c.layer, c.token_start, c.num_tokens, c.data, c.crc32)
-                    if lease_id is None:
-                        stats.failure_class = "protocol"
-                        yield Ack(seq=c.seq, status=Ack.REFUSED, error="a chunk before the transfer was opened")
-                        return
-                    if not chunk.intact():
-                        stats.retransmits += 1
-                        yield Ack(seq=c.seq, status=Ack.CHECKSUM_MISMATCH,
-                                  error=f"chunk {c.seq}: CRC-32 mismatch (layer {c.layer}, tokens {c.token_start}+"
-                                        f"{c.num_tokens}); send it again")
-                        continue
-                    try:
-                        consumer.write(lease_id, transfer_id, chunk)
-                    except LeaseError as exc:
-                        stats.failure_class = "lease_refused"
-                        yield Ack(seq=c.seq, status=Ack.REFUSED, error=str(exc))
-                        return
-                    stats.bytes += len(c.data)
-                    stats.chunks += 1
-                    yield Ack(seq=c.seq)
-                elif kind == "close":
-                    try:
-                        consumer.close(lease_id or "", transfer_id or "")
-                    except LeaseError as exc:
-                        stats.failure_class = "lease_refused"
-                        yield Ack(status=Ack.REFUSED, error=str(exc))
-                        return
-                    complete = True  # wire time and GB/s are the sender's to measure: it knows send times
-                    yield Ack(complete=True)
-                    return
-            stats.failure_class = stats.failure_class or "sender_gone"
-        finally:
-            if lease_id is not None or stats.failure_class:
-                if not stats.failure_class and not complete:
-                    stats.failure_class = "cancelled"
-                self.transfers.record(stats)
-            span.set_attribute("tandem.bytes", stats.bytes)
-            if stats.failure_class:
-                span.set_attribute("tandem.failure_class", stats.failure_class)
-            span.end()

@@ -40,6 +40,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="prefill: largest KV chunk on the wire, in bytes (default: 1 MiB)")
     g.add_argument("--kv-window", type=int, default=16,
                    help="prefill: KV chunks in flight before an acknowledgement (default: 16)")
+    g.add_argument("--kv-port", type=int, default=0,
+                   help="decode: port of the KV transfer server prefill workers write to (default: any free)")
 
 
 def add_worker_parsers(sub: argparse._SubParsersAction) -> None:
@@ -96,11 +98,13 @@ class WorkerServer:
 
     def __init__(self, role: int, host, *, bind_host: str = "127.0.0.1", port: int = 0, http_port: int = 0,
                  advertise: str | None = None, worker_id: str | None = None, router: str | None = None,
-                 heartbeat_interval: float = 0.5, kv_chunk_bytes: int = 1 << 20, kv_window: int = 16) -> None:
+                 heartbeat_interval: float = 0.5, kv_chunk_bytes: int = 1 << 20, kv_window: int = 16,
+                 kv_port: int = 0) -> None:
         self.role, self.host, self.bind_host = role, host, bind_host
         self.port, self.http_port, self.advertise, self.worker_id = port, http_port, advertise, worker_id
         self.router, self.heartbeat_interval = router, heartbeat_interval
-        self.kv_chunk_bytes, self.kv_window = kv_chunk_bytes, kv_window
+        self.kv_chunk_bytes, self.kv_window, self.kv_port = kv_chunk_bytes, kv_window, kv_port
+        self.kv_server = None
         self.name = router_pb2.Role.Name(role).lower()
 
     async def start(self) -> None:
@@ -119,11 +123,14 @@ class WorkerServer:
         self.http_port = bound_port(self.http)
         metrics_host = self.advertise.rsplit(":", 1)[0]
         if self.role == router_pb2.DECODE:
+            from tandem.decode.kv_receiver import start_kv_server
             from tandem.decode.service import DecodeServicer
             from tandem.proto import decode_pb2_grpc
 
-            decode_pb2_grpc.add_DecodeServicer_to_server(
-                DecodeServicer(host, self.advertise, self.metrics.transfers), self.server)
+            self.kv_server, self.kv_port = start_kv_server(host.engine.consumer, self.metrics.transfers,
+                                                           self.bind_host, self.kv_port)
+            kv_endpoint = f"{metrics_host}:{self.kv_port}"
+            decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(host, kv_endpoint), self.server)
             extra = lambda load: setattr(load, "num_leases", host.num_leases)  # noqa: E731
         else:
             from tandem.prefill.service import PrefillServicer
@@ -140,15 +147,17 @@ class WorkerServer:
         self._stop = asyncio.Event()
         self._heartbeat = asyncio.ensure_future(self.reporter.heartbeat(
             self.router, self._stop, self.heartbeat_interval)) if self.router else None
-        log.info("%s worker %s ready: gRPC %s (bound %s:%d), HTTP http://%s:%d (/health, /metrics), KV layout %s",
+        log.info("%s worker %s ready: gRPC %s (bound %s:%d), HTTP http://%s:%d (/health, /metrics), KV layout %s%s",
                  self.name, self.worker_id, self.advertise, self.bind_host, self.port, metrics_host, self.http_port,
-                 host.engine.layout.compat_hash)
+                 host.engine.layout.compat_hash, f", KV transfers on port {self.kv_port}" if self.kv_server else "")
 
     async def stop(self) -> None:
         self._stop.set()
         if self._heartbeat is not None:
             await asyncio.wait_for(self._heartbeat, 3)
         await self.server.stop(grace=2)
+        if self.kv_server is not None:
+            self.kv_server.stop(grace=1).wait()
         self.http.should_exit = True
         await self._http_task
 
@@ -157,7 +166,7 @@ async def _serve(args: argparse.Namespace, role: int, host) -> int:
     worker = WorkerServer(role, host, bind_host=args.host, port=args.port, http_port=args.http_port,
                           advertise=args.advertise_address, worker_id=args.worker_id, router=args.router,
                           heartbeat_interval=args.heartbeat_interval, kv_chunk_bytes=args.kv_chunk_bytes,
-                          kv_window=args.kv_window)
+                          kv_window=args.kv_window, kv_port=args.kv_port)
     await worker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

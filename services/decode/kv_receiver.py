@@ -1,0 +1,116 @@
+"""The gRPC KV transport, receiving side: a synchronous gRPC server of its own, next to the decode
+worker's asyncio one, serving TransferKV alone.
+
+Each transfer stream runs on a thread of the server's pool, so checksums and the copies into the
+KV cache stay off the event loop that streams tokens, and gRPC's synchronous API moves bulk bytes
+about twice as fast as its asyncio API on a couple of cores. The consumer role is built for this:
+leases are checked and written under their locks (tandem.engine.kv_transfer.consumer).
+
+One stream: open (the lease, the sender's layout) -> chunks, each verified (CRC-32), written and
+acknowledged -> close (every (layer, token) arrived: the request joins decode's batch).
+"""
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from typing import Iterator
+
+import grpc
+
+from tandem.engine.kv_transfer.codec import KVChunkData
+from tandem.engine.kv_transfer.consumer import KVConsumer, LeaseError
+from tandem.proto import common_pb2, decode_pb2, decode_pb2_grpc
+from tandem.rpc.convert import layout_from_proto
+from tandem.rpc.grpc_util import SERVER_OPTIONS, bind
+from tandem.telemetry import incoming_context, tracer
+from tandem.worker.metrics import TransferMetrics
+
+log = logging.getLogger("tandem.decode")
+Ack = decode_pb2.TransferAck
+
+
+def metadata_value(context: grpc.ServicerContext, key: str) -> str:
+    for key_, value in context.invocation_metadata() or ():
+        if key_ == key:
+            return value
+    return ""
+
+
+class KVReceiver(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, consumer: KVConsumer, transfers: TransferMetrics) -> None:
+        self.consumer = consumer
+        self.transfers = transfers
+
+    def TransferKV(self, request_iterator, context: grpc.ServicerContext) -> Iterator[Ack]:
+        consumer = self.consumer
+        peer = metadata_value(context, "tandem-worker-id") or context.peer()
+        stats = common_pb2.TransferStats(transport="grpc", peer=peer)
+        lease_id = transfer_id = None
+        complete = False
+        span = tracer().start_span("decode.kv_receive", context=incoming_context(context.invocation_metadata()))
+        try:
+            for msg in request_iterator:
+                kind = msg.WhichOneof("body")
+                if kind == "open":
+                    lease_id, transfer_id = msg.open.lease_id, msg.open.transfer_id
+                    span.set_attribute("tandem.lease_id", lease_id)
+                    try:
+                        consumer.open(lease_id, transfer_id, layout_from_proto(msg.open.layout))
+                    except LeaseError as exc:
+                        stats.failure_class = "incompatible" if "incompatible" in str(exc) else "lease_refused"
+                        yield Ack(seq=0, status=Ack.REFUSED, error=str(exc))
+                        return
+                    yield Ack(seq=0)
+                elif kind == "chunk":
+                    c = msg.chunk
+                    chunk = KVChunkData(c.layer, c.token_start, c.num_tokens, c.data, c.crc32)
+                    if lease_id is None:
+                        stats.failure_class = "protocol"
+                        yield Ack(seq=c.seq, status=Ack.REFUSED, error="a chunk before the transfer was opened")
+                        return
+                    if not chunk.intact():
+                        stats.retransmits += 1
+                        yield Ack(seq=c.seq, status=Ack.CHECKSUM_MISMATCH,
+                                  error=f"chunk {c.seq}: CRC-32 mismatch (layer {c.layer}, tokens {c.token_start}+"
+                                        f"{c.num_tokens}); send it again")
+                        continue
+                    try:
+                        consumer.write(lease_id, transfer_id, chunk)
+                    except LeaseError as exc:
+                        stats.failure_class = "lease_refused"
+                        yield Ack(seq=c.seq, status=Ack.REFUSED, error=str(exc))
+                        return
+                    stats.bytes += len(c.data)
+                    stats.chunks += 1
+                    yield Ack(seq=c.seq)
+                elif kind == "close":
+                    try:
+                        consumer.close(lease_id or "", transfer_id or "")
+                    except LeaseError as exc:
+                        stats.failure_class = "lease_refused"
+                        yield Ack(status=Ack.REFUSED, error=str(exc))
+                        return
+                    complete = True  # wire time and GB/s are the sender's to measure: it knows send times
+                    yield Ack(complete=True)
+                    return
+            stats.failure_class = stats.failure_class or "sender_gone"
+        finally:
+            if lease_id is not None or stats.failure_class:
+                if not stats.failure_class and not complete:
+                    stats.failure_class = "cancelled"
+                self.transfers.record(stats)
+            span.set_attribute("tandem.bytes", stats.bytes)
+            if stats.failure_class:
+                span.set_attribute("tandem.failure_class", stats.failure_class)
+            span.end()
+
+
+def start_kv_server(consumer: KVConsumer, transfers: TransferMetrics, host: str, port: int,
+                    max_streams: int = 16) -> tuple[grpc.Server, int]:
+    """The TransferKV server on host:port (0: any free port); returns it and the bound port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="kv-receive"),
+                         options=SERVER_OPTIONS, maximum_concurrent_rpcs=max_streams)
+    decode_pb2_grpc.add_DecodeServicer_to_server(KVReceiver(consumer, transfers), server)
+    bound = bind(server, host, port)
+    server.start()
+    return server, bound
