@@ -1,0 +1,93 @@
+"""Rotary position embedding in place on q and k: Hugging Face's half rotation (neox style),
+x * cos + rotate_half(x) * sin, with cos/sin rows [max_positions, head_dim] float32 looked up by each
+token's position. Math in float32, one rounding to the input dtype (the torch twin multiplies in the
+input dtype, so half-precision results may differ from it by an ulp).
+
+q and k may be strided views of one fused qkv tensor: they are read and written through their strides.
+One program per token rotates all of its q heads, then all of its k heads. Positions are not checked
+against the table's length (that would read the device on the host): callers keep them in range.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tandem.kernels.reference import apply_rope_ref
+
+__all__ = ["apply_rope", "apply_rope_ref"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HEADS_PER_TILE = 16  # bounds registers for models with many heads; the rest loop
+
+
+@triton.jit
+def _rotate_heads(ptr, token, stride_t, stride_h, num_heads, c1, c2, s1, s2, dims, dim_mask, HALF: tl.constexpr,
+                  BLOCK_H: tl.constexpr):
+    """Rotate heads [0, num_heads) of one token; c1/s1 are the first half's cos/sin, c2/s2 the second's."""
+    for h0 in range(0, num_heads, BLOCK_H):
+        heads = h0 + tl.arange(0, BLOCK_H)
+        mask = (heads[:, None] < num_heads) & dim_mask[None, :]
+        first = ptr + token * stride_t + heads[:, None] * stride_h + dims[None, :]
+        x1 = tl.load(first, mask=mask, other=0.0)
+        x2 = tl.load(first + HALF, mask=mask, other=0.0)
+        dtype = x1.dtype
+        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+        tl.store(first, (x1 * c1[None, :] - x2 * s1[None, :]).to(dtype), mask=mask)
+        tl.store(first + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(dtype), mask=mask)
+
+
+@triton.jit
+def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
+                 num_q, num_kv, table_stride, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    row = tl.load(pos_ptr + token).to(tl.int64) * table_stride
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HALF
+    # Both halves of the tables are read (not assumed equal), exactly as the twin does.
+    c1 = tl.load(cos_ptr + row + dims, mask=dim_mask, other=0.0)
+    c2 = tl.load(cos_ptr + row + HALF + dims, mask=dim_mask, other=0.0)
+    s1 = tl.load(sin_ptr + row + dims, mask=dim_mask, other=0.0)
+    s2 = tl.load(sin_ptr + row + HALF + dims, mask=dim_mask, other=0.0)
+    _rotate_heads(q_ptr, token, q_stride_t, q_stride_h, num_q, c1, c2, s1, s2, dims, dim_mask, HALF, BLOCK_H)
+    _rotate_heads(k_ptr, token, k_stride_t, k_stride_h, num_kv, c1, c2, s1, s2, dims, dim_mask, HALF, BLOCK_H)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if q.dtype not in _DTYPES or k.dtype != q.dtype:
+        raise TypeError(f"apply_rope: q and k must share one of {_DTYPES}, got {q.dtype} and {k.dtype}")
+    if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[2] % 2:
+        raise ValueError(f"apply_rope: q must be [T, Hq, D] and k [T, Hkv, D] with an even D, "
+                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.stride(2) != 1 or k.stride(2) != 1:
+        raise ValueError(f"apply_rope: head_dim must be contiguous (stride(2) == 1), got q strides {q.stride()}, "
+                         f"k strides {k.stride()}")
+    if positions.shape != (q.shape[0],) or not positions.is_contiguous():
+        raise ValueError(f"apply_rope: positions must be a contiguous [{q.shape[0]}], got {tuple(positions.shape)}")
+    if positions.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"apply_rope: positions must be int64 or int32, got {positions.dtype}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.dim() != 2 or table.shape[1] != q.shape[2] or not table.is_contiguous():
+            raise ValueError(f"apply_rope: {name} must be a contiguous [max_positions, {q.shape[2]}], "
+                             f"got {tuple(table.shape)}")
+        if table.dtype != torch.float32:
+            raise TypeError(f"apply_rope: {name} must be float32, got {table.dtype}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"apply_rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ")
+    devices = {t.device for t in (q, k, positions, cos, sin)}
+    if len(devices) != 1:
+        raise ValueError(f"apply_rope: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates q [T, Hq, D] and k [T, Hkv, D] in place by positions [T]; returns (q, k)."""
+    _check(q, k, positions, cos, sin)
+    if q.shape[0] == 0:
+        return q, k
+    half = q.shape[2] // 2
+    block_h = min(_MAX_HEADS_PER_TILE, triton.next_power_of_2(max(q.shape[1], k.shape[1])))
+    _rope_kernel[(q.shape[0],)](q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                                q.shape[1], k.shape[1], cos.stride(0), HALF=half,
+                                BLOCK_D=triton.next_power_of_2(half), BLOCK_H=block_h, num_warps=4)
+    return q, k

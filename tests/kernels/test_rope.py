@@ -1,0 +1,129 @@
+"""RoPE kernel against its torch twin (Triton's interpreter on CPUs), on default and llama3 tables."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from tandem.engine.models.rope import rope_cos_sin
+from tandem.kernels.rope import apply_rope, apply_rope_ref
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+# (rtol, atol): a few ulps of the dtype; the interpreter rounds float32 -> bfloat16 toward zero
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+TOKENS = (1, 7, 33, 1000) if device == "cuda" else (1, 7, 33)
+MAX_POSITIONS = 131072
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+
+
+@pytest.fixture(scope="module")
+def tables():
+    """name -> (cos, sin) for head_dim 64 and 128: default theta and Llama 3.1's scaled tables."""
+    out = {}
+    for head_dim in (64, 128):
+        out["default", head_dim] = rope_cos_sin(head_dim, MAX_POSITIONS, 10000.0, None)
+        out["llama3", head_dim] = rope_cos_sin(head_dim, MAX_POSITIONS, 500000.0, LLAMA3)
+    return {key: (c.to(device), s.to(device)) for key, (c, s) in out.items()}
+
+
+def _fused_qk(tokens, num_q, num_kv, head_dim, dtype, gen):
+    """q, k, v as the model makes them: strided views of one fused qkv projection."""
+    qkv = torch.randn(tokens, (num_q + 2 * num_kv) * head_dim, generator=gen).to(device, dtype)
+    q = qkv[:, : num_q * head_dim].view(tokens, num_q, head_dim)
+    k = qkv[:, num_q * head_dim:(num_q + num_kv) * head_dim].view(tokens, num_kv, head_dim)
+    v = qkv[:, (num_q + num_kv) * head_dim:].view(tokens, num_kv, head_dim)
+    return qkv, q, k, v
+
+
+def _cases():
+    """Every combination on GPUs; on CPUs (the interpreter is slow) half precision at 7 tokens only."""
+    for tokens, shape, table, dtype in itertools.product(
+            TOKENS, [(1, 2, 64), (4, 2, 128), (8, 3, 64)], ("default", "llama3"), TOL):
+        if device == "cuda" or dtype == torch.float32 or tokens == 7:
+            yield (tokens, *shape, table, dtype)
+
+
+@pytest.mark.parametrize("tokens,group,num_kv,head_dim,table,dtype", list(_cases()),
+                         ids=lambda v: str(v).removeprefix("torch."))
+def test_matches_twin_in_place_on_fused_views(tokens, group, num_kv, head_dim, table, dtype, tables):
+    gen = torch.Generator().manual_seed(tokens * 7 + group)
+    cos, sin = tables[table, head_dim]
+    qkv, q, k, v = _fused_qk(tokens, group * num_kv, num_kv, head_dim, dtype, gen)
+    positions = torch.randint(0, MAX_POSITIONS, (tokens,), generator=gen)
+    positions[0] = MAX_POSITIONS - 1  # the table's last row
+    positions = positions.to(device)
+    v_before = v.clone()
+    want_q, want_k = apply_rope_ref(q.clone(), k.clone(), positions, cos, sin)
+    out_q, out_k = apply_rope(q, k, positions, cos, sin)
+    assert out_q is q and out_k is k
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(q, want_q, rtol=rtol, atol=atol)
+    torch.testing.assert_close(k, want_k, rtol=rtol, atol=atol)
+    torch.testing.assert_close(v, v_before, rtol=0, atol=0)  # the fused tensor's v part is untouched
+
+
+def test_non_power_of_two_head_dim_and_int32_positions():
+    head_dim = 96  # half = 48: the tail of the dim tile is masked
+    cos, sin = rope_cos_sin(head_dim, 4096, 10000.0, None)
+    cos, sin = cos.to(device), sin.to(device)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(5, 4, head_dim, generator=gen).to(device)
+    k = torch.randn(5, 1, head_dim, generator=gen).to(device)
+    positions = torch.tensor([0, 1, 17, 2048, 4095], device=device, dtype=torch.int32)
+    want_q, want_k = apply_rope_ref(q.clone(), k.clone(), positions.long(), cos, sin)
+    apply_rope(q, k, positions, cos, sin)
+    torch.testing.assert_close(q, want_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k, want_k, rtol=1e-5, atol=1e-5)
+
+
+def test_relative_position_property(tables):
+    """The point of RoPE: <rope(q, m), rope(k, n)> depends on m - n only; position 0 is the identity."""
+    cos, sin = tables["llama3", 64]
+    gen = torch.Generator().manual_seed(2)
+    q0 = torch.randn(1, 1, 64, generator=gen).to(device)
+    k0 = torch.randn(1, 1, 64, generator=gen).to(device)
+    scores = []
+    for m, n in ((100, 40), (70060, 70000)):
+        q, k = q0.clone(), k0.clone()
+        apply_rope(q, k, torch.tensor([m], device=device), cos, sin)
+        scores.append((q * k).sum())
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-3, atol=1e-3)
+    q, k = q0.clone(), k0.clone()
+    apply_rope(q, k, torch.tensor([0], device=device), cos, sin)
+    torch.testing.assert_close(q, q0, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(device != "cuda", reason="real shapes in bfloat16 on the GPU only")
+def test_bf16_real_shape_against_float32(tables):
+    """Llama 3.1 8B: 32 q heads, 8 kv heads, head_dim 128, 8192 tokens at long positions."""
+    gen = torch.Generator().manual_seed(3)
+    cos, sin = tables["llama3", 128]
+    _, q, k, _ = _fused_qk(8192, 32, 8, 128, torch.bfloat16, gen)
+    positions = torch.randint(0, MAX_POSITIONS, (8192,), generator=gen).to(device)
+    want_q, want_k = apply_rope_ref(q.float(), k.float(), positions, cos, sin)
+    apply_rope(q, k, positions, cos, sin)
+    torch.testing.assert_close(q.float(), want_q, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(k.float(), want_k, rtol=1e-2, atol=1e-2)
+
+
+def test_wrapper_rejects_bad_inputs(tables):
+    cos, sin = tables["default", 64]
+    q = torch.randn(3, 4, 64, device=device)
+    k = torch.randn(3, 2, 64, device=device)
+    pos = torch.arange(3, device=device)
+    with pytest.raises(TypeError, match="q and k must share"):
+        apply_rope(q, k.half(), pos, cos, sin)
+    with pytest.raises(ValueError, match=r"q must be \[T, Hq, D\]"):
+        apply_rope(q, k[:2], pos, cos, sin)
+    with pytest.raises(ValueError, match="head_dim must be contiguous"):
+        apply_rope(torch.randn(3, 64, 4, device=device).transpose(1, 2), k, pos, cos, sin)
+    with pytest.raises(ValueError, match="positions must be"):
+        apply_rope(q, k, pos[:2], cos, sin)
+    with pytest.raises(TypeError, match="positions must be int64 or int32"):
+        apply_rope(q, k, pos.float(), cos, sin)
+    with pytest.raises(ValueError, match=r"cos must be a contiguous \[max_positions, 64\]"):
+        apply_rope(q, k, pos, cos[:, :32], sin)
+    with pytest.raises(TypeError, match="sin must be float32"):
+        apply_rope(q, k, pos, cos, sin.half())
