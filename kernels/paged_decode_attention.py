@@ -1,0 +1,283 @@
+"""Paged decode attention (flash-decoding): one query token per sequence against its K/V in the
+paged cache [2, num_blocks, block_size, Hkv, D], read through the block table.
+
+One program per (sequence, KV head, split): the `group` query heads sharing that KV head are the
+rows of one tl.dot (padded to 16), so each K/V tile is read from memory once per KV head. A tile is
+BLOCK_N tokens spanning several pages; their page ids are gathered from the block table. With
+split-K, each split works on its own slice of the sequence's tiles (sliced on the device from the
+sequence's own length) and writes an unnormalised partial; a second small kernel merges them.
+
+Nothing on the launch path reads a device tensor, so a decode batch can be captured in a CUDA graph:
+the grid depends only on host ints. Padding rows (context length 0) produce zeros.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["paged_decode_attention", "paged_decode_attention_ref"]
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+_MIN_ROWS = 16  # tl.dot needs M >= 16 on GPUs
+_MIN_SPLIT_TOKENS = 256  # below this a split's partial costs more than it parallelises
+_MAX_SPLITS = 64
+
+
+# ---------------------------------------------------------------- shared with the prefill kernel
+
+
+@triton.jit
+def kv_tile(table_row_ptr, kv_start, kv_end, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Positions kv_start + [0, BLOCK_N), which of them are < kv_end, and their flat cache slots."""
+    pos = kv_start + tl.arange(0, BLOCK_N)
+    valid = pos < kv_end
+    block = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    return pos, valid, block * BLOCK_SIZE + pos % BLOCK_SIZE
+
+
+@triton.jit
+def online_softmax_step(q, k_ptrs, v_ptrs, k_mask, v_mask, keep, acc, l_sum, m_max, scale_log2,
+                        PRECISION: tl.constexpr):
+    """Folds one K/V tile into (acc, l_sum, m_max); `keep` ([M, N] or broadcast to it) masks scores. m_max starts at a
+    large finite negative, so fully masked rows give p = 0 instead of NaN."""
+    k = tl.load(k_ptrs, mask=k_mask, other=0.0)  # [D, N]
+    s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+    s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_max, tl.max(s, 1))
+    alpha = tl.exp2(m_max - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_sum = l_sum * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=v_mask, other=0.0)  # [N, D]
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_sum, m_new
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 caches get exact float32 products (the default tf32 would lose ~3 digits)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_cache(name: str, kv_cache: torch.Tensor) -> None:
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or not kv_cache.is_contiguous():
+        raise ValueError(f"{name}: kv_cache must be a contiguous [2, num_blocks, block_size, Hkv, D], "
+                         f"got {tuple(kv_cache.shape)} with strides {kv_cache.stride()}")
+    if kv_cache.dtype not in DTYPES:
+        raise TypeError(f"{name}: kv_cache must be one of {DTYPES}, got {kv_cache.dtype}")
+
+
+def check_heads(name: str, label: str, t: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    """t must be [rows, Hq, D] with Hq a multiple of Hkv, kv_cache's dtype and device, D contiguous."""
+    num_kv, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+    if t.dim() != 3 or t.shape[2] != head_dim or t.shape[1] % num_kv or t.shape[1] == 0:
+        raise ValueError(f"{name}: {label} must be [rows, Hq, {head_dim}] with Hq a multiple of Hkv={num_kv}, "
+                         f"got {tuple(t.shape)}")
+    if t.dtype != kv_cache.dtype or t.device != kv_cache.device:
+        raise TypeError(f"{name}: {label} must be {kv_cache.dtype} on {kv_cache.device} like kv_cache, "
+                        f"got {t.dtype} on {t.device}")
+    if t.stride(2) != 1:
+        raise ValueError(f"{name}: {label}'s head_dim must be contiguous (stride(2) == 1), got strides {t.stride()}")
+
+
+def check_index(name: str, label: str, t: torch.Tensor, shape: tuple, kv_cache: torch.Tensor) -> None:
+    if t.dtype != torch.int32 or t.device != kv_cache.device:
+        raise TypeError(f"{name}: {label} must be int32 on {kv_cache.device}, got {t.dtype} on {t.device}")
+    if tuple(t.shape) != shape or (t.dim() and t.stride(-1) != 1):
+        raise ValueError(f"{name}: {label} must be {list(shape)} with a contiguous last dim, "
+                         f"got {tuple(t.shape)} with strides {t.stride()}")
+
+
+def check_out(name: str, out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(2) != 1:
+        raise ValueError(f"{name}: out must be {tuple(q.shape)} {q.dtype} on {q.device} with stride(2) == 1, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device} with strides {out.stride()}")
+    return out
+
+
+# ---------------------------------------------------------------- decode
+
+
+@triton.jit
+def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+                   scale_log2, q_stride_b, q_stride_h, out_stride_b, out_stride_h, table_stride, v_plane,
+                   window, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   SLOT_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(lens_ptr + seq)
+    first = 0
+    if HAS_WINDOW:  # the window's first key, aligned down to a tile
+        first = tl.maximum(ctx - window, 0) // BLOCK_N * BLOCK_N
+    num_tiles = tl.cdiv(ctx - first, BLOCK_N)
+    per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_lo = split * per_split
+    tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
+
+    rows = tl.arange(0, ROWS)
+    heads = kv_head * GROUP + rows
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < GROUP
+    dim_ok = dims < HEAD_DIM
+    q_mask = row_ok[:, None] & dim_ok[None, :]
+    q = tl.load(q_ptr + seq * q_stride_b + heads[:, None] * q_stride_h + dims[None, :], mask=q_mask, other=0.0)
+
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    l_sum = tl.zeros([ROWS], dtype=tl.float32)
+    m_max = tl.full([ROWS], -1e30, dtype=tl.float32)
+    table_row = tables_ptr + seq * table_stride
+    head_ptr = cache_ptr + kv_head * HEAD_DIM
+    for tile in range(tile_lo, tile_hi):
+        pos, valid, slots = kv_tile(table_row, first + tile * BLOCK_N, ctx, BLOCK_N, BLOCK_SIZE)
+        if HAS_WINDOW:
+            valid = valid & (pos >= ctx - window)
+        offs = slots * SLOT_SIZE
+        acc, l_sum, m_max = online_softmax_step(
+            q, head_ptr + offs[None, :] + dims[:, None], head_ptr + v_plane + offs[:, None] + dims[None, :],
+            valid[None, :] & dim_ok[:, None], valid[:, None] & dim_ok[None, :],
+            valid[None, :], acc, l_sum, m_max, scale_log2, PRECISION)
+
+    if NUM_SPLITS == 1:
+        o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # context 0: zeros
+        tl.store(out_ptr + seq * out_stride_b + heads[:, None] * out_stride_h + dims[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:  # partials [B, Hq, S, D] and (m, l) [B, Hq, S, 2]; empty splits write l = 0
+        part = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=q_mask)
+        tl.store(part_ml_ptr + part * 2, m_max, mask=row_ok)
+        tl.store(part_ml_ptr + part * 2 + 1, l_sum, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, out_stride_b, out_stride_h,
+                         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    dims = tl.arange(0, BLOCK_D)
+    split_ok = splits < NUM_SPLITS
+    part = (seq * NUM_HEADS + head) * NUM_SPLITS + splits
+    m = tl.load(part_ml_ptr + part * 2, mask=split_ok, other=float("-inf"))
+    l_sum = tl.load(part_ml_ptr + part * 2 + 1, mask=split_ok, other=0.0)
+    weight = tl.exp2(m - tl.max(m, 0))
+    total = tl.sum(l_sum * weight, 0)
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :],
+                  mask=split_ok[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    o = tl.sum(acc * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * out_stride_b + head * out_stride_h + dims, o.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def choose_num_splits(batch: int, num_kv: int, max_context_len: int, sm_count: int) -> int:
+    """Enough (sequence, KV head, split) programs for ~4 per SM, no split shorter than 256 tokens."""
+    if batch * num_kv == 0:
+        return 1
+    wanted = math.ceil(4 * sm_count / (batch * num_kv))
+    return max(1, min(wanted, math.ceil(max_context_len / _MIN_SPLIT_TOKENS), _MAX_SPLITS))
+
+
+def launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window, num_splits, out,
+                  block_n: int, num_warps: int, num_stages: int) -> None:
+    """The kernels with an explicit tile config (bench/kernels.py sweeps it); inputs already checked."""
+    batch, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv, _ = kv_cache.shape
+    group = num_heads // num_kv
+    block_d = triton.next_power_of_2(head_dim)
+    common = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d)
+    if num_splits > 1:
+        part_acc = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    _decode_kernel[(batch, num_kv, num_splits)](
+        q, kv_cache, block_tables, context_lens, out, part_acc, part_ml, scale * _LOG2E, q.stride(0), q.stride(1),
+        out.stride(0), out.stride(1), block_tables.stride(0), kv_cache.stride(0), sliding_window or 0,
+        GROUP=group, SLOT_SIZE=num_kv * head_dim, ROWS=max(_MIN_ROWS, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, HAS_WINDOW=bool(sliding_window),
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **common)
+    if num_splits > 1:
+        _merge_splits_kernel[(batch, num_heads)](
+            part_acc, part_ml, out, out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4 if head_dim >= 128 else 2, **common)
+
+
+def decode_config(head_dim: int, device: torch.device) -> dict:
+    """Tile config: 64-token tiles with a 3-stage load pipeline on GPUs; bigger tiles in the
+    interpreter, where each tile step costs the same whatever its size."""
+    if device.type != "cuda":
+        return dict(block_n=32, num_warps=4, num_stages=1)
+    return dict(block_n=64, num_warps=4, num_stages=3 if head_dim <= 128 else 2)
+
+
+def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
+                           num_splits: int | None = None, out: torch.Tensor | None = None,
+                           max_context_len: int | None = None) -> torch.Tensor:
+    """q [B, Hq, D] (one token per sequence, its K/V already cached) attends to the first
+    context_lens[b] tokens (the last `sliding_window` of them when given) -> [B, Hq, D].
+
+    block_tables [B, max_blocks] int32, context_lens [B] int32 (0: padding row, output zeros).
+    max_context_len (a host int; default: what the block table can hold) and the SM count choose
+    num_splits when it is None; nothing here reads a device tensor (CUDA-graph safe)."""
+    name = "paged_decode_attention"
+    check_cache(name, kv_cache)
+    check_heads(name, "q", q, kv_cache)
+    batch = q.shape[0]
+    check_index(name, "block_tables", block_tables, (batch, block_tables.shape[-1] if block_tables.dim() else 0),
+                kv_cache)
+    check_index(name, "context_lens", context_lens, (batch,), kv_cache)
+    out = check_out(name, out, q)
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"{name}: num_splits must be >= 1, got {num_splits}")
+    if batch == 0:
+        return out
+    if max_context_len is None:
+        max_context_len = block_tables.shape[1] * kv_cache.shape[2]
+    if sliding_window:
+        max_context_len = min(max_context_len, sliding_window)
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, kv_cache.shape[3], max_context_len, _sm_count(q.device))
+    launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window, num_splits, out,
+                  **decode_config(q.shape[2], q.device))
+    return out
+
+
+def paged_decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                               context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
+                               num_splits: int | None = None, out: torch.Tensor | None = None,
+                               max_context_len: int | None = None) -> torch.Tensor:
+    """Plain-torch twin: gathers every row's blocks, masks, softmax in float32. num_splits and
+    max_context_len only steer the kernel's launch; they change nothing here."""
+    batch, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv, _ = kv_cache.shape
+    tables = block_tables.long()
+    keys = kv_cache[0][tables].reshape(batch, -1, num_kv, head_dim).float()  # [B, L, Hkv, D]
+    values = kv_cache[1][tables].reshape(batch, -1, num_kv, head_dim).float()
+    pos = torch.arange(keys.shape[1], device=q.device)[None, :]
+    ctx = context_lens.long()[:, None]
+    keep = pos < ctx
+    if sliding_window:
+        keep &= pos >= ctx - sliding_window
+    qg = q.float().view(batch, num_kv, num_heads // num_kv, head_dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * scale
+    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)  # rows with nothing to attend to: zeros
+    o = torch.einsum("bhgl,blhd->bhgd", probs, values).reshape(batch, num_heads, head_dim).to(q.dtype)
+    if out is None:
+        return o
+    out.copy_(o)
+    return out
