@@ -84,18 +84,30 @@ def test_defaults_install_the_operator_and_dashboards_only():
     assert pod["serviceAccountName"] == by_kind(objs, "ServiceAccount")[0]["metadata"]["name"]
 
 
+@pytest.mark.parametrize("variant", ["defaults", "namespaced", "bare"])
+def test_operator_args_are_what_tandem_operator_takes(variant):
+    from tandem.cli import build_parser
+
+    container = operator_container(render(values_of(variant)))
+    args = build_parser().parse_args(container["args"])
+    assert args.func.__name__ == "cmd_operator"
+    assert args.all_namespaces == (variant != "namespaced")
+    assert args.namespaces == (["team-a", "team-b"] if variant == "namespaced" else None)
+    assert args.liveness == (None if variant == "bare" else "http://0.0.0.0:8080/healthz")
+    assert {"name": "TANDEM_IMAGE", "value": container["image"]} in container["env"]
+
+
 # What the operator may do, and nothing more: (apiGroup, resource) -> verbs.
 NAMESPACED_RULES = {
     ("tandem.dev", "tandemmodels"): {"get", "list", "watch", "patch"},
-    ("tandem.dev", "tandemmodels/status"): {"get", "patch"},
-    ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "update", "delete"},
-    ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "update", "delete"},
-    ("", "services"): {"get", "list", "watch", "create", "patch", "update", "delete"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "update", "delete"},
-    ("", "pods"): {"get", "list", "watch", "delete"},
+    ("tandem.dev", "tandemmodels/status"): {"patch"},
+    ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("leaderworkerset.x-k8s.io", "leaderworkersets"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "pods"): {"list", "watch", "delete"},
     ("", "events"): {"create"},
-    ("leaderworkerset.x-k8s.io", "leaderworkersets"): {"get", "list", "watch", "create", "patch", "update",
-                                                       "delete"},
 }
 CLUSTER_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"}}
 

@@ -54,28 +54,29 @@ any: true
 {{- end -}}
 {{- end -}}
 
-{{/* What the operator does in the namespaces it serves (a ClusterRole's or each Role's rules). */}}
+{{/* What the operator does in the namespaces it serves (a ClusterRole's or each Role's rules): kopf watches
+TandemModels and the children, patches its bookkeeping annotations and the status; the reconciler creates,
+JSON-patches and deletes children; a failed group member restarts its whole group (pods deleted). */}}
 {{- define "tandem.operatorRules" -}}
 - apiGroups: [tandem.dev]
   resources: [tandemmodels]
   verbs: [get, list, watch, patch]
 - apiGroups: [tandem.dev]
   resources: [tandemmodels/status]
-  verbs: [get, patch]
+  verbs: [patch]
 - apiGroups: [apps]
   resources: [deployments, statefulsets]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [leaderworkerset.x-k8s.io]
+  resources: [leaderworkersets]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [services, configmaps]
-  verbs: [get, list, watch, create, patch, update, delete]
-# all-or-nothing restart of a leader/worker group
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, delete]
+  verbs: [list, watch, delete]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-- apiGroups: [leaderworkerset.x-k8s.io]
-  resources: [leaderworkersets]
-  verbs: [get, list, watch, create, patch, update, delete]
 {{- end -}}
