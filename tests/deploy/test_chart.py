@@ -261,3 +261,52 @@ def test_crds_are_installed_and_valid():
     assert [c["spec"]["group"] + "/" + c["spec"]["names"]["kind"] for c in crds] == ["tandem.dev/TandemModel"]
     kubernetes_validate.validate(crds[0], "1.30", strict=True)
     assert crds[0] == yaml.safe_load(CRD.read_text())
+
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A LabelSelector (matchLabels and In expressions) against an object's labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    return all(e["operator"] == "In" and labels.get(e["key"]) in e["values"]
+               for e in selector.get("matchExpressions", []))
+
+
+CONTROLLER_LABELS = ("apps.kubernetes.io/", "leaderworkerset.sigs.k8s.io/")  # their controllers label the pods
+
+
+def pod_templates(children: list[dict]) -> list[dict]:
+    workloads = [c for c in children if c["kind"] in ("Deployment", "StatefulSet", "LeaderWorkerSet")]
+    return [w["spec"]["leaderWorkerTemplate"]["workerTemplate"] if w["kind"] == "LeaderWorkerSet"
+            else w["spec"]["template"] for w in workloads]
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_servicemonitors_scrape_what_the_operator_builds(example):
+    """The operator's own builders make a TandemModel's children: each ServiceMonitor finds the Services of
+    its components, the named port is on them and on their pods, and the pods carry the labels relabeled."""
+    from tandem.operator.build import build_children
+    from tandem.operator.spec import TandemModel
+
+    monitors = by_kind(render(values_of("monitoring")), "ServiceMonitor")
+    body = yaml.safe_load(example.read_text())
+    body["metadata"] |= {"namespace": body["metadata"].get("namespace", "models"), "uid": "0000"}
+    for lws in (False, True):
+        children = build_children(TandemModel.from_body(body, "tandem:test"), lws=lws)
+        scraped = set()
+        for monitor in monitors:
+            (endpoint,) = monitor["spec"]["endpoints"]
+            for svc in by_kind(children, "Service"):
+                if not selects(monitor["spec"]["selector"], svc["metadata"]["labels"]):
+                    continue
+                assert endpoint["port"] in [p["name"] for p in svc["spec"]["ports"]], svc["metadata"]["name"]
+                wanted = {k: v for k, v in svc["spec"]["selector"].items() if not k.startswith(CONTROLLER_LABELS)}
+                backends = [t for t in pod_templates(children)
+                            if selects({"matchLabels": wanted}, t["metadata"]["labels"])]
+                assert backends, svc["metadata"]["name"]
+                for pod in backends:
+                    ports = {p["name"]: p["containerPort"] for c in pod["spec"]["containers"] for p in c["ports"]}
+                    assert ports[endpoint["port"]] == {"http": 8000, "metrics": 8080}[endpoint["port"]]
+                    assert {"tandem.dev/model", "app.kubernetes.io/component"} <= set(pod["metadata"]["labels"])
+                scraped.add(svc["metadata"]["labels"]["app.kubernetes.io/component"])
+        assert scraped == {"router", "prefill", "decode"}, (example.name, lws)
