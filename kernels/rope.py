@@ -1,6 +1,7 @@
 """Rotary position embedding in place on q and k: Hugging Face's half rotation (neox style),
 x * cos + rotate_half(x) * sin, with cos/sin rows [max_positions, head_dim] float32 looked up by each
-token's position. Math in float32, one rounding to the input dtype (the torch twin multiplies in the
+token's position (float32 tables; half-precision tables, as `model.to(dtype)` leaves the engine's
+buffers, are read and widened). Math in float32, one rounding to the input dtype (the torch twin multiplies in the
 input dtype, so half-precision results may differ from it by an ulp).
 
 q and k may be strided views of one fused qkv tensor: they are read and written through their strides.
@@ -29,10 +30,9 @@ def _rotate_heads(ptr, token, stride_t, stride_h, num_heads, c1, c2, s1, s2, dim
         heads = h0 + tl.arange(0, BLOCK_H)
         mask = (heads[:, None] < num_heads) & dim_mask[None, :]
         first = ptr + token * stride_t + heads[:, None] * stride_h + dims[None, :]
-        x1 = tl.load(first, mask=mask, other=0.0)
-        x2 = tl.load(first + HALF, mask=mask, other=0.0)
-        dtype = x1.dtype
-        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+        x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
+        dtype = ptr.dtype.element_ty
         tl.store(first, (x1 * c1[None, :] - x2 * s1[None, :]).to(dtype), mask=mask)
         tl.store(first + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(dtype), mask=mask)
 
@@ -45,10 +45,10 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, q_stride_t, q_stride_h
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HALF
     # Both halves of the tables are read (not assumed equal), exactly as the twin does.
-    c1 = tl.load(cos_ptr + row + dims, mask=dim_mask, other=0.0)
-    c2 = tl.load(cos_ptr + row + HALF + dims, mask=dim_mask, other=0.0)
-    s1 = tl.load(sin_ptr + row + dims, mask=dim_mask, other=0.0)
-    s2 = tl.load(sin_ptr + row + HALF + dims, mask=dim_mask, other=0.0)
+    c1 = tl.load(cos_ptr + row + dims, mask=dim_mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + row + HALF + dims, mask=dim_mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + row + dims, mask=dim_mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + row + HALF + dims, mask=dim_mask, other=0.0).to(tl.float32)
     _rotate_heads(q_ptr, token, q_stride_t, q_stride_h, num_q, c1, c2, s1, s2, dims, dim_mask, HALF, BLOCK_H)
     _rotate_heads(k_ptr, token, k_stride_t, k_stride_h, num_kv, c1, c2, s1, s2, dims, dim_mask, HALF, BLOCK_H)
 
@@ -70,8 +70,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch
         if table.dim() != 2 or table.shape[1] != q.shape[2] or not table.is_contiguous():
             raise ValueError(f"apply_rope: {name} must be a contiguous [max_positions, {q.shape[2]}], "
                              f"got {tuple(table.shape)}")
-        if table.dtype != torch.float32:
-            raise TypeError(f"apply_rope: {name} must be float32, got {table.dtype}")
+    if cos.dtype not in _DTYPES or sin.dtype != cos.dtype:
+        raise TypeError(f"apply_rope: cos and sin must share one of {_DTYPES}, got {cos.dtype} and {sin.dtype}")
     if sin.shape != cos.shape:
         raise ValueError(f"apply_rope: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ")
     devices = {t.device for t in (q, k, positions, cos, sin)}

@@ -78,6 +78,19 @@ def test_non_power_of_two_head_dim_and_int32_positions():
     torch.testing.assert_close(k, want_k, rtol=1e-5, atol=1e-5)
 
 
+def test_half_precision_tables(tables):
+    """The engine's `model.to(bfloat16)` also casts the rope buffers: bf16 tables are widened, not refused."""
+    cos, sin = (t[:4096].to(torch.bfloat16) for t in tables["llama3", 128])
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(7, 8, 128, generator=gen).to(device, torch.bfloat16)
+    k = torch.randn(7, 2, 128, generator=gen).to(device, torch.bfloat16)
+    positions = torch.randint(0, 4096, (7,), generator=gen).to(device)
+    want_q, want_k = apply_rope_ref(q.float(), k.float(), positions, cos.float(), sin.float())
+    apply_rope(q, k, positions, cos, sin)
+    torch.testing.assert_close(q.float(), want_q, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(k.float(), want_k, rtol=2e-2, atol=2e-2)
+
+
 def test_relative_position_property(tables):
     """The point of RoPE: <rope(q, m), rope(k, n)> depends on m - n only; position 0 is the identity."""
     cos, sin = tables["llama3", 64]
@@ -125,5 +138,7 @@ def test_wrapper_rejects_bad_inputs(tables):
         apply_rope(q, k, pos.float(), cos, sin)
     with pytest.raises(ValueError, match=r"cos must be a contiguous \[max_positions, 64\]"):
         apply_rope(q, k, pos, cos[:, :32], sin)
-    with pytest.raises(TypeError, match="sin must be float32"):
+    with pytest.raises(TypeError, match="cos and sin must share"):
         apply_rope(q, k, pos, cos, sin.half())
+    with pytest.raises(TypeError, match="cos and sin must share"):
+        apply_rope(q, k, pos, cos.double(), sin.double())
