@@ -1,8 +1,8 @@
 """Rotary position embedding in place on q and k: Hugging Face's half rotation (neox style),
-x * cos + rotate_half(x) * sin, with cos/sin rows [max_positions, head_dim] float32 looked up by each
-token's position (float32 tables; half-precision tables, as `model.to(dtype)` leaves the engine's
-buffers, are read and widened). Math in float32, one rounding to the input dtype (the torch twin multiplies in the
-input dtype, so half-precision results may differ from it by an ulp).
+x * cos + rotate_half(x) * sin, with cos/sin rows [max_positions, head_dim] looked up by each token's
+position. Tables are float32, or half precision as `model.to(dtype)` leaves the engine's buffers (read
+and widened). Math in float32, one rounding to the input dtype (the torch twin multiplies in the input
+dtype, so half-precision results may differ from it by an ulp).
 
 q and k may be strided views of one fused qkv tensor: they are read and written through their strides.
 One program per token rotates all of its q heads, then all of its k heads. Positions are not checked
