@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 
 import kopf
 from pydantic import ValidationError
@@ -37,19 +38,23 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def write_status(kube: Kube, model: TandemModel, body: Obj, lws: bool, error: tuple[str, str] | None = None) -> None:
-    """Compute the status from the children now in the cluster; patch it if it changed."""
+Publish = Callable[[Obj], None]
+
+
+def current_status(kube: Kube, model: TandemModel, body: Obj, lws: bool,
+                   error: tuple[str, str] | None = None) -> Obj | None:
+    """The status computed from the children now in the cluster, or None when it has not changed."""
     selector = {MODEL_LABEL: model.owner.name}
     children = [obj for api_version, kind in child_kinds(lws)
                 for obj in kube.list(api_version, kind, model.owner.namespace, selector)]
     old = body.get("status") or {}
     new = status.compute(model, children, body["metadata"].get("generation", 0), old.get("conditions") or [],
                          now(), error)
-    if {key: old.get(key) for key in new} != new:
-        kube.patch_status(API_VERSION, KIND, model.owner.namespace, model.owner.name, new)
+    return None if {key: old.get(key) for key in new} == new else new
 
 
-def sync(memo: kopf.Memo, body: Obj) -> None:
+def sync(memo: kopf.Memo, body: Obj, publish: Publish) -> None:
+    """Reconcile one TandemModel's children and publish its new status (also when reconciling fails)."""
     kube: Kube = memo.kube
     meta = body["metadata"]
     try:
@@ -57,22 +62,32 @@ def sync(memo: kopf.Memo, body: Obj) -> None:
     except ValidationError as exc:
         degraded = status.condition("Degraded", True, "InvalidSpec", str(exc), meta.get("generation", 0),
                                     (body.get("status") or {}).get("conditions") or [], now())
-        kube.patch_status(API_VERSION, KIND, meta["namespace"], meta["name"], {"conditions": [degraded]})
+        publish({"conditions": [degraded]})
         raise kopf.PermanentError(f"invalid spec: {exc}") from exc
     lws = kube.serves(LWS_API_VERSION, "leaderworkersets")
     try:
         reconcile(kube, model, build_children(model, lws), lws)
     except Exception as exc:  # noqa: BLE001 - shown as Degraded, then kopf retries
-        write_status(kube, model, body, lws, ("ReconcileFailed", f"{type(exc).__name__}: {exc}"))
+        if new := current_status(kube, model, body, lws, ("ReconcileFailed", f"{type(exc).__name__}: {exc}")):
+            publish(new)
         raise kopf.TemporaryError(f"reconcile failed: {exc}", delay=10) from exc
-    write_status(kube, model, body, lws)
+    if new := current_status(kube, model, body, lws):
+        publish(new)
+
+
+def api_publisher(kube: Kube, body: Obj) -> Publish:
+    meta = body["metadata"]
+    return lambda new: kube.patch_status(API_VERSION, KIND, meta["namespace"], meta["name"], new)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def tandem_model_changed(body: kopf.Body, memo: kopf.Memo, **_) -> None:
-    sync(memo, dict(body))
+def tandem_model_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_) -> None:
+    def publish(new: Obj) -> None:  # with kopf's own patch of the object: one write, one event
+        patch["status"] = new
+
+    sync(memo, dict(body), publish)
 
 
 def owning_model(kube: Kube, child: Obj) -> Obj | None:
@@ -96,13 +111,14 @@ def child_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_) -
     if owner is None:
         return
     if event["type"] == "DELETED":
-        sync(memo, owner)
+        sync(memo, owner, api_publisher(memo.kube, owner))
     elif body["kind"] in ("Deployment", "StatefulSet", "LeaderWorkerSet"):
         try:
             model = TandemModel.from_body(owner, memo.default_image)
         except ValidationError:
             return  # reported by the TandemModel's own handler
-        write_status(memo.kube, model, owner, memo.kube.serves(LWS_API_VERSION, "leaderworkersets"))
+        if new := current_status(memo.kube, model, owner, memo.kube.serves(LWS_API_VERSION, "leaderworkersets")):
+            api_publisher(memo.kube, owner)(new)
 
 
 @kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/managed-by": MANAGED_BY, GROUP_INDEX_LABEL: kopf.PRESENT})

@@ -2,6 +2,8 @@
 builders' plain dicts whatever their kind."""
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
 
 from kubernetes import client, config
@@ -13,12 +15,19 @@ __all__ = ["ConflictError", "Kube", "NotFoundError", "connect"]
 
 
 def connect() -> DynamicClient:
-    """In a pod, its service account; elsewhere the kubeconfig (as kopf logs in: the same credentials)."""
+    """In a pod, its service account; elsewhere the kubeconfig (as kopf logs in: the same credentials).
+    API discovery starts afresh at each start: the cluster's resources may have changed since."""
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return DynamicClient(client.ApiClient())
+    cache = os.path.join(tempfile.mkdtemp(prefix="tandem-operator-"), "discovery.json")
+    return DynamicClient(client.ApiClient(), cache_file=cache)
+
+
+def _plain(_client: DynamicClient, data: Obj) -> Obj:
+    """The response as the server sent it: a dict, not the client's attribute-access wrapper."""
+    return data
 
 
 def matches(obj: Obj, selector: dict[str, str]) -> bool:
@@ -37,41 +46,45 @@ class Kube:
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> Obj | None:
         try:
-            return self._resource(api_version, kind).get(name=name, namespace=namespace).to_dict()
+            return self._resource(api_version, kind).get(name=name, namespace=namespace, serializer=_plain)
         except NotFoundError:
             return None
 
     def list(self, api_version: str, kind: str, namespace: str, selector: dict[str, str]) -> list[Obj]:
         label_selector = ",".join(f"{key}={value}" for key, value in sorted(selector.items()))
-        items = self._resource(api_version, kind).get(namespace=namespace, label_selector=label_selector).to_dict()
+        items = self._resource(api_version, kind).get(namespace=namespace, label_selector=label_selector,
+                                                      serializer=_plain)
         # checked here too: whatever the server answered, nothing outside the selector is acted on
         return [item for item in items.get("items") or [] if matches(item, selector)]
 
     def create(self, obj: Obj) -> Obj:
         meta = obj["metadata"]
-        return self._resource(obj["apiVersion"], obj["kind"]).create(body=obj, namespace=meta["namespace"]).to_dict()
+        return self._resource(obj["apiVersion"], obj["kind"]).create(body=obj, namespace=meta["namespace"],
+                                                                      serializer=_plain)
 
     def patch(self, obj: Obj, ops: list[Obj]) -> Obj:
         """A JSON patch (RFC 6902): whole fields replaced, so keys dropped from the spec go away."""
         meta = obj["metadata"]
         return self._resource(obj["apiVersion"], obj["kind"]).patch(
             body=ops, name=meta["name"], namespace=meta["namespace"],
-            content_type="application/json-patch+json").to_dict()
+            content_type="application/json-patch+json", serializer=_plain)
 
     def patch_status(self, api_version: str, kind: str, namespace: str, name: str, status: Obj) -> None:
         self._resource(api_version, kind).status.patch(
-            body={"status": status}, name=name, namespace=namespace, content_type="application/merge-patch+json")
+            body={"status": status}, name=name, namespace=namespace, content_type="application/merge-patch+json",
+            serializer=_plain)
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str, propagation: str = "Background") -> None:
         try:
-            self._resource(api_version, kind).delete(name=name, namespace=namespace, propagation_policy=propagation)
+            self._resource(api_version, kind).delete(name=name, namespace=namespace, propagation_policy=propagation,
+                                                     serializer=_plain)
         except NotFoundError:
             pass
 
     def serves(self, api_version: str, plural: str) -> bool:
         """Whether API discovery lists the resource (e.g. a CRD that may or may not be installed)."""
         try:
-            listing = self.dynamic.request("GET", f"/apis/{api_version}")
+            listing = self.dynamic.request("GET", f"/apis/{api_version}", serializer=_plain)
         except NotFoundError:
             return False
-        return any(resource["name"] == plural for resource in listing.to_dict().get("resources") or [])
+        return any(resource["name"] == plural for resource in listing.get("resources") or [])

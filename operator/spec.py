@@ -3,13 +3,14 @@ that relate two fields are checked again here, since only an API server evaluate
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP, VERSION, PLURAL, KIND = "tandem.dev", "v1alpha1", "tandemmodels", "TandemModel"
-Quantity = int | str
+QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+Quantity = int | Annotated[str, Field(pattern=QUANTITY)]
 
 
 class _Camel(BaseModel):
