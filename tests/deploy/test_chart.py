@@ -231,6 +231,7 @@ def test_tandemmodel_is_checked_against_the_crd(change):
     {"serviceMonitors": {"enabled": "yes"}},
     {"serviceMonitors": {"interval": "15"}},
     {"model": {"name": "Not A Name"}},
+    {"model": {"name": "a-model-name-of-thirty-one-char"}},  # the CRD allows 30
     {"dashboards": {"labels": {"grafana_dashboard": 1}}},
     {"serviceMonitor": {"enabled": True}},  # a typo of serviceMonitors
 ])
