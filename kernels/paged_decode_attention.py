@@ -32,27 +32,30 @@ _MAX_SPLITS = 64
 
 
 @triton.jit
-def kv_tile(table_row_ptr, kv_start, kv_end, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Positions kv_start + [0, BLOCK_N), which of them are < kv_end, and their flat cache slots."""
+def attend_tile(acc, l_sum, m_max, q, q_pos, kv_begin, kv_start, kv_end, table_row, head_ptr, v_plane, dims, dim_ok,
+                window, scale_log2, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SLOT_SIZE: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    """Folds keys kv_start + [0, BLOCK_N) that lie in [kv_begin, kv_end) into (acc, l_sum, m_max),
+    their K/V read through the block table row. CAUSAL / HAS_WINDOW mask each query row by its
+    position q_pos [M]. m_max starts at a large finite negative, so fully masked rows get p = 0
+    instead of NaN."""
     pos = kv_start + tl.arange(0, BLOCK_N)
-    valid = pos < kv_end
-    block = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-    return pos, valid, block * BLOCK_SIZE + pos % BLOCK_SIZE
-
-
-@triton.jit
-def online_softmax_step(q, k_ptrs, v_ptrs, k_mask, v_mask, keep, acc, l_sum, m_max, scale_log2,
-                        PRECISION: tl.constexpr):
-    """Folds one K/V tile into (acc, l_sum, m_max); `keep` ([M, N] or broadcast to it) masks scores. m_max starts at a
-    large finite negative, so fully masked rows give p = 0 instead of NaN."""
-    k = tl.load(k_ptrs, mask=k_mask, other=0.0)  # [D, N]
-    s = tl.dot(q, k, input_precision=PRECISION) * scale_log2
+    valid = (pos >= kv_begin) & (pos < kv_end)
+    block = tl.load(table_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    offs = (block * BLOCK_SIZE + pos % BLOCK_SIZE) * SLOT_SIZE
+    k = tl.load(head_ptr + offs[None, :] + dims[:, None], mask=valid[None, :] & dim_ok[:, None], other=0.0)
+    s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [M, N], log2 units
+    keep = valid[None, :]
+    if CAUSAL:
+        keep = keep & (pos[None, :] <= q_pos[:, None])
+    if HAS_WINDOW:
+        keep = keep & (pos[None, :] > q_pos[:, None] - window)
     s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_max, tl.max(s, 1))
     alpha = tl.exp2(m_max - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_sum = l_sum * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptrs, mask=v_mask, other=0.0)  # [N, D]
+    v = tl.load(head_ptr + v_plane + offs[:, None] + dims[None, :], mask=valid[:, None] & dim_ok[None, :], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, l_sum, m_new
 
@@ -114,9 +117,10 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(lens_ptr + seq)
-    first = 0
-    if HAS_WINDOW:  # the window's first key, aligned down to a tile
-        first = tl.maximum(ctx - window, 0) // BLOCK_N * BLOCK_N
+    kv_begin = 0
+    if HAS_WINDOW:
+        kv_begin = tl.maximum(ctx - window, 0)
+    first = kv_begin // BLOCK_N * BLOCK_N  # tiles start aligned
     num_tiles = tl.cdiv(ctx - first, BLOCK_N)
     per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_lo = split * per_split
@@ -135,15 +139,10 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr
     m_max = tl.full([ROWS], -1e30, dtype=tl.float32)
     table_row = tables_ptr + seq * table_stride
     head_ptr = cache_ptr + kv_head * HEAD_DIM
-    for tile in range(tile_lo, tile_hi):
-        pos, valid, slots = kv_tile(table_row, first + tile * BLOCK_N, ctx, BLOCK_N, BLOCK_SIZE)
-        if HAS_WINDOW:
-            valid = valid & (pos >= ctx - window)
-        offs = slots * SLOT_SIZE
-        acc, l_sum, m_max = online_softmax_step(
-            q, head_ptr + offs[None, :] + dims[:, None], head_ptr + v_plane + offs[:, None] + dims[None, :],
-            valid[None, :] & dim_ok[:, None], valid[:, None] & dim_ok[None, :],
-            valid[None, :], acc, l_sum, m_max, scale_log2, PRECISION)
+    for tile in range(tile_lo, tile_hi):  # one query position: [kv_begin, ctx) is the whole mask
+        acc, l_sum, m_max = attend_tile(acc, l_sum, m_max, q, rows, kv_begin, first + tile * BLOCK_N, ctx, table_row,
+                                        head_ptr, v_plane, dims, dim_ok, window, scale_log2, BLOCK_N, BLOCK_SIZE,
+                                        SLOT_SIZE, False, False, PRECISION)
 
     if NUM_SPLITS == 1:
         o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # context 0: zeros

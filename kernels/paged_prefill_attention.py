@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.kernels.paged_decode_attention import (check_cache, check_heads, check_index, check_out, dot_precision,
-                                                   kv_tile, online_softmax_step)
+from tandem.kernels.paged_decode_attention import (attend_tile, check_cache, check_heads, check_index, check_out,
+                                                   dot_precision)
 
 __all__ = ["paged_prefill_attention", "paged_prefill_attention_ref"]
 
@@ -63,25 +63,13 @@ def _prefill_kernel(q_ptr, cache_ptr, cu_ptr, lens_ptr, tables_ptr, out_ptr, sca
     table_row = tables_ptr + seq * table_stride
     head_ptr = cache_ptr + kv_head * HEAD_DIM
     for kv_start in range(lo, diag, BLOCK_N):
-        pos, valid, slots = kv_tile(table_row, kv_start, hi, BLOCK_N, BLOCK_SIZE)
-        keep = valid[None, :]
-        if HAS_WINDOW:
-            keep = keep & (pos[None, :] > q_pos[:, None] - window)
-        offs = slots * SLOT_SIZE
-        acc, l_sum, m_max = online_softmax_step(
-            q, head_ptr + offs[None, :] + dims[:, None], head_ptr + v_plane + offs[:, None] + dims[None, :],
-            valid[None, :] & dim_ok[:, None], valid[:, None] & dim_ok[None, :], keep,
-            acc, l_sum, m_max, scale_log2, PRECISION)
+        acc, l_sum, m_max = attend_tile(acc, l_sum, m_max, q, q_pos, 0, kv_start, hi, table_row, head_ptr, v_plane,
+                                        dims, dim_ok, window, scale_log2, BLOCK_N, BLOCK_SIZE, SLOT_SIZE, False,
+                                        HAS_WINDOW, PRECISION)
     for kv_start in range(diag, hi, BLOCK_N):
-        pos, valid, slots = kv_tile(table_row, kv_start, hi, BLOCK_N, BLOCK_SIZE)
-        keep = pos[None, :] <= q_pos[:, None]
-        if HAS_WINDOW:
-            keep = keep & (pos[None, :] > q_pos[:, None] - window)
-        offs = slots * SLOT_SIZE
-        acc, l_sum, m_max = online_softmax_step(
-            q, head_ptr + offs[None, :] + dims[:, None], head_ptr + v_plane + offs[:, None] + dims[None, :],
-            valid[None, :] & dim_ok[:, None], valid[:, None] & dim_ok[None, :], keep,
-            acc, l_sum, m_max, scale_log2, PRECISION)
+        acc, l_sum, m_max = attend_tile(acc, l_sum, m_max, q, q_pos, 0, kv_start, hi, table_row, head_ptr, v_plane,
+                                        dims, dim_ok, window, scale_log2, BLOCK_N, BLOCK_SIZE, SLOT_SIZE, True,
+                                        HAS_WINDOW, PRECISION)
 
     o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     tl.store(out_ptr + (q_begin + token)[:, None].to(tl.int64) * out_stride_t + heads[:, None] * out_stride_h

@@ -1,0 +1,171 @@
+"""Paged decode attention kernel against its torch twin (Triton's interpreter on CPUs): mixed lengths
+around block boundaries, GQA 1/4/8, block sizes 16/32, split-K on and off, sliding window, padding
+rows; on CUDA also bf16 at real shapes and a CUDA-graph replay."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem.kernels.paged_decode_attention import (choose_num_splits, paged_decode_attention,
+                                                   paged_decode_attention_ref)
+
+device = "cuda" if torch.cuda.is_available() else "cpu"
+# (rtol, atol): the kernel rounds the probabilities to the dtype before P @ V
+TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+LENS = [1, 15, 16, 17, 31, 32, 33, 0, 150] + ([1000, 2049] if device == "cuda" else [])
+HEAD_DIMS = (64, 128) if device == "cuda" else (64,)
+
+
+def paged_cache(lens: list[int], block_size: int, num_kv: int, head_dim: int, dtype: torch.dtype,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random cache and block tables: every sequence's blocks drawn in shuffled order from one pool
+    (a few spare blocks of garbage among them), tables padded with block 0."""
+    needed = [-(-n // block_size) for n in lens]
+    num_blocks = sum(needed) + 3
+    pool = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.zeros(len(lens), max(needed) + 1, dtype=torch.int32)
+    for row, count in enumerate(needed):
+        tables[row, :count] = torch.tensor(pool[:count], dtype=torch.int32)
+        pool = pool[count:]
+    cache = torch.randn(2, num_blocks, block_size, num_kv, head_dim, generator=gen)
+    return cache.to(device, dtype), tables.to(device)
+
+
+def fused_q(rows: int, num_heads: int, num_kv: int, head_dim: int, dtype: torch.dtype, gen: torch.Generator):
+    """q as the model makes it: a strided view of one fused qkv projection."""
+    qkv = torch.randn(rows, (num_heads + 2 * num_kv) * head_dim, generator=gen).to(device, dtype)
+    return qkv[:, : num_heads * head_dim].view(rows, num_heads, head_dim)
+
+
+CASES = [  # group, block_size, dtype, num_splits, sliding_window
+    (1, 16, torch.float32, 1, None),
+    (4, 32, torch.float16, 3, None),
+    (8, 16, torch.float16, None, None),
+    (4, 16, torch.float32, 4, 40),
+    (8, 32, torch.float32, 1, 20),
+]
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("group,block_size,dtype,num_splits,window", CASES)
+def test_matches_twin(group, block_size, dtype, num_splits, window, head_dim):
+    gen = torch.Generator().manual_seed(group * 100 + block_size + head_dim)
+    num_kv = 2
+    cache, tables = paged_cache(LENS, block_size, num_kv, head_dim, dtype, gen)
+    lens = torch.tensor(LENS, dtype=torch.int32, device=device)
+    q = fused_q(len(LENS), group * num_kv, num_kv, head_dim, dtype, gen)
+    out = torch.full((len(LENS), group * num_kv + 1, head_dim), float("nan"), dtype=dtype, device=device)[:, 1:]
+    got = paged_decode_attention(q, cache, tables, lens, head_dim ** -0.5, window, num_splits=num_splits, out=out,
+                                 max_context_len=max(LENS))
+    assert got is out
+    want = paged_decode_attention_ref(q, cache, tables, lens, head_dim ** -0.5, window)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    assert (got[LENS.index(0)] == 0).all(), "a padding row (context 0) gives zeros"
+
+
+def test_splits_agree_and_lengths_do_not_leak():
+    """Split counts from 1 to past the number of tiles give one answer; a row's output ignores
+    what lies in its blocks past its length."""
+    gen = torch.Generator().manual_seed(7)
+    lens = [40, 3, 97]
+    cache, tables = paged_cache(lens, 16, 1, 64, torch.float32, gen)
+    q = torch.randn(3, 4, 64, generator=gen).to(device)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    outs = [paged_decode_attention(q, cache, tables, ctx, 0.125, num_splits=s) for s in (1, 2, 8)]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-6)
+    # garbage past each length, in the same blocks: nothing changes
+    spoiled = cache.clone()
+    for row, n in enumerate(lens):
+        block, offset = tables[row, n // 16], n % 16
+        spoiled[:, block, offset:] = 1e4
+    torch.testing.assert_close(paged_decode_attention(q, spoiled, tables, ctx, 0.125, num_splits=2), outs[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_choose_num_splits():
+    assert choose_num_splits(1, 8, 32768, 132) == 64  # one long sequence: fill the GPU, capped
+    assert choose_num_splits(4, 8, 4096, 132) == 16
+    assert choose_num_splits(64, 8, 4096, 132) == 2
+    assert choose_num_splits(256, 8, 4096, 132) == 1  # enough programs already
+    assert choose_num_splits(1, 8, 100, 132) == 1  # too short to split
+    assert choose_num_splits(0, 8, 100, 132) == 1
+
+
+@pytest.mark.skipif(device != "cuda", reason="real shapes on the GPU only")
+@pytest.mark.parametrize("head_dim,group", [(64, 4), (128, 4), (128, 8)])
+@pytest.mark.parametrize("num_splits", (1, None))
+def test_bf16_real_shapes(head_dim, group, num_splits):
+    gen = torch.Generator().manual_seed(head_dim + group)
+    lens = torch.randint(1, 4097, (48,), generator=gen).tolist() + [0, 4096]
+    num_kv = 8
+    cache, tables = paged_cache(lens, 16, num_kv, head_dim, torch.bfloat16, gen)
+    q = fused_q(len(lens), group * num_kv, num_kv, head_dim, torch.bfloat16, gen)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    got = paged_decode_attention(q, cache, tables, ctx, head_dim ** -0.5, num_splits=num_splits,
+                                 max_context_len=4096)
+    want = paged_decode_attention_ref(q.float(), cache.float(), tables, ctx, head_dim ** -0.5)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(device != "cuda", reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay():
+    """Captured once with padding rows, replayed with new lengths, tables and queries."""
+    gen = torch.Generator().manual_seed(3)
+    lens = [300, 17, 1, 2000]
+    cache, tables = paged_cache(lens + [0], 16, 8, 128, torch.bfloat16, gen)
+    q = torch.zeros(8, 32, 128, dtype=torch.bfloat16, device=device)
+    ctx = torch.zeros(8, dtype=torch.int32, device=device)
+    table = torch.zeros(8, tables.shape[1], dtype=torch.int32, device=device)
+    out = torch.empty_like(q)
+
+    def step():
+        paged_decode_attention(q, cache, table, ctx, 0.088, out=out, max_context_len=2048)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for order in ([0, 1, 2, 3], [3, 2]):
+        n = len(order)
+        q.normal_()
+        ctx.zero_()
+        ctx[:n] = torch.tensor([lens[i] for i in order], dtype=torch.int32)
+        table.zero_()
+        table[:n] = tables[order]
+        graph.replay()
+        want = paged_decode_attention_ref(q.float(), cache.float(), table, ctx, 0.088)
+        torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+        assert (out[n:] == 0).all() and torch.isfinite(out).all()
+
+
+def test_wrapper_rejects_bad_inputs():
+    cache = torch.zeros(2, 4, 16, 2, 64, device=device)
+    q = torch.randn(3, 4, 64, device=device)
+    tables = torch.zeros(3, 2, dtype=torch.int32, device=device)
+    ctx = torch.ones(3, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="q must be \\[rows, Hq, 64\\] with Hq a multiple of Hkv=2"):
+        paged_decode_attention(q[:, :3], cache, tables, ctx, 1.0)
+    with pytest.raises(TypeError, match="q must be torch.float32"):
+        paged_decode_attention(q.half(), cache, tables, ctx, 1.0)
+    with pytest.raises(ValueError, match="head_dim must be contiguous"):
+        paged_decode_attention(torch.randn(3, 64, 4, device=device).transpose(1, 2), cache, tables, ctx, 1.0)
+    with pytest.raises(TypeError, match="block_tables must be int32"):
+        paged_decode_attention(q, cache, tables.long(), ctx, 1.0)
+    with pytest.raises(ValueError, match="context_lens must be \\[3\\]"):
+        paged_decode_attention(q, cache, tables, ctx[:2], 1.0)
+    with pytest.raises(ValueError, match="block_tables must be \\[3, 2\\]"):
+        paged_decode_attention(q, cache, tables[:2], ctx, 1.0)
+    with pytest.raises(ValueError, match="kv_cache must be a contiguous"):
+        paged_decode_attention(q, cache.transpose(1, 2), tables, ctx, 1.0)
+    with pytest.raises(TypeError, match="kv_cache must be one of"):
+        paged_decode_attention(q.double(), cache.double(), tables, ctx, 1.0)
+    with pytest.raises(ValueError, match="out must be"):
+        paged_decode_attention(q, cache, tables, ctx, 1.0, out=torch.empty(3, 4, 32, device=device))
+    with pytest.raises(ValueError, match="num_splits must be >= 1"):
+        paged_decode_attention(q, cache, tables, ctx, 1.0, num_splits=0)
