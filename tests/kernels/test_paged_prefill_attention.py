@@ -53,6 +53,16 @@ def test_matches_twin(group, block_size, dtype, window, head_dim):
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
 
 
+def test_head_dim_not_power_of_two():
+    gen = torch.Generator().manual_seed(2)
+    chunks = [(20, 37), (9, 9)]
+    cache, tables = paged_cache([c for _, c in chunks], 16, 2, 80, torch.float32, gen)
+    cu, ctx, max_query_len = chunk_batch(chunks)
+    q = torch.randn(29, 8, 80, generator=gen).to(device)
+    got = paged_prefill_attention(q, cache, cu, ctx, tables, 0.1, max_query_len=max_query_len)
+    torch.testing.assert_close(got, paged_prefill_attention_ref(q, cache, cu, ctx, tables, 0.1), rtol=1e-4, atol=1e-5)
+
+
 def test_twins_match_engine_reference_backend():
     """The twins compute what the engine's TorchAttention computes, on a step mixing prompt chunks
     (with and without a prefix) and decode rows, GQA 4:1, sliding window on and off."""
