@@ -76,11 +76,14 @@ def _prefill_kernel(q_ptr, cache_ptr, cu_ptr, lens_ptr, tables_ptr, out_ptr, sca
              + dims[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-def prefill_config(head_dim: int, group: int, device: torch.device) -> dict:
-    """Tile config: 128 rows x 64 keys on GPUs (8 warps for head_dim > 64). In the interpreter a
-    program costs about the same whatever its size: 16 query tokens a tile, whatever the group."""
+def prefill_config(head_dim: int, group: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Tile config: 128 rows x 64 keys on GPUs (8 warps for head_dim > 64), half that for float32
+    (its tiles take twice the shared memory). In the interpreter a program costs about the same
+    whatever its size: 16 query tokens a tile, whatever the group."""
     if device.type != "cuda":
         return dict(block_m=16 * triton.next_power_of_2(group), block_n=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
     return dict(block_m=128, block_n=64, num_warps=8 if head_dim > 64 else 4, num_stages=2 if head_dim > 64 else 3)
 
 
@@ -125,7 +128,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_
     if num_seqs == 0 or max_query_len == 0:
         return out
     launch_prefill(q, kv_cache, cu_seqlens_q, context_lens, block_tables, scale, sliding_window, out,
-                   max_query_len, **prefill_config(q.shape[2], q.shape[1] // kv_cache.shape[3], q.device))
+                   max_query_len, **prefill_config(q.shape[2], q.shape[1] // kv_cache.shape[3], q.dtype, q.device))
     return out
 
 

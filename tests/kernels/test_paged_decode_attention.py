@@ -3,6 +3,12 @@ around block boundaries, GQA 1/4/8, block sizes 16/32, split-K on and off, slidi
 rows; on CUDA also bf16 at real shapes and a CUDA-graph replay."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -141,6 +147,56 @@ def test_cuda_graph_replay():
         want = paged_decode_attention_ref(q.float(), cache.float(), table, ctx, 0.088)
         torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
         assert (out[n:] == 0).all() and torch.isfinite(out).all()
+
+
+# Compiles kernels for an H100 (sm_90) the way a launch would (pointers and strides 16-aligned),
+# in a process without the interpreter: bf16 and real-compiler-only failures show up on CPUs too.
+_COMPILE = textwrap.dedent("""
+    import importlib, json, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    shared = []
+    for module, kernel, constants, options in json.loads(sys.argv[1]):
+        fn = getattr(importlib.import_module(module), kernel)
+        def kind(name):
+            if name.endswith("_ptr"):
+                return "*fp32" if name.startswith("part") else "*i32" if name[:2] in ("ta", "le", "cu") else "*bf16"
+            return "fp32" if name.startswith("scale") else "i64" if name == "v_plane" else "i32"
+        signature = {n: "constexpr" if n in constants else kind(n) for n in fn.arg_names}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                 if n not in constants and n not in ("window", "scale_log2")}
+        source = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constants.items()}, attrs)
+        shared.append(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared)
+    print(json.dumps(shared))
+""")
+H100_SHARED_MEMORY = 227 * 1024
+
+
+def compile_for_sm90(launches: list[tuple[str, str, dict, dict]]) -> list[int]:
+    """(module, kernel, constexprs, launch options) -> shared memory bytes of each compiled kernel."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(launches)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(device == "cuda", reason="the GPU runs the real thing")
+def test_compiles_for_hopper_in_bf16():
+    """The target shape (Hq=32, Hkv=8, D=128, block size 16) with the GPU tile config."""
+    from tandem.kernels.paged_decode_attention import decode_config
+
+    cfg = decode_config(128, torch.device("cuda"))
+    module = "tandem.kernels.paged_decode_attention"
+    common = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128)
+    launches = [(module, "_decode_kernel", dict(common, GROUP=4, SLOT_SIZE=1024, ROWS=16, BLOCK_N=cfg["block_n"],
+                                                BLOCK_SIZE=16, NUM_SPLITS=splits, HAS_WINDOW=window,
+                                                PRECISION="tf32"),
+                 dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+                for splits, window in ((1, False), (4, True))]
+    launches.append((module, "_merge_splits_kernel", dict(common, NUM_SPLITS=4, SPLITS_PAD=4), dict(num_warps=4)))
+    assert all(0 < shared <= H100_SHARED_MEMORY for shared in compile_for_sm90(launches)[:2])
 
 
 def test_wrapper_rejects_bad_inputs():

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from tandem.engine.attention import SeqSlice, TorchAttention
 from tandem.kernels.paged_decode_attention import paged_decode_attention_ref
 from tandem.kernels.paged_prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
-from tests.kernels.test_paged_decode_attention import HEAD_DIMS, TOL, device, fused_q, paged_cache
+from tests.kernels.test_paged_decode_attention import (H100_SHARED_MEMORY, HEAD_DIMS, TOL, compile_for_sm90, device,
+                                                      fused_q, paged_cache)
 
 # (query_len, context_len): no prefix; prefix 17 (not block-aligned); prefix 32 (aligned); a short
 # chunk late in a long context; one token; a chunk crossing several tiles
@@ -116,6 +117,21 @@ def test_matches_sdpa_on_contiguous_kv():
         rows = slice(int(cu[n]), int(cu[n + 1]))
         want = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], k, v, is_causal=True, enable_gqa=True)
         torch.testing.assert_close(got[rows], want[0].transpose(0, 1), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(device == "cuda", reason="the GPU runs the real thing")
+def test_compiles_for_hopper_in_bf16():
+    """8B geometry (GQA 4:1, D=128) and GQA 8:1 at D=64, with the GPU tile configs."""
+    from tandem.kernels.paged_prefill_attention import prefill_config
+
+    launches = []
+    for head_dim, group, window in ((128, 4, False), (64, 8, True)):
+        cfg = prefill_config(head_dim, group, torch.bfloat16, torch.device("cuda"))
+        launches.append(("tandem.kernels.paged_prefill_attention", "_prefill_kernel",
+                         dict(GROUP=group, GROUP_PAD=group, HEAD_DIM=head_dim, SLOT_SIZE=8 * head_dim, BLOCK_D=head_dim,
+                              BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_SIZE=16, HAS_WINDOW=window,
+                              PRECISION="tf32"), dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
+    assert all(0 < shared <= H100_SHARED_MEMORY for shared in compile_for_sm90(launches))
 
 
 def test_wrapper_rejects_bad_inputs():
