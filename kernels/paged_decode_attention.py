@@ -22,7 +22,7 @@ import triton.language as tl
 __all__ = ["paged_decode_attention", "paged_decode_attention_ref"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634
 _MIN_ROWS = 16  # tl.dot needs M >= 16 on GPUs
 _MIN_SPLIT_TOKENS = 256  # below this a split's partial costs more than it parallelises
 _MAX_SPLITS = 64
@@ -203,7 +203,7 @@ def launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window
     else:
         part_acc = part_ml = out  # unused
     _decode_kernel[(batch, num_kv, num_splits)](
-        q, kv_cache, block_tables, context_lens, out, part_acc, part_ml, scale * _LOG2E, q.stride(0), q.stride(1),
+        q, kv_cache, block_tables, context_lens, out, part_acc, part_ml, scale * LOG2E, q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0), kv_cache.stride(0), sliding_window or 0,
         GROUP=group, SLOT_SIZE=num_kv * head_dim, ROWS=max(_MIN_ROWS, triton.next_power_of_2(group)),
         BLOCK_N=block_n, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, HAS_WINDOW=bool(sliding_window),

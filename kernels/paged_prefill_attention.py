@@ -13,12 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.kernels.paged_decode_attention import (attend_tile, check_cache, check_heads, check_index, check_out,
-                                                   dot_precision)
+from tandem.kernels.paged_decode_attention import (LOG2E, attend_tile, check_cache, check_heads, check_index,
+                                                   check_out, dot_precision)
 
 __all__ = ["paged_prefill_attention", "paged_prefill_attention_ref"]
-
-_LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -97,7 +95,7 @@ def launch_prefill(q, kv_cache, cu_seqlens_q, context_lens, block_tables, scale,
     block_m = max(block_m, group_pad)
     grid = (triton.cdiv(max_query_len, block_m // group_pad), context_lens.shape[0], num_kv)
     _prefill_kernel[grid](
-        q, kv_cache, cu_seqlens_q, context_lens, block_tables, out, scale * _LOG2E, q.stride(0), q.stride(1),
+        q, kv_cache, cu_seqlens_q, context_lens, block_tables, out, scale * LOG2E, q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0), kv_cache.stride(0), sliding_window or 0,
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SLOT_SIZE=num_kv * head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
