@@ -41,6 +41,14 @@ def now() -> str:
 Publish = Callable[[Obj], None]
 
 
+def live_model(kube: Kube, namespace: str, name: str, uid: str) -> Obj | None:
+    """The TandemModel as it is now, unless it is gone, going, or another one of the same name."""
+    current = kube.get(API_VERSION, KIND, namespace, name)
+    if current is None or current["metadata"].get("deletionTimestamp") or current["metadata"].get("uid") != uid:
+        return None
+    return current
+
+
 def current_status(kube: Kube, model: TandemModel, body: Obj, lws: bool,
                    error: tuple[str, str] | None = None) -> Obj | None:
     """The status computed from the children now in the cluster, or None when it has not changed."""
@@ -57,6 +65,8 @@ def sync(memo: kopf.Memo, body: Obj, publish: Publish) -> None:
     """Reconcile one TandemModel's children and publish its new status (also when reconciling fails)."""
     kube: Kube = memo.kube
     meta = body["metadata"]
+    if live_model(kube, meta["namespace"], meta["name"], meta["uid"]) is None:
+        return  # deleted meanwhile (an event handled late): its children go with it
     try:
         model = TandemModel.from_body(body, memo.default_image)
     except ValidationError as exc:
@@ -93,11 +103,10 @@ def tandem_model_changed(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **
 def owning_model(kube: Kube, child: Obj) -> Obj | None:
     """The live TandemModel that owns `child`, if any."""
     meta = child["metadata"]
-    owner = kube.get(API_VERSION, KIND, meta["namespace"], meta["labels"][MODEL_LABEL])
-    if owner is None or owner["metadata"].get("deletionTimestamp"):
-        return None
-    uids = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
-    return owner if owner["metadata"]["uid"] in uids else None
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == KIND and ref.get("name") == meta["labels"][MODEL_LABEL]:
+            return live_model(kube, meta["namespace"], ref["name"], ref["uid"])
+    return None
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILDREN)

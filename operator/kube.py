@@ -70,9 +70,13 @@ class Kube:
             content_type="application/json-patch+json", serializer=_plain)
 
     def patch_status(self, api_version: str, kind: str, namespace: str, name: str, status: Obj) -> None:
-        self._resource(api_version, kind).status.patch(
-            body={"status": status}, name=name, namespace=namespace, content_type="application/merge-patch+json",
-            serializer=_plain)
+        """Merge `status` into the object's status; nothing if the object is gone."""
+        try:
+            self._resource(api_version, kind).status.patch(
+                body={"status": status}, name=name, namespace=namespace,
+                content_type="application/merge-patch+json", serializer=_plain)
+        except NotFoundError:
+            pass
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str, propagation: str = "Background") -> None:
         try:
