@@ -54,7 +54,8 @@ def current_status(kube: Kube, model: TandemModel, body: Obj, lws: bool,
     """The status computed from the children now in the cluster, or None when it has not changed."""
     selector = {MODEL_LABEL: model.owner.name}
     children = [obj for api_version, kind in child_kinds(lws)
-                for obj in kube.list(api_version, kind, model.owner.namespace, selector)]
+                for obj in kube.list(api_version, kind, model.owner.namespace, selector)
+                if not obj["metadata"].get("deletionTimestamp")]  # a group being rebuilt is not ready
     old = body.get("status") or {}
     new = status.compute(model, children, body["metadata"].get("generation", 0), old.get("conditions") or [],
                          now(), error)
@@ -64,9 +65,10 @@ def current_status(kube: Kube, model: TandemModel, body: Obj, lws: bool,
 def sync(memo: kopf.Memo, body: Obj, publish: Publish) -> None:
     """Reconcile one TandemModel's children and publish its new status (also when reconciling fails)."""
     kube: Kube = memo.kube
-    meta = body["metadata"]
-    if live_model(kube, meta["namespace"], meta["name"], meta["uid"]) is None:
+    body = live_model(kube, body["metadata"]["namespace"], body["metadata"]["name"], body["metadata"]["uid"])
+    if body is None:
         return  # deleted meanwhile (an event handled late): its children go with it
+    meta = body["metadata"]
     try:
         model = TandemModel.from_body(body, memo.default_image)
     except ValidationError as exc:
@@ -116,12 +118,15 @@ def owning_model(kube: Kube, child: Obj) -> Obj | None:
 @kopf.on.event("", "v1", "configmaps", labels=CHILDREN)
 def child_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_) -> None:
     """A deleted child is restored; a workload's change updates its TandemModel's status."""
+    deleted = event["type"] == "DELETED"
+    if not deleted and body["kind"] not in ("Deployment", "StatefulSet", "LeaderWorkerSet"):
+        return
     owner = owning_model(memo.kube, dict(body))
     if owner is None:
         return
-    if event["type"] == "DELETED":
+    if deleted:
         sync(memo, owner, api_publisher(memo.kube, owner))
-    elif body["kind"] in ("Deployment", "StatefulSet", "LeaderWorkerSet"):
+    else:
         try:
             model = TandemModel.from_body(owner, memo.default_image)
         except ValidationError:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Literal
 
 from tandem.operator.common import (GROUP_INDEX_LABEL, WORKER_GRPC, WORKER_HTTP, Obj, base_env, child_name,
-                                    container, field_env, http_probes, metadata, model_argument, model_volumes,
+                                    container, http_probes, metadata, model_argument, model_volumes,
                                     pod_spec, port, resources, router_grpc_address, selector_labels,
                                     service_host, service_port)
 from tandem.operator.spec import PoolSpec, TandemModel
