@@ -85,14 +85,15 @@ def cluster(kmock, tmp_path, monkeypatch):
     return kmock
 
 
-def start_operator() -> tuple[threading.Event, threading.Thread]:
-    """`tandem operator --all-namespaces` as it runs in its pod (kopf.run, its own event loop), in a thread."""
+def start_operator(namespaces: list[str] | None = None) -> tuple[threading.Event, threading.Thread]:
+    """`tandem operator --all-namespaces` (or `--namespace` each of `namespaces`) as it runs in its pod
+    (kopf.run, its own event loop), in a thread."""
     settings = kopf.OperatorSettings()
     settings.scanning.disabled = True  # kmock serves no CRD watch
     stop = threading.Event()
     thread = threading.Thread(target=kopf.run, daemon=True, kwargs=dict(
-        clusterwide=True, standalone=True, settings=settings, stop_flag=stop,
-        memo=kopf.Memo(default_image="tandem:test")))
+        clusterwide=namespaces is None, namespaces=namespaces or (), standalone=True, settings=settings,
+        stop_flag=stop, memo=kopf.Memo(default_image="tandem:test")))
     thread.start()
     return stop, thread
 
@@ -134,9 +135,9 @@ async def call(kmock, method: str, kind: str, name: str = "", body=None, sub: st
         assert r.status < 300, (method, path, r.status, await r.text())
 
 
-async def create_model(kmock, spec: dict, name: str = "m1") -> None:
+async def create_model(kmock, spec: dict, name: str = "m1", namespace: str = NS) -> None:
     body = {"apiVersion": "tandem.dev/v1alpha1", "kind": "TandemModel",
-            "metadata": {"name": name, "namespace": NS, "uid": f"uid-{name}", "generation": 1}, "spec": spec}
+            "metadata": {"name": name, "namespace": namespace, "uid": f"uid-{name}", "generation": 1}, "spec": spec}
     await call(kmock, "POST", "TandemModel", body=body)
 
 
@@ -246,6 +247,24 @@ async def test_parallelism_change_rebuilds_groups(operator):
     await wait_for(lambda: live(kmock, "StatefulSet", "m1-prefill-0") is None)
     await wait_for(lambda: live(kmock, "Service", "m1-prefill-group") is None)
     assert "apps.kubernetes.io/pod-index" not in live(kmock, "Service", "m1-prefill")["spec"]["selector"]
+
+
+async def test_models_found_at_start_in_the_watched_namespace_only(cluster):
+    kmock = cluster
+    await create_model(kmock, {"image": "registry.example/tandem:2"})
+    await create_model(kmock, {}, name="elsewhere", namespace="team-b")
+
+    def image(name: str) -> str | None:
+        deployment = live(kmock, "Deployment", name)
+        return deployment and deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    stop, thread = start_operator(namespaces=[NS])  # as `tandem operator --namespace default`
+    try:
+        await wait_for(lambda: image("m1-decode") == "registry.example/tandem:2")  # resumed
+        await change_spec(kmock, {"image": "registry.example/tandem:3"}, generation=2)  # a new image rolls out
+        await wait_for(lambda: image("m1-decode") == image("m1-router") == "registry.example/tandem:3")
+    finally:
+        await stop_operator(stop, thread)
+    assert not any(key[1] == "team-b" and key[0].plural != "tandemmodels" for key in kmock.objects)
 
 
 async def test_a_failed_member_restarts_its_whole_group(operator):
