@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import socket
+import sys
 import threading
 import time
+
+import aiohttp
 
 import kmock as kmocklib
 import kopf
@@ -265,6 +270,31 @@ async def test_models_found_at_start_in_the_watched_namespace_only(cluster):
     finally:
         await stop_operator(stop, thread)
     assert not any(key[1] == "team-b" and key[0].plural != "tandemmodels" for key in kmock.objects)
+
+
+async def test_the_tandem_operator_command(cluster, tmp_path):
+    """The real entry point, as the chart's Deployment runs it: a process, its kubeconfig, a liveness URL.
+    Cluster-wide: with --namespace, kopf lists namespaces at /api/v1/namespaces, a path kmock cannot parse
+    (the in-process test above covers --namespace, with kopf's namespace scanning off)."""
+    kmock = cluster
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig"), "TANDEM_IMAGE": "registry.example/tandem:1"}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tandem.cli", "operator", "--all-namespaces", f"--liveness=http://127.0.0.1:{port}/healthz",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        await create_model(kmock, {})
+        router = await wait_for(lambda: live(kmock, "Deployment", "m1-router"), timeout=30)
+        assert router["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/tandem:1"
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/healthz") as response:
+            assert response.status == 200
+    finally:
+        process.terminate()  # SIGTERM, as the kubelet stops the pod
+        output = (await asyncio.wait_for(process.communicate(), 20))[0].decode()
+    assert process.returncode == 0, output
 
 
 async def test_a_failed_member_restarts_its_whole_group(operator):
