@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Literal
 
 from tandem.operator.common import (GROUP_INDEX_LABEL, WORKER_GRPC, WORKER_HTTP, Obj, base_env, child_name,
-                                    container, http_probes, metadata, model_argument, model_volumes,
+                                    container, http_probes, labels, metadata, model_argument, model_volumes,
                                     pod_spec, port, resources, router_grpc_address, selector_labels,
                                     service_host, service_port)
 from tandem.operator.spec import PoolSpec, TandemModel
@@ -37,9 +37,9 @@ def pod_template(model: TandemModel, pool: Pool, group_env: list[Obj], extra_lab
         mounts = [*mounts, {"name": "shm", "mountPath": "/dev/shm"}]
     main = container(model, pool, worker_args(model, pool), [port("grpc", WORKER_GRPC), port("metrics", WORKER_HTTP)],
                      env, resources(spec, spec.gpus_per_pod), http_probes("metrics", startup_seconds=3600), mounts)
-    meta = metadata(model, "", pool, extra_labels)
     # draining: a worker deregisters and finishes its requests on SIGTERM
-    return {"metadata": {"labels": meta["labels"]}, "spec": pod_spec(spec, main, volumes, grace_seconds=60)}
+    return {"metadata": {"labels": {**labels(model, pool), **extra_labels}},
+            "spec": pod_spec(spec, main, volumes, grace_seconds=60)}
 
 
 def serving_service(model: TandemModel, pool: Pool, leader_label: dict[str, str]) -> Obj:

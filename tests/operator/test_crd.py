@@ -13,7 +13,10 @@ from pydantic import BaseModel, ValidationError
 from tandem.operator.spec import TandemModelSpec
 from tests.operator.conftest import SPECS, body_of, example_bodies, load_crd, model_of
 
-celpy = pytest.importorskip("celpy")
+try:
+    import celpy  # cel-python: a dev dependency
+except ImportError:  # the OpenAPI checks still run; the CEL test is skipped
+    celpy = None
 
 
 def strict(schema):
@@ -59,7 +62,7 @@ def crd_accepts(body: dict) -> list[str]:
     except jsonschema.ValidationError as exc:
         return [exc.message]
     (version,) = load_crd()["spec"]["versions"]
-    return cel_errors(body, version["schema"]["openAPIV3Schema"])
+    return cel_errors(body, version["schema"]["openAPIV3Schema"]) if celpy else []
 
 
 def test_crd_is_a_valid_namespaced_v1alpha1_crd_with_status_and_columns():
@@ -120,6 +123,7 @@ def test_the_openapi_schema_and_the_spec_model_reject_nonsense(case):
 
 @pytest.mark.parametrize("case", CEL_NONSENSE)
 def test_cel_rules_and_the_spec_model_reject_related_fields(case):
+    pytest.importorskip("celpy")
     spec, message = CEL_NONSENSE[case]
     errors = crd_accepts(body_of(spec))
     assert len(errors) == 1 and errors[0].startswith(message)
@@ -127,7 +131,8 @@ def test_cel_rules_and_the_spec_model_reject_related_fields(case):
         TandemModelSpec.model_validate(spec)
 
 
-def test_long_names_are_rejected_and_groups_of_the_longest_fit_label_limits():
+def test_names_over_30_characters_are_rejected():
+    pytest.importorskip("celpy")
     assert crd_accepts(body_of({}, name="m" * 31)) == ["a TandemModel's name has at most 30 characters"]
     with pytest.raises(ValidationError):
         model_of({}, name="m" * 31)
