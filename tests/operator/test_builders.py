@@ -160,3 +160,17 @@ def test_multi_pod_replicas_become_leaderworkersets_where_installed():
     assert children["Service/m1-decode"]["spec"]["selector"]["leaderworkerset.sigs.k8s.io/worker-index"] == "0"
     assert not any(c["kind"] == "StatefulSet" for c in children.values())
     assert "Service/m1-decode-group" not in children  # the LeaderWorkerSet makes its own
+
+
+@pytest.mark.parametrize("lws", [False, True])
+def test_the_longest_name_fits_every_generated_name(lws):
+    """Names of pods and of their controller-revision-hash labels (<statefulset>-<10 chars>) stay within
+    63 characters for a 30-character TandemModel with groups of up to 3-digit indexes."""
+    children = build_children(model_of(SPECS["gpu-groups"], name="m" * 30), lws=lws)
+    for child in children:
+        name = child["metadata"]["name"]
+        assert len(name) <= 63
+        if child["kind"] == "StatefulSet":  # pods <name>-<ordinal>
+            assert len(f"{name}-999") + 11 <= 63
+        if child["kind"] == "LeaderWorkerSet":  # worker StatefulSets <name>-<group>, pods <name>-<group>-<worker>
+            assert len(f"{name}-999-999") + 11 <= 63
