@@ -8,6 +8,7 @@ Token t of a request lives in slot `block_table[t // block_size] * block_size + 
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,12 +50,21 @@ class AttentionBatch:
         raise NotImplementedError
 
 
+def attention_backend(device: torch.device) -> str:
+    """"triton" on CUDA, "torch" elsewhere; TANDEM_ATTENTION_BACKEND overrides it (tests run the Triton
+    backend on CPUs through Triton's interpreter)."""
+    chosen = os.environ.get("TANDEM_ATTENTION_BACKEND") or ("triton" if device.type == "cuda" else "torch")
+    if chosen not in ("triton", "torch"):
+        raise ValueError(f"TANDEM_ATTENTION_BACKEND={chosen!r}: expected 'triton' or 'torch'")
+    return chosen
+
+
 def build_attention(kv_caches: list[torch.Tensor], seqs: list[SeqSlice], slots: list[int], scale: float,
                     sliding_window: int | None, on_layer_written=None) -> AttentionBatch:
     """The device's backend for one step; `seqs` lists prompt chunks first, then single-token rows."""
     device = kv_caches[0].device
     slot_mapping = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
-    if device.type == "cuda":
+    if attention_backend(device) == "triton":
         from tandem.engine.attention_triton import TritonAttention
         return TritonAttention.build(kv_caches, seqs, slot_mapping, scale, sliding_window, on_layer_written)
     return TorchAttention.build(kv_caches, seqs, slot_mapping, scale, sliding_window, on_layer_written)

@@ -48,7 +48,7 @@ class TritonAttention(AttentionBatch):
         device = kv_caches[0].device
 
         def dev(t: torch.Tensor) -> torch.Tensor:
-            return t.pin_memory().to(device, non_blocking=True)
+            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
         chunks = [s for s in seqs if s.query_len > 1]
         singles = [s for s in seqs if s.query_len == 1]

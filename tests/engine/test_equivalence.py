@@ -144,3 +144,17 @@ def test_large_mixed_batch(tiny_model_dirs, make_llm):
     expected = _hf_greedy(model, prompts, 12, True)
     llm = make_llm(path, enable_prefix_caching=False)
     assert _generate(llm, prompts, params) == expected
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_triton_attention_backend(arch, references, make_llm, monkeypatch):
+    """The CUDA attention backend (paged prefill + split-K decode kernels through block tables), run
+    by Triton's interpreter on CPUs: the engine's metadata for both kernels, with a cached prefix
+    (second pass) and prompt chunks beside decode rows (tiny token budget), matches transformers."""
+    monkeypatch.setenv("TANDEM_ATTENTION_BACKEND", "triton")
+    path, prompts, params, expected = references[arch]
+    llm = make_llm(path, enable_prefix_caching=True, max_num_batched_tokens=40)
+    assert _generate(llm, prompts[:6], params) == expected[:6]
+    hits = llm.stats().prefix_cache_hits
+    assert _generate(llm, prompts[5:], params) == expected[5:]
+    assert llm.stats().prefix_cache_hits > hits
