@@ -85,7 +85,26 @@ def roofline_seconds(cfg: dict, requests: list[tuple[int, int]], ceil: dict) -> 
     return prefill + decode_bytes / ceil["copy_bytes_per_s"]
 
 
-def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_model_len: int) -> dict:
+def profiled(fn, path: str):
+    """fn() under cProfile; the top functions by own and cumulative time go to `path` and stdout."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    result = prof.runcall(fn)
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
+    with open(path, "w") as f:
+        f.write(text.getvalue())
+    print(text.getvalue()[:6000], flush=True)
+    return result
+
+
+def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_model_len: int,
+               profile: str | None = None, out_dir: str = ".") -> dict:
     from tandem import LLM, SamplingParams
 
     llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=max_model_len,
@@ -104,6 +123,9 @@ def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_mod
         assert tokens == sum(o for _, o in reqs), "every request generates exactly its max_tokens"
         out[name] = {"seconds": elapsed, "output_tokens": tokens, "tok_per_s": tokens / elapsed}
         print(f"  tandem {name}: {tokens / elapsed:,.0f} out tok/s ({elapsed:.2f} s)", flush=True)
+        if name == profile:  # again, under cProfile: where the host's time goes
+            profiled(lambda: llm.generate(prompts, params, use_tqdm=False),
+                     os.path.join(out_dir, f"profile-{os.path.basename(folder)}-{name}.txt"))
     out["num_kv_blocks"] = llm.engine.kv.pool.num_blocks
     del llm
     gc.collect()
@@ -142,6 +164,7 @@ def main() -> int:
     ap.add_argument("--shapes", default="1b,8b")
     ap.add_argument("--workloads", default="W1,W1-64,P512,single,W2")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--profile", help="a workload to run once more under cProfile")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     args = ap.parse_args()
     import triton
@@ -163,7 +186,8 @@ def main() -> int:
         longest = max(p + o for reqs in runs.values() for p, o in reqs)
         folder = config_folder(shape)
         print(f"{shape}: {num_params(cfg) / 1e9:.2f} B parameters", flush=True)
-        ours = run_tandem(folder, runs, np.random.default_rng(1), max_model_len=max(longest, 4096))
+        os.makedirs(args.out, exist_ok=True)
+        ours = run_tandem(folder, runs, np.random.default_rng(1), max(longest, 4096), args.profile, args.out)
         hf = {} if args.no_hf else run_hf(cfg, runs, np.random.default_rng(1))
         shape_result = {}
         for w, reqs in runs.items():

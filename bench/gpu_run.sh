@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU session in one command (device machine: torch, triton, transformers preinstalled):
+#   bash bench/gpu_run.sh [STAGES]   STAGES: comma list of install,kernels,check,kbench,quick,full
+# Writes logs and JSON under $OUT (or bench/results).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+stages=",${1:-install,kernels,check,kbench,quick},"
+has() { [[ $stages == *",$1,"* ]]; }
+if has install; then
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+fi
+if has kernels; then
+  timeout 240 python3 -m pytest tests/kernels -q -x -p no:cacheprovider 2>&1 | tee "$OUT/kernels-tests.log" | tail -8
+fi
+if has check; then
+  timeout 240 python3 bench/gpu_check.py --out "$OUT" 2>&1 | grep -v Warning | tail -8
+fi
+if has kbench; then
+  (cd /tmp && timeout 180 python3 "$OLDPWD/bench/kernels.py" --quick --out "$OUT") 2>&1 | tail -25
+fi
+if has quick; then
+  timeout 300 python3 bench/gpu.py --shapes 1b --workloads W1,single --no-hf --profile W1 --out "$OUT" 2>&1 | tail -120
+fi
+if has full; then
+  timeout 560 python3 bench/gpu.py --out "$OUT" 2>&1 | tail -40
+fi
