@@ -36,6 +36,6 @@ def test_stubs_import_under_the_tandem_namespace():
     assert hasattr(decode_pb2_grpc, "DecodeServicer")
 
 
-@pytest.mark.parametrize("name", ["common", "router", "decode", "prefill"])
+@pytest.mark.parametrize("name", ["common", "router", "decode", "prefill", "kvstore"])
 def test_each_source_has_its_modules(name):
     assert (ROOT / "proto" / f"{name}_pb2.py").exists() and (ROOT / "proto" / f"{name}.proto").exists()
