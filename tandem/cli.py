@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(chat)
     _add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+    from tandem.kvstore.main import add_kvstore_parser  # light: the store is imported when the command runs
     from tandem.launcher import add_up_parser
     from tandem.operator.main import add_operator_parser  # light: kopf is imported when the command runs
     from tandem.router.main import add_router_parser  # light: heavy imports wait for the command
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_worker_parsers(sub)
     add_up_parser(sub)
     add_operator_parser(sub)
+    add_kvstore_parser(sub)
     return parser
 
 

@@ -2,6 +2,8 @@
 side: /health for probes and the launcher, /metrics for Prometheus."""
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -70,11 +72,16 @@ class WorkerMetrics:
         self.transfers = TransferMetrics(self.registry)
 
 
-def http_app(engine_host, metrics: WorkerMetrics) -> Starlette:
+def probe_app(healthy: Callable[[], bool], registry: CollectorRegistry) -> Starlette:
+    """A service's HTTP side: /health (200 while `healthy()`, else 503) and /metrics (`registry`)."""
     async def health(_: Request) -> Response:
-        return Response(status_code=200 if engine_host.is_healthy() else 503)
+        return Response(status_code=200 if healthy() else 503)
 
     async def scrape(_: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(routes=[Route("/health", health), Route("/metrics", scrape)])
+
+
+def http_app(engine_host, metrics: WorkerMetrics) -> Starlette:
+    return probe_app(lambda: engine_host.is_healthy(), metrics.registry)
