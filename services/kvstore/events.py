@@ -36,9 +36,12 @@ class Subscription:
         return not self.compat_hash or self.compat_hash == compat_hash
 
     def _push(self, item: object) -> None:  # on the subscriber's loop
-        if self._overflowed:
+        if item is _CLOSED:
+            self._queue.put_nowait(item)
             return
-        if item is not _CLOSED and self._queue.qsize() >= self.max_pending:
+        if self._overflowed:  # told once; the stream ends on it
+            return
+        if self._queue.qsize() >= self.max_pending:
             self._overflowed = True
             item = _OVERFLOW
         self._queue.put_nowait(item)

@@ -16,7 +16,7 @@ from tests.kvstore.conftest import NS, block
 
 def subscribe(kv, ns: str = NS, snapshot: bool = False, subscribers: int = 1):
     """An open Events stream, once the store has registered it (events before that are not its)."""
-    stream = kv.stub.Events(pb.EventsRequest(compat_hash=ns, snapshot=snapshot), timeout=20)
+    stream = kv.stub.Events(pb.EventsRequest(compat_hash=ns, snapshot=snapshot), timeout=10)
     deadline = time.monotonic() + 5
     while kv.store.stats().subscribers < subscribers:
         assert time.monotonic() < deadline, "the Events stream never subscribed"

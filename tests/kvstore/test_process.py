@@ -38,7 +38,7 @@ def test_the_process_serves_and_stops_on_sigterm(tmp_path):
         assert httpx.get(f"{http}/health", timeout=5).status_code == 200
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = kvstore_pb2_grpc.KVStoreStub(channel)
-            events = stub.Events(pb.EventsRequest(compat_hash=NS), timeout=30)
+            events = stub.Events(pb.EventsRequest(compat_hash=NS), timeout=10)
             deadline = time.monotonic() + 5
             while "tandem:kvstore_event_subscribers 1.0" not in httpx.get(f"{http}/metrics", timeout=5).text:
                 assert time.monotonic() < deadline, "the Events stream never subscribed"
