@@ -1,6 +1,12 @@
 """Correctness on the GPU: greedy output of the engine equal to transformers' for a random-weight
 Llama in float32, and agreeing on at least 99% of tokens in bf16 (64 prompts x 64 tokens).
 
+bf16 agreement is teacher-forced: transformers (bf16) reads each of our generated sequences in one
+forward pass and we count the positions where its argmax is the token we generated. Free-running
+comparison is printed too, but it measures chaos, not correctness: on a random-weight model one
+rounding difference changes the rest of a sequence, and transformers in bf16 agrees with itself in
+float32 on only about a third of free-running tokens (measured on CPU at this shape).
+
     python bench/gpu_check.py [--out DIR]      (the kernels' own checks: pytest tests/kernels)
 """
 from __future__ import annotations
@@ -45,6 +51,18 @@ def tandem_greedy(folder: str, dtype: str, prompts: list[list[int]], **kwargs) -
     return outs
 
 
+@torch.no_grad()
+def teacher_forced_agreement(model, prompts: list[list[int]], generated: list[list[int]]) -> float:
+    """Share of our generated tokens that are transformers' argmax given the same prefix."""
+    same = total = 0
+    for p, g in zip(prompts, generated):
+        ids = torch.tensor([p + g], device="cuda")
+        best = model(ids).logits[0, len(p) - 1:-1].argmax(-1).tolist()
+        same += sum(a == b for a, b in zip(best, g))
+        total += len(g)
+    return same / total
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     same = sum(x == y for sa, sb in zip(a, b) for x, y in zip(sa, sb))
     return same / sum(len(s) for s in a)
@@ -77,13 +95,17 @@ def main() -> int:
                        "token_agreement": agreement(ours32, ref32)}
         print(f"{key}: {NUM_PROMPTS - len(mismatched)}/{NUM_PROMPTS} sequences identical, "
               f"token agreement {agreement(ours32, ref32):.4f}", flush=True)
-    model = model.to(torch.bfloat16)
+    # from_pretrained, not .to(bfloat16): .to would round the rotary inv_freq buffer to bf16 too
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
     ref16 = hf_greedy(model, prompts)
     ours16 = tandem_greedy(folder, "bfloat16", prompts)
-    report["bfloat16"] = {"token_agreement": agreement(ours16, ref16),
+    forced = teacher_forced_agreement(model, prompts, ours16)
+    report["bfloat16"] = {"token_agreement": forced, "free_running_agreement": agreement(ours16, ref16),
+                          "hf_bf16_vs_hf_fp32_free_running": agreement(ref16, ref32),
                           "identical_sequences": sum(a == b for a, b in zip(ours16, ref16))}
-    print(f"bfloat16: token agreement {agreement(ours16, ref16):.4f} (target 0.99), "
-          f"{report['bfloat16']['identical_sequences']}/{NUM_PROMPTS} sequences identical", flush=True)
+    print(f"bfloat16: teacher-forced token agreement {forced:.4f} (target 0.99); free-running "
+          f"{agreement(ours16, ref16):.4f} (transformers bf16 vs its own float32: {agreement(ref16, ref32):.4f})",
+          flush=True)
     ok = report["float32_eager"]["identical_sequences"] == NUM_PROMPTS and \
         report["float32_graphs"]["identical_sequences"] == NUM_PROMPTS and report["bfloat16"]["token_agreement"] >= 0.99
     report["pass"] = ok

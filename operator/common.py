@@ -9,6 +9,7 @@ from typing import Any
 from tandem.operator.spec import GROUP, KIND, VERSION, Placement, TandemModel
 
 ROUTER_HTTP, ROUTER_GRPC, WORKER_GRPC, WORKER_HTTP, KVSTORE_GRPC = 8000, 50051, 50052, 8080, 50060
+DECODE_KV = 50053  # decode's KV receiver: prefill pods stream blocks here, to the endpoint in the ticket
 MODEL_DIR = "/models"
 MANAGED_BY = "tandem-operator"
 MODEL_LABEL = "tandem.dev/model"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from tandem.operator.common import (GROUP_INDEX_LABEL, WORKER_GRPC, WORKER_HTTP, Obj, base_env, child_name,
+from tandem.operator.common import (DECODE_KV, GROUP_INDEX_LABEL, WORKER_GRPC, WORKER_HTTP, Obj, base_env, child_name,
                                     container, http_probes, labels, metadata, model_argument, model_volumes,
                                     pod_spec, port, resources, router_grpc_address, selector_labels,
                                     service_host, service_port)
@@ -24,6 +24,8 @@ def worker_args(model: TandemModel, pool: Pool) -> list[str]:
             "--dtype", spec.model.dtype]
     if spec.model.max_model_len is not None:
         args += ["--max-model-len", str(spec.model.max_model_len)]
+    if pool == "decode":
+        args += ["--kv-port", str(DECODE_KV)]
     return [*args, "--router", router_grpc_address(model), *getattr(spec, pool).extra_args]
 
 
@@ -35,7 +37,10 @@ def pod_template(model: TandemModel, pool: Pool, group_env: list[Obj], extra_lab
     if spec.gpus_per_pod:  # NCCL and torch's workers share memory through /dev/shm
         volumes = [*volumes, {"name": "shm", "emptyDir": {"medium": "Memory"}}]
         mounts = [*mounts, {"name": "shm", "mountPath": "/dev/shm"}]
-    main = container(model, pool, worker_args(model, pool), [port("grpc", WORKER_GRPC), port("metrics", WORKER_HTTP)],
+    ports = [port("grpc", WORKER_GRPC), port("metrics", WORKER_HTTP)]
+    if pool == "decode":
+        ports.append(port("kv", DECODE_KV))
+    main = container(model, pool, worker_args(model, pool), ports,
                      env, resources(spec, spec.gpus_per_pod), http_probes("metrics", startup_seconds=3600), mounts)
     # draining: a worker deregisters and finishes its requests on SIGTERM
     return {"metadata": {"labels": {**labels(model, pool), **extra_labels}},

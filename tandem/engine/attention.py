@@ -97,25 +97,27 @@ class TorchAttention(AttentionBatch):
 
     @classmethod
     def build(cls, kv_caches, seqs: list[SeqSlice], slot_mapping, scale, sliding_window, on_layer_written):
-        prefills = [PrefillSeq(s.row, s.query_len, s.context_len, torch.tensor(s.block_table))
+        device = kv_caches[0].device  # the reference also runs on CUDA (the kernels' tests compare)
+        prefills = [PrefillSeq(s.row, s.query_len, s.context_len, torch.tensor(s.block_table, device=device))
                     for s in seqs if s.query_len > 1]
         singles = [s for s in seqs if s.query_len == 1]
         decodes = []
         for start in range(0, len(singles), DECODE_GROUP_SIZE):
             members = singles[start:start + DECODE_GROUP_SIZE]
             width = max(len(s.block_table) for s in members)
-            padded = torch.zeros(len(members), width, dtype=torch.long)
+            padded = torch.zeros(len(members), width, dtype=torch.long)  # on the host: filled row by row
             for j, s in enumerate(members):
                 padded[j, : len(s.block_table)] = torch.tensor(s.block_table)
-            decodes.append(DecodeGroup(slice(members[0].row, members[-1].row + 1), padded,
-                                       torch.tensor([s.context_len for s in members])))
+            decodes.append(DecodeGroup(slice(members[0].row, members[-1].row + 1), padded.to(device),
+                                       torch.tensor([s.context_len for s in members], device=device)))
         return cls(kv_caches, slot_mapping, scale, sliding_window, on_layer_written, decodes, prefills)
 
     def __post_init__(self) -> None:
         # Masks depend on the step only, not the layer: build them once.
         block_size = self.kv_caches[0].shape[2]
+        device = self.kv_caches[0].device
         for g in self.decodes:
-            key_pos = torch.arange(g.block_tables.shape[1] * block_size)
+            key_pos = torch.arange(g.block_tables.shape[1] * block_size, device=device)
             ctx = g.context_lens[:, None]
             mask = key_pos[None, :] < ctx
             if self.sliding_window:
@@ -127,8 +129,8 @@ class TorchAttention(AttentionBatch):
         prefix = p.context_len - p.query_len
         if prefix == 0 and not self.sliding_window:
             return None  # plain causal: let SDPA use is_causal
-        q_pos = torch.arange(prefix, p.context_len)[:, None]
-        k_pos = torch.arange(p.context_len)[None, :]
+        q_pos = torch.arange(prefix, p.context_len, device=p.block_table.device)[:, None]
+        k_pos = torch.arange(p.context_len, device=p.block_table.device)[None, :]
         mask = k_pos <= q_pos
         if self.sliding_window:
             mask &= k_pos > q_pos - self.sliding_window

@@ -84,6 +84,8 @@ def test_services_accept_the_command_lines_and_the_router_config(spec_name, tmp_
         else:
             assert (parsed.port, parsed.http_port) == (ports["grpc"], ports["metrics"]) == (50052, 8080)
             assert parsed.router == "m1-router.models.svc:50051"
+            # decode's KV receiver listens on a fixed port the pod declares (prefill pods dial it)
+            assert parsed.kv_port == (ports["kv"] if args[0] == "decode" else 0)
             assert {"POD_IP", "POD_NAME"} <= set(env_of(container))
 
 

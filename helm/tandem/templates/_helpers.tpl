@@ -56,7 +56,8 @@ any: true
 
 {{/* What the operator does in the namespaces it serves (a ClusterRole's or each Role's rules): kopf watches
 TandemModels and the children, patches its bookkeeping annotations and the status; the reconciler creates,
-JSON-patches and deletes children; a failed group member restarts its whole group (pods deleted). */}}
+JSON-patches and deletes children (owner references with blockOwnerDeletion need update on
+tandemmodels/finalizers); a failed group member restarts its whole group (pods deleted). */}}
 {{- define "tandem.operatorRules" -}}
 - apiGroups: [tandem.dev]
   resources: [tandemmodels]
@@ -64,6 +65,10 @@ JSON-patches and deletes children; a failed group member restarts its whole grou
 - apiGroups: [tandem.dev]
   resources: [tandemmodels/status]
   verbs: [patch]
+# children carry blockOwnerDeletion; with OwnerReferencesPermissionEnforcement that needs update here
+- apiGroups: [tandem.dev]
+  resources: [tandemmodels/finalizers]
+  verbs: [update]
 - apiGroups: [apps]
   resources: [deployments, statefulsets]
   verbs: [get, list, watch, create, patch, delete]
