@@ -11,6 +11,9 @@ from pydantic.alias_generators import to_camel
 GROUP, VERSION, PLURAL, KIND = "tandem.dev", "v1alpha1", "tandemmodels", "TandemModel"
 QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 Quantity = int | Annotated[str, Field(pattern=QUANTITY)]
+# a byte count the KV store's --capacity-bytes takes: no sign, exponent or milli, never zero
+BYTES = r"^[0-9]*[1-9][0-9]*(\.[0-9]+)?(k|[KMGTPE]i|[MGTPE])?$"
+ByteQuantity = Annotated[int, Field(ge=1)] | Annotated[str, Field(pattern=BYTES)]
 
 
 class _Camel(BaseModel):
@@ -101,7 +104,8 @@ class PoolSpec(Placement):
 class KVStoreSpec(Placement):
     enabled: bool = False
     replicas: int = Field(1, ge=1, le=64)
-    capacity: Quantity = "16Gi"
+    capacity: ByteQuantity = "16Gi"  # the DRAM tier of each replica
+    disk_capacity: ByteQuantity | None = None  # a disk tier (an emptyDir) of this size; None: none
 
 
 class SLOSpec(_Camel):

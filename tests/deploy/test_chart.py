@@ -178,7 +178,7 @@ def test_servicemonitors_select_the_operators_pods_by_their_labels():
     monitors = {m["metadata"]["name"]: m["spec"] for m in by_kind(objs, "ServiceMonitor")}
     assert sorted(monitors) == ["tandem-router", "tandem-workers"]
     components = {name: spec["selector"]["matchExpressions"][0]["values"] for name, spec in monitors.items()}
-    assert components == {"tandem-router": ["router"], "tandem-workers": ["prefill", "decode"]}
+    assert components == {"tandem-router": ["router"], "tandem-workers": ["prefill", "decode", "kvstore"]}
     for spec in monitors.values():
         assert spec["selector"]["matchLabels"] == {"app.kubernetes.io/name": "tandem"}
         assert spec["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
@@ -310,4 +310,5 @@ def test_servicemonitors_scrape_what_the_operator_builds(example):
                     assert ports[endpoint["port"]] == {"http": 8000, "metrics": 8080}[endpoint["port"]]
                     assert {"tandem.dev/model", "app.kubernetes.io/component"} <= set(pod["metadata"]["labels"])
                 scraped.add(svc["metadata"]["labels"]["app.kubernetes.io/component"])
-        assert scraped == {"router", "prefill", "decode"}, (example.name, lws)
+        kvstore = {"kvstore"} if body["spec"].get("kvStore", {}).get("enabled") else set()
+        assert scraped == {"router", "prefill", "decode", *kvstore}, (example.name, lws)

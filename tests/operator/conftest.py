@@ -30,7 +30,8 @@ SPECS: dict[str, dict[str, Any]] = {
     "gpu-groups": {"model": {"source": {"pvc": {"claimName": "weights"}}},
                    "prefill": {**GPU_POOL, "tensorParallelSize": 8, "pipelineParallelSize": 2},
                    "decode": {**GPU_POOL, "replicas": 3, "tensorParallelSize": 8, "pipelineParallelSize": 4},
-                   "kvStore": {"enabled": True}, "autoscaling": {"decode": {"minReplicas": 1, "maxReplicas": 2}}},
+                   "kvStore": {"enabled": True, "diskCapacity": "100Gi"},
+                   "autoscaling": {"decode": {"minReplicas": 1, "maxReplicas": 2}}},
 }
 
 

@@ -69,15 +69,16 @@ def test_services_accept_the_command_lines_and_the_router_config(spec_name, tmp_
     (tmp_path / "router.yaml").write_text(config)
     for name, container in containers(children).items():
         args = [str(tmp_path / "router.yaml") if a == "/etc/tandem/router.yaml" else a for a in container["args"]]
-        if args[0] == "kvstore":
-            continue  # not a command yet
         _, parsed = parse_args(args)
         assert parsed.command == args[0], name
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert container[probe]["httpGet"]["path"] == "/health"
             assert container[probe]["httpGet"]["port"] in ports
-        if args[0] == "router":
+        if args[0] == "kvstore":
+            assert (parsed.port, parsed.http_port) == (ports["grpc"], ports["metrics"]) == (50060, 8080)
+            assert parsed.capacity_bytes >= 1 << 30
+        elif args[0] == "router":
             assert (parsed.port, parsed.grpc_port) == (ports["http"], ports["grpc"]) == (8000, 50051)
             assert parsed.prefill_workers == ["m1-prefill.models.svc.cluster.local:50052"]
             assert parsed.decode_workers == ["m1-decode.models.svc.cluster.local:50052"]
@@ -100,11 +101,27 @@ def test_hf_source_router_settings_slo_and_kvstore():
     assert router["args"][:2] == ["router", "HuggingFaceTB/SmolLM2-135M-Instruct"]
     assert children["Deployment/m1-router"]["spec"]["replicas"] == 2
     kv = children["Deployment/m1-kvstore"]
-    assert kv["spec"]["template"]["spec"]["containers"][0]["args"] == ["kvstore", "--port", "50060"]
-    assert "Service/m1-kvstore" in children
+    (store,) = kv["spec"]["template"]["spec"]["containers"]
+    assert store["args"] == ["kvstore", "--port", "50060", "--http-port", "8080", "--capacity-bytes", "8Gi"]
+    assert "volumes" not in kv["spec"]["template"]["spec"]  # no diskCapacity: no disk tier
+    assert [p["name"] for p in children["Service/m1-kvstore"]["spec"]["ports"]] == ["grpc", "metrics"]
     decode = containers(children.values())["m1-decode"]
     assert env_of(decode)["TANDEM_KVSTORE_ADDRESS"] == "m1-kvstore.models.svc.cluster.local:50060"
     assert "TANDEM_KVSTORE_ADDRESS" not in env_of(containers(build_children(model_of({})))["m1-decode"])
+
+
+def test_kvstore_disk_tier_is_an_emptydir_with_room_for_the_files():
+    children = by_name(build_children(model_of(SPECS["gpu-groups"])))
+    pod = children["Deployment/m1-kvstore"]["spec"]["template"]["spec"]
+    (store,) = pod["containers"]
+    _, parsed = parse_args(store["args"])
+    assert (parsed.capacity_bytes, parsed.disk_capacity_bytes) == (16 << 30, 100 << 30)
+    assert parsed.disk_dir == "/var/cache/tandem/kvstore"
+    assert store["volumeMounts"] == [{"name": "kv-disk", "mountPath": parsed.disk_dir}]
+    (volume,) = pod["volumes"]
+    # the kubelet evicts a pod over its sizeLimit: it must exceed what the store writes
+    assert (100 << 30) < int(volume["emptyDir"]["sizeLimit"]) <= (100 << 30) * 1.1
+    assert store["readinessProbe"]["httpGet"] == {"path": "/health", "port": "metrics"}
 
 
 def test_router_config_change_rolls_the_routers():

@@ -101,6 +101,9 @@ NONSENSE = {
     "unknown field": {"decode": {"tensorParalelSize": 2}},
     "bad toleration": {"decode": {"tolerations": [{"operator": "Maybe"}]}},
     "bad quantity": {"kvStore": {"capacity": "lots"}},
+    "milli-byte capacity": {"kvStore": {"capacity": "500m"}},  # a Kubernetes quantity, but not bytes
+    "no disk capacity": {"kvStore": {"diskCapacity": 0}},
+    "negative disk capacity": {"kvStore": {"diskCapacity": "-1Gi"}},
     "bounds without max": {"autoscaling": {"decode": {"minReplicas": 1}}},
 }
 # bounds that relate two fields: only CEL (and the spec model) can see them
