@@ -90,7 +90,8 @@ class KVStore:
                 raise ChecksumMismatch(f"checksum mismatch: crc32 of the payload is {actual:#010x}, the request "
                                        f"says {crc32:#010x}")
         except StoreError as exc:
-            self._puts[exc.outcome] += 1
+            with self._lock:  # counters are read by scrapes on other threads
+                self._puts[exc.outcome] += 1
             raise
         key = (compat_hash, block_hash)
         with self._lock:
