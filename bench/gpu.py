@@ -103,6 +103,28 @@ def profiled(fn, path: str):
     return result
 
 
+def decode_step_ms(llm, batch: int, context: int) -> float | None:
+    """Device time of one graphed decode step (forward, logits, argmax) at `batch` rows of `context`
+    tokens: the floor under the engine's step time, to set against the host's share."""
+    graphs = llm.engine.runner.graphs
+    if graphs is None or batch not in graphs.graphs:
+        return None
+    d = graphs.dev
+    d["context_lens"][:batch] = context
+    d["slots"][:batch] = -1  # write nothing: the cache holds no live request now
+    graph, hidden = graphs.graphs[batch]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        graph.replay()
+    start.record()
+    for _ in range(20):
+        graph.replay()
+        llm.engine.model.compute_logits(hidden).argmax(-1)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 20
+
+
 def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_model_len: int,
                profile: str | None = None, out_dir: str = ".") -> dict:
     from tandem import LLM, SamplingParams
@@ -127,6 +149,8 @@ def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_mod
             profiled(lambda: llm.generate(prompts, params, use_tqdm=False),
                      os.path.join(out_dir, f"profile-{os.path.basename(folder)}-{name}.txt"))
     out["num_kv_blocks"] = llm.engine.kv.pool.num_blocks
+    out["decode_step_ms"] = {f"{b}x{c}": decode_step_ms(llm, b, c) for b, c in ((1, 576), (64, 384), (256, 384))}
+    print(f"  device time of one decode step (batch x context): {out['decode_step_ms']}", flush=True)
     del llm
     gc.collect()
     torch.cuda.empty_cache()

@@ -14,7 +14,7 @@ if has install; then
   python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
 fi
 if has kernels; then
-  timeout 240 python3 -m pytest tests/kernels -q -x -p no:cacheprovider 2>&1 | tee "$OUT/kernels-tests.log" | tail -8
+  timeout 240 python3 -m pytest ${KERNEL_TESTS:-tests/kernels} -q -x -p no:cacheprovider 2>&1 | tee "$OUT/kernels-tests.log" | tail -8
 fi
 if has check; then
   timeout 240 python3 bench/gpu_check.py --out "$OUT" 2>&1 | grep -v Warning | tail -8
@@ -23,7 +23,7 @@ if has kbench; then
   (cd /tmp && timeout 180 python3 "$OLDPWD/bench/kernels.py" --quick --out "$OUT") 2>&1 | tail -25
 fi
 if has quick; then
-  timeout 300 python3 bench/gpu.py --shapes 1b --workloads W1,single --no-hf --profile W1 --out "$OUT" 2>&1 | tail -120
+  timeout 300 python3 bench/gpu.py --shapes 1b --workloads ${QUICK_WORKLOADS:-W1,single} --no-hf --profile W1 --out "$OUT" 2>&1 | tail -120
 fi
 if has full; then
   timeout 560 python3 bench/gpu.py --out "$OUT" 2>&1 | tail -40

@@ -22,6 +22,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory for weights, activations and KV cache (default: 0.9)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode CUDA graphs")
+    p.add_argument("--num-scheduler-steps", type=int, default=8,
+                   help="CUDA: greedy decode steps per host round trip when a step is plain decode (default: 8; "
+                        "1: every step returns to the host)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -30,7 +33,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, cpu_kv_cache_gib=args.kv_cache_gib,
                 device=args.device, gpu_memory_utilization=args.gpu_memory_utilization,
-                enforce_eager=args.enforce_eager)
+                enforce_eager=args.enforce_eager, num_scheduler_steps=args.num_scheduler_steps)
 
 
 def _sampling(args: argparse.Namespace):

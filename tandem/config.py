@@ -52,12 +52,13 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     policy: str = "fcfs"  # or "priority"
     enable_chunked_prefill: bool = True
+    num_scheduler_steps: int = 8  # greedy decode steps per host round trip where they qualify (multi_step.py; CUDA)
 
     def __post_init__(self) -> None:
         if self.policy not in ("fcfs", "priority"):
             raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.num_scheduler_steps < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and num_scheduler_steps must be >= 1")
 
 
 @dataclass
@@ -88,7 +89,8 @@ class EngineConfig:
                               gpu_memory_utilization=get("gpu_memory_utilization", 0.9),
                               enable_prefix_caching=args.enable_prefix_caching, cpu_kv_cache_gib=args.kv_cache_gib),
             scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                      policy=get("scheduling_policy", "fcfs")),
+                                      policy=get("scheduling_policy", "fcfs"),
+                                      num_scheduler_steps=get("num_scheduler_steps", 8)),
             **overrides)
 
     def __post_init__(self) -> None:

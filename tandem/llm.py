@@ -28,7 +28,8 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, scheduling_policy: str = "fcfs",
                  enable_chunked_prefill: bool = True, seed: int = 0, device: str = "auto",
                  generation_config: str = "auto", cpu_kv_cache_gib: float = 4.0, enforce_eager: bool = False,
-                 load_format: str = "auto", skip_tokenizer_init: bool = False, **unused: Any) -> None:
+                 load_format: str = "auto", skip_tokenizer_init: bool = False, num_scheduler_steps: int = 8,
+                 **unused: Any) -> None:
         if unused:
             raise TypeError(f"unknown LLM arguments: {', '.join(sorted(unused))}")
         config = EngineConfig(
@@ -39,7 +40,8 @@ class LLM:
                               gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                      policy=scheduling_policy, enable_chunked_prefill=enable_chunked_prefill))
+                                      policy=scheduling_policy, enable_chunked_prefill=enable_chunked_prefill,
+                                      num_scheduler_steps=num_scheduler_steps))
         self.engine = LLMEngine(config)
         self.engine.stream_outputs = False  # generate() returns whole outputs: no per-step snapshots
         self._ids = itertools.count()

@@ -63,9 +63,8 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int],
-            seqs: list[SeqSlice]) -> torch.Tensor | None:
-        """The hidden states of a decode-only step, or None when this step cannot replay a graph."""
+    def _stage(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice]) -> int | None:
+        """Copies a decode-only step's inputs into the graphs' static tensors; returns the bucket."""
         n = len(seqs)
         if n > self.buckets[-1] or len(input_ids) != n or not self.graphs:
             return None
@@ -82,6 +81,50 @@ class DecodeGraphs:
             table[i, :len(s.block_table)] = s.block_table
         for key in ("input_ids", "positions", "slots", "context_lens", "block_tables"):
             self.dev[key][:b].copy_(self.pinned[key][:b], non_blocking=True)
+        return b
+
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int],
+            seqs: list[SeqSlice]) -> torch.Tensor | None:
+        """The hidden states of a decode-only step, or None when this step cannot replay a graph."""
+        b = self._stage(input_ids, positions, slots, seqs)
+        if b is None:
+            return None
         graph, hidden = self.graphs[b]
         graph.replay()
-        return hidden[:n]
+        return hidden[:len(seqs)]
+
+    def run_greedy_steps(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
+                         steps: int, block_size: int, logits_of, ban_ids: list[int],
+                         ban_steps: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`steps` greedy decode steps with no host round trip: each step's argmax is the next step's
+        input, positions, slots and context lengths advance on the device. The block tables must cover
+        every position. Returns tokens and their logprobs (raw distribution), [steps, n] each.
+        Row i cannot pick `ban_ids` in its first `ban_steps[i]` steps (min_tokens)."""
+        b = self._stage(input_ids, positions, slots, seqs)
+        if b is None:
+            return None
+        n, d = len(seqs), self.dev
+        graph, hidden = self.graphs[b]
+        device = hidden.device
+        tokens = torch.empty(steps, n, dtype=torch.long, device=device)
+        logprobs = torch.empty(steps, n, dtype=torch.float32, device=device)
+        banned = torch.tensor(ban_ids, dtype=torch.long, device=device) if ban_ids else None
+        ban_left = torch.tensor(ban_steps, dtype=torch.long, device=device) if ban_ids else None
+        pos, ctx, slot = d["positions"][:n], d["context_lens"][:n], d["slots"][:n]
+        table = d["block_tables"][:n]
+        for k in range(steps):
+            graph.replay()
+            logits = logits_of(hidden[:n])
+            lse = logits.logsumexp(dim=-1)  # before the bans: logprobs are of the raw distribution
+            if banned is not None:
+                cols = logits[:, banned]
+                logits[:, banned] = cols.masked_fill((ban_left > k)[:, None], float("-inf"))
+            best = logits.argmax(dim=-1)
+            tokens[k] = best
+            logprobs[k] = logits.gather(1, best[:, None])[:, 0] - lse
+            if k + 1 < steps:
+                d["input_ids"][:n].copy_(best)
+                pos += 1
+                ctx += 1
+                slot.copy_(table.gather(1, (pos // block_size)[:, None])[:, 0].long() * block_size + pos % block_size)
+        return tokens, logprobs

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from tandem.config import EngineConfig, default_dtype, parse_dtype, resolve_device
-from tandem.engine import loader
+from tandem.engine import loader, multi_step
 from tandem.inputs import InputChecker
 from tandem.engine.cpu_tuning import tune_host_allocator
 from tandem.engine.kv_cache.manager import KVCacheManager
@@ -270,7 +270,10 @@ class LLMEngine:
                 raise RuntimeError(f"request {req.seq_id} ({req.num_tokens} tokens) cannot fit in the "
                                    f"KV cache ({self.kv.pool.num_blocks} blocks of {self.kv.block_size})")
             return []
-        tables = {s.request.seq_id: self.kv.block_ids(s.request) for s in sched.scheduled}
+        ahead = self._lookahead(sched)
+        if ahead is not None:
+            return self._step_ahead(sched, ahead)
+        tables = self.kv.tables  # read-only here: the runner and the producer only read them
         saving = self.producer is not None and self.producer.plan(sched.scheduled, tables)
         result = self.runner.execute(sched, tables, self.producer.save_layer if saving else None)
         touched: dict[str, RequestGroup] = {}
@@ -300,6 +303,37 @@ class LLMEngine:
                 self._update(child, smp, now)
             self._update(req, samples[0], now)
             touched[req.group.request_id] = req.group
+        return self._outputs(touched)
+
+    def _lookahead(self, sched) -> multi_step.Lookahead | None:
+        """Multi-step decoding for this step (multi_step.py), its KV slots reserved; None: an ordinary step."""
+        graphs = self.runner.graphs
+        if graphs is None or self.producer is not None or self.scheduler.waiting \
+                or len(sched.scheduled) > graphs.buckets[-1]:
+            return None
+        ahead = multi_step.plan(sched, self.config.scheduler.num_scheduler_steps, self.max_model_len)
+        if ahead is None or not all(self.kv.allocate(s.request, ahead.steps, publish=False) for s in sched.scheduled):
+            return None  # blocks reserved before a failure stay with their requests: they are used next
+        return ahead
+
+    def _step_ahead(self, sched, ahead: multi_step.Lookahead) -> list[RequestOutput]:
+        """Applies each request's tokens in order, as that many ordinary steps would."""
+        tokens, logprobs = self.runner.execute_greedy_steps(sched, self.kv.tables, ahead)
+        now = time.monotonic()
+        touched: dict[str, RequestGroup] = {}
+        for s, toks, lps in zip(sched.scheduled, tokens, logprobs):
+            req = s.request
+            for tok, lp in zip(toks, lps):
+                req.num_computed_tokens += 1
+                self._update(req, Sample(tok, lp, None), now)
+                if req.finished:
+                    break
+            else:
+                self.kv.publish(req, req.num_computed_tokens)
+            touched[req.group.request_id] = req.group
+        return self._outputs(touched)
+
+    def _outputs(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
         outputs = [self._output(g) for g in touched.values() if self.stream_outputs or g.finished]
         for out in outputs:
             if out.finished:

@@ -9,8 +9,9 @@ import torch
 
 from tandem.engine.attention import SeqSlice, build_attention
 from tandem.engine.models.llama import LlamaForCausalLM
+from tandem.engine.multi_step import Lookahead
 from tandem.engine.request import Request
-from tandem.engine.sampler import Sample, SampleRow, prompt_logprobs, sample
+from tandem.engine.sampler import Sample, prompt_logprobs, sample
 from tandem.engine.scheduler import SchedulerOutput
 from tandem.outputs import Logprob
 
@@ -95,20 +96,30 @@ class ModelRunner:
         plp_rows: list[tuple[Request, int, int]] = []  # (request, first row, count)
         # Prompt chunks first, then single-token rows by context length: each backend then finds its
         # kinds of rows as contiguous slices of the batch (views, no gathers or scatters of q and out).
-        order = sorted(sched.scheduled, key=lambda s: (s.num_new_tokens == 1, s.request.num_computed_tokens))
+        # This loop runs for every request every step: it is the host's hot path.
+        order = [s for s in sched.scheduled if s.num_new_tokens > 1]
+        order += sorted((s for s in sched.scheduled if s.num_new_tokens == 1),
+                        key=lambda s: s.request.num_computed_tokens)
         for s in order:
             r, n = s.request, s.num_new_tokens
-            start, ctx = r.num_computed_tokens, r.num_computed_tokens + n
+            start = r.num_computed_tokens
+            ctx = start + n
             table = block_tables[r.seq_id]
             row = len(input_ids)
-            input_ids += r.all_token_ids[start:ctx]
-            positions += range(start, ctx)
-            slots += [table[p // bs] * bs + p % bs for p in range(start, ctx)]
-            seqs.append(SeqSlice(row, n, ctx, table[: -(-ctx // bs)]))
+            if n == 1:
+                input_ids.append(r.all_token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids += r.all_token_ids[start:ctx]
+                positions += range(start, ctx)
+                slots += [table[p // bs] * bs + p % bs for p in range(start, ctx)]
+            used = -(-ctx // bs)
+            seqs.append(SeqSlice(row, n, ctx, table if len(table) == used else table[:used]))
             if r.params.prompt_logprobs is not None and start < r.num_prompt_tokens - 1:
                 count = min(ctx, r.num_prompt_tokens - 1) - start
                 plp_rows.append((r, row, count))
-            if s.samples and not r.kv_only:
+            if ctx == len(r.all_token_ids) and not r.kv_only:  # computes its last token: samples
                 sample_rows.append((r, row + n - 1))
         hidden = self._forward(input_ids, positions, slots, seqs, on_layer_written)
         result = StepResult()
@@ -120,6 +131,28 @@ class ModelRunner:
             rows = torch.tensor([row for _, row in sample_rows])
             self._sample([r for r, _ in sample_rows], hidden[rows], result)
         return result
+
+    @torch.inference_mode()
+    def execute_greedy_steps(self, sched: SchedulerOutput, block_tables: dict[str, list[int]],
+                             ahead: Lookahead) -> tuple[list[list[int]], list[list[float]]]:
+        """`ahead.steps` greedy decode steps of an all-decode batch on the device, the tables holding
+        slots for all of them; per scheduled request, its tokens and their logprobs."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seqs: list[SeqSlice] = []
+        for row, s in enumerate(sched.scheduled):
+            r = s.request
+            pos = r.num_computed_tokens
+            table = block_tables[r.seq_id]
+            input_ids.append(r.all_token_ids[pos])
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            seqs.append(SeqSlice(row, 1, pos + 1, table))
+        tokens, logprobs = self.graphs.run_greedy_steps(input_ids, positions, slots, seqs, ahead.steps, bs,
+                                                        self.model.compute_logits, ahead.ban_ids, ahead.ban_steps)
+        return tokens.T.tolist(), logprobs.T.tolist()
 
     def _forward(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
                  on_layer_written) -> torch.Tensor:
@@ -137,14 +170,16 @@ class ModelRunner:
 
     def _sample(self, requests: list[Request], hidden: torch.Tensor, result: StepResult) -> None:
         logits = self.model.compute_logits(hidden)
-        rows: list[SampleRow] = []
-        owners: list[Request] = []
-        index: list[int] = []
-        for i, r in enumerate(requests):
-            for seq in [r] + r.pending_forks:
-                rows.append(SampleRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.seed))
-                owners.append(r)
-                index.append(i)
-        samples = sample(logits[torch.tensor(index)], rows)
+        rows: list[Request] = requests  # a Request is a SampleRow; forks add rows after their parent
+        owners = requests
+        if any(r.pending_forks for r in requests):
+            rows, owners, index = [], [], []
+            for i, r in enumerate(requests):
+                for seq in [r] + r.pending_forks:
+                    rows.append(seq)
+                    owners.append(r)
+                    index.append(i)
+            logits = logits[torch.tensor(index, device=logits.device)]
+        samples = sample(logits, rows)
         for owner, smp in zip(owners, samples):
             result.samples.setdefault(owner, []).append(smp)

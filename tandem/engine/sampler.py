@@ -9,6 +9,7 @@ continued on another worker after a failure samples what it would have sampled h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -16,8 +17,9 @@ from tandem.outputs import Logprob
 from tandem.sampling_params import SamplingParams
 
 
-@dataclass
-class SampleRow:
+class SampleRow(Protocol):
+    """What the sampler reads of a sequence (the engine passes its Requests)."""
+
     params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
@@ -108,9 +110,8 @@ def _draw(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sample]:
-    """logits: [len(rows), vocab] float32, the model's raw output for each row."""
+    """logits: [len(rows), vocab] float32, the model's raw output for each row; modified in place."""
     raw_logprobs = logits.log_softmax(dim=-1)  # cumulative logprobs rank best_of samples
-    logits = logits.clone()
     _penalize(logits, rows)
     _ban(logits, rows)
     tokens = logits.argmax(dim=-1)

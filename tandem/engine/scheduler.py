@@ -79,12 +79,15 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         self.running.sort(key=self._rank)
         kept: list[Request] = []
-        queue = list(self.running)
-        while queue and budget > 0:
-            req = queue.pop(0)
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+        queue = self.running
+        head, tail = 0, len(queue)  # queue[head:tail]: not yet scheduled; victims leave from the tail
+        while head < tail and budget > 0:
+            req = queue[head]
+            head += 1
+            num_new = min(len(req.all_token_ids) - req.num_computed_tokens, budget)
             while not self.kv.allocate(req, num_new):
-                victim = queue.pop() if queue else req
+                victim = queue[tail - 1] if head < tail else req
+                tail -= victim is not req
                 self._preempt(victim, out)
                 if victim is req:
                     break
@@ -92,7 +95,7 @@ class Scheduler:
                 kept.append(req)
                 out.scheduled.append(ScheduledRequest(req, num_new))
                 budget -= num_new
-        kept.extend(queue)  # not scheduled this step (no budget left) but still running
+        kept.extend(queue[head:tail])  # not scheduled this step (no budget left) but still running
         self.running = kept
         if not out.preempted:  # admitting new work while preempting would thrash
             budget = self._admit(out, budget)

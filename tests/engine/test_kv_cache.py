@@ -217,7 +217,7 @@ def test_prefix_lookup_returns_shared_blocks():
     assert _admit(kv, first) == 0
     (second,) = _requests(prompt + [7, 8], "b")  # same prompt, longer
     assert _admit(kv, second) == 8
-    ta, tb = kv.tables["a"], kv.tables["b"]
+    ta, tb = kv._blocks(kv.tables["a"]), kv._blocks(kv.tables["b"])
     assert tb[0] is ta[0] and tb[1] is ta[1]  # the very same blocks
     assert ta[0].ref_cnt == 2 and ta[1].ref_cnt == 2
     assert tb[2] is not ta[2] and ta[2].ref_cnt == 1
@@ -269,7 +269,7 @@ def test_fork_shares_blocks_and_copy_on_write_leaves_parent_untouched():
     kv.fork(parent, child)
     child.num_computed_tokens = parent.num_computed_tokens
     child.append_token(42)
-    pt, ct = kv.tables["p"], kv.tables["p#1"]
+    pt, ct = kv._blocks(kv.tables["p"]), kv._blocks(kv.tables["p#1"])
     assert ct == pt and all(b.ref_cnt == 2 for b in pt)
     assert kv.pool.num_free == 13  # the fork took no new block
     parent_blocks = list(pt)
@@ -280,14 +280,14 @@ def test_fork_shares_blocks_and_copy_on_write_leaves_parent_untouched():
     assert len(copies) == 1
     src, dst = copies[0]
     assert src == parent_blocks[2].block_id and dst not in [b.block_id for b in parent_blocks]
-    assert kv.tables["p"] == parent_blocks  # the parent's table is untouched
+    assert kv._blocks(kv.tables["p"]) == parent_blocks  # the parent's table is untouched
     assert kv.block_ids(child) == [parent_blocks[0].block_id, parent_blocks[1].block_id, dst]
     assert parent_blocks[2].ref_cnt == 1 and parent_blocks[0].ref_cnt == 2
     assert kv.take_copies() == []  # consumed
 
     # now the parent is the sole holder: it writes in place, no copy
     assert kv.allocate(parent, 1)
-    assert kv.take_copies() == [] and kv.tables["p"] == parent_blocks
+    assert kv.take_copies() == [] and kv._blocks(kv.tables["p"]) == parent_blocks
     kv.free(parent)
     kv.free(child)
     assert kv.pool.num_free == 16

@@ -1,7 +1,8 @@
 """Per-request block tables over the block pool: prefix lookups, allocation, forks and frees.
 
-A request's table only grows while it runs (append-only); it is dropped whole when the request
-finishes or is preempted. Shared blocks are never written: a write into a block held by another
+A request's table (block ids) only grows while it runs (append-only); it is dropped whole when the
+request finishes or is preempted. The engine reads `tables` directly every step: treat them as
+read-only outside this class. Shared blocks are never written: a write into a block held by another
 sequence first copies it (copy-on-write), and the runner performs the queued copies before the
 step's forward pass.
 """
@@ -18,14 +19,19 @@ class KVCacheManager:
         self.hash_seed = hash_seed
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
-        self.tables: dict[str, list[Block]] = {}
+        self.tables: dict[str, list[int]] = {}  # seq_id -> block ids, in token order
         self._num_hashed: dict[str, int] = {}  # blocks of each table already published
         self.pending_copies: list[tuple[int, int]] = []  # (src, dst) for the next forward pass
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
 
     def block_ids(self, req: Request) -> list[int]:
-        return [b.block_id for b in self.tables.get(req.seq_id, ())]
+        """A copy of the request's table."""
+        return list(self.tables.get(req.seq_id, ()))
+
+    def _blocks(self, ids) -> list[Block]:
+        blocks = self.pool.blocks
+        return [blocks[i] for i in ids]
 
     def _hashes(self, req: Request) -> list[int]:
         extend_hashes(req.block_hashes, req.all_token_ids, self.block_size, self.hash_seed)
@@ -49,18 +55,26 @@ class KVCacheManager:
     def allocate(self, req: Request, num_new_tokens: int, prefix: list[Block] = (), publish: bool = True) -> bool:
         """Room for `num_new_tokens` more tokens (after `prefix`, for a request not yet running).
         `publish=False` keeps the new blocks out of the prefix cache (their KV arrives later)."""
-        table = self.tables.get(req.seq_id, [])
-        computed = req.num_computed_tokens + len(prefix) * self.block_size
-        total_blocks = len(table) + len(prefix)
-        needed = -(-(computed + num_new_tokens) // self.block_size) - total_blocks
-        write_block = computed // self.block_size
-        cow = write_block < len(table) and table[write_block].ref_cnt > 1
+        bs = self.block_size
+        table = self.tables.get(req.seq_id)
+        if table is not None and not prefix:  # a running request: most steps need no new block
+            computed = req.num_computed_tokens
+            end = computed + num_new_tokens
+            if end <= len(table) * bs and self.pool.blocks[table[computed // bs]].ref_cnt == 1:
+                if publish and self.enable_caching:
+                    self.publish(req, end)
+                return True
+        table = table if table is not None else []
+        computed = req.num_computed_tokens + len(prefix) * bs
+        needed = -(-(computed + num_new_tokens) // bs) - len(table) - len(prefix)
+        write_block = computed // bs
+        cow = write_block < len(table) and self.pool.blocks[table[write_block]].ref_cnt > 1
         reviving = sum(1 for b in prefix if b.ref_cnt == 0)
         if max(needed, 0) + cow + reviving > self.pool.num_free:
             return False
         if prefix:
             self.pool.touch(list(prefix))
-            table = list(prefix)
+            table = [b.block_id for b in prefix]
             self.tables[req.seq_id] = table
             self._num_hashed[req.seq_id] = len(prefix)
         elif req.seq_id not in self.tables:
@@ -69,11 +83,11 @@ class KVCacheManager:
         if cow:
             old = table[write_block]
             (new,) = self.pool.allocate(1)
-            self.pending_copies.append((old.block_id, new.block_id))
-            self.pool.free([old])
-            table[write_block] = new
+            self.pending_copies.append((old, new.block_id))
+            self.pool.free([self.pool.blocks[old]])
+            table[write_block] = new.block_id
         if needed > 0:
-            table.extend(self.pool.allocate(needed))
+            table.extend(b.block_id for b in self.pool.allocate(needed))
         if publish:
             self.publish(req, computed + num_new_tokens)
         return True
@@ -93,13 +107,13 @@ class KVCacheManager:
             return
         hashes = self._hashes(req)
         for i in range(start, full):
-            self.pool.cache(table[i], hashes[i])
+            self.pool.cache(self.pool.blocks[table[i]], hashes[i])
         self._num_hashed[req.seq_id] = full
 
     def fork(self, parent: Request, child: Request) -> None:
         """The child shares every block of the parent; writes into shared blocks copy first."""
         table = self.tables[parent.seq_id]
-        self.pool.touch(table)
+        self.pool.touch(self._blocks(table))
         self.tables[child.seq_id] = list(table)
         self._num_hashed[child.seq_id] = self._num_hashed[parent.seq_id]
         child.block_hashes = list(parent.block_hashes)
@@ -109,7 +123,7 @@ class KVCacheManager:
         table = self.tables.pop(req.seq_id, None)
         self._num_hashed.pop(req.seq_id, None)
         if table:
-            self.pool.free(list(reversed(table)))
+            self.pool.free(self._blocks(reversed(table)))
 
     def take_copies(self) -> list[tuple[int, int]]:
         copies, self.pending_copies = self.pending_copies, []

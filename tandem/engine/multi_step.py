@@ -1,0 +1,67 @@
+"""Multi-step decoding: several greedy decode steps on the device per host round trip.
+
+On a GPU the host's per-step work (scheduling, inputs, reading tokens back, stop checks) costs as much
+as a decode step of a small model, and the device idles while it runs. When a step is plain decode,
+the engine instead reserves KV slots `k` tokens ahead and the runner replays the decode CUDA graph `k`
+times, feeding each step's argmax back as the next input on the device (cuda_graphs.run_greedy_steps).
+The host then applies the k tokens of each request in order, exactly as k ordinary steps would; a
+request that stops early drops the tokens after its stop, and the KV slots they were written into are
+freed with it.
+
+A step qualifies (`plan`) when: `num_scheduler_steps` > 1, decode graphs exist, nothing waits for
+admission (it would wait k steps), no KV is being sent (prefill role) or copied (copy-on-write), and
+every scheduled row is one decode token of a greedy request with no penalties, logprobs or bad words;
+requests still under min_tokens must share their banned ids (EOS and stop ids). Anything else runs
+as an ordinary step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tandem.engine.request import Request
+from tandem.engine.scheduler import SchedulerOutput
+from tandem.sampling_params import SamplingParams
+
+
+@dataclass
+class Lookahead:
+    steps: int
+    ban_ids: list[int]  # the EOS and stop ids banned before min_tokens (one set for every row)
+    ban_steps: list[int]  # per scheduled row: how many of the steps still ban them
+
+
+def plain_greedy(p: SamplingParams) -> bool:
+    return (p.greedy and p.logprobs is None and not p._bad_words_token_ids and p.repetition_penalty == 1.0
+            and not p.frequency_penalty and not p.presence_penalty)
+
+
+def plan(sched: SchedulerOutput, max_steps: int, max_model_len: int) -> Lookahead | None:
+    """The lookahead for this step, or None for an ordinary step (KV slots are reserved by the caller)."""
+    if max_steps <= 1 or sched.block_copies or not sched.scheduled:
+        return None
+    ban_ids: frozenset[int] | None = None
+    ban_steps: list[int] = []
+    most_left = 0
+    longest = 0
+    for s in sched.scheduled:
+        r: Request = s.request
+        n = len(r.all_token_ids)
+        if s.num_new_tokens != 1 or r.num_computed_tokens + 1 != n or r.kv_only or r.pending_forks:
+            return None
+        p = r.params
+        if not plain_greedy(p):
+            return None
+        out = len(r.output_token_ids)
+        ban = max(0, p.min_tokens - out)
+        if ban:
+            ids = frozenset(p.stop_token_ids) | frozenset(p._eos_token_ids)
+            if ban_ids is not None and ids != ban_ids:
+                return None
+            ban_ids = ids
+        ban_steps.append(ban)
+        most_left = max(most_left, p.max_tokens - out)
+        longest = max(longest, n)
+    steps = min(max_steps, most_left, max_model_len - longest)
+    if steps <= 1:
+        return None
+    return Lookahead(steps, sorted(ban_ids or ()), ban_steps)
