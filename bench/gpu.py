@@ -103,6 +103,7 @@ def profiled(fn, path: str):
     return result
 
 
+@torch.inference_mode()
 def decode_step_ms(llm, batch: int, context: int) -> float | None:
     """Device time of one graphed decode step (forward, logits, argmax) at `batch` rows of `context`
     tokens: the floor under the engine's step time, to set against the host's share."""
