@@ -23,7 +23,7 @@ if has kbench; then
   (cd /tmp && timeout 180 python3 "$OLDPWD/bench/kernels.py" --quick --out "$OUT") 2>&1 | tail -25
 fi
 if has quick; then
-  timeout 300 python3 bench/gpu.py --shapes 1b --workloads ${QUICK_WORKLOADS:-W1,single} --no-hf --profile W1 --out "$OUT" 2>&1 | tail -120
+  timeout 300 python3 bench/gpu.py --shapes 1b --workloads ${QUICK_WORKLOADS:-W1,single} --no-hf --profile ${PROFILE:-W1} --out "$OUT" 2>&1 | tail -120
 fi
 if has full; then
   timeout 560 python3 bench/gpu.py --out "$OUT" 2>&1 | tail -40
