@@ -190,6 +190,8 @@ def main() -> int:
     ap.add_argument("--workloads", default="W1,W1-64,P512,single,W2")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--profile", help="a workload to run once more under cProfile")
+    ap.add_argument("--fresh", action="store_true", help="a new engine for every workload (one process each, "
+                    "as benchmarks of other engines run), instead of one engine running them in turn")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     args = ap.parse_args()
     import triton
@@ -212,7 +214,13 @@ def main() -> int:
         folder = config_folder(shape)
         print(f"{shape}: {num_params(cfg) / 1e9:.2f} B parameters", flush=True)
         os.makedirs(args.out, exist_ok=True)
-        ours = run_tandem(folder, runs, np.random.default_rng(1), max(longest, 4096), args.profile, args.out)
+        if args.fresh:
+            ours = {}
+            for w, reqs in runs.items():
+                ours.update(run_tandem(folder, {w: reqs}, np.random.default_rng(1), max(longest, 4096),
+                                       args.profile, args.out))
+        else:
+            ours = run_tandem(folder, runs, np.random.default_rng(1), max(longest, 4096), args.profile, args.out)
         hf = {} if args.no_hf else run_hf(cfg, runs, np.random.default_rng(1))
         shape_result = {}
         for w, reqs in runs.items():

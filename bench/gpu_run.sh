@@ -26,5 +26,5 @@ if has quick; then
   timeout 300 python3 bench/gpu.py --shapes 1b --workloads ${QUICK_WORKLOADS:-W1,single} --no-hf --profile ${PROFILE:-W1} --out "$OUT" 2>&1 | tail -120
 fi
 if has full; then
-  timeout 560 python3 bench/gpu.py --out "$OUT" 2>&1 | tail -40
+  timeout 560 python3 bench/gpu.py ${FULL_ARGS:-} --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tail -60
 fi
