@@ -5,6 +5,7 @@ use these, so a request is refused the same way wherever it enters."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 from tandem.sampling_params import SamplingParams
@@ -24,10 +25,10 @@ class InputChecker:
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer (skip_tokenizer_init): prompts must be token ids")
             text, ids = prompt, self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        elif isinstance(prompt, (list, tuple)) and all(map(isinstance, prompt, repeat(int))):  # map: C speed
             text, ids = None, list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
+            if ids and not (min(ids) >= 0 and max(ids) < self.vocab_size):
+                bad = [t for t in ids if not 0 <= t < self.vocab_size]
                 raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {bad[:5]}")
         else:
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
