@@ -101,6 +101,8 @@ def test_operator_args_are_what_tandem_operator_takes(variant):
 NAMESPACED_RULES = {
     ("tandem.dev", "tandemmodels"): {"get", "list", "watch", "patch"},
     ("tandem.dev", "tandemmodels/status"): {"patch"},
+    # children's owner references set blockOwnerDeletion: OwnerReferencesPermissionEnforcement wants this
+    ("tandem.dev", "tandemmodels/finalizers"): {"update"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
     ("apps", "statefulsets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("leaderworkerset.x-k8s.io", "leaderworkersets"): {"get", "list", "watch", "create", "patch", "delete"},
