@@ -139,6 +139,9 @@ def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_mod
     for name, reqs in runs.items():
         prompts = [rng.integers(0, vocab, p).tolist() for p, _ in reqs]
         params = [SamplingParams(temperature=0, max_tokens=o, min_tokens=o, ignore_eos=True) for _, o in reqs]
+        # the warm-up pass: this workload's shapes (prefill chunks, decode batches), few tokens each
+        short = [SamplingParams(temperature=0, max_tokens=min(o, 16), ignore_eos=True) for _, o in reqs]
+        llm.generate([rng.integers(0, vocab, p).tolist() for p, _ in reqs], short, use_tqdm=False)
         t = time.perf_counter()
         results = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t
@@ -173,6 +176,8 @@ def run_hf(cfg: dict, runs: dict[str, list[tuple[int, int]]], rng) -> dict:
             continue
         p, o = reqs[0]
         ids = torch.from_numpy(rng.integers(0, cfg["vocab_size"], (len(reqs), p))).cuda()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                       do_sample=False, pad_token_id=0)  # warm-up at this workload's shapes
         elapsed = timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=o,
                                                min_new_tokens=o, do_sample=False, pad_token_id=0))
         tokens = len(reqs) * o

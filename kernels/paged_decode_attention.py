@@ -106,7 +106,7 @@ def check_out(name: str, out: torch.Tensor | None, q: torch.Tensor) -> torch.Ten
 # ---------------------------------------------------------------- decode
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["table_stride"])  # varies every step: one compiled variant for all
 def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
                    scale_log2, q_stride_b, q_stride_h, out_stride_b, out_stride_h, table_stride, v_plane,
                    window, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -182,11 +182,13 @@ def _sm_count(device: torch.device) -> int:
 
 
 def choose_num_splits(batch: int, num_kv: int, max_context_len: int, sm_count: int) -> int:
-    """Enough (sequence, KV head, split) programs for ~4 per SM, no split shorter than 256 tokens."""
+    """Enough (sequence, KV head, split) programs for ~4 per SM, no split shorter than 256 tokens; a
+    power of two, since NUM_SPLITS is compiled in: a few kernel variants serve every batch size."""
     if batch * num_kv == 0:
         return 1
     wanted = math.ceil(4 * sm_count / (batch * num_kv))
-    return max(1, min(wanted, math.ceil(max_context_len / _MIN_SPLIT_TOKENS), _MAX_SPLITS))
+    splits = max(1, min(wanted, math.ceil(max_context_len / _MIN_SPLIT_TOKENS), _MAX_SPLITS))
+    return 1 << (splits.bit_length() - 1)  # rounded down: never shorter splits than asked
 
 
 def launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window, num_splits, out,

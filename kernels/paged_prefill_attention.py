@@ -19,7 +19,7 @@ from tandem.kernels.paged_decode_attention import (LOG2E, attend_tile, check_cac
 __all__ = ["paged_prefill_attention", "paged_prefill_attention_ref"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["table_stride"])  # varies every step: one compiled variant for all
 def _prefill_kernel(q_ptr, cache_ptr, cu_ptr, lens_ptr, tables_ptr, out_ptr, scale_log2, q_stride_t, q_stride_h,
                     out_stride_t, out_stride_h, table_stride, v_plane, window, GROUP: tl.constexpr,
                     GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SLOT_SIZE: tl.constexpr,
