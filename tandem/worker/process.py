@@ -60,8 +60,30 @@ def engine_config(args: argparse.Namespace, kv_role: str):
     return EngineConfig.from_args(args, kv_role=kv_role)
 
 
+def parallelism_error(env: dict[str, str]) -> str | None:
+    """Why this process cannot serve its place in a group the operator made, or None.
+
+    The operator writes TANDEM_TENSOR_PARALLEL_SIZE, TANDEM_PIPELINE_PARALLEL_SIZE and, for replicas
+    spanning pods, TANDEM_GROUP_SIZE / TANDEM_WORKER_INDEX / TANDEM_LEADER_ADDRESS. The engine runs
+    one GPU per replica so far: a member of a larger group stops at once, naming the setting, rather
+    than serve as if it held the whole model (every member would register as a separate worker)."""
+    for name in ("TANDEM_TENSOR_PARALLEL_SIZE", "TANDEM_PIPELINE_PARALLEL_SIZE", "TANDEM_GROUP_SIZE"):
+        value = env.get(name, "1")
+        if not value.isdigit() or int(value) < 1:
+            return f"{name}={value!r} is not a positive integer"
+        if int(value) > 1:
+            return (f"{name}={value}: tensor and pipeline parallelism are not implemented in this engine yet; "
+                    "set tensorParallelSize and pipelineParallelSize to 1 (one GPU per replica)")
+    return None
+
+
 def run_worker(args: argparse.Namespace, role: int) -> int:
     """Build the engine host for `role`, then serve until told to stop."""
+    name = router_pb2.Role.Name(role).lower()
+    problem = parallelism_error(dict(os.environ))
+    if problem:
+        print(f"tandem {name}: error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format=f"%(levelname)s %(asctime)s {router_pb2.Role.Name(role).lower()} %(name)s: %(message)s")
     if args.num_threads:
@@ -71,7 +93,6 @@ def run_worker(args: argparse.Namespace, role: int) -> int:
     from tandem.server.launch import DEFAULT_MODEL_NAME
     from tandem.telemetry import setup_tracing
 
-    name = router_pb2.Role.Name(role).lower()
     setup_tracing(f"tandem-{name}", args.otlp_traces_endpoint)
     try:
         if role == router_pb2.DECODE:
