@@ -90,7 +90,7 @@ class EngineConfig:
                               enable_prefix_caching=args.enable_prefix_caching, cpu_kv_cache_gib=args.kv_cache_gib),
             scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                       policy=get("scheduling_policy", "fcfs"),
-                                      num_scheduler_steps=get("num_scheduler_steps", 8)),
+                                      num_scheduler_steps=get("num_scheduler_steps", 1)),
             **overrides)
 
     def __post_init__(self) -> None:
