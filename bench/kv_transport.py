@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""The gRPC KV transport alone, with no forward pass competing for the cores: a real `tandem decode`
+"""The KV transport alone, with no forward pass competing for the cores: a real `tandem decode`
 worker grants a lease for a ~N-token prompt, this process writes the lease's KV (random bytes in
-the worker's layout) with the prefill worker's sender, and reports GB/s (see bench/README.md)."""
+the worker's layout) with the prefill worker's sender, and reports GB/s (see bench/README.md).
+`--transport grpc` streams the bytes over gRPC; `shm` (default) stages them in the lease's
+shared-memory area with gRPC for control (as two workers on one host do)."""
 from __future__ import annotations
 
 import argparse
@@ -27,7 +29,8 @@ from tandem.sampling_params import SamplingParams
 from tandem.worker.process import free_port
 
 
-async def one(address: str, tokens: int, chunk_bytes: int, window: int, seed: int) -> tuple[float, object]:
+async def one(address: str, tokens: int, chunk_bytes: int, window: int, seed: int,
+              transport: str = "shm") -> tuple[float, object]:
     channel = grpc.aio.insecure_channel(address)
     stub = decode_pb2_grpc.DecodeStub(channel)
     state = await router_pb2_grpc.WorkerStub(channel).GetState(router_pb2.StateRequest())
@@ -38,7 +41,8 @@ async def one(address: str, tokens: int, chunk_bytes: int, window: int, seed: in
         params=params_to_proto(SamplingParams(max_tokens=1, temperature=0))))
     ticket = (await call.read()).ticket
     sync_channel = grpc.insecure_channel(ticket.endpoint, options=CHANNEL_OPTIONS)
-    sender = GrpcKVSender(sync_channel, ticket, state.info.layout, "bench", window=window)
+    sender = GrpcKVSender(sync_channel, ticket, state.info.layout, "bench", window=window,
+                          shm=transport == "shm", token_bytes=layout.token_bytes)
     started = time.perf_counter()
     run = asyncio.get_running_loop().run_in_executor(None, sender.run)
     data = os.urandom(layout.token_bytes * tokens)
@@ -63,23 +67,29 @@ def main() -> None:
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--transport", choices=["shm", "grpc"], default="shm",
+                   help="shm: bytes staged in shared memory, gRPC for control (default); grpc: bytes over gRPC")
     args = p.parse_args()
     port = free_port()
     env = {**os.environ, "TANDEM_NO_PROGRESS": "1", "OMP_NUM_THREADS": str(args.threads)}
     cmd = [str(Path(sys.executable).with_name("tandem")), "decode", *([args.model] if args.model else []),
-           "--host", "127.0.0.1", "--port", str(port), "--kv-cache-gib", "1", "--num-threads", str(args.threads)]
+           "--host", "127.0.0.1", "--port", str(port), "--kv-cache-gib", "1", "--num-threads", str(args.threads),
+           "--kv-transport", "auto" if args.transport == "shm" else "grpc"]
     proc = subprocess.Popen(cmd, cwd=tempfile.gettempdir(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
         for line in proc.stdout:
             if line.startswith("TANDEM_READY"):
                 break
-        results = [asyncio.run(one(f"127.0.0.1:{port}", args.tokens, args.chunk_bytes, args.window, i))
+        address = f"127.0.0.1:{port}"
+        results = [asyncio.run(one(address, args.tokens, args.chunk_bytes, args.window, i, args.transport))
                    for i in range(args.repeats + 1)][1:]  # the first one warms up
         walls = [w for w, _ in results]
         mb = results[0][1].bytes / 1e6
-        print(f"{args.tokens}-token prompt, {mb:.1f} MB in {results[0][1].chunks} chunks of <= {args.chunk_bytes} B, "
-              f"window {args.window}: median {statistics.median(walls) * 1e3:.1f} ms open-to-complete = "
+        assert all(s.transport == args.transport for _, s in results), [s.transport for _, s in results]
+        print(f"transport {args.transport}: {args.tokens}-token prompt, {mb:.1f} MB in {results[0][1].chunks} "
+              f"messages (chunks of <= {args.chunk_bytes} B; staged ones of a layer merge), window {args.window}: "
+              f"median {statistics.median(walls) * 1e3:.1f} ms open-to-complete = "
               f"{mb / 1e3 / statistics.median(walls):.2f} GB/s; wire-time GB/s median "
               f"{statistics.median(s.gbps for _, s in results):.2f}; handshake "
               f"{statistics.median(s.handshake_s for _, s in results) * 1e3:.2f} ms")

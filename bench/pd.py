@@ -7,7 +7,7 @@
 2. TTFT of ~1000-token prompts, one request at a time (the handoff's own cost): median over
    repeats, and the overhead of disaggregation in percent (target <= 15%).
 3. KV transfer as the router saw it: GB/s on the wire (bytes / time with a chunk in flight),
-   bytes, wire, queue and handshake time per request (target >= 0.8 GB/s over gRPC on loopback).
+   bytes, wire, queue and handshake time per request (target >= 0.8 GB/s on one host; --kv-transport).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def start(kind: str, args: argparse.Namespace, port: int, logdir: Path) -> subpr
         cmd = [tandem(), "up", *model, "--port", str(port), "--threads-per-worker", str(per), "--kv-cache-gib", "2",
                "--router-args", f"--served-model-name {serve.MODEL} --disable-log-requests "
                                 f"--local-prefill-threshold {args.local_prefill_threshold}",
-               "--log-dir", str(logdir), *common]
+               "--worker-args", f"--kv-transport {args.kv_transport}", "--log-dir", str(logdir), *common]
         env.update(OMP_NUM_THREADS=str(per), MKL_NUM_THREADS=str(per), OMP_WAIT_POLICY="PASSIVE")
     return subprocess.Popen(cmd, cwd=tempfile.gettempdir(), env=env, stdout=(logdir / f"{kind}.log").open("w"),
                             stderr=subprocess.STDOUT)
@@ -136,6 +136,8 @@ def main() -> None:
                           ("--long-len", 1000), ("--long-repeats", 8), ("--local-prefill-threshold", 128),
                           ("--startup-timeout", 600), ("--worker-threads", 0)):
         p.add_argument(flag, type=int, default=default)
+    p.add_argument("--kv-transport", choices=["auto", "grpc", "shm"], default="auto",
+                   help="the workers' KV transport (default: auto, shared memory on one host)")
     p.add_argument("--out", help="JSON path (default bench/results/pd-<date>.json)")
     args = p.parse_args()
     items = serve.workload(args)
@@ -154,7 +156,8 @@ def main() -> None:
     overhead = d["long_ttft_ms_median"] / c["long_ttft_ms_median"] - 1
     print(f"handoff adds {overhead:+.1%} to the TTFT of ~{args.long_len}-token prompts (target <= +15%)")
     t = d["transfer_long"]
-    print(f"KV transfer ({args.long_len}-token prompts): {t['gbps']:.2f} GB/s on the wire (target >= 0.8), "
+    print(f"KV transfer ({args.long_len}-token prompts, --kv-transport {args.kv_transport}): {t['gbps']:.2f} GB/s "
+          f"on the wire (target >= 0.8), "
           f"{t['bytes_per_transfer'] / 1e6:.1f} MB, wire {t['wire_ms_per_transfer']:.1f} ms, queue "
           f"{t['queue_ms_per_transfer']:.1f} ms, handshake {t['handshake_ms_per_transfer']:.2f} ms per request")
     a = d["transfer_all"]

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from tandem.proto import common_pb2 as tandem_dot_proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/proto/decode.proto\x12\ttandem.v1\x1a\x19tandem/proto/common.proto\"\xea\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12)\n\x06params\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\'\n\x07prefill\x18\x05 \x01(\x0e\x32\x16.tandem.v1.PrefillMode\x12\x15\n\rlease_seconds\x18\x06 \x01(\x01\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\r\x12\x12\n\nseed_index\x18\x08 \x01(\r\"?\n\x0cLogprobEntry\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\r\"9\n\rTokenLogprobs\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.tandem.v1.LogprobEntry\"\xfb\x01\n\x08SeqDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0btoken_start\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\x12\n\ntext_start\x18\x05 \x01(\r\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x1a\n\x12\x63umulative_logprob\x18\x07 \x01(\x01\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\x12\x12\n\x08stop_str\x18\t \x01(\tH\x00\x12\x14\n\nstop_token\x18\n \x01(\rH\x00\x42\r\n\x0bstop_reason\"U\n\x0eRequestMetrics\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x03 \x01(\r\"\xa1\x01\n\x0bTokenUpdate\x12!\n\x04seqs\x18\x01 \x03(\x0b\x32\x13.tandem.v1.SeqDelta\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x31\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12*\n\x07metrics\x18\x04 \x01(\x0b\x32\x19.tandem.v1.RequestMetrics\"g\n\rGenerateEvent\x12#\n\x06ticket\x18\x01 \x01(\x0b\x32\x11.tandem.v1.TicketH\x00\x12(\n\x06update\x18\x02 \x01(\x0b\x32\x16.tandem.v1.TokenUpdateH\x00\x42\x07\n\x05\x65vent\"_\n\x13ResolveLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12&\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x16.tandem.v1.LeaseAction\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\"\n\x11ResolveLeaseReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1c\n\x0b\x43\x61ncelReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"v\n\x0cTransferOpen\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12+\n\x06layout\x18\x03 \x01(\x0b\x32\x1b.tandem.v1.LayoutDescriptor\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\"k\n\x07KVChunk\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x13\n\x0btoken_start\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\"6\n\rTransferClose\x12\x12\n\nnum_chunks\x18\x01 \x01(\x04\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\"\x92\x01\n\x0fTransferMessage\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.tandem.v1.TransferOpenH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.tandem.v1.KVChunkH\x00\x12)\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x18.tandem.v1.TransferCloseH\x00\x42\x06\n\x04\x62ody\"\xa0\x01\n\x0bTransferAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.tandem.v1.TransferAck.Status\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\"4\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\x15\n\x11\x43HECKSUM_MISMATCH\x10\x01\x12\x0b\n\x07REFUSED\x10\x02*$\n\x0bPrefillMode\x12\t\n\x05LOCAL\x10\x00\x12\n\n\x06REMOTE\x10\x01*/\n\x0bLeaseAction\x12\x13\n\x0fPREFILL_LOCALLY\x10\x00\x12\x0b\n\x07RELEASE\x10\x01\x32\x9c\x02\n\x06\x44\x65\x63ode\x12\x42\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x18.tandem.v1.GenerateEvent0\x01\x12L\n\x0cResolveLease\x12\x1e.tandem.v1.ResolveLeaseRequest\x1a\x1c.tandem.v1.ResolveLeaseReply\x12:\n\x06\x43\x61ncel\x12\x18.tandem.v1.CancelRequest\x1a\x16.tandem.v1.CancelReply\x12\x44\n\nTransferKV\x12\x1a.tandem.v1.TransferMessage\x1a\x16.tandem.v1.TransferAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/proto/decode.proto\x12\ttandem.v1\x1a\x19tandem/proto/common.proto\"\xea\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12)\n\x06params\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\'\n\x07prefill\x18\x05 \x01(\x0e\x32\x16.tandem.v1.PrefillMode\x12\x15\n\rlease_seconds\x18\x06 \x01(\x01\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\r\x12\x12\n\nseed_index\x18\x08 \x01(\r\"?\n\x0cLogprobEntry\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\r\"9\n\rTokenLogprobs\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.tandem.v1.LogprobEntry\"\xfb\x01\n\x08SeqDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x13\n\x0btoken_start\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\x12\n\ntext_start\x18\x05 \x01(\r\x12\x0c\n\x04text\x18\x06 \x01(\t\x12\x1a\n\x12\x63umulative_logprob\x18\x07 \x01(\x01\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\x12\x12\n\x08stop_str\x18\t \x01(\tH\x00\x12\x14\n\nstop_token\x18\n \x01(\rH\x00\x42\r\n\x0bstop_reason\"U\n\x0eRequestMetrics\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x03 \x01(\r\"\xa1\x01\n\x0bTokenUpdate\x12!\n\x04seqs\x18\x01 \x03(\x0b\x32\x13.tandem.v1.SeqDelta\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x31\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12*\n\x07metrics\x18\x04 \x01(\x0b\x32\x19.tandem.v1.RequestMetrics\"g\n\rGenerateEvent\x12#\n\x06ticket\x18\x01 \x01(\x0b\x32\x11.tandem.v1.TicketH\x00\x12(\n\x06update\x18\x02 \x01(\x0b\x32\x16.tandem.v1.TokenUpdateH\x00\x42\x07\n\x05\x65vent\"_\n\x13ResolveLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12&\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x16.tandem.v1.LeaseAction\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\"\n\x11ResolveLeaseReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"#\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1c\n\x0b\x43\x61ncelReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x89\x01\n\x0cTransferOpen\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12+\n\x06layout\x18\x03 \x01(\x0b\x32\x1b.tandem.v1.LayoutDescriptor\x12\x13\n\x0btransfer_id\x18\x04 \x01(\t\x12\x11\n\ttransport\x18\x05 \x01(\t\"\xa3\x01\n\x07KVChunk\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x13\n\x0btoken_start\x18\x03 \x01(\r\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\x12\x0e\n\x06staged\x18\x07 \x01(\x08\x12\x12\n\nshm_offset\x18\x08 \x01(\x04\x12\x12\n\nshm_length\x18\t \x01(\r\"6\n\rTransferClose\x12\x12\n\nnum_chunks\x18\x01 \x01(\x04\x12\x11\n\tnum_bytes\x18\x02 \x01(\x04\"\x92\x01\n\x0fTransferMessage\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.tandem.v1.TransferOpenH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.tandem.v1.KVChunkH\x00\x12)\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x18.tandem.v1.TransferCloseH\x00\x42\x06\n\x04\x62ody\"\xa0\x01\n\x0bTransferAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.tandem.v1.TransferAck.Status\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\"4\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\x15\n\x11\x43HECKSUM_MISMATCH\x10\x01\x12\x0b\n\x07REFUSED\x10\x02*$\n\x0bPrefillMode\x12\t\n\x05LOCAL\x10\x00\x12\n\n\x06REMOTE\x10\x01*/\n\x0bLeaseAction\x12\x13\n\x0fPREFILL_LOCALLY\x10\x00\x12\x0b\n\x07RELEASE\x10\x01\x32\x9c\x02\n\x06\x44\x65\x63ode\x12\x42\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x18.tandem.v1.GenerateEvent0\x01\x12L\n\x0cResolveLease\x12\x1e.tandem.v1.ResolveLeaseRequest\x1a\x1c.tandem.v1.ResolveLeaseReply\x12:\n\x06\x43\x61ncel\x12\x18.tandem.v1.CancelRequest\x1a\x16.tandem.v1.CancelReply\x12\x44\n\nTransferKV\x12\x1a.tandem.v1.TransferMessage\x1a\x16.tandem.v1.TransferAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.proto.decode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREFILLMODE']._serialized_start=1835
-  _globals['_PREFILLMODE']._serialized_end=1871
-  _globals['_LEASEACTION']._serialized_start=1873
-  _globals['_LEASEACTION']._serialized_end=1920
+  _globals['_PREFILLMODE']._serialized_start=1912
+  _globals['_PREFILLMODE']._serialized_end=1948
+  _globals['_LEASEACTION']._serialized_start=1950
+  _globals['_LEASEACTION']._serialized_end=1997
   _globals['_GENERATEREQUEST']._serialized_start=68
   _globals['_GENERATEREQUEST']._serialized_end=302
   _globals['_LOGPROBENTRY']._serialized_start=304
@@ -58,18 +58,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELREQUEST']._serialized_end=1206
   _globals['_CANCELREPLY']._serialized_start=1208
   _globals['_CANCELREPLY']._serialized_end=1236
-  _globals['_TRANSFEROPEN']._serialized_start=1238
-  _globals['_TRANSFEROPEN']._serialized_end=1356
-  _globals['_KVCHUNK']._serialized_start=1358
-  _globals['_KVCHUNK']._serialized_end=1465
-  _globals['_TRANSFERCLOSE']._serialized_start=1467
-  _globals['_TRANSFERCLOSE']._serialized_end=1521
-  _globals['_TRANSFERMESSAGE']._serialized_start=1524
-  _globals['_TRANSFERMESSAGE']._serialized_end=1670
-  _globals['_TRANSFERACK']._serialized_start=1673
-  _globals['_TRANSFERACK']._serialized_end=1833
-  _globals['_TRANSFERACK_STATUS']._serialized_start=1781
-  _globals['_TRANSFERACK_STATUS']._serialized_end=1833
-  _globals['_DECODE']._serialized_start=1923
-  _globals['_DECODE']._serialized_end=2207
+  _globals['_TRANSFEROPEN']._serialized_start=1239
+  _globals['_TRANSFEROPEN']._serialized_end=1376
+  _globals['_KVCHUNK']._serialized_start=1379
+  _globals['_KVCHUNK']._serialized_end=1542
+  _globals['_TRANSFERCLOSE']._serialized_start=1544
+  _globals['_TRANSFERCLOSE']._serialized_end=1598
+  _globals['_TRANSFERMESSAGE']._serialized_start=1601
+  _globals['_TRANSFERMESSAGE']._serialized_end=1747
+  _globals['_TRANSFERACK']._serialized_start=1750
+  _globals['_TRANSFERACK']._serialized_end=1910
+  _globals['_TRANSFERACK_STATUS']._serialized_start=1858
+  _globals['_TRANSFERACK_STATUS']._serialized_end=1910
+  _globals['_DECODE']._serialized_start=2000
+  _globals['_DECODE']._serialized_end=2284
 # @@protoc_insertion_point(module_scope)

@@ -3,9 +3,10 @@ per process by the TANDEM_FAULTS environment variable ("name=value,name2"). Off 
 an unset variable makes every check a dictionary miss.
 
 Points: kv.corrupt_chunk=K (flip a byte of the K-th KV chunk once), kv.corrupt_all (every chunk,
-every time), kv.delay_close=S (sleep S seconds before closing a transfer), prefill.kill_after_chunks=K
-(SIGKILL this prefill worker after it sent K chunks), decode.kill_after_tokens=N (SIGKILL this
-decode worker once a request streamed N tokens).
+every time; with shm the flipped byte is staged), kv.shm_open_fails (prefill cannot map decode's
+staging area: the transfer goes over gRPC), kv.delay_close=S (sleep S seconds before closing a
+transfer), prefill.kill_after_chunks=K (SIGKILL this prefill worker after it sent K chunks),
+decode.kill_after_tokens=N (SIGKILL this decode worker once a request streamed N tokens).
 """
 from __future__ import annotations
 

@@ -22,6 +22,8 @@ class LeaseGranted:
     skip_tokens: int
     num_tokens: int
     lease_seconds: float
+    shm_path: str = ""  # the lease's shared-memory staging area (same-host transfers), if any
+    shm_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,10 @@ class DecodeEngine(AsyncEngine):
         if lease is None:
             self._deliver(rid, PrefillingLocally("no free KV blocks for a lease"))
         else:
+            staging = lease.staging
             self._deliver(rid, LeaseGranted(lease.lease_id, tuple(lease.block_ids), lease.skip_tokens,
-                                            lease.num_tokens, lease_seconds))
+                                            lease.num_tokens, lease_seconds, staging.path if staging else "",
+                                            staging.size if staging else 0))
 
     def _cmd_prefill_locally(self, rid: str) -> None:
         self.engine.prefill_locally(rid)

@@ -1,13 +1,19 @@
-"""The gRPC KV transport, receiving side: a synchronous gRPC server of its own, next to the decode
-worker's asyncio one, serving TransferKV alone.
+"""The KV transport, receiving side (gRPC; shared memory on the same host): a synchronous gRPC
+server of its own, next to the decode worker's asyncio one, serving TransferKV alone.
 
 Each transfer stream runs on a thread of the server's pool, so checksums and the copies into the
 KV cache stay off the event loop that streams tokens, and gRPC's synchronous API moves bulk bytes
 about twice as fast as its asyncio API on a couple of cores. The consumer role is built for this:
-leases are checked and written under their locks (tandem.engine.kv_transfer.consumer).
+leases are checked and written under their locks (tandem.engine.kv_transfer.consumer). Those
+threads run torch single-threaded (a per-thread setting): a 1 MB copy into the cache split over
+OpenMP threads that the engine's forward pass keeps busy waits milliseconds at the barrier, 40x
+slower than one thread's memcpy.
 
 One stream: open (the lease, the sender's layout) -> chunks, each verified (CRC-32), written and
 acknowledged -> close (every (layer, token) arrived: the request joins decode's batch).
+With transport "shm" in the open message, a chunk carries no bytes but an offset into the lease's
+staging area (tandem.engine.kv_transfer.shm): its bytes are copied out of it, verified and written
+exactly like bytes from the wire; the metrics' transport label says which one a transfer used.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from concurrent import futures
 from typing import Iterator
 
 import grpc
+import torch
 
 from tandem.engine.kv_transfer.codec import KVChunkData
 from tandem.engine.kv_transfer.consumer import KVConsumer, LeaseError
@@ -53,7 +60,9 @@ class KVReceiver(decode_pb2_grpc.DecodeServicer):
                 kind = msg.WhichOneof("body")
                 if kind == "open":
                     lease_id, transfer_id = msg.open.lease_id, msg.open.transfer_id
+                    stats.transport = msg.open.transport or "grpc"
                     span.set_attribute("tandem.lease_id", lease_id)
+                    span.set_attribute("tandem.transport", stats.transport)
                     try:
                         consumer.open(lease_id, transfer_id, layout_from_proto(msg.open.layout))
                     except LeaseError as exc:
@@ -63,11 +72,20 @@ class KVReceiver(decode_pb2_grpc.DecodeServicer):
                     yield Ack(seq=0)
                 elif kind == "chunk":
                     c = msg.chunk
-                    chunk = KVChunkData(c.layer, c.token_start, c.num_tokens, c.data, c.crc32)
                     if lease_id is None:
                         stats.failure_class = "protocol"
                         yield Ack(seq=c.seq, status=Ack.REFUSED, error="a chunk before the transfer was opened")
                         return
+                    data = c.data
+                    if c.staged:
+                        try:
+                            data = consumer.read_staged(lease_id, transfer_id, c.layer, c.token_start, c.shm_offset,
+                                                        c.shm_length)
+                        except LeaseError as exc:
+                            stats.failure_class = "lease_refused"
+                            yield Ack(seq=c.seq, status=Ack.REFUSED, error=str(exc))
+                            return
+                    chunk = KVChunkData(c.layer, c.token_start, c.num_tokens, data, c.crc32)
                     if not chunk.intact():
                         stats.retransmits += 1
                         yield Ack(seq=c.seq, status=Ack.CHECKSUM_MISMATCH,
@@ -80,7 +98,7 @@ class KVReceiver(decode_pb2_grpc.DecodeServicer):
                         stats.failure_class = "lease_refused"
                         yield Ack(seq=c.seq, status=Ack.REFUSED, error=str(exc))
                         return
-                    stats.bytes += len(c.data)
+                    stats.bytes += len(data)
                     stats.chunks += 1
                     yield Ack(seq=c.seq)
                 elif kind == "close":
@@ -108,7 +126,9 @@ class KVReceiver(decode_pb2_grpc.DecodeServicer):
 def start_kv_server(consumer: KVConsumer, transfers: TransferMetrics, host: str, port: int,
                     max_streams: int = 16) -> tuple[grpc.Server, int]:
     """The TransferKV server on host:port (0: any free port); returns it and the bound port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="kv-receive"),
+    pool = futures.ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix="kv-receive",
+                                      initializer=torch.set_num_threads, initargs=(1,))
+    server = grpc.server(pool,
                          options=SERVER_OPTIONS, maximum_concurrent_rpcs=max_streams)
     decode_pb2_grpc.add_DecodeServicer_to_server(KVReceiver(consumer, transfers), server)
     bound = bind(server, host, port)

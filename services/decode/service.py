@@ -10,6 +10,7 @@ import grpc
 
 from tandem import faults
 from tandem.decode.engine import DecodeEngine, LeaseExpired, LeaseGranted, PrefillingLocally
+from tandem.engine.kv_transfer.shm import host_id
 from tandem.proto import common_pb2, decode_pb2, decode_pb2_grpc
 from tandem.rpc.convert import layout_to_proto, params_from_proto
 from tandem.rpc.token_stream import DeltaEncoder
@@ -23,6 +24,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.host = host
         self.kv_endpoint = kv_endpoint  # where prefill workers send KV (kv_receiver.py's server)
         self.layout = layout_to_proto(host.engine.layout)
+        self.host_id = host_id()
 
     # ---- the request's token stream ----------------------------------------------------------
 
@@ -86,7 +88,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def _ticket(self, request_id: str, lease: LeaseGranted) -> common_pb2.Ticket:
         return common_pb2.Ticket(request_id=request_id, lease_id=lease.lease_id, endpoint=self.kv_endpoint,
                                  layout=self.layout, skip_tokens=lease.skip_tokens, num_tokens=lease.num_tokens,
-                                 block_ids=list(lease.block_ids), lease_seconds=lease.lease_seconds)
+                                 block_ids=list(lease.block_ids), lease_seconds=lease.lease_seconds,
+                                 shm_path=lease.shm_path, shm_bytes=lease.shm_bytes,
+                                 host_id=self.host_id if lease.shm_path else "")
 
     async def ResolveLease(self, request: decode_pb2.ResolveLeaseRequest, context) -> decode_pb2.ResolveLeaseReply:
         lease = self.host.engine.consumer.leases.get(request.lease_id)

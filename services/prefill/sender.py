@@ -1,4 +1,4 @@
-"""The gRPC KV transport, sending side: one bidirectional TransferKV stream per request, driven
+"""The KV transport, sending side: one bidirectional TransferKV stream per request, driven
 by a thread of its own with gRPC's synchronous API (on a couple of cores it moves bytes about
 twice as fast as the asyncio API, and it keeps the bulk copies off the worker's event loop).
 
@@ -8,6 +8,13 @@ control on top of HTTP/2's); a chunk decode reports as corrupted is sent again, 
 `max_retransmits` times. `run` (blocking) returns the transfer's statistics or raises
 `TransferFailed` with a failure class: incompatible, lease_refused, checksum, decode_unavailable,
 timeout, cancelled.
+
+Same host (`shm`, and the ticket names a staging area this process can map: the lease's
+shared-memory area, tandem.engine.kv_transfer.shm; else the bytes go over gRPC): each chunk's bytes
+are written at their place in the staging area and the stream carries only the control (layer,
+tokens, offset, length, CRC-32); chunks of one layer queued together travel as one. Everything
+else (window, acks, retransmits of a chunk decode found corrupted, which rewrite its staged bytes,
+failure classes) is the same. The statistics' transport says "shm" or "grpc".
 
 Wire time is the time at least one chunk was in flight (sent, not yet acknowledged): while the
 forward pass is slower than the wire the stream idles between layers, and that is compute, not
@@ -25,11 +32,15 @@ from typing import Iterator
 import grpc
 
 from tandem import faults
+from tandem.engine.kv_transfer import shm
 from tandem.engine.kv_transfer.codec import KVChunkData
+from tandem.engine.kv_transfer.shm import StagingArea
 from tandem.proto import common_pb2, decode_pb2, decode_pb2_grpc
 
 Ack = decode_pb2.TransferAck
 Msg = decode_pb2.TransferMessage
+SHM_MERGE_BYTES = 64 << 20  # staged chunks of one layer are merged up to this size
+_NONE = object()
 
 
 class TransferFailed(Exception):
@@ -41,7 +52,7 @@ class TransferFailed(Exception):
 class GrpcKVSender:
     def __init__(self, channel: grpc.Channel, ticket: common_pb2.Ticket, layout: common_pb2.LayoutDescriptor,
                  sender_id: str, metadata: list[tuple[str, str]] = (), window: int = 16,
-                 max_retransmits: int = 3, timeout: float = 60.0) -> None:
+                 max_retransmits: int = 3, timeout: float = 60.0, shm: bool = False, token_bytes: int = 0) -> None:
         self.stub = decode_pb2_grpc.DecodeStub(channel)
         self.ticket = ticket
         self.layout = layout
@@ -49,6 +60,10 @@ class GrpcKVSender:
         self.window = window
         self.max_retransmits = max_retransmits
         self.timeout = timeout
+        self.shm = shm  # try the ticket's staging area (same host)
+        self.staging: StagingArea | None = None  # mapped by run: chunk bytes go here, the stream carries offsets
+        self.token_bytes = token_bytes  # bytes of one token of one layer
+        self._staging_lock = threading.Lock()  # writes vs the unmap at the end
         self.stats = common_pb2.TransferStats(transport="grpc", peer=ticket.endpoint)
         self._chunks: queue.Queue = queue.Queue()  # (produced at, chunk); None: no more
         self._resend: collections.deque[int] = collections.deque()
@@ -61,6 +76,12 @@ class GrpcKVSender:
         self._call = None
         self._cancelled = False
         self._busy_until = 0.0
+        self._held = _NONE  # an item taken from the queue but not merged into the previous chunk
+        self._pieces = 0  # chunks the producer made that went out (merged ones count one each)
+
+    @property
+    def transport(self) -> str:
+        return self.stats.transport
 
     # ---- the producer's sink (engine thread) -------------------------------------------------
 
@@ -83,6 +104,8 @@ class GrpcKVSender:
 
     def run(self) -> common_pb2.TransferStats:
         opened = time.monotonic()
+        if self.shm:
+            self._attach_staging()
         try:
             self._call = self.stub.TransferKV(self._requests(), metadata=self.metadata, timeout=self.timeout)
             if self._cancelled:
@@ -113,6 +136,19 @@ class GrpcKVSender:
             raise self._fail(exc) from None
         finally:
             self.cancel()  # stops the request iterator; a no-op on a finished call
+            if self.staging is not None:
+                with self._staging_lock:
+                    self.staging.close()
+
+    def _attach_staging(self) -> None:
+        """Map the ticket's staging area; when it cannot be (size, path, permissions), use gRPC."""
+        t = self.ticket
+        if t.shm_bytes != self.token_bytes * self.layout.num_layers * (t.num_tokens - t.skip_tokens) or \
+                faults.value("kv.shm_open_fails"):
+            return
+        self.staging = StagingArea.attach(t.shm_path, t.shm_bytes)
+        if self.staging is not None:
+            self.stats.transport = "shm"
 
     def _fail(self, error: TransferFailed) -> TransferFailed:
         self.stats.failure_class = error.failure_class
@@ -142,7 +178,8 @@ class GrpcKVSender:
     def _requests(self) -> Iterator[Msg]:
         """What gRPC sends, pulled from its own thread: open, chunks (window permitting), close."""
         yield Msg(open=decode_pb2.TransferOpen(lease_id=self.ticket.lease_id, request_id=self.ticket.request_id,
-                                               layout=self.layout, transfer_id=secrets.token_hex(8)))
+                                               layout=self.layout, transfer_id=secrets.token_hex(8),
+                                               transport=self.transport))
         with self._cond:
             self._cond.wait_for(lambda: self._opened or self._ending)
         corrupt_at, kill_after = faults.number("kv.corrupt_chunk"), faults.number("prefill.kill_after_chunks")
@@ -166,9 +203,8 @@ class GrpcKVSender:
             if resend is not None:
                 yield self._chunk_msg(resend, chunk)
                 continue
-            try:
-                item = self._chunks.get(timeout=0.05)
-            except queue.Empty:
+            item = self._next_chunk()
+            if item is False:
                 continue
             if item is None:
                 producing = False
@@ -183,7 +219,7 @@ class GrpcKVSender:
                 self._unacked[seq] = chunk
                 self._sent_at[seq] = now
             yield self._chunk_msg(seq, chunk, corrupt=corrupt_at == seq)
-            if kill_after is not None and seq >= kill_after:
+            if kill_after is not None and self._pieces >= kill_after:  # chunks, merged or not
                 faults.kill_self()
         delay = faults.number("kv.delay_close")
         if delay:
@@ -192,10 +228,56 @@ class GrpcKVSender:
         with self._cond:  # keep the stream open until decode's final answer
             self._cond.wait_for(lambda: self._ending)
 
-    @staticmethod
-    def _chunk_msg(seq: int, chunk: KVChunkData, corrupt: bool = False) -> Msg:
+    def _next_chunk(self):
+        """The next (produced at, chunk), None at the end, False when none is ready yet. Staged
+        chunks that continue each other in one layer are merged (they are adjacent in the staging
+        area): the cost per chunk is the control round trip, not the bytes."""
+        item, self._held = self._held, _NONE
+        if item is _NONE:
+            try:
+                item = self._chunks.get(timeout=0.05)
+            except queue.Empty:
+                return False
+        if item is None:
+            return item
+        self._pieces += 1
+        if self.staging is None:
+            return item
+        produced, chunk = item
+        merged, size = [chunk.data], len(chunk.data)
+        end = chunk.token_start + chunk.num_tokens
+        while size < SHM_MERGE_BYTES:
+            try:
+                nxt = self._chunks.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None or nxt[1].layer != chunk.layer or nxt[1].token_start != end:
+                self._held = nxt
+                break
+            self._pieces += 1
+            merged.append(nxt[1].data)
+            size += len(nxt[1].data)
+            end += nxt[1].num_tokens
+        if len(merged) == 1:
+            return item
+        halves = [(memoryview(d)[:len(d) // 2], memoryview(d)[len(d) // 2:]) for d in merged]  # K, then V
+        data = b"".join(k for k, _ in halves) + b"".join(v for _, v in halves)
+        return produced, KVChunkData(chunk.layer, chunk.token_start, end - chunk.token_start, data)
+
+    def _chunk_msg(self, seq: int, chunk: KVChunkData, corrupt: bool = False) -> Msg:
         data = chunk.data
         if corrupt or faults.value("kv.corrupt_all"):
             data = bytes([data[0] ^ 0xFF]) + data[1:]
+        if self.staging is None:
+            return Msg(chunk=decode_pb2.KVChunk(seq=seq, layer=chunk.layer, token_start=chunk.token_start,
+                                                num_tokens=chunk.num_tokens, data=data, crc32=chunk.crc32))
+        t = self.ticket
+        at = shm.offset(chunk.layer, chunk.token_start, t.skip_tokens, t.num_tokens, self.token_bytes)
+        with self._staging_lock:
+            try:
+                self.staging.write(at, data)
+            except ValueError as exc:  # unmapped: the transfer already ended
+                raise TransferFailed("cancelled", str(exc)) from None
         return Msg(chunk=decode_pb2.KVChunk(seq=seq, layer=chunk.layer, token_start=chunk.token_start,
-                                            num_tokens=chunk.num_tokens, data=data, crc32=chunk.crc32))
+                                            num_tokens=chunk.num_tokens, crc32=chunk.crc32, staged=True,
+                                            shm_offset=at, shm_length=len(data)))

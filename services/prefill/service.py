@@ -10,6 +10,7 @@ import time
 import grpc
 
 from tandem.engine.kv_transfer.layout import incompatibility
+from tandem.engine.kv_transfer.shm import host_id
 from tandem.prefill.engine import PrefillEngine
 from tandem.prefill.sender import GrpcKVSender, TransferFailed
 from tandem.proto import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -28,11 +29,13 @@ _STATUS = {"incompatible": grpc.StatusCode.FAILED_PRECONDITION, "lease_refused":
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, host: PrefillEngine, worker_id: str, transfers: TransferMetrics,
-                 chunk_window: int = 16) -> None:
+                 chunk_window: int = 16, kv_transport: str = "auto") -> None:
         self.host = host
         self.worker_id = worker_id
         self.transfers = transfers
         self.chunk_window = chunk_window
+        self.kv_transport = kv_transport  # auto / shm: shared memory when decode offers it on this host
+        self.host_id = host_id()
         self.layout = host.engine.layout
         self.channels = SyncChannelPool()
         self.senders = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="kv-send")
@@ -52,9 +55,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
             rid = f"prefill-{request.request_id}"
             started = time.monotonic()
-            with tracer().start_as_current_span("kv.transfer", attributes={"tandem.transport": "grpc"}) as tspan:
+            with tracer().start_as_current_span("kv.transfer") as tspan:
                 sender = GrpcKVSender(self.channels.get(ticket.endpoint), ticket, layout_to_proto(self.layout),
-                                      self.worker_id, outgoing_metadata(), window=self.chunk_window)
+                                      self.worker_id, outgoing_metadata(), window=self.chunk_window,
+                                      shm=self._shm(ticket), token_bytes=self.layout.token_bytes)
                 try:
                     stream = self.host.prefill(rid, list(request.prompt_token_ids), sender, ticket.skip_tokens)
                 except ValueError as exc:
@@ -80,10 +84,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                     sender.cancel()  # a no-op once it finished; else its thread ends now
                     compute.cancel()
                     await asyncio.gather(send, compute, return_exceptions=True)
+                    tspan.set_attribute("tandem.transport", sender.transport)
+                if self.kv_transport == "shm" and sender.transport != "shm":
+                    log.warning("request %s: no shared-memory staging area usable (decode on another host, or it "
+                                "cannot be opened): KV went over gRPC", request.request_id)
                 for name in ("bytes", "handshake_s", "queue_s", "wire_s", "gbps", "retransmits"):
                     tspan.set_attribute(f"tandem.{name}", getattr(stats, name))
             self.transfers.record(stats)
             return prefill_pb2.PrefillReply(transfer=stats, num_cached_tokens=cached, compute_s=compute_s)
+
+    def _shm(self, ticket) -> bool:
+        """Try decode's staging area: allowed, offered, and decode runs on this host (same boot)."""
+        return self.kv_transport != "grpc" and bool(ticket.shm_path) and ticket.host_id == self.host_id
 
     @staticmethod
     async def _compute(stream) -> int:

@@ -40,6 +40,11 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="prefill: largest KV chunk on the wire, in bytes (default: 1 MiB)")
     g.add_argument("--kv-window", type=int, default=16,
                    help="prefill: KV chunks in flight before an acknowledgement (default: 16)")
+    g.add_argument("--kv-transport", choices=["auto", "grpc", "shm"], default="auto",
+                   help="KV bytes between workers on one host: shm stages them in shared memory (/dev/shm, a "
+                        "file per lease) with gRPC for control; grpc streams them; auto (default) uses shm "
+                        "when both workers allow it and decode is on this host, else grpc (shm does too, "
+                        "with a warning)")
     g.add_argument("--kv-port", type=int, default=0,
                    help="decode: port of the KV transfer server prefill workers write to (default: any free)")
 
@@ -110,6 +115,8 @@ def run_worker(args: argparse.Namespace, role: int) -> int:
         return asyncio.run(_serve(args, role, host))
     finally:
         host.shutdown()
+        if role == router_pb2.DECODE:
+            host.engine.consumer.close_staging()  # leases the engine granted while stopping
 
 
 class WorkerServer:
@@ -120,11 +127,12 @@ class WorkerServer:
     def __init__(self, role: int, host, *, bind_host: str = "127.0.0.1", port: int = 0, http_port: int = 0,
                  advertise: str | None = None, worker_id: str | None = None, router: str | None = None,
                  heartbeat_interval: float = 0.5, kv_chunk_bytes: int = 1 << 20, kv_window: int = 16,
-                 kv_port: int = 0) -> None:
+                 kv_port: int = 0, kv_transport: str = "auto") -> None:
         self.role, self.host, self.bind_host = role, host, bind_host
         self.port, self.http_port, self.advertise, self.worker_id = port, http_port, advertise, worker_id
         self.router, self.heartbeat_interval = router, heartbeat_interval
         self.kv_chunk_bytes, self.kv_window, self.kv_port = kv_chunk_bytes, kv_window, kv_port
+        self.kv_transport = kv_transport
         self.kv_server = None
         self.name = router_pb2.Role.Name(role).lower()
 
@@ -146,8 +154,14 @@ class WorkerServer:
         if self.role == router_pb2.DECODE:
             from tandem.decode.kv_receiver import start_kv_server
             from tandem.decode.service import DecodeServicer
+            from tandem.engine.kv_transfer import shm
             from tandem.proto import decode_pb2_grpc
 
+            if self.kv_transport != "grpc" and shm.usable():
+                shm.sweep()  # staging files a killed worker left
+                host.engine.consumer.staging_max_bytes = shm.MAX_LEASE_BYTES
+            elif self.kv_transport == "shm":
+                log.warning("--kv-transport shm: %s is not usable here; KV transfers go over gRPC", shm.SHM_DIR)
             self.kv_server, self.kv_port = start_kv_server(host.engine.consumer, self.metrics.transfers,
                                                            self.bind_host, self.kv_port)
             kv_endpoint = f"{metrics_host}:{self.kv_port}"
@@ -159,7 +173,8 @@ class WorkerServer:
 
             host.engine.producer.max_chunk_bytes = self.kv_chunk_bytes
             prefill_pb2_grpc.add_PrefillServicer_to_server(
-                PrefillServicer(host, self.worker_id, self.metrics.transfers, chunk_window=self.kv_window), self.server)
+                PrefillServicer(host, self.worker_id, self.metrics.transfers, chunk_window=self.kv_window,
+                                kv_transport=self.kv_transport), self.server)
             extra = lambda load: setattr(load, "num_prefilling", host.num_prefilling)  # noqa: E731
         self.reporter = WorkerReporter(host, self.role, self.worker_id, self.advertise, host.model_name, extra,
                                        metrics_url=f"http://{metrics_host}:{self.http_port}/metrics")
@@ -179,6 +194,7 @@ class WorkerServer:
         await self.server.stop(grace=2)
         if self.kv_server is not None:
             self.kv_server.stop(grace=1).wait()
+            self.host.engine.consumer.close_staging()  # no staging file outlives the worker
         self.http.should_exit = True
         await self._http_task
 
@@ -187,7 +203,7 @@ async def _serve(args: argparse.Namespace, role: int, host) -> int:
     worker = WorkerServer(role, host, bind_host=args.host, port=args.port, http_port=args.http_port,
                           advertise=args.advertise_address, worker_id=args.worker_id, router=args.router,
                           heartbeat_interval=args.heartbeat_interval, kv_chunk_bytes=args.kv_chunk_bytes,
-                          kv_window=args.kv_window, kv_port=args.kv_port)
+                          kv_window=args.kv_window, kv_port=args.kv_port, kv_transport=args.kv_transport)
     await worker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,7 +1,7 @@
 """Real disaggregated stacks for the tests: `tandem router`, `tandem prefill` and `tandem decode`
 processes on 127.0.0.1 (started through the launcher's Stack, as `tandem up` starts them), the
-official `openai` client in front, and checks that every worker gave back every KV block and that
-no process outlives its test."""
+official `openai` client in front, and checks that every worker gave back every KV block, that no
+shared-memory staging file (/dev/shm/tandem-kv-*) is left and that no process outlives its test."""
 from __future__ import annotations
 
 import os
@@ -16,6 +16,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tandem.engine.kv_transfer.shm import staged_files
 from tandem.launcher import Stack, tandem_command
 from tandem.worker.process import free_port
 
@@ -112,13 +113,16 @@ def stack_factory(tmp_path):
     yield build
     errors = []
     for s in made:
+        pids = [c.proc.pid for c in s.children if c.proc is not None]
         try:
             if s.check_idle and not s.stopping:
                 s.wait_idle()
+                errors += [f"staging file of a finished lease: {f}" for pid in pids for f in staged_files(pid)]
         except AssertionError as exc:
             errors.append(str(exc))
         finally:
             s.close()
+        errors += [f"staging file left after the stack stopped: {f}" for pid in pids for f in staged_files(pid)]
     assert not errors, errors
 
 

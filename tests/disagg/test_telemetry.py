@@ -27,7 +27,7 @@ def test_transfer_metrics_and_request_log(stack_factory, tiny_model_dirs):
     s.openai().completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0)
     for worker in ("prefill-0", "decode-0"):
         m = s.metrics(worker)
-        assert total(m, "tandem:kv_transfers_total", outcome="success", transport="grpc") == 1, worker
+        assert total(m, "tandem:kv_transfers_total", outcome="success", transport="shm") == 1, worker
         assert total(m, "tandem:kv_transfer_bytes_total") == EXPECTED_BYTES, worker
     prefill = s.metrics("prefill-0")  # the sender knows send times: it measures the wire
     for series in ("handshake_seconds", "queue_seconds", "wire_seconds", "throughput_gbps"):
@@ -39,7 +39,7 @@ def test_transfer_metrics_and_request_log(stack_factory, tiny_model_dirs):
     assert total(router, "tandem:inter_token_latency_seconds_count") == 3
     assert total(router, "tandem:router_scoring_seconds_count") >= 2  # a decode and a prefill pick
     line = next(ln for ln in router_log(s).splitlines() if "prompt_tokens=200" in ln)
-    for field in ("decision=remote", "decode=decode-0", "prefill=prefill-0", "transport=grpc",
+    for field in ("decision=remote", "decode=decode-0", "prefill=prefill-0", "transport=shm",
                   f"bytes={EXPECTED_BYTES}", "failure_class=none", "failovers=0"):
         assert field in line, (field, line)
     for number in ("gbps", "handshake_ms", "queue_ms", "wire_ms", "ttft_ms"):

@@ -4,6 +4,9 @@ decodes. Outputs must equal a colocated engine's, token for token; leases must e
 from __future__ import annotations
 
 import dataclasses
+import os
+import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,3 +228,53 @@ def test_a_full_cache_leaves_the_request_to_local_prefill(tiny_model_dirs):
     assert decode.scheduler.waiting and decode.scheduler.waiting[0].seq_id == "b"
     decode.abort_request(["a", "b"])
     assert decode.kv.pool.num_free == 3
+
+
+def test_shared_memory_staging_lives_and_dies_with_its_lease(tiny_model_dirs):
+    """Same-host transport, consumer side: a lease gets a /dev/shm staging area; chunks staged there
+    (at their (layer, token) place) go into the blocks like wire bytes; the file goes when the lease
+    completes or expires, and a late staged chunk is refused without touching the cache."""
+    from tandem.engine.kv_transfer import shm
+    from tandem.engine.kv_transfer.shm import StagingArea
+
+    path = tiny_model_dirs["llama"]
+    ids = prompts_for(11, [40])[0]
+    want = colocated(path, [ids], GREEDY)[0]
+    prefill, decode = engine(path, "producer"), engine(path, "consumer")
+    c, tb = decode.consumer, prefill.layout.token_bytes
+    c.staging_max_bytes = shm.MAX_LEASE_BYTES
+    lease = decode.add_remote_request("r", ids, GREEDY, lease_seconds=60)
+    staged = lease.staging
+    assert staged is not None and staged.size == 2 * (len(ids) - 1) * tb and shm.staged_files(os.getpid())
+    area = StagingArea.attach(staged.path, staged.size)  # the producer's view of it
+    sink = Recorder()
+    prefill.add_kv_request("p", ids[:-1], sink)
+    run(prefill)
+    c.open(lease.lease_id, "t", prefill.layout)
+    for chunk in sink.chunks:
+        at = shm.offset(chunk.layer, chunk.token_start, lease.skip_tokens, lease.num_tokens, tb)
+        area.write(at, chunk.data)
+        with pytest.raises(LeaseError, match="offset"):
+            c.read_staged(lease.lease_id, "t", chunk.layer, chunk.token_start, at + 1, len(chunk.data))
+        data = c.read_staged(lease.lease_id, "t", chunk.layer, chunk.token_start, at, len(chunk.data))
+        assert zlib.crc32(data) == chunk.crc32
+        c.write(lease.lease_id, "t", KVChunkData(chunk.layer, chunk.token_start, chunk.num_tokens, data))
+    c.close(lease.lease_id, "t")
+    assert run(decode)["r"].outputs[0].token_ids == want
+    assert not Path(staged.path).exists(), "the staging file outlived its completed lease"
+    area.close()
+
+    lease = decode.add_remote_request("late", ids, GREEDY, lease_seconds=60)  # expires before its KV
+    area = StagingArea.attach(lease.staging.path, lease.staging.size)
+    c.open(lease.lease_id, "t", prefill.layout)
+    area.write(0, b"\x01" * area.size)
+    before = decode.runner.kv_caches[0].clone()
+    lease.deadline = 0.0
+    decode.abort_request(decode.expired_leases())
+    assert not Path(lease.staging.path).exists() and not shm.staged_files(os.getpid())
+    with pytest.raises(LeaseError, match="does not exist"):
+        c.read_staged(lease.lease_id, "t", 0, lease.skip_tokens, 0, tb)
+    assert torch.equal(before, decode.runner.kv_caches[0]), "a late chunk was written"
+    assert decode.kv.pool.num_free == decode.kv.pool.num_blocks
+    area.close()
+    assert StagingArea.attach(lease.staging.path, lease.staging.size) is None  # gone: the sender uses gRPC

@@ -8,6 +8,11 @@ transfer id restarts the count, so a retry from another prefill worker rewrites 
 `take_complete` (engine thread: the request joins the scheduler with all but its last prompt
 token computed) or `release` (abort, expiry, local fallback). A lease is released under its lock,
 so no chunk is written after it ended: a late transfer gets an error and writes nothing.
+
+Same-host transfers: with `staging_max_bytes` set, `reserve` also creates a shared-memory staging
+area for the lease (shm.StagingArea, unlinked when the lease leaves the table); the transport
+reads a chunk's bytes from it with `read_staged` (under the lease's lock, alive leases only) and
+writes them with `write` like bytes that came over the wire.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ from tandem.engine.kv_cache.manager import KVCacheManager
 from tandem.engine.kv_transfer import codec
 from tandem.engine.kv_transfer.codec import KVChunkData
 from tandem.engine.kv_transfer.layout import LayoutDescriptor, incompatibility
+from tandem.engine.kv_transfer import shm
+from tandem.engine.kv_transfer.shm import StagingArea
 from tandem.engine.request import Request
 
 _ids = itertools.count(1)
@@ -46,6 +53,7 @@ class Lease:
     complete: bool = False
     transfer_id: str = ""
     received: torch.Tensor | None = None  # [layers, num_tokens] bool, per transfer
+    staging: StagingArea | None = None  # same-host transfers: chunks are staged here
 
 
 class KVConsumer:
@@ -58,6 +66,7 @@ class KVConsumer:
         self.leases: dict[str, Lease] = {}
         self.by_request: dict[Request, Lease] = {}
         self._complete: collections.deque[Lease] = collections.deque()
+        self.staging_max_bytes = 0  # > 0: leases up to this many bytes get a shared-memory staging area
 
     # ---- scheduler side (engine thread) --------------------------------------------------------
 
@@ -72,6 +81,12 @@ class KVConsumer:
                       req.num_tokens - 1, time.monotonic() + lease_seconds)
         self.leases[lease.lease_id] = lease
         self.by_request[req] = lease
+        size = self.layout.num_layers * (lease.num_tokens - lease.skip_tokens) * self.layout.token_bytes
+        if 0 < size <= self.staging_max_bytes:
+            try:
+                lease.staging = StagingArea.create(lease.lease_id, size)
+            except OSError:
+                lease.staging = None  # /dev/shm full or missing: this lease's transfer goes over gRPC
         return lease
 
     def take_complete(self) -> list[Lease]:
@@ -104,7 +119,18 @@ class KVConsumer:
 
     def _forget(self, lease: Lease) -> bool:
         self.by_request.pop(lease.request, None)
+        if lease.staging is not None:
+            with lease.lock:  # no reader holds it now
+                lease.staging.close()
         return self.leases.pop(lease.lease_id, None) is not None
+
+    def close_staging(self) -> None:
+        """The worker stops: unlink every lease's staging area (no file outlives the process)."""
+        for lease in list(self.leases.values()):
+            if lease.staging is not None:
+                with lease.lock:
+                    lease.alive = False
+                    lease.staging.close()
 
     # ---- worker side (transport threads) -------------------------------------------------------
 
@@ -143,6 +169,22 @@ class KVConsumer:
                 raise LeaseError(f"lease {lease_id!r} ended or was taken over by another transfer")
             codec.decode_into(self.caches[chunk.layer], slots, chunk.data)
             lease.received[chunk.layer, chunk.token_start:end] = True
+
+    def read_staged(self, lease_id: str, transfer_id: str, layer: int, token_start: int, offset: int,
+                    length: int) -> bytes:
+        """A copy of a staged chunk's bytes (the caller checks their CRC on this copy, then `write`s it)."""
+        lease = self._get(lease_id)
+        with lease.lock:
+            if not lease.alive or lease.transfer_id != transfer_id or lease.staging is None:
+                raise LeaseError(f"lease {lease_id!r} ended, was taken over or has no staging area")
+            expected = shm.offset(layer, token_start, lease.skip_tokens, lease.num_tokens, self.layout.token_bytes)
+            if offset != expected:
+                raise LeaseError(f"staged chunk of layer {layer} at token {token_start} claims offset {offset}, "
+                                 f"its place is {expected}")
+            try:
+                return lease.staging.read(offset, length)
+            except ValueError as exc:
+                raise LeaseError(str(exc)) from None
 
     def close(self, lease_id: str, transfer_id: str) -> None:
         """Every wanted token of every layer arrived: hand the request to the engine."""
