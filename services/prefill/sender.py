@@ -203,6 +203,7 @@ class GrpcKVSender:
             if resend is not None:
                 yield self._chunk_msg(resend, chunk)
                 continue
+            pieces_before = self._pieces
             item = self._next_chunk()
             if item is False:
                 continue
@@ -218,7 +219,9 @@ class GrpcKVSender:
             with self._cond:
                 self._unacked[seq] = chunk
                 self._sent_at[seq] = now
-            yield self._chunk_msg(seq, chunk, corrupt=corrupt_at == seq)
+            # the fault counts the producer's chunks, whatever merging made of them
+            hit = corrupt_at is not None and pieces_before < corrupt_at <= self._pieces
+            yield self._chunk_msg(seq, chunk, corrupt=hit)
             if kill_after is not None and self._pieces >= kill_after:  # chunks, merged or not
                 faults.kill_self()
         delay = faults.number("kv.delay_close")
