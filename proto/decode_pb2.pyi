@@ -155,13 +155,13 @@ class TransferOpen(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., request_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.LayoutDescriptor, _Mapping]] = ..., transfer_id: _Optional[str] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("seq", "layer", "token_start", "num_tokens", "data", "crc32", "staged", "shm_offset", "shm_length")
+    __slots__ = ("seq", "layer", "token_start", "num_tokens", "data", "checksum", "staged", "shm_offset", "shm_length")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     STAGED_FIELD_NUMBER: _ClassVar[int]
     SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
     SHM_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -170,11 +170,11 @@ class KVChunk(_message.Message):
     token_start: int
     num_tokens: int
     data: bytes
-    crc32: int
+    checksum: int
     staged: bool
     shm_offset: int
     shm_length: int
-    def __init__(self, seq: _Optional[int] = ..., layer: _Optional[int] = ..., token_start: _Optional[int] = ..., num_tokens: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ..., staged: _Optional[bool] = ..., shm_offset: _Optional[int] = ..., shm_length: _Optional[int] = ...) -> None: ...
+    def __init__(self, seq: _Optional[int] = ..., layer: _Optional[int] = ..., token_start: _Optional[int] = ..., num_tokens: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ..., staged: _Optional[bool] = ..., shm_offset: _Optional[int] = ..., shm_length: _Optional[int] = ...) -> None: ...
 
 class TransferClose(_message.Message):
     __slots__ = ("num_chunks", "num_bytes")

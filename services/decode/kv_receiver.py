@@ -9,7 +9,7 @@ threads run torch single-threaded (a per-thread setting): a 1 MB copy into the c
 OpenMP threads that the engine's forward pass keeps busy waits milliseconds at the barrier, 40x
 slower than one thread's memcpy.
 
-One stream: open (the lease, the sender's layout) -> chunks, each verified (CRC-32), written and
+One stream: open (the lease, the sender's layout) -> chunks, each verified (XXH3-64 checksum), written and
 acknowledged -> close (every (layer, token) arrived: the request joins decode's batch).
 With transport "shm" in the open message, a chunk carries no bytes but an offset into the lease's
 staging area (tandem.engine.kv_transfer.shm): its bytes are copied out of it, verified and written
@@ -85,11 +85,11 @@ class KVReceiver(decode_pb2_grpc.DecodeServicer):
                             stats.failure_class = "lease_refused"
                             yield Ack(seq=c.seq, status=Ack.REFUSED, error=str(exc))
                             return
-                    chunk = KVChunkData(c.layer, c.token_start, c.num_tokens, data, c.crc32)
+                    chunk = KVChunkData(c.layer, c.token_start, c.num_tokens, data, c.checksum)
                     if not chunk.intact():
                         stats.retransmits += 1
                         yield Ack(seq=c.seq, status=Ack.CHECKSUM_MISMATCH,
-                                  error=f"chunk {c.seq}: CRC-32 mismatch (layer {c.layer}, tokens {c.token_start}+"
+                                  error=f"chunk {c.seq}: checksum mismatch (layer {c.layer}, tokens {c.token_start}+"
                                         f"{c.num_tokens}); send it again")
                         continue
                     try:

@@ -12,7 +12,7 @@ timeout, cancelled.
 Same host (`shm`, and the ticket names a staging area this process can map: the lease's
 shared-memory area, tandem.engine.kv_transfer.shm; else the bytes go over gRPC): each chunk's bytes
 are written at their place in the staging area and the stream carries only the control (layer,
-tokens, offset, length, CRC-32); chunks of one layer queued together travel as one. Everything
+tokens, offset, length, checksum); chunks of one layer queued together travel as one. Everything
 else (window, acks, retransmits of a chunk decode found corrupted, which rewrite its staged bytes,
 failure classes) is the same. The statistics' transport says "shm" or "grpc".
 
@@ -273,7 +273,7 @@ class GrpcKVSender:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         if self.staging is None:
             return Msg(chunk=decode_pb2.KVChunk(seq=seq, layer=chunk.layer, token_start=chunk.token_start,
-                                                num_tokens=chunk.num_tokens, data=data, crc32=chunk.crc32))
+                                                num_tokens=chunk.num_tokens, data=data, checksum=chunk.checksum))
         t = self.ticket
         at = shm.offset(chunk.layer, chunk.token_start, t.skip_tokens, t.num_tokens, self.token_bytes)
         with self._staging_lock:
@@ -282,5 +282,5 @@ class GrpcKVSender:
             except ValueError as exc:  # unmapped: the transfer already ended
                 raise TransferFailed("cancelled", str(exc)) from None
         return Msg(chunk=decode_pb2.KVChunk(seq=seq, layer=chunk.layer, token_start=chunk.token_start,
-                                            num_tokens=chunk.num_tokens, crc32=chunk.crc32, staged=True,
+                                            num_tokens=chunk.num_tokens, checksum=chunk.checksum, staged=True,
                                             shm_offset=at, shm_length=len(data)))

@@ -29,9 +29,10 @@ def test_committed_stubs_match_the_sources(tmp_path):
 def test_stubs_import_under_the_tandem_namespace():
     from tandem.proto import decode_pb2, decode_pb2_grpc, router_pb2
 
-    msg = decode_pb2.TransferMessage(chunk=decode_pb2.KVChunk(seq=3, data=b"\x00\x01", crc32=7))
+    msg = decode_pb2.TransferMessage(chunk=decode_pb2.KVChunk(seq=3, data=b"\x00\x01", checksum=2**63 + 7))
     again = decode_pb2.TransferMessage.FromString(msg.SerializeToString())
     assert again.WhichOneof("body") == "chunk" and again.chunk.data == b"\x00\x01"
+    assert again.chunk.checksum == 2**63 + 7  # 64 bits: XXH3-64
     assert router_pb2.WorkerState.DESCRIPTOR.file.name == "tandem/proto/router.proto"
     assert hasattr(decode_pb2_grpc, "DecodeServicer")
 

@@ -172,7 +172,7 @@ class KVConsumer:
 
     def read_staged(self, lease_id: str, transfer_id: str, layer: int, token_start: int, offset: int,
                     length: int) -> bytes:
-        """A copy of a staged chunk's bytes (the caller checks their CRC on this copy, then `write`s it)."""
+        """A copy of a staged chunk's bytes (the caller checks their checksum on this copy, then `write`s it)."""
         lease = self._get(lease_id)
         with lease.lock:
             if not lease.alive or lease.transfer_id != transfer_id or lease.staging is None:

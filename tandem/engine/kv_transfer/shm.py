@@ -1,10 +1,10 @@
 """Same-host KV staging in shared memory: a file under /dev/shm per lease, next to the gRPC stream
-that keeps the control (open, per-chunk offset + CRC-32, acks, close).
+that keeps the control (open, per-chunk offset + checksum, acks, close).
 
 - Consumer side (decode, worker side of the lease): `StagingArea.create` makes the file when a lease
   is reserved, sized for the lease's bytes (every wanted token of every layer, in (layer, token)
   order, so a chunk's place is fixed and a retransmit rewrites it); `read` copies a chunk's bytes
-  out (the CRC is checked on that copy, so a writer cannot change bytes between check and use) and
+  out (the checksum is checked on that copy, so a writer cannot change bytes between check and use) and
   `close` unmaps and unlinks it when the lease ends (complete, expired, released, worker stopping).
   `sweep` removes files that a killed worker left. Prefill never touches decode's KV cache tensors:
   decode copies verified staged bytes into its blocks only while the lease is alive.
