@@ -4,6 +4,9 @@ A step whose rows are all single tokens (the steady state of generation) replays
 smallest bucket that holds it, after copying its inputs into the graph's static tensors; the rows
 past the batch are padding: slot -1 (the cache write skips it) and context length 0 (attention
 reads nothing). Steps with a prompt chunk, KV saving, or more rows than the largest bucket run eager.
+
+With `use_graphs=False` nothing is captured and a "replay" runs the model eagerly on the same static
+tensors: CPUs run the Triton backend's decode path this way (through Triton's interpreter) in tests.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list[torch.Tensor], scale: float, max_batch: int, max_model_len: int,
-                 block_size: int) -> None:
+                 block_size: int, use_graphs: bool = True) -> None:
         self.model = model
+        self.use_graphs = use_graphs
         self.buckets = bucket_sizes(max_batch)
         self.max_model_len = max_model_len
         device = kv_caches[0].device
@@ -36,18 +40,22 @@ class DecodeGraphs:
         self.host = {"input_ids": np.zeros(max_batch, np.int64), "positions": np.zeros(max_batch, np.int64),
                      "slots": np.full(max_batch, -1, np.int64), "context_lens": np.zeros(max_batch, np.int32),
                      "block_tables": np.zeros((max_batch, max_blocks), np.int32)}
-        self.pinned = {k: torch.from_numpy(v).pin_memory() for k, v in self.host.items()}
+        pin = device.type == "cuda"
+        self.pinned = {k: torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v) for k, v in self.host.items()}
         self.host = {k: v.numpy() for k, v in self.pinned.items()}  # write straight into pinned memory
-        self.dev = {k: v.to(device) for k, v in self.pinned.items()}
+        self.dev = {k: v.to(device, copy=True) for k, v in self.pinned.items()}
         self.attn = {b: TritonAttention(kv_caches, self.dev["slots"][:b], scale, model.shape.sliding_window,
                                         decode=DecodeMeta(0, self.dev["block_tables"][:b],
                                                           self.dev["context_lens"][:b], max_model_len))
                      for b in self.buckets}
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Largest bucket first, so the smaller ones reuse its memory from the shared pool."""
+        if not self.use_graphs:
+            self.graphs = {b: (None, None) for b in self.buckets}
+            return
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -89,9 +97,15 @@ class DecodeGraphs:
         b = self._stage(input_ids, positions, slots, seqs)
         if b is None:
             return None
+        return self._replay(b)[:len(seqs)]
+
+    def _replay(self, b: int) -> torch.Tensor:
+        """The bucket's forward pass on the static inputs: its graph, or the model run eagerly."""
         graph, hidden = self.graphs[b]
+        if graph is None:
+            return self.model(self.dev["input_ids"][:b], self.dev["positions"][:b], self.attn[b])
         graph.replay()
-        return hidden[:len(seqs)]
+        return hidden
 
     def run_greedy_steps(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
                          steps: int, block_size: int, logits_of, ban_ids: list[int],
@@ -104,8 +118,7 @@ class DecodeGraphs:
         if b is None:
             return None
         n, d = len(seqs), self.dev
-        graph, hidden = self.graphs[b]
-        device = hidden.device
+        device = d["input_ids"].device
         tokens = torch.empty(steps, n, dtype=torch.long, device=device)
         logprobs = torch.empty(steps, n, dtype=torch.float32, device=device)
         banned = torch.tensor(ban_ids, dtype=torch.long, device=device) if ban_ids else None
@@ -113,8 +126,7 @@ class DecodeGraphs:
         pos, ctx, slot = d["positions"][:n], d["context_lens"][:n], d["slots"][:n]
         table = d["block_tables"][:n]
         for k in range(steps):
-            graph.replay()
-            logits = logits_of(hidden[:n])
+            logits = logits_of(self._replay(b)[:n])
             lse = logits.logsumexp(dim=-1)  # before the bans: logprobs are of the raw distribution
             if banned is not None:
                 cols = logits[:, banned]

@@ -11,6 +11,7 @@ import torch
 
 from tandem.config import EngineConfig, default_dtype, parse_dtype, resolve_device
 from tandem.engine import loader, multi_step
+from tandem.engine.attention import attention_backend
 from tandem.inputs import InputChecker
 from tandem.engine.cpu_tuning import tune_host_allocator
 from tandem.engine.kv_cache.manager import KVCacheManager
@@ -52,6 +53,7 @@ class EngineStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions: int
+    num_lookahead_steps: int = 0  # decode steps run on the device ahead of the host (multi_step.py)
 
 
 class LLMEngine:
@@ -79,14 +81,20 @@ class LLMEngine:
         num_blocks = self._num_blocks()
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, cache.hash_seed)
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
+        max_batch = min(config.scheduler.max_num_seqs, 512)
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.runner.capture_graphs(min(config.scheduler.max_num_seqs, 512), self.max_model_len)
+            self.runner.capture_graphs(max_batch, self.max_model_len)
+        elif self.device.type == "cpu" and attention_backend(self.device) == "triton":
+            # the Triton backend on CPUs (tests, through Triton's interpreter): the same static decode
+            # buffers and multi-step path as CUDA graphs, run eagerly
+            self.runner.capture_graphs(max_batch, self.max_model_len, use_graphs=False)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.layout = describe(hf_config, self.model, self.dtype, cache.block_size)
         self.producer = KVProducer(self.layout, cache.block_size) if config.kv_role == "producer" else None
         self.consumer = (KVConsumer(self.kv, self.runner.kv_caches, self.layout)
                          if config.kv_role == "consumer" else None)
         self.groups: dict[str, RequestGroup] = {}
+        self.num_lookahead_steps = 0
         self._detok: dict[Request, IncrementalDetokenizer] = {}
         self.stream_outputs = True  # False: `step` reports finished requests only (offline batches)
 
@@ -319,6 +327,7 @@ class LLMEngine:
     def _step_ahead(self, sched, ahead: multi_step.Lookahead) -> list[RequestOutput]:
         """Applies each request's tokens in order, as that many ordinary steps would."""
         tokens, logprobs = self.runner.execute_greedy_steps(sched, self.kv.tables, ahead)
+        self.num_lookahead_steps += ahead.steps
         now = time.monotonic()
         touched: dict[str, RequestGroup] = {}
         for s, toks, lps in zip(sched.scheduled, tokens, logprobs):
@@ -400,4 +409,5 @@ class LLMEngine:
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_usage=self.kv.pool.usage(), num_free_blocks=self.kv.pool.num_free,
             num_blocks=self.kv.pool.num_blocks, prefix_cache_queries=self.kv.prefix_queries,
-            prefix_cache_hits=self.kv.prefix_hits, num_preemptions=self.scheduler.num_preemptions)
+            prefix_cache_hits=self.kv.prefix_hits, num_preemptions=self.scheduler.num_preemptions,
+            num_lookahead_steps=self.num_lookahead_steps)

@@ -35,10 +35,11 @@ class ModelRunner:
         self.scale = s.head_dim ** -0.5
         self.graphs = None
 
-    def capture_graphs(self, max_batch: int, max_model_len: int) -> None:
+    def capture_graphs(self, max_batch: int, max_model_len: int, use_graphs: bool = True) -> None:
         from tandem.engine.cuda_graphs import DecodeGraphs
 
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.scale, max_batch, max_model_len, self.block_size)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.scale, max_batch, max_model_len, self.block_size,
+                                   use_graphs)
         self.graphs.capture()
 
     @staticmethod

@@ -153,8 +153,30 @@ def test_triton_attention_backend(arch, references, make_llm, monkeypatch):
     (second pass) and prompt chunks beside decode rows (tiny token budget), matches transformers."""
     monkeypatch.setenv("TANDEM_ATTENTION_BACKEND", "triton")
     path, prompts, params, expected = references[arch]
-    llm = make_llm(path, enable_prefix_caching=True, max_num_batched_tokens=40)
+    llm = make_llm(path, enable_prefix_caching=True, max_num_batched_tokens=40, num_scheduler_steps=1)
     assert _generate(llm, prompts[:6], params) == expected[:6]
     hits = llm.stats().prefix_cache_hits
     assert _generate(llm, prompts[5:], params) == expected[5:]
     assert llm.stats().prefix_cache_hits > hits
+    assert llm.stats().num_lookahead_steps == 0
+
+
+def test_multi_step_decoding(references, make_llm, monkeypatch):
+    """Greedy decode steps run ahead on the device (multi_step.py) through the Triton backend's static
+    decode buffers, here replayed eagerly under Triton's interpreter: EOS banned on the device until
+    min_tokens, requests stopping in the middle of a lookahead, and prefix caching of the blocks the
+    lookahead filled, all token-identical to transformers."""
+    monkeypatch.setenv("TANDEM_ATTENTION_BACKEND", "triton")
+    path, prompts, params, expected = references["llama"]
+    llm = make_llm(path, enable_prefix_caching=True, num_scheduler_steps=8)
+    lengths = [TINY_NEW_TOKENS - i % 5 for i in range(len(prompts))]  # 24, 23, ...: stops mid-lookahead
+    each = [SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n) for n in lengths]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], each, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [e[:n] for e, n in zip(expected, lengths)]
+    assert [o.outputs[0].finish_reason for o in outs] == ["length"] * len(prompts)
+    assert llm.stats().num_lookahead_steps >= TINY_NEW_TOKENS // 2
+    # a prompt that extends one generated sequence finds the blocks its lookahead steps filled
+    hits = llm.stats().prefix_cache_hits
+    longer = prompts[0] + expected[0][:lengths[0]]
+    llm.generate([{"prompt_token_ids": longer}], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+    assert llm.stats().prefix_cache_hits - hits >= (len(longer) - 1) // 16 * 16
