@@ -120,7 +120,7 @@ class ModelRunner:
             if r.params.prompt_logprobs is not None and start < r.num_prompt_tokens - 1:
                 count = min(ctx, r.num_prompt_tokens - 1) - start
                 plp_rows.append((r, row, count))
-            if ctx == len(r.all_token_ids) and not r.kv_only:  # computes its last token: samples
+            if s.samples and not r.kv_only:
                 sample_rows.append((r, row + n - 1))
         hidden = self._forward(input_ids, positions, slots, seqs, on_layer_written)
         result = StepResult()

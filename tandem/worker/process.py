@@ -90,7 +90,7 @@ def run_worker(args: argparse.Namespace, role: int) -> int:
         print(f"tandem {name}: error: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format=f"%(levelname)s %(asctime)s {router_pb2.Role.Name(role).lower()} %(name)s: %(message)s")
+                        format=f"%(levelname)s %(asctime)s {name} %(name)s: %(message)s")
     if args.num_threads:
         import torch
 
