@@ -49,6 +49,8 @@ class DecodeGraphs:
                                                           self.dev["context_lens"][:b], max_model_len))
                      for b in self.buckets}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
+        self._uploaded: torch.cuda.Event | None = None
+        self._bucket = 0  # the bucket of the last staged decode batch (chained lookaheads continue it)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -77,6 +79,7 @@ class DecodeGraphs:
         if n > self.buckets[-1] or len(input_ids) != n or not self.graphs:
             return None
         b = self.buckets[bisect.bisect_left(self.buckets, n)]
+        self._host_free()
         h = self.host
         h["input_ids"][:n] = input_ids
         h["positions"][:n] = positions
@@ -84,12 +87,28 @@ class DecodeGraphs:
         h["slots"][n:b] = -1
         h["context_lens"][:n] = [s.context_len for s in seqs]
         h["context_lens"][n:b] = 0
-        table = h["block_tables"]
+        self._fill_tables(seqs)
+        self._upload(("input_ids", "positions", "slots", "context_lens", "block_tables"), b)
+        return b
+
+    def _fill_tables(self, seqs: list[SeqSlice]) -> None:
+        table = self.host["block_tables"]
         for i, s in enumerate(seqs):
             table[i, :len(s.block_table)] = s.block_table
-        for key in ("input_ids", "positions", "slots", "context_lens", "block_tables"):
+
+    def _upload(self, keys: tuple[str, ...], b: int) -> None:
+        for key in keys:
             self.dev[key][:b].copy_(self.pinned[key][:b], non_blocking=True)
-        return b
+        if self.dev["input_ids"].is_cuda:
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
+
+    def _host_free(self) -> None:
+        """The pinned staging buffers may be rewritten: their last upload has run. With chained
+        lookaheads the host stages the next one while the device may not have reached the last copy."""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+            self._uploaded = None
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int],
             seqs: list[SeqSlice]) -> torch.Tensor | None:
@@ -109,15 +128,31 @@ class DecodeGraphs:
 
     def run_greedy_steps(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
                          steps: int, block_size: int, logits_of, ban_ids: list[int],
-                         ban_steps: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+                         ban_steps: list[int]) -> "GreedyTokens | None":
         """`steps` greedy decode steps with no host round trip: each step's argmax is the next step's
         input, positions, slots and context lengths advance on the device. The block tables must cover
-        every position. Returns tokens and their logprobs (raw distribution), [steps, n] each.
+        every position. Returns the tokens and their logprobs (raw distribution), on their way to the host.
         Row i cannot pick `ban_ids` in its first `ban_steps[i]` steps (min_tokens)."""
         b = self._stage(input_ids, positions, slots, seqs)
         if b is None:
             return None
-        n, d = len(seqs), self.dev
+        self._bucket = b
+        return self._greedy_loop(len(seqs), steps, block_size, logits_of, ban_ids, ban_steps, chained=False)
+
+    def continue_greedy_steps(self, seqs: list[SeqSlice], steps: int, block_size: int, logits_of,
+                              ban_ids: list[int], ban_steps: list[int]) -> "GreedyTokens":
+        """More greedy steps for the same rows, right after the last lookahead (which left each row's
+        next input, position and context length on the device): only the block tables, grown to cover
+        the new positions, go up again. The host need not have read the last lookahead's tokens."""
+        n = len(seqs)
+        self._host_free()
+        self._fill_tables(seqs)
+        self._upload(("block_tables",), n)
+        return self._greedy_loop(n, steps, block_size, logits_of, ban_ids, ban_steps, chained=True)
+
+    def _greedy_loop(self, n: int, steps: int, block_size: int, logits_of, ban_ids: list[int],
+                     ban_steps: list[int], chained: bool) -> "GreedyTokens":
+        d, b = self.dev, self._bucket
         device = d["input_ids"].device
         tokens = torch.empty(steps, n, dtype=torch.long, device=device)
         logprobs = torch.empty(steps, n, dtype=torch.float32, device=device)
@@ -126,6 +161,8 @@ class DecodeGraphs:
         pos, ctx, slot = d["positions"][:n], d["context_lens"][:n], d["slots"][:n]
         table = d["block_tables"][:n]
         for k in range(steps):
+            if k > 0 or chained:  # a chained lookahead's first slots come from its new tables
+                slot.copy_(table.gather(1, (pos // block_size)[:, None])[:, 0].long() * block_size + pos % block_size)
             logits = logits_of(self._replay(b)[:n])
             lse = logits.logsumexp(dim=-1)  # before the bans: logprobs are of the raw distribution
             if banned is not None:
@@ -134,9 +171,27 @@ class DecodeGraphs:
             best = logits.argmax(dim=-1)
             tokens[k] = best
             logprobs[k] = logits.gather(1, best[:, None])[:, 0] - lse
-            if k + 1 < steps:
-                d["input_ids"][:n].copy_(best)
-                pos += 1
-                ctx += 1
-                slot.copy_(table.gather(1, (pos // block_size)[:, None])[:, 0].long() * block_size + pos % block_size)
-        return tokens, logprobs
+            d["input_ids"][:n].copy_(best)  # after the last step too: a chained lookahead starts here
+            pos += 1
+            ctx += 1
+        return GreedyTokens(tokens, logprobs)
+
+
+class GreedyTokens:
+    """A lookahead's tokens and logprobs, copied to the host behind the device's work; `result()` waits
+    for this lookahead only, not for work queued after it."""
+
+    def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
+        self._event = None
+        if tokens.is_cuda:
+            tokens = tokens.to("cpu", non_blocking=True)
+            logprobs = logprobs.to("cpu", non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._tokens, self._logprobs = tokens, logprobs
+
+    def result(self) -> tuple[list[list[int]], list[list[float]]]:
+        """Per row (request), its tokens and their logprobs in step order."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._tokens.T.tolist(), self._logprobs.T.tolist()

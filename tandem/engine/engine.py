@@ -54,6 +54,7 @@ class EngineStats:
     prefix_cache_hits: int
     num_preemptions: int
     num_lookahead_steps: int = 0  # decode steps run on the device ahead of the host (multi_step.py)
+    num_chained_lookaheads: int = 0  # lookaheads launched before the host applied the previous one
 
 
 class LLMEngine:
@@ -95,6 +96,8 @@ class LLMEngine:
                          if config.kv_role == "consumer" else None)
         self.groups: dict[str, RequestGroup] = {}
         self.num_lookahead_steps = 0
+        self.num_chained_lookaheads = 0
+        self._inflight: tuple | None = None  # (scheduled, Lookahead, GreedyTokens): a lookahead on the device
         self._detok: dict[Request, IncrementalDetokenizer] = {}
         self.stream_outputs = True  # False: `step` reports finished requests only (offline batches)
 
@@ -268,6 +271,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One schedule -> execute -> update pass; outputs of every group that progressed."""
+        if self._inflight is not None:
+            return self._step_ahead()
         if self.consumer is not None:
             self._admit_loaded()
         sched = self.scheduler.schedule()
@@ -280,7 +285,9 @@ class LLMEngine:
             return []
         ahead = self._lookahead(sched)
         if ahead is not None:
-            return self._step_ahead(sched, ahead)
+            self._inflight = (sched, ahead, self.runner.launch_greedy_steps(sched, self.kv.tables, ahead))
+            self.num_lookahead_steps += ahead.steps
+            return self._step_ahead()
         tables = self.kv.tables  # read-only here: the runner and the producer only read them
         saving = self.producer is not None and self.producer.plan(sched.scheduled, tables)
         result = self.runner.execute(sched, tables, self.producer.save_layer if saving else None)
@@ -324,14 +331,26 @@ class LLMEngine:
             return None  # blocks reserved before a failure stay with their requests: they are used next
         return ahead
 
-    def _step_ahead(self, sched, ahead: multi_step.Lookahead) -> list[RequestOutput]:
-        """Applies each request's tokens in order, as that many ordinary steps would."""
-        tokens, logprobs = self.runner.execute_greedy_steps(sched, self.kv.tables, ahead)
-        self.num_lookahead_steps += ahead.steps
+    def _step_ahead(self) -> list[RequestOutput]:
+        """Applies the lookahead in flight: each request's tokens in order, as that many ordinary steps
+        would. First it chains the next lookahead (multi_step.chain) so the device works meanwhile."""
+        sched, ahead, pending = self._inflight
+        self._inflight = None
+        nxt = None
+        if not self.scheduler.waiting and len(self.scheduler.running) == len(sched.scheduled):
+            nxt = multi_step.chain(sched, ahead, self.config.scheduler.num_scheduler_steps, self.max_model_len)
+        if nxt is not None and all(self.kv.allocate(s.request, ahead.steps + nxt.steps, publish=False)
+                                   for s in sched.scheduled):
+            self._inflight = (sched, nxt, self.runner.launch_greedy_steps(sched, self.kv.tables, nxt, chained=True))
+            self.num_lookahead_steps += nxt.steps
+            self.num_chained_lookaheads += 1
+        tokens, logprobs = pending.result()
         now = time.monotonic()
         touched: dict[str, RequestGroup] = {}
         for s, toks, lps in zip(sched.scheduled, tokens, logprobs):
             req = s.request
+            if req.finished:  # stopped in the lookahead before this chained one, or aborted
+                continue
             for tok, lp in zip(toks, lps):
                 req.num_computed_tokens += 1
                 self._update(req, Sample(tok, lp, None), now)
@@ -340,6 +359,9 @@ class LLMEngine:
             else:
                 self.kv.publish(req, req.num_computed_tokens)
             touched[req.group.request_id] = req.group
+        if self._inflight is not None and all(s.request.finished for s in sched.scheduled):
+            self._inflight[2].result()  # every row stopped: nothing of it will be applied
+            self._inflight = None
         return self._outputs(touched)
 
     def _outputs(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
@@ -410,4 +432,4 @@ class LLMEngine:
             kv_usage=self.kv.pool.usage(), num_free_blocks=self.kv.pool.num_free,
             num_blocks=self.kv.pool.num_blocks, prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits, num_preemptions=self.scheduler.num_preemptions,
-            num_lookahead_steps=self.num_lookahead_steps)
+            num_lookahead_steps=self.num_lookahead_steps, num_chained_lookaheads=self.num_chained_lookaheads)

@@ -3,7 +3,7 @@ and samples. Owns the model and the KV cache tensors."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -14,6 +14,9 @@ from tandem.engine.request import Request
 from tandem.engine.sampler import Sample, prompt_logprobs, sample
 from tandem.engine.scheduler import SchedulerOutput
 from tandem.outputs import Logprob
+
+if TYPE_CHECKING:
+    from tandem.engine.cuda_graphs import GreedyTokens
 
 
 @dataclass
@@ -134,15 +137,21 @@ class ModelRunner:
         return result
 
     @torch.inference_mode()
-    def execute_greedy_steps(self, sched: SchedulerOutput, block_tables: dict[str, list[int]],
-                             ahead: Lookahead) -> tuple[list[list[int]], list[list[float]]]:
+    def launch_greedy_steps(self, sched: SchedulerOutput, block_tables: dict[str, list[int]], ahead: Lookahead,
+                            chained: bool = False) -> "GreedyTokens":
         """`ahead.steps` greedy decode steps of an all-decode batch on the device, the tables holding
-        slots for all of them; per scheduled request, its tokens and their logprobs."""
+        slots for all of them. `chained`: the same rows right after the last lookahead, whose tokens the
+        host has not applied yet. Returns at once; `result()` gives each request's tokens and logprobs."""
         bs = self.block_size
+        seqs: list[SeqSlice] = []
+        if chained:
+            for row, s in enumerate(sched.scheduled):
+                seqs.append(SeqSlice(row, 1, 0, block_tables.get(s.request.seq_id, [])))
+            return self.graphs.continue_greedy_steps(seqs, ahead.steps, bs, self.model.compute_logits, ahead.ban_ids,
+                                                     ahead.ban_steps)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        seqs: list[SeqSlice] = []
         for row, s in enumerate(sched.scheduled):
             r = s.request
             pos = r.num_computed_tokens
@@ -151,9 +160,8 @@ class ModelRunner:
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             seqs.append(SeqSlice(row, 1, pos + 1, table))
-        tokens, logprobs = self.graphs.run_greedy_steps(input_ids, positions, slots, seqs, ahead.steps, bs,
-                                                        self.model.compute_logits, ahead.ban_ids, ahead.ban_steps)
-        return tokens.T.tolist(), logprobs.T.tolist()
+        return self.graphs.run_greedy_steps(input_ids, positions, slots, seqs, ahead.steps, bs,
+                                            self.model.compute_logits, ahead.ban_ids, ahead.ban_steps)
 
     def _forward(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
                  on_layer_written) -> torch.Tensor:

@@ -175,6 +175,17 @@ def test_multi_step_decoding(references, make_llm, monkeypatch):
     assert [o.outputs[0].token_ids for o in outs] == [e[:n] for e, n in zip(expected, lengths)]
     assert [o.outputs[0].finish_reason for o in outs] == ["length"] * len(prompts)
     assert llm.stats().num_lookahead_steps >= TINY_NEW_TOKENS // 2
+    assert llm.stats().num_chained_lookaheads >= 1  # launched before the previous one was applied
+    # a request that stops on a token inside a chained lookahead; the rows after its stop are dropped
+    stop_at = next(i for i in range(12, TINY_NEW_TOKENS) if expected[0][i] not in expected[0][:i])
+    each = [SamplingParams(temperature=0.0, max_tokens=TINY_NEW_TOKENS, stop_token_ids=[expected[0][stop_at]])]
+    each += [SamplingParams(temperature=0.0, max_tokens=TINY_NEW_TOKENS, min_tokens=TINY_NEW_TOKENS)] * (len(prompts) - 1)
+    chained = llm.stats().num_chained_lookaheads
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], each, use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == expected[0][:stop_at + 1]
+    assert outs[0].outputs[0].finish_reason == "stop"
+    assert [o.outputs[0].token_ids for o in outs[1:]] == [e[:TINY_NEW_TOKENS] for e in expected[1:]]
+    assert llm.stats().num_chained_lookaheads > chained
     # a prompt that extends one generated sequence finds the blocks its lookahead steps filled
     hits = llm.stats().prefix_cache_hits
     longer = prompts[0] + expected[0][:lengths[0]]
