@@ -130,8 +130,9 @@ def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_mod
                profile: str | None = None, out_dir: str = ".") -> dict:
     from tandem import LLM, SamplingParams
 
+    # 16384 batched tokens: vLLM's default for its LLM class on GPUs of >= 70 GiB (arg_utils.py)
     llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=max_model_len,
-              max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.9, enable_prefix_caching=False)
+              max_num_seqs=256, max_num_batched_tokens=16384, gpu_memory_utilization=0.9, enable_prefix_caching=False)
     vocab = llm.engine.model.shape.vocab
     warm = [rng.integers(0, vocab, 64).tolist() for _ in range(8)]
     llm.generate(warm, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)

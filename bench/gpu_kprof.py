@@ -28,7 +28,7 @@ def main() -> None:
     from tandem import LLM, SamplingParams
 
     llm = LLM(config_folder(args.shape), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=8192, gpu_memory_utilization=0.9,
+              max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384, gpu_memory_utilization=0.9,
               enable_prefix_caching=False, enforce_eager=True)
     rng = np.random.default_rng(0)
     vocab = llm.engine.model.shape.vocab

@@ -50,7 +50,7 @@ class DecodeGraphs:
                      for b in self.buckets}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
         self._uploaded: torch.cuda.Event | None = None
-        self._bucket = 0  # the bucket of the last staged decode batch (chained lookaheads continue it)
+        self._bucket = self._rows = 0  # the last lookahead's bucket and rows (chained lookaheads continue it)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -136,28 +136,41 @@ class DecodeGraphs:
         b = self._stage(input_ids, positions, slots, seqs)
         if b is None:
             return None
-        self._bucket = b
-        return self._greedy_loop(len(seqs), steps, block_size, logits_of, ban_ids, ban_steps, chained=False)
+        self._bucket, self._rows = b, len(seqs)
+        return self._greedy_loop(steps, block_size, logits_of, ban_ids, ban_steps, chained=False)
 
-    def continue_greedy_steps(self, seqs: list[SeqSlice], steps: int, block_size: int, logits_of,
+    def continue_greedy_steps(self, keep: list[int], seqs: list[SeqSlice], steps: int, block_size: int, logits_of,
                               ban_ids: list[int], ban_steps: list[int]) -> "GreedyTokens":
-        """More greedy steps for the same rows, right after the last lookahead (which left each row's
-        next input, position and context length on the device): only the block tables, grown to cover
-        the new positions, go up again. The host need not have read the last lookahead's tokens."""
-        n = len(seqs)
+        """More greedy steps right after the last lookahead, for its rows `keep` (in order; `seqs` are
+        theirs), whose next input, position and context length are on the device already. Only the
+        block tables, grown to cover the new positions, go up again: the host need not have read the
+        last lookahead's tokens, and nothing here waits for the device."""
+        d = self.dev
+        m = len(keep)
         self._host_free()
+        if keep != list(range(self._rows)):  # rows left: compact the survivors to the front
+            self.host["slots"][:m] = keep  # any pinned int64 buffer serves as the index's staging
+            index = self.pinned["slots"][:m].to(d["slots"].device, non_blocking=True)
+            for key in ("input_ids", "positions", "context_lens"):
+                d[key][:m] = d[key][:self._rows].index_select(0, index)
+            b = self.buckets[bisect.bisect_left(self.buckets, m)]
+            d["context_lens"][m:b] = 0  # padding rows again: attention reads nothing, writes go nowhere
+            d["slots"][m:b] = -1
+            self._bucket, self._rows = b, m
         self._fill_tables(seqs)
-        self._upload(("block_tables",), n)
-        return self._greedy_loop(n, steps, block_size, logits_of, ban_ids, ban_steps, chained=True)
+        self._upload(("block_tables",), m)
+        return self._greedy_loop(steps, block_size, logits_of, ban_ids, ban_steps, chained=True)
 
-    def _greedy_loop(self, n: int, steps: int, block_size: int, logits_of, ban_ids: list[int],
-                     ban_steps: list[int], chained: bool) -> "GreedyTokens":
-        d, b = self.dev, self._bucket
+    def _greedy_loop(self, steps: int, block_size: int, logits_of, ban_ids: list[int], ban_steps: list[int],
+                     chained: bool) -> "GreedyTokens":
+        d, b, n = self.dev, self._bucket, self._rows
         device = d["input_ids"].device
         tokens = torch.empty(steps, n, dtype=torch.long, device=device)
         logprobs = torch.empty(steps, n, dtype=torch.float32, device=device)
-        banned = torch.tensor(ban_ids, dtype=torch.long, device=device) if ban_ids else None
-        ban_left = torch.tensor(ban_steps, dtype=torch.long, device=device) if ban_ids else None
+        banned = ban_left = None
+        if ban_ids:  # uploads from pinned memory: a plain one would wait for the device (chained lookaheads)
+            banned = _to_device(ban_ids, device)
+            ban_left = _to_device(ban_steps, device)
         pos, ctx, slot = d["positions"][:n], d["context_lens"][:n], d["slots"][:n]
         table = d["block_tables"][:n]
         for k in range(steps):
@@ -175,6 +188,11 @@ class DecodeGraphs:
             pos += 1
             ctx += 1
         return GreedyTokens(tokens, logprobs)
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 class GreedyTokens:

@@ -22,7 +22,7 @@ from tandem.engine.model_runner import ModelRunner
 from tandem.engine.models import model_class
 from tandem.engine.request import Request, RequestGroup
 from tandem.engine.sampler import Sample
-from tandem.engine.scheduler import Scheduler
+from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tandem.sampling_params import SamplingParams
 from tandem.tokenizer import IncrementalDetokenizer, NoDetokenizer, eos_token_ids, find_stop, load_generation_config, load_tokenizer
@@ -336,14 +336,16 @@ class LLMEngine:
         would. First it chains the next lookahead (multi_step.chain) so the device works meanwhile."""
         sched, ahead, pending = self._inflight
         self._inflight = None
-        nxt = None
+        chained = None
         if not self.scheduler.waiting and len(self.scheduler.running) == len(sched.scheduled):
-            nxt = multi_step.chain(sched, ahead, self.config.scheduler.num_scheduler_steps, self.max_model_len)
-        if nxt is not None and all(self.kv.allocate(s.request, ahead.steps + nxt.steps, publish=False)
-                                   for s in sched.scheduled):
-            self._inflight = (sched, nxt, self.runner.launch_greedy_steps(sched, self.kv.tables, nxt, chained=True))
-            self.num_lookahead_steps += nxt.steps
-            self.num_chained_lookaheads += 1
+            chained = multi_step.chain(sched, ahead, self.config.scheduler.num_scheduler_steps, self.max_model_len)
+        if chained is not None:
+            keep, nxt = chained
+            rows = SchedulerOutput([sched.scheduled[i] for i in keep])
+            if all(self.kv.allocate(s.request, ahead.steps + nxt.steps, publish=False) for s in rows.scheduled):
+                self._inflight = (rows, nxt, self.runner.launch_greedy_steps(rows, self.kv.tables, nxt, keep))
+                self.num_lookahead_steps += nxt.steps
+                self.num_chained_lookaheads += 1
         tokens, logprobs = pending.result()
         now = time.monotonic()
         touched: dict[str, RequestGroup] = {}
@@ -359,7 +361,7 @@ class LLMEngine:
             else:
                 self.kv.publish(req, req.num_computed_tokens)
             touched[req.group.request_id] = req.group
-        if self._inflight is not None and all(s.request.finished for s in sched.scheduled):
+        if self._inflight is not None and all(s.request.finished for s in self._inflight[0].scheduled):
             self._inflight[2].result()  # every row stopped: nothing of it will be applied
             self._inflight = None
         return self._outputs(touched)

@@ -138,17 +138,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch_greedy_steps(self, sched: SchedulerOutput, block_tables: dict[str, list[int]], ahead: Lookahead,
-                            chained: bool = False) -> "GreedyTokens":
+                            keep: list[int] | None = None) -> "GreedyTokens":
         """`ahead.steps` greedy decode steps of an all-decode batch on the device, the tables holding
-        slots for all of them. `chained`: the same rows right after the last lookahead, whose tokens the
-        host has not applied yet. Returns at once; `result()` gives each request's tokens and logprobs."""
+        slots for all of them. `keep`: these are those rows of the last lookahead (chained right after it;
+        the host has not applied its tokens yet). Returns at once; `result()` gives each row's tokens."""
         bs = self.block_size
         seqs: list[SeqSlice] = []
-        if chained:
+        if keep is not None:
             for row, s in enumerate(sched.scheduled):
-                seqs.append(SeqSlice(row, 1, 0, block_tables.get(s.request.seq_id, [])))
-            return self.graphs.continue_greedy_steps(seqs, ahead.steps, bs, self.model.compute_logits, ahead.ban_ids,
-                                                     ahead.ban_steps)
+                seqs.append(SeqSlice(row, 1, 0, block_tables[s.request.seq_id]))
+            return self.graphs.continue_greedy_steps(keep, seqs, ahead.steps, bs, self.model.compute_logits,
+                                                     ahead.ban_ids, ahead.ban_steps)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
