@@ -1,0 +1,60 @@
+"""The 8B shape's linear layers alone, at decode batch sizes: time per call against the roofline
+(weight bytes / copy bandwidth, FLOPs / matmul rate), for W as stored ([N, K], F.linear) and
+pre-transposed ([K, N], x @ W), to see how far cuBLAS is from the hardware and whether layout matters.
+
+    python bench/gpu_gemm.py
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
+          "lm_head": (128256, 4096)}
+
+
+def timed(fn, reps: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    g.replay()
+    start.record()
+    g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps * 1e3  # us
+
+
+def main() -> None:
+    x = torch.empty(2**28, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    bw = 2 * x.numel() * 2 / (timed(lambda: y.copy_(x), 10) * 1e-6)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    flops = 2 * 8192**3 / (timed(lambda: a @ a, 10) * 1e-6)
+    print(f"copy {bw / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s")
+    for m in (1, 64, 256):
+        total = {"linear": 0.0, "pretransposed": 0.0, "roof": 0.0}
+        for name, (n, k) in SHAPES.items():
+            w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
+            wt = w.t().contiguous()
+            inp = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            t1 = timed(lambda: F.linear(inp, w))
+            t2 = timed(lambda: inp @ wt)
+            roof = max(n * k * 2 / bw, 2 * m * n * k / flops) * 1e6
+            reps = 1 if name == "lm_head" else 32
+            total["linear"] += t1 * reps
+            total["pretransposed"] += t2 * reps
+            total["roof"] += roof * reps
+            print(f"M={m:4d} {name:8s} linear {t1:7.1f} us  pretransposed {t2:7.1f} us  roofline {roof:7.1f} us "
+                  f"({roof / t1:5.1%} / {roof / t2:5.1%})")
+        print(f"M={m:4d} per step: linear {total['linear'] / 1e3:.2f} ms, pretransposed "
+              f"{total['pretransposed'] / 1e3:.2f} ms, roofline {total['roof'] / 1e3:.2f} ms")
+        del w, wt
+
+
+if __name__ == "__main__":
+    main()
