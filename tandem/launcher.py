@@ -70,10 +70,15 @@ class Stack:
         self.port = port
         self.grpc_port = free_port(host)
         self.log_dir = log_dir
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
         env, child_args = env or {}, child_args or {}
         cmd = tandem_command()
         model_arg = [model] if model else []
-        threads = threads_per_worker or max(1, (os.cpu_count() or 2) // max(1, num_prefill + num_decode))
+        # Every worker may use every core: a request's prefill and its decode rarely compute at once, and
+        # idle workers sleep (OMP_WAIT_POLICY=PASSIVE below). Splitting the cores made a lone 1,000-token
+        # prompt's TTFT 1.9x slower on 2 cores (2,125 ms against 1,300 ms, bench/pd.py's prompt).
+        threads = threads_per_worker or max(1, os.cpu_count() or 2)
         self.children = [Child("router", [*cmd, "router", *model_arg, "--host", host, "--port", str(port),
                                           "--grpc-host", host, "--grpc-port", str(self.grpc_port),
                                           "--uvicorn-log-level", "warning", *engine_args_for_router(engine_args),
@@ -186,7 +191,7 @@ def add_up_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address every part binds (default: 127.0.0.1)")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (default: 1)")
     p.add_argument("--decode", type=int, default=1, help="decode workers (default: 1)")
-    p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (default: CPUs / workers)")
+    p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (default: all CPUs; idle workers sleep)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per worker in GiB (default: 1)")
