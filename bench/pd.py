@@ -5,7 +5,10 @@
    against colocated `tandem serve` and against `tandem up` (router + prefill + decode processes):
    TTFT and ITL p50/p99, output tokens/s.
 2. TTFT of ~1000-token prompts, one request at a time (the handoff's own cost): median over
-   repeats, and the overhead of disaggregation in percent (target <= 15%).
+   repeats, and the overhead of disaggregation in percent (target <= 15%). With `--paired` (default)
+   both deployments then run at once, idle but for the one request in flight, and each prompt goes to
+   one and then the other, the order alternating: the overhead is the median of the per-prompt ratios,
+   so this machine's speed drifting between phases (2x in an hour on a shared VM) cancels out.
 3. KV transfer as the router saw it: GB/s on the wire (bytes / time with a chunk in flight),
    bytes, wire, queue and handshake time per request (target >= 0.8 GB/s on one host; --kv-transport).
 """
@@ -55,11 +58,13 @@ def start(kind: str, args: argparse.Namespace, port: int, logdir: Path) -> subpr
                             stderr=subprocess.STDOUT)
 
 
-def long_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
+def long_prompts(args: argparse.Namespace, count: int | None = None, seed_offset: int = 7) -> list[dict[str, Any]]:
+    """Prompts of ~long_len tokens, all different (a repeat would hit the prefix cache)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(offline.hf_model_dir())
-    ids = offline.build_prompts(tok, args.long_repeats, args.seed + 7, args.long_len, args.long_len + 24)
+    ids = offline.build_prompts(tok, count or args.long_repeats, args.seed + seed_offset, args.long_len,
+                                args.long_len + 24)
     return [{"prompt": tok.decode(p), "prompt_tokens": len(p), "max_tokens": 1} for p in ids]
 
 
@@ -89,11 +94,10 @@ def derive(sums: dict[str, float]) -> dict[str, float]:
             **{d: sums.get(f"tandem:router_prefill_decisions_total[{d}]", 0.0) for d in ("remote", "local", "fallback")}}
 
 
-def run_kind(kind: str, args: argparse.Namespace, items, longs, logdir: Path) -> dict[str, Any]:
+def ready(kind: str, args: argparse.Namespace, logdir: Path) -> tuple[subprocess.Popen, str]:
+    """A started, warmed deployment of `kind` and its URL."""
     port = serve.free_port()
     url = f"http://127.0.0.1:{port}"
-    busy = offline.cpu_busy()
-    print(f"[pd-bench] starting {kind} (CPU {busy:.0%} busy before)", flush=True)
     proc = start(kind, args, port, logdir)
     try:
         serve.wait_ready(url, proc, args.startup_timeout)
@@ -102,6 +106,43 @@ def run_kind(kind: str, args: argparse.Namespace, items, longs, logdir: Path) ->
             while len([w for w in httpx.get(url + "/workers").json()["workers"] if w["healthy"]]) < 2:
                 assert time.monotonic() < deadline, "workers did not register"
                 time.sleep(0.5)
+    except BaseException:
+        serve.stop(proc)
+        raise
+    return proc, url
+
+
+def paired(args: argparse.Namespace, longs: list[dict[str, Any]], logdir: Path) -> dict[str, Any]:
+    """Both deployments up at once; each long prompt to one then the other (alternating which first).
+    `longs`: prompts neither deployment saw before (the first one warms them both up)."""
+    started = []
+    try:
+        started = [ready(kind, args, logdir) for kind in ("colocated", "disaggregated")]
+        urls = [url for _, url in started]
+        for url in urls:
+            asyncio.run(serve.run_load(url, longs[:1], float("inf"), 1, 0))
+        pairs = []
+        for i, item in enumerate(longs[1:]):
+            ttft = {}
+            for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+                r = asyncio.run(serve.run_load(urls[k], [item], float("inf"), 1, 0))[0][0]
+                assert "error" not in r, r
+                ttft[k] = 1e3 * r["ttft"]
+            pairs.append((ttft[0], ttft[1]))
+        ratios = [d / c for c, d in pairs]
+        return {"pairs_ms": pairs, "ratio_median": statistics.median(ratios),
+                "colocated_median_ms": statistics.median(c for c, _ in pairs),
+                "disaggregated_median_ms": statistics.median(d for _, d in pairs)}
+    finally:
+        for proc, _ in started:
+            serve.stop(proc)
+
+
+def run_kind(kind: str, args: argparse.Namespace, items, longs, logdir: Path) -> dict[str, Any]:
+    busy = offline.cpu_busy()
+    print(f"[pd-bench] starting {kind} (CPU {busy:.0%} busy before)", flush=True)
+    proc, url = ready(kind, args, logdir)
+    try:
         warm = [{"prompt": "Hello there! How are you today?", "max_tokens": 8}] * 2 + longs[:1]
         asyncio.run(serve.run_load(url, warm, float("inf"), 1, 0))
         before = transfer_raw(url) if kind == "disaggregated" else {}
@@ -134,11 +175,13 @@ def main() -> None:
     for flag, default in (("--num-prompts", 32), ("--min-len", 32), ("--max-len", 1024), ("--min-out", 16),
                           ("--max-out", 64), ("--context", 2048), ("--seed", 0), ("--threads", 2),
                           ("--long-len", 1000), ("--long-repeats", 8), ("--local-prefill-threshold", 128),
-                          ("--startup-timeout", 600), ("--worker-threads", 0)):
+                          ("--startup-timeout", 600), ("--worker-threads", 0), ("--paired-rounds", 2)):
         p.add_argument(flag, type=int, default=default)
     p.add_argument("--kv-transport", choices=["auto", "grpc", "shm"], default="auto",
                    help="the workers' KV transport (default: auto, shared memory on one host)")
     p.add_argument("--out", help="JSON path (default bench/results/pd-<date>.json)")
+    p.add_argument("--no-paired", dest="paired", action="store_false",
+                   help="skip the interleaved TTFT comparison (both deployments up at once)")
     args = p.parse_args()
     items = serve.workload(args)
     longs = long_prompts(args)
@@ -148,13 +191,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("colocated", "disaggregated"):
             results[kind] = run_kind(kind, args, items, longs, Path(tmp))
+        if args.paired:
+            fresh = long_prompts(args, 1 + args.long_repeats * args.paired_rounds, seed_offset=11)
+            results["paired"] = paired(args, fresh, Path(tmp))
     c, d = results["colocated"], results["disaggregated"]
     print("\nlatencies in ms        TTFT p50  TTFT p99   ITL p50   ITL p99  out tok/s  1k-prompt TTFT (median)")
-    for kind, r in results.items():
+    for kind, r in ((k, results[k]) for k in ("colocated", "disaggregated")):
         print(f"{kind:<20}{r['ttft_ms_p50']:>10.0f}{r['ttft_ms_p99']:>10.0f}{r['itl_ms_p50']:>10.1f}"
               f"{r['itl_ms_p99']:>10.1f}{r['output_tok_s']:>11.1f}{r['long_ttft_ms_median']:>14.0f}")
     overhead = d["long_ttft_ms_median"] / c["long_ttft_ms_median"] - 1
-    print(f"handoff adds {overhead:+.1%} to the TTFT of ~{args.long_len}-token prompts (target <= +15%)")
+    print(f"handoff adds {overhead:+.1%} to the TTFT of ~{args.long_len}-token prompts, phase against phase "
+          f"(target <= +15%)")
+    if args.paired:
+        pr = results["paired"]
+        print(f"interleaved, both up at once: median per-prompt ratio {pr['ratio_median'] - 1:+.1%} "
+              f"({pr['colocated_median_ms']:.0f} ms colocated, {pr['disaggregated_median_ms']:.0f} ms "
+              f"disaggregated, {len(pr['pairs_ms'])} pairs)")
     t = d["transfer_long"]
     print(f"KV transfer ({args.long_len}-token prompts, --kv-transport {args.kv_transport}): {t['gbps']:.2f} GB/s "
           f"on the wire (target >= 0.8), "
