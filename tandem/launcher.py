@@ -77,8 +77,8 @@ class Stack:
         model_arg = [model] if model else []
         # Every worker may use every core: a request's prefill and its decode rarely compute at once, and
         # idle workers sleep (OMP_WAIT_POLICY=PASSIVE below). Splitting the cores made a lone 1,000-token
-        # prompt's TTFT 1.9x slower on 2 cores (2,125 ms against 1,300 ms, bench/pd.py's prompt).
-        threads = threads_per_worker or max(1, os.cpu_count() or 2)
+        # prompt's TTFT 1.7x slower on 2 cores (median 2,125 ms against 1,245-1,300 ms, 7 streamed requests).
+        threads = threads_per_worker or os.cpu_count() or 2
         self.children = [Child("router", [*cmd, "router", *model_arg, "--host", host, "--port", str(port),
                                           "--grpc-host", host, "--grpc-port", str(self.grpc_port),
                                           "--uvicorn-log-level", "warning", *engine_args_for_router(engine_args),

@@ -81,7 +81,7 @@ def test_expired_lease_refuses_the_late_staged_transfer_and_removes_its_file(sta
     def watch() -> None:  # the lease's staging file exists while its transfer runs
         while not done.is_set():
             seen.extend(str(f) for f in staged_files(decode_pid))
-            time.sleep(0.01)
+            time.sleep(0.01)  # a poll, not a wait: the file lives >= 1 s (lease 1 s, close delayed 2.5 s)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
