@@ -24,7 +24,7 @@ from tandem.engine.kv_transfer.codec import KVChunkData
 from tandem.prefill.sender import GrpcKVSender
 from tandem.proto import decode_pb2, decode_pb2_grpc, router_pb2, router_pb2_grpc
 from tandem.rpc.convert import layout_from_proto, params_to_proto
-from tandem.rpc.grpc_util import CHANNEL_OPTIONS
+from tandem.rpc.grpc_util import CHANNEL_OPTIONS, keep_bulk_buffers_mapped
 from tandem.sampling_params import SamplingParams
 from tandem.worker.process import free_port
 
@@ -45,7 +45,7 @@ async def one(address: str, tokens: int, chunk_bytes: int, window: int, seed: in
                           shm=transport == "shm", token_bytes=layout.token_bytes)
     started = time.perf_counter()
     run = asyncio.get_running_loop().run_in_executor(None, sender.run)
-    data = os.urandom(layout.token_bytes * tokens)
+    data = memoryview(os.urandom(layout.token_bytes * tokens))  # chunks are views: the transport's copies alone
     for layer in range(layout.num_layers):
         for a, b in codec.split(ticket.skip_tokens, ticket.num_tokens, layout.token_bytes, chunk_bytes):
             sender.put(KVChunkData(layer, a, b - a, data[a * layout.token_bytes:b * layout.token_bytes]))
@@ -63,13 +63,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="HF folder or .gguf (default: the embedded SmolLM2)")
     p.add_argument("--tokens", type=int, default=1000)
-    p.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    p.add_argument("--chunk-bytes", type=int, default=codec.DEFAULT_CHUNK_BYTES)
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--transport", choices=["shm", "grpc"], default="shm",
                    help="shm: bytes staged in shared memory, gRPC for control (default); grpc: bytes over gRPC")
     args = p.parse_args()
+    keep_bulk_buffers_mapped()  # as the workers do
     port = free_port()
     env = {**os.environ, "TANDEM_NO_PROGRESS": "1", "OMP_NUM_THREADS": str(args.threads)}
     cmd = [str(Path(sys.executable).with_name("tandem")), "decode", *([args.model] if args.model else []),

@@ -26,7 +26,8 @@ import torch
 
 from tandem.engine.kv_transfer.codec import KVChunkData
 from tandem.engine.kv_transfer.consumer import KVConsumer, LeaseError
-from tandem.proto import common_pb2, decode_pb2, decode_pb2_grpc
+from tandem.proto import common_pb2, decode_pb2
+from tandem.rpc import kv_wire
 from tandem.rpc.convert import layout_from_proto
 from tandem.rpc.grpc_util import SERVER_OPTIONS, bind
 from tandem.telemetry import incoming_context, tracer
@@ -43,7 +44,7 @@ def metadata_value(context: grpc.ServicerContext, key: str) -> str:
     return ""
 
 
-class KVReceiver(decode_pb2_grpc.DecodeServicer):
+class KVReceiver:
     def __init__(self, consumer: KVConsumer, transfers: TransferMetrics) -> None:
         self.consumer = consumer
         self.transfers = transfers
@@ -56,7 +57,8 @@ class KVReceiver(decode_pb2_grpc.DecodeServicer):
         complete = False
         span = tracer().start_span("decode.kv_receive", context=incoming_context(context.invocation_metadata()))
         try:
-            for msg in request_iterator:
+            for incoming in request_iterator:  # kv_wire.IncomingMessage: chunk data is not copied
+                msg = incoming.message
                 kind = msg.WhichOneof("body")
                 if kind == "open":
                     lease_id, transfer_id = msg.open.lease_id, msg.open.transfer_id
@@ -76,7 +78,7 @@ class KVReceiver(decode_pb2_grpc.DecodeServicer):
                         stats.failure_class = "protocol"
                         yield Ack(seq=c.seq, status=Ack.REFUSED, error="a chunk before the transfer was opened")
                         return
-                    data = c.data
+                    data = incoming.data
                     if c.staged:
                         try:
                             data = consumer.read_staged(lease_id, transfer_id, c.layer, c.token_start, c.shm_offset,
@@ -130,7 +132,11 @@ def start_kv_server(consumer: KVConsumer, transfers: TransferMetrics, host: str,
                                       initializer=torch.set_num_threads, initargs=(1,))
     server = grpc.server(pool,
                          options=SERVER_OPTIONS, maximum_concurrent_rpcs=max_streams)
-    decode_pb2_grpc.add_DecodeServicer_to_server(KVReceiver(consumer, transfers), server)
+    handler = grpc.stream_stream_rpc_method_handler(KVReceiver(consumer, transfers).TransferKV,
+                                                    request_deserializer=kv_wire.deserialize,
+                                                    response_serializer=Ack.SerializeToString)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("tandem.v1.Decode",
+                                                                          {"TransferKV": handler})])
     bound = bind(server, host, port)
     server.start()
     return server, bound

@@ -35,10 +35,12 @@ from tandem import faults
 from tandem.engine.kv_transfer import shm
 from tandem.engine.kv_transfer.codec import KVChunkData
 from tandem.engine.kv_transfer.shm import StagingArea
-from tandem.proto import common_pb2, decode_pb2, decode_pb2_grpc
+from tandem.proto import common_pb2, decode_pb2
+from tandem.rpc import kv_wire
 
 Ack = decode_pb2.TransferAck
 Msg = decode_pb2.TransferMessage
+TRANSFER_KV = "/tandem.v1.Decode/TransferKV"  # with kv_wire's serializer: chunk bytes are not copied by protobuf
 SHM_MERGE_BYTES = 64 << 20  # staged chunks of one layer are merged up to this size
 _NONE = object()
 
@@ -53,7 +55,8 @@ class GrpcKVSender:
     def __init__(self, channel: grpc.Channel, ticket: common_pb2.Ticket, layout: common_pb2.LayoutDescriptor,
                  sender_id: str, metadata: list[tuple[str, str]] = (), window: int = 16,
                  max_retransmits: int = 3, timeout: float = 60.0, shm: bool = False, token_bytes: int = 0) -> None:
-        self.stub = decode_pb2_grpc.DecodeStub(channel)
+        self._transfer_kv = channel.stream_stream(TRANSFER_KV, request_serializer=kv_wire.serialize,
+                                                  response_deserializer=Ack.FromString)
         self.ticket = ticket
         self.layout = layout
         self.metadata = [*metadata, ("tandem-worker-id", sender_id)]
@@ -107,7 +110,7 @@ class GrpcKVSender:
         if self.shm:
             self._attach_staging()
         try:
-            self._call = self.stub.TransferKV(self._requests(), metadata=self.metadata, timeout=self.timeout)
+            self._call = self._transfer_kv(self._requests(), metadata=self.metadata, timeout=self.timeout)
             if self._cancelled:
                 self._call.cancel()
             for ack in self._call:
@@ -175,7 +178,7 @@ class GrpcKVSender:
                 self.stats.bytes += len(chunk.data)
             self._cond.notify_all()
 
-    def _requests(self) -> Iterator[Msg]:
+    def _requests(self) -> Iterator[Msg | kv_wire.OutgoingChunk]:
         """What gRPC sends, pulled from its own thread: open, chunks (window permitting), close."""
         yield Msg(open=decode_pb2.TransferOpen(lease_id=self.ticket.lease_id, request_id=self.ticket.request_id,
                                                layout=self.layout, transfer_id=secrets.token_hex(8),
@@ -267,13 +270,13 @@ class GrpcKVSender:
         data = b"".join(k for k, _ in halves) + b"".join(v for _, v in halves)
         return produced, KVChunkData(chunk.layer, chunk.token_start, end - chunk.token_start, data)
 
-    def _chunk_msg(self, seq: int, chunk: KVChunkData, corrupt: bool = False) -> Msg:
+    def _chunk_msg(self, seq: int, chunk: KVChunkData, corrupt: bool = False) -> Msg | kv_wire.OutgoingChunk:
         data = chunk.data
         if corrupt or faults.value("kv.corrupt_all"):
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         if self.staging is None:
-            return Msg(chunk=decode_pb2.KVChunk(seq=seq, layer=chunk.layer, token_start=chunk.token_start,
-                                                num_tokens=chunk.num_tokens, data=data, checksum=chunk.checksum))
+            return kv_wire.OutgoingChunk(decode_pb2.KVChunk(seq=seq, layer=chunk.layer, token_start=chunk.token_start,
+                                                            num_tokens=chunk.num_tokens, checksum=chunk.checksum), data)
         t = self.ticket
         at = shm.offset(chunk.layer, chunk.token_start, t.skip_tokens, t.num_tokens, self.token_bytes)
         with self._staging_lock:

@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 
+from tandem.engine.kv_transfer.codec import DEFAULT_CHUNK_BYTES
 from tandem.proto import router_pb2, router_pb2_grpc
 
 log = logging.getLogger("tandem.worker")
@@ -36,8 +37,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-threads", type=int, help="torch CPU threads (default: torch's choice)")
     g.add_argument("--otlp-traces-endpoint", help="OTLP gRPC endpoint for traces (default: none)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    g.add_argument("--kv-chunk-bytes", type=int, default=1 << 20,
-                   help="prefill: largest KV chunk on the wire, in bytes (default: 1 MiB)")
+    g.add_argument("--kv-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
+                   help="prefill: largest KV chunk on the wire, in bytes (default: 4 MiB)")
     g.add_argument("--kv-window", type=int, default=16,
                    help="prefill: KV chunks in flight before an acknowledgement (default: 16)")
     g.add_argument("--kv-transport", choices=["auto", "grpc", "shm"], default="auto",
@@ -95,6 +96,9 @@ def run_worker(args: argparse.Namespace, role: int) -> int:
         import torch
 
         torch.set_num_threads(args.num_threads)
+    from tandem.rpc.grpc_util import keep_bulk_buffers_mapped
+
+    keep_bulk_buffers_mapped()
     from tandem.server.launch import DEFAULT_MODEL_NAME
     from tandem.telemetry import setup_tracing
 
@@ -126,7 +130,7 @@ class WorkerServer:
 
     def __init__(self, role: int, host, *, bind_host: str = "127.0.0.1", port: int = 0, http_port: int = 0,
                  advertise: str | None = None, worker_id: str | None = None, router: str | None = None,
-                 heartbeat_interval: float = 0.5, kv_chunk_bytes: int = 1 << 20, kv_window: int = 16,
+                 heartbeat_interval: float = 0.5, kv_chunk_bytes: int = DEFAULT_CHUNK_BYTES, kv_window: int = 16,
                  kv_port: int = 0, kv_transport: str = "auto") -> None:
         self.role, self.host, self.bind_host = role, host, bind_host
         self.port, self.http_port, self.advertise, self.worker_id = port, http_port, advertise, worker_id
