@@ -21,6 +21,7 @@ import torch
 
 from tandem.engine.kv_transfer import codec
 from tandem.engine.kv_transfer.codec import KVChunkData
+from tandem.engine.sampler import Sample
 from tandem.prefill.sender import GrpcKVSender
 from tandem.proto import decode_pb2, decode_pb2_grpc, router_pb2, router_pb2_grpc
 from tandem.rpc.convert import layout_from_proto, params_to_proto
@@ -35,7 +36,7 @@ async def one(address: str, tokens: int, chunk_bytes: int, window: int, seed: in
     stub = decode_pb2_grpc.DecodeStub(channel)
     state = await router_pb2_grpc.WorkerStub(channel).GetState(router_pb2.StateRequest())
     layout = layout_from_proto(state.info.layout)
-    prompt = torch.randint(3, 40000, (tokens + 1,), generator=torch.Generator().manual_seed(seed)).tolist()
+    prompt = torch.randint(3, 40000, (tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
     call = stub.Generate(decode_pb2.GenerateRequest(
         request_id=f"bench-{seed}", prompt_token_ids=prompt, prefill=decode_pb2.REMOTE, lease_seconds=60,
         params=params_to_proto(SamplingParams(max_tokens=1, temperature=0))))
@@ -45,11 +46,11 @@ async def one(address: str, tokens: int, chunk_bytes: int, window: int, seed: in
                           shm=transport == "shm", token_bytes=layout.token_bytes)
     started = time.perf_counter()
     run = asyncio.get_running_loop().run_in_executor(None, sender.run)
-    data = memoryview(os.urandom(layout.token_bytes * tokens))  # chunks are views: the transport's copies alone
+    data = memoryview(os.urandom(layout.token_bytes * ticket.num_tokens))  # views: the transport's copies alone
     for layer in range(layout.num_layers):
         for a, b in codec.split(ticket.skip_tokens, ticket.num_tokens, layout.token_bytes, chunk_bytes):
             sender.put(KVChunkData(layer, a, b - a, data[a * layout.token_bytes:b * layout.token_bytes]))
-    sender.finish()
+    sender.finish(Sample(prompt[-1], 0.0, None))  # the lease wants every token's KV and the first output token
     stats = await run
     wall = time.perf_counter() - started
     while await call.read() is not grpc.aio.EOF:  # decode admits the request and finishes it

@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from tandem.proto import common_pb2 as tandem_dot_proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atandem/proto/prefill.proto\x12\ttandem.v1\x1a\x19tandem/proto/common.proto\"a\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12!\n\x06ticket\x18\x03 \x01(\x0b\x32\x11.tandem.v1.Ticket\"h\n\x0cPrefillReply\x12*\n\x08transfer\x18\x01 \x01(\x0b\x32\x18.tandem.v1.TransferStats\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\"*\n\x14PrefillCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x12PrefillCancelReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x92\x01\n\x07Prefill\x12=\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x17.tandem.v1.PrefillReply\x12H\n\x06\x43\x61ncel\x12\x1f.tandem.v1.PrefillCancelRequest\x1a\x1d.tandem.v1.PrefillCancelReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atandem/proto/prefill.proto\x12\ttandem.v1\x1a\x19tandem/proto/common.proto\"\x8c\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12!\n\x06ticket\x18\x03 \x01(\x0b\x32\x11.tandem.v1.Ticket\x12)\n\x06params\x18\x04 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\"h\n\x0cPrefillReply\x12*\n\x08transfer\x18\x01 \x01(\x0b\x32\x18.tandem.v1.TransferStats\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\"*\n\x14PrefillCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x12PrefillCancelReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x92\x01\n\x07Prefill\x12=\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x17.tandem.v1.PrefillReply\x12H\n\x06\x43\x61ncel\x12\x1f.tandem.v1.PrefillCancelRequest\x1a\x1d.tandem.v1.PrefillCancelReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.proto.prefill_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PREFILLREQUEST']._serialized_start=68
-  _globals['_PREFILLREQUEST']._serialized_end=165
-  _globals['_PREFILLREPLY']._serialized_start=167
-  _globals['_PREFILLREPLY']._serialized_end=271
-  _globals['_PREFILLCANCELREQUEST']._serialized_start=273
-  _globals['_PREFILLCANCELREQUEST']._serialized_end=315
-  _globals['_PREFILLCANCELREPLY']._serialized_start=317
-  _globals['_PREFILLCANCELREPLY']._serialized_end=352
-  _globals['_PREFILL']._serialized_start=355
-  _globals['_PREFILL']._serialized_end=501
+  _globals['_PREFILLREQUEST']._serialized_start=69
+  _globals['_PREFILLREQUEST']._serialized_end=209
+  _globals['_PREFILLREPLY']._serialized_start=211
+  _globals['_PREFILLREPLY']._serialized_end=315
+  _globals['_PREFILLCANCELREQUEST']._serialized_start=317
+  _globals['_PREFILLCANCELREQUEST']._serialized_end=359
+  _globals['_PREFILLCANCELREPLY']._serialized_start=361
+  _globals['_PREFILLCANCELREPLY']._serialized_end=396
+  _globals['_PREFILL']._serialized_start=399
+  _globals['_PREFILL']._serialized_end=545
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,8 @@ OpenMP threads that the engine's forward pass keeps busy waits milliseconds at t
 slower than one thread's memcpy.
 
 One stream: open (the lease, the sender's layout) -> chunks, each verified (XXH3-64 checksum), written and
-acknowledged -> close (every (layer, token) arrived: the request joins decode's batch).
+acknowledged -> close (every (layer, token) arrived, and the first output token when the lease wants
+it: the request joins decode's batch).
 With transport "shm" in the open message, a chunk carries no bytes but an offset into the lease's
 staging area (tandem.engine.kv_transfer.shm): its bytes are copied out of it, verified and written
 exactly like bytes from the wire; the metrics' transport label says which one a transfer used.
@@ -28,7 +29,7 @@ from tandem.engine.kv_transfer.codec import KVChunkData
 from tandem.engine.kv_transfer.consumer import KVConsumer, LeaseError
 from tandem.proto import common_pb2, decode_pb2
 from tandem.rpc import kv_wire
-from tandem.rpc.convert import layout_from_proto
+from tandem.rpc.convert import first_token_from_proto, layout_from_proto
 from tandem.rpc.grpc_util import SERVER_OPTIONS, bind
 from tandem.telemetry import incoming_context, tracer
 from tandem.worker.metrics import TransferMetrics
@@ -105,7 +106,7 @@ class KVReceiver:
                     yield Ack(seq=c.seq)
                 elif kind == "close":
                     try:
-                        consumer.close(lease_id or "", transfer_id or "")
+                        consumer.close(lease_id or "", transfer_id or "", first_token_from_proto(msg.close))
                     except LeaseError as exc:
                         stats.failure_class = "lease_refused"
                         yield Ack(status=Ack.REFUSED, error=str(exc))

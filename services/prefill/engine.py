@@ -1,30 +1,40 @@
 """PrefillEngine: the engine host (AsyncEngine) with the producer role's command.
 
-`prefill` computes every prompt token but the last (decode computes that one and samples) and
-streams their KV to a sink; its stream ends with a finished output once every token is computed.
+`prefill` computes a prompt and streams its KV to a sink: with sampling parameters, the KV of every
+prompt token and the first output token sampled from the last one (decode continues from it);
+without, the KV of all but the last token (decode computes that one and samples). Its stream ends
+with a finished output once every token is computed.
 """
 from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
 from tandem.engine.kv_transfer.producer import KVSink
+from tandem.sampling_params import SamplingParams
 from tandem.server.engine_client import AsyncEngine, EngineStats
 
 
 class PrefillEngine(AsyncEngine):
-    def prefill(self, request_id: str, prompt_token_ids: list[int], sink: KVSink,
-                skip_tokens: int = 0) -> AsyncIterator[Any]:
+    def prefill(self, request_id: str, prompt_token_ids: list[int], sink: KVSink, skip_tokens: int = 0,
+                params: SamplingParams | None = None) -> AsyncIterator[Any]:
         self._check_alive()
         _, ids = self.engine.inputs.prompt(list(prompt_token_ids))
-        if len(ids) < 2:
-            raise ValueError("a one-token prompt has no KV to prefill remotely")
+        if params is None:
+            if len(ids) < 2:
+                raise ValueError("a one-token prompt has no KV to prefill remotely")
+            ids = ids[:-1]
+        else:
+            self.engine.check_params(params)
+            if params.best_of != 1:
+                raise ValueError("prefill samples the first token of a single sequence only (n = best_of = 1)")
         if not 0 <= skip_tokens <= len(ids) - 1:
-            raise ValueError(f"skip_tokens {skip_tokens} is outside the prompt ({len(ids)} tokens)")
-        return self.open_stream(request_id, ("add_kv", request_id, ids[:-1], sink, skip_tokens))
+            raise ValueError(f"skip_tokens {skip_tokens} is outside the KV wanted ({len(ids)} tokens)")
+        return self.open_stream(request_id, ("add_kv", request_id, ids, sink, skip_tokens, params))
 
-    def _cmd_add_kv(self, rid: str, ids: list[int], sink: KVSink, skip_tokens: int) -> None:
+    def _cmd_add_kv(self, rid: str, ids: list[int], sink: KVSink, skip_tokens: int,
+                    params: SamplingParams | None) -> None:
         if rid in self._streams:  # else it was cancelled before it was added
-            self.engine.add_kv_request(rid, ids, sink, skip_tokens)
+            self.engine.add_kv_request(rid, ids, sink, skip_tokens, params)
 
     @property
     def num_prefilling(self) -> int:

@@ -3,7 +3,8 @@ by a thread of its own with gRPC's synchronous API (on a couple of cores it move
 twice as fast as the asyncio API, and it keeps the bulk copies off the worker's event loop).
 
 Chunks come from the engine thread (`put`, the producer's sink) and are written in order once the
-stream is open and the lease accepted. At most `window` chunks are unacknowledged at a time (flow
+stream is open and the lease accepted; `finish` ends them, with the first output token when prefill
+sampled one, which the close message carries. At most `window` chunks are unacknowledged at a time (flow
 control on top of HTTP/2's); a chunk decode reports as corrupted is sent again, at most
 `max_retransmits` times. `run` (blocking) returns the transfer's statistics or raises
 `TransferFailed` with a failure class: incompatible, lease_refused, checksum, decode_unavailable,
@@ -35,8 +36,10 @@ from tandem import faults
 from tandem.engine.kv_transfer import shm
 from tandem.engine.kv_transfer.codec import KVChunkData
 from tandem.engine.kv_transfer.shm import StagingArea
+from tandem.engine.sampler import Sample
 from tandem.proto import common_pb2, decode_pb2
 from tandem.rpc import kv_wire
+from tandem.rpc.convert import first_token_to_proto
 
 Ack = decode_pb2.TransferAck
 Msg = decode_pb2.TransferMessage
@@ -81,6 +84,7 @@ class GrpcKVSender:
         self._busy_until = 0.0
         self._held = _NONE  # an item taken from the queue but not merged into the previous chunk
         self._pieces = 0  # chunks the producer made that went out (merged ones count one each)
+        self._first: Sample | None = None  # the first output token, when prefill sampled one
 
     @property
     def transport(self) -> str:
@@ -91,7 +95,8 @@ class GrpcKVSender:
     def put(self, chunk: KVChunkData) -> None:
         self._chunks.put((time.monotonic(), chunk))
 
-    def finish(self) -> None:
+    def finish(self, first: Sample | None = None) -> None:
+        self._first = first  # read by the stream thread after it takes the None below
         self._chunks.put(None)
 
     def cancel(self) -> None:
@@ -230,7 +235,8 @@ class GrpcKVSender:
         delay = faults.number("kv.delay_close")
         if delay:
             time.sleep(delay)
-        yield Msg(close=decode_pb2.TransferClose(num_chunks=seq, num_bytes=self.stats.bytes))
+        yield Msg(close=decode_pb2.TransferClose(num_chunks=seq, num_bytes=self.stats.bytes,
+                                                 first_token=first_token_to_proto(self._first)))
         with self._cond:  # keep the stream open until decode's final answer
             self._cond.wait_for(lambda: self._ending)
 

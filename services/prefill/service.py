@@ -1,5 +1,6 @@
-"""The prefill worker's gRPC API: Prefill (compute a prompt, write its KV into a decode worker's
-lease, answer with the transfer's statistics) and Cancel."""
+"""The prefill worker's gRPC API: Prefill (compute a prompt, write its KV, and the first output
+token when the lease wants it, into a decode worker's lease, answer with the transfer's statistics)
+and Cancel."""
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +15,7 @@ from tandem.engine.kv_transfer.shm import host_id
 from tandem.prefill.engine import PrefillEngine
 from tandem.prefill.sender import GrpcKVSender, TransferFailed
 from tandem.proto import common_pb2, prefill_pb2, prefill_pb2_grpc
-from tandem.rpc.convert import layout_from_proto, layout_to_proto
+from tandem.rpc.convert import layout_from_proto, layout_to_proto, params_from_proto
 from tandem.rpc.grpc_util import SyncChannelPool
 from tandem.server.engine_client import EngineDeadError
 from tandem.telemetry import incoming_context, outgoing_metadata, tracer
@@ -60,7 +61,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                                       self.worker_id, outgoing_metadata(), window=self.chunk_window,
                                       shm=self._shm(ticket), token_bytes=self.layout.token_bytes)
                 try:
-                    stream = self.host.prefill(rid, list(request.prompt_token_ids), sender, ticket.skip_tokens)
+                    ids = list(request.prompt_token_ids)
+                    params = None  # the ticket wants all but the last token: decode samples
+                    if ticket.num_tokens == len(ids):  # every token: prefill samples the first output token
+                        if not request.HasField("params"):
+                            raise ValueError("the ticket wants the first output token but the request has no "
+                                             "sampling parameters")
+                        params = params_from_proto(request.params)
+                    elif ticket.num_tokens != len(ids) - 1:
+                        raise ValueError(f"the ticket wants the KV of {ticket.num_tokens} tokens of a "
+                                         f"{len(ids)}-token prompt")
+                    stream = self.host.prefill(rid, ids, sender, ticket.skip_tokens, params)
                 except ValueError as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 except EngineDeadError as exc:

@@ -232,7 +232,7 @@ class RemoteEngineClient:
                     raise DecodeLost("decode answered a remote-prefill request without a lease")
                 if not event.ticket.lease_id:
                     decision, reason = "fallback", "decode_full"
-                elif not await self.prefills.fill(event.ticket, tokens, decode, rec, ctx):
+                elif not await self.prefills.fill(event.ticket, tokens, request.params, decode, rec, ctx):
                     decision, reason = "fallback", "prefill_failed"
             rec.decision = f"{decision}({reason})"
             self.metrics.decisions.labels(decision, reason).inc()

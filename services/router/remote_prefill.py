@@ -1,7 +1,7 @@
 """Filling a decode worker's lease from prefill workers (the router's side of a remote prefill).
 
-`fill` picks a compatible prefill worker, asks it to compute the prompt and write the KV into
-the lease, and tries another one if that fails (dead, hung, refused); when none is left it tells
+`fill` picks a compatible prefill worker, asks it to compute the prompt and write the KV (and the
+first output token, when the lease wants it) into the lease, and tries another one if that fails (dead, hung, refused); when none is left it tells
 decode to prefill the prompt itself. A failure that means the lease itself is gone (refused,
 decode unreachable) stops the retries: the decode stream then says what happened.
 """
@@ -41,12 +41,13 @@ class RemotePrefill:
     def __init__(self, client: "RemoteEngineClient") -> None:
         self.client = client
 
-    async def fill(self, ticket: common_pb2.Ticket, tokens: list[int], decode: Worker, rec: "RequestRecord",
-                   ctx: Any) -> bool:
+    async def fill(self, ticket: common_pb2.Ticket, tokens: list[int], params: common_pb2.SamplingParams,
+                   decode: Worker, rec: "RequestRecord", ctx: Any) -> bool:
         """Fill decode's lease from a prefill worker (trying another if one fails); False when all
         failed and decode was told to prefill the prompt itself."""
         tried: set[str] = set()
-        request = prefill_pb2.PrefillRequest(request_id=ticket.request_id, prompt_token_ids=tokens, ticket=ticket)
+        request = prefill_pb2.PrefillRequest(request_id=ticket.request_id, prompt_token_ids=tokens, ticket=ticket,
+                                             params=params)
         for attempt in range(self.client.config.prefill_attempts):
             prefill = self.client._pick(self.client.prefill_profile, RoutingRequest(tokens, decode=decode),
                                         self.client.pool.live(router_pb2.PREFILL), tried)

@@ -92,7 +92,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.layout = describe(hf_config, self.model, self.dtype, cache.block_size)
         self.producer = KVProducer(self.layout, cache.block_size) if config.kv_role == "producer" else None
-        self.consumer = (KVConsumer(self.kv, self.runner.kv_caches, self.layout)
+        self.consumer = (KVConsumer(self.kv, self.runner.kv_caches, self.layout, self.model.shape.vocab)
                          if config.kv_role == "consumer" else None)
         self.groups: dict[str, RequestGroup] = {}
         self.num_lookahead_steps = 0
@@ -206,14 +206,20 @@ class LLMEngine:
 
     # ---- KV transfer roles (see tandem.engine.kv_transfer) ----------------------------------
 
-    def add_kv_request(self, request_id: str, prompt_token_ids: list[int], sink: KVSink, skip_tokens: int = 0) -> None:
+    def add_kv_request(self, request_id: str, prompt_token_ids: list[int], sink: KVSink, skip_tokens: int = 0,
+                       params: SamplingParams | None = None) -> None:
         """Producer role: compute the KV of `prompt_token_ids` and stream tokens [skip_tokens, ..) to
-        `sink`, layer by layer. The request finishes ("prefilled") once every token is computed."""
+        `sink`, layer by layer. With `params`, the last step also samples the first output token with
+        them (a single sequence), which `sink.finish` receives. The request finishes ("prefilled")
+        once every token is computed."""
         if self.producer is None:
             raise RuntimeError("this engine has no KV producer role")
-        group = self._new_group(request_id, list(prompt_token_ids), SamplingParams(max_tokens=1), 0, None)
+        if params is not None and params.best_of != 1:
+            raise ValueError("prefill samples the first token of a single sequence only (n = best_of = 1)")
+        group = self._new_group(request_id, list(prompt_token_ids), params or SamplingParams(max_tokens=1), 0, None)
         seq = group.seqs[0]
         seq.kv_only = True
+        seq.sample_first_token = params is not None
         self.producer.attach(seq, sink, skip_tokens)
         self.scheduler.add(seq)
 
@@ -221,11 +227,17 @@ class LLMEngine:
                            arrival_time: float | None = None, *, lease_seconds: float = 30.0,
                            resume_token_ids: list[int] = (), seed_index: int = 0) -> Lease | None:
         """Consumer role: reserve the prompt's blocks under a lease that a producer fills. None when
-        the cache has no room now: the request is then prefilled here like any other."""
+        the cache has no room now: the request is then prefilled here like any other.
+
+        A plain single sequence (n = 1, not resumed) leases every prompt token, and the producer
+        samples the first output token from the last one: the first token does not wait for a forward
+        pass here. Otherwise the lease leaves the last prompt token out and this engine computes it
+        and samples (forks for n > 1, a resumed sequence's seeds and penalties)."""
         if self.consumer is None:
             raise RuntimeError("this engine has no KV consumer role")
         group = self._new_group(request_id, prompt, params, priority, arrival_time, resume_token_ids, seed_index)
-        lease = self.consumer.reserve(group.seqs[0], lease_seconds)
+        producer_samples = group.params.best_of == 1 and not resume_token_ids and seed_index == 0
+        lease = self.consumer.reserve(group.seqs[0], lease_seconds, producer_samples)
         if lease is None:
             self.scheduler.add(group.seqs[0])
         return lease
@@ -247,12 +259,23 @@ class LLMEngine:
             return []
         return [lease.request.group.request_id for lease in self.consumer.expired(time.monotonic())]
 
-    def _admit_loaded(self) -> None:
+    def _admit_loaded(self) -> dict[str, RequestGroup]:
+        """Requests whose KV arrived join the scheduler; those that came with their first token
+        take it first (it may finish them). Returns the groups that got a token."""
+        touched: dict[str, RequestGroup] = {}
+        now = time.monotonic()
         for lease in self.consumer.take_complete():
             req = lease.request
             self.kv.publish(req, lease.num_tokens)
             req.num_computed_tokens = lease.num_tokens
-            self.scheduler.add(req)
+            if lease.first is not None:
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = now
+                self._update(req, lease.first, now)
+                touched[req.group.request_id] = req.group
+            if not req.finished:
+                self.scheduler.add(req)
+        return touched
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
@@ -274,7 +297,9 @@ class LLMEngine:
         if self._inflight is not None:
             return self._step_ahead()
         if self.consumer is not None:
-            self._admit_loaded()
+            admitted = self._admit_loaded()
+            if admitted:  # first tokens that came with their KV go out now, not after a forward pass
+                return self._outputs(admitted)
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             leased = self.consumer is not None and bool(self.consumer.leases)  # blocks come back later
@@ -297,7 +322,7 @@ class LLMEngine:
         for s in sched.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
         if self.producer is not None:
-            self.producer.step_done()
+            self.producer.step_done({req: smps[0] for req, smps in result.samples.items() if req.kv_only})
             for s in sched.scheduled:
                 req = s.request
                 if req.kv_only and req.num_computed_tokens >= req.num_tokens:
@@ -309,6 +334,8 @@ class LLMEngine:
             done = len(req.group.prompt_logprobs) - (starts[req] + 1)
             req.group.prompt_logprobs.extend(entries[max(done, 0):])
         for req, samples in result.samples.items():
+            if req.kv_only:
+                continue  # its first token went with its KV
             forks = req.pending_forks
             req.group.forked = True
             for child, smp in zip(forks, samples[1:]):

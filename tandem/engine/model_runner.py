@@ -123,7 +123,7 @@ class ModelRunner:
             if r.params.prompt_logprobs is not None and start < r.num_prompt_tokens - 1:
                 count = min(ctx, r.num_prompt_tokens - 1) - start
                 plp_rows.append((r, row, count))
-            if s.samples and not r.kv_only:
+            if s.samples and (not r.kv_only or r.sample_first_token):
                 sample_rows.append((r, row + n - 1))
         hidden = self._forward(input_ids, positions, slots, seqs, on_layer_written)
         result = StepResult()

@@ -44,7 +44,8 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
-    kv_only: bool = False  # prefill role: compute the KV of every token, sample nothing
+    kv_only: bool = False  # prefill role: compute the KV of every token, update nothing
+    sample_first_token: bool = False  # kv_only: also sample the first output token (it goes with the KV)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

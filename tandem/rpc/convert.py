@@ -1,7 +1,8 @@
-"""Engine objects <-> `tandem.proto` messages: sampling parameters, layouts, tickets, logprobs."""
+"""Engine objects <-> `tandem.proto` messages: sampling parameters, layouts, tickets, logprobs, first tokens."""
 from __future__ import annotations
 
 from tandem.engine.kv_transfer.layout import LayoutDescriptor
+from tandem.engine.sampler import Sample
 from tandem.outputs import Logprob
 from tandem.proto import common_pb2, decode_pb2
 from tandem.sampling_params import SamplingParams
@@ -46,3 +47,16 @@ def logprobs_from_proto(msg: decode_pb2.TokenLogprobs) -> dict[int, Logprob] | N
     if not msg.entries:
         return None
     return {e.token_id: Logprob(e.logprob, e.rank or None) for e in msg.entries}
+
+
+def first_token_to_proto(first: Sample | None) -> decode_pb2.FirstToken | None:
+    if first is None:
+        return None
+    return decode_pb2.FirstToken(token_id=first.token_id, logprob=first.logprob, top=logprobs_to_proto(first.top))
+
+
+def first_token_from_proto(close: decode_pb2.TransferClose) -> Sample | None:
+    if not close.HasField("first_token"):
+        return None
+    f = close.first_token
+    return Sample(f.token_id, f.logprob, logprobs_from_proto(f.top))

@@ -18,7 +18,7 @@ from tests.disagg.conftest import router_log, total
 
 PROMPT = torch.randint(3, 49000, (200,), generator=torch.Generator().manual_seed(21)).tolist()
 TOKEN_BYTES = 2 * 2 * 16 * 4 * 2  # tiny llama: K+V, 2 KV heads, head size 16, float32, 2 layers
-EXPECTED_BYTES = (len(PROMPT) - 1) * TOKEN_BYTES  # every prompt token but the last
+EXPECTED_BYTES = len(PROMPT) * TOKEN_BYTES  # every prompt token (prefill samples the first output token)
 
 
 def test_transfer_metrics_and_request_log(stack_factory, tiny_model_dirs):

@@ -24,12 +24,29 @@ class Recorder:
     def __init__(self) -> None:
         self.chunks: list[KVChunkData] = []
         self.finished = False
+        self.first = None
 
     def put(self, chunk: KVChunkData) -> None:
         self.chunks.append(chunk.seal())
 
-    def finish(self) -> None:
-        self.finished = True
+    def finish(self, first=None) -> None:
+        self.finished, self.first = True, first
+
+
+def produce(prefill: LLMEngine, rid: str, lease, ids: list[int], params: SamplingParams, sink: Recorder) -> None:
+    """What a prefill worker does with a ticket: the whole prompt and a sampled first token when the
+    lease wants it, else all but the last token."""
+    if lease.wants_first:
+        prefill.add_kv_request(rid, ids, sink, lease.skip_tokens, params)
+    else:
+        prefill.add_kv_request(rid, ids[:-1], sink, lease.skip_tokens)
+
+
+def deliver(decode: LLMEngine, lease, sink: Recorder, transfer_id: str = "t") -> None:
+    decode.consumer.open(lease.lease_id, transfer_id, decode.layout)
+    for chunk in sink.chunks:
+        decode.consumer.write(lease.lease_id, transfer_id, chunk)
+    decode.consumer.close(lease.lease_id, transfer_id, sink.first)
 
 
 def engine(path: str, role: str | None, blocks: int = 256, budget: int = 2048, **cache) -> LLMEngine:
@@ -57,17 +74,15 @@ def handoff(prefill: LLMEngine, decode: LLMEngine, prompts: list[list[int]], par
         lease = decode.add_remote_request(f"r{i}", ids, params)
         assert lease is not None and lease.block_ids
         leases[i], sinks[i] = lease, Recorder()
-        prefill.add_kv_request(f"p{i}", ids[:-1], sinks[i], skip_tokens=lease.skip_tokens)
+        produce(prefill, f"p{i}", lease, ids, params, sinks[i])
     finished = run(prefill)
-    assert all(o.outputs[0].finish_reason == "prefilled" for o in finished.values())
+    assert all(o.outputs[0].finish_reason == "prefilled" and not o.outputs[0].token_ids for o in finished.values())
     for i, lease in leases.items():
-        assert sinks[i].finished
-        decode.consumer.open(lease.lease_id, "t1", prefill.layout)
+        assert sinks[i].finished and (sinks[i].first is not None) == lease.wants_first
         for chunk in sinks[i].chunks:
             assert chunk.intact() and len(chunk.data) <= max(chunk_bytes or codec.DEFAULT_CHUNK_BYTES,
                                                              prefill.layout.token_bytes)
-            decode.consumer.write(lease.lease_id, "t1", chunk)
-        decode.consumer.close(lease.lease_id, "t1")
+        deliver(decode, lease, sinks[i])
     out = run(decode)
     assert not decode.consumer.leases
     for e in (prefill, decode):
@@ -99,6 +114,46 @@ def test_handoff_matches_colocated(tiny_model_dirs, arch):
     assert got == want
 
 
+def test_first_token_comes_with_the_kv(tiny_model_dirs):
+    """A single sequence: prefill samples the first token (seeded, with penalties and logprobs) exactly
+    as a colocated engine does, decode takes it at admission without a forward pass, and a first token
+    that ends the request (max_tokens=1) finishes it there."""
+    path = tiny_model_dirs["llama"]
+    ids = prompts_for(12, [45])[0]
+    params = SamplingParams(temperature=0.8, top_k=50, seed=3, max_tokens=9, ignore_eos=True, logprobs=2,
+                            repetition_penalty=1.3)
+    e = engine(path, None)
+    e.add_request("c", ids, params)
+    want = run(e)["c"].outputs[0]
+    prefill, decode = engine(path, "producer", budget=16), engine(path, "consumer")  # chunked prefill
+    lease = decode.add_remote_request("r", ids, params)
+    assert lease.wants_first and lease.num_tokens == len(ids)
+    sink = Recorder()
+    produce(prefill, "p", lease, ids, params, sink)
+    run(prefill)
+    assert sink.first.token_id == want.token_ids[0]
+    deliver(decode, lease, sink)
+    outs = decode.step()  # admission: the first token is out before any forward pass of decode's
+    assert [o.outputs[0].token_ids for o in outs] == [want.token_ids[:1]] and not decode.scheduler.running
+    got = run(decode)["r"].outputs[0]
+    assert got.token_ids == want.token_ids and got.text == want.text
+    assert [sorted(lp) for lp in got.logprobs] == [sorted(lp) for lp in want.logprobs]
+    assert all(abs(got.logprobs[i][t].logprob - want.logprobs[i][t].logprob) < 1e-4
+               for i in range(len(want.logprobs)) for t in want.logprobs[i])
+    assert abs(got.cumulative_logprob - want.cumulative_logprob) < 1e-3
+
+    one = SamplingParams(temperature=0, max_tokens=1)
+    lease = decode.add_remote_request("one", ids, one)
+    sink = Recorder()
+    produce(prefill, "p1", lease, ids, one, sink)
+    run(prefill)
+    deliver(decode, lease, sink)
+    out = decode.step()
+    assert len(out) == 1 and out[0].finished and out[0].outputs[0].finish_reason == "length"
+    assert out[0].outputs[0].token_ids == [sink.first.token_id] == colocated(path, [ids], one)[0]
+    assert not decode.has_unfinished_requests() and decode.kv.pool.num_free == decode.kv.pool.num_blocks
+
+
 def test_handoff_with_chunked_prefill_and_seeded_sampling(tiny_model_dirs):
     path = tiny_model_dirs["llama"]
     prompts = prompts_for(2, [40, 90, 7])
@@ -111,13 +166,11 @@ def test_handoff_with_chunked_prefill_and_seeded_sampling(tiny_model_dirs):
     got = {}
     for i, ids in enumerate(prompts):
         lease = decode.add_remote_request(f"r{i}", ids, params)
+        assert not lease.wants_first  # n = 2: decode samples (and forks) itself
         sink = Recorder()
-        prefill.add_kv_request(f"p{i}", ids[:-1], sink)
+        produce(prefill, f"p{i}", lease, ids, params, sink)
         run(prefill)
-        decode.consumer.open(lease.lease_id, "t", prefill.layout)
-        for c in sink.chunks:
-            decode.consumer.write(lease.lease_id, "t", c)
-        decode.consumer.close(lease.lease_id, "t")
+        deliver(decode, lease, sink)
         got.update({int(k[1:]): [o.token_ids for o in v.outputs] for k, v in run(decode).items()})
     assert got == want
 
@@ -130,15 +183,12 @@ def test_decode_prefix_cache_skips_tokens(tiny_model_dirs):
     prefill, decode = engine(path, "producer"), engine(path, "consumer")
     handoff(prefill, decode, [first], GREEDY)
     lease = decode.add_remote_request("again", second, GREEDY)
-    assert lease.skip_tokens == 48 and lease.num_tokens == len(second) - 1
+    assert lease.skip_tokens == 48 and lease.num_tokens == len(second)
     sink = Recorder()
-    prefill.add_kv_request("p", second[:-1], sink, skip_tokens=lease.skip_tokens)
+    produce(prefill, "p", lease, second, GREEDY, sink)
     run(prefill)
-    assert {c.token_start for c in sink.chunks} == {48} and all(c.num_tokens == 3 for c in sink.chunks)
-    decode.consumer.open(lease.lease_id, "t", prefill.layout)
-    for c in sink.chunks:
-        decode.consumer.write(lease.lease_id, "t", c)
-    decode.consumer.close(lease.lease_id, "t")
+    assert {c.token_start for c in sink.chunks} == {48} and all(c.num_tokens == 4 for c in sink.chunks)
+    deliver(decode, lease, sink)
     got = run(decode)["again"].outputs[0].token_ids
     assert got == colocated(path, [second], GREEDY)[0]
 
@@ -165,7 +215,7 @@ def test_lease_refuses_bad_and_late_transfers(tiny_model_dirs):
     ids = prompts_for(5, [40])[0]
     lease = decode.add_remote_request("r", ids, GREEDY, lease_seconds=60)
     sink = Recorder()
-    prefill.add_kv_request("p", ids[:-1], sink)
+    produce(prefill, "p", lease, ids, GREEDY, sink)
     run(prefill)
     c = decode.consumer
     other = dataclasses.replace(prefill.layout, dtype="bfloat16", compat_hash="")
@@ -181,7 +231,13 @@ def test_lease_refuses_bad_and_late_transfers(tiny_model_dirs):
         c.write(lease.lease_id, "t", KVChunkData(0, 0, 2, chunk.data[:10]))
     c.write(lease.lease_id, "t", chunk)
     with pytest.raises(LeaseError, match="missing"):
+        c.close(lease.lease_id, "t", sink.first)
+    for rest in sink.chunks[1:]:
+        c.write(lease.lease_id, "t", rest)
+    with pytest.raises(LeaseError, match="wants the first output token"):
         c.close(lease.lease_id, "t")
+    with pytest.raises(LeaseError, match="outside the vocabulary"):
+        c.close(lease.lease_id, "t", dataclasses.replace(sink.first, token_id=10**7))
     c.open(lease.lease_id, "t2", prefill.layout)  # a retry takes the lease over
     with pytest.raises(LeaseError, match="taken over"):
         c.write(lease.lease_id, "t", chunk)
@@ -244,10 +300,10 @@ def test_shared_memory_staging_lives_and_dies_with_its_lease(tiny_model_dirs):
     c.staging_max_bytes = shm.MAX_LEASE_BYTES
     lease = decode.add_remote_request("r", ids, GREEDY, lease_seconds=60)
     staged = lease.staging
-    assert staged is not None and staged.size == 2 * (len(ids) - 1) * tb and shm.staged_files(os.getpid())
+    assert staged is not None and staged.size == 2 * len(ids) * tb and shm.staged_files(os.getpid())
     area = StagingArea.attach(staged.path, staged.size)  # the producer's view of it
     sink = Recorder()
-    prefill.add_kv_request("p", ids[:-1], sink)
+    produce(prefill, "p", lease, ids, GREEDY, sink)
     run(prefill)
     c.open(lease.lease_id, "t", prefill.layout)
     for chunk in sink.chunks:
@@ -258,7 +314,7 @@ def test_shared_memory_staging_lives_and_dies_with_its_lease(tiny_model_dirs):
         data = c.read_staged(lease.lease_id, "t", chunk.layer, chunk.token_start, at, len(chunk.data))
         assert checksum(data) == chunk.checksum
         c.write(lease.lease_id, "t", KVChunkData(chunk.layer, chunk.token_start, chunk.num_tokens, data))
-    c.close(lease.lease_id, "t")
+    c.close(lease.lease_id, "t", sink.first)
     assert run(decode)["r"].outputs[0].token_ids == want
     assert not Path(staged.path).exists(), "the staging file outlived its completed lease"
     area.close()

@@ -4,9 +4,11 @@ transport, admit the request when every token of every layer arrived.
 Lifecycle of a lease: `reserve` (engine thread: the prompt's blocks are allocated, its cached
 prefix reused, nothing published to the prefix cache yet) -> `open` / `write` / `close` (transport
 thread: each chunk is checked against the lease and written into its blocks; `open` of a new
-transfer id restarts the count, so a retry from another prefill worker rewrites the lease) ->
-`take_complete` (engine thread: the request joins the scheduler with all but its last prompt
-token computed) or `release` (abort, expiry, local fallback). A lease is released under its lock,
+transfer id restarts the count, so a retry from another prefill worker rewrites the lease; a lease
+that wants every prompt token's KV also wants the first output token, which `close` brings) ->
+`take_complete` (engine thread: the request joins the scheduler with its prompt computed and its
+first token sampled, or with all but its last prompt token computed) or `release` (abort, expiry,
+local fallback). A lease is released under its lock,
 so no chunk is written after it ended: a late transfer gets an error and writes nothing.
 
 Same-host transfers: with `staging_max_bytes` set, `reserve` also creates a shared-memory staging
@@ -32,6 +34,7 @@ from tandem.engine.kv_transfer.layout import LayoutDescriptor, incompatibility
 from tandem.engine.kv_transfer import shm
 from tandem.engine.kv_transfer.shm import StagingArea
 from tandem.engine.request import Request
+from tandem.engine.sampler import Sample
 
 _ids = itertools.count(1)
 
@@ -53,13 +56,16 @@ class Lease:
     complete: bool = False
     transfer_id: str = ""
     received: torch.Tensor | None = None  # [layers, num_tokens] bool, per transfer
+    wants_first: bool = False  # the producer samples the first output token (num_tokens is the whole prompt)
+    first: Sample | None = None  # that token, once the transfer closed
     staging: StagingArea | None = None  # same-host transfers: chunks are staged here
 
 
 class KVConsumer:
-    def __init__(self, kv: KVCacheManager, caches: list[torch.Tensor], layout: LayoutDescriptor,
+    def __init__(self, kv: KVCacheManager, caches: list[torch.Tensor], layout: LayoutDescriptor, vocab_size: int,
                  on_complete: Callable[[], None] = lambda: None) -> None:
         self.kv = kv
+        self.vocab_size = vocab_size  # a first token from a producer must be one of the model's
         self.caches = caches
         self.layout = layout
         self.on_complete = on_complete  # wakes the engine thread
@@ -70,15 +76,18 @@ class KVConsumer:
 
     # ---- scheduler side (engine thread) --------------------------------------------------------
 
-    def reserve(self, req: Request, lease_seconds: float) -> Lease | None:
-        """Blocks for the request's tokens under a new lease; None when the cache lacks room."""
+    def reserve(self, req: Request, lease_seconds: float, producer_samples: bool = False) -> Lease | None:
+        """Blocks for the request's tokens under a new lease; None when the cache lacks room.
+        `producer_samples`: the lease wants the KV of every prompt token and the first output token;
+        else the KV of all but the last prompt token."""
         prefix = self.kv.computed_prefix(req)
         cached = len(prefix) * self.kv.block_size
         if not self.kv.allocate(req, req.num_tokens - cached, prefix, publish=False):
             return None
         req.num_cached_tokens = cached
         lease = Lease(f"lease-{next(_ids)}-{req.seq_id}", req, self.kv.block_ids(req), cached,
-                      req.num_tokens - 1, time.monotonic() + lease_seconds)
+                      req.num_tokens - (0 if producer_samples else 1), time.monotonic() + lease_seconds,
+                      wants_first=producer_samples)
         self.leases[lease.lease_id] = lease
         self.by_request[req] = lease
         size = self.layout.num_layers * (lease.num_tokens - lease.skip_tokens) * self.layout.token_bytes
@@ -186,8 +195,9 @@ class KVConsumer:
             except ValueError as exc:
                 raise LeaseError(str(exc)) from None
 
-    def close(self, lease_id: str, transfer_id: str) -> None:
-        """Every wanted token of every layer arrived: hand the request to the engine."""
+    def close(self, lease_id: str, transfer_id: str, first: Sample | None = None) -> None:
+        """Every wanted token of every layer arrived (and the first output token, when the lease
+        wants it): hand the request to the engine."""
         lease = self._get(lease_id)
         with lease.lock:
             if not lease.alive or lease.transfer_id != transfer_id:
@@ -195,6 +205,12 @@ class KVConsumer:
             missing = (~lease.received[:, lease.skip_tokens:]).sum().item()
             if missing:
                 raise LeaseError(f"transfer closed with {missing} (layer, token) entries missing")
+            if lease.wants_first != (first is not None):
+                raise LeaseError(f"lease {lease_id!r} wants {'the' if first is None else 'no'} first output token "
+                                 f"with its KV; the transfer closed {'without' if first is None else 'with'} one")
+            if first is not None and not 0 <= first.token_id < self.vocab_size:
+                raise LeaseError(f"first token {first.token_id} is outside the vocabulary ({self.vocab_size})")
+            lease.first = first
             lease.complete = True
         self._complete.append(lease)
         self.on_complete()

@@ -4,8 +4,10 @@ Lifecycle of one transfer: `attach` (the request is added, with the sink a trans
 first token the consumer lacks) -> every step, `plan` (scheduler side) picks the token range the
 step completes that is not sent yet, and `save_layer` (worker side, called by attention right
 after it wrote that layer's K and V) encodes the range into chunks for the sink -> `step_done`
-advances the transfer and calls `sink.finish()` once every wanted token went out -> `detach` on
-abort. A preempted request recomputes its prompt; tokens already sent are not sent again.
+advances the transfer and calls `sink.finish(first)` once every wanted token went out, with the
+first output token when the request samples one (`Request.sample_first_token`: the step that
+computes the last prompt token samples it) -> `detach` on abort. A preempted request recomputes
+its prompt; tokens already sent are not sent again.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from tandem.engine.kv_transfer import codec
 from tandem.engine.kv_transfer.codec import KVChunkData
 from tandem.engine.kv_transfer.layout import LayoutDescriptor
 from tandem.engine.request import Request
+from tandem.engine.sampler import Sample
 
 
 class KVSink(Protocol):
@@ -25,8 +28,8 @@ class KVSink(Protocol):
 
     def put(self, chunk: KVChunkData) -> None: ...
 
-    def finish(self) -> None:
-        """Every chunk was put."""
+    def finish(self, first: Sample | None = None) -> None:
+        """Every chunk was put; `first`: the first output token, when the request sampled one."""
 
 
 @dataclass(eq=False)
@@ -77,7 +80,8 @@ class KVProducer:
             for a, b, slots in t.pieces:
                 t.sink.put(KVChunkData(layer, a, b - a, codec.encode(cache, slots)))
 
-    def step_done(self) -> None:
+    def step_done(self, samples: dict[Request, Sample]) -> None:
+        """`samples`: this step's first tokens of requests that sample one."""
         for t in self._planned:
             t.next_token = t.pieces[-1][1]
             t.pieces = []
@@ -85,4 +89,4 @@ class KVProducer:
         for req, t in list(self.transfers.items()):
             if t.next_token >= t.end_token:
                 del self.transfers[req]
-                t.sink.finish()
+                t.sink.finish(samples.get(req))
