@@ -11,7 +11,10 @@
   ended.
 - `codec`: chunk bytes and checksums, shared by both sides.
 
-The engine keeps the KV of a prompt's last token out of every transfer: decode computes that one
-token itself, so it samples the first output token with its own sampler (seeds, n, logprobs and
-penalties behave exactly as in a colocated engine).
+For a single sequence (n = 1, not resumed) the transfer carries the KV of every prompt token and
+the first output token, which prefill samples with the request's parameters (the same sampler, so
+seeds, penalties and logprobs match a colocated engine) and decode emits as soon as the KV is in:
+the first token waits for no forward pass on decode (../shared/DESIGN.md, step 4). For n > 1 and
+resumed sequences the transfer leaves the last prompt token out; decode computes it and samples
+(it forks the sequences and knows a resumed one's output so far).
 """
