@@ -68,7 +68,7 @@ class DecodeEngine(AsyncEngine):
             staging = lease.staging
             self._deliver(rid, LeaseGranted(lease.lease_id, tuple(lease.block_ids), lease.skip_tokens,
                                             lease.num_tokens, lease_seconds, staging.path if staging else "",
-                                            staging.size if staging else 0))
+                                            lease.staging_bytes if staging else 0))
 
     def _cmd_prefill_locally(self, rid: str) -> None:
         self.engine.prefill_locally(rid)

@@ -13,8 +13,9 @@ One stream: open (the lease, the sender's layout) -> chunks, each verified (XXH3
 acknowledged -> close (every (layer, token) arrived, and the first output token when the lease wants
 it: the request joins decode's batch).
 With transport "shm" in the open message, a chunk carries no bytes but an offset into the lease's
-staging area (tandem.engine.kv_transfer.shm): its bytes are copied out of it, verified and written
-exactly like bytes from the wire; the metrics' transport label says which one a transfer used.
+staging area (tandem.engine.kv_transfer.shm): its bytes are copied from there into the blocks and
+verified on the staged bytes (KVConsumer.write_staged); a mismatch is sent again as from the wire.
+The metrics' transport label says which transport a transfer used.
 """
 from __future__ import annotations
 
@@ -79,29 +80,27 @@ class KVReceiver:
                         stats.failure_class = "protocol"
                         yield Ack(seq=c.seq, status=Ack.REFUSED, error="a chunk before the transfer was opened")
                         return
-                    data = incoming.data
-                    if c.staged:
-                        try:
-                            data = consumer.read_staged(lease_id, transfer_id, c.layer, c.token_start, c.shm_offset,
-                                                        c.shm_length)
-                        except LeaseError as exc:
-                            stats.failure_class = "lease_refused"
-                            yield Ack(seq=c.seq, status=Ack.REFUSED, error=str(exc))
-                            return
-                    chunk = KVChunkData(c.layer, c.token_start, c.num_tokens, data, c.checksum)
-                    if not chunk.intact():
+                    try:
+                        if c.staged:  # copied from the staging area, then checked
+                            intact, size = consumer.write_staged(lease_id, transfer_id, c.layer, c.token_start,
+                                                                 c.num_tokens, c.shm_offset, c.shm_length,
+                                                                 c.checksum), c.shm_length
+                        else:  # checked, then copied
+                            chunk = KVChunkData(c.layer, c.token_start, c.num_tokens, incoming.data, c.checksum)
+                            intact, size = chunk.intact(), len(chunk.data)
+                            if intact:
+                                consumer.write(lease_id, transfer_id, chunk)
+                    except LeaseError as exc:
+                        stats.failure_class = "lease_refused"
+                        yield Ack(seq=c.seq, status=Ack.REFUSED, error=str(exc))
+                        return
+                    if not intact:
                         stats.retransmits += 1
                         yield Ack(seq=c.seq, status=Ack.CHECKSUM_MISMATCH,
                                   error=f"chunk {c.seq}: checksum mismatch (layer {c.layer}, tokens {c.token_start}+"
                                         f"{c.num_tokens}); send it again")
                         continue
-                    try:
-                        consumer.write(lease_id, transfer_id, chunk)
-                    except LeaseError as exc:
-                        stats.failure_class = "lease_refused"
-                        yield Ack(seq=c.seq, status=Ack.REFUSED, error=str(exc))
-                        return
-                    stats.bytes += len(data)
+                    stats.bytes += size
                     stats.chunks += 1
                     yield Ack(seq=c.seq)
                 elif kind == "close":

@@ -59,6 +59,7 @@ class RequestRecord:
     decision: str = ""
     decode: list[str] = field(default_factory=list)
     prefill: str = ""
+    prefill_s: float = 0.0  # the prefill worker's compute time (PrefillReply.compute_s)
     transfer: common_pb2.TransferStats | None = None
     prefill_failures: list[str] = field(default_factory=list)
     failovers: int = 0
@@ -74,7 +75,7 @@ class RequestRecord:
                     f"retransmits={t.retransmits} failure_class={t.failure_class or 'none'}") if t else "none"
         return (f"request {self.request_id}: prompt_tokens={self.prompt_tokens} output_tokens={out_tokens} "
                 f"decision={self.decision} decode={','.join(self.decode) or '-'} prefill={self.prefill or '-'} "
-                f"transfer=[{transfer}] prefill_failures={len(self.prefill_failures)} failovers={self.failovers} "
+                f"prefill_ms={self.prefill_s * 1e3:.1f} transfer=[{transfer}] prefill_failures={len(self.prefill_failures)} failovers={self.failovers} "
                 f"ttft_ms={ttft} e2e_ms={(time.monotonic() - self.arrival) * 1e3:.1f}"
                 + (f" error={self.error!r}" if self.error else ""))
 

@@ -16,7 +16,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tandem.engine.kv_transfer.shm import staged_files
+from tandem.engine.kv_transfer.shm import is_idle, staged_files
 from tandem.launcher import Stack, tandem_command
 from tandem.worker.process import free_port
 
@@ -117,7 +117,8 @@ def stack_factory(tmp_path):
         try:
             if s.check_idle and not s.stopping:
                 s.wait_idle()
-                errors += [f"staging file of a finished lease: {f}" for pid in pids for f in staged_files(pid)]
+                errors += [f"staging file of a finished lease: {f}" for pid in pids for f in staged_files(pid)
+                           if not is_idle(f)]
         except AssertionError as exc:
             errors.append(str(exc))
         finally:

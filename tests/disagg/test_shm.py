@@ -2,8 +2,9 @@
 /dev/shm file, prefill writes chunk bytes there and sends only control over gRPC. Outputs equal
 the colocated engine's; the metrics say `shm`; `--kv-transport grpc`, or a staging area prefill
 cannot open, falls back to bytes over gRPC; a corrupted staged chunk is sent again (or fails as
-`checksum`); an expired lease refuses the late transfer and its staging file goes. The stack
-fixture checks that no staging file and no KV block is left after each test."""
+`checksum`); an expired lease refuses the late transfer and its staging file goes back to the
+pool. The stack fixture checks that no staging file but idle pooled ones and no KV block is left
+after each test, and no file at all once the stack stopped."""
 from __future__ import annotations
 
 import threading
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from tandem.engine.kv_transfer.shm import staged_files
+from tandem.engine.kv_transfer.shm import is_idle, staged_files
 from tests.disagg.conftest import router_log, total
 from tests.disagg.test_faults import SMALL_CHUNKS, complete, decisions, model, prompt, reference  # noqa: F401
 
@@ -32,7 +33,8 @@ def test_shm_transfer_equals_colocated_and_is_labelled_shm(stack_factory, model,
     assert total(s.metrics(), "tandem:kv_transfer_bytes_total", transport="shm") > 0
     assert "transport=shm" in router_log(s)
     assert decisions(s, "remote") == 2
-    assert not staged_files(s.child("decode-0").pid)
+    files = staged_files(s.child("decode-0").pid)
+    assert len(files) == 1 and is_idle(files[0]), files  # the second lease reused the first one's area
 
 
 @pytest.mark.parametrize("how", ["forced", "decode_only", "unopenable"])
@@ -70,7 +72,7 @@ def test_always_corrupted_staged_transfer_fails_then_falls_back(stack_factory, m
     assert "arrived corrupted" in router_log(s)
 
 
-def test_expired_lease_refuses_the_late_staged_transfer_and_removes_its_file(stack_factory, model, reference):
+def test_expired_lease_refuses_the_late_staged_transfer_and_gives_its_file_back(stack_factory, model, reference):
     s = stack_factory(model, 1, 1, router_args=["--lease-seconds", "1"],
                       env={"prefill-0": {"TANDEM_FAULTS": "kv.delay_close=2.5"}})
     decode_pid = s.child("decode-0").pid
@@ -91,7 +93,7 @@ def test_expired_lease_refuses_the_late_staged_transfer_and_removes_its_file(sta
         done.set()
         watcher.join()
     assert seen, "no staging file was made for the lease"
-    assert not staged_files(decode_pid), "the expired lease's staging file is still there"
+    assert all(is_idle(f) for f in staged_files(decode_pid)), "the expired lease still holds its staging file"
     for worker in ("prefill-0", "decode-0"):
         assert total(s.metrics(worker), "tandem:kv_transfer_failures_total", failure_class="lease_refused",
                      transport="shm") == 1, worker

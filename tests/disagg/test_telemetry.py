@@ -42,7 +42,7 @@ def test_transfer_metrics_and_request_log(stack_factory, tiny_model_dirs):
     for field in ("decision=remote", "decode=decode-0", "prefill=prefill-0", "transport=shm",
                   f"bytes={EXPECTED_BYTES}", "failure_class=none", "failovers=0"):
         assert field in line, (field, line)
-    for number in ("gbps", "handshake_ms", "queue_ms", "wire_ms", "ttft_ms"):
+    for number in ("gbps", "handshake_ms", "queue_ms", "wire_ms", "ttft_ms", "prefill_ms"):
         assert re.search(rf"\b{number}=\d+\.\d+", line), (number, line)
 
 

@@ -285,10 +285,11 @@ def test_a_full_cache_leaves_the_request_to_local_prefill(tiny_model_dirs):
     assert decode.kv.pool.num_free == 3
 
 
-def test_shared_memory_staging_lives_and_dies_with_its_lease(tiny_model_dirs):
+def test_shared_memory_staging_is_pooled_and_checked(tiny_model_dirs):
     """Same-host transport, consumer side: a lease gets a /dev/shm staging area; chunks staged there
-    (at their (layer, token) place) go into the blocks like wire bytes; the file goes when the lease
-    completes or expires, and a late staged chunk is refused without touching the cache."""
+    (at their (layer, token) place) go into the blocks and are checked against their checksum (a
+    corrupted one does not count); the area returns to a pool when the lease ends and the next lease
+    reuses it; a late staged chunk is refused without touching the cache; closing unlinks every file."""
     from tandem.engine.kv_transfer import shm
     from tandem.engine.kv_transfer.shm import StagingArea
 
@@ -300,36 +301,62 @@ def test_shared_memory_staging_lives_and_dies_with_its_lease(tiny_model_dirs):
     c.staging_max_bytes = shm.MAX_LEASE_BYTES
     lease = decode.add_remote_request("r", ids, GREEDY, lease_seconds=60)
     staged = lease.staging
-    assert staged is not None and staged.size == 2 * len(ids) * tb and shm.staged_files(os.getpid())
-    area = StagingArea.attach(staged.path, staged.size)  # the producer's view of it
+    size = 2 * len(ids) * tb
+    assert staged is not None and lease.staging_bytes == size and shm.staged_files(os.getpid())
+    area = StagingArea.attach(staged.path, size)  # the producer's view of it
     sink = Recorder()
     produce(prefill, "p", lease, ids, GREEDY, sink)
     run(prefill)
     c.open(lease.lease_id, "t", prefill.layout)
-    for chunk in sink.chunks:
+    for i, chunk in enumerate(sink.chunks):
         at = shm.offset(chunk.layer, chunk.token_start, lease.skip_tokens, lease.num_tokens, tb)
-        area.write(at, chunk.data)
+        args = (lease.lease_id, "t", chunk.layer, chunk.token_start, chunk.num_tokens)
         with pytest.raises(LeaseError, match="offset"):
-            c.read_staged(lease.lease_id, "t", chunk.layer, chunk.token_start, at + 1, len(chunk.data))
-        data = c.read_staged(lease.lease_id, "t", chunk.layer, chunk.token_start, at, len(chunk.data))
-        assert checksum(data) == chunk.checksum
-        c.write(lease.lease_id, "t", KVChunkData(chunk.layer, chunk.token_start, chunk.num_tokens, data))
+            c.write_staged(*args, at + 1, len(chunk.data), chunk.checksum)
+        if i == 0:  # corrupted in the staging area: refused, then sent again
+            area.write(at, bytes([chunk.data[0] ^ 0xFF]) + bytes(chunk.data[1:]))
+            assert not c.write_staged(*args, at, len(chunk.data), chunk.checksum)
+            with pytest.raises(LeaseError, match="missing"):
+                c.close(lease.lease_id, "t", sink.first)
+        area.write(at, chunk.data)
+        assert c.write_staged(*args, at, len(chunk.data), chunk.checksum)
     c.close(lease.lease_id, "t", sink.first)
     assert run(decode)["r"].outputs[0].token_ids == want
-    assert not Path(staged.path).exists(), "the staging file outlived its completed lease"
+    assert lease.staging is None and c.staging_pool.idle == [staged], "the area went back to the pool"
     area.close()
 
     lease = decode.add_remote_request("late", ids, GREEDY, lease_seconds=60)  # expires before its KV
-    area = StagingArea.attach(lease.staging.path, lease.staging.size)
+    assert lease.staging is staged  # reused: its pages are there already
+    area = StagingArea.attach(lease.staging.path, lease.staging_bytes)
     c.open(lease.lease_id, "t", prefill.layout)
     area.write(0, b"\x01" * area.size)
     before = decode.runner.kv_caches[0].clone()
     lease.deadline = 0.0
     decode.abort_request(decode.expired_leases())
-    assert not Path(lease.staging.path).exists() and not shm.staged_files(os.getpid())
     with pytest.raises(LeaseError, match="does not exist"):
-        c.read_staged(lease.lease_id, "t", 0, lease.skip_tokens, 0, tb)
+        c.write_staged(lease.lease_id, "t", 0, lease.skip_tokens, 1, 0, tb, 0)
     assert torch.equal(before, decode.runner.kv_caches[0]), "a late chunk was written"
     assert decode.kv.pool.num_free == decode.kv.pool.num_blocks
     area.close()
-    assert StagingArea.attach(lease.staging.path, lease.staging.size) is None  # gone: the sender uses gRPC
+    c.close_staging()  # the worker stops
+    assert not Path(staged.path).exists() and not shm.staged_files(os.getpid())
+    assert StagingArea.attach(staged.path, size) is None  # gone: a sender would use gRPC
+
+
+def test_staging_pool_keeps_a_bounded_set_of_areas():
+    """The smallest idle area that fits is reused; idle areas over the budget are unlinked, largest first."""
+    from tandem.engine.kv_transfer import shm
+
+    pool = shm.StagingPool(max_idle_bytes=3 << 20)
+    small, big = pool.take("a", 1 << 20), pool.take("b", 2 << 20)
+    pool.give_back(big)
+    pool.give_back(small)
+    assert pool.take("c", 1000) is small and pool.take("d", 1 << 20) is big  # smallest fit first
+    extra = pool.take("e", 2 << 20)
+    for area in (small, big, extra):
+        pool.give_back(area)  # 5 MiB idle: the largest go until 3 MiB remain
+    assert sum(a.size for a in pool.idle) <= 3 << 20 and small in pool.idle
+    gone = [a for a in (big, extra) if a not in pool.idle]
+    assert gone and all(not Path(a.path).exists() for a in gone)
+    pool.close()
+    assert not pool.idle and not Path(small.path).exists()

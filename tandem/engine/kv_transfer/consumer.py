@@ -11,10 +11,10 @@ first token sampled, or with all but its last prompt token computed) or `release
 local fallback). A lease is released under its lock,
 so no chunk is written after it ended: a late transfer gets an error and writes nothing.
 
-Same-host transfers: with `staging_max_bytes` set, `reserve` also creates a shared-memory staging
-area for the lease (shm.StagingArea, unlinked when the lease leaves the table); the transport
-reads a chunk's bytes from it with `read_staged` (under the lease's lock, alive leases only) and
-writes them with `write` like bytes that came over the wire.
+Same-host transfers: with `staging_max_bytes` set, `reserve` also takes a shared-memory staging
+area for the lease from a pool (shm.StagingPool; it goes back when the lease leaves the table); the
+transport hands a staged chunk to `write_staged` (under the lease's lock, alive leases only), which
+copies it from the area into the blocks and then checks its checksum on the bytes it copied.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from tandem.engine.kv_transfer import codec
 from tandem.engine.kv_transfer.codec import KVChunkData
 from tandem.engine.kv_transfer.layout import LayoutDescriptor, incompatibility
 from tandem.engine.kv_transfer import shm
-from tandem.engine.kv_transfer.shm import StagingArea
+from tandem.engine.kv_transfer.shm import StagingArea, StagingPool
 from tandem.engine.request import Request
 from tandem.engine.sampler import Sample
 
@@ -58,7 +58,8 @@ class Lease:
     received: torch.Tensor | None = None  # [layers, num_tokens] bool, per transfer
     wants_first: bool = False  # the producer samples the first output token (num_tokens is the whole prompt)
     first: Sample | None = None  # that token, once the transfer closed
-    staging: StagingArea | None = None  # same-host transfers: chunks are staged here
+    staging: StagingArea | None = None  # same-host transfers: chunks are staged here (it may be larger)
+    staging_bytes: int = 0  # what this lease stages: every wanted token of every layer
 
 
 class KVConsumer:
@@ -73,6 +74,7 @@ class KVConsumer:
         self.by_request: dict[Request, Lease] = {}
         self._complete: collections.deque[Lease] = collections.deque()
         self.staging_max_bytes = 0  # > 0: leases up to this many bytes get a shared-memory staging area
+        self.staging_pool = StagingPool()
 
     # ---- scheduler side (engine thread) --------------------------------------------------------
 
@@ -93,7 +95,7 @@ class KVConsumer:
         size = self.layout.num_layers * (lease.num_tokens - lease.skip_tokens) * self.layout.token_bytes
         if 0 < size <= self.staging_max_bytes:
             try:
-                lease.staging = StagingArea.create(lease.lease_id, size)
+                lease.staging, lease.staging_bytes = self.staging_pool.take(lease.lease_id, size), size
             except OSError:
                 lease.staging = None  # /dev/shm full or missing: this lease's transfer goes over gRPC
         return lease
@@ -129,17 +131,21 @@ class KVConsumer:
     def _forget(self, lease: Lease) -> bool:
         self.by_request.pop(lease.request, None)
         if lease.staging is not None:
-            with lease.lock:  # no reader holds it now
-                lease.staging.close()
+            with lease.lock:  # no transport thread is inside write_staged for it now
+                area, lease.staging = lease.staging, None
+                if area is not None:
+                    self.staging_pool.give_back(area)
         return self.leases.pop(lease.lease_id, None) is not None
 
     def close_staging(self) -> None:
-        """The worker stops: unlink every lease's staging area (no file outlives the process)."""
+        """The worker stops: unlink every staging area (no file outlives the process)."""
         for lease in list(self.leases.values()):
-            if lease.staging is not None:
-                with lease.lock:
-                    lease.alive = False
-                    lease.staging.close()
+            with lease.lock:
+                lease.alive = False
+                area, lease.staging = lease.staging, None
+                if area is not None:
+                    area.close()
+        self.staging_pool.close()
 
     # ---- worker side (transport threads) -------------------------------------------------------
 
@@ -161,28 +167,36 @@ class KVConsumer:
             lease.received = torch.zeros(self.layout.num_layers, lease.num_tokens, dtype=torch.bool)
         return lease
 
-    def write(self, lease_id: str, transfer_id: str, chunk: KVChunkData) -> None:
+    def _slots(self, lease_id: str, layer: int, token_start: int, num_tokens: int,
+               nbytes: int) -> tuple[Lease, torch.Tensor]:
+        """The lease and the cache slots of a chunk, once it is known to fit the lease."""
         lease = self._get(lease_id)
-        end = chunk.token_start + chunk.num_tokens
-        if not (0 <= chunk.layer < self.layout.num_layers and lease.skip_tokens <= chunk.token_start < end
-                <= lease.num_tokens):
-            raise LeaseError(f"chunk layer {chunk.layer} tokens [{chunk.token_start}, {end}) is outside lease "
+        end = token_start + num_tokens
+        if not (0 <= layer < self.layout.num_layers and lease.skip_tokens <= token_start < end <= lease.num_tokens):
+            raise LeaseError(f"chunk layer {layer} tokens [{token_start}, {end}) is outside lease "
                              f"{lease_id} (layers 0..{self.layout.num_layers - 1}, tokens "
                              f"[{lease.skip_tokens}, {lease.num_tokens}))")
-        if len(chunk.data) != chunk.num_tokens * self.layout.token_bytes:
-            raise LeaseError(f"chunk of {chunk.num_tokens} tokens has {len(chunk.data)} bytes, expected "
-                             f"{chunk.num_tokens * self.layout.token_bytes}")
-        slots = codec.slots_of(lease.block_ids, self.kv.block_size, chunk.token_start, end)
+        if nbytes != num_tokens * self.layout.token_bytes:
+            raise LeaseError(f"chunk of {num_tokens} tokens has {nbytes} bytes, expected "
+                             f"{num_tokens * self.layout.token_bytes}")
+        return lease, codec.slots_of(lease.block_ids, self.kv.block_size, token_start, end)
+
+    def write(self, lease_id: str, transfer_id: str, chunk: KVChunkData) -> None:
+        """Bytes from the wire, verified by the caller."""
+        lease, slots = self._slots(lease_id, chunk.layer, chunk.token_start, chunk.num_tokens, len(chunk.data))
         with lease.lock:
             if not lease.alive or lease.transfer_id != transfer_id:
                 raise LeaseError(f"lease {lease_id!r} ended or was taken over by another transfer")
             codec.decode_into(self.caches[chunk.layer], slots, chunk.data)
-            lease.received[chunk.layer, chunk.token_start:end] = True
+            lease.received[chunk.layer, chunk.token_start:chunk.token_start + chunk.num_tokens] = True
 
-    def read_staged(self, lease_id: str, transfer_id: str, layer: int, token_start: int, offset: int,
-                    length: int) -> bytes:
-        """A copy of a staged chunk's bytes (the caller checks their checksum on this copy, then `write`s it)."""
-        lease = self._get(lease_id)
+    def write_staged(self, lease_id: str, transfer_id: str, layer: int, token_start: int, num_tokens: int,
+                     offset: int, length: int, checksum: int) -> bool:
+        """A chunk from the lease's staging area, copied into the blocks and then checked on the bytes
+        it was copied from (no copy in between); False on a checksum mismatch (nothing counts as
+        received: the sender sends it again). Checking after the copy catches a writer that changed
+        the bytes before or while they were copied."""
+        lease, slots = self._slots(lease_id, layer, token_start, num_tokens, length)
         with lease.lock:
             if not lease.alive or lease.transfer_id != transfer_id or lease.staging is None:
                 raise LeaseError(f"lease {lease_id!r} ended, was taken over or has no staging area")
@@ -190,10 +204,18 @@ class KVConsumer:
             if offset != expected:
                 raise LeaseError(f"staged chunk of layer {layer} at token {token_start} claims offset {offset}, "
                                  f"its place is {expected}")
+            if offset + length > lease.staging_bytes:
+                raise LeaseError(f"staged chunk [{offset}, {offset + length}) is outside the lease's "
+                                 f"{lease.staging_bytes} staged bytes")
+            view = lease.staging.view(offset, length)
             try:
-                return lease.staging.read(offset, length)
-            except ValueError as exc:
-                raise LeaseError(str(exc)) from None
+                codec.decode_into(self.caches[layer], slots, view)
+                intact = codec.checksum(view) == checksum
+            finally:
+                view.release()
+            if intact:
+                lease.received[layer, token_start:token_start + num_tokens] = True
+            return intact
 
     def close(self, lease_id: str, transfer_id: str, first: Sample | None = None) -> None:
         """Every wanted token of every layer arrived (and the first output token, when the lease
