@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from tandem.engine.kv_transfer import shm
 from tandem.worker.process import free_port
 
 _PR_SET_PDEATHSIG = 1
@@ -153,6 +154,7 @@ class Stack:
             if c.exited_at is None:
                 c.exited_at = now
                 events.append(f"{c.name} (pid {c.proc.pid}) exited with code {c.proc.returncode}")
+                shm.sweep()  # its staging files (pooled areas, a lease in flight): nobody else removes them
             elif now - c.exited_at >= backoff:
                 c.restarts += 1
                 self.start(c)
@@ -171,6 +173,7 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        shm.sweep()  # what a killed worker left in /dev/shm
 
 
 def engine_args_for_router(engine_args: list[str]) -> list[str]:

@@ -17,7 +17,7 @@ from tandem.engine.cpu_tuning import tune_host_allocator
 from tandem.engine.kv_cache.manager import KVCacheManager
 from tandem.engine.kv_transfer.consumer import KVConsumer, Lease
 from tandem.engine.kv_transfer.layout import describe
-from tandem.engine.kv_transfer.producer import KVProducer, KVSink
+from tandem.engine.kv_transfer.producer import KVProducer, KVSink, stream_layerwise
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.models import model_class
 from tandem.engine.request import Request, RequestGroup
@@ -91,7 +91,8 @@ class LLMEngine:
             self.runner.capture_graphs(max_batch, self.max_model_len, use_graphs=False)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.layout = describe(hf_config, self.model, self.dtype, cache.block_size)
-        self.producer = KVProducer(self.layout, cache.block_size) if config.kv_role == "producer" else None
+        self.producer = (KVProducer(self.layout, cache.block_size, layerwise=stream_layerwise(self.device))
+                         if config.kv_role == "producer" else None)
         self.consumer = (KVConsumer(self.kv, self.runner.kv_caches, self.layout, self.model.shape.vocab)
                          if config.kv_role == "consumer" else None)
         self.groups: dict[str, RequestGroup] = {}
@@ -315,7 +316,10 @@ class LLMEngine:
             return self._step_ahead()
         tables = self.kv.tables  # read-only here: the runner and the producer only read them
         saving = self.producer is not None and self.producer.plan(sched.scheduled, tables)
-        result = self.runner.execute(sched, tables, self.producer.save_layer if saving else None)
+        layerwise = saving and self.producer.layerwise
+        result = self.runner.execute(sched, tables, self.producer.save_layer if layerwise else None)
+        if saving and not layerwise:
+            self.producer.save_step(self.runner.kv_caches)
         touched: dict[str, RequestGroup] = {}
         now = time.monotonic()
         starts = {s.request: s.request.num_computed_tokens for s in sched.scheduled}

@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 
-from tandem.engine.kv_transfer.codec import DEFAULT_CHUNK_BYTES
+from tandem.engine.kv_transfer import DEFAULT_CHUNK_BYTES
 from tandem.proto import router_pb2, router_pb2_grpc
 
 log = logging.getLogger("tandem.worker")
@@ -39,6 +39,10 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--kv-chunk-bytes", type=int, default=DEFAULT_CHUNK_BYTES,
                    help="prefill: largest KV chunk on the wire, in bytes (default: 4 MiB)")
+    g.add_argument("--kv-stream", choices=["auto", "layer", "step"], default="auto",
+                   help="prefill: send a step's KV layer by layer during its forward pass (layer) or once it "
+                        "ended (step); auto (default): layer on a GPU or when the engine's threads leave a CPU "
+                        "core free, else step (sending would slow the forward pass)")
     g.add_argument("--kv-window", type=int, default=16,
                    help="prefill: KV chunks in flight before an acknowledgement (default: 16)")
     g.add_argument("--kv-transport", choices=["auto", "grpc", "shm"], default="auto",
@@ -131,12 +135,13 @@ class WorkerServer:
     def __init__(self, role: int, host, *, bind_host: str = "127.0.0.1", port: int = 0, http_port: int = 0,
                  advertise: str | None = None, worker_id: str | None = None, router: str | None = None,
                  heartbeat_interval: float = 0.5, kv_chunk_bytes: int = DEFAULT_CHUNK_BYTES, kv_window: int = 16,
-                 kv_port: int = 0, kv_transport: str = "auto") -> None:
+                 kv_port: int = 0, kv_transport: str = "auto", kv_stream: str = "auto") -> None:
         self.role, self.host, self.bind_host = role, host, bind_host
         self.port, self.http_port, self.advertise, self.worker_id = port, http_port, advertise, worker_id
         self.router, self.heartbeat_interval = router, heartbeat_interval
         self.kv_chunk_bytes, self.kv_window, self.kv_port = kv_chunk_bytes, kv_window, kv_port
         self.kv_transport = kv_transport
+        self.kv_stream = kv_stream
         self.kv_server = None
         self.name = router_pb2.Role.Name(role).lower()
 
@@ -176,6 +181,8 @@ class WorkerServer:
             from tandem.proto import prefill_pb2_grpc
 
             host.engine.producer.max_chunk_bytes = self.kv_chunk_bytes
+            if self.kv_stream != "auto":
+                host.engine.producer.layerwise = self.kv_stream == "layer"
             prefill_pb2_grpc.add_PrefillServicer_to_server(
                 PrefillServicer(host, self.worker_id, self.metrics.transfers, chunk_window=self.kv_window,
                                 kv_transport=self.kv_transport), self.server)
@@ -207,7 +214,8 @@ async def _serve(args: argparse.Namespace, role: int, host) -> int:
     worker = WorkerServer(role, host, bind_host=args.host, port=args.port, http_port=args.http_port,
                           advertise=args.advertise_address, worker_id=args.worker_id, router=args.router,
                           heartbeat_interval=args.heartbeat_interval, kv_chunk_bytes=args.kv_chunk_bytes,
-                          kv_window=args.kv_window, kv_port=args.kv_port, kv_transport=args.kv_transport)
+                          kv_window=args.kv_window, kv_port=args.kv_port, kv_transport=args.kv_transport,
+                          kv_stream=args.kv_stream)
     await worker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

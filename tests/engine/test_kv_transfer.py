@@ -110,8 +110,10 @@ def test_handoff_matches_colocated(tiny_model_dirs, arch):
     path = tiny_model_dirs[arch]
     prompts = prompts_for(1, [2, 5, 16, 17, 33, 70])
     want = colocated(path, prompts, GREEDY)
-    got = handoff(engine(path, "producer"), engine(path, "consumer"), prompts, GREEDY, chunk_bytes=700)
-    assert got == want
+    for layerwise in (True, False):
+        prefill = engine(path, "producer")
+        prefill.producer.layerwise = layerwise
+        assert handoff(prefill, engine(path, "consumer"), prompts, GREEDY, chunk_bytes=700) == want
 
 
 def test_first_token_comes_with_the_kv(tiny_model_dirs):
@@ -193,20 +195,41 @@ def test_decode_prefix_cache_skips_tokens(tiny_model_dirs):
     assert got == colocated(path, [second], GREEDY)[0]
 
 
-def test_chunks_leave_layer_by_layer_during_the_forward_pass(tiny_model_dirs):
-    """The sink receives layer 0's chunks before layer 1 is computed (the hook runs per layer)."""
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_chunks_leave_layer_by_layer_or_after_the_forward_pass(tiny_model_dirs, layerwise):
+    """Layerwise, the sink receives layer 0's chunks before layer 1 is computed (the hook runs per
+    layer); else every layer's chunks after the forward pass. The same bytes either way."""
     path = tiny_model_dirs["llama"]
-    prefill = engine(path, "producer")
-    order = []
+    prefill = engine(path, "producer", budget=16)  # two steps
+    prefill.producer.layerwise = layerwise
+    events = []
+    forward = prefill.runner.model.forward
+
+    def traced(*args, **kwargs):
+        events.append("forward")
+        out = forward(*args, **kwargs)
+        events.append("end")
+        return out
+
+    prefill.runner.model.forward = traced
 
     class Spy(Recorder):
         def put(self, chunk):
-            order.append(chunk.layer)
+            events.append(chunk.layer)
             super().put(chunk)
 
-    prefill.add_kv_request("p", prompts_for(4, [30])[0], Spy())
+    sink = Spy()
+    prefill.add_kv_request("p", prompts_for(4, [30])[0], sink)
     run(prefill)
-    assert order == sorted(order) and set(order) == {0, 1}
+    steps = [events[i:j] for i, j in zip([k for k, e in enumerate(events) if e == "forward"],
+                                         [k + 1 for k, e in enumerate(events) if e == "end"])]
+    assert len(steps) == 2
+    if layerwise:  # chunks inside each forward pass, in layer order
+        assert all(step[1:-1] == [0, 1] for step in steps), events
+    else:  # none inside, all after
+        assert all(step == ["forward", "end"] for step in steps), events
+        assert [e for e in events if isinstance(e, int)] == [0, 1, 0, 1]
+    assert sum(c.num_tokens for c in sink.chunks) == 2 * 30
 
 
 def test_lease_refuses_bad_and_late_transfers(tiny_model_dirs):

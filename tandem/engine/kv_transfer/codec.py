@@ -12,9 +12,7 @@ from dataclasses import dataclass
 import torch
 import xxhash
 
-# 4 MiB: gRPC's cost per message (~0.3 ms in Python here) made 1 MiB chunks 20-30% slower on
-# loopback (bench/kv_transport.py); one 1,000-token layer of an 8B model (GQA, bf16) is 4 MB.
-DEFAULT_CHUNK_BYTES = 4 << 20
+from tandem.engine.kv_transfer import DEFAULT_CHUNK_BYTES  # noqa: F401 (the codec's bound)
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")  # frombuffer on bytes
 
