@@ -155,7 +155,7 @@ class TransferOpen(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., request_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.LayoutDescriptor, _Mapping]] = ..., transfer_id: _Optional[str] = ..., transport: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("seq", "layer", "token_start", "num_tokens", "data", "checksum", "staged", "shm_offset", "shm_length")
+    __slots__ = ("seq", "layer", "token_start", "num_tokens", "data", "checksum", "staged", "shm_offset", "shm_length", "num_layers")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class KVChunk(_message.Message):
     STAGED_FIELD_NUMBER: _ClassVar[int]
     SHM_OFFSET_FIELD_NUMBER: _ClassVar[int]
     SHM_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     layer: int
     token_start: int
@@ -174,7 +175,8 @@ class KVChunk(_message.Message):
     staged: bool
     shm_offset: int
     shm_length: int
-    def __init__(self, seq: _Optional[int] = ..., layer: _Optional[int] = ..., token_start: _Optional[int] = ..., num_tokens: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ..., staged: _Optional[bool] = ..., shm_offset: _Optional[int] = ..., shm_length: _Optional[int] = ...) -> None: ...
+    num_layers: int
+    def __init__(self, seq: _Optional[int] = ..., layer: _Optional[int] = ..., token_start: _Optional[int] = ..., num_tokens: _Optional[int] = ..., data: _Optional[bytes] = ..., checksum: _Optional[int] = ..., staged: _Optional[bool] = ..., shm_offset: _Optional[int] = ..., shm_length: _Optional[int] = ..., num_layers: _Optional[int] = ...) -> None: ...
 
 class FirstToken(_message.Message):
     __slots__ = ("token_id", "logprob", "top")

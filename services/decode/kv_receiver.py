@@ -83,10 +83,11 @@ class KVReceiver:
                     try:
                         if c.staged:  # copied from the staging area, then checked
                             intact, size = consumer.write_staged(lease_id, transfer_id, c.layer, c.token_start,
-                                                                 c.num_tokens, c.shm_offset, c.shm_length,
-                                                                 c.checksum), c.shm_length
+                                                                 c.num_tokens, c.num_layers or 1, c.shm_offset,
+                                                                 c.shm_length, c.checksum), c.shm_length
                         else:  # checked, then copied
-                            chunk = KVChunkData(c.layer, c.token_start, c.num_tokens, incoming.data, c.checksum)
+                            chunk = KVChunkData(c.layer, c.token_start, c.num_tokens, incoming.data, c.checksum,
+                                                c.num_layers or 1)
                             intact, size = chunk.intact(), len(chunk.data)
                             if intact:
                                 consumer.write(lease_id, transfer_id, chunk)

@@ -256,6 +256,8 @@ class GrpcKVSender:
         if self.staging is None:
             return item
         produced, chunk = item
+        if chunk.num_layers > 1:  # a step's layers together already
+            return item
         merged, size = [chunk.data], len(chunk.data)
         end = chunk.token_start + chunk.num_tokens
         while size < SHM_MERGE_BYTES:
@@ -263,7 +265,7 @@ class GrpcKVSender:
                 nxt = self._chunks.get_nowait()
             except queue.Empty:
                 break
-            if nxt is None or nxt[1].layer != chunk.layer or nxt[1].token_start != end:
+            if nxt is None or nxt[1].layer != chunk.layer or nxt[1].token_start != end or nxt[1].num_layers > 1:
                 self._held = nxt
                 break
             self._pieces += 1
@@ -280,16 +282,19 @@ class GrpcKVSender:
         data = chunk.data
         if corrupt or faults.value("kv.corrupt_all"):
             data = bytes([data[0] ^ 0xFF]) + data[1:]
+        header = decode_pb2.KVChunk(seq=seq, layer=chunk.layer, token_start=chunk.token_start,
+                                    num_tokens=chunk.num_tokens, checksum=chunk.checksum, num_layers=chunk.num_layers)
         if self.staging is None:
-            return kv_wire.OutgoingChunk(decode_pb2.KVChunk(seq=seq, layer=chunk.layer, token_start=chunk.token_start,
-                                                            num_tokens=chunk.num_tokens, checksum=chunk.checksum), data)
+            return kv_wire.OutgoingChunk(header, data)
         t = self.ticket
-        at = shm.offset(chunk.layer, chunk.token_start, t.skip_tokens, t.num_tokens, self.token_bytes)
+        data, per_layer = memoryview(data), len(data) // chunk.num_layers
+        places = [shm.offset(chunk.layer + i, chunk.token_start, t.skip_tokens, t.num_tokens, self.token_bytes)
+                  for i in range(chunk.num_layers)]  # each layer at its own place
         with self._staging_lock:
             try:
-                self.staging.write(at, data)
+                for i, at in enumerate(places):
+                    self.staging.write(at, data[i * per_layer:(i + 1) * per_layer])
             except ValueError as exc:  # unmapped: the transfer already ended
                 raise TransferFailed("cancelled", str(exc)) from None
-        return Msg(chunk=decode_pb2.KVChunk(seq=seq, layer=chunk.layer, token_start=chunk.token_start,
-                                            num_tokens=chunk.num_tokens, checksum=chunk.checksum, staged=True,
-                                            shm_offset=at, shm_length=len(data)))
+        header.staged, header.shm_offset, header.shm_length = True, places[0], len(data)
+        return Msg(chunk=header)

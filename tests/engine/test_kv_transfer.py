@@ -198,7 +198,7 @@ def test_decode_prefix_cache_skips_tokens(tiny_model_dirs):
 @pytest.mark.parametrize("layerwise", [True, False])
 def test_chunks_leave_layer_by_layer_or_after_the_forward_pass(tiny_model_dirs, layerwise):
     """Layerwise, the sink receives layer 0's chunks before layer 1 is computed (the hook runs per
-    layer); else every layer's chunks after the forward pass. The same bytes either way."""
+    layer); else the step's chunks after the forward pass, layers together up to the chunk size."""
     path = tiny_model_dirs["llama"]
     prefill = engine(path, "producer", budget=16)  # two steps
     prefill.producer.layerwise = layerwise
@@ -226,16 +226,18 @@ def test_chunks_leave_layer_by_layer_or_after_the_forward_pass(tiny_model_dirs, 
     assert len(steps) == 2
     if layerwise:  # chunks inside each forward pass, in layer order
         assert all(step[1:-1] == [0, 1] for step in steps), events
-    else:  # none inside, all after
+    else:  # none inside; after each pass one chunk holding both layers
         assert all(step == ["forward", "end"] for step in steps), events
-        assert [e for e in events if isinstance(e, int)] == [0, 1, 0, 1]
-    assert sum(c.num_tokens for c in sink.chunks) == 2 * 30
+        assert [(c.layer, c.num_layers) for c in sink.chunks] == [(0, 2), (0, 2)]
+    assert sum(c.num_tokens * c.num_layers for c in sink.chunks) == 2 * 30
+    assert all(len(c.data) == c.num_layers * c.num_tokens * prefill.layout.token_bytes for c in sink.chunks)
 
 
 def test_lease_refuses_bad_and_late_transfers(tiny_model_dirs):
     path = tiny_model_dirs["llama"]
     prefill, decode = engine(path, "producer"), engine(path, "consumer")
     ids = prompts_for(5, [40])[0]
+    prefill.producer.layerwise = True  # a chunk per layer: a transfer can stop half done
     lease = decode.add_remote_request("r", ids, GREEDY, lease_seconds=60)
     sink = Recorder()
     produce(prefill, "p", lease, ids, GREEDY, sink)
@@ -252,6 +254,8 @@ def test_lease_refuses_bad_and_late_transfers(tiny_model_dirs):
         c.write(lease.lease_id, "t", KVChunkData(5, 0, 1, chunk.data[: prefill.layout.token_bytes]))
     with pytest.raises(LeaseError, match="bytes"):
         c.write(lease.lease_id, "t", KVChunkData(0, 0, 2, chunk.data[:10]))
+    with pytest.raises(LeaseError, match="layers 1..2"):  # two layers from the last one
+        c.write(lease.lease_id, "t", KVChunkData(1, 0, 1, bytes(2 * prefill.layout.token_bytes), num_layers=2))
     c.write(lease.lease_id, "t", chunk)
     with pytest.raises(LeaseError, match="missing"):
         c.close(lease.lease_id, "t", sink.first)
@@ -333,7 +337,7 @@ def test_shared_memory_staging_is_pooled_and_checked(tiny_model_dirs):
     c.open(lease.lease_id, "t", prefill.layout)
     for i, chunk in enumerate(sink.chunks):
         at = shm.offset(chunk.layer, chunk.token_start, lease.skip_tokens, lease.num_tokens, tb)
-        args = (lease.lease_id, "t", chunk.layer, chunk.token_start, chunk.num_tokens)
+        args = (lease.lease_id, "t", chunk.layer, chunk.token_start, chunk.num_tokens, chunk.num_layers)
         with pytest.raises(LeaseError, match="offset"):
             c.write_staged(*args, at + 1, len(chunk.data), chunk.checksum)
         if i == 0:  # corrupted in the staging area: refused, then sent again
@@ -357,7 +361,7 @@ def test_shared_memory_staging_is_pooled_and_checked(tiny_model_dirs):
     lease.deadline = 0.0
     decode.abort_request(decode.expired_leases())
     with pytest.raises(LeaseError, match="does not exist"):
-        c.write_staged(lease.lease_id, "t", 0, lease.skip_tokens, 1, 0, tb, 0)
+        c.write_staged(lease.lease_id, "t", 0, lease.skip_tokens, 1, 1, 0, tb, 0)
     assert torch.equal(before, decode.runner.kv_caches[0]), "a late chunk was written"
     assert decode.kv.pool.num_free == decode.kv.pool.num_blocks
     area.close()

@@ -167,54 +167,68 @@ class KVConsumer:
             lease.received = torch.zeros(self.layout.num_layers, lease.num_tokens, dtype=torch.bool)
         return lease
 
-    def _slots(self, lease_id: str, layer: int, token_start: int, num_tokens: int,
+    def _slots(self, lease_id: str, layer: int, token_start: int, num_tokens: int, num_layers: int,
                nbytes: int) -> tuple[Lease, torch.Tensor]:
         """The lease and the cache slots of a chunk, once it is known to fit the lease."""
         lease = self._get(lease_id)
-        end = token_start + num_tokens
-        if not (0 <= layer < self.layout.num_layers and lease.skip_tokens <= token_start < end <= lease.num_tokens):
-            raise LeaseError(f"chunk layer {layer} tokens [{token_start}, {end}) is outside lease "
+        end, last = token_start + num_tokens, layer + num_layers - 1
+        if not (0 <= layer <= last < self.layout.num_layers and lease.skip_tokens <= token_start < end
+                <= lease.num_tokens):
+            raise LeaseError(f"chunk of layers {layer}..{last} tokens [{token_start}, {end}) is outside lease "
                              f"{lease_id} (layers 0..{self.layout.num_layers - 1}, tokens "
                              f"[{lease.skip_tokens}, {lease.num_tokens}))")
-        if nbytes != num_tokens * self.layout.token_bytes:
-            raise LeaseError(f"chunk of {num_tokens} tokens has {nbytes} bytes, expected "
-                             f"{num_tokens * self.layout.token_bytes}")
+        if nbytes != num_layers * num_tokens * self.layout.token_bytes:
+            raise LeaseError(f"chunk of {num_layers} layer(s) x {num_tokens} tokens has {nbytes} bytes, expected "
+                             f"{num_layers * num_tokens * self.layout.token_bytes}")
         return lease, codec.slots_of(lease.block_ids, self.kv.block_size, token_start, end)
 
     def write(self, lease_id: str, transfer_id: str, chunk: KVChunkData) -> None:
         """Bytes from the wire, verified by the caller."""
-        lease, slots = self._slots(lease_id, chunk.layer, chunk.token_start, chunk.num_tokens, len(chunk.data))
+        lease, slots = self._slots(lease_id, chunk.layer, chunk.token_start, chunk.num_tokens, chunk.num_layers,
+                                   len(chunk.data))
+        per_layer = len(chunk.data) // chunk.num_layers
+        data = memoryview(chunk.data)
         with lease.lock:
             if not lease.alive or lease.transfer_id != transfer_id:
                 raise LeaseError(f"lease {lease_id!r} ended or was taken over by another transfer")
-            codec.decode_into(self.caches[chunk.layer], slots, chunk.data)
-            lease.received[chunk.layer, chunk.token_start:chunk.token_start + chunk.num_tokens] = True
+            for i in range(chunk.num_layers):
+                codec.decode_into(self.caches[chunk.layer + i], slots, data[i * per_layer:(i + 1) * per_layer])
+            lease.received[chunk.layer:chunk.layer + chunk.num_layers,
+                           chunk.token_start:chunk.token_start + chunk.num_tokens] = True
 
     def write_staged(self, lease_id: str, transfer_id: str, layer: int, token_start: int, num_tokens: int,
-                     offset: int, length: int, checksum: int) -> bool:
-        """A chunk from the lease's staging area, copied into the blocks and then checked on the bytes
-        it was copied from (no copy in between); False on a checksum mismatch (nothing counts as
-        received: the sender sends it again). Checking after the copy catches a writer that changed
-        the bytes before or while they were copied."""
-        lease, slots = self._slots(lease_id, layer, token_start, num_tokens, length)
+                     num_layers: int, offset: int, length: int, checksum: int) -> bool:
+        """A chunk from the lease's staging area (each of its layers at that layer's place; `offset` is
+        the first's), copied into the blocks and then checked on the bytes it was copied from (no copy
+        in between); False on a checksum mismatch (nothing counts as received: the sender sends it
+        again). Checking after the copy catches a writer that changed the bytes before or while they
+        were copied."""
+        lease, slots = self._slots(lease_id, layer, token_start, num_tokens, num_layers, length)
+        per_layer = length // num_layers
+        tb = self.layout.token_bytes
         with lease.lock:
             if not lease.alive or lease.transfer_id != transfer_id or lease.staging is None:
                 raise LeaseError(f"lease {lease_id!r} ended, was taken over or has no staging area")
-            expected = shm.offset(layer, token_start, lease.skip_tokens, lease.num_tokens, self.layout.token_bytes)
+            expected = shm.offset(layer, token_start, lease.skip_tokens, lease.num_tokens, tb)
             if offset != expected:
                 raise LeaseError(f"staged chunk of layer {layer} at token {token_start} claims offset {offset}, "
                                  f"its place is {expected}")
-            if offset + length > lease.staging_bytes:
-                raise LeaseError(f"staged chunk [{offset}, {offset + length}) is outside the lease's "
+            places = [shm.offset(layer + i, token_start, lease.skip_tokens, lease.num_tokens, tb)
+                      for i in range(num_layers)]
+            if places[-1] + per_layer > lease.staging_bytes:
+                raise LeaseError(f"staged chunk [{places[-1]}, {places[-1] + per_layer}) is outside the lease's "
                                  f"{lease.staging_bytes} staged bytes")
-            view = lease.staging.view(offset, length)
-            try:
-                codec.decode_into(self.caches[layer], slots, view)
-                intact = codec.checksum(view) == checksum
-            finally:
-                view.release()
+            digest = codec.Checksum()
+            for i, at in enumerate(places):
+                view = lease.staging.view(at, per_layer)
+                try:
+                    codec.decode_into(self.caches[layer + i], slots, view)
+                    digest.update(view)
+                finally:
+                    view.release()
+            intact = digest.value() == checksum
             if intact:
-                lease.received[layer, token_start:token_start + num_tokens] = True
+                lease.received[layer:layer + num_layers, token_start:token_start + num_tokens] = True
             return intact
 
     def close(self, lease_id: str, transfer_id: str, first: Sample | None = None) -> None:

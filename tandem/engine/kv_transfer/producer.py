@@ -101,9 +101,16 @@ class KVProducer:
                 t.sink.put(KVChunkData(layer, a, b - a, codec.encode(cache, slots)))
 
     def save_step(self, caches: list[torch.Tensor]) -> None:
-        """Not layerwise: every layer's chunks of this step, once its forward pass ended."""
-        for layer, cache in enumerate(caches):
-            self.save_layer(layer, cache)
+        """Not layerwise: every layer's chunks of this step, once its forward pass ended. A chunk
+        holds as many consecutive layers of a token range as fit `max_chunk_bytes` (at least one)."""
+        for t in self._planned:
+            for a, b, slots in t.pieces:
+                per_layer = (b - a) * self.layout.token_bytes
+                group = max(1, self.max_chunk_bytes // per_layer)
+                for first in range(0, len(caches), group):
+                    layers = caches[first:first + group]
+                    t.sink.put(KVChunkData(first, a, b - a, codec.encode_layers(layers, slots),
+                                           num_layers=len(layers)))
 
     def step_done(self, samples: dict[Request, Sample]) -> None:
         """`samples`: this step's first tokens of requests that sample one."""
