@@ -31,7 +31,7 @@ from tandem.worker.process import free_port
 
 
 async def one(address: str, tokens: int, chunk_bytes: int, window: int, seed: int,
-              transport: str = "shm") -> tuple[float, object]:
+              transport: str = "shm", one_layer: bool = False) -> tuple[float, object]:
     channel = grpc.aio.insecure_channel(address)
     stub = decode_pb2_grpc.DecodeStub(channel)
     state = await router_pb2_grpc.WorkerStub(channel).GetState(router_pb2.StateRequest())
@@ -44,12 +44,17 @@ async def one(address: str, tokens: int, chunk_bytes: int, window: int, seed: in
     sync_channel = grpc.insecure_channel(ticket.endpoint, options=CHANNEL_OPTIONS)
     sender = GrpcKVSender(sync_channel, ticket, state.info.layout, "bench", window=window,
                           shm=transport == "shm", token_bytes=layout.token_bytes)
+    tb, n = layout.token_bytes, ticket.num_tokens - ticket.skip_tokens
+    # views of one buffer, so only the transport copies; layers grouped as a step's KV after its forward
+    # pass is (KVProducer.save_step), or one layer a chunk as during it (--one-layer)
+    group = 1 if one_layer else max(1, chunk_bytes // (n * tb))
+    data = memoryview(os.urandom(tb * n * group))
     started = time.perf_counter()
     run = asyncio.get_running_loop().run_in_executor(None, sender.run)
-    data = memoryview(os.urandom(layout.token_bytes * ticket.num_tokens))  # views: the transport's copies alone
-    for layer in range(layout.num_layers):
-        for a, b in codec.split(ticket.skip_tokens, ticket.num_tokens, layout.token_bytes, chunk_bytes):
-            sender.put(KVChunkData(layer, a, b - a, data[a * layout.token_bytes:b * layout.token_bytes]))
+    for first in range(0, layout.num_layers, group):
+        k = min(group, layout.num_layers - first)
+        for a, b in codec.split(ticket.skip_tokens, ticket.num_tokens, tb, chunk_bytes):
+            sender.put(KVChunkData(first, a, b - a, data[:(b - a) * tb * k], num_layers=k))
     sender.finish(Sample(prompt[-1], 0.0, None))  # the lease wants every token's KV and the first output token
     stats = await run
     wall = time.perf_counter() - started
@@ -70,6 +75,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--transport", choices=["shm", "grpc"], default="shm",
                    help="shm: bytes staged in shared memory, gRPC for control (default); grpc: bytes over gRPC")
+    p.add_argument("--one-layer", action="store_true",
+                   help="a chunk per layer (as when KV leaves during the forward pass); default: layers grouped "
+                        "up to --chunk-bytes (as after it)")
     args = p.parse_args()
     keep_bulk_buffers_mapped()  # as the workers do
     port = free_port()
@@ -84,13 +92,15 @@ def main() -> None:
             if line.startswith("TANDEM_READY"):
                 break
         address = f"127.0.0.1:{port}"
-        results = [asyncio.run(one(address, args.tokens, args.chunk_bytes, args.window, i, args.transport))
+        results = [asyncio.run(one(address, args.tokens, args.chunk_bytes, args.window, i, args.transport,
+                                   args.one_layer))
                    for i in range(args.repeats + 1)][1:]  # the first one warms up
         walls = [w for w, _ in results]
         mb = results[0][1].bytes / 1e6
         assert all(s.transport == args.transport for _, s in results), [s.transport for _, s in results]
+        grouping = "one layer each" if args.one_layer else "layers grouped"
         print(f"transport {args.transport}: {args.tokens}-token prompt, {mb:.1f} MB in {results[0][1].chunks} "
-              f"messages (chunks of <= {args.chunk_bytes} B; staged ones of a layer merge), window {args.window}: "
+              f"messages (chunks of <= {args.chunk_bytes} B, {grouping}), window {args.window}: "
               f"median {statistics.median(walls) * 1e3:.1f} ms open-to-complete = "
               f"{mb / 1e3 / statistics.median(walls):.2f} GB/s; wire-time GB/s median "
               f"{statistics.median(s.gbps for _, s in results):.2f}; handshake "

@@ -104,13 +104,16 @@ class KVProducer:
         """Not layerwise: every layer's chunks of this step, once its forward pass ended. A chunk
         holds as many consecutive layers of a token range as fit `max_chunk_bytes` (at least one)."""
         for t in self._planned:
+            chunks = []
             for a, b, slots in t.pieces:
                 per_layer = (b - a) * self.layout.token_bytes
                 group = max(1, self.max_chunk_bytes // per_layer)
                 for first in range(0, len(caches), group):
                     layers = caches[first:first + group]
-                    t.sink.put(KVChunkData(first, a, b - a, codec.encode_layers(layers, slots),
-                                           num_layers=len(layers)))
+                    chunks.append(KVChunkData(first, a, b - a, codec.encode_layers(layers, slots),
+                                              num_layers=len(layers)))
+            for chunk in chunks:
+                t.sink.put(chunk)
 
     def step_done(self, samples: dict[Request, Sample]) -> None:
         """`samples`: this step's first tokens of requests that sample one."""
