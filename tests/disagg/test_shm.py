@@ -21,8 +21,9 @@ def transfers(s, worker: str, transport: str, outcome: str = "success") -> float
     return total(s.metrics(worker), "tandem:kv_transfers_total", outcome=outcome, transport=transport)
 
 
-def test_shm_transfer_equals_colocated_and_is_labelled_shm(stack_factory, model, reference):
-    s = stack_factory(model, 1, 1, worker_args=SMALL_CHUNKS)
+@pytest.mark.parametrize("stream", ["layer", "step"])
+def test_shm_transfer_equals_colocated_and_is_labelled_shm(stack_factory, model, reference, stream):
+    s = stack_factory(model, 1, 1, worker_args=[*SMALL_CHUNKS, "--kv-stream", stream])
     for seed in (20, 21):
         ids = prompt(seed)
         assert complete(s, model, ids) == reference(ids, 16)
