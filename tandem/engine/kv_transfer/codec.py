@@ -2,8 +2,8 @@
 (XXH3-64), and back.
 
 A chunk's data is [num_layers, 2, num_tokens, num_kv_heads, head_dim] (per layer K then V) in the
-cache dtype, raw little-endian bytes. Chunks are cut so none exceeds `max_bytes`: messages stay bounded whatever
-the prompt length.
+cache dtype, raw little-endian bytes. Chunks are cut so none exceeds `max_bytes`: messages stay
+bounded whatever the prompt length.
 """
 from __future__ import annotations
 
@@ -41,17 +41,10 @@ def checksum(data) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-class Checksum:
-    """`checksum` of bytes given in pieces (a staged chunk's layers lie apart)."""
-
-    def __init__(self) -> None:
-        self._h = xxhash.xxh3_64()
-
-    def update(self, data) -> None:
-        self._h.update(data)
-
-    def value(self) -> int:
-        return self._h.intdigest()
+def hasher() -> "xxhash.xxh3_64":
+    """`checksum` of bytes given in pieces (`update` each, then `intdigest`): a staged chunk's
+    layers lie apart."""
+    return xxhash.xxh3_64()
 
 
 def slots_of(block_ids: list[int], block_size: int, start: int, end: int) -> torch.Tensor:
@@ -61,17 +54,9 @@ def slots_of(block_ids: list[int], block_size: int, start: int, end: int) -> tor
     return table[pos // block_size] * block_size + pos % block_size
 
 
-def encode(cache: torch.Tensor, slots: torch.Tensor) -> memoryview:
-    """K and V of `slots` from one layer's cache [2, blocks, block_size, Hkv, D], as bytes (a view
-    of a fresh tensor: one copy, not two)."""
-    _, num_blocks, block_size, heads, dim = cache.shape
-    flat = cache.view(2, num_blocks * block_size, heads, dim)
-    kv = flat.index_select(1, slots.to(cache.device)).cpu().contiguous()
-    return memoryview(kv.view(torch.uint8).numpy().reshape(-1))
-
-
-def encode_layers(caches: list[torch.Tensor], slots: torch.Tensor) -> memoryview:
-    """`encode` of several layers' caches, one after the other, in one buffer (one copy)."""
+def encode(caches: list[torch.Tensor], slots: torch.Tensor) -> memoryview:
+    """K and V of `slots` from consecutive layers' caches [2, blocks, block_size, Hkv, D], one layer
+    after the other, as bytes (a view of one fresh host tensor: a single copy)."""
     _, num_blocks, block_size, heads, dim = caches[0].shape
     out = torch.empty((len(caches), 2, len(slots), heads, dim), dtype=caches[0].dtype)
     for i, cache in enumerate(caches):
@@ -84,7 +69,7 @@ def encode_layers(caches: list[torch.Tensor], slots: torch.Tensor) -> memoryview
 
 
 def decode_into(cache: torch.Tensor, slots: torch.Tensor, data: bytes | memoryview) -> None:
-    """Write bytes made by `encode` into `slots` of one layer's cache."""
+    """Write one layer's bytes made by `encode` into `slots` of that layer's cache."""
     _, num_blocks, block_size, heads, dim = cache.shape
     kv = torch.frombuffer(data, dtype=torch.uint8).view(cache.dtype).view(2, len(slots), heads, dim)
     flat = cache.view(2, num_blocks * block_size, heads, dim)

@@ -218,7 +218,7 @@ class KVConsumer:
             if places[-1] + per_layer > lease.staging_bytes:
                 raise LeaseError(f"staged chunk [{places[-1]}, {places[-1] + per_layer}) is outside the lease's "
                                  f"{lease.staging_bytes} staged bytes")
-            digest = codec.Checksum()
+            digest = codec.hasher()
             for i, at in enumerate(places):
                 view = lease.staging.view(at, per_layer)
                 try:
@@ -226,7 +226,7 @@ class KVConsumer:
                     digest.update(view)
                 finally:
                     view.release()
-            intact = digest.value() == checksum
+            intact = digest.intdigest() == checksum
             if intact:
                 lease.received[layer:layer + num_layers, token_start:token_start + num_tokens] = True
             return intact

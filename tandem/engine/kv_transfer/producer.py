@@ -98,7 +98,7 @@ class KVProducer:
     def save_layer(self, layer: int, cache: torch.Tensor) -> None:
         for t in self._planned:
             for a, b, slots in t.pieces:
-                t.sink.put(KVChunkData(layer, a, b - a, codec.encode(cache, slots)))
+                t.sink.put(KVChunkData(layer, a, b - a, codec.encode([cache], slots)))
 
     def save_step(self, caches: list[torch.Tensor]) -> None:
         """Not layerwise: every layer's chunks of this step, once its forward pass ended. A chunk
@@ -110,9 +110,9 @@ class KVProducer:
                 group = max(1, self.max_chunk_bytes // per_layer)
                 for first in range(0, len(caches), group):
                     layers = caches[first:first + group]
-                    chunks.append(KVChunkData(first, a, b - a, codec.encode_layers(layers, slots),
+                    chunks.append(KVChunkData(first, a, b - a, codec.encode(layers, slots),
                                               num_layers=len(layers)))
-            for chunk in chunks:
+            for chunk in chunks:  # all encoded before the first leaves: the gather does not race the wire
                 t.sink.put(chunk)
 
     def step_done(self, samples: dict[Request, Sample]) -> None:
