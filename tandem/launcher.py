@@ -194,7 +194,8 @@ def add_up_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address every part binds (default: 127.0.0.1)")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (default: 1)")
     p.add_argument("--decode", type=int, default=1, help="decode workers (default: 1)")
-    p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (default: all CPUs; idle workers sleep)")
+    p.add_argument("--threads-per-worker", type=int,
+                   help="torch threads per worker (default: all CPUs; idle workers sleep)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per worker in GiB (default: 1)")

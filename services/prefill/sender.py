@@ -3,9 +3,9 @@ by a thread of its own with gRPC's synchronous API (on a couple of cores it move
 twice as fast as the asyncio API, and it keeps the bulk copies off the worker's event loop).
 
 Chunks come from the engine thread (`put`, the producer's sink) and are written in order once the
-stream is open and the lease accepted; `finish` ends them, with the first output token when prefill
-sampled one, which the close message carries. At most `window` chunks are unacknowledged at a time (flow
-control on top of HTTP/2's); a chunk decode reports as corrupted is sent again, at most
+stream is open and the lease accepted; `finish` ends them, with the first output token when
+prefill sampled one, which the close message carries. At most `window` chunks are unacknowledged
+at a time (flow control on top of HTTP/2's); a chunk decode reports as corrupted is sent again, at most
 `max_retransmits` times. `run` (blocking) returns the transfer's statistics or raises
 `TransferFailed` with a failure class: incompatible, lease_refused, checksum, decode_unavailable,
 timeout, cancelled.

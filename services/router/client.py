@@ -75,7 +75,8 @@ class RequestRecord:
                     f"retransmits={t.retransmits} failure_class={t.failure_class or 'none'}") if t else "none"
         return (f"request {self.request_id}: prompt_tokens={self.prompt_tokens} output_tokens={out_tokens} "
                 f"decision={self.decision} decode={','.join(self.decode) or '-'} prefill={self.prefill or '-'} "
-                f"prefill_ms={self.prefill_s * 1e3:.1f} transfer=[{transfer}] prefill_failures={len(self.prefill_failures)} failovers={self.failovers} "
+                f"prefill_ms={self.prefill_s * 1e3:.1f} transfer=[{transfer}] "
+                f"prefill_failures={len(self.prefill_failures)} failovers={self.failovers} "
                 f"ttft_ms={ttft} e2e_ms={(time.monotonic() - self.arrival) * 1e3:.1f}"
                 + (f" error={self.error!r}" if self.error else ""))
 

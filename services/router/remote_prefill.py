@@ -1,9 +1,10 @@
 """Filling a decode worker's lease from prefill workers (the router's side of a remote prefill).
 
 `fill` picks a compatible prefill worker, asks it to compute the prompt and write the KV (and the
-first output token, when the lease wants it) into the lease, and tries another one if that fails (dead, hung, refused); when none is left it tells
-decode to prefill the prompt itself. A failure that means the lease itself is gone (refused,
-decode unreachable) stops the retries: the decode stream then says what happened.
+first output token, when the lease wants it) into the lease, and tries another one if that fails
+(dead, hung, refused); when none is left it tells decode to prefill the prompt itself. A failure
+that means the lease itself is gone (refused, decode unreachable) stops the retries: the decode
+stream then says what happened.
 """
 from __future__ import annotations
 

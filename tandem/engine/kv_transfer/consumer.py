@@ -8,8 +8,8 @@ transfer id restarts the count, so a retry from another prefill worker rewrites 
 that wants every prompt token's KV also wants the first output token, which `close` brings) ->
 `take_complete` (engine thread: the request joins the scheduler with its prompt computed and its
 first token sampled, or with all but its last prompt token computed) or `release` (abort, expiry,
-local fallback). A lease is released under its lock,
-so no chunk is written after it ended: a late transfer gets an error and writes nothing.
+local fallback). A lease is released under its lock, so no chunk is written after it ended: a late
+transfer gets an error and writes nothing.
 
 Same-host transfers: with `staging_max_bytes` set, `reserve` also takes a shared-memory staging
 area for the lease from a pool (shm.StagingPool; it goes back when the lease leaves the table); the

@@ -1,13 +1,14 @@
-"""The producer role (prefill): send a prompt's KV, layer by layer, as the forward pass makes it.
+"""The producer role (prefill): send a prompt's KV, layer by layer as the forward pass makes it or
+each step's after its forward pass (`layerwise`, `stream_layerwise`).
 
 Lifecycle of one transfer: `attach` (the request is added, with the sink a transport gave and the
 first token the consumer lacks) -> every step, `plan` (scheduler side) picks the token range the
 step completes that is not sent yet, and `save_layer` (worker side, called by attention right
-after it wrote that layer's K and V, or for every layer once the forward pass ended: see
-`layerwise`) encodes the range into chunks for the sink -> `step_done`
-advances the transfer and calls `sink.finish(first)` once every wanted token went out, with the
-first output token when the request samples one (`Request.sample_first_token`: the step that
-computes the last prompt token samples it) -> `detach` on abort. A preempted request recomputes
+after it wrote that layer's K and V; or `save_step` for every layer once the forward pass ended)
+encodes the range into chunks for the sink -> `step_done` advances the transfer and calls
+`sink.finish(first)` once every wanted token went out, with the first output token when the
+request samples one (`Request.sample_first_token`: the step that computes the last prompt token
+samples it) -> `detach` on abort. A preempted request recomputes
 its prompt; tokens already sent are not sent again.
 """
 from __future__ import annotations

@@ -6,11 +6,12 @@ that keeps the control (open, per-chunk offset + checksum, acks, close).
   order, so a chunk's place is fixed and a retransmit rewrites it); `view` exposes a chunk's bytes
   in place, which decode copies into its blocks and then checks against the chunk's checksum (a
   mismatch is sent again before the tokens count as received). When the lease ends (complete,
-  expired, released) its area goes back to the pool, for the next lease: a fresh tmpfs file
-  page-faults every 4 KiB it is written, which cost 23-38 ms per 46 MB here against 5-7 ms into
-  pages already there. The pool unlinks what it does not keep, and everything when the worker stops;
-  `sweep` removes files that a killed worker left. Prefill never touches decode's KV cache tensors:
-  decode copies staged bytes into its blocks only while the lease is alive.
+  expired, released) its area is renamed idle and goes back to the pool, for the next lease: a fresh
+  tmpfs file page-faults every 4 KiB it is written, which cost 23-38 ms per 46 MB here against
+  5-7 ms into pages already there. The pool unlinks what it does not keep, and everything when the
+  worker stops; `sweep` (the launcher runs it when a worker dies) removes files a dead worker left.
+  Prefill never touches decode's KV cache tensors: decode copies staged bytes into its blocks only
+  while the lease is alive.
 - Producer side (prefill, a transport's sending thread): `StagingArea.attach` maps the file the
   ticket names, or returns None (another host, no such file, too small): the transfer then sends
   its bytes over gRPC. `write` puts a chunk's bytes at its offset.
