@@ -15,9 +15,10 @@ from tandem.engine.attention import attention_backend
 from tandem.inputs import InputChecker
 from tandem.engine.cpu_tuning import tune_host_allocator
 from tandem.engine.kv_cache.manager import KVCacheManager
-from tandem.engine.kv_transfer.consumer import KVConsumer, Lease
+from tandem.engine.kv_roles import KVRoles
+from tandem.engine.kv_transfer.consumer import KVConsumer
 from tandem.engine.kv_transfer.layout import describe
-from tandem.engine.kv_transfer.producer import KVProducer, KVSink, stream_layerwise
+from tandem.engine.kv_transfer.producer import KVProducer, stream_layerwise
 from tandem.engine.model_runner import ModelRunner
 from tandem.engine.models import model_class
 from tandem.engine.request import Request, RequestGroup
@@ -57,7 +58,7 @@ class EngineStats:
     num_chained_lookaheads: int = 0  # lookaheads launched before the host applied the previous one
 
 
-class LLMEngine:
+class LLMEngine(KVRoles):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_path = loader.resolve_model(config.model)
@@ -204,79 +205,6 @@ class LLMEngine:
                     seed_index: int = 0) -> None:
         group = self._new_group(request_id, prompt, params, priority, arrival_time, resume_token_ids, seed_index)
         self.scheduler.add(group.seqs[0])
-
-    # ---- KV transfer roles (see tandem.engine.kv_transfer) ----------------------------------
-
-    def add_kv_request(self, request_id: str, prompt_token_ids: list[int], sink: KVSink, skip_tokens: int = 0,
-                       params: SamplingParams | None = None) -> None:
-        """Producer role: compute the KV of `prompt_token_ids` and stream tokens [skip_tokens, ..) to
-        `sink`, layer by layer. With `params`, the last step also samples the first output token with
-        them (a single sequence), which `sink.finish` receives. The request finishes ("prefilled")
-        once every token is computed."""
-        if self.producer is None:
-            raise RuntimeError("this engine has no KV producer role")
-        if params is not None and params.best_of != 1:
-            raise ValueError("prefill samples the first token of a single sequence only (n = best_of = 1)")
-        group = self._new_group(request_id, list(prompt_token_ids), params or SamplingParams(max_tokens=1), 0, None)
-        seq = group.seqs[0]
-        seq.kv_only = True
-        seq.sample_first_token = params is not None
-        self.producer.attach(seq, sink, skip_tokens)
-        self.scheduler.add(seq)
-
-    def add_remote_request(self, request_id: str, prompt: list[int], params: SamplingParams, priority: int = 0,
-                           arrival_time: float | None = None, *, lease_seconds: float = 30.0,
-                           resume_token_ids: list[int] = (), seed_index: int = 0) -> Lease | None:
-        """Consumer role: reserve the prompt's blocks under a lease that a producer fills. None when
-        the cache has no room now: the request is then prefilled here like any other.
-
-        A plain single sequence (n = 1, not resumed) leases every prompt token, and the producer
-        samples the first output token from the last one: the first token does not wait for a forward
-        pass here. Otherwise the lease leaves the last prompt token out and this engine computes it
-        and samples (forks for n > 1, a resumed sequence's seeds and penalties)."""
-        if self.consumer is None:
-            raise RuntimeError("this engine has no KV consumer role")
-        group = self._new_group(request_id, prompt, params, priority, arrival_time, resume_token_ids, seed_index)
-        producer_samples = group.params.best_of == 1 and not resume_token_ids and seed_index == 0
-        lease = self.consumer.reserve(group.seqs[0], lease_seconds, producer_samples)
-        if lease is None:
-            self.scheduler.add(group.seqs[0])
-        return lease
-
-    def prefill_locally(self, request_id: str) -> bool:
-        """Consumer role: give up a request's lease and compute its prompt here instead."""
-        group = self.groups.get(request_id)
-        seq = group.seqs[0] if group else None
-        if seq is None or self.consumer is None or self.consumer.release(seq) is None:
-            return False
-        self.kv.free(seq)
-        seq.num_cached_tokens = -1
-        self.scheduler.add(seq)
-        return True
-
-    def expired_leases(self) -> list[str]:
-        """Request ids whose lease ran out before their KV arrived (the caller aborts them)."""
-        if self.consumer is None:
-            return []
-        return [lease.request.group.request_id for lease in self.consumer.expired(time.monotonic())]
-
-    def _admit_loaded(self) -> dict[str, RequestGroup]:
-        """Requests whose KV arrived join the scheduler; those that came with their first token
-        take it first (it may finish them). Returns the groups that got a token."""
-        touched: dict[str, RequestGroup] = {}
-        now = time.monotonic()
-        for lease in self.consumer.take_complete():
-            req = lease.request
-            self.kv.publish(req, lease.num_tokens)
-            req.num_computed_tokens = lease.num_tokens
-            if lease.first is not None:
-                if req.first_scheduled_time is None:
-                    req.first_scheduled_time = now
-                self._update(req, lease.first, now)
-                touched[req.group.request_id] = req.group
-            if not req.finished:
-                self.scheduler.add(req)
-        return touched
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
