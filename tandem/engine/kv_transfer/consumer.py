@@ -209,12 +209,11 @@ class KVConsumer:
         with lease.lock:
             if not lease.alive or lease.transfer_id != transfer_id or lease.staging is None:
                 raise LeaseError(f"lease {lease_id!r} ended, was taken over or has no staging area")
-            expected = shm.offset(layer, token_start, lease.skip_tokens, lease.num_tokens, tb)
-            if offset != expected:
-                raise LeaseError(f"staged chunk of layer {layer} at token {token_start} claims offset {offset}, "
-                                 f"its place is {expected}")
             places = [shm.offset(layer + i, token_start, lease.skip_tokens, lease.num_tokens, tb)
                       for i in range(num_layers)]
+            if offset != places[0]:
+                raise LeaseError(f"staged chunk of layer {layer} at token {token_start} claims offset {offset}, "
+                                 f"its place is {places[0]}")
             if places[-1] + per_layer > lease.staging_bytes:
                 raise LeaseError(f"staged chunk [{places[-1]}, {places[-1] + per_layer}) is outside the lease's "
                                  f"{lease.staging_bytes} staged bytes")
