@@ -49,6 +49,18 @@ def _check_token_rows(name: str, t: torch.Tensor, cache: torch.Tensor) -> None:
 
 def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """k, v [T, Hkv, D] (strided views allowed) -> kv_cache[0/1] at slot_mapping [T] (int64/int32, < 0 skipped)."""
+    check_cache_write(k, v, kv_cache, slot_mapping)
+    tokens = k.shape[0]
+    if tokens == 0:
+        return
+    token_size = kv_cache.shape[3] * kv_cache.shape[4]
+    block = min(_BLOCK, triton.next_power_of_2(token_size))
+    _reshape_and_cache_kernel[(tokens, triton.cdiv(token_size, block))](
+        k, v, kv_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1), kv_cache.stride(0),
+        HEAD_DIM=kv_cache.shape[4], TOKEN_SIZE=token_size, BLOCK=block, num_warps=4)
+
+
+def check_cache_write(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or not kv_cache.is_contiguous():
         raise ValueError("reshape_and_cache: kv_cache must be a contiguous [2, num_blocks, block_size, Hkv, D], "
                          f"got {tuple(kv_cache.shape)} with strides {kv_cache.stride()}")
@@ -63,10 +75,3 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, 
     if slot_mapping.dtype not in (torch.int64, torch.int32) or slot_mapping.device != kv_cache.device:
         raise TypeError(f"reshape_and_cache: slot_mapping must be int64 or int32 on {kv_cache.device}, "
                         f"got {slot_mapping.dtype} on {slot_mapping.device}")
-    if tokens == 0:
-        return
-    token_size = kv_cache.shape[3] * kv_cache.shape[4]
-    block = min(_BLOCK, triton.next_power_of_2(token_size))
-    _reshape_and_cache_kernel[(tokens, triton.cdiv(token_size, block))](
-        k, v, kv_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1), kv_cache.stride(0),
-        HEAD_DIM=kv_cache.shape[4], TOKEN_SIZE=token_size, BLOCK=block, num_warps=4)

@@ -186,7 +186,7 @@ def choose_num_splits(batch: int, num_kv: int, max_context_len: int, sm_count: i
     power of two, since NUM_SPLITS is compiled in: a few kernel variants serve every batch size."""
     if batch * num_kv == 0:
         return 1
-    wanted = math.ceil(4 * sm_count / (batch * num_kv))
+    wanted = max(1, 4 * sm_count // (batch * num_kv))  # rounded down: 64 x 8 heads on 132 SMs need no split
     splits = max(1, min(wanted, math.ceil(max_context_len / _MIN_SPLIT_TOKENS), _MAX_SPLITS))
     return 1 << (splits.bit_length() - 1)  # rounded down: never shorter splits than asked
 

@@ -54,3 +54,26 @@ def reshape_and_cache_ref(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tens
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     flat[0].index_copy_(0, slot_mapping, k)
     flat[1].index_copy_(0, slot_mapping, v)
+
+
+def greedy_advance_ref(logits: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor, input_ids: torch.Tensor,
+                       positions: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor,
+                       block_tables: torch.Tensor, block_size: int, banned: torch.Tensor | None = None,
+                       ban_left: torch.Tensor | None = None, step: int = 0) -> None:
+    """The greedy step's tail (kernels/greedy.py says what it computes)."""
+    logits = logits.float()
+    lse = logits.logsumexp(dim=-1)  # before the bans: logprobs are of the raw distribution
+    if banned is not None and banned.numel():
+        cols = logits[:, banned]
+        logits = logits.clone()
+        logits[:, banned] = cols.masked_fill((ban_left > step)[:, None], float("-inf"))
+    best = logits.argmax(dim=-1)
+    tokens.copy_(best)
+    logprobs.copy_(logits.gather(1, best[:, None])[:, 0] - lse)
+    input_ids.copy_(best)
+    positions += 1
+    context_lens += 1
+    index = positions // block_size
+    width = block_tables.shape[1]
+    blocks = block_tables.gather(1, index.clamp(max=width - 1)[:, None])[:, 0].long()
+    slots.copy_(torch.where(index < width, blocks * block_size + positions % block_size, -1))

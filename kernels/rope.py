@@ -14,43 +14,78 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.cache_write import check_cache_write
 from tandem.kernels.reference import apply_rope_ref
 
-__all__ = ["apply_rope", "apply_rope_ref"]
+__all__ = ["apply_rope", "apply_rope_ref", "rope_and_cache"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEADS_PER_TILE = 16  # bounds registers for models with many heads; the rest loop
 
 
 @triton.jit
-def _rotate_heads(ptr, token, stride_t, stride_h, num_heads, c1, c2, s1, s2, dims, dim_mask, HALF: tl.constexpr,
-                  BLOCK_H: tl.constexpr):
-    """Rotate heads [0, num_heads) of one token; c1/s1 are the first half's cos/sin, c2/s2 the second's."""
+def _rotate_heads(src_ptr, dst_ptr, src_stride_h, dst_stride_h, num_heads, c1, c2, s1, s2, dims, dim_mask,
+                  HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rotate heads [0, num_heads) of one token from src into dst (the same place, or a cache slot);
+    c1/s1 are the first half's cos/sin, c2/s2 the second's."""
     for h0 in range(0, num_heads, BLOCK_H):
         heads = h0 + tl.arange(0, BLOCK_H)
         mask = (heads[:, None] < num_heads) & dim_mask[None, :]
-        first = ptr + token * stride_t + heads[:, None] * stride_h + dims[None, :]
-        x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-        dtype = ptr.dtype.element_ty
-        tl.store(first, (x1 * c1[None, :] - x2 * s1[None, :]).to(dtype), mask=mask)
-        tl.store(first + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(dtype), mask=mask)
+        src = src_ptr + heads[:, None] * src_stride_h + dims[None, :]
+        dst = dst_ptr + heads[:, None] * dst_stride_h + dims[None, :]
+        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+        dtype = dst_ptr.dtype.element_ty
+        tl.store(dst, (x1 * c1[None, :] - x2 * s1[None, :]).to(dtype), mask=mask)
+        tl.store(dst + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(dtype), mask=mask)
+
+
+@triton.jit
+def _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, table_stride, dims, dim_mask, HALF: tl.constexpr):
+    row = tl.load(pos_ptr + token).to(tl.int64) * table_stride
+    # Both halves of the tables are read (not assumed equal), exactly as the twin does.
+    c1 = tl.load(cos_ptr + row + dims, mask=dim_mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + row + HALF + dims, mask=dim_mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + row + dims, mask=dim_mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + row + HALF + dims, mask=dim_mask, other=0.0).to(tl.float32)
+    return c1, c2, s1, s2
 
 
 @triton.jit
 def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
                  num_q, num_kv, table_stride, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
-    row = tl.load(pos_ptr + token).to(tl.int64) * table_stride
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HALF
-    # Both halves of the tables are read (not assumed equal), exactly as the twin does.
-    c1 = tl.load(cos_ptr + row + dims, mask=dim_mask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + row + HALF + dims, mask=dim_mask, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + row + dims, mask=dim_mask, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + row + HALF + dims, mask=dim_mask, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr, token, q_stride_t, q_stride_h, num_q, c1, c2, s1, s2, dims, dim_mask, HALF, BLOCK_H)
-    _rotate_heads(k_ptr, token, k_stride_t, k_stride_h, num_kv, c1, c2, s1, s2, dims, dim_mask, HALF, BLOCK_H)
+    c1, c2, s1, s2 = _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, table_stride, dims, dim_mask, HALF)
+    q = q_ptr + token * q_stride_t
+    k = k_ptr + token * k_stride_t
+    _rotate_heads(q, q, q_stride_h, q_stride_h, num_q, c1, c2, s1, s2, dims, dim_mask, HALF, BLOCK_H)
+    _rotate_heads(k, k, k_stride_h, k_stride_h, num_kv, c1, c2, s1, s2, dims, dim_mask, HALF, BLOCK_H)
+
+
+@triton.jit
+def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, q_stride_t, q_stride_h,
+                       k_stride_t, k_stride_h, v_stride_t, v_stride_h, num_q, num_kv, table_stride, v_plane,
+                       HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_KV: tl.constexpr):
+    """q rotated in place; k rotated straight into its cache slot and v copied beside it (a negative
+    slot is padding: neither is written)."""
+    token = tl.program_id(0).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HALF
+    c1, c2, s1, s2 = _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, table_stride, dims, dim_mask, HALF)
+    q = q_ptr + token * q_stride_t
+    _rotate_heads(q, q, q_stride_h, q_stride_h, num_q, c1, c2, s1, s2, dims, dim_mask, HALF, BLOCK_H)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    kv_heads = tl.where(slot >= 0, num_kv, 0)  # padding: no head in range
+    dst = cache_ptr + slot * (num_kv * HEAD_DIM)
+    _rotate_heads(k_ptr + token * k_stride_t, dst, k_stride_h, HEAD_DIM, kv_heads, c1, c2, s1, s2, dims, dim_mask,
+                  HALF, BLOCK_H)
+    idx = tl.arange(0, BLOCK_KV)
+    mask = idx < kv_heads * HEAD_DIM
+    v = tl.load(v_ptr + token * v_stride_t + (idx // HEAD_DIM) * v_stride_h + idx % HEAD_DIM, mask=mask)
+    tl.store(dst + v_plane + idx, v, mask=mask)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -91,3 +126,21 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
                                 q.shape[1], k.shape[1], cos.stride(0), HALF=half,
                                 BLOCK_D=triton.next_power_of_2(half), BLOCK_H=block_h, num_warps=4)
     return q, k
+
+
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """apply_rope then reshape_and_cache in one launch: q [T, Hq, D] is rotated in place (and returned);
+    rotated k and v go to kv_cache at slot_mapping (k itself is left as it was)."""
+    _check(q, k, positions, cos, sin)
+    check_cache_write(k, v, kv_cache, slot_mapping)
+    if q.shape[0] == 0:
+        return q
+    half = q.shape[2] // 2
+    block_h = min(_MAX_HEADS_PER_TILE, triton.next_power_of_2(max(q.shape[1], k.shape[1])))
+    _rope_cache_kernel[(q.shape[0],)](
+        q, k, v, positions, cos, sin, kv_cache, slot_mapping, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), q.shape[1], k.shape[1], cos.stride(0), kv_cache.stride(0), HEAD_DIM=q.shape[2],
+        HALF=half, BLOCK_D=triton.next_power_of_2(half), BLOCK_H=block_h,
+        BLOCK_KV=triton.next_power_of_2(k.shape[1] * q.shape[2]), num_warps=4)
+    return q

@@ -1,5 +1,5 @@
-"""Paged attention behind one interface: the model calls `AttentionBatch.forward(layer, q, k, v)`
-for every layer; the batch owns the step's metadata (built once per step, shared by all layers) and
+"""Paged attention behind one interface: the model calls `AttentionBatch.forward(layer, q, k, v, rope)`
+for every layer (q and k not yet rotated: the rotation fuses with the cache write); the batch owns the step's metadata (built once per step, shared by all layers) and
 the KV cache tensors. `TorchAttention` here is the reference backend (CPUs); `TritonAttention`
 (attention_triton.py) runs the Triton kernels on CUDA. `build_attention` picks one for the device.
 
@@ -38,10 +38,12 @@ class AttentionBatch:
     sliding_window: int | None = None
     on_layer_written: Callable[[int, torch.Tensor], None] | None = None  # (layer, its cache): KV saving
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]; writes k/v into the cache first."""
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]; rope = (positions [T], cos, sin tables).
+        Rotates q and k and writes k/v into the cache first."""
         cache = self.kv_caches[layer]
-        ops.reshape_and_cache(k, v, cache, self.slot_mapping)
+        q = ops.rope_and_cache(q, k, v, *rope, cache, self.slot_mapping)
         if self.on_layer_written is not None:
             self.on_layer_written(layer, cache)
         return self.attend(cache, q)

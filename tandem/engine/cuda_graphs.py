@@ -16,6 +16,7 @@ import logging
 import numpy as np
 import torch
 
+from tandem.engine import ops
 from tandem.engine.attention import SeqSlice
 from tandem.engine.attention_triton import DecodeMeta, TritonAttention
 
@@ -171,22 +172,15 @@ class DecodeGraphs:
         if ban_ids:  # uploads from pinned memory: a plain one would wait for the device (chained lookaheads)
             banned = _to_device(ban_ids, device)
             ban_left = _to_device(ban_steps, device)
-        pos, ctx, slot = d["positions"][:n], d["context_lens"][:n], d["slots"][:n]
+        ids, pos, ctx, slot = d["input_ids"][:n], d["positions"][:n], d["context_lens"][:n], d["slots"][:n]
         table = d["block_tables"][:n]
+        if chained:  # its first slots come from its new tables; each step's advance writes the next ones
+            slot.copy_(table.gather(1, (pos // block_size)[:, None])[:, 0].long() * block_size + pos % block_size)
         for k in range(steps):
-            if k > 0 or chained:  # a chained lookahead's first slots come from its new tables
-                slot.copy_(table.gather(1, (pos // block_size)[:, None])[:, 0].long() * block_size + pos % block_size)
             logits = logits_of(self._replay(b)[:n])
-            lse = logits.logsumexp(dim=-1)  # before the bans: logprobs are of the raw distribution
-            if banned is not None:
-                cols = logits[:, banned]
-                logits[:, banned] = cols.masked_fill((ban_left > k)[:, None], float("-inf"))
-            best = logits.argmax(dim=-1)
-            tokens[k] = best
-            logprobs[k] = logits.gather(1, best[:, None])[:, 0] - lse
-            d["input_ids"][:n].copy_(best)  # after the last step too: a chained lookahead starts here
-            pos += 1
-            ctx += 1
+            # token and logprob of step k, then the rows' next inputs (a chained lookahead starts there)
+            ops.greedy_advance(logits, tokens[k], logprobs[k], ids, pos, ctx, slot, table, block_size, banned,
+                               ban_left, k)
         return GreedyTokens(tokens, logprobs)
 
 

@@ -147,7 +147,7 @@ class ModelRunner:
         if keep is not None:
             for row, s in enumerate(sched.scheduled):
                 seqs.append(SeqSlice(row, 1, 0, block_tables[s.request.seq_id]))
-            return self.graphs.continue_greedy_steps(keep, seqs, ahead.steps, bs, self.model.compute_logits,
+            return self.graphs.continue_greedy_steps(keep, seqs, ahead.steps, bs, self._raw_logits,
                                                      ahead.ban_ids, ahead.ban_steps)
         input_ids: list[int] = []
         positions: list[int] = []
@@ -161,7 +161,10 @@ class ModelRunner:
             slots.append(table[pos // bs] * bs + pos % bs)
             seqs.append(SeqSlice(row, 1, pos + 1, table))
         return self.graphs.run_greedy_steps(input_ids, positions, slots, seqs, ahead.steps, bs,
-                                            self.model.compute_logits, ahead.ban_ids, ahead.ban_steps)
+                                            self._raw_logits, ahead.ban_ids, ahead.ban_steps)
+
+    def _raw_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden, upcast=False)
 
     def _forward(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
                  on_layer_written) -> torch.Tensor:

@@ -14,10 +14,10 @@ def _k():
     """tandem.kernels' Triton wrappers, imported on first CUDA use (Triton is not needed on CPUs)."""
     global _kernels
     if _kernels is None:
-        from tandem.kernels import activation, cache_write, rmsnorm, rope
+        from tandem.kernels import activation, greedy, rmsnorm, rope
         _kernels = {"rms_norm": rmsnorm.rms_norm, "fused_add_rms_norm": rmsnorm.fused_add_rms_norm,
-                    "apply_rope": rope.apply_rope, "silu_and_mul": activation.silu_and_mul,
-                    "reshape_and_cache": cache_write.reshape_and_cache}
+                    "greedy_advance": greedy.greedy_advance, "rope_and_cache": rope.rope_and_cache,
+                    "silu_and_mul": activation.silu_and_mul}
     return _kernels
 
 
@@ -35,17 +35,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out.view(shape), total.view(shape)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotates q and k, writes k and v into the cache at slot_mapping; returns the rotated q."""
     if q.is_cuda:
-        _k()["apply_rope"](q, k, positions, cos, sin)
-        return q, k
-    return ref.apply_rope_ref(q, k, positions, cos, sin)
+        return _k()["rope_and_cache"](q, k, v, positions, cos, sin, kv_cache, slot_mapping)
+    q, k = ref.apply_rope_ref(q, k, positions, cos, sin)
+    ref.reshape_and_cache_ref(k, v, kv_cache, slot_mapping)
+    return q
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (_k()["silu_and_mul"] if x.is_cuda else ref.silu_and_mul_ref)(x)
 
 
-def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    (_k()["reshape_and_cache"] if k.is_cuda else ref.reshape_and_cache_ref)(k, v, kv_cache, slot_mapping)
+def greedy_advance(logits: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor, input_ids: torch.Tensor,
+                   positions: torch.Tensor, context_lens: torch.Tensor, slots: torch.Tensor,
+                   block_tables: torch.Tensor, block_size: int, banned: torch.Tensor | None = None,
+                   ban_left: torch.Tensor | None = None, step: int = 0) -> None:
+    """A greedy decode step's tokens and logprobs, and the rows' next inputs (kernels/greedy.py)."""
+    fn = _k()["greedy_advance"] if logits.is_cuda else ref.greedy_advance_ref
+    fn(logits, tokens, logprobs, input_ids, positions, context_lens, slots, block_tables, block_size, banned,
+       ban_left, step)

@@ -92,7 +92,8 @@ def test_splits_agree_and_lengths_do_not_leak():
 def test_choose_num_splits():
     assert choose_num_splits(1, 8, 32768, 132) == 64  # one long sequence: fill the GPU, capped
     assert choose_num_splits(4, 8, 4096, 132) == 16
-    assert choose_num_splits(64, 8, 4096, 132) == 2
+    assert choose_num_splits(64, 8, 4096, 132) == 1  # ~4 programs per SM already
+    assert choose_num_splits(32, 8, 4096, 132) == 2
     assert choose_num_splits(256, 8, 4096, 132) == 1  # enough programs already
     assert choose_num_splits(1, 8, 100, 132) == 1  # too short to split
     assert choose_num_splits(0, 8, 100, 132) == 1

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tandem.engine.models.rope import rope_cos_sin
-from tandem.kernels.rope import apply_rope, apply_rope_ref
+from tandem.kernels.reference import reshape_and_cache_ref
+from tandem.kernels.rope import apply_rope, apply_rope_ref, rope_and_cache
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 # (rtol, atol): a few ulps of the dtype; the interpreter rounds float32 -> bfloat16 toward zero
@@ -62,6 +63,34 @@ def test_matches_twin_in_place_on_fused_views(tokens, group, num_kv, head_dim, t
     torch.testing.assert_close(q, want_q, rtol=rtol, atol=atol)
     torch.testing.assert_close(k, want_k, rtol=rtol, atol=atol)
     torch.testing.assert_close(v, v_before, rtol=0, atol=0)  # the fused tensor's v part is untouched
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("group,num_kv,head_dim", ((1, 2, 64), (4, 2, 128), (8, 1, 96)))
+def test_rope_and_cache_matches_the_two_twins(group, num_kv, head_dim, dtype):
+    """The fused rotate-and-write equals apply_rope then reshape_and_cache: q rotated in place, the
+    rotated k and the untouched v in their slots (block-boundary slots; a padding slot writes nothing),
+    and the fused qkv tensor's k and v parts left as they were."""
+    tokens, block_size, num_blocks = 7, 16, 6
+    cos, sin = rope_cos_sin(head_dim, 4096, 500000.0, LLAMA3)
+    cos, sin = cos.to(device), sin.to(device)
+    gen = torch.Generator().manual_seed(head_dim + group)
+    qkv, q, k, v = _fused_qk(tokens, group * num_kv, num_kv, head_dim, dtype, gen)
+    positions = torch.randint(0, 4096, (tokens,), generator=gen).to(device)
+    slots = torch.tensor([15, 16, -1, 0, 95, 40, 17], device=device)
+    cache = torch.randn(2, num_blocks, block_size, num_kv, head_dim, generator=gen).to(device, dtype)
+    want_cache = cache.clone()
+    want_q, want_k = apply_rope_ref(q.clone(), k.clone(), positions, cos, sin)
+    reshape_and_cache_ref(want_k, v.clone(), want_cache, slots)
+    kv_before = qkv[:, group * num_kv * head_dim:].clone()
+    out = rope_and_cache(q, k, v, positions, cos, sin, cache, slots)
+    assert out is q
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(q, want_q, rtol=rtol, atol=atol)
+    torch.testing.assert_close(cache, want_cache, rtol=rtol, atol=atol)
+    torch.testing.assert_close(qkv[:, group * num_kv * head_dim:], kv_before, rtol=0, atol=0)
+    flat = cache.view(2, -1, num_kv, head_dim)
+    torch.testing.assert_close(flat[1, 95], v[4], rtol=0, atol=0)  # v is copied, not rotated
 
 
 def test_non_power_of_two_head_dim_and_int32_positions():
@@ -142,3 +171,6 @@ def test_wrapper_rejects_bad_inputs(tables):
         apply_rope(q, k, pos, cos, sin.half())
     with pytest.raises(TypeError, match="cos and sin must share"):
         apply_rope(q, k, pos, cos.double(), sin.double())
+    with pytest.raises(ValueError, match="same number of tokens"):
+        rope_and_cache(q, k, k, pos, cos, sin, torch.zeros(2, 4, 16, 2, 64, device=device),
+                       torch.zeros(2, dtype=torch.long, device=device))

@@ -58,8 +58,7 @@ class DecoderLayer(nn.Module):
         v = v.view(-1, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = ops.apply_rope(q, k, positions, *rope)
-        o = attn.forward(self.layer, q, k, v)
+        o = attn.forward(self.layer, q, k, v, (positions, *rope))
         x, residual = self.post_attention_layernorm(self.o_proj(o.reshape(-1, c.num_heads * c.head_dim)), residual)
         gate_up = self.gate_up_proj(x)
         if c.act == "silu":
@@ -120,9 +119,11 @@ class LlamaForCausalLM(nn.Module):
             h, residual = layer(h, residual, positions, (self.rope_cos, self.rope_sin), attn)
         return self.norm(h, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """Logits in float32, or in the model's dtype (upcast=False: a reader that widens as it goes)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        logits = F.linear(hidden, weight)
+        return logits.float() if upcast else logits
 
     @torch.no_grad()
     def load_weights(self, weights) -> None:
