@@ -33,7 +33,7 @@ def greedy_step(llm, batch: int, context: int, block_size: int):
     def run(steps: int = 1):
         d["context_lens"][:batch] = context  # the loop advances them: keep the point fixed
         d["positions"][:batch] = context - 1
-        return graphs._greedy_loop(steps, block_size, llm.engine.model.compute_logits, [], [], chained=True)
+        return graphs._greedy_loop(steps, block_size, llm.engine.runner._raw_logits, [], [], chained=True)
     return run
 
 
@@ -85,7 +85,7 @@ def attention_sweep(llm, batch: int, context: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="8b")
-    ap.add_argument("--points", default="1x576,64x384,256x384,64x4096")
+    ap.add_argument("--points", default="1x576,64x384,256x384,64x4000")
     ap.add_argument("--rows", type=int, default=22)
     args = ap.parse_args()
     from tandem import LLM

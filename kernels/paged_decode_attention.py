@@ -216,11 +216,15 @@ def launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window
             SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4 if head_dim >= 128 else 2, **common)
 
 
-def decode_config(head_dim: int, device: torch.device) -> dict:
-    """Tile config: 64-token tiles with a 3-stage load pipeline on GPUs; bigger tiles in the
-    interpreter, where each tile step costs the same whatever its size."""
+def decode_config(head_dim: int, device: torch.device, programs_per_sm: float = 0.0) -> dict:
+    """Tile config: 64-token tiles with a 3-stage load pipeline on GPUs; with 8 or more programs per SM
+    (large batches), 32-token tiles in 2-warp programs, which keep more loads in flight per SM (H200:
+    104 vs 116 us at 256 x 384 tokens of 8B attention, and no slower at 64 rows or one). Bigger tiles
+    in the interpreter, where each tile step costs the same whatever its size."""
     if device.type != "cuda":
         return dict(block_n=32, num_warps=4, num_stages=1)
+    if programs_per_sm >= 8 and head_dim <= 128:
+        return dict(block_n=32, num_warps=2, num_stages=2)
     return dict(block_n=64, num_warps=4, num_stages=3 if head_dim <= 128 else 2)
 
 
@@ -252,8 +256,9 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         max_context_len = min(max_context_len, sliding_window)
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_cache.shape[3], max_context_len, _sm_count(q.device))
+    per_sm = batch * kv_cache.shape[3] * num_splits / _sm_count(q.device)
     launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window, num_splits, out,
-                  **decode_config(q.shape[2], q.device))
+                  **decode_config(q.shape[2], q.device, per_sm))
     return out
 
 

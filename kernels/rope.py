@@ -21,6 +21,7 @@ __all__ = ["apply_rope", "apply_rope_ref", "rope_and_cache"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEADS_PER_TILE = 16  # bounds registers for models with many heads; the rest loop
+_HEADS_PER_PROGRAM = 8  # rope_and_cache: 8B's 32 + 8 heads are 5 programs per token
 
 
 @triton.jit
@@ -68,24 +69,32 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, q_stride_t, q_stride_h
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, q_stride_t, q_stride_h,
                        k_stride_t, k_stride_h, v_stride_t, v_stride_h, num_q, num_kv, table_stride, v_plane,
                        HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_KV: tl.constexpr):
-    """q rotated in place; k rotated straight into its cache slot and v copied beside it (a negative
-    slot is padding: neither is written)."""
+                       BLOCK_HD: tl.constexpr):
+    """One program per (token, group of BLOCK_H heads): q groups first, rotated in place; then k groups,
+    rotated straight into the token's cache slot, their v heads copied beside them (a negative slot is
+    padding: neither is written). Head groups in parallel keep a one-token step short."""
     token = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    q_groups = tl.cdiv(num_q, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HALF
     c1, c2, s1, s2 = _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, table_stride, dims, dim_mask, HALF)
-    q = q_ptr + token * q_stride_t
-    _rotate_heads(q, q, q_stride_h, q_stride_h, num_q, c1, c2, s1, s2, dims, dim_mask, HALF, BLOCK_H)
-    slot = tl.load(slot_ptr + token).to(tl.int64)
-    kv_heads = tl.where(slot >= 0, num_kv, 0)  # padding: no head in range
-    dst = cache_ptr + slot * (num_kv * HEAD_DIM)
-    _rotate_heads(k_ptr + token * k_stride_t, dst, k_stride_h, HEAD_DIM, kv_heads, c1, c2, s1, s2, dims, dim_mask,
-                  HALF, BLOCK_H)
-    idx = tl.arange(0, BLOCK_KV)
-    mask = idx < kv_heads * HEAD_DIM
-    v = tl.load(v_ptr + token * v_stride_t + (idx // HEAD_DIM) * v_stride_h + idx % HEAD_DIM, mask=mask)
-    tl.store(dst + v_plane + idx, v, mask=mask)
+    if group < q_groups:
+        first = group * BLOCK_H
+        q = q_ptr + token * q_stride_t + first * q_stride_h
+        _rotate_heads(q, q, q_stride_h, q_stride_h, tl.minimum(num_q - first, BLOCK_H), c1, c2, s1, s2, dims,
+                      dim_mask, HALF, BLOCK_H)
+    else:
+        first = (group - q_groups) * BLOCK_H
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        heads = tl.where(slot >= 0, tl.minimum(num_kv - first, BLOCK_H), 0)  # padding: no head in range
+        dst = cache_ptr + slot * (num_kv * HEAD_DIM) + first * HEAD_DIM
+        _rotate_heads(k_ptr + token * k_stride_t + first * k_stride_h, dst, k_stride_h, HEAD_DIM, heads, c1, c2, s1,
+                      s2, dims, dim_mask, HALF, BLOCK_H)
+        idx = tl.arange(0, BLOCK_HD)
+        mask = idx < heads * HEAD_DIM
+        v = tl.load(v_ptr + token * v_stride_t + (first + idx // HEAD_DIM) * v_stride_h + idx % HEAD_DIM, mask=mask)
+        tl.store(dst + v_plane + idx, v, mask=mask)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -137,10 +146,11 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     if q.shape[0] == 0:
         return q
     half = q.shape[2] // 2
-    block_h = min(_MAX_HEADS_PER_TILE, triton.next_power_of_2(max(q.shape[1], k.shape[1])))
-    _rope_cache_kernel[(q.shape[0],)](
+    block_h = min(_HEADS_PER_PROGRAM, triton.next_power_of_2(max(q.shape[1], k.shape[1])))
+    groups = triton.cdiv(q.shape[1], block_h) + triton.cdiv(k.shape[1], block_h)
+    _rope_cache_kernel[(q.shape[0], groups)](
         q, k, v, positions, cos, sin, kv_cache, slot_mapping, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), q.shape[1], k.shape[1], cos.stride(0), kv_cache.stride(0), HEAD_DIM=q.shape[2],
         HALF=half, BLOCK_D=triton.next_power_of_2(half), BLOCK_H=block_h,
-        BLOCK_KV=triton.next_power_of_2(k.shape[1] * q.shape[2]), num_warps=4)
+        BLOCK_HD=triton.next_power_of_2(block_h * q.shape[2]), num_warps=4)
     return q

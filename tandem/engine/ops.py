@@ -3,9 +3,16 @@
 Hugging Face computes, so CPU float32 runs match it bit for bit."""
 from __future__ import annotations
 
+import os
+
 import torch
+import torch.nn.functional as F
 
 from tandem.kernels import reference as ref
+
+# Batch-1 half-precision projections up to this many weights go through tandem.kernels.gemv, larger
+# ones through cuBLAS (bench/gpu_gemv.py measures both); TANDEM_GEMV=0 turns the kernel off.
+GEMV_MAX_WEIGHTS = 64 * 2**20
 
 _kernels = None
 
@@ -14,8 +21,9 @@ def _k():
     """tandem.kernels' Triton wrappers, imported on first CUDA use (Triton is not needed on CPUs)."""
     global _kernels
     if _kernels is None:
-        from tandem.kernels import activation, greedy, rmsnorm, rope
-        _kernels = {"rms_norm": rmsnorm.rms_norm, "fused_add_rms_norm": rmsnorm.fused_add_rms_norm,
+        from tandem.kernels import activation, gemv, greedy, rmsnorm, rope
+        _kernels = {"gemv": gemv.gemv, "rms_norm": rmsnorm.rms_norm,
+                    "fused_add_rms_norm": rmsnorm.fused_add_rms_norm,
                     "greedy_advance": greedy.greedy_advance, "rope_and_cache": rope.rope_and_cache,
                     "silu_and_mul": activation.silu_and_mul}
     return _kernels
@@ -33,6 +41,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         return _k()["rms_norm"](x.reshape(-1, shape[-1]), weight, eps).view(shape), x
     out, total = _k()["fused_add_rms_norm"](x.reshape(-1, shape[-1]), residual.reshape(-1, shape[-1]), weight, eps)
     return out.view(shape), total.view(shape)
+
+
+def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    """layer(x); one half-precision token on CUDA reads the weight through the batch-1 kernel."""
+    w = layer.weight
+    if x.is_cuda and x.shape[0] == 1 and x.dtype != torch.float32 and w.numel() <= GEMV_MAX_WEIGHTS \
+            and os.environ.get("TANDEM_GEMV", "1") != "0":
+        return _k()["gemv"](x, w, layer.bias)
+    return F.linear(x, w, layer.bias)
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,

@@ -188,16 +188,17 @@ def test_compiles_for_hopper_in_bf16():
     """The target shape (Hq=32, Hkv=8, D=128, block size 16) with the GPU tile config."""
     from tandem.kernels.paged_decode_attention import decode_config
 
-    cfg = decode_config(128, torch.device("cuda"))
+    small, large = (decode_config(128, torch.device("cuda"), per_sm) for per_sm in (2, 16))
+    assert small != large  # large batches get their own tiles
     module = "tandem.kernels.paged_decode_attention"
     common = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128)
     launches = [(module, "_decode_kernel", dict(common, GROUP=4, SLOT_SIZE=1024, ROWS=16, BLOCK_N=cfg["block_n"],
                                                 BLOCK_SIZE=16, NUM_SPLITS=splits, HAS_WINDOW=window,
                                                 PRECISION="tf32"),
                  dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-                for splits, window in ((1, False), (4, True))]
+                for cfg, splits, window in ((small, 1, False), (small, 4, True), (large, 1, False))]
     launches.append((module, "_merge_splits_kernel", dict(common, NUM_SPLITS=4, SPLITS_PAD=4), dict(num_warps=4)))
-    assert all(0 < shared <= H100_SHARED_MEMORY for shared in compile_for_sm90(launches)[:2])
+    assert all(0 < shared <= H100_SHARED_MEMORY for shared in compile_for_sm90(launches)[:3])
 
 
 def test_wrapper_rejects_bad_inputs():

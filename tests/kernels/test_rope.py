@@ -66,7 +66,7 @@ def test_matches_twin_in_place_on_fused_views(tokens, group, num_kv, head_dim, t
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-@pytest.mark.parametrize("group,num_kv,head_dim", ((1, 2, 64), (4, 2, 128), (8, 1, 96)))
+@pytest.mark.parametrize("group,num_kv,head_dim", ((1, 2, 64), (4, 2, 128), (8, 1, 96), (6, 2, 64), (4, 10, 64)))
 def test_rope_and_cache_matches_the_two_twins(group, num_kv, head_dim, dtype):
     """The fused rotate-and-write equals apply_rope then reshape_and_cache: q rotated in place, the
     rotated k and the untouched v in their slots (block-boundary slots; a padding slot writes nothing),

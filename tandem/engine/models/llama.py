@@ -51,7 +51,7 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(h), h
         else:
             x, residual = self.input_layernorm(h, residual)
-        q, k, v = self.qkv_proj(x).split(
+        q, k, v = ops.linear(x, self.qkv_proj).split(
             [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
         q = q.view(-1, c.num_heads, c.head_dim)
         k = k.view(-1, c.num_kv_heads, c.head_dim)
@@ -59,14 +59,15 @@ class DecoderLayer(nn.Module):
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         o = attn.forward(self.layer, q, k, v, (positions, *rope))
-        x, residual = self.post_attention_layernorm(self.o_proj(o.reshape(-1, c.num_heads * c.head_dim)), residual)
-        gate_up = self.gate_up_proj(x)
+        o = ops.linear(o.reshape(-1, c.num_heads * c.head_dim), self.o_proj)
+        x, residual = self.post_attention_layernorm(o, residual)
+        gate_up = ops.linear(x, self.gate_up_proj)
         if c.act == "silu":
             x = ops.silu_and_mul(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             x = self.act(gate) * up
-        return self.down_proj(x), residual
+        return ops.linear(x, self.down_proj), residual
 
 
 class ModelShape:
