@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--shape", default="8b")
     ap.add_argument("--points", default="1x576,64x384,256x384,64x4000")
     ap.add_argument("--rows", type=int, default=22)
+    ap.add_argument("--no-sweep", action="store_true", help="skip the attention tile sweep")
     args = ap.parse_args()
     from tandem import LLM
 
@@ -111,7 +112,8 @@ def main() -> None:
         events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
         kernel_ms = sum(e.self_device_time_total for e in events) / 1000 / 10
         print(f"\n{args.shape} {batch}x{context}: step {step_ms:.3f} ms (events); kernels sum {kernel_ms:.3f} ms")
-        attention_sweep(llm, batch, context)
+        if not args.no_sweep:
+            attention_sweep(llm, batch, context)
         print(f"{'kernel':<70} {'us/step':>9} {'calls/step':>10} {'us/call':>8}")
         for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.rows]:
             print(f"{e.key[:70]:<70} {e.self_device_time_total / 10:>9.1f} {e.count / 10:>10.1f} "

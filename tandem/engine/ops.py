@@ -10,9 +10,8 @@ import torch.nn.functional as F
 
 from tandem.kernels import reference as ref
 
-# Batch-1 half-precision projections up to this many weights go through tandem.kernels.gemv, larger
-# ones through cuBLAS (bench/gpu_gemv.py measures both); TANDEM_GEMV=0 turns the kernel off.
-GEMV_MAX_WEIGHTS = 64 * 2**20
+# TANDEM_GEMV=0: batch-1 projections always through cuBLAS (to measure the kernel against it)
+_USE_GEMV = os.environ.get("TANDEM_GEMV", "1") != "0"
 
 _kernels = None
 
@@ -22,7 +21,7 @@ def _k():
     global _kernels
     if _kernels is None:
         from tandem.kernels import activation, gemv, greedy, rmsnorm, rope
-        _kernels = {"gemv": gemv.gemv, "rms_norm": rmsnorm.rms_norm,
+        _kernels = {"gemv": gemv.gemv, "gemv_config": gemv.config_for, "rms_norm": rmsnorm.rms_norm,
                     "fused_add_rms_norm": rmsnorm.fused_add_rms_norm,
                     "greedy_advance": greedy.greedy_advance, "rope_and_cache": rope.rope_and_cache,
                     "silu_and_mul": activation.silu_and_mul}
@@ -43,13 +42,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out.view(shape), total.view(shape)
 
 
-def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    """layer(x); one half-precision token on CUDA reads the weight through the batch-1 kernel."""
-    w = layer.weight
-    if x.is_cuda and x.shape[0] == 1 and x.dtype != torch.float32 and w.numel() <= GEMV_MAX_WEIGHTS \
-            and os.environ.get("TANDEM_GEMV", "1") != "0":
-        return _k()["gemv"](x, w, layer.bias)
-    return F.linear(x, w, layer.bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias); one half-precision token on CUDA goes through the batch-1 kernel
+    where it beats cuBLAS for the weight's shape."""
+    if x.is_cuda and x.shape[0] == 1 and x.dtype != torch.float32 and _USE_GEMV and x.is_contiguous():
+        config = _k()["gemv_config"](*weight.shape)
+        if config is not None:
+            return _k()["gemv"](x, weight, bias, config)
+    return F.linear(x, weight, bias)
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,

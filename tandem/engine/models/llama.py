@@ -51,7 +51,7 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(h), h
         else:
             x, residual = self.input_layernorm(h, residual)
-        q, k, v = ops.linear(x, self.qkv_proj).split(
+        q, k, v = ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias).split(
             [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
         q = q.view(-1, c.num_heads, c.head_dim)
         k = k.view(-1, c.num_kv_heads, c.head_dim)
@@ -59,15 +59,15 @@ class DecoderLayer(nn.Module):
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         o = attn.forward(self.layer, q, k, v, (positions, *rope))
-        o = ops.linear(o.reshape(-1, c.num_heads * c.head_dim), self.o_proj)
+        o = ops.linear(o.reshape(-1, c.num_heads * c.head_dim), self.o_proj.weight, self.o_proj.bias)
         x, residual = self.post_attention_layernorm(o, residual)
-        gate_up = ops.linear(x, self.gate_up_proj)
+        gate_up = ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
         if c.act == "silu":
             x = ops.silu_and_mul(gate_up)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             x = self.act(gate) * up
-        return ops.linear(x, self.down_proj), residual
+        return ops.linear(x, self.down_proj.weight, self.down_proj.bias), residual
 
 
 class ModelShape:
@@ -123,7 +123,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         """Logits in float32, or in the model's dtype (upcast=False: a reader that widens as it goes)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight)
+        logits = ops.linear(hidden, weight)
         return logits.float() if upcast else logits
 
     @torch.no_grad()
