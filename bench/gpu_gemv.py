@@ -7,32 +7,19 @@ so nothing is served from L2, as in a real decode step.
 from __future__ import annotations
 
 import itertools
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from tandem.kernels.gemv import config_for, gemv
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_timing import graph_us  # noqa: E402
+
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
-
-
-def graph_us(fn, copies: int) -> float:
-    for i in range(copies):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(2 * copies):
-            fn(i % copies)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / 5 / (2 * copies)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_models import config_folder  # noqa: E402
+from gpu_timing import graph_us  # noqa: E402
 
 
 def greedy_step(llm, batch: int, context: int, block_size: int):
@@ -37,28 +38,9 @@ def greedy_step(llm, batch: int, context: int, block_size: int):
     return run
 
 
-def graph_ms(fn, reps: int = 20) -> float:
-    """Device time of fn() per call, captured `reps` times in one CUDA graph (no launch overhead)."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 5 / reps * 1000
-
-
 def attention_sweep(llm, batch: int, context: int) -> None:
     """paged decode attention alone at this point: the engine's graph config, then a sweep."""
-    from tandem.kernels.paged_decode_attention import choose_num_splits, launch_decode, _sm_count
+    from tandem.kernels.paged_decode_attention import choose_num_splits, decode_config, launch_decode, _sm_count
 
     graphs = llm.engine.runner.graphs
     cache = llm.engine.runner.kv_caches[0]
@@ -71,11 +53,12 @@ def attention_sweep(llm, batch: int, context: int) -> None:
     results = []
     for splits in (1, 2, 4, 8, 16):
         for block_n, warps, stages in ((64, 4, 3), (32, 4, 3), (32, 2, 2), (16, 2, 2)):
-            us = graph_ms(lambda: launch_decode(q, cache, tables, lens, s.head_dim ** -0.5, None, splits, out,
-                                                block_n, warps, stages))
+            us = graph_us(lambda _: launch_decode(q, cache, tables, lens, s.head_dim ** -0.5, None, splits, out,
+                                                  block_n, warps, stages), 1, rounds=20)
             results.append((us, splits, block_n, warps, stages))
     results.sort()
-    engine = [r for r in results if r[1:] == (engine_splits, 64, 4, 3)][0]
+    cfg = decode_config(s.head_dim, q.device, batch * s.num_kv_heads * engine_splits / _sm_count(q.device))
+    engine = [r for r in results if r[1:] == (engine_splits, cfg["block_n"], cfg["num_warps"], cfg["num_stages"])][0]
     print(f"  attention alone, {kv_bytes / 1e6:.1f} MB of KV: engine (splits {engine_splits}) {engine[0]:.2f} us "
           f"({kv_bytes / engine[0] / 1e3:.0f} GB/s); best: " +
           "; ".join(f"{us:.2f} us splits {sp} block_n {bn} warps {w} stages {st}" for us, sp, bn, w, st in results[:4]))
