@@ -1,7 +1,7 @@
 """SiLU-and-multiply for the fused gate/up projection: x [T, 2I] (gate first, up second) -> [T, I].
 
-Math in float32, one rounding to x's dtype at the end (the torch twin rounds silu(gate) first, so
-half-precision results may differ from it by an ulp)."""
+Rounded where the torch twin (and Hugging Face's `act(gate) * up`) rounds: silu(gate), computed as
+torch computes it, x / (1 + exp(-x)), then the product; so half-precision outputs equal the twin's."""
 from __future__ import annotations
 
 import torch
@@ -23,7 +23,8 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, inter, BLOCK: tl.
     mask = cols < inter
     gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * x_stride + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    out = gate * tl.sigmoid(gate) * up
+    act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+    out = act * up
     tl.store(out_ptr + row * out_stride + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

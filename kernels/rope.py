@@ -1,8 +1,8 @@
 """Rotary position embedding in place on q and k: Hugging Face's half rotation (neox style),
 x * cos + rotate_half(x) * sin, with cos/sin rows [max_positions, head_dim] looked up by each token's
 position. Tables are float32, or half precision as `model.to(dtype)` leaves the engine's buffers (read
-and widened). Math in float32, one rounding to the input dtype (the torch twin multiplies in the input
-dtype, so half-precision results may differ from it by an ulp).
+and widened). The arithmetic rounds where the torch twin (and Hugging Face, and vLLM's kernel) round in
+half precision: the table values, each product, the sum; so bf16 outputs equal the twin's.
 
 q and k may be strided views of one fused qkv tensor: they are read and written through their strides.
 One program per token rotates all of its q heads, then all of its k heads. Positions are not checked
@@ -28,7 +28,9 @@ _HEADS_PER_PROGRAM = 8  # rope_and_cache: 8B's 32 + 8 heads are 5 programs per t
 def _rotate_heads(src_ptr, dst_ptr, src_stride_h, dst_stride_h, num_heads, c1, c2, s1, s2, dims, dim_mask,
                   HALF: tl.constexpr, BLOCK_H: tl.constexpr):
     """Rotate heads [0, num_heads) of one token from src into dst (the same place, or a cache slot);
-    c1/s1 are the first half's cos/sin, c2/s2 the second's."""
+    c1/s1 are the first half's cos/sin, c2/s2 the second's. Each product and the sum are rounded to
+    the dtype as torch's `x * cos + rotate_half(x) * sin` rounds them (exact in float32)."""
+    dtype = dst_ptr.dtype.element_ty
     for h0 in range(0, num_heads, BLOCK_H):
         heads = h0 + tl.arange(0, BLOCK_H)
         mask = (heads[:, None] < num_heads) & dim_mask[None, :]
@@ -36,19 +38,27 @@ def _rotate_heads(src_ptr, dst_ptr, src_stride_h, dst_stride_h, num_heads, c1, c
         dst = dst_ptr + heads[:, None] * dst_stride_h + dims[None, :]
         x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-        dtype = dst_ptr.dtype.element_ty
-        tl.store(dst, (x1 * c1[None, :] - x2 * s1[None, :]).to(dtype), mask=mask)
-        tl.store(dst + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(dtype), mask=mask)
+        first = _rounded(x1 * c1[None, :], dtype) - _rounded(x2 * s1[None, :], dtype)
+        second = _rounded(x2 * c2[None, :], dtype) + _rounded(x1 * s2[None, :], dtype)
+        tl.store(dst, first.to(dtype), mask=mask)
+        tl.store(dst + HALF, second.to(dtype), mask=mask)
 
 
 @triton.jit
-def _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, table_stride, dims, dim_mask, HALF: tl.constexpr):
+def _rounded(x, dtype: tl.constexpr):
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, table_stride, dims, dim_mask, dtype: tl.constexpr,
+             HALF: tl.constexpr):
+    """The token's table rows, rounded to the activation dtype as the twin's `cos.to(q.dtype)` does."""
     row = tl.load(pos_ptr + token).to(tl.int64) * table_stride
     # Both halves of the tables are read (not assumed equal), exactly as the twin does.
-    c1 = tl.load(cos_ptr + row + dims, mask=dim_mask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + row + HALF + dims, mask=dim_mask, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + row + dims, mask=dim_mask, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + row + HALF + dims, mask=dim_mask, other=0.0).to(tl.float32)
+    c1 = _rounded(tl.load(cos_ptr + row + dims, mask=dim_mask, other=0.0).to(tl.float32), dtype)
+    c2 = _rounded(tl.load(cos_ptr + row + HALF + dims, mask=dim_mask, other=0.0).to(tl.float32), dtype)
+    s1 = _rounded(tl.load(sin_ptr + row + dims, mask=dim_mask, other=0.0).to(tl.float32), dtype)
+    s2 = _rounded(tl.load(sin_ptr + row + HALF + dims, mask=dim_mask, other=0.0).to(tl.float32), dtype)
     return c1, c2, s1, s2
 
 
@@ -58,7 +68,8 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, q_stride_t, q_stride_h
     token = tl.program_id(0).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HALF
-    c1, c2, s1, s2 = _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, table_stride, dims, dim_mask, HALF)
+    c1, c2, s1, s2 = _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, table_stride, dims, dim_mask,
+                              q_ptr.dtype.element_ty, HALF)
     q = q_ptr + token * q_stride_t
     k = k_ptr + token * k_stride_t
     _rotate_heads(q, q, q_stride_h, q_stride_h, num_q, c1, c2, s1, s2, dims, dim_mask, HALF, BLOCK_H)
@@ -78,7 +89,8 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, cache_ptr
     q_groups = tl.cdiv(num_q, BLOCK_H)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HALF
-    c1, c2, s1, s2 = _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, table_stride, dims, dim_mask, HALF)
+    c1, c2, s1, s2 = _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, table_stride, dims, dim_mask,
+                              q_ptr.dtype.element_ty, HALF)
     if group < q_groups:
         first = group * BLOCK_H
         q = q_ptr + token * q_stride_t + first * q_stride_h
