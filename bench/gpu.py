@@ -106,11 +106,17 @@ def profiled(fn, path: str):
 @torch.inference_mode()
 def decode_step_ms(llm, batch: int, context: int) -> float | None:
     """Device time of one graphed decode step (forward, logits, argmax) at `batch` rows of `context`
-    tokens: the floor under the engine's step time, to set against the host's share."""
+    tokens: the floor under the engine's step time, to set against the host's share. Every row reads
+    blocks of its own (shared blocks would be served from L2 and understate attention)."""
     graphs = llm.engine.runner.graphs
     if graphs is None or batch not in graphs.graphs:
         return None
     d = graphs.dev
+    blocks = -(-context // llm.engine.runner.block_size)
+    if batch * blocks >= llm.engine.kv.pool.num_blocks:
+        return None
+    d["block_tables"][:batch, :blocks] = 1 + torch.arange(batch * blocks, dtype=torch.int32,
+                                                          device="cuda").view(batch, blocks)
     d["context_lens"][:batch] = context
     d["slots"][:batch] = -1  # write nothing: the cache holds no live request now
     graph, hidden = graphs.graphs[batch]
@@ -123,6 +129,8 @@ def decode_step_ms(llm, batch: int, context: int) -> float | None:
         llm.engine.model.compute_logits(hidden).argmax(-1)
     end.record()
     torch.cuda.synchronize()
+    d["block_tables"][:batch].zero_()
+    d["context_lens"][:batch] = 0
     return start.elapsed_time(end) / 20
 
 
