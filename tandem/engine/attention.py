@@ -1,7 +1,8 @@
 """Paged attention behind one interface: the model calls `AttentionBatch.forward(layer, q, k, v, rope)`
 for every layer (q and k not yet rotated: the rotation fuses with the cache write); the batch owns the
-step's metadata (built once per step, shared by all layers) and the KV cache tensors. `TorchAttention` here is the reference backend (CPUs); `TritonAttention`
-(attention_triton.py) runs the Triton kernels on CUDA. `build_attention` picks one for the device.
+step's metadata (built once per step, shared by all layers) and the KV cache tensors. `TorchAttention`
+here is the reference backend (CPUs); `TritonAttention` (attention_triton.py) runs the Triton kernels
+on CUDA. `build_attention` picks one for the device.
 
 Layout: one tensor per layer, [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
 Token t of a request lives in slot `block_table[t // block_size] * block_size + t % block_size`.
