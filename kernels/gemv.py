@@ -17,7 +17,6 @@ __all__ = ["gemv", "GemvConfig", "config_for"]
 GemvConfig = tuple[int, int, int, int]  # block_n, block_k, num_warps, num_stages
 SQUARE: GemvConfig = (4, 512, 4, 4)  # N, K <= 4096: few rows per program, long row segments
 WIDE: GemvConfig = (16, 128, 8, 4)  # N >= 16384: many programs already
-DEFAULT_CONFIG = WIDE
 
 
 def config_for(n: int, k: int) -> GemvConfig | None:
@@ -50,7 +49,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, w_stride, HAS_BIAS: tl.c
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig = DEFAULT_CONFIG) -> torch.Tensor:
+         config: GemvConfig = WIDE) -> torch.Tensor:
     """x [1, K] (contiguous), weight [N, K] (rows contiguous), bias [N] or None -> [1, N] in x's dtype."""
     if x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype:
         raise TypeError(f"gemv: x and weight must share float16 or bfloat16, got {x.dtype} and {weight.dtype}")

@@ -23,16 +23,17 @@ _CHUNK = 2048
 
 
 @triton.jit(do_not_specialize=["step"])
-def _chunk_kernel(logits_ptr, stride, vocab, banned_ptr, ban_left_ptr, step, part_ptr, NUM_CHUNKS: tl.constexpr,
-                  CHUNK: tl.constexpr, NUM_BANNED: tl.constexpr):
+def _chunk_kernel(logits_ptr, stride, vocab, banned_ptr, num_banned, ban_left_ptr, step, part_ptr,
+                  NUM_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, BANNED_PAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
     x = tl.load(logits_ptr + row * stride + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
     m = tl.max(x, 0)
     s = tl.sum(tl.exp(x - m), 0)
-    if NUM_BANNED > 0:
-        ids = tl.load(banned_ptr + tl.arange(0, NUM_BANNED))
+    if BANNED_PAD > 0:
+        entry = tl.arange(0, BANNED_PAD)
+        ids = tl.load(banned_ptr + entry, mask=entry < num_banned, other=-1)  # -1: no column has it
         hit = tl.max((cols[:, None] == ids[None, :]).to(tl.int32), 1) > 0
         x = tl.where(hit & (tl.load(ban_left_ptr + row) > step), float("-inf"), x)
     best = tl.max(x, 0)
@@ -102,14 +103,11 @@ def greedy_advance(logits: torch.Tensor, tokens: torch.Tensor, logprobs: torch.T
     chunk = min(_CHUNK, triton.next_power_of_2(vocab))
     num_chunks = triton.cdiv(vocab, chunk)
     part = torch.empty(n, num_chunks, 4, dtype=torch.float32, device=logits.device)
-    num_banned = 0
-    if banned is not None and banned.numel():
-        num_banned = triton.next_power_of_2(banned.numel())
-        if num_banned != banned.numel():  # padded with an id no column has
-            banned = torch.cat([banned, banned.new_full((num_banned - banned.numel(),), -1)])
-    _chunk_kernel[(n, num_chunks)](logits, logits.stride(0), vocab, banned if num_banned else logits,
+    num_banned = banned.numel() if banned is not None else 0
+    _chunk_kernel[(n, num_chunks)](logits, logits.stride(0), vocab, banned if num_banned else logits, num_banned,
                                    ban_left if num_banned else logits, step, part, NUM_CHUNKS=num_chunks,
-                                   CHUNK=chunk, NUM_BANNED=num_banned, num_warps=4)
+                                   CHUNK=chunk, BANNED_PAD=triton.next_power_of_2(num_banned) if num_banned else 0,
+                                   num_warps=4)
     _merge_kernel[(n,)](part, tokens, logprobs, input_ids, positions, context_lens, slots, block_tables,
                         block_tables.shape[1], NUM_CHUNKS=num_chunks,
                         CHUNKS_PAD=triton.next_power_of_2(num_chunks), BLOCK_SIZE=block_size, num_warps=1)

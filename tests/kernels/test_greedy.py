@@ -29,7 +29,7 @@ def _run(fn, logits, state, **bans):
     tokens = torch.empty(n, dtype=torch.long, device=device)
     logprobs = torch.empty(n, dtype=torch.float32, device=device)
     fn(logits.to(device), tokens, logprobs, s["input_ids"], s["positions"], s["context_lens"], s["slots"],
-       s["block_tables"], BLOCK_SIZE, **{k: v.to(device) for k, v in bans.items()}, step=bans and 2 or 0)
+       s["block_tables"], BLOCK_SIZE, **{k: v.to(device) for k, v in bans.items()}, step=2 if bans else 0)
     return tokens, logprobs, s
 
 
