@@ -93,7 +93,7 @@ def test_rope_and_cache_matches_the_two_twins(group, num_kv, head_dim, dtype):
     torch.testing.assert_close(flat[1, 95], v[4], rtol=0, atol=0)  # v is copied, not rotated
 
 
-@pytest.mark.skipif(device == "cuda", reason="bf16 on the H200 was not bit-equal to the twin (cause open)")
+@pytest.mark.skipif(device == "cuda", reason="GPU rounding not yet bit-equal: bf16 on the H200 failed (cause open)")
 def test_half_precision_equals_the_twin(tables):
     """Tables, products and sums rounded as torch rounds them in half precision: the twin's (Hugging
     Face's) output exactly. float16, since the interpreter rounds float32 -> bfloat16 toward zero."""
