@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -230,6 +231,25 @@ async def _serve(args: argparse.Namespace, role: int, host) -> int:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port free now, for a process that binds it later (a worker that loads its model first, a
+    restarted worker that must come back on the same port). Taken below the kernel's ephemeral range
+    where it can: a port from bind(0) lies inside that range, where any outgoing connection may take it
+    as its source port before the worker binds it (seen in CI: EADDRINUSE at a worker's start)."""
+    low = _ephemeral_low()
+    for _ in range(100):
+        port = random.randrange(10000, low) if low > 10000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError(f"no free port on {host} below {low}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0  # elsewhere: the kernel's choice

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -51,6 +52,16 @@ class Up:
     def complete(self) -> str:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="x", max_retries=0)
         return client.completions.create(model="m", prompt=[5, 6, 7] * 20, max_tokens=4, temperature=0).choices[0].text
+
+
+def test_free_port_lies_below_the_ephemeral_range():
+    """Ports picked for workers to bind later are outside the range outgoing connections draw their
+    source ports from (a worker once lost its HTTP port to one and failed its start), and bindable."""
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(p < low for p in ports) and len(ports) > 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.pop()))
 
 
 def alive(pid: int) -> bool:
