@@ -2,7 +2,9 @@
 for every layer (q and k not yet rotated: the rotation fuses with the cache write); the batch owns the
 step's metadata (built once per step, shared by all layers) and the KV cache tensors. `TorchAttention`
 here is the reference backend (CPUs); `TritonAttention` (attention_triton.py) runs the Triton kernels
-on CUDA. `build_attention` picks one for the device.
+on CUDA. `build_attention` picks one for the device. On CPUs the reference hands its single-token rows
+to the C++ paged decode kernel (tandem.kernels.cpu) when it could be built: that kernel reads K/V in
+place, where the reference gathers them into a padded copy first.
 
 Layout: one tensor per layer, [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
 Token t of a request lives in slot `block_table[t // block_size] * block_size + t % block_size`.
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem.engine import ops
+from tandem.kernels import cpu as cpu_kernels
 
 DECODE_GROUP_SIZE = 16  # reference backend: decode rows padded to the longest context of 16 rows
 
@@ -88,7 +91,7 @@ class DecodeGroup:
     """Single-token queries of similar context length, padded to the group's longest."""
 
     rows: slice  # contiguous rows of the flat batch
-    block_tables: torch.Tensor  # [B, max_blocks] padded with block 0
+    block_tables: torch.Tensor  # [B, max_blocks] padded with block 0; int32 for the C++ kernel
     context_lens: torch.Tensor  # [B]
     mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size], built once per step
 
@@ -97,6 +100,7 @@ class DecodeGroup:
 class TorchAttention(AttentionBatch):
     decodes: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillSeq] = field(default_factory=list)
+    native_decode: bool = False  # single-token rows through the C++ kernel, all in one group
 
     @classmethod
     def build(cls, kv_caches, seqs: list[SeqSlice], slot_mapping, scale, sliding_window, on_layer_written):
@@ -104,22 +108,26 @@ class TorchAttention(AttentionBatch):
         prefills = [PrefillSeq(s.row, s.query_len, s.context_len, torch.tensor(s.block_table, device=device))
                     for s in seqs if s.query_len > 1]
         singles = [s for s in seqs if s.query_len == 1]
+        head_dim = kv_caches[0].shape[-1]
+        native = (device.type == "cpu" and bool(singles) and head_dim % 16 == 0 and head_dim <= 256
+                  and cpu_kernels.available())
+        group_size = max(1, len(singles)) if native else DECODE_GROUP_SIZE
         decodes = []
-        for start in range(0, len(singles), DECODE_GROUP_SIZE):
-            members = singles[start:start + DECODE_GROUP_SIZE]
+        for start in range(0, len(singles), group_size):
+            members = singles[start:start + group_size]
             width = max(len(s.block_table) for s in members)
-            padded = torch.zeros(len(members), width, dtype=torch.long)  # on the host: filled row by row
-            for j, s in enumerate(members):
+            padded = torch.zeros(len(members), width, dtype=torch.int32 if native else torch.long)
+            for j, s in enumerate(members):  # on the host: filled row by row
                 padded[j, : len(s.block_table)] = torch.tensor(s.block_table)
             decodes.append(DecodeGroup(slice(members[0].row, members[-1].row + 1), padded.to(device),
                                        torch.tensor([s.context_len for s in members], device=device)))
-        return cls(kv_caches, slot_mapping, scale, sliding_window, on_layer_written, decodes, prefills)
+        return cls(kv_caches, slot_mapping, scale, sliding_window, on_layer_written, decodes, prefills, native)
 
     def __post_init__(self) -> None:
         # Masks depend on the step only, not the layer: build them once.
         block_size = self.kv_caches[0].shape[2]
         device = self.kv_caches[0].device
-        for g in self.decodes:
+        for g in self.decodes if not self.native_decode else ():
             key_pos = torch.arange(g.block_tables.shape[1] * block_size, device=device)
             ctx = g.context_lens[:, None]
             mask = key_pos[None, :] < ctx
@@ -143,7 +151,11 @@ class TorchAttention(AttentionBatch):
         group = q.shape[1] // cache.shape[3]
         out = torch.empty_like(q)
         for g in self.decodes:
-            out[g.rows] = self._decode(cache, q[g.rows], g, group)
+            if self.native_decode:  # writes its rows of `out` in place
+                cpu_kernels.paged_decode_attention(out[g.rows], q[g.rows].contiguous(), cache, g.block_tables,
+                                                   g.context_lens, self.scale, self.sliding_window)
+            else:
+                out[g.rows] = self._decode(cache, q[g.rows], g, group)
         for p, mask in zip(self.prefills, self._prefill_masks):
             rows = slice(p.query_start, p.query_start + p.query_len)
             out[rows] = self._prefill(cache, q[rows], p, mask, group)

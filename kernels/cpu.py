@@ -1,0 +1,73 @@
+"""C++ kernels for CPUs (kernels/cpu_*.cpp), compiled on first use with torch's extension builder
+and registered as `torch.ops.tandem_cpu.*`.
+
+The build is cached per (source, torch version, compiler flags) under ~/.cache/tandem/cpu_kernels
+(TANDEM_CACHE_DIR moves it), so only the first process on a machine pays the ~10 s compile. Where
+no compiler is found, `available()` is False, one warning says why, and the engine keeps its
+torch reference path. TANDEM_CPU_KERNELS=0 turns them off (to measure against the reference).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name("cpu_attention.cpp")]
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for and the simd pragmas
+
+_state: dict[str, object] = {}
+
+
+def _build_dir() -> Path:
+    key = hashlib.sha256()
+    for src in SOURCES:
+        key.update(src.read_bytes())
+    key.update(f"{torch.__version__} {sys.version} {' '.join(CFLAGS)}".encode())
+    root = Path(os.environ.get("TANDEM_CACHE_DIR") or Path.home() / ".cache" / "tandem") / "cpu_kernels"
+    path = root / key.hexdigest()[:16]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the pip-installed one lives beside this interpreter."""
+    if shutil.which("ninja") is None:
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+def available() -> bool:
+    """True once the ops are registered; builds them on the first call (thread-unsafe: call at start-up)."""
+    if "ok" in _state:
+        return bool(_state["ok"])
+    ok = False
+    if os.environ.get("TANDEM_CPU_KERNELS", "1") == "0":
+        log.info("TANDEM_CPU_KERNELS=0: CPU attention uses the torch reference")
+    else:
+        try:
+            from torch.utils import cpp_extension
+            _ninja_on_path()
+            cpp_extension.load(name="tandem_cpu", sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
+                               extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()),
+                               is_python_module=False, verbose=False)
+            ok = hasattr(torch.ops.tandem_cpu, "paged_decode_attention")
+        except Exception as exc:  # no compiler, no ninja, or a failed build: keep the reference path
+            errors = [ln for ln in str(exc).splitlines() if "error" in ln] or str(exc).splitlines()[-1:]
+            log.warning("CPU kernels unavailable (%s: %s); using the torch reference path",
+                        type(exc).__name__, "; ".join(errors[:3]))
+    _state["ok"] = ok
+    return ok
+
+
+def paged_decode_attention(out: torch.Tensor, q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float, sliding_window: int | None) -> torch.Tensor:
+    """out[r] = attention of q[r] ([heads, dim]) over the first context_lens[r] tokens of row r's blocks."""
+    torch.ops.tandem_cpu.paged_decode_attention(out, q, cache, block_tables, context_lens, scale,
+                                                sliding_window or 0)
+    return out

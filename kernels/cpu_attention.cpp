@@ -1,0 +1,236 @@
+// Paged decode attention for CPUs: each single-token query reads its K/V rows where they lie in the
+// block pool, instead of gathering them into a contiguous copy first (the torch reference's cost:
+// the gather writes every row once and SDPA reads it again). Built on first use by
+// tandem/kernels/cpu.py; its torch twin is TorchAttention._decode.
+//
+// Layout (tandem/engine/attention.py): cache [2, num_blocks, block_size, num_kv_heads, head_dim].
+// A task is one row's KV heads [h0, h1): all of them when there are enough rows to keep every thread
+// busy (a block's memory is then read front to back), one each otherwise. Scores are float32 whatever
+// the cache dtype, kept per task for a two-pass softmax. Vectors are 16 floats: AVX-512 registers where
+// the compiler targets it, a plain array (auto-vectorized) elsewhere; head_dim is a multiple of 16.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#if defined(__AVX512F__)
+using Vec = __m512;
+inline Vec zero() { return _mm512_setzero_ps(); }
+inline Vec splat(float x) { return _mm512_set1_ps(x); }
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float sum(Vec a) { return _mm512_reduce_add_ps(a); }
+inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec load(const c10::BFloat16* p) {  // bf16 is the high half of a float32
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline Vec load(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void store(float* p, Vec a) { _mm512_storeu_ps(p, a); }
+#else
+struct Vec {
+  float v[16];
+};
+inline Vec zero() { return Vec{}; }
+inline Vec splat(float x) {
+  Vec r;
+  for (float& e : r.v) e = x;
+  return r;
+}
+inline Vec fma(Vec a, Vec b, Vec c) {
+  for (int i = 0; i < 16; ++i) c.v[i] += a.v[i] * b.v[i];
+  return c;
+}
+inline float sum(Vec a) {
+  float s = 0.f;
+  for (float e : a.v) s += e;
+  return s;
+}
+template <typename T>
+inline Vec load(const T* p) {
+  Vec r;
+  for (int i = 0; i < 16; ++i) r.v[i] = static_cast<float>(p[i]);
+  return r;
+}
+inline void store(float* p, Vec a) { std::memcpy(p, a.v, sizeof a.v); }
+#endif
+
+constexpr int kMaxChunks = 16;  // head_dim <= 256
+
+// exp(x) for x <= 0 in plain arithmetic, so that `omp simd` loops vectorize it (std::exp is a scalar
+// libm call): 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p a degree-6 Taylor polynomial
+// (relative error < 2e-7, about one float ulp). Below -87 the result flushes to 0.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  float p = 1.f / 720;
+  p = p * r + 1.f / 120;
+  p = p * r + 1.f / 24;
+  p = p * r + 1.f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+struct Geometry {
+  int64_t rows, table_width, num_blocks, block_size, num_kv, num_q, dim;
+};
+
+// Per-thread scratch, reused across the thread's tasks.
+struct Scratch {
+  std::vector<float> q, acc, total, scores;
+};
+
+// Calls visit(block's first slot at head h0, first slot, end slot, index of the first slot in [0, n))
+// for each block of the row in order, prefetching the next block's memory one block ahead.
+template <typename T, typename Visit>
+void walk_blocks(const T* base, const int32_t* table, int64_t start, int64_t ctx, int64_t h0, int64_t dim,
+                 const Geometry& g, Visit&& visit) {
+  const int64_t bs = g.block_size, block_elems = bs * g.num_kv * dim;
+  for (int64_t b = start / bs, t = start; t < ctx; ++b) {
+    if ((b + 1) * bs < ctx) {
+      const char* next = reinterpret_cast<const char*>(base + int64_t(table[b + 1]) * block_elems);
+      for (int64_t off = 0; off < block_elems * int64_t(sizeof(T)); off += 64) __builtin_prefetch(next + off);
+    }
+    const int64_t first = t - b * bs, end = std::min(bs, ctx - b * bs);
+    visit(base + int64_t(table[b]) * block_elems + h0 * dim, first, end, t - start - first);
+    t += end - first;
+  }
+}
+
+template <typename T, int D>
+void attend_task(T* out, const T* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t ctx,
+                 int64_t h0, int64_t h1, const Geometry& g, float scale, int64_t window, Scratch& w) {
+  const int64_t dim = D ? D : g.dim, chunks = dim / 16, group = g.num_q / g.num_kv;
+  const int64_t stride = g.num_kv * dim, heads = h1 - h0, width = heads * group;  // query heads of the task
+  const int64_t start = window > 0 ? std::max<int64_t>(0, ctx - window) : 0, n = ctx - start;
+  const T* qh = q + h0 * group * dim;
+  w.q.resize(width * dim);
+  w.acc.assign(width * dim, 0.f);
+  w.total.resize(width);
+  w.scores.resize(width * n);
+  for (int64_t i = 0; i < width * dim; ++i) w.q[i] = static_cast<float>(qh[i]) * scale;
+  walk_blocks(k_cache, table, start, ctx, h0, dim, g, [&](const T* block, int64_t first, int64_t end, int64_t i0) {
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t j = h * group; j < (h + 1) * group; ++j) {
+        Vec qv[kMaxChunks];
+        for (int64_t c = 0; c < chunks; ++c) qv[c] = load(w.q.data() + j * dim + c * 16);
+        float* sj = w.scores.data() + j * n + i0;
+        for (int64_t s = first; s < end; ++s) {
+          const T* k = block + s * stride + h * dim;
+          Vec a = zero();
+          for (int64_t c = 0; c < chunks; ++c) a = fma(qv[c], load(k + c * 16), a);
+          sj[s] = sum(a);
+        }
+      }
+  });
+  for (int64_t j = 0; j < width; ++j) {
+    float* sj = w.scores.data() + j * n;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, sj[i]);
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < n; ++i) {
+      sj[i] = exp_nonpositive(sj[i] - m);
+      total += sj[i];
+    }
+    w.total[j] = total;
+  }
+  walk_blocks(v_cache, table, start, ctx, h0, dim, g, [&](const T* block, int64_t first, int64_t end, int64_t i0) {
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t j = h * group; j < (h + 1) * group; ++j) {
+        Vec a[kMaxChunks];
+        float* acc = w.acc.data() + j * dim;
+        for (int64_t c = 0; c < chunks; ++c) a[c] = load(acc + c * 16);
+        const float* pj = w.scores.data() + j * n + i0;
+        for (int64_t s = first; s < end; ++s) {
+          const T* v = block + s * stride + h * dim;
+          const Vec p = splat(pj[s]);
+          for (int64_t c = 0; c < chunks; ++c) a[c] = fma(p, load(v + c * 16), a[c]);
+        }
+        for (int64_t c = 0; c < chunks; ++c) store(acc + c * 16, a[c]);
+      }
+  });
+  T* oh = out + h0 * group * dim;
+  for (int64_t j = 0; j < width; ++j)
+    for (int64_t x = 0; x < dim; ++x)  // nothing to attend to (an empty window): zeros, as the twin
+      oh[j * dim + x] = static_cast<T>(n > 0 ? w.acc[j * dim + x] / w.total[j] : 0.f);
+}
+
+template <typename T, int D>
+void decode_attention(T* out, const T* q, const T* cache, const int32_t* tables, const int64_t* ctx_lens,
+                      const Geometry& g, float scale, int64_t window) {
+  const int64_t split = g.rows >= 4 * at::get_num_threads() ? 1 : g.num_kv, heads = g.num_kv / split;
+  const int64_t row_elems = g.num_q * g.dim, v_offset = g.num_blocks * g.block_size * g.num_kv * g.dim;
+  at::parallel_for(0, g.rows * split, 1, [&](int64_t begin, int64_t end) {
+    Scratch w;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / split, h0 = task % split * heads;
+      attend_task<T, D>(out + r * row_elems, q + r * row_elems, cache, cache + v_offset,
+                        tables + r * g.table_width, ctx_lens[r], h0, h0 + heads, g, scale, window, w);
+    }
+  });
+}
+
+void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
+                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                            int64_t sliding_window) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && out.sizes() == q.sizes() && out.is_contiguous() &&
+                  out.scalar_type() == q.scalar_type(),
+              "q and out: contiguous [rows, heads, dim] of one dtype");
+  TORCH_CHECK(cache.dim() == 5 && cache.size(0) == 2 && cache.is_contiguous() && cache.scalar_type() == q.scalar_type(),
+              "cache: contiguous [2, blocks, block_size, kv_heads, dim] of q's dtype");
+  TORCH_CHECK(cache.size(4) == q.size(2) && q.size(1) % cache.size(3) == 0, "head_dim or GQA ratio mismatch");
+  TORCH_CHECK(q.size(2) % 16 == 0 && q.size(2) <= 16 * kMaxChunks, "head_dim: a multiple of 16, at most 256");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.is_contiguous() &&
+                  block_tables.dim() == 2 && block_tables.size(0) == q.size(0),
+              "block_tables: contiguous int32 [rows, width]");
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.numel() == q.size(0) &&
+                  context_lens.is_contiguous(),
+              "context_lens: int64 [rows]");
+  const Geometry g{q.size(0), block_tables.size(1), cache.size(1), cache.size(2), cache.size(3), q.size(1),
+                   q.size(2)};
+  const auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const auto call = [&](auto kernel) {
+      kernel(out.data_ptr<T>(), q.data_ptr<T>(), cache.data_ptr<T>(), block_tables.data_ptr<int32_t>(),
+             context_lens.data_ptr<int64_t>(), g, static_cast<float>(scale), sliding_window);
+    };
+    if (g.dim == 64) return call(decode_attention<T, 64>);
+    if (g.dim == 128) return call(decode_attention<T, 128>);
+    return call(decode_attention<T, 0>);
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: return run(static_cast<float*>(nullptr));
+    case at::kBFloat16: return run(static_cast<c10::BFloat16*>(nullptr));
+    case at::kHalf: return run(static_cast<c10::Half*>(nullptr));
+    default: TORCH_CHECK(false, "paged_decode_attention: float32, bfloat16 or float16, not ", q.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tandem_cpu, m) {
+  m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor cache, Tensor block_tables, "
+        "Tensor context_lens, float scale, int sliding_window) -> ()");
+  m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));
+}

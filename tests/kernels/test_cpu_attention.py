@@ -1,0 +1,77 @@
+"""The C++ paged decode attention for CPUs (tandem.kernels.cpu) against the torch twin the Triton
+kernel shares: mixed lengths around block boundaries (empty rows included), GQA 1/3/4/8, block sizes
+16/32, head_dim 16/64/128, sliding window, float32/bf16/fp16, one row (tasks per KV head) and many
+(tasks per row); and the engine's CPU attention taking that path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem.engine.attention import SeqSlice, TorchAttention
+from tandem.kernels import cpu
+from tandem.kernels.paged_decode_attention import paged_decode_attention_ref
+from tests.kernels.test_paged_decode_attention import paged_cache
+
+TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2)}
+LENS = [1, 15, 16, 17, 31, 32, 33, 0, 150, 47, 1, 64]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert cpu.available(), "the C++ CPU kernels did not build (is a C++ compiler installed?)"
+
+
+@pytest.mark.parametrize("group,num_kv,block_size,head_dim,dtype,window", [
+    (1, 2, 16, 64, torch.float32, None),
+    (3, 3, 16, 64, torch.bfloat16, None),
+    (4, 2, 32, 128, torch.float16, None),
+    (8, 1, 16, 16, torch.float32, 20),
+    (4, 2, 32, 64, torch.bfloat16, 40),
+])
+@pytest.mark.parametrize("rows", [1, len(LENS)])
+def test_matches_twin(group, num_kv, block_size, head_dim, dtype, window, rows):
+    gen = torch.Generator().manual_seed(group * 1000 + block_size + head_dim + rows)
+    lens = LENS[-rows:]
+    cache, tables = paged_cache(lens, block_size, num_kv, head_dim, dtype, gen)
+    cache, tables = cache.cpu(), tables.cpu()
+    q = torch.randn(rows, group * num_kv, head_dim, generator=gen).to(dtype)
+    ctx = torch.tensor(lens, dtype=torch.long)
+    expected = paged_decode_attention_ref(q, cache, tables, ctx, 0.3, window)
+    out = torch.full_like(q, float("nan"))
+    cpu.paged_decode_attention(out, q, cache, tables, ctx, 0.3, window)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out.float(), expected.float(), rtol=rtol, atol=atol)
+    assert out[[i for i, n in enumerate(lens) if n == 0]].eq(0).all()  # empty rows: zeros, not NaN
+
+
+def test_rejects_what_it_cannot_read():
+    q = torch.randn(2, 4, 64)
+    cache = torch.randn(2, 4, 16, 2, 64)
+    ctx = torch.tensor([3, 5])
+    with pytest.raises(RuntimeError, match="int32"):
+        cpu.paged_decode_attention(torch.empty_like(q), q, cache, torch.zeros(2, 1, dtype=torch.long), ctx, 1.0, None)
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpu.paged_decode_attention(torch.empty_like(q), q, cache.half(), torch.zeros(2, 1, dtype=torch.int32), ctx,
+                                   1.0, None)
+
+
+def test_engine_attention_takes_the_native_path():
+    """TorchAttention on CPUs hands every single-token row to the kernel in one group, and agrees with
+    its own gather-and-SDPA path."""
+    gen = torch.Generator().manual_seed(7)
+    lens = [5, 40, 17, 33]
+    cache, tables = paged_cache(lens, 16, 2, 64, torch.float32, gen)
+    cache = cache.cpu()
+    seqs = [SeqSlice(i, 1, n, tables[i, : -(-n // 16)].tolist()) for i, n in enumerate(lens)]
+    q = torch.randn(len(lens), 8, 64, generator=gen)
+    native = TorchAttention.build([cache], seqs, torch.zeros(len(lens), dtype=torch.long), 0.125, None, None)
+    assert native.native_decode and len(native.decodes) == 1
+    saved = cpu._state.get("ok")
+    cpu._state["ok"] = False
+    try:
+        torch_path = TorchAttention.build([cache], seqs, torch.zeros(len(lens), dtype=torch.long), 0.125, None, None)
+    finally:
+        cpu._state["ok"] = saved
+    assert not torch_path.native_decode
+    torch.testing.assert_close(native.attend(cache, q.clone()), torch_path.attend(cache, q.clone()),
+                               rtol=1e-5, atol=1e-6)
