@@ -18,6 +18,8 @@ LENS = [1, 15, 16, 17, 31, 32, 33, 0, 150, 47, 1, 64]
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
+    if not cpu.available() and torch.cuda.is_available():
+        pytest.skip("CPU kernels not built on this GPU image; CPUs (CI) must build them")
     assert cpu.available(), "the C++ CPU kernels did not build (is a C++ compiler installed?)"
 
 
