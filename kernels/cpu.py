@@ -1,4 +1,5 @@
-"""C++ kernels for CPUs (kernels/cpu_*.cpp), compiled on first use with torch's extension builder
+"""C++ kernels for CPUs (kernels/cpu_*.cpp): paged decode attention and the model's fused
+elementwise steps, each with its torch twin (kernels/reference.py, TorchAttention). Compiled on first use with torch's extension builder
 and registered as `torch.ops.tandem_cpu.*`.
 
 The build is cached per (source, torch version, compiler flags) under ~/.cache/tandem/cpu_kernels
@@ -19,9 +20,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("cpu_attention.cpp")]
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # -fopenmp: at::parallel_for and the simd pragmas
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_attention.cpp", "cpu_ops.cpp")]
+# -fopenmp: at::parallel_for and the simd pragmas; -ffp-contract=off: no fused multiply-adds where
+# torch rounds the product (the elementwise ops equal their twins in float32)
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
 
+OPS = ("paged_decode_attention", "rms_norm", "silu_and_mul", "rope_and_cache")
 _state: dict[str, object] = {}
 
 
@@ -56,7 +60,7 @@ def available() -> bool:
             cpp_extension.load(name="tandem_cpu", sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
                                extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()),
                                is_python_module=False, verbose=False)
-            ok = hasattr(torch.ops.tandem_cpu, "paged_decode_attention")
+            ok = all(hasattr(torch.ops.tandem_cpu, op) for op in OPS)
         except Exception as exc:  # no compiler, no ninja, or a failed build: keep the reference path
             errors = [ln for ln in str(exc).splitlines() if "error" in ln] or str(exc).splitlines()[-1:]
             log.warning("CPU kernels unavailable (%s: %s); using the torch reference path",
@@ -71,3 +75,27 @@ def paged_decode_attention(out: torch.Tensor, q: torch.Tensor, cache: torch.Tens
     torch.ops.tandem_cpu.paged_decode_attention(out, q, cache, block_tables, context_lens, scale,
                                                 sliding_window or 0)
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual) * weight, x + residual) over [rows, size]; with no residual, (norm(x), x)."""
+    out = torch.empty(x.shape, dtype=x.dtype)
+    total = torch.empty_like(out) if residual is not None else out
+    torch.ops.tandem_cpu.rms_norm(out, total, x, residual, weight, eps)
+    return out, (total if residual is not None else x)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[:, :n]) * x[:, n:] for x [rows, 2n]."""
+    out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype)
+    torch.ops.tandem_cpu.silu_and_mul(out, x)
+    return out
+
+
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotated q (a new contiguous tensor); k rotated and v written into the cache at slot_mapping."""
+    q_out = torch.empty(q.shape, dtype=q.dtype)
+    torch.ops.tandem_cpu.rope_and_cache(q_out, q, k, v, positions, cos, sin, kv_cache, slot_mapping)
+    return q_out

@@ -1,6 +1,7 @@
 """The model's elementwise operations, each on the device's own path: Triton kernels on CUDA
-(tandem.kernels), their plain-torch reference twins elsewhere. The twins compute exactly what
-Hugging Face computes, so CPU float32 runs match it bit for bit."""
+(tandem.kernels), C++ kernels on CPUs (tandem.kernels.cpu, where they could be built), and their
+plain-torch reference twins otherwise. The twins compute exactly what Hugging Face computes; the
+C++ kernels round where they do (in float32 only RMSNorm's sum order differs)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from tandem.kernels import cpu
 from tandem.kernels import reference as ref
 
 # TANDEM_GEMV=0: batch-1 projections always through cuBLAS (to measure the kernel against it)
@@ -32,6 +34,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(x + residual) * weight, x + residual); with no residual, x itself is the residual."""
     if not x.is_cuda:
+        if x.dim() == 2 and x.stride(-1) == 1 and cpu.available():
+            return cpu.rms_norm(x, weight, eps, residual)
         if residual is None:
             return ref.rms_norm_ref(x, weight, eps), x
         return ref.fused_add_rms_norm_ref(x, residual, weight, eps)
@@ -57,13 +61,17 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     """Rotates q and k, writes k and v into the cache at slot_mapping; returns the rotated q."""
     if q.is_cuda:
         return _k()["rope_and_cache"](q, k, v, positions, cos, sin, kv_cache, slot_mapping)
+    if cpu.available():
+        return cpu.rope_and_cache(q, k, v, positions, cos, sin, kv_cache, slot_mapping)
     q, k = ref.apply_rope_ref(q, k, positions, cos, sin)
     ref.reshape_and_cache_ref(k, v, kv_cache, slot_mapping)
     return q
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    return (_k()["silu_and_mul"] if x.is_cuda else ref.silu_and_mul_ref)(x)
+    if x.is_cuda:
+        return _k()["silu_and_mul"](x)
+    return cpu.silu_and_mul(x) if x.dim() == 2 and x.stride(-1) == 1 and cpu.available() else ref.silu_and_mul_ref(x)
 
 
 def greedy_advance(logits: torch.Tensor, tokens: torch.Tensor, logprobs: torch.Tensor, input_ids: torch.Tensor,
