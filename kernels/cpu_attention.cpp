@@ -117,6 +117,62 @@ void walk_blocks(const T* base, const int32_t* table, int64_t start, int64_t ctx
   }
 }
 
+// A panel is up to kPanel query heads of one KV head, handled together: each K/V row is converted once
+// per panel and the panel's q (or accumulators) stay in registers across the block's slots. P and the
+// chunk count are template constants so the loops unroll (D == 0: head_dim known only at run time).
+constexpr int64_t kPanel = 4;
+
+template <typename T, int D, int P>
+void score_panel(const T* block, int64_t first, int64_t end, int64_t stride, int64_t chunks, const float* q,
+                 float* scores, int64_t n) {
+  constexpr int64_t C = D ? D / 16 : kMaxChunks;
+  if constexpr (D) chunks = C;
+  Vec qv[P][C];
+  for (int p = 0; p < P; ++p)
+    for (int64_t c = 0; c < chunks; ++c) qv[p][c] = load(q + p * chunks * 16 + c * 16);
+  for (int64_t s = first; s < end; ++s) {
+    const T* k = block + s * stride;
+    Vec kv[C];
+    for (int64_t c = 0; c < chunks; ++c) kv[c] = load(k + c * 16);
+    for (int p = 0; p < P; ++p) {
+      Vec a = zero();
+      for (int64_t c = 0; c < chunks; ++c) a = fma(qv[p][c], kv[c], a);
+      scores[p * n + s] = sum(a);
+    }
+  }
+}
+
+template <typename T, int D, int P>
+void value_panel(const T* block, int64_t first, int64_t end, int64_t stride, int64_t chunks, const float* probs,
+                 int64_t n, float* acc) {
+  constexpr int64_t C = D ? D / 16 : kMaxChunks;
+  if constexpr (D) chunks = C;
+  Vec a[P][C];
+  for (int p = 0; p < P; ++p)
+    for (int64_t c = 0; c < chunks; ++c) a[p][c] = load(acc + p * chunks * 16 + c * 16);
+  for (int64_t s = first; s < end; ++s) {
+    const T* v = block + s * stride;
+    Vec vv[C];
+    for (int64_t c = 0; c < chunks; ++c) vv[c] = load(v + c * 16);
+    for (int p = 0; p < P; ++p) {
+      const Vec w = splat(probs[p * n + s]);
+      for (int64_t c = 0; c < chunks; ++c) a[p][c] = fma(w, vv[c], a[p][c]);
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int64_t c = 0; c < chunks; ++c) store(acc + p * chunks * 16 + c * 16, a[p][c]);
+}
+
+template <typename F>
+void by_panel(int64_t size, F&& f) {  // f(std::integral_constant<int, size>)
+  switch (size) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 4>{});
+  }
+}
+
 template <typename T, int D>
 void attend_task(T* out, const T* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t ctx,
                  int64_t h0, int64_t h1, const Geometry& g, float scale, int64_t window, Scratch& w) {
@@ -131,17 +187,11 @@ void attend_task(T* out, const T* q, const T* k_cache, const T* v_cache, const i
   for (int64_t i = 0; i < width * dim; ++i) w.q[i] = static_cast<float>(qh[i]) * scale;
   walk_blocks(k_cache, table, start, ctx, h0, dim, g, [&](const T* block, int64_t first, int64_t end, int64_t i0) {
     for (int64_t h = 0; h < heads; ++h)
-      for (int64_t j = h * group; j < (h + 1) * group; ++j) {
-        Vec qv[kMaxChunks];
-        for (int64_t c = 0; c < chunks; ++c) qv[c] = load(w.q.data() + j * dim + c * 16);
-        float* sj = w.scores.data() + j * n + i0;
-        for (int64_t s = first; s < end; ++s) {
-          const T* k = block + s * stride + h * dim;
-          Vec a = zero();
-          for (int64_t c = 0; c < chunks; ++c) a = fma(qv[c], load(k + c * 16), a);
-          sj[s] = sum(a);
-        }
-      }
+      for (int64_t j = h * group; j < (h + 1) * group; j += kPanel)
+        by_panel(std::min(kPanel, (h + 1) * group - j), [&](auto panel) {
+          score_panel<T, D, decltype(panel)::value>(block + h * dim, first, end, stride, chunks,
+                                                   w.q.data() + j * dim, w.scores.data() + j * n + i0, n);
+        });
   });
   for (int64_t j = 0; j < width; ++j) {
     float* sj = w.scores.data() + j * n;
@@ -157,18 +207,11 @@ void attend_task(T* out, const T* q, const T* k_cache, const T* v_cache, const i
   }
   walk_blocks(v_cache, table, start, ctx, h0, dim, g, [&](const T* block, int64_t first, int64_t end, int64_t i0) {
     for (int64_t h = 0; h < heads; ++h)
-      for (int64_t j = h * group; j < (h + 1) * group; ++j) {
-        Vec a[kMaxChunks];
-        float* acc = w.acc.data() + j * dim;
-        for (int64_t c = 0; c < chunks; ++c) a[c] = load(acc + c * 16);
-        const float* pj = w.scores.data() + j * n + i0;
-        for (int64_t s = first; s < end; ++s) {
-          const T* v = block + s * stride + h * dim;
-          const Vec p = splat(pj[s]);
-          for (int64_t c = 0; c < chunks; ++c) a[c] = fma(p, load(v + c * 16), a[c]);
-        }
-        for (int64_t c = 0; c < chunks; ++c) store(acc + c * 16, a[c]);
-      }
+      for (int64_t j = h * group; j < (h + 1) * group; j += kPanel)
+        by_panel(std::min(kPanel, (h + 1) * group - j), [&](auto panel) {
+          value_panel<T, D, decltype(panel)::value>(block + h * dim, first, end, stride, chunks,
+                                                   w.scores.data() + j * n + i0, n, w.acc.data() + j * dim);
+        });
   });
   T* oh = out + h0 * group * dim;
   for (int64_t j = 0; j < width; ++j)

@@ -3,7 +3,7 @@
 // by tandem/kernels/cpu.py; the twins are in kernels/reference.py.
 //
 // Rounding follows the twins (and Hugging Face): every op torch would round to the tensor's dtype is
-// rounded here too (static_cast<T> rounds to nearest even), and floating-point contraction is off
+// rounded here too (to nearest even), and floating-point contraction is off
 // (-ffp-contract=off), so float32 results equal torch's except for the order of RMSNorm's sum.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,9 +19,41 @@
 
 namespace {
 
+// Conversions the compiler can vectorize: c10's bf16 ones branch on NaN, which keeps loops scalar.
+// Same results (round to nearest even; a NaN stays a NaN).
+template <typename T>
+inline float to_f(T x) {
+  return static_cast<float>(x);
+}
+inline float to_f(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline uint32_t bf16_rounded_bits(float x) {  // the float32 bits of x rounded to bf16
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+}
+template <typename T>
+inline T from_f(float x) {
+  return static_cast<T>(x);
+}
+template <>
+inline c10::BFloat16 from_f<c10::BFloat16>(float x) {
+  return c10::BFloat16(static_cast<uint16_t>(bf16_rounded_bits(x) >> 16), c10::BFloat16::from_bits());
+}
 template <typename T>
 inline float rnd(float x) {  // x rounded to T, back in float32
-  return static_cast<float>(static_cast<T>(x));
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const uint32_t bits = bf16_rounded_bits(x);
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  } else {
+    return static_cast<float>(static_cast<T>(x));
+  }
 }
 
 // exp(x) in plain arithmetic so `omp simd` loops vectorize it: 2^n * p(r), |r| <= ln2 / 2, p of degree 7
@@ -57,18 +89,18 @@ void rms_norm_rows(T* out, T* total, const T* x, const T* residual, const T* wei
         const T* rr = residual + r * r_stride;
         T* tr = total + r * size;
         for (int64_t i = 0; i < size; ++i) {
-          const T sum = static_cast<T>(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
+          const T sum = from_f<T>(to_f(xr[i]) + to_f(rr[i]));
           tr[i] = sum;
-          h[i] = static_cast<float>(sum);
+          h[i] = to_f(sum);
         }
       } else {
-        for (int64_t i = 0; i < size; ++i) h[i] = static_cast<float>(xr[i]);
+        for (int64_t i = 0; i < size; ++i) h[i] = to_f(xr[i]);
       }
 #pragma omp simd reduction(+ : squares)
       for (int64_t i = 0; i < size; ++i) squares += h[i] * h[i];
       const float inv = 1.f / std::sqrt(squares / static_cast<float>(size) + eps);
       T* o = out + r * size;
-      for (int64_t i = 0; i < size; ++i) o[i] = static_cast<T>(static_cast<float>(weight[i]) * rnd<T>(h[i] * inv));
+      for (int64_t i = 0; i < size; ++i) o[i] = from_f<T>(to_f(weight[i]) * rnd<T>(h[i] * inv));
     }
   });
 }
@@ -82,11 +114,11 @@ void silu_and_mul_rows(T* out, const T* x, int64_t rows, int64_t size, int64_t x
       const T* up = gate + size;
 #pragma omp simd
       for (int64_t i = 0; i < size; ++i) {
-        const float v = static_cast<float>(gate[i]);
+        const float v = to_f(gate[i]);
         g[i] = v / (1.f + exp_approx(-v));
       }
       T* o = out + r * size;
-      for (int64_t i = 0; i < size; ++i) o[i] = static_cast<T>(rnd<T>(g[i]) * static_cast<float>(up[i]));
+      for (int64_t i = 0; i < size; ++i) o[i] = from_f<T>(rnd<T>(g[i]) * to_f(up[i]));
     }
   });
 }
@@ -96,24 +128,27 @@ template <typename T>
 inline void rotate(T* out, const T* x, const float* c, const float* s, int64_t dim) {
   const int64_t half = dim / 2;
   for (int64_t i = 0; i < half; ++i)
-    out[i] = static_cast<T>(rnd<T>(static_cast<float>(x[i]) * c[i]) + rnd<T>(-static_cast<float>(x[i + half]) * s[i]));
+    out[i] = from_f<T>(rnd<T>(to_f(x[i]) * c[i]) + rnd<T>(-to_f(x[i + half]) * s[i]));
   for (int64_t i = half; i < dim; ++i)
-    out[i] = static_cast<T>(rnd<T>(static_cast<float>(x[i]) * c[i]) + rnd<T>(static_cast<float>(x[i - half]) * s[i]));
+    out[i] = from_f<T>(rnd<T>(to_f(x[i]) * c[i]) + rnd<T>(to_f(x[i - half]) * s[i]));
 }
 
 template <typename T, typename Table>
 void rope_and_cache_rows(T* q_out, const T* q, const T* k, const T* v, int64_t q_stride, int64_t k_stride,
                          int64_t v_stride, const int64_t* positions, const Table* cos, const Table* sin, T* cache,
                          const int64_t* slots, int64_t tokens, int64_t num_q, int64_t num_kv, int64_t dim,
-                         int64_t cache_slots) {
+                         int64_t cache_slots, int64_t table_rows) {
   at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> c(dim), s(dim);
     for (int64_t t = begin; t < end; ++t) {
+      TORCH_CHECK(positions[t] >= 0 && positions[t] < table_rows, "rope_and_cache: position ", positions[t],
+                  " outside the tables' ", table_rows);
+      TORCH_CHECK(slots[t] < cache_slots, "rope_and_cache: slot ", slots[t], " past the cache's ", cache_slots);
       const Table* ct = cos + positions[t] * dim;
       const Table* st = sin + positions[t] * dim;
       for (int64_t i = 0; i < dim; ++i) {  // the twin rounds the tables to T first
-        c[i] = rnd<T>(static_cast<float>(ct[i]));
-        s[i] = rnd<T>(static_cast<float>(st[i]));
+        c[i] = rnd<T>(to_f(ct[i]));
+        s[i] = rnd<T>(to_f(st[i]));
       }
       for (int64_t h = 0; h < num_q; ++h)
         rotate(q_out + (t * num_q + h) * dim, q + t * q_stride + h * dim, c.data(), s.data(), dim);
@@ -193,12 +228,6 @@ void rope_and_cache(at::Tensor& q_out, const at::Tensor& q, const at::Tensor& k,
                   slots.is_contiguous() && positions.numel() == q.size(0) && slots.numel() == q.size(0),
               "rope_and_cache: positions and slots int64 [tokens]");
   const int64_t cache_slots = cache.size(1) * cache.size(2);
-  if (q.size(0) > 0) {
-    const int64_t max_slot = slots.max().item<int64_t>(), max_pos = positions.max().item<int64_t>();
-    TORCH_CHECK(max_slot < cache_slots, "rope_and_cache: slot ", max_slot, " past the cache's ", cache_slots);
-    TORCH_CHECK(max_pos < cos.size(0) && positions.min().item<int64_t>() >= 0, "rope_and_cache: position ", max_pos,
-                " outside the tables' ", cos.size(0));
-  }
   dispatch(q.scalar_type(), "rope_and_cache", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const auto run = [&](auto* table_tag) {
@@ -207,7 +236,7 @@ void rope_and_cache(at::Tensor& q_out, const at::Tensor& q, const at::Tensor& k,
                                     q.stride(0), k.stride(0), v.stride(0), positions.data_ptr<int64_t>(),
                                     cos.data_ptr<Table>(), sin.data_ptr<Table>(), cache.data_ptr<T>(),
                                     slots.data_ptr<int64_t>(), q.size(0), q.size(1), k.size(1), q.size(2),
-                                    cache_slots);
+                                    cache_slots, cos.size(0));
     };
     if (cos.scalar_type() == at::kFloat) return run(static_cast<float*>(nullptr));
     run(static_cast<T*>(nullptr));
