@@ -3,7 +3,7 @@ elementwise steps, each with its torch twin (kernels/reference.py, TorchAttentio
 and registered as `torch.ops.tandem_cpu.*`.
 
 The build is cached per (source, torch version, compiler flags) under ~/.cache/tandem/cpu_kernels
-(TANDEM_CACHE_DIR moves it), so only the first process on a machine pays the ~10 s compile. Where
+(TANDEM_CACHE moves it, as it moves the converted models), so only the first process on a machine pays the ~10 s compile. Where
 no compiler is found, `available()` is False, one warning says why, and the engine keeps its
 torch reference path. TANDEM_CPU_KERNELS=0 turns them off (to measure against the reference).
 """
@@ -34,8 +34,8 @@ def _build_dir() -> Path:
     for src in SOURCES:
         key.update(src.read_bytes())
     key.update(f"{torch.__version__} {sys.version} {' '.join(CFLAGS)}".encode())
-    root = Path(os.environ.get("TANDEM_CACHE_DIR") or Path.home() / ".cache" / "tandem") / "cpu_kernels"
-    path = root / key.hexdigest()[:16]
+    from tandem.engine.loader import cache_dir
+    path = cache_dir() / "cpu_kernels" / key.hexdigest()[:16]
     path.mkdir(parents=True, exist_ok=True)
     return path
 
