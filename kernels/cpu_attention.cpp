@@ -252,6 +252,16 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
               "context_lens: int64 [rows]");
   const Geometry g{q.size(0), block_tables.size(1), cache.size(1), cache.size(2), cache.size(3), q.size(1),
                    q.size(2)};
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  for (int64_t r = 0; r < g.rows; ++r) {  // every block a row reads lies in the pool (checked before the loop)
+    const int64_t used = (lens[r] + g.block_size - 1) / g.block_size;
+    TORCH_CHECK(lens[r] >= 0 && used <= g.table_width, "paged_decode_attention: row ", r, " has ", lens[r],
+                " tokens, more than its table's ", g.table_width, " blocks hold");
+    for (int64_t b = 0; b < used; ++b)
+      TORCH_CHECK(tables[r * g.table_width + b] >= 0 && tables[r * g.table_width + b] < g.num_blocks,
+                  "paged_decode_attention: block ", tables[r * g.table_width + b], " outside the pool of ", g.num_blocks);
+  }
   const auto run = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const auto call = [&](auto kernel) {

@@ -138,12 +138,14 @@ void rope_and_cache_rows(T* q_out, const T* q, const T* k, const T* v, int64_t q
                          int64_t v_stride, const int64_t* positions, const Table* cos, const Table* sin, T* cache,
                          const int64_t* slots, int64_t tokens, int64_t num_q, int64_t num_kv, int64_t dim,
                          int64_t cache_slots, int64_t table_rows) {
+  for (int64_t t = 0; t < tokens; ++t) {  // before the parallel loop: nothing may throw inside it
+    TORCH_CHECK(positions[t] >= 0 && positions[t] < table_rows, "rope_and_cache: position ", positions[t],
+                " outside the tables' ", table_rows);
+    TORCH_CHECK(slots[t] < cache_slots, "rope_and_cache: slot ", slots[t], " past the cache's ", cache_slots);
+  }
   at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> c(dim), s(dim);
     for (int64_t t = begin; t < end; ++t) {
-      TORCH_CHECK(positions[t] >= 0 && positions[t] < table_rows, "rope_and_cache: position ", positions[t],
-                  " outside the tables' ", table_rows);
-      TORCH_CHECK(slots[t] < cache_slots, "rope_and_cache: slot ", slots[t], " past the cache's ", cache_slots);
       const Table* ct = cos + positions[t] * dim;
       const Table* st = sin + positions[t] * dim;
       for (int64_t i = 0; i < dim; ++i) {  // the twin rounds the tables to T first

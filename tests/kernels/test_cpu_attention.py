@@ -52,6 +52,12 @@ def test_rejects_what_it_cannot_read():
     ctx = torch.tensor([3, 5])
     with pytest.raises(RuntimeError, match="int32"):
         cpu.paged_decode_attention(torch.empty_like(q), q, cache, torch.zeros(2, 1, dtype=torch.long), ctx, 1.0, None)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        cpu.paged_decode_attention(torch.empty_like(q), q, cache, torch.tensor([[0], [4]], dtype=torch.int32), ctx,
+                                   1.0, None)
+    with pytest.raises(RuntimeError, match="more than its table"):
+        cpu.paged_decode_attention(torch.empty_like(q), q, cache, torch.zeros(2, 1, dtype=torch.int32),
+                                   torch.tensor([3, 17]), 1.0, None)
     with pytest.raises(RuntimeError, match="dtype"):
         cpu.paged_decode_attention(torch.empty_like(q), q, cache.half(), torch.zeros(2, 1, dtype=torch.int32), ctx,
                                    1.0, None)
