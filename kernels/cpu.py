@@ -21,6 +21,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_attention.cpp", "cpu_ops.cpp")]
+HEADERS = [Path(__file__).with_name("cpu_check.h")]
 # -fopenmp: at::parallel_for and the simd pragmas; -ffp-contract=off: no fused multiply-adds where
 # torch rounds the product (the elementwise ops equal their twins in float32)
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]
@@ -31,7 +32,7 @@ _state: dict[str, object] = {}
 
 def _build_dir() -> Path:
     key = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         key.update(src.read_bytes())
     key.update(f"{torch.__version__} {sys.version} {' '.join(CFLAGS)}".encode())
     from tandem.engine.loader import cache_dir

@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_check.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -256,11 +258,13 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   for (int64_t r = 0; r < g.rows; ++r) {  // every block a row reads lies in the pool (checked before the loop)
     const int64_t used = (lens[r] + g.block_size - 1) / g.block_size;
-    TORCH_CHECK(lens[r] >= 0 && used <= g.table_width, "paged_decode_attention: row ", r, " has ", lens[r],
-                " tokens, more than its table's ", g.table_width, " blocks hold");
+    TANDEM_CHECK(lens[r] >= 0 && used <= g.table_width,
+                 "paged_decode_attention: row %lld has %lld tokens, more than its table's %lld blocks hold",
+                 (long long)r, (long long)lens[r], (long long)g.table_width);
     for (int64_t b = 0; b < used; ++b)
-      TORCH_CHECK(tables[r * g.table_width + b] >= 0 && tables[r * g.table_width + b] < g.num_blocks,
-                  "paged_decode_attention: block ", tables[r * g.table_width + b], " outside the pool of ", g.num_blocks);
+      TANDEM_CHECK(tables[r * g.table_width + b] >= 0 && tables[r * g.table_width + b] < g.num_blocks,
+                   "paged_decode_attention: block %d outside the pool of %lld", tables[r * g.table_width + b],
+                   (long long)g.num_blocks);
   }
   const auto run = [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -276,7 +280,8 @@ void paged_decode_attention(at::Tensor& out, const at::Tensor& q, const at::Tens
     case at::kFloat: return run(static_cast<float*>(nullptr));
     case at::kBFloat16: return run(static_cast<c10::BFloat16*>(nullptr));
     case at::kHalf: return run(static_cast<c10::Half*>(nullptr));
-    default: TORCH_CHECK(false, "paged_decode_attention: float32, bfloat16 or float16, not ", q.scalar_type());
+    default:
+      TANDEM_CHECK(false, "paged_decode_attention: float32, bfloat16 or float16, not %s", c10::toString(q.scalar_type()));
   }
 }
 

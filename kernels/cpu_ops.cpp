@@ -9,6 +9,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_check.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -139,9 +141,10 @@ void rope_and_cache_rows(T* q_out, const T* q, const T* k, const T* v, int64_t q
                          const int64_t* slots, int64_t tokens, int64_t num_q, int64_t num_kv, int64_t dim,
                          int64_t cache_slots, int64_t table_rows) {
   for (int64_t t = 0; t < tokens; ++t) {  // before the parallel loop: nothing may throw inside it
-    TORCH_CHECK(positions[t] >= 0 && positions[t] < table_rows, "rope_and_cache: position ", positions[t],
-                " outside the tables' ", table_rows);
-    TORCH_CHECK(slots[t] < cache_slots, "rope_and_cache: slot ", slots[t], " past the cache's ", cache_slots);
+    TANDEM_CHECK(positions[t] >= 0 && positions[t] < table_rows, "rope_and_cache: position %lld outside the tables' %lld",
+                 (long long)positions[t], (long long)table_rows);
+    TANDEM_CHECK(slots[t] < cache_slots, "rope_and_cache: slot %lld past the cache's %lld", (long long)slots[t],
+                 (long long)cache_slots);
   }
   at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> c(dim), s(dim);
@@ -170,13 +173,13 @@ void dispatch(at::ScalarType dtype, const char* name, F&& run) {
     case at::kFloat: return run(static_cast<float*>(nullptr));
     case at::kBFloat16: return run(static_cast<c10::BFloat16*>(nullptr));
     case at::kHalf: return run(static_cast<c10::Half*>(nullptr));
-    default: TORCH_CHECK(false, name, ": float32, bfloat16 or float16, not ", dtype);
+    default: TANDEM_CHECK(false, "%s: float32, bfloat16 or float16, not %s", name, c10::toString(dtype));
   }
 }
 
 // Rows are the last dim, contiguous; rows `stride(0)` apart (views of a fused projection are fine).
 void check_rows(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.dim() == 2 && t.stride(1) == 1, what, ": [rows, size] with contiguous rows");
+  TANDEM_CHECK(t.dim() == 2 && t.stride(1) == 1, "%s: [rows, size] with contiguous rows", what);
 }
 
 void rms_norm(at::Tensor& out, at::Tensor& total, const at::Tensor& x, const std::optional<at::Tensor>& residual,
