@@ -21,7 +21,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("cpu_attention.cpp", "cpu_ops.cpp")]
-HEADERS = [Path(__file__).with_name("cpu_check.h")]
+HEADERS = [Path(__file__).with_name("cpu_common.h")]
 # -fopenmp: at::parallel_for and the simd pragmas; -ffp-contract=off: no fused multiply-adds where
 # torch rounds the product (the elementwise ops equal their twins in float32)
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"]

@@ -12,7 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "cpu_check.h"
+#include "cpu_common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -72,26 +72,6 @@ inline void store(float* p, Vec a) { std::memcpy(p, a.v, sizeof a.v); }
 #endif
 
 constexpr int kMaxChunks = 16;  // head_dim <= 256
-
-// exp(x) for x <= 0 in plain arithmetic, so that `omp simd` loops vectorize it (std::exp is a scalar
-// libm call): 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p a degree-6 Taylor polynomial
-// (relative error < 2e-7, about one float ulp). Below -87 the result flushes to 0.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-  float p = 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
 
 struct Geometry {
   int64_t rows, table_width, num_blocks, block_size, num_kv, num_q, dim;
@@ -202,7 +182,7 @@ void attend_task(T* out, const T* q, const T* k_cache, const T* v_cache, const i
     float total = 0.f;
 #pragma omp simd reduction(+ : total)
     for (int64_t i = 0; i < n; ++i) {
-      sj[i] = exp_nonpositive(sj[i] - m);
+      sj[i] = exp_approx(sj[i] - m);
       total += sj[i];
     }
     w.total[j] = total;

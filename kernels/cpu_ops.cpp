@@ -9,7 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "cpu_check.h"
+#include "cpu_common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -63,27 +63,6 @@ inline float rnd(float x) {  // x rounded to T, back in float32
   } else {
     return static_cast<float>(static_cast<T>(x));
   }
-}
-
-// exp(x) in plain arithmetic so `omp simd` loops vectorize it: 2^n * p(r), |r| <= ln2 / 2, p of degree 7
-// (relative error ~1e-7). Infinity past 88.7 (float32's limit, so silu(-100) is -0 as in torch), and
-// computed on [-87, 88], where float32 stays normal.
-inline float exp_approx(float in) {
-  const float x = std::min(std::max(in, -87.f), 88.f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-  float p = 1.f / 5040;
-  p = p * r + 1.f / 720;
-  p = p * r + 1.f / 120;
-  p = p * r + 1.f / 24;
-  p = p * r + 1.f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return in > 88.7f ? std::numeric_limits<float>::infinity() : p * scale;
 }
 
 template <typename T>
