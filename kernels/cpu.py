@@ -30,11 +30,24 @@ OPS = ("paged_decode_attention", "rms_norm", "silu_and_mul", "rope_and_cache")
 _state: dict[str, object] = {}
 
 
+def _cpu_flags() -> str:
+    """The CPU's feature flags: -march=native code built on one CPU may not run on another that shares
+    the cache (a home directory on NFS, an image built elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
 def _build_dir() -> Path:
     key = hashlib.sha256()
     for src in SOURCES + HEADERS:
         key.update(src.read_bytes())
-    key.update(f"{torch.__version__} {sys.version} {' '.join(CFLAGS)}".encode())
+    key.update(f"{torch.__version__} {sys.version} {' '.join(CFLAGS)} {_cpu_flags()}".encode())
     from tandem.engine.loader import cache_dir
     path = cache_dir() / "cpu_kernels" / key.hexdigest()[:16]
     path.mkdir(parents=True, exist_ok=True)
