@@ -68,6 +68,27 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     return q
 
 
+# CPU decode in half precision: at most this many rows run the MLP feature-major (below)
+FEATURE_MAJOR_MAX_ROWS = 64
+
+
+def silu_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate) * up) for the fused [2I, H] gate_up weight (no biases).
+
+    CPUs, half precision, at most FEATURE_MAJOR_MAX_ROWS rows: computed feature-major, W @ x^T, whose
+    [features, rows] output is what oneDNN's bf16 GEMM makes fastest for few rows (30 SmolLM2 MLPs at 64
+    rows: 14.3 vs 17.5 ms); the gate and up halves are then two contiguous blocks, so the fused SiLU
+    kernel takes them as one row, and only the [H, rows] result is transposed back. Float32 keeps the
+    row-major F.linear, whose results Hugging Face shares."""
+    rows = x.shape[0]
+    if (not x.is_cuda and x.dtype != torch.float32 and x.dim() == 2 and rows <= FEATURE_MAJOR_MAX_ROWS
+            and cpu.available()):
+        gate_up_t = gate_up @ x.t()  # [2I, rows]
+        act_t = cpu.silu_and_mul(gate_up_t.view(1, -1)).view(-1, rows)  # [I, rows]
+        return (down @ act_t).t().contiguous()
+    return linear(silu_and_mul(linear(x, gate_up)), down)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x.is_cuda:
         return _k()["silu_and_mul"](x)

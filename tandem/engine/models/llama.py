@@ -61,13 +61,10 @@ class DecoderLayer(nn.Module):
         o = attn.forward(self.layer, q, k, v, (positions, *rope))
         o = ops.linear(o.reshape(-1, c.num_heads * c.head_dim), self.o_proj.weight, self.o_proj.bias)
         x, residual = self.post_attention_layernorm(o, residual)
-        gate_up = ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
-        if c.act == "silu":
-            x = ops.silu_and_mul(gate_up)
-        else:
-            gate, up = gate_up.chunk(2, dim=-1)
-            x = self.act(gate) * up
-        return ops.linear(x, self.down_proj.weight, self.down_proj.bias), residual
+        if c.act == "silu":  # the MLP has no biases (nn.Linear(..., bias=False) above)
+            return ops.silu_mlp(x, self.gate_up_proj.weight, self.down_proj.weight), residual
+        gate, up = ops.linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)
+        return ops.linear(self.act(gate) * up, self.down_proj.weight), residual
 
 
 class ModelShape:
