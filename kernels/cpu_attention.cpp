@@ -15,6 +15,8 @@
 #include "cpu_common.h"
 
 #include <algorithm>
+#include <atomic>
+#include <numeric>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -206,10 +208,17 @@ void decode_attention(T* out, const T* q, const T* cache, const int32_t* tables,
                       const Geometry& g, float scale, int64_t window) {
   const int64_t split = g.rows >= 4 * at::get_num_threads() ? 1 : g.num_kv, heads = g.num_kv / split;
   const int64_t row_elems = g.num_q * g.dim, v_offset = g.num_blocks * g.block_size * g.num_kv * g.dim;
-  at::parallel_for(0, g.rows * split, 1, [&](int64_t begin, int64_t end) {
+  // Rows differ in length, so a static split of the tasks leaves a thread idle; instead each thread
+  // takes the next task, longest rows first.
+  const int64_t tasks = g.rows * split;
+  std::vector<int64_t> order(g.rows);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ctx_lens[a] > ctx_lens[b]; });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     Scratch w;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / split, h0 = task % split * heads;
+    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+      const int64_t r = order[task / split], h0 = task % split * heads;
       attend_task<T, D>(out + r * row_elems, q + r * row_elems, cache, cache + v_offset,
                         tables + r * g.table_width, ctx_lens[r], h0, h0 + heads, g, scale, window, w);
     }
