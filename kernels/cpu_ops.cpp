@@ -97,19 +97,23 @@ void rms_norm_rows(T* out, T* total, const T* x, const T* residual, const T* wei
 
 template <typename T>
 void silu_and_mul_rows(T* out, const T* x, int64_t rows, int64_t size, int64_t x_stride) {
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(size);
-    float* __restrict g = buffer.data();
-    for (int64_t r = begin; r < end; ++r) {
-      const T* __restrict gate = x + r * x_stride;
-      const T* __restrict up = gate + size;
+  // Work units of up to kSpan elements of one row, so that one long row (the feature-major MLP's)
+  // is shared by all threads too.
+  constexpr int64_t kSpan = 2048;
+  const int64_t spans = (size + kSpan - 1) / kSpan;
+  at::parallel_for(0, rows * spans, 4, [&](int64_t begin, int64_t end) {
+    float g[kSpan];
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t r = unit / spans, first = unit % spans * kSpan, n = std::min(kSpan, size - first);
+      const T* __restrict gate = x + r * x_stride + first;
+      const T* __restrict up = x + r * x_stride + size + first;
 #pragma omp simd
-      for (int64_t i = 0; i < size; ++i) {
+      for (int64_t i = 0; i < n; ++i) {
         const float v = load_f(gate, i);
         g[i] = v / (1.f + exp_approx(-v));
       }
-      T* __restrict o = out + r * size;
-      for (int64_t i = 0; i < size; ++i) store_f(o, i, rnd<T>(g[i]) * load_f(up, i));
+      T* __restrict o = out + r * size + first;
+      for (int64_t i = 0; i < n; ++i) store_f(o, i, rnd<T>(g[i]) * load_f(up, i));
     }
   });
 }
