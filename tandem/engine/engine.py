@@ -14,6 +14,7 @@ from tandem.engine import loader, multi_step
 from tandem.engine.attention import attention_backend
 from tandem.inputs import InputChecker
 from tandem.engine.cpu_tuning import tune_host_allocator
+from tandem.kernels import cpu as cpu_kernels
 from tandem.engine.kv_cache.manager import KVCacheManager
 from tandem.engine.kv_roles import KVRoles
 from tandem.engine.kv_transfer.consumer import KVConsumer
@@ -68,6 +69,9 @@ class LLMEngine(KVRoles):
         self.dtype = parse_dtype(config.dtype, default=default_dtype(hf_config, self.device))
         if self.device.type == "cpu":
             tune_host_allocator()
+            # Build (or load) the C++ kernels now, before the engine serves: a first build inside a
+            # request's step stalls it for seconds (a worker's remote-prefill lease can expire meanwhile).
+            cpu_kernels.available()
         limit = hf_config.get("max_position_embeddings", 4096)
         self.max_model_len = config.max_model_len or limit
         if self.max_model_len > limit:
