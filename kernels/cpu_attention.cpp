@@ -34,17 +34,17 @@ namespace {
 using Vec = __m512;
 inline Vec zero() { return _mm512_setzero_ps(); }
 inline Vec splat(float x) { return _mm512_set1_ps(x); }
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline float sum(Vec a) { return _mm512_reduce_add_ps(a); }
-inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec load(const c10::BFloat16* p) {  // bf16 is the high half of a float32
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(Vec a) { return _mm512_reduce_add_ps(a); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vload(const c10::BFloat16* p) {  // bf16 is the high half of a float32
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
-inline Vec load(const c10::Half* p) {
+inline Vec vload(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-inline void store(float* p, Vec a) { _mm512_storeu_ps(p, a); }
+inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a); }
 #else
 struct Vec {
   float v[16];
@@ -55,22 +55,22 @@ inline Vec splat(float x) {
   for (float& e : r.v) e = x;
   return r;
 }
-inline Vec fma(Vec a, Vec b, Vec c) {
+inline Vec vfma(Vec a, Vec b, Vec c) {
   for (int i = 0; i < 16; ++i) c.v[i] += a.v[i] * b.v[i];
   return c;
 }
-inline float sum(Vec a) {
+inline float vsum(Vec a) {
   float s = 0.f;
   for (float e : a.v) s += e;
   return s;
 }
 template <typename T>
-inline Vec load(const T* p) {
+inline Vec vload(const T* p) {
   Vec r;
   for (int i = 0; i < 16; ++i) r.v[i] = static_cast<float>(p[i]);
   return r;
 }
-inline void store(float* p, Vec a) { std::memcpy(p, a.v, sizeof a.v); }
+inline void vstore(float* p, Vec a) { std::memcpy(p, a.v, sizeof a.v); }
 #endif
 
 constexpr int kMaxChunks = 16;  // head_dim <= 256
@@ -113,15 +113,15 @@ void score_panel(const T* block, int64_t first, int64_t end, int64_t stride, int
   if constexpr (D) chunks = C;
   Vec qv[P][C];
   for (int p = 0; p < P; ++p)
-    for (int64_t c = 0; c < chunks; ++c) qv[p][c] = load(q + p * chunks * 16 + c * 16);
+    for (int64_t c = 0; c < chunks; ++c) qv[p][c] = vload(q + p * chunks * 16 + c * 16);
   for (int64_t s = first; s < end; ++s) {
     const T* k = block + s * stride;
     Vec kv[C];
-    for (int64_t c = 0; c < chunks; ++c) kv[c] = load(k + c * 16);
+    for (int64_t c = 0; c < chunks; ++c) kv[c] = vload(k + c * 16);
     for (int p = 0; p < P; ++p) {
       Vec a = zero();
-      for (int64_t c = 0; c < chunks; ++c) a = fma(qv[p][c], kv[c], a);
-      scores[p * n + s] = sum(a);
+      for (int64_t c = 0; c < chunks; ++c) a = vfma(qv[p][c], kv[c], a);
+      scores[p * n + s] = vsum(a);
     }
   }
 }
@@ -133,18 +133,18 @@ void value_panel(const T* block, int64_t first, int64_t end, int64_t stride, int
   if constexpr (D) chunks = C;
   Vec a[P][C];
   for (int p = 0; p < P; ++p)
-    for (int64_t c = 0; c < chunks; ++c) a[p][c] = load(acc + p * chunks * 16 + c * 16);
+    for (int64_t c = 0; c < chunks; ++c) a[p][c] = vload(acc + p * chunks * 16 + c * 16);
   for (int64_t s = first; s < end; ++s) {
     const T* v = block + s * stride;
     Vec vv[C];
-    for (int64_t c = 0; c < chunks; ++c) vv[c] = load(v + c * 16);
+    for (int64_t c = 0; c < chunks; ++c) vv[c] = vload(v + c * 16);
     for (int p = 0; p < P; ++p) {
       const Vec w = splat(probs[p * n + s]);
-      for (int64_t c = 0; c < chunks; ++c) a[p][c] = fma(w, vv[c], a[p][c]);
+      for (int64_t c = 0; c < chunks; ++c) a[p][c] = vfma(w, vv[c], a[p][c]);
     }
   }
   for (int p = 0; p < P; ++p)
-    for (int64_t c = 0; c < chunks; ++c) store(acc + p * chunks * 16 + c * 16, a[p][c]);
+    for (int64_t c = 0; c < chunks; ++c) vstore(acc + p * chunks * 16 + c * 16, a[p][c]);
 }
 
 template <typename F>
