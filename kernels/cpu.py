@@ -60,6 +60,18 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
+def build(cflags: list[str], directory: Path) -> bool:
+    """Compiles (or loads the cached build of) the kernels with these flags and registers the ops in this
+    process; tests call it with portable flags to build the paths other CPUs take."""
+    from torch.utils import cpp_extension
+    _ninja_on_path()
+    cpp_extension.load(name="tandem_cpu", sources=[str(s) for s in SOURCES], extra_cflags=cflags,
+                       extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
+                       verbose=False)
+    _state["ok"] = ok = all(hasattr(torch.ops.tandem_cpu, op) for op in OPS)
+    return ok
+
+
 def available() -> bool:
     """True once the ops are registered; builds them on the first call (thread-unsafe: call at start-up)."""
     if "ok" in _state:
@@ -69,12 +81,7 @@ def available() -> bool:
         log.info("TANDEM_CPU_KERNELS=0: CPU attention uses the torch reference")
     else:
         try:
-            from torch.utils import cpp_extension
-            _ninja_on_path()
-            cpp_extension.load(name="tandem_cpu", sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS,
-                               extra_ldflags=["-fopenmp"], build_directory=str(_build_dir()),
-                               is_python_module=False, verbose=False)
-            ok = all(hasattr(torch.ops.tandem_cpu, op) for op in OPS)
+            ok = build(CFLAGS, _build_dir())
         except Exception as exc:  # no compiler, no ninja, or a failed build: keep the reference path
             errors = [ln for ln in str(exc).splitlines() if "error" in ln] or str(exc).splitlines()[-1:]
             log.warning("CPU kernels unavailable (%s: %s); using the torch reference path",
