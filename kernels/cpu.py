@@ -1,17 +1,19 @@
 """C++ kernels for CPUs (kernels/cpu_*.cpp): paged decode attention and the model's fused
-elementwise steps, each with its torch twin (kernels/reference.py, TorchAttention). Compiled on first use with torch's extension builder
-and registered as `torch.ops.tandem_cpu.*`.
+elementwise steps, each with its torch twin (kernels/reference.py, TorchAttention). Compiled on first
+use with torch's extension builder and registered as `torch.ops.tandem_cpu.*`.
 
-The build is cached per (source, torch version, compiler flags) under ~/.cache/tandem/cpu_kernels
-(TANDEM_CACHE moves it, as it moves the converted models), so only the first process on a machine pays the ~10 s compile. Where
-no compiler is found, `available()` is False, one warning says why, and the engine keeps its
-torch reference path. TANDEM_CPU_KERNELS=0 turns them off (to measure against the reference).
+The build is cached per (sources, torch and Python versions, compiler flags, CPU features) under
+the loader's cache dir (~/.cache/tandem/cpu_kernels; TANDEM_CACHE moves it), so only the first
+process on a machine pays the ~10 s compile. Where no compiler is found, `available()` is False, one
+warning says why, and the engine keeps the torch twins. TANDEM_CPU_KERNELS=0 turns the kernels off
+(to measure against the twins).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -39,7 +41,6 @@ def _cpu_flags() -> str:
                 return line
     except OSError:
         pass
-    import platform
     return platform.processor() or platform.machine()
 
 
@@ -60,7 +61,7 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
-def build(cflags: list[str], directory: Path) -> bool:
+def build(cflags: list[str], directory: str | Path) -> bool:
     """Compiles (or loads the cached build of) the kernels with these flags and registers the ops in this
     process; tests call it with portable flags to build the paths other CPUs take."""
     from torch.utils import cpp_extension
@@ -78,7 +79,7 @@ def available() -> bool:
         return bool(_state["ok"])
     ok = False
     if os.environ.get("TANDEM_CPU_KERNELS", "1") == "0":
-        log.info("TANDEM_CPU_KERNELS=0: CPU attention uses the torch reference")
+        log.info("TANDEM_CPU_KERNELS=0: the CPU path runs the kernels' torch twins")
     else:
         try:
             ok = build(CFLAGS, _build_dir())

@@ -1,7 +1,8 @@
 // Paged decode attention for CPUs: each single-token query reads its K/V rows where they lie in the
 // block pool, instead of gathering them into a contiguous copy first (the torch reference's cost:
 // the gather writes every row once and SDPA reads it again). Built on first use by
-// tandem/kernels/cpu.py; its torch twin is TorchAttention._decode.
+// tandem/kernels/cpu.py; its torch twins are paged_decode_attention_ref (the tests') and
+// TorchAttention._decode (the engine's gather-and-SDPA path).
 //
 // Layout (tandem/engine/attention.py): cache [2, num_blocks, block_size, num_kv_heads, head_dim].
 // A task is one row's KV heads [h0, h1): all of them when there are enough rows to keep every thread
@@ -16,11 +17,11 @@
 
 #include <algorithm>
 #include <atomic>
-#include <numeric>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
