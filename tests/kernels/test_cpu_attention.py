@@ -16,11 +16,7 @@ TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16:
 LENS = [1, 15, 16, 17, 31, 32, 33, 0, 150, 47, 1, 64]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    if not cpu.available() and torch.cuda.is_available():
-        pytest.skip("CPU kernels not built on this GPU image; CPUs (CI) must build them")
-    assert cpu.available(), "the C++ CPU kernels did not build (is a C++ compiler installed?)"
+pytestmark = pytest.mark.usefixtures("cpu_kernels_built")
 
 
 @pytest.mark.parametrize("group,num_kv,block_size,head_dim,dtype,window", [
@@ -63,7 +59,7 @@ def test_rejects_what_it_cannot_read():
                                    1.0, None)
 
 
-def test_engine_attention_takes_the_native_path():
+def test_engine_attention_takes_the_native_path(monkeypatch):
     """TorchAttention on CPUs hands every single-token row to the kernel in one group, and agrees with
     its own gather-and-SDPA path."""
     gen = torch.Generator().manual_seed(7)
@@ -74,12 +70,8 @@ def test_engine_attention_takes_the_native_path():
     q = torch.randn(len(lens), 8, 64, generator=gen)
     native = TorchAttention.build([cache], seqs, torch.zeros(len(lens), dtype=torch.long), 0.125, None, None)
     assert native.native_decode and len(native.decodes) == 1
-    saved = cpu._state.get("ok")
-    cpu._state["ok"] = False
-    try:
-        torch_path = TorchAttention.build([cache], seqs, torch.zeros(len(lens), dtype=torch.long), 0.125, None, None)
-    finally:
-        cpu._state["ok"] = saved
+    monkeypatch.setitem(cpu._state, "ok", False)  # as where no compiler is found
+    torch_path = TorchAttention.build([cache], seqs, torch.zeros(len(lens), dtype=torch.long), 0.125, None, None)
     assert not torch_path.native_decode
     torch.testing.assert_close(native.attend(cache, q.clone()), torch_path.attend(cache, q.clone()),
                                rtol=1e-5, atol=1e-6)

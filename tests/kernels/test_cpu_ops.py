@@ -14,11 +14,7 @@ from tandem.kernels.reference import (apply_rope_ref, fused_add_rms_norm_ref, re
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    if not cpu.available() and torch.cuda.is_available():
-        pytest.skip("CPU kernels not built on this GPU image; CPUs (CI) must build them")
-    assert cpu.available(), "the C++ CPU kernels did not build (is a C++ compiler installed?)"
+pytestmark = pytest.mark.usefixtures("cpu_kernels_built")
 
 
 def exact_or_close(got: torch.Tensor, want: torch.Tensor) -> None:
