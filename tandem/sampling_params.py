@@ -86,6 +86,16 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < _EPS
 
+    @property
+    def wants_logprob(self) -> bool:
+        """Whether the sampled tokens' logprobs are needed: asked for, or to rank best_of samples. Other
+        requests report cumulative_logprob None, as vLLM does."""
+        return self.logprobs is not None or self.best_of > self.n
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)
+
     def clone(self, **changes: Any) -> "SamplingParams":
         values = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
         values.update(changes)

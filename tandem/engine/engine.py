@@ -339,7 +339,8 @@ class LLMEngine(KVRoles):
     def _update(self, req: Request, smp: Sample, now: float) -> None:
         p = req.params
         req.append_token(smp.token_id)
-        req.cumulative_logprob += smp.logprob
+        if smp.logprob is not None:
+            req.cumulative_logprob += smp.logprob
         if req.logprobs is not None:
             req.logprobs.append(smp.top or {})
         if req.first_token_time is None:
@@ -370,7 +371,7 @@ class LLMEngine(KVRoles):
             seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: group.params.n]
         outs = [CompletionOutput(
             index=i, text=self._detok[s].text, token_ids=list(s.output_token_ids),
-            cumulative_logprob=s.cumulative_logprob, logprobs=s.logprobs,
+            cumulative_logprob=s.cumulative_logprob if group.params.wants_logprob else None, logprobs=s.logprobs,
             finish_reason=s.finish_reason, stop_reason=s.stop_reason) for i, s in enumerate(seqs)]
         first = group.seqs[0]
         metrics = RequestMetrics(

@@ -11,7 +11,7 @@ from tandem.engine.attention import SeqSlice, build_attention
 from tandem.engine.models.llama import LlamaForCausalLM
 from tandem.engine.multi_step import Lookahead
 from tandem.engine.request import Request
-from tandem.engine.sampler import Sample, prompt_logprobs, sample
+from tandem.engine.sampler import Sample, prompt_logprobs, sample, wants_float_logits
 from tandem.engine.scheduler import SchedulerOutput
 from tandem.outputs import Logprob
 
@@ -181,7 +181,7 @@ class ModelRunner:
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def _sample(self, requests: list[Request], hidden: torch.Tensor, result: StepResult) -> None:
-        logits = self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden, upcast=wants_float_logits(requests))
         rows: list[Request] = requests  # a Request is a SampleRow; forks add rows after their parent
         owners = requests
         if any(r.pending_forks for r in requests):

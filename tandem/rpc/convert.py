@@ -52,7 +52,9 @@ def logprobs_from_proto(msg: decode_pb2.TokenLogprobs) -> dict[int, Logprob] | N
 def first_token_to_proto(first: Sample | None) -> decode_pb2.FirstToken | None:
     if first is None:
         return None
-    return decode_pb2.FirstToken(token_id=first.token_id, logprob=first.logprob, top=logprobs_to_proto(first.top))
+    # logprob None (not wanted): proto's default 0.0, which the receiver's request then ignores too
+    return decode_pb2.FirstToken(token_id=first.token_id, logprob=first.logprob or 0.0,
+                                 top=logprobs_to_proto(first.top))
 
 
 def first_token_from_proto(close: decode_pb2.TransferClose) -> Sample | None:

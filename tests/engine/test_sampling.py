@@ -100,7 +100,8 @@ def test_n_samples(make_llm, tiny_model_dirs):
 
 def test_best_of_returns_the_best_n_by_cumulative_logprob(make_llm, tiny_model_dirs):
     llm = _tiny(make_llm, tiny_model_dirs)
-    every = _gen(llm, [PROMPT], SamplingParams(n=5, temperature=1.0, seed=11, max_tokens=6, ignore_eos=True))[0]
+    every = _gen(llm, [PROMPT], SamplingParams(n=5, temperature=1.0, seed=11, max_tokens=6, ignore_eos=True,
+                                               logprobs=0))[0]  # logprobs=0: cumulative logprobs, no top-k
     (best,) = _gen(llm, [PROMPT], SamplingParams(n=2, best_of=5, temperature=1.0, seed=11, max_tokens=6,
                                                   ignore_eos=True))
     assert len(best.outputs) == 2
@@ -110,6 +111,22 @@ def test_best_of_returns_the_best_n_by_cumulative_logprob(make_llm, tiny_model_d
     assert [o.token_ids for o in best.outputs] == [o.token_ids for o in ranked[:2]]
     assert scores == pytest.approx([o.cumulative_logprob for o in ranked[:2]], abs=1e-5)
     assert [o.index for o in best.outputs] == [0, 1]
+
+
+def test_cumulative_logprob_only_where_wanted(make_llm, tiny_model_dirs):
+    """Without logprobs (or best_of > n) a request's cumulative_logprob is None, as in vLLM: plain greedy
+    rows take the argmax of the model's own logits, no log_softmax. Tokens are the same either way, and
+    a batch mixing both kinds keeps each one's report."""
+    llm = _tiny(make_llm, tiny_model_dirs, dtype="bfloat16")
+    plain = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    wanted = plain.clone(logprobs=0)
+    alone = _gen(llm, [PROMPT], plain)[0].outputs[0]
+    mixed = _gen(llm, [PROMPT, PROMPT], [plain, wanted])
+    assert alone.cumulative_logprob is None and mixed[0].outputs[0].cumulative_logprob is None
+    got = mixed[1].outputs[0]
+    assert got.cumulative_logprob == pytest.approx(sum(lp[t].logprob for lp, t in zip(got.logprobs, got.token_ids)),
+                                                   abs=1e-4)
+    assert alone.token_ids == mixed[0].outputs[0].token_ids == got.token_ids
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])

@@ -1,12 +1,13 @@
 """The C++ paged decode attention for CPUs (tandem.kernels.cpu) against the torch twin the Triton
 kernel shares: mixed lengths around block boundaries (empty rows included), GQA 1/3/4/8, block sizes
 16/32, head_dim 16/64/128, sliding window, float32/bf16/fp16, one row (tasks per KV head) and many
-(tasks per row); and the engine's CPU attention taking that path."""
+(tasks per row); and the engine's CPU attention taking that path for decode rows and prompt chunks."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tandem.engine import attention
 from tandem.engine.attention import SeqSlice, TorchAttention
 from tandem.kernels import cpu
 from tandem.kernels.paged_decode_attention import paged_decode_attention_ref
@@ -59,19 +60,27 @@ def test_rejects_what_it_cannot_read():
                                    1.0, None)
 
 
-def test_engine_attention_takes_the_native_path(monkeypatch):
-    """TorchAttention on CPUs hands every single-token row to the kernel in one group, and agrees with
-    its own gather-and-SDPA path."""
+@pytest.mark.parametrize("window", [None, 12])
+def test_engine_attention_takes_the_native_path(monkeypatch, window):
+    """TorchAttention on CPUs hands decode rows and short prompt chunks (with or without a cached prefix)
+    to the kernel in one call, one row per query token; a chunk over NATIVE_MAX_CONTEXT goes to SDPA. It
+    agrees with its own gather-and-SDPA path."""
+    monkeypatch.setattr(attention, "NATIVE_MAX_CONTEXT", 32)
     gen = torch.Generator().manual_seed(7)
-    lens = [5, 40, 17, 33]
-    cache, tables = paged_cache(lens, 16, 2, 64, torch.float32, gen)
+    steps = [(20, 20), (7, 39), (12, 30), (1, 5), (1, 40), (1, 17), (1, 33)]  # (query_len, context_len)
+    cache, tables = paged_cache([c for _, c in steps], 16, 2, 64, torch.float32, gen)
     cache = cache.cpu()
-    seqs = [SeqSlice(i, 1, n, tables[i, : -(-n // 16)].tolist()) for i, n in enumerate(lens)]
-    q = torch.randn(len(lens), 8, 64, generator=gen)
-    native = TorchAttention.build([cache], seqs, torch.zeros(len(lens), dtype=torch.long), 0.125, None, None)
-    assert native.native_decode and len(native.decodes) == 1
+    seqs, row = [], 0
+    for i, (query_len, context_len) in enumerate(steps):
+        seqs.append(SeqSlice(row, query_len, context_len, tables[i, : -(-context_len // 16)].tolist()))
+        row += query_len
+    q = torch.randn(row, 8, 64, generator=gen)
+    native = TorchAttention.build([cache], seqs, torch.zeros(row, dtype=torch.long), 0.125, window, None)
+    assert native.native and len(native.decodes) == 1 and native.decodes[0].rows == slice(0, row)
+    assert [p.context_len for p in native.prefills] == [39]
+    assert native.decodes[0].context_lens[:22].tolist() == list(range(1, 21)) + [0, 0]  # chunk 2: SDPA's
     monkeypatch.setitem(cpu._state, "ok", False)  # as where no compiler is found
-    torch_path = TorchAttention.build([cache], seqs, torch.zeros(len(lens), dtype=torch.long), 0.125, None, None)
-    assert not torch_path.native_decode
+    torch_path = TorchAttention.build([cache], seqs, torch.zeros(row, dtype=torch.long), 0.125, window, None)
+    assert not torch_path.native
     torch.testing.assert_close(native.attend(cache, q.clone()), torch_path.attend(cache, q.clone()),
                                rtol=1e-5, atol=1e-6)
