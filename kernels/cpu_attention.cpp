@@ -87,14 +87,20 @@ struct Scratch {
 
 // Calls visit(block's first slot at head h0, first slot, end slot, index of the first slot in [0, n))
 // for each block of the row in order, prefetching the next block's memory one block ahead.
+// With `also` (the V cache while walking K), that cache's next block is prefetched too, so the second pass
+// finds V in L2 instead of waiting on memory again.
 template <typename T, typename Visit>
 void walk_blocks(const T* base, const int32_t* table, int64_t start, int64_t ctx, int64_t h0, int64_t dim,
-                 const Geometry& g, Visit&& visit) {
+                 const Geometry& g, const T* also, Visit&& visit) {
   const int64_t bs = g.block_size, block_elems = bs * g.num_kv * dim;
   for (int64_t b = start / bs, t = start; t < ctx; ++b) {
     if ((b + 1) * bs < ctx) {
       const char* next = reinterpret_cast<const char*>(base + int64_t(table[b + 1]) * block_elems);
       for (int64_t off = 0; off < block_elems * int64_t(sizeof(T)); off += 64) __builtin_prefetch(next + off);
+      if (also != nullptr) {
+        const char* other = reinterpret_cast<const char*>(also + int64_t(table[b + 1]) * block_elems);
+        for (int64_t off = 0; off < block_elems * int64_t(sizeof(T)); off += 64) __builtin_prefetch(other + off);
+      }
     }
     const int64_t first = t - b * bs, end = std::min(bs, ctx - b * bs);
     visit(base + int64_t(table[b]) * block_elems + h0 * dim, first, end, t - start - first);
@@ -223,7 +229,7 @@ void attend_task(T* out, const T* q, const T* k_cache, const T* v_cache, const i
   w.total.resize(width);
   w.scores.resize(width * n);
   for (int64_t i = 0; i < width * dim; ++i) w.q[i] = static_cast<float>(qh[i]) * scale;
-  walk_blocks(k_cache, table, start, ctx, h0, dim, g, [&](const T* block, int64_t first, int64_t end, int64_t i0) {
+  walk_blocks(k_cache, table, start, ctx, h0, dim, g, v_cache, [&](const T* block, int64_t first, int64_t end, int64_t i0) {
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t j = h * group; j < (h + 1) * group; j += kPanel)
         by_panel(std::min(kPanel, (h + 1) * group - j), [&](auto panel) {
@@ -248,7 +254,7 @@ void attend_task(T* out, const T* q, const T* k_cache, const T* v_cache, const i
     }
     w.total[j] = total;
   }
-  walk_blocks(v_cache, table, start, ctx, h0, dim, g, [&](const T* block, int64_t first, int64_t end, int64_t i0) {
+  walk_blocks(v_cache, table, start, ctx, h0, dim, g, static_cast<const T*>(nullptr), [&](const T* block, int64_t first, int64_t end, int64_t i0) {
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t j = h * group; j < (h + 1) * group; j += kPanel)
         by_panel(std::min(kPanel, (h + 1) * group - j), [&](auto panel) {
