@@ -154,59 +154,6 @@ void value_panel(const T* block, int64_t first, int64_t end, int64_t stride, int
     for (int64_t c = 0; c < chunks; ++c) vstore(acc + p * chunks * 16 + c * 16, a[p][c]);
 }
 
-#if defined(__AVX512BF16__)
-// Lane i of the result is the sum of v[i]'s 16 lanes: a transpose-and-add tree (31 shuffles, 15 adds)
-// instead of 16 horizontal reductions, which cost as much as the dot products they finish.
-inline __m512 transpose_sum16(const __m512* v) {
-  __m512 x[8], y[4];
-  for (int i = 0; i < 8; ++i)  // 128-bit lanes: [v2i 0+2, v2i 1+3, v2i+1 0+2, v2i+1 1+3]
-    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)  // 128-bit lane j: four partial sums of v[4i + j]
-    y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0xDD));
-  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
-  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_ps(y[2], y[3], 0x88), _mm512_shuffle_ps(y[2], y[3], 0xDD));
-  const __m512 w = _mm512_add_ps(_mm512_shuffle_ps(z0, z1, 0x88), _mm512_shuffle_ps(z0, z1, 0xDD));
-  // element 4j + m of w is the sum of v[4m + j]
-  const __m512i order = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
-  return _mm512_permutexvar_ps(order, w);
-}
-
-// score_panel for bf16 K and q on CPUs with AVX512-BF16: each K row enters the dot products as stored
-// (pairs of bf16, products exact, sums in float32), 16 keys at a time; q is unscaled (scale applies to
-// the scores).
-template <int D, int P>
-void score_panel_bf16(const c10::BFloat16* block, int64_t first, int64_t end, int64_t stride,
-                      const c10::BFloat16* q, float scale, float* scores, int64_t n) {
-  constexpr int C = D / 32;
-  __m512bh qv[P][C];
-  for (int p = 0; p < P; ++p)
-    for (int c = 0; c < C; ++c) qv[p][c] = (__m512bh)_mm512_loadu_si512(q + p * D + c * 32);
-  for (int64_t s0 = first; s0 < end; s0 += 16) {
-    const int count = static_cast<int>(std::min<int64_t>(16, end - s0));
-    for (int p = 0; p < P; ++p) {
-      __m512 acc[16];
-      for (int i = 0; i < 16; ++i) {
-        acc[i] = _mm512_setzero_ps();
-        if (i < count)
-          for (int c = 0; c < C; ++c)
-            acc[i] = _mm512_dpbf16_ps(acc[i], qv[p][c],
-                                      (__m512bh)_mm512_loadu_si512(block + (s0 + i) * stride + c * 32));
-      }
-      _mm512_mask_storeu_ps(scores + p * n + s0, static_cast<__mmask16>((1u << count) - 1),
-                            _mm512_mul_ps(transpose_sum16(acc), _mm512_set1_ps(scale)));
-    }
-  }
-}
-constexpr bool kBf16Dots = true;
-#else
-template <int D, int P>
-void score_panel_bf16(const c10::BFloat16*, int64_t, int64_t, int64_t, const c10::BFloat16*, float, float*,
-                      int64_t) {}
-constexpr bool kBf16Dots = false;
-#endif
-
 template <typename F>
 void by_panel(int64_t size, F&& f) {  // f(std::integral_constant<int, size>)
   switch (size) {
@@ -233,13 +180,8 @@ void attend_task(T* out, const T* q, const T* k_cache, const T* v_cache, const i
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t j = h * group; j < (h + 1) * group; j += kPanel)
         by_panel(std::min(kPanel, (h + 1) * group - j), [&](auto panel) {
-          constexpr int P = decltype(panel)::value;
-          if constexpr (kBf16Dots && std::is_same_v<T, c10::BFloat16> && D % 32 == 0 && D > 0)
-            score_panel_bf16<D, P>(block + h * dim, first, end, stride, qh + j * dim, scale,
-                                   w.scores.data() + j * n + i0, n);
-          else
-            score_panel<T, D, P>(block + h * dim, first, end, stride, chunks, w.q.data() + j * dim,
-                                 w.scores.data() + j * n + i0, n);
+          score_panel<T, D, decltype(panel)::value>(block + h * dim, first, end, stride, chunks,
+                                                   w.q.data() + j * dim, w.scores.data() + j * n + i0, n);
         });
   });
   for (int64_t j = 0; j < width; ++j) {
