@@ -46,6 +46,16 @@ inline Vec vload(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a); }
+// The scores' maximum, 16 lanes at a time: a scalar max chain (which compilers keep for NaN's sake)
+// cost a sixth of the kernel's time.
+inline float max_of(const float* x, int64_t n) {
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+  m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, x + i));
+  return _mm512_reduce_max_ps(m);
+}
 #else
 struct Vec {
   float v[16];
@@ -72,6 +82,11 @@ inline Vec vload(const T* p) {
   return r;
 }
 inline void vstore(float* p, Vec a) { std::memcpy(p, a.v, sizeof a.v); }
+inline float max_of(const float* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
 #endif
 
 constexpr int kMaxChunks = 16;  // head_dim <= 256
@@ -186,8 +201,7 @@ void attend_task(T* out, const T* q, const T* k_cache, const T* v_cache, const i
   });
   for (int64_t j = 0; j < width; ++j) {
     float* sj = w.scores.data() + j * n;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < n; ++i) m = std::max(m, sj[i]);
+    const float m = max_of(sj, n);
     float total = 0.f;
 #pragma omp simd reduction(+ : total)
     for (int64_t i = 0; i < n; ++i) {
