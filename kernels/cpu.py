@@ -44,6 +44,11 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def has_amx() -> bool:
+    """Whether the CPU has AMX tiles (Sapphire Rapids and later), which oneDNN's GEMMs and SDPA use."""
+    return "amx_bf16" in _cpu_flags().split()
+
+
 def _build_dir() -> Path:
     key = hashlib.sha256()
     for src in SOURCES + HEADERS:

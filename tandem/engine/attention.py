@@ -24,9 +24,11 @@ from tandem.kernels import cpu as cpu_kernels
 
 DECODE_GROUP_SIZE = 16  # reference backend: decode rows padded to the longest context of 16 rows
 # C++ kernel on CPUs: prompt chunks with at most this many tokens of context run in it, one row per token;
-# longer ones through SDPA, whose tiles reuse each K/V row across queries (2,048-token prompt, SmolLM2
-# heads, 2 threads: SDPA 42 ms, the kernel 51 ms; at 450 tokens the kernel 2.5 ms, SDPA 5.2 ms)
-NATIVE_MAX_CONTEXT = 1024
+# longer ones through SDPA, whose tiles reuse each K/V row across queries. Where the CPU has AMX, oneDNN's
+# SDPA wins from ~64 tokens (Sapphire Rapids, SmolLM2 heads, 2 threads, 450-token prompt: bf16 0.9 vs
+# 2.9 ms, float32 2.4 vs 2.9 ms); without (Zen 4), the kernel wins up to ~1,024 (450 tokens: 2.5 vs 5.2 ms;
+# 2,048: 51 vs 42 ms).
+NATIVE_MAX_CONTEXT = 64 if cpu_kernels.has_amx() else 1024
 
 
 @dataclass

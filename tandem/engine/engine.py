@@ -96,6 +96,7 @@ class LLMEngine(KVRoles):
             self.runner.capture_graphs(max_batch, self.max_model_len, use_graphs=False)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.layout = describe(hf_config, self.model, self.dtype, cache.block_size)
+        self.model.pack_weights()  # after describe: the fingerprint samples the plain weights
         self.producer = (KVProducer(self.layout, cache.block_size, layerwise=stream_layerwise(self.device))
                          if config.kv_role == "producer" else None)
         self.consumer = (KVConsumer(self.kv, self.runner.kv_caches, self.layout, self.model.shape.vocab)

@@ -26,6 +26,21 @@ class RMSNorm(nn.Module):
         return out if residual is None else (out, total)
 
 
+class Linear(nn.Linear):
+    """nn.Linear through ops.linear. On CPUs in half precision `pack()` swaps the weight for oneDNN's
+    blocked copy (ops.pack_weight): the plain weight is dropped, not kept twice."""
+
+    packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        self.packed = ops.pack_weight(self.weight)
+        if self.packed is not None:
+            self.weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias, self.packed)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: "ModelShape", layer: int) -> None:
         super().__init__()
@@ -33,10 +48,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden, cfg.eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden, cfg.eps)
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden, q + 2 * kv, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q, cfg.hidden, bias=False)
-        self.gate_up_proj = nn.Linear(cfg.hidden, 2 * cfg.intermediate, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate, cfg.hidden, bias=False)
+        self.qkv_proj = Linear(cfg.hidden, q + 2 * kv, bias=cfg.qkv_bias)
+        self.o_proj = Linear(q, cfg.hidden, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden, 2 * cfg.intermediate, bias=False)
+        self.down_proj = Linear(cfg.intermediate, cfg.hidden, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.eps)
@@ -51,7 +66,7 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(h), h
         else:
             x, residual = self.input_layernorm(h, residual)
-        q, k, v = ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias).split(
+        q, k, v = self.qkv_proj(x).split(
             [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], dim=-1)
         q = q.view(-1, c.num_heads, c.head_dim)
         k = k.view(-1, c.num_kv_heads, c.head_dim)
@@ -59,12 +74,12 @@ class DecoderLayer(nn.Module):
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         o = attn.forward(self.layer, q, k, v, (positions, *rope))
-        o = ops.linear(o.reshape(-1, c.num_heads * c.head_dim), self.o_proj.weight, self.o_proj.bias)
+        o = self.o_proj(o.reshape(-1, c.num_heads * c.head_dim))
         x, residual = self.post_attention_layernorm(o, residual)
-        if c.act == "silu":  # the MLP has no biases (nn.Linear(..., bias=False) above)
-            return ops.silu_mlp(x, self.gate_up_proj.weight, self.down_proj.weight), residual
-        gate, up = ops.linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)
-        return ops.linear(self.act(gate) * up, self.down_proj.weight), residual
+        if c.act == "silu":
+            return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x))), residual
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up), residual
 
 
 class ModelShape:
@@ -100,7 +115,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden, cfg.eps)
-        self.lm_head = None if cfg.tie else nn.Linear(cfg.hidden, cfg.vocab, bias=False)
+        self.lm_head = None if cfg.tie else Linear(cfg.hidden, cfg.vocab, bias=False)
+        self.tied_head_packed: torch.Tensor | None = None  # pack_weights' copy of the tied embedding
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -117,10 +133,22 @@ class LlamaForCausalLM(nn.Module):
             h, residual = layer(h, residual, positions, (self.rope_cos, self.rope_sin), attn)
         return self.norm(h, residual)[0]
 
+    def pack_weights(self) -> None:
+        """CPUs, half precision: every projection in oneDNN's blocked layout (Linear.pack). A tied
+        embedding stays for the lookup, so the head gets its own packed copy. Call it last: the
+        plain weights are gone after (the KV layout's fingerprint samples them first)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
+        if self.lm_head is None:
+            self.tied_head_packed = ops.pack_weight(self.embed_tokens.weight)
+
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         """Logits in float32, or in the model's dtype (upcast=False: a reader that widens as it goes)."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = ops.linear(hidden, weight)
+        if self.lm_head is not None:
+            logits = self.lm_head(hidden)
+        else:
+            logits = ops.linear(hidden, self.embed_tokens.weight, packed=self.tied_head_packed)
         return logits.float() if upcast else logits
 
     @torch.no_grad()
