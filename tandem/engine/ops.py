@@ -74,8 +74,14 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     F.linear's time; 1 row: ~0.45) with bit-equal results. Float32 keeps F.linear: oneDNN's sums
     differ from MKL's, which Hugging Face's reference runs share."""
     if (weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float16)
-            or not torch.backends.mkldnn.is_available()
-            or not all(hasattr(torch.ops.mkldnn, op) for op in ("_linear_pointwise", "_reorder_linear_weight"))):
+            or not torch.backends.mkldnn.is_available()):
+        return None
+    try:  # oneDNN runs half precision only where the CPU has the instructions for it
+        supported = (torch.ops.mkldnn._is_mkldnn_bf16_supported() if weight.dtype == torch.bfloat16
+                     else torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without these ops
+        return None
+    if not supported:
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
 
