@@ -100,26 +100,38 @@ struct Scratch {
   std::vector<float> q, acc, total, scores;
 };
 
-// Calls visit(block's first slot at head h0, first slot, end slot, index of the first slot in [0, n))
-// for each block of the row in order, prefetching the next block's memory one block ahead.
-// With `also` (the V cache while walking K), that cache's next block is prefetched too, so the second pass
-// finds V in L2 instead of waiting on memory again.
+// Calls visit(block's first slot at head h0, first slot, end slot, index of the block's first slot in
+// [0, n)) for each block of the row in order. With `prefetch`, the next block's lines are requested while
+// this one is visited, and those of `also` too (the V cache while walking K, so the V pass finds V in L2).
+// The requests go out a few at a time between visits of kPrefetchSlots slots: a whole block's worth at
+// once waited on the line-fill buffers with nothing to overlap (decode step, 64 rows x ~300 tokens,
+// scattered blocks: attention ~36.6 -> ~32.7 ms).
+constexpr int64_t kPrefetchSlots = 4;
+
 template <typename T, typename Visit>
 void walk_blocks(const T* base, const int32_t* table, int64_t start, int64_t ctx, int64_t h0, int64_t dim,
-                 const Geometry& g, const T* also, Visit&& visit) {
+                 const Geometry& g, bool prefetch, const T* also, Visit&& visit) {
   const int64_t bs = g.block_size, block_elems = bs * g.num_kv * dim;
+  const int64_t lines = block_elems * int64_t(sizeof(T)) / 64;
   for (int64_t b = start / bs, t = start; t < ctx; ++b) {
-    if ((b + 1) * bs < ctx) {
-      const char* next = reinterpret_cast<const char*>(base + int64_t(table[b + 1]) * block_elems);
-      for (int64_t off = 0; off < block_elems * int64_t(sizeof(T)); off += 64) __builtin_prefetch(next + off);
-      if (also != nullptr) {
-        const char* other = reinterpret_cast<const char*>(also + int64_t(table[b + 1]) * block_elems);
-        for (int64_t off = 0; off < block_elems * int64_t(sizeof(T)); off += 64) __builtin_prefetch(other + off);
-      }
-    }
-    const int64_t first = t - b * bs, end = std::min(bs, ctx - b * bs);
-    visit(base + int64_t(table[b]) * block_elems + h0 * dim, first, end, t - start - first);
+    const int64_t first = t - b * bs, end = std::min(bs, ctx - b * bs), i0 = t - start - first;
+    const T* block = base + int64_t(table[b]) * block_elems + h0 * dim;
     t += end - first;
+    if (!prefetch || t >= ctx) {
+      visit(block, first, end, i0);
+      continue;
+    }
+    const char* next = reinterpret_cast<const char*>(base + int64_t(table[b + 1]) * block_elems);
+    const char* other = also ? reinterpret_cast<const char*>(also + int64_t(table[b + 1]) * block_elems) : nullptr;
+    const int64_t pieces = (end - first + kPrefetchSlots - 1) / kPrefetchSlots;
+    for (int64_t k = 0; k < pieces; ++k) {
+      for (int64_t l = lines * k / pieces; l < lines * (k + 1) / pieces; ++l) {
+        __builtin_prefetch(next + l * 64);
+        if (other) __builtin_prefetch(other + l * 64);
+      }
+      const int64_t s0 = first + k * kPrefetchSlots;
+      visit(block, s0, std::min(end, s0 + kPrefetchSlots), i0);
+    }
   }
 }
 
@@ -191,7 +203,7 @@ void attend_task(T* out, const T* q, const T* k_cache, const T* v_cache, const i
   w.total.resize(width);
   w.scores.resize(width * n);
   for (int64_t i = 0; i < width * dim; ++i) w.q[i] = static_cast<float>(qh[i]) * scale;
-  walk_blocks(k_cache, table, start, ctx, h0, dim, g, v_cache, [&](const T* block, int64_t first, int64_t end, int64_t i0) {
+  walk_blocks(k_cache, table, start, ctx, h0, dim, g, true, v_cache, [&](const T* block, int64_t first, int64_t end, int64_t i0) {
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t j = h * group; j < (h + 1) * group; j += kPanel)
         by_panel(std::min(kPanel, (h + 1) * group - j), [&](auto panel) {
@@ -210,7 +222,7 @@ void attend_task(T* out, const T* q, const T* k_cache, const T* v_cache, const i
     }
     w.total[j] = total;
   }
-  walk_blocks(v_cache, table, start, ctx, h0, dim, g, static_cast<const T*>(nullptr), [&](const T* block, int64_t first, int64_t end, int64_t i0) {
+  walk_blocks(v_cache, table, start, ctx, h0, dim, g, false, static_cast<const T*>(nullptr), [&](const T* block, int64_t first, int64_t end, int64_t i0) {
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t j = h * group; j < (h + 1) * group; j += kPanel)
         by_panel(std::min(kPanel, (h + 1) * group - j), [&](auto panel) {
