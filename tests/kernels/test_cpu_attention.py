@@ -43,6 +43,23 @@ def test_matches_twin(group, num_kv, block_size, head_dim, dtype, window, rows):
     assert out[[i for i, n in enumerate(lens) if n == 0]].eq(0).all()  # empty rows: zeros, not NaN
 
 
+def test_scores_hundreds_apart_flush_denormals_inside_the_kernel_only():
+    """Scores spread over hundreds give weights whose products with V are denormal; the kernel flushes
+    them to zero (they cost a microcode assist each) and still matches the twin, and the caller's
+    thread gets its floating-point mode back: denormals survive torch arithmetic after the call."""
+    gen = torch.Generator().manual_seed(7)
+    lens = [150, 47, 64]
+    cache, tables = paged_cache(lens, 16, 2, 64, torch.float32, gen)
+    q = torch.randn(3, 4, 64, generator=gen) * 40  # scores ~ N(0, 320^2) at scale 1
+    ctx = torch.tensor(lens, dtype=torch.long)
+    out = torch.empty_like(q)
+    cpu.paged_decode_attention(out, q, cache.cpu(), tables.cpu(), ctx, 1.0, None)
+    expected = paged_decode_attention_ref(q, cache.cpu(), tables.cpu(), ctx, 1.0, None)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    tiny = torch.tensor([1e-39])  # denormal in float32
+    assert (tiny * 3.0).item() > 0 and (tiny + tiny).item() > 0
+
+
 def test_rejects_what_it_cannot_read():
     q = torch.randn(2, 4, 64)
     cache = torch.randn(2, 4, 16, 2, 64)
