@@ -129,11 +129,11 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sample]:
         idx = torch.tensor(sampled, device=logits.device)
         sub = [rows[i] for i in sampled]
         tokens[idx] = _draw(_filter(logits[idx], sub), sub)
-    out: list[Sample] = []
-    tokens = tokens.tolist()  # the step's one wait for the device
     if raw_logprobs is None:
-        return [Sample(tok, None, None) for tok in tokens]
-    chosen_logprobs = raw_logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+        return [Sample(tok, None, None) for tok in tokens.tolist()]  # the step's one wait for the device
+    chosen_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+    tokens, chosen_logprobs = tokens.tolist(), chosen_logprobs.tolist()  # the step's one wait for the device
+    out: list[Sample] = []
     for i, (row, tok, chosen) in enumerate(zip(rows, tokens, chosen_logprobs)):
         if row.params.logprobs is None:
             out.append(Sample(tok, chosen if row.params.wants_logprob else None, None))
