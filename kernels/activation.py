@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.pdl import launch_options, wait_for_inputs
 from tandem.kernels.reference import silu_and_mul_ref
 
 __all__ = ["silu_and_mul", "silu_and_mul_ref"]
@@ -17,7 +18,8 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, out_stride, inter, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -42,5 +44,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(_BLOCK, triton.next_power_of_2(inter))
     _silu_and_mul_kernel[(tokens, triton.cdiv(inter, block))](x, out, x.stride(0), out.stride(0), inter,
-                                                              BLOCK=block, num_warps=4)
+                                                              BLOCK=block, num_warps=4,
+                                                              **launch_options(x.device))
     return out

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.pdl import launch_options, wait_for_inputs
 from tandem.kernels.reference import greedy_advance_ref
 
 __all__ = ["greedy_advance", "greedy_advance_ref"]
@@ -24,7 +25,8 @@ _CHUNK = 2048
 
 @triton.jit(do_not_specialize=["step"])
 def _chunk_kernel(logits_ptr, stride, vocab, banned_ptr, num_banned, ban_left_ptr, step, part_ptr,
-                  NUM_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, BANNED_PAD: tl.constexpr):
+                  NUM_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, BANNED_PAD: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -48,7 +50,8 @@ def _chunk_kernel(logits_ptr, stride, vocab, banned_ptr, num_banned, ban_left_pt
 @triton.jit(do_not_specialize=["table_width"])
 def _merge_kernel(part_ptr, tokens_ptr, logprobs_ptr, input_ids_ptr, positions_ptr, context_lens_ptr, slots_ptr,
                   tables_ptr, table_width, NUM_CHUNKS: tl.constexpr, CHUNKS_PAD: tl.constexpr,
-                  BLOCK_SIZE: tl.constexpr):
+                  BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunks = tl.arange(0, CHUNKS_PAD)
     ok = chunks < NUM_CHUNKS
@@ -107,7 +110,8 @@ def greedy_advance(logits: torch.Tensor, tokens: torch.Tensor, logprobs: torch.T
     _chunk_kernel[(n, num_chunks)](logits, logits.stride(0), vocab, banned if num_banned else logits, num_banned,
                                    ban_left if num_banned else logits, step, part, NUM_CHUNKS=num_chunks,
                                    CHUNK=chunk, BANNED_PAD=triton.next_power_of_2(num_banned) if num_banned else 0,
-                                   num_warps=4)
+                                   num_warps=4, **launch_options(logits.device))
     _merge_kernel[(n,)](part, tokens, logprobs, input_ids, positions, context_lens, slots, block_tables,
                         block_tables.shape[1], NUM_CHUNKS=num_chunks,
-                        CHUNKS_PAD=triton.next_power_of_2(num_chunks), BLOCK_SIZE=block_size, num_warps=1)
+                        CHUNKS_PAD=triton.next_power_of_2(num_chunks), BLOCK_SIZE=block_size, num_warps=1,
+                        **launch_options(logits.device))

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.pdl import launch_options, wait_for_inputs
+
 __all__ = ["paged_decode_attention", "paged_decode_attention_ref"]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -112,7 +114,8 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr
                    window, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    SLOT_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   PRECISION: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -158,7 +161,8 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr
 @triton.jit
 def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, out_stride_b, out_stride_h,
                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_PAD)
@@ -209,11 +213,13 @@ def launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window
         out.stride(0), out.stride(1), block_tables.stride(0), kv_cache.stride(0), sliding_window or 0,
         GROUP=group, SLOT_SIZE=num_kv * head_dim, ROWS=max(_MIN_ROWS, triton.next_power_of_2(group)),
         BLOCK_N=block_n, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, HAS_WINDOW=bool(sliding_window),
-        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **common)
+        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **common,
+        **launch_options(q.device))
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4 if head_dim >= 128 else 2, **common)
+            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4 if head_dim >= 128 else 2, **common,
+            **launch_options(q.device))
 
 
 def decode_config(head_dim: int, device: torch.device, programs_per_sm: float = 0.0) -> dict:

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tandem.kernels.pdl import launch_options, wait_for_inputs
 from tandem.kernels.reference import fused_add_rms_norm_ref, rms_norm_ref
 
 __all__ = ["rms_norm", "fused_add_rms_norm", "rms_norm_ref", "fused_add_rms_norm_ref"]
@@ -22,7 +23,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, x_stride, res_stride, out_stride, hidden, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -71,7 +73,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     res = residual if residual is not None else x  # unused when HAS_RESIDUAL is off
     _rms_norm_kernel[(x.shape[0],)](x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), x.shape[1],
                                     eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
-                                    num_warps=_num_warps(block))
+                                    num_warps=_num_warps(block), **launch_options(x.device))
     return out
 
 

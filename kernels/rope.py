@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from tandem.kernels.cache_write import check_cache_write
+from tandem.kernels.pdl import launch_options, wait_for_inputs
 from tandem.kernels.reference import apply_rope_ref
 
 __all__ = ["apply_rope", "apply_rope_ref", "rope_and_cache"]
@@ -64,7 +65,9 @@ def _cos_sin(pos_ptr, cos_ptr, sin_ptr, token, table_stride, dims, dim_mask, dty
 
 @triton.jit
 def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, q_stride_t, q_stride_h, k_stride_t, k_stride_h,
-                 num_q, num_kv, table_stride, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+                 num_q, num_kv, table_stride, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                 PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HALF
@@ -80,10 +83,11 @@ def _rope_kernel(q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr, q_stride_t, q_stride_h
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, q_stride_t, q_stride_h,
                        k_stride_t, k_stride_h, v_stride_t, v_stride_h, num_q, num_kv, table_stride, v_plane,
                        HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_HD: tl.constexpr):
+                       BLOCK_HD: tl.constexpr, PDL: tl.constexpr):
     """One program per (token, group of BLOCK_H heads): q groups first, rotated in place; then k groups,
     rotated straight into the token's cache slot, their v heads copied beside them (a negative slot is
     padding: neither is written). Head groups in parallel keep a one-token step short."""
+    wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1)
     q_groups = tl.cdiv(num_q, BLOCK_H)
@@ -145,7 +149,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
     block_h = min(_MAX_HEADS_PER_TILE, triton.next_power_of_2(max(q.shape[1], k.shape[1])))
     _rope_kernel[(q.shape[0],)](q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                 q.shape[1], k.shape[1], cos.stride(0), HALF=half,
-                                BLOCK_D=triton.next_power_of_2(half), BLOCK_H=block_h, num_warps=4)
+                                BLOCK_D=triton.next_power_of_2(half), BLOCK_H=block_h, num_warps=4,
+                                **launch_options(q.device))
     return q, k
 
 
@@ -164,5 +169,5 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         q, k, v, positions, cos, sin, kv_cache, slot_mapping, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), q.shape[1], k.shape[1], cos.stride(0), kv_cache.stride(0), HEAD_DIM=q.shape[2],
         HALF=half, BLOCK_D=triton.next_power_of_2(half), BLOCK_H=block_h,
-        BLOCK_HD=triton.next_power_of_2(block_h * q.shape[2]), num_warps=4)
+        BLOCK_HD=triton.next_power_of_2(block_h * q.shape[2]), num_warps=4, **launch_options(q.device))
     return q

@@ -23,8 +23,8 @@ def _k():
     """tandem.kernels' Triton wrappers, imported on first CUDA use (Triton is not needed on CPUs)."""
     global _kernels
     if _kernels is None:
-        from tandem.kernels import activation, gemv, greedy, rmsnorm, rope
-        _kernels = {"gemv": gemv.gemv, "gemv_config": gemv.config_for, "rms_norm": rmsnorm.rms_norm,
+        from tandem.kernels import activation, gemv, greedy, pdl, rmsnorm, rope
+        _kernels = {"gemv": gemv.gemv, "gemv_config": gemv.config_for, "pdl": pdl.enabled, "rms_norm": rmsnorm.rms_norm,
                     "fused_add_rms_norm": rmsnorm.fused_add_rms_norm,
                     "greedy_advance": greedy.greedy_advance, "rope_and_cache": rope.rope_and_cache,
                     "silu_and_mul": activation.silu_and_mul}
@@ -55,7 +55,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     if x.is_cuda and x.shape[0] == 1 and x.dtype != torch.float32 and _USE_GEMV and x.is_contiguous():
-        config = _k()["gemv_config"](*weight.shape)
+        config = _k()["gemv_config"](*weight.shape, _k()["pdl"](x.device))
         if config is not None:
             return _k()["gemv"](x, weight, bias, config)
     return F.linear(x, weight, bias)

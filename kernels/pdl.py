@@ -1,0 +1,49 @@
+"""Programmatic dependent launch (PDL, Hopper and later) for the decode step's chain of small kernels.
+
+A kernel launched with PDL may be scheduled while the kernel before it in the stream is still
+draining. It must not read anything an earlier kernel writes, nor write anything, before
+`wait_for_inputs` (griddepcontrol.wait: the previous grid has finished and its writes are visible);
+reading weights, which no kernel writes, may start before it. Right after waiting it lets its own
+successor be scheduled (griddepcontrol.launch_dependents), so each launch hides behind its
+predecessor's tail. The chain stays ordered: a kernel completes only after its own wait, so waiting
+on the previous grid also covers every grid before it. Kernels without PDL (cuBLAS, torch) order as
+usual. CUDA graph capture keeps the programmatic edges.
+
+`TANDEM_PDL=0` turns it off; it is off on GPUs before compute capability 9 and in the interpreter.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["enabled", "launch_options", "wait_for_inputs"]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_supports(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def enabled(device: torch.device) -> bool:
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if os.environ.get("TANDEM_PDL", "1") == "0":
+        return False
+    return _device_supports(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_options(device: torch.device) -> dict:
+    """Keyword arguments for a launch of a kernel taking a `PDL: tl.constexpr` parameter."""
+    return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    """Call before the first read of another kernel's output (and before any write)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
