@@ -115,14 +115,21 @@ def main() -> int:
     ref16 = hf_greedy(model, prompts)
     ours16 = tandem_greedy(folder, "bfloat16", prompts)
     forced, forced_clear = teacher_forced(model, prompts, ours16, model32)
-    # the noise floor: transformers in bf16 judged by itself in float32, the same way
+    # the noise floor: transformers in bf16 judged by itself in float32, the same way, and by itself
+    # in bf16 with its other attention implementation (eager instead of SDPA)
     floor, floor_clear = teacher_forced(model32, prompts, ref16, model32)
+    eager = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager").cuda().eval()
+    self_floor, self_floor_clear = teacher_forced(eager, prompts, ref16, model32)
+    del eager
     report["bfloat16"] = {"token_agreement": forced, "token_agreement_decided": forced_clear,
                           "hf_bf16_vs_hf_fp32": floor, "hf_bf16_vs_hf_fp32_decided": floor_clear,
+                          "hf_bf16_sdpa_vs_hf_bf16_eager": self_floor,
+                          "hf_bf16_sdpa_vs_hf_bf16_eager_decided": self_floor_clear,
                           "free_running_agreement": agreement(ours16, ref16),
                           "identical_sequences": sum(a == b for a, b in zip(ours16, ref16))}
     print(f"bfloat16 (teacher-forced): ours vs transformers bf16 {forced:.4f}, {forced_clear:.4f} where float32's "
           f"top-2 margin > 0.1 (target 0.99); transformers bf16 vs its float32: {floor:.4f}, {floor_clear:.4f}; "
+          f"transformers bf16 SDPA vs its eager attention: {self_floor:.4f}, {self_floor_clear:.4f}; "
           f"free-running {agreement(ours16, ref16):.4f}", flush=True)
     ok = all(report[k]["identical_sequences"] == NUM_PROMPTS
              for k in ("float32_eager", "float32_graphs", "float32_graphs_multistep")) \

@@ -8,11 +8,8 @@ weight stream starts before the kernel ahead of it has finished (bench/gpu_step.
 
 One program per BLOCK_N output features, over the whole of K: each reads its rows of W once, in
 BLOCK_K-wide row segments, and keeps a [BLOCK_N, BLOCK_K] float32 partial product, summed once at
-the end. The first PRE segments are requested before the wait for x. Half precision only (float32
-models keep cuBLAS, whose results transformers shares)."""
+the end. Half precision only (float32 models keep cuBLAS, whose results transformers shares)."""
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -27,8 +24,6 @@ SQUARE: GemvConfig = (4, 512, 4, 4)  # N, K <= 4096: few rows per program, long 
 WIDE: GemvConfig = (16, 128, 8, 4)  # N >= 16384: many programs already
 MID: GemvConfig = (8, 128, 8, 2)  # qkv-like: 4096 < N < 16384
 TALL: GemvConfig = (4, 512, 8, 2)  # down-like: K > 8192
-# Weight elements each program requests before it waits for x (8 KB in half precision).
-_PREFETCH = int(os.environ.get("TANDEM_GEMV_PREFETCH", 4096))
 
 
 def config_for(n: int, k: int, pdl: bool = False) -> GemvConfig | None:
@@ -45,19 +40,19 @@ def config_for(n: int, k: int, pdl: bool = False) -> GemvConfig | None:
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, w_stride, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr):
+                 BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = tl.arange(0, BLOCK_K)
     w_row = w_ptr + rows.to(tl.int64)[:, None] * w_stride
-    # The first PRE segments are requested before waiting for x: under PDL the weight stream starts
-    # while the kernel before this one drains.
-    first = tl.arange(0, PRE)[:, None, None] * BLOCK_K + cols[None, None, :]  # [PRE, 1, BLOCK_K]
-    w0 = tl.load(w_row[None, :, :] + first, mask=row_ok[None, :, None] & (first < K), other=0.0)
+    # The first segment is requested before waiting for x: under PDL the weight stream starts while
+    # the kernel before this one drains. (Requesting more of them, as one [PRE, BLOCK_N, BLOCK_K]
+    # load, made the 8B step 1.7-4x slower.)
+    w = tl.load(w_row + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
     wait_for_inputs(PDL)
-    x0 = tl.load(x_ptr + first, mask=first < K, other=0.0).to(tl.float32)
-    acc = tl.sum(w0.to(tl.float32) * x0, 0)
-    for k0 in range(PRE * BLOCK_K, K, BLOCK_K):
+    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    acc = w * x[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + cols
         k_ok = k < K
         x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
@@ -84,9 +79,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     n, k = weight.shape
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps, num_stages = config
-    pre = min(max(1, _PREFETCH // (block_n * block_k)), triton.next_power_of_2(triton.cdiv(k, block_k)))
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else x, out, n, k,
                                              weight.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n,
-                                             BLOCK_K=block_k, PRE=triton.next_power_of_2(pre), num_warps=num_warps, num_stages=num_stages,
+                                             BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
                                              **launch_options(x.device))
     return out
