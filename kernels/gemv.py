@@ -82,5 +82,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else x, out, n, k,
                                              weight.stride(0), HAS_BIAS=bias is not None, BLOCK_N=block_n,
                                              BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-                                             **launch_options(x.device))
+                                             **launch_options(x.device, 1))
     return out

@@ -110,8 +110,8 @@ def greedy_advance(logits: torch.Tensor, tokens: torch.Tensor, logprobs: torch.T
     _chunk_kernel[(n, num_chunks)](logits, logits.stride(0), vocab, banned if num_banned else logits, num_banned,
                                    ban_left if num_banned else logits, step, part, NUM_CHUNKS=num_chunks,
                                    CHUNK=chunk, BANNED_PAD=triton.next_power_of_2(num_banned) if num_banned else 0,
-                                   num_warps=4, **launch_options(logits.device))
+                                   num_warps=4, **launch_options(logits.device, n))
     _merge_kernel[(n,)](part, tokens, logprobs, input_ids, positions, context_lens, slots, block_tables,
                         block_tables.shape[1], NUM_CHUNKS=num_chunks,
                         CHUNKS_PAD=triton.next_power_of_2(num_chunks), BLOCK_SIZE=block_size, num_warps=1,
-                        **launch_options(logits.device))
+                        **launch_options(logits.device, n))

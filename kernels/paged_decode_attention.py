@@ -214,12 +214,12 @@ def launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window
         GROUP=group, SLOT_SIZE=num_kv * head_dim, ROWS=max(_MIN_ROWS, triton.next_power_of_2(group)),
         BLOCK_N=block_n, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, HAS_WINDOW=bool(sliding_window),
         PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **common,
-        **launch_options(q.device))
+        **launch_options(q.device, batch))
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](
             part_acc, part_ml, out, out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
             SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4 if head_dim >= 128 else 2, **common,
-            **launch_options(q.device))
+            **launch_options(q.device, batch))
 
 
 def decode_config(head_dim: int, device: torch.device, programs_per_sm: float = 0.0) -> dict:

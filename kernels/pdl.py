@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (PDL, Hopper and later) for the decode step's chain of small kernels.
+"""Programmatic dependent launch (PDL, Hopper and later) for one-token decode steps.
 
 A kernel launched with PDL may be scheduled while the kernel before it in the stream is still
 draining. It must not read anything an earlier kernel writes, nor write anything, before
@@ -9,7 +9,11 @@ predecessor's tail. The chain stays ordered: a kernel completes only after its o
 on the previous grid also covers every grid before it. Kernels without PDL (cuBLAS, torch) order as
 usual. CUDA graph capture keeps the programmatic edges.
 
-`TANDEM_PDL=0` turns it off; it is off on GPUs before compute capability 9 and in the interpreter.
+Only launches of one row use it: a batch-1 step is a chain of ~350 latency-bound kernels, and PDL
+took the 8B step from 4.37 to 4.28 ms and the 1B step from 1.34 to 1.15-1.29 ms (bench/gpu_step.py,
+bench/gpu.py on an H200), while at 64 rows it made the 1B step 5% slower (1.44 vs 1.38 ms) and the
+8B step no faster. `TANDEM_PDL=0` turns it off; it is off on GPUs before compute capability 9 and
+in the interpreter.
 """
 from __future__ import annotations
 
@@ -36,9 +40,10 @@ def enabled(device: torch.device) -> bool:
     return _device_supports(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def launch_options(device: torch.device) -> dict:
-    """Keyword arguments for a launch of a kernel taking a `PDL: tl.constexpr` parameter."""
-    return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}
+def launch_options(device: torch.device, rows: int) -> dict:
+    """Keyword arguments for a launch, over `rows` tokens or sequences, of a kernel taking a
+    `PDL: tl.constexpr` parameter."""
+    return {"PDL": True, "launch_pdl": True} if rows == 1 and enabled(device) else {"PDL": False}
 
 
 @triton.jit

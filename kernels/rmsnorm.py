@@ -73,7 +73,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     res = residual if residual is not None else x  # unused when HAS_RESIDUAL is off
     _rms_norm_kernel[(x.shape[0],)](x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), x.shape[1],
                                     eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
-                                    num_warps=_num_warps(block), **launch_options(x.device))
+                                    num_warps=_num_warps(block), **launch_options(x.device, x.shape[0]))
     return out
 
 

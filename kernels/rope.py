@@ -150,7 +150,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
     _rope_kernel[(q.shape[0],)](q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                 q.shape[1], k.shape[1], cos.stride(0), HALF=half,
                                 BLOCK_D=triton.next_power_of_2(half), BLOCK_H=block_h, num_warps=4,
-                                **launch_options(q.device))
+                                **launch_options(q.device, q.shape[0]))
     return q, k
 
 
@@ -169,5 +169,6 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         q, k, v, positions, cos, sin, kv_cache, slot_mapping, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), q.shape[1], k.shape[1], cos.stride(0), kv_cache.stride(0), HEAD_DIM=q.shape[2],
         HALF=half, BLOCK_D=triton.next_power_of_2(half), BLOCK_H=block_h,
-        BLOCK_HD=triton.next_power_of_2(block_h * q.shape[2]), num_warps=4, **launch_options(q.device))
+        BLOCK_HD=triton.next_power_of_2(block_h * q.shape[2]), num_warps=4,
+        **launch_options(q.device, q.shape[0]))
     return q

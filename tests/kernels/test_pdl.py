@@ -1,5 +1,6 @@
-"""Programmatic dependent launch: off where it cannot run, and on Hopper a graphed chain of dependent
-PDL kernels computes what the same chain computes launched one after another without it."""
+"""Programmatic dependent launch: off where it cannot run, only for one-row launches, and on Hopper a
+graphed chain of dependent PDL kernels computes what the same chain computes launched one after
+another without it."""
 from __future__ import annotations
 
 import pytest
@@ -9,9 +10,17 @@ from tandem.kernels.pdl import enabled, launch_options
 
 
 def test_off_on_cpus_and_when_asked(monkeypatch):
-    assert launch_options(torch.device("cpu")) == {"PDL": False}
+    assert launch_options(torch.device("cpu"), 1) == {"PDL": False}
     monkeypatch.setenv("TANDEM_PDL", "0")
     assert not enabled(torch.device("cuda", 0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="PDL needs a Hopper-class GPU")
+def test_only_one_row_launches_use_it():
+    device = torch.device("cuda", 0)
+    assert launch_options(device, 1) == {"PDL": True, "launch_pdl": True}
+    assert launch_options(device, 64) == {"PDL": False}
 
 
 def _chain(x, residual, weights, norm_w, steps):
