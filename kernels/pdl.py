@@ -29,7 +29,9 @@ __all__ = ["enabled", "launch_options", "wait_for_inputs"]
 
 @functools.lru_cache(maxsize=None)
 def _device_supports(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    """Hopper or later, and a Triton with the griddepcontrol intrinsics (3.3 and later)."""
+    has_intrinsics = hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
+    return has_intrinsics and torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def enabled(device: torch.device) -> bool:
