@@ -19,12 +19,18 @@ from gpu_models import config_folder  # noqa: E402
 from gpu_timing import graph_us  # noqa: E402
 
 
-def greedy_step(llm, batch: int, context: int, block_size: int):
-    """A closure running one lookahead step of `batch` rows at `context` tokens, as the engine does."""
+def greedy_step(llm, batch: int, context: int, block_size: int, scatter: bool = False):
+    """A closure running one lookahead step of `batch` rows at `context` tokens, as the engine does;
+    `scatter`: the blocks drawn at random from the whole pool (a long-running engine's free list)
+    instead of one contiguous run per row."""
     graphs = llm.engine.runner.graphs
     d = graphs.dev
     blocks = -(-(context + 1) // block_size)
-    table = torch.arange(batch * blocks, dtype=torch.int32, device="cuda").view(batch, blocks) + 1
+    if scatter:
+        pool = llm.engine.runner.kv_caches[0].shape[1]
+        table = (torch.randperm(pool - 1, device="cuda")[:batch * blocks] + 1).to(torch.int32).view(batch, blocks)
+    else:
+        table = torch.arange(batch * blocks, dtype=torch.int32, device="cuda").view(batch, blocks) + 1
     d["block_tables"][:batch, :blocks] = table
     d["context_lens"][:batch] = context
     d["positions"][:batch] = context - 1
@@ -71,6 +77,7 @@ def main() -> None:
     ap.add_argument("--points", default="1x576,64x384,256x384,64x4000")
     ap.add_argument("--rows", type=int, default=22)
     ap.add_argument("--no-sweep", action="store_true", help="skip the attention tile sweep")
+    ap.add_argument("--scatter", action="store_true", help="blocks at random places in the pool")
     args = ap.parse_args()
     from tandem import LLM
 
@@ -80,7 +87,7 @@ def main() -> None:
     block_size = llm.engine.runner.block_size
     for point in args.points.split(","):
         batch, context = map(int, point.split("x"))
-        run = greedy_step(llm, batch, context, block_size)
+        run = greedy_step(llm, batch, context, block_size, args.scatter)
         run(3)
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
