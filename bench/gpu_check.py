@@ -118,7 +118,8 @@ def main() -> int:
     # the noise floor: transformers in bf16 judged by itself in float32, the same way, and by itself
     # in bf16 with its other attention implementation (eager instead of SDPA)
     floor, floor_clear = teacher_forced(model32, prompts, ref16, model32)
-    eager = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager").cuda().eval()
+    eager = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager")
+    eager = eager.cuda().eval()
     self_floor, self_floor_clear = teacher_forced(eager, prompts, ref16, model32)
     del eager
     report["bfloat16"] = {"token_agreement": forced, "token_agreement_decided": forced_clear,

@@ -21,7 +21,8 @@ _BLOCK = 1024
 
 @triton.jit
 def _reshape_and_cache_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, k_stride_t, k_stride_h, v_stride_t, v_stride_h,
-                              v_plane, HEAD_DIM: tl.constexpr, TOKEN_SIZE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                              v_plane, HEAD_DIM: tl.constexpr, TOKEN_SIZE: tl.constexpr, BLOCK: tl.constexpr,
+                              PDL: tl.constexpr):
     wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
@@ -59,7 +60,8 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, 
     block = min(_BLOCK, triton.next_power_of_2(token_size))
     _reshape_and_cache_kernel[(tokens, triton.cdiv(token_size, block))](
         k, v, kv_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1), kv_cache.stride(0),
-        HEAD_DIM=kv_cache.shape[4], TOKEN_SIZE=token_size, BLOCK=block, num_warps=4, **launch_options(k.device, tokens))
+        HEAD_DIM=kv_cache.shape[4], TOKEN_SIZE=token_size, BLOCK=block, num_warps=4,
+        **launch_options(k.device, tokens))
 
 
 def check_cache_write(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -24,7 +24,8 @@ def _k():
     global _kernels
     if _kernels is None:
         from tandem.kernels import activation, gemv, greedy, pdl, rmsnorm, rope
-        _kernels = {"gemv": gemv.gemv, "gemv_config": gemv.config_for, "pdl": pdl.enabled, "rms_norm": rmsnorm.rms_norm,
+        _kernels = {"gemv": gemv.gemv, "gemv_config": gemv.config_for, "pdl": pdl.enabled,
+                    "rms_norm": rmsnorm.rms_norm,
                     "fused_add_rms_norm": rmsnorm.fused_add_rms_norm,
                     "greedy_advance": greedy.greedy_advance, "rope_and_cache": rope.rope_and_cache,
                     "silu_and_mul": activation.silu_and_mul}
