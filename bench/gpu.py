@@ -1,7 +1,7 @@
 """GPU throughput of LLM.generate against transformers' generate and the roofline, on random-weight
 bf16 models of Llama-3.2-1B and Llama-3.1-8B shapes (the GPU issue's workloads).
 
-    python bench/gpu.py [--shapes 1b,8b] [--workloads W1,W1-64,P512,single,W2] [--no-hf] [--out DIR]
+    python bench/gpu.py [--shapes 1b,8b] [--workloads W1,W1-64,P512,single,W2] [--no-hf] [--repeat N] [--out DIR]
 
 Every request is random token ids, greedy, ignore_eos with min_tokens = max_tokens, all submitted at
 once after one warm-up pass. The roofline: copy bandwidth and bf16 matmul rate are measured first;
@@ -15,6 +15,7 @@ import datetime
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -135,7 +136,7 @@ def decode_step_ms(llm, batch: int, context: int) -> float | None:
 
 
 def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_model_len: int,
-               profile: str | None = None, out_dir: str = ".") -> dict:
+               profile: str | None = None, out_dir: str = ".", repeat: int = 1) -> dict:
     from tandem import LLM, SamplingParams
 
     # 16384 batched tokens: vLLM's default for its LLM class on GPUs of >= 70 GiB (arg_utils.py)
@@ -151,13 +152,17 @@ def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_mod
         # the warm-up pass: this workload's shapes (prefill chunks, decode batches), few tokens each
         short = [SamplingParams(temperature=0, max_tokens=min(o, 16), ignore_eos=True) for _, o in reqs]
         llm.generate([rng.integers(0, vocab, p).tolist() for p, _ in reqs], short, use_tqdm=False)
-        t = time.perf_counter()
-        results = llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - t
-        tokens = sum(len(r.outputs[0].token_ids) for r in results)
-        assert tokens == sum(o for _, o in reqs), "every request generates exactly its max_tokens"
-        out[name] = {"seconds": elapsed, "output_tokens": tokens, "tok_per_s": tokens / elapsed}
-        print(f"  tandem {name}: {tokens / elapsed:,.0f} out tok/s ({elapsed:.2f} s)", flush=True)
+        times = []
+        for _ in range(max(1, repeat)):  # the median of several: cells near their target are within run-to-run noise
+            t = time.perf_counter()
+            results = llm.generate(prompts, params, use_tqdm=False)
+            times.append(time.perf_counter() - t)
+            tokens = sum(len(r.outputs[0].token_ids) for r in results)
+            assert tokens == sum(o for _, o in reqs), "every request generates exactly its max_tokens"
+        elapsed = statistics.median(times)
+        out[name] = {"seconds": elapsed, "output_tokens": tokens, "tok_per_s": tokens / elapsed, "runs_seconds": times}
+        spread = f", runs {min(times):.2f}-{max(times):.2f} s" if repeat > 1 else ""
+        print(f"  tandem {name}: {tokens / elapsed:,.0f} out tok/s ({elapsed:.2f} s{spread})", flush=True)
         if name == profile:  # again, under cProfile: where the host's time goes
             profiled(lambda: llm.generate(prompts, params, use_tqdm=False),
                      os.path.join(out_dir, f"profile-{os.path.basename(folder)}-{name}.txt"))
@@ -206,6 +211,7 @@ def main() -> int:
     ap.add_argument("--profile", help="a workload to run once more under cProfile")
     ap.add_argument("--fresh", action="store_true", help="a new engine for every workload (one process each, "
                     "as benchmarks of other engines run), instead of one engine running them in turn")
+    ap.add_argument("--repeat", type=int, default=1, help="timed runs per workload; the median is reported")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     args = ap.parse_args()
     import triton
@@ -232,9 +238,10 @@ def main() -> int:
             ours = {}
             for w, reqs in runs.items():
                 ours.update(run_tandem(folder, {w: reqs}, np.random.default_rng(1), max(longest, 4096),
-                                       args.profile, args.out))
+                                       args.profile, args.out, args.repeat))
         else:
-            ours = run_tandem(folder, runs, np.random.default_rng(1), max(longest, 4096), args.profile, args.out)
+            ours = run_tandem(folder, runs, np.random.default_rng(1), max(longest, 4096), args.profile, args.out,
+                              args.repeat)
         hf = {} if args.no_hf else run_hf(cfg, runs, np.random.default_rng(1))
         shape_result = {}
         for w, reqs in runs.items():
