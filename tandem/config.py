@@ -50,13 +50,13 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
-    policy: str = "fcfs"  # or "priority"
+    policy: str = "fcfs"  # or "priority", or "lof" (offline batches: pacing.py)
     enable_chunked_prefill: bool = True
     num_scheduler_steps: int = 8  # greedy decode steps per host round trip where they qualify (multi_step.py; CUDA)
 
     def __post_init__(self) -> None:
-        if self.policy not in ("fcfs", "priority"):
-            raise ValueError(f"policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        if self.policy not in ("fcfs", "priority", "lof"):
+            raise ValueError(f"policy must be 'fcfs', 'priority' or 'lof', got {self.policy!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.num_scheduler_steps < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and num_scheduler_steps must be >= 1")
 

@@ -5,13 +5,15 @@ There is no prefill phase and no decode phase: each step every scheduled request
 chunked prefill and prefix hits need no special mode.
 
 Queues and lifecycle:
-  waiting  -- add() puts new requests here (fcfs: arrival order; priority: (priority, arrival)).
+  waiting  -- add() puts new requests here (fcfs: arrival order; priority: (priority, arrival);
+              lof: the most tokens left to generate first, then arrival).
               A request whose prompt KV came from another worker (see kv_transfer) arrives
               holding its blocks, with all but its last prompt token computed.
   running  -- schedule() admits waiting requests while the token budget, max_num_seqs and free
               blocks allow. A running request that cannot get a block preempts the lowest-ranked
               running request: its blocks are freed, its computed tokens reset to zero (recompute),
-              and it goes back to the front of waiting.
+              and it goes back to the front of waiting. Under lof the prompt tokens of a step (chunks
+              of running requests, then admissions) are also held to pacing.prompt_allowance.
   finished -- finish() frees the blocks at once and drops the request from both queues.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from tandem.config import SchedulerConfig
+from tandem.engine import pacing
 from tandem.engine.kv_cache.manager import KVCacheManager
 from tandem.engine.request import Request, Status
 
@@ -59,6 +62,8 @@ class Scheduler:
     def _rank(self, req: Request) -> tuple:
         if self.config.policy == "priority":
             return (req.priority, req.arrival_time, req.seq_id)
+        if self.config.policy == "lof":
+            return (-pacing.output_left(req), req.arrival_time, req.seq_id)
         return (req.arrival_time, req.seq_id)
 
     def add(self, req: Request) -> None:
@@ -78,6 +83,9 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         self.running.sort(key=self._rank)
+        prompt_budget = budget  # prompt tokens (chunks and admissions) this step may compute
+        if self.config.policy == "lof":
+            prompt_budget = pacing.prompt_allowance(self.running, self.waiting, budget)
         kept: list[Request] = []
         queue = self.running
         head, tail = 0, len(queue)  # queue[head:tail]: not yet scheduled; victims leave from the tail
@@ -85,6 +93,12 @@ class Scheduler:
             req = queue[head]
             head += 1
             num_new = min(len(req.all_token_ids) - req.num_computed_tokens, budget)
+            if num_new > 1:  # a prompt chunk
+                num_new = min(num_new, prompt_budget)
+                if num_new < 1:
+                    kept.append(req)
+                    continue
+                prompt_budget -= num_new
             while not self.kv.allocate(req, num_new):
                 victim = queue[tail - 1] if head < tail else req
                 tail -= victim is not req
@@ -98,7 +112,7 @@ class Scheduler:
         kept.extend(queue[head:tail])  # not scheduled this step (no budget left) but still running
         self.running = kept
         if not out.preempted:  # admitting new work while preempting would thrash
-            budget = self._admit(out, budget)
+            self._admit(out, min(budget, prompt_budget))
         out.block_copies = self.kv.take_copies()
         return out
 

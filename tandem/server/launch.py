@@ -35,9 +35,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                     "`openai` client at http://HOST:PORT/v1. Flags follow vLLM's names.")
     _add_engine_args(p)
     g = p.add_argument_group("engine (more)")
-    g.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
-                   help="fcfs: arrival order; priority: the request's `priority` (lower first), then arrival "
-                        "(default: fcfs)")
+    g.add_argument("--scheduling-policy", choices=["fcfs", "priority", "lof"], default="fcfs",
+                   help="fcfs: arrival order; priority: the request's `priority` (lower first), then arrival; "
+                        "lof: the largest max_tokens first, prompt work paced into the decode steps (offline "
+                        "batches: better throughput, later first tokens) (default: fcfs)")
     g.add_argument("--generation-config", default="auto",
                    help="'auto': defaults from the model's generation_config.json; 'vllm': ignore it; "
                         "or a folder holding a generation_config.json (default: auto)")

@@ -78,3 +78,55 @@ def test_chat_applies_template_and_reports_metrics(make_llm):
     assert out.outputs[0].token_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
     m = out.metrics
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+
+
+def test_lof_policy_runs_longest_output_first(tiny_model_dirs, make_llm):
+    llm = make_llm(tiny_model_dirs["llama"], max_num_seqs=1, scheduling_policy="lof")
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (3, 9, 5, 7)]
+    outs = llm.generate(_prompts(4, 10), params, use_tqdm=False)
+    order = sorted(range(4), key=lambda i: outs[i].metrics.first_token_time)
+    assert order == [1, 3, 2, 0]
+
+
+def _prompt_tokens_per_step(llm, prompts, params) -> tuple[list[int], dict[str, list[int]], list[str]]:
+    """Runs the requests step by step: prompt tokens computed in each step, each request's tokens, and
+    the order in which requests finished."""
+    eng = llm.engine
+    per_step: list[int] = []
+    schedule = eng.scheduler.schedule
+
+    def counting():
+        out = schedule()
+        decodes = sum(1 for s in out.scheduled if s.num_new_tokens == 1 and s.request.output_token_ids)
+        per_step.append(out.num_tokens - decodes)
+        return out
+    eng.scheduler.schedule = counting
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        eng.add_request(f"r{i}", prompt, p)
+    tokens, finished = {}, []
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                tokens[out.request_id] = out.outputs[0].token_ids
+                finished.append(out.request_id)
+    return per_step, tokens, finished
+
+
+def test_lof_paces_prompts_into_the_longest_requests_decode(tiny_model_dirs, make_llm):
+    """One long request and four short ones with long prompts, 64 tokens a step: FCFS computes every
+    prompt in the first steps; lof spreads them so that each short request still ends before the long
+    one, at a few prompt tokens a step, and the tokens are the same."""
+    prompts = [_prompts(1, 20, seed=1)[0]] + _prompts(4, 40, seed=2)
+    params = [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)]
+    params += [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)] * 4
+    runs = {}
+    for policy in ("fcfs", "lof"):
+        llm = make_llm(tiny_model_dirs["llama"], max_num_seqs=8, max_num_batched_tokens=64,
+                       enable_prefix_caching=False, scheduling_policy=policy)
+        runs[policy] = _prompt_tokens_per_step(llm, prompts, params)
+    fcfs, lof = runs["fcfs"], runs["lof"]
+    assert lof[1] == fcfs[1]
+    assert max(fcfs[0][1:]) > 30 and sum(1 for n in fcfs[0] if n) <= 4
+    assert lof[0][0] == 64  # nothing runs yet: the whole budget
+    assert 0 < max(lof[0][1:]) <= 8 and sum(1 for n in lof[0] if n) >= 15
+    assert lof[2][-1] == "r0" and len(lof[0]) <= len(fcfs[0]) + 1  # the long request ends the batch, no later
