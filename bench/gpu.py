@@ -1,7 +1,8 @@
 """GPU throughput of LLM.generate against transformers' generate and the roofline, on random-weight
 bf16 models of Llama-3.2-1B and Llama-3.1-8B shapes (the GPU issue's workloads).
 
-    python bench/gpu.py [--shapes 1b,8b] [--workloads W1,W1-64,P512,single,W2] [--no-hf] [--repeat N] [--out DIR]
+    python bench/gpu.py [--shapes 1b,8b] [--workloads W1,W1-64,P512,single,W2] [--no-hf] [--repeat N]
+                        [--policy fcfs|lof] [--out DIR]
 
 Every request is random token ids, greedy, ignore_eos with min_tokens = max_tokens, all submitted at
 once after one warm-up pass. The roofline: copy bandwidth and bf16 matmul rate are measured first;
@@ -136,12 +137,13 @@ def decode_step_ms(llm, batch: int, context: int) -> float | None:
 
 
 def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_model_len: int,
-               profile: str | None = None, out_dir: str = ".", repeat: int = 1) -> dict:
+               profile: str | None = None, out_dir: str = ".", repeat: int = 1, policy: str = "fcfs") -> dict:
     from tandem import LLM, SamplingParams
 
     # 16384 batched tokens: vLLM's default for its LLM class on GPUs of >= 70 GiB (arg_utils.py)
     llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=max_model_len,
-              max_num_seqs=256, max_num_batched_tokens=16384, gpu_memory_utilization=0.9, enable_prefix_caching=False)
+              max_num_seqs=256, max_num_batched_tokens=16384, gpu_memory_utilization=0.9, enable_prefix_caching=False,
+              scheduling_policy=policy)
     vocab = llm.engine.model.shape.vocab
     warm = [rng.integers(0, vocab, 64).tolist() for _ in range(8)]
     llm.generate(warm, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
@@ -160,9 +162,14 @@ def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_mod
             tokens = sum(len(r.outputs[0].token_ids) for r in results)
             assert tokens == sum(o for _, o in reqs), "every request generates exactly its max_tokens"
         elapsed = statistics.median(times)
-        out[name] = {"seconds": elapsed, "output_tokens": tokens, "tok_per_s": tokens / elapsed, "runs_seconds": times}
+        stats = llm.stats()
+        out[name] = {"seconds": elapsed, "output_tokens": tokens, "tok_per_s": tokens / elapsed, "runs_seconds": times,
+                     "lookahead_steps": stats.num_lookahead_steps,
+                     "lookahead_prompt_tokens": stats.num_lookahead_prompt_tokens}
         spread = f", runs {min(times):.2f}-{max(times):.2f} s" if repeat > 1 else ""
-        print(f"  tandem {name}: {tokens / elapsed:,.0f} out tok/s ({elapsed:.2f} s{spread})", flush=True)
+        print(f"  tandem {name}: {tokens / elapsed:,.0f} out tok/s ({elapsed:.2f} s{spread}; totals so far: "
+              f"{stats.num_lookahead_steps} lookahead steps, {stats.num_lookahead_prompt_tokens} prompt tokens "
+              f"in their lanes)", flush=True)
         if name == profile:  # again, under cProfile: where the host's time goes
             profiled(lambda: llm.generate(prompts, params, use_tqdm=False),
                      os.path.join(out_dir, f"profile-{os.path.basename(folder)}-{name}.txt"))
@@ -212,6 +219,8 @@ def main() -> int:
     ap.add_argument("--fresh", action="store_true", help="a new engine for every workload (one process each, "
                     "as benchmarks of other engines run), instead of one engine running them in turn")
     ap.add_argument("--repeat", type=int, default=1, help="timed runs per workload; the median is reported")
+    ap.add_argument("--policy", default="fcfs", help="the engine's scheduling policy (fcfs, as vLLM's "
+                    "figures; lof: longest max_tokens first, prompts paced into the decode steps)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     args = ap.parse_args()
     import triton
@@ -224,7 +233,7 @@ def main() -> int:
     bw_scale = ceil["copy_bytes_per_s"] / 1e12 / H200_COPY_TBPS
     result = {"device": device, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-              "ceilings": ceil, "shapes": {}}
+              "ceilings": ceil, "policy": args.policy, "shapes": {}}
     rows = []
     for shape in args.shapes.split(","):
         cfg = llama_config(shape)
@@ -238,10 +247,10 @@ def main() -> int:
             ours = {}
             for w, reqs in runs.items():
                 ours.update(run_tandem(folder, {w: reqs}, np.random.default_rng(1), max(longest, 4096),
-                                       args.profile, args.out, args.repeat))
+                                       args.profile, args.out, args.repeat, args.policy))
         else:
             ours = run_tandem(folder, runs, np.random.default_rng(1), max(longest, 4096), args.profile, args.out,
-                              args.repeat)
+                              args.repeat, args.policy)
         hf = {} if args.no_hf else run_hf(cfg, runs, np.random.default_rng(1))
         shape_result = {}
         for w, reqs in runs.items():

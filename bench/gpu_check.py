@@ -46,6 +46,9 @@ def tandem_greedy(folder: str, dtype: str, prompts: list[list[int]], lengths: li
     params = [SamplingParams(temperature=0, max_tokens=n, min_tokens=n, ignore_eos=True)
               for n in (lengths or [NUM_TOKENS] * len(prompts))]
     outs = [list(r.outputs[0].token_ids) for r in llm.generate(prompts, params, use_tqdm=False)]
+    stats = llm.stats()
+    print(f"  ({kwargs or 'defaults'}: {stats.num_lookahead_steps} lookahead steps, "
+          f"{stats.num_lookahead_prompt_tokens} prompt tokens in their lanes)", flush=True)
     free, total = llm.engine.kv.pool.num_free, llm.engine.kv.pool.num_blocks
     assert free == total, f"leaked KV blocks: {total - free}"
     del llm
@@ -98,11 +101,14 @@ def main() -> int:
     report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "torch": torch.__version__}
     ref32 = hf_greedy(model, prompts)
-    # eager; CUDA graphs one step per round trip; graphs with multi-step decoding (the default)
-    for key, kwargs in (("float32_eager", dict(enforce_eager=True)), ("float32_graphs", dict(num_scheduler_steps=1)),
-                        ("float32_graphs_multistep", {})):
-        # the multi-step run also stops requests mid-lookahead: lengths that are not multiples of its 8 steps
-        lengths = [NUM_TOKENS - i % 7 for i in range(NUM_PROMPTS)] if not kwargs else None
+    # eager; CUDA graphs one step per round trip; graphs with multi-step decoding (the default); and lof's
+    # paced prompt chunks computed in the lookaheads' prompt lanes
+    variants = {"float32_eager": dict(enforce_eager=True), "float32_graphs": dict(num_scheduler_steps=1),
+                "float32_graphs_multistep": {},
+                "float32_graphs_prompt_lanes": dict(scheduling_policy="lof", max_num_batched_tokens=256)}
+    for key, kwargs in variants.items():
+        # the multi-step runs also stop requests mid-lookahead: lengths that are not multiples of its 8 steps
+        lengths = [NUM_TOKENS - i % 7 for i in range(NUM_PROMPTS)] if "multistep" in key or "lanes" in key else None
         ours32 = tandem_greedy(folder, "float32", prompts, lengths, **kwargs)
         mismatched = [i for i, (a, b) in enumerate(zip(ours32, ref32)) if a != b[:len(a)] or not a]
         report[key] = {"identical_sequences": NUM_PROMPTS - len(mismatched), "of": NUM_PROMPTS,
@@ -132,8 +138,7 @@ def main() -> int:
           f"top-2 margin > 0.1 (target 0.99); transformers bf16 vs its float32: {floor:.4f}, {floor_clear:.4f}; "
           f"transformers bf16 SDPA vs its eager attention: {self_floor:.4f}, {self_floor_clear:.4f}; "
           f"free-running {agreement(ours16, ref16):.4f}", flush=True)
-    ok = all(report[k]["identical_sequences"] == NUM_PROMPTS
-             for k in ("float32_eager", "float32_graphs", "float32_graphs_multistep")) \
+    ok = all(report[k]["identical_sequences"] == NUM_PROMPTS for k in variants) \
         and report["bfloat16"]["token_agreement_decided"] >= 0.99
     report["pass"] = ok
     os.makedirs(args.out, exist_ok=True)

@@ -3,7 +3,9 @@
 A step whose rows are all single tokens (the steady state of generation) replays the graph of the
 smallest bucket that holds it, after copying its inputs into the graph's static tensors; the rows
 past the batch are padding: slot -1 (the cache write skips it) and context length 0 (attention
-reads nothing). Steps with a prompt chunk, KV saving, or more rows than the largest bucket run eager.
+reads nothing). Steps with a prompt chunk, KV saving, or more rows than the largest bucket run eager,
+except in a lookahead (multi_step.py), where prompt lanes follow the decode rows: the buckets go
+`prompt_lanes` rows past the largest batch for them.
 
 With `use_graphs=False` nothing is captured and a "replay" runs the model eagerly on the same static
 tensors: CPUs run the Triton backend's decode path this way (through Triton's interpreter) in tests.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,10 +33,12 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list[torch.Tensor], scale: float, max_batch: int, max_model_len: int,
-                 block_size: int, use_graphs: bool = True) -> None:
+                 block_size: int, prompt_lanes: int = 0, use_graphs: bool = True) -> None:
         self.model = model
         self.use_graphs = use_graphs
-        self.buckets = bucket_sizes(max_batch)
+        self.prompt_lanes = prompt_lanes
+        self.buckets = bucket_sizes(max_batch + prompt_lanes)
+        max_batch = self.buckets[-1]
         self.max_model_len = max_model_len
         device = kv_caches[0].device
         max_blocks = -(-max_model_len // block_size)
@@ -74,12 +79,15 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
-    def _stage(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice]) -> int | None:
-        """Copies a decode-only step's inputs into the graphs' static tensors; returns the bucket."""
+    def _stage(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
+               lane_tables: list[list[int]] = ()) -> int | None:
+        """Copies a decode-only step's inputs into the graphs' static tensors, and the prompt lanes' tables
+        after its rows (their other inputs change every step); returns the bucket."""
         n = len(seqs)
-        if n > self.buckets[-1] or len(input_ids) != n or not self.graphs:
+        rows = n + len(lane_tables)
+        if rows > self.buckets[-1] or len(input_ids) != n or not self.graphs:
             return None
-        b = self.buckets[bisect.bisect_left(self.buckets, n)]
+        b = self.buckets[bisect.bisect_left(self.buckets, rows)]
         self._host_free()
         h = self.host
         h["input_ids"][:n] = input_ids
@@ -88,14 +96,14 @@ class DecodeGraphs:
         h["slots"][n:b] = -1
         h["context_lens"][:n] = [s.context_len for s in seqs]
         h["context_lens"][n:b] = 0
-        self._fill_tables(seqs)
+        self._fill_tables([s.block_table for s in seqs] + list(lane_tables))
         self._upload(("input_ids", "positions", "slots", "context_lens", "block_tables"), b)
         return b
 
-    def _fill_tables(self, seqs: list[SeqSlice]) -> None:
-        table = self.host["block_tables"]
-        for i, s in enumerate(seqs):
-            table[i, :len(s.block_table)] = s.block_table
+    def _fill_tables(self, tables: list[list[int]]) -> None:
+        host = self.host["block_tables"]
+        for i, t in enumerate(tables):
+            host[i, :len(t)] = t
 
     def _upload(self, keys: tuple[str, ...], b: int) -> None:
         for key in keys:
@@ -129,16 +137,18 @@ class DecodeGraphs:
 
     def run_greedy_steps(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
                          steps: int, block_size: int, logits_of, ban_ids: list[int],
-                         ban_steps: list[int]) -> "GreedyTokens | None":
+                         ban_steps: list[int], lanes: "PromptLanes | None" = None) -> "GreedyTokens | None":
         """`steps` greedy decode steps with no host round trip: each step's argmax is the next step's
         input, positions, slots and context lengths advance on the device. The block tables must cover
         every position. Returns the tokens and their logprobs (raw distribution), on their way to the host.
-        Row i cannot pick `ban_ids` in its first `ban_steps[i]` steps (min_tokens)."""
-        b = self._stage(input_ids, positions, slots, seqs)
+        Row i cannot pick `ban_ids` in its first `ban_steps[i]` steps (min_tokens). `lanes`: prompt tokens
+        computed alongside, rows after the decode rows."""
+        b = self._stage(input_ids, positions, slots, seqs, lanes.tables if lanes else ())
         if b is None:
             return None
         self._bucket, self._rows = b, len(seqs)
-        return self._greedy_loop(steps, block_size, logits_of, ban_ids, ban_steps, chained=False)
+        per_step = _to_device(lanes.inputs, self.dev["input_ids"].device) if lanes else None
+        return self._greedy_loop(steps, block_size, logits_of, ban_ids, ban_steps, chained=False, lanes=per_step)
 
     def continue_greedy_steps(self, keep: list[int], seqs: list[SeqSlice], steps: int, block_size: int, logits_of,
                               ban_ids: list[int], ban_steps: list[int]) -> "GreedyTokens":
@@ -158,12 +168,12 @@ class DecodeGraphs:
             d["context_lens"][m:b] = 0  # padding rows again: attention reads nothing, writes go nowhere
             d["slots"][m:b] = -1
             self._bucket, self._rows = b, m
-        self._fill_tables(seqs)
+        self._fill_tables([s.block_table for s in seqs])
         self._upload(("block_tables",), m)
         return self._greedy_loop(steps, block_size, logits_of, ban_ids, ban_steps, chained=True)
 
     def _greedy_loop(self, steps: int, block_size: int, logits_of, ban_ids: list[int], ban_steps: list[int],
-                     chained: bool) -> "GreedyTokens":
+                     chained: bool, lanes: torch.Tensor | None = None) -> "GreedyTokens":
         d, b, n = self.dev, self._bucket, self._rows
         device = d["input_ids"].device
         tokens = torch.empty(steps, n, dtype=torch.long, device=device)
@@ -177,6 +187,9 @@ class DecodeGraphs:
         if chained:  # its first slots come from its new tables; each step's advance writes the next ones
             slot.copy_(table.gather(1, (pos // block_size)[:, None])[:, 0].long() * block_size + pos % block_size)
         for k in range(steps):
+            if lanes is not None:  # the prompt lanes' inputs of step k: [token, position, slot, context]
+                for key, values in zip(("input_ids", "positions", "slots", "context_lens"), lanes[:, k]):
+                    d[key][n:n + values.shape[0]].copy_(values)
             logits = logits_of(self._replay(b)[:n])
             # token and logprob of step k, then the rows' next inputs (a chained lookahead starts there)
             ops.greedy_advance(logits, tokens[k], logprobs[k], ids, pos, ctx, slot, table, block_size, banned,
@@ -184,9 +197,16 @@ class DecodeGraphs:
         return GreedyTokens(tokens, logprobs)
 
 
-def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=torch.long)
+def _to_device(values: "list[int] | np.ndarray", device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.long)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+@dataclass
+class PromptLanes:
+    """Prompt tokens computed in a lookahead's steps, one per row after the decode rows."""
+    tables: list[list[int]]  # each lane's block table
+    inputs: np.ndarray  # [4, steps, lanes] int64: token, position, slot (-1: none), context length (0: none)
 
 
 class GreedyTokens:

@@ -57,6 +57,7 @@ class EngineStats:
     num_preemptions: int
     num_lookahead_steps: int = 0  # decode steps run on the device ahead of the host (multi_step.py)
     num_chained_lookaheads: int = 0  # lookaheads launched before the host applied the previous one
+    num_lookahead_prompt_tokens: int = 0  # prompt tokens computed in lookaheads' prompt lanes
 
 
 class LLMEngine(KVRoles):
@@ -88,13 +89,16 @@ class LLMEngine(KVRoles):
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, cache.hash_seed)
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
         max_batch = min(config.scheduler.max_num_seqs, 512)
+        lanes = multi_step.PROMPT_LANES if config.scheduler.num_scheduler_steps > 1 else 0
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.runner.capture_graphs(max_batch, self.max_model_len)
+            self.runner.capture_graphs(max_batch, self.max_model_len, lanes)
         elif self.device.type == "cpu" and attention_backend(self.device) == "triton":
             # the Triton backend on CPUs (tests, through Triton's interpreter): the same static decode
             # buffers and multi-step path as CUDA graphs, run eagerly
-            self.runner.capture_graphs(max_batch, self.max_model_len, use_graphs=False)
+            self.runner.capture_graphs(max_batch, self.max_model_len, lanes, use_graphs=False)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        if self.runner.graphs is not None:  # lof paces prompt work per lookahead, not per step
+            self.scheduler.lookahead_steps = config.scheduler.num_scheduler_steps
         self.layout = describe(hf_config, self.model, self.dtype, cache.block_size)
         self.model.pack_weights()  # after describe: the fingerprint samples the plain weights
         self.producer = (KVProducer(self.layout, cache.block_size, layerwise=stream_layerwise(self.device))
@@ -104,6 +108,7 @@ class LLMEngine(KVRoles):
         self.groups: dict[str, RequestGroup] = {}
         self.num_lookahead_steps = 0
         self.num_chained_lookaheads = 0
+        self.num_lookahead_prompt_tokens = 0
         self._inflight: tuple | None = None  # (scheduled, Lookahead, GreedyTokens): a lookahead on the device
         self._detok: dict[Request, IncrementalDetokenizer] = {}
         self.stream_outputs = True  # False: `step` reports finished requests only (offline batches)
@@ -244,7 +249,8 @@ class LLMEngine(KVRoles):
             return []
         ahead = self._lookahead(sched)
         if ahead is not None:
-            self._inflight = (sched, ahead, self.runner.launch_greedy_steps(sched, self.kv.tables, ahead))
+            rows = SchedulerOutput([sched.scheduled[i] for i in ahead.decode])
+            self._inflight = (rows, ahead, self.runner.launch_greedy_steps(rows, self.kv.tables, ahead))
             self.num_lookahead_steps += ahead.steps
             return self._step_ahead()
         tables = self.kv.tables  # read-only here: the runner and the producer only read them
@@ -287,12 +293,17 @@ class LLMEngine(KVRoles):
     def _lookahead(self, sched) -> multi_step.Lookahead | None:
         """Multi-step decoding for this step (multi_step.py), its KV slots reserved; None: an ordinary step."""
         graphs = self.runner.graphs
-        if graphs is None or self.producer is not None or self.scheduler.waiting \
-                or len(sched.scheduled) > graphs.buckets[-1]:
+        if graphs is None or self.producer is not None:
             return None
-        ahead = multi_step.plan(sched, self.config.scheduler.num_scheduler_steps, self.max_model_len)
-        if ahead is None or not all(self.kv.allocate(s.request, ahead.steps, publish=False) for s in sched.scheduled):
-            return None  # blocks reserved before a failure stay with their requests: they are used next
+        ahead = multi_step.plan(sched, self.config.scheduler.num_scheduler_steps, self.max_model_len,
+                                graphs.buckets[-1], graphs.prompt_lanes)
+        if ahead is None or (self.scheduler.waiting and not ahead.prompt):
+            return None
+        # blocks reserved before a failure stay with their requests: they are used next
+        if not all(self.kv.allocate(sched.scheduled[i].request, ahead.steps, publish=False) for i in ahead.decode):
+            return None
+        if not all(self.kv.allocate(r, end - r.num_computed_tokens, publish=False) for r, _, end in ahead.prompt):
+            return None
         return ahead
 
     def _step_ahead(self) -> list[RequestOutput]:
@@ -301,7 +312,7 @@ class LLMEngine(KVRoles):
         sched, ahead, pending = self._inflight
         self._inflight = None
         chained = None
-        if not self.scheduler.waiting and len(self.scheduler.running) == len(sched.scheduled):
+        if not ahead.prompt and not self.scheduler.waiting and len(self.scheduler.running) == len(sched.scheduled):
             chained = multi_step.chain(sched, ahead, self.config.scheduler.num_scheduler_steps, self.max_model_len)
         if chained is not None:
             keep, nxt = chained
@@ -311,6 +322,11 @@ class LLMEngine(KVRoles):
                 self.num_lookahead_steps += nxt.steps
                 self.num_chained_lookaheads += 1
         tokens, logprobs = pending.result()
+        for req, _, end in ahead.prompt:
+            if not req.finished:  # aborted meanwhile: its blocks are gone already
+                self.num_lookahead_prompt_tokens += end - req.num_computed_tokens
+                req.num_computed_tokens = end
+                self.kv.publish(req, req.num_computed_tokens)
         now = time.monotonic()
         touched: dict[str, RequestGroup] = {}
         for s, toks, lps in zip(sched.scheduled, tokens, logprobs):
@@ -399,4 +415,5 @@ class LLMEngine(KVRoles):
             kv_usage=self.kv.pool.usage(), num_free_blocks=self.kv.pool.num_free,
             num_blocks=self.kv.pool.num_blocks, prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits, num_preemptions=self.scheduler.num_preemptions,
-            num_lookahead_steps=self.num_lookahead_steps, num_chained_lookaheads=self.num_chained_lookaheads)
+            num_lookahead_steps=self.num_lookahead_steps, num_chained_lookaheads=self.num_chained_lookaheads,
+            num_lookahead_prompt_tokens=self.num_lookahead_prompt_tokens)

@@ -8,11 +8,19 @@ The host then applies the k tokens of each request in order, exactly as k ordina
 request that stops early drops the tokens after its stop, and the KV slots they were written into are
 freed with it.
 
+Prompt chunks ride along as prompt lanes when the scheduler paced them over the lookahead
+(`SchedulerOutput.prompt_steps` > 1, the lof policy): a chunk of T tokens is spread over the k steps,
+ceil(T / k) rows of each step, each row one prompt token attending to its own prefix through the
+decode kernel (a layer writes every row's K/V before any row attends). A prompt's last token is never
+a lane (its logits are its first sample): the request decodes from the next lookahead on. This keeps
+paced prompt work (pacing.py) inside the graphed steps that decode anyway, where it costs little:
+those steps are bound by the weight read.
+
 A step qualifies (`plan`) when: `num_scheduler_steps` > 1, decode graphs exist, nothing waits for
-admission (it would wait k steps), no KV is being sent (prefill role) or copied (copy-on-write), and
-every scheduled row is one decode token of a greedy request with no penalties, logprobs or bad words;
-requests still under min_tokens must share their banned ids (EOS and stop ids). Anything else runs
-as an ordinary step.
+admission unless the step carries prompt lanes (then the scheduler paced admissions itself), no KV is being sent (prefill role) or copied (copy-on-write), at least one row decodes,
+every decode row is one token of a greedy request with no penalties, logprobs or bad words, prompt
+chunks fit the lanes and want no prompt logprobs, and all rows fit the largest graph; requests still
+under min_tokens must share their banned ids (EOS and stop ids). Anything else runs as an ordinary step.
 
 Chaining (`chain`) hides the host's work behind the device's: before reading a lookahead's tokens, the
 engine launches the next one, as if no row stopped (the device holds each row's next input already).
@@ -24,18 +32,23 @@ device writes them before any later step can reuse them).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tandem.engine.request import Request
 from tandem.engine.scheduler import SchedulerOutput
 from tandem.sampling_params import SamplingParams
+
+PROMPT_LANES = 256  # prompt tokens a lookahead step may carry: the graphs go this far past max_num_seqs
 
 
 @dataclass
 class Lookahead:
     steps: int
     ban_ids: list[int]  # the EOS and stop ids banned before min_tokens (one set for every row)
-    ban_steps: list[int]  # per scheduled row: how many of the steps still ban them
+    ban_steps: list[int]  # per decode row: how many of the steps still ban them
+    decode: list[int] = field(default_factory=list)  # indices into the scheduled rows: the decode lanes
+    # prompt lanes: (request, lanes = tokens per step, its computed tokens at the end of the lookahead)
+    prompt: list[tuple[Request, int, int]] = field(default_factory=list)
 
 
 def plain_greedy(p: SamplingParams) -> bool:
@@ -43,21 +56,29 @@ def plain_greedy(p: SamplingParams) -> bool:
             and not p.frequency_penalty and not p.presence_penalty)
 
 
-def plan(sched: SchedulerOutput, max_steps: int, max_model_len: int) -> Lookahead | None:
+def plan(sched: SchedulerOutput, max_steps: int, max_model_len: int, max_rows: int,
+         prompt_lanes: int = 0) -> Lookahead | None:
     """The lookahead for this step, or None for an ordinary step (KV slots are reserved by the caller)."""
     if max_steps <= 1 or sched.block_copies or not sched.scheduled:
         return None
     ban_ids: frozenset[int] | None = None
     ban_steps: list[int] = []
+    decode: list[int] = []
+    chunks: list[tuple[Request, int]] = []  # (request, prompt tokens to compute in the lookahead)
     most_left = 0
     longest = 0
-    for s in sched.scheduled:
+    for i, s in enumerate(sched.scheduled):
         r: Request = s.request
         n = len(r.all_token_ids)
-        if s.num_new_tokens != 1 or r.num_computed_tokens + 1 != n or r.kv_only or r.pending_forks:
+        if r.kv_only or r.pending_forks:
             return None
+        if r.num_computed_tokens + 1 < n:  # a prompt chunk: its tokens short of the last become lanes
+            if sched.prompt_steps <= 1 or r.params.prompt_logprobs is not None:
+                return None
+            chunks.append((r, min(s.num_new_tokens, n - 1 - r.num_computed_tokens)))
+            continue
         p = r.params
-        if not plain_greedy(p):
+        if s.num_new_tokens != 1 or not plain_greedy(p):
             return None
         out = len(r.output_token_ids)
         ban = max(0, p.min_tokens - out)
@@ -66,13 +87,18 @@ def plan(sched: SchedulerOutput, max_steps: int, max_model_len: int) -> Lookahea
             if ban_ids is not None and ids != ban_ids:
                 return None
             ban_ids = ids
+        decode.append(i)
         ban_steps.append(ban)
         most_left = max(most_left, p.max_tokens - out)
         longest = max(longest, n)
     steps = min(max_steps, most_left, max_model_len - longest)
-    if steps <= 1:
+    if not decode or steps <= 1:
         return None
-    return Lookahead(steps, sorted(ban_ids or ()), ban_steps)
+    prompt = [(r, -(-t // steps), r.num_computed_tokens + t) for r, t in chunks]
+    lanes = sum(c for _, c, _ in prompt)
+    if lanes > prompt_lanes or len(decode) + lanes > max_rows:
+        return None
+    return Lookahead(steps, sorted(ban_ids or ()), ban_steps, decode, prompt)
 
 
 def chain(sched: SchedulerOutput, last: Lookahead, max_steps: int, max_model_len: int) -> tuple[list[int], Lookahead] | None:
@@ -97,4 +123,4 @@ def chain(sched: SchedulerOutput, last: Lookahead, max_steps: int, max_model_len
     steps = min(max_steps, most_left, max_model_len - longest)
     if not keep or steps <= 1:
         return None
-    return keep, Lookahead(steps, last.ban_ids if any(ban_steps) else [], ban_steps)
+    return keep, Lookahead(steps, last.ban_ids if any(ban_steps) else [], ban_steps, list(range(len(keep))))

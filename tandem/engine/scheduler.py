@@ -44,6 +44,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    prompt_steps: int = 1  # the steps its prompt chunks are paced over (lof with lookaheads: multi_step.py)
 
     @property
     def num_tokens(self) -> int:
@@ -58,6 +59,7 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.lookahead_steps = 1  # the engine's multi-step depth, where it has one (lof paces per lookahead)
 
     def _rank(self, req: Request) -> tuple:
         if self.config.policy == "priority":
@@ -85,7 +87,9 @@ class Scheduler:
         self.running.sort(key=self._rank)
         prompt_budget = budget  # prompt tokens (chunks and admissions) this step may compute
         if self.config.policy == "lof":
-            prompt_budget = pacing.prompt_allowance(self.running, self.waiting, budget)
+            per_step = pacing.prompt_allowance(self.running, self.waiting, budget)
+            prompt_budget = min(budget, per_step * self.lookahead_steps)
+            out.prompt_steps = self.lookahead_steps
         kept: list[Request] = []
         queue = self.running
         head, tail = 0, len(queue)  # queue[head:tail]: not yet scheduled; victims leave from the tail

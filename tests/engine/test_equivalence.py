@@ -192,3 +192,23 @@ def test_multi_step_decoding(references, make_llm, monkeypatch):
     longer = prompts[0] + expected[0][:lengths[0]]
     llm.generate([{"prompt_token_ids": longer}], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
     assert llm.stats().prefix_cache_hits - hits >= (len(longer) - 1) // 16 * 16
+
+
+def test_prompt_lanes_in_lookaheads(references, make_llm, monkeypatch):
+    """Prompt chunks computed inside multi-step lookaheads, one prompt token per row beside the decode
+    rows (multi_step.py), as lof's pacing schedules them: token-identical to transformers, and the
+    blocks the lanes filled serve prefix hits afterwards."""
+    monkeypatch.setenv("TANDEM_ATTENTION_BACKEND", "triton")
+    path, prompts, params, expected = references["llama"]
+    llm = make_llm(path, enable_prefix_caching=True, num_scheduler_steps=8, max_num_batched_tokens=64,
+                   scheduling_policy="lof")
+    lengths = [TINY_NEW_TOKENS - 2 * (i % 6) for i in range(len(prompts))]
+    each = [SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n) for n in lengths]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], each, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [e[:n] for e, n in zip(expected, lengths)]
+    assert llm.stats().num_lookahead_prompt_tokens >= sum(len(p) for p in prompts) // 2
+    hits = llm.stats().prefix_cache_hits
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=2),
+                        use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [e[:2] for e in expected]
+    assert llm.stats().prefix_cache_hits - hits >= sum((len(p) - 1) // 16 for p in prompts)
