@@ -46,7 +46,7 @@ def greedy_step(llm, batch: int, context: int, block_size: int, scatter: bool = 
 
 def attention_sweep(llm, batch: int, context: int) -> None:
     """paged decode attention alone at this point: the engine's graph config, then a sweep."""
-    from tandem.kernels.paged_decode_attention import choose_num_splits, decode_config, launch_decode, _sm_count
+    from tandem.kernels.paged_decode_attention import choose_num_splits, decode_config, launch_decode, sm_count
 
     graphs = llm.engine.runner.graphs
     cache = llm.engine.runner.kv_caches[0]
@@ -55,7 +55,7 @@ def attention_sweep(llm, batch: int, context: int) -> None:
     out = torch.empty_like(q)
     tables, lens = graphs.dev["block_tables"][:batch], graphs.dev["context_lens"][:batch]
     kv_bytes = batch * context * 2 * s.num_kv_heads * s.head_dim * cache.element_size()
-    engine_splits = choose_num_splits(batch, s.num_kv_heads, graphs.max_model_len, _sm_count(q.device))
+    engine_splits = choose_num_splits(batch, s.num_kv_heads, graphs.max_model_len, sm_count(q.device))
     results = []
     for splits in (1, 2, 4, 8, 16):
         for block_n, warps, stages in ((64, 4, 3), (32, 4, 3), (32, 2, 2), (16, 2, 2)):
@@ -63,7 +63,7 @@ def attention_sweep(llm, batch: int, context: int) -> None:
                                                   block_n, warps, stages), 1, rounds=20)
             results.append((us, splits, block_n, warps, stages))
     results.sort()
-    cfg = decode_config(s.head_dim, q.device, batch * s.num_kv_heads * engine_splits / _sm_count(q.device))
+    cfg = decode_config(s.head_dim, q.device, batch * s.num_kv_heads * engine_splits / sm_count(q.device))
     engine = [r for r in results if r[1:] == (engine_splits, cfg["block_n"], cfg["num_warps"], cfg["num_stages"])][0]
     print(f"  attention alone, {kv_bytes / 1e6:.1f} MB of KV: engine (splits {engine_splits}) {engine[0]:.2f} us "
           f"({kv_bytes / engine[0] / 1e3:.0f} GB/s); best: " +

@@ -16,6 +16,13 @@ when some request has no slack). In the model it leaves W1/W1-64/P512 unchanged 
 It only holds for known lengths (min_tokens = max_tokens), and in the engine its small prompt chunks
 would make nearly every step a mixed one, run eagerly and synced to the host, not a graphed multi-step
 lookahead: it needs CUDA graphs for mixed steps first (piecewise, around attention).
+
+Measured since (the engine's lof policy, its prompt chunks in graphed lookaheads; results/
+trace-8b-W2-20261202.txt): W2 ran 8-18% slower than FCFS, not 1.35x faster. The model's step costs do not
+hold at these batches: a lookahead step of ~40 long-context decode rows and ~130 prompt tokens took
+10-13.5 ms on the H200, not ~6: GEMMs at ~176 rows ran at ~450 TFLOP/s (the model: 650, or the weight
+read), the few decode rows' attention cannot fill the GPU the way 256 rows do, and the prefill kernel
+is latency-bound on a few short chunks over long prefixes (no split over the prefix).
 """
 from __future__ import annotations
 

@@ -181,7 +181,7 @@ def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, out_stride_b, out_s
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
@@ -261,8 +261,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     if sliding_window:
         max_context_len = min(max_context_len, sliding_window)
     if num_splits is None:
-        num_splits = choose_num_splits(batch, kv_cache.shape[3], max_context_len, _sm_count(q.device))
-    per_sm = batch * kv_cache.shape[3] * num_splits / _sm_count(q.device)
+        num_splits = choose_num_splits(batch, kv_cache.shape[3], max_context_len, sm_count(q.device))
+    per_sm = batch * kv_cache.shape[3] * num_splits / sm_count(q.device)
     launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window, num_splits, out,
                   **decode_config(q.shape[2], q.device, per_sm))
     return out

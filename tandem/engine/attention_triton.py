@@ -71,14 +71,16 @@ class TritonAttention(AttentionBatch):
         from tandem.kernels.paged_prefill_attention import paged_prefill_attention
 
         out = torch.empty_like(q)
-        if self.prefill is not None:
-            p = self.prefill
-            paged_prefill_attention(q[:p.num_rows], cache, p.cu_seqlens_q, p.context_lens, p.block_tables,
-                                    self.scale, self.sliding_window, out=out[:p.num_rows],
-                                    max_query_len=p.max_query_len)
+        # decode first: in a graph with prompt lanes (prompt_lanes.py) both cover the lane rows, and the
+        # prefill kernel's rows are the ones that count there
         if self.decode is not None:
             d = self.decode
             paged_decode_attention(q[d.start:], cache, d.block_tables, d.context_lens, self.scale,
                                    self.sliding_window, num_splits=d.num_splits, out=out[d.start:],
                                    max_context_len=d.max_context_len)
+        if self.prefill is not None:
+            p = self.prefill
+            paged_prefill_attention(q[:p.num_rows], cache, p.cu_seqlens_q, p.context_lens, p.block_tables,
+                                    self.scale, self.sliding_window, out=out[:p.num_rows],
+                                    max_query_len=p.max_query_len)
         return out

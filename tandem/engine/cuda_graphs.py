@@ -4,8 +4,8 @@ A step whose rows are all single tokens (the steady state of generation) replays
 smallest bucket that holds it, after copying its inputs into the graph's static tensors; the rows
 past the batch are padding: slot -1 (the cache write skips it) and context length 0 (attention
 reads nothing). Steps with a prompt chunk, KV saving, or more rows than the largest bucket run eager,
-except in a lookahead (multi_step.py), where prompt lanes follow the decode rows: the buckets go
-`prompt_lanes` rows past the largest batch for them.
+except a lookahead's prompt lanes (prompt_lanes.py): with `max_lanes`, every bucket from 16 rows on
+(up to `max_lanes` past the largest batch) also has a mixed graph, whose prefill kernel attends them.
 
 With `use_graphs=False` nothing is captured and a "replay" runs the model eagerly on the same static
 tensors: CPUs run the Triton backend's decode path this way (through Triton's interpreter) in tests.
@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import bisect
 import logging
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from tandem.engine import ops
 from tandem.engine.attention import SeqSlice
-from tandem.engine.attention_triton import DecodeMeta, TritonAttention
+from tandem.engine.attention_triton import DecodeMeta, PrefillMeta, TritonAttention
+from tandem.engine.prompt_lanes import MAX_SEQS, PromptLanes
+from tandem.kernels.paged_decode_attention import sm_count, choose_num_splits
 
 log = logging.getLogger("tandem.engine")
 
@@ -33,11 +35,11 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list[torch.Tensor], scale: float, max_batch: int, max_model_len: int,
-                 block_size: int, prompt_lanes: int = 0, use_graphs: bool = True) -> None:
+                 block_size: int, max_lanes: int = 0, use_graphs: bool = True) -> None:
         self.model = model
         self.use_graphs = use_graphs
-        self.prompt_lanes = prompt_lanes
-        self.buckets = bucket_sizes(max_batch + prompt_lanes)
+        self.max_lanes = max_lanes
+        self.buckets = bucket_sizes(max_batch + max_lanes)
         max_batch = self.buckets[-1]
         self.max_model_len = max_model_len
         device = kv_caches[0].device
@@ -45,7 +47,9 @@ class DecodeGraphs:
         # host staging (pinned) and device copies of every input, sized for the largest bucket
         self.host = {"input_ids": np.zeros(max_batch, np.int64), "positions": np.zeros(max_batch, np.int64),
                      "slots": np.full(max_batch, -1, np.int64), "context_lens": np.zeros(max_batch, np.int32),
-                     "block_tables": np.zeros((max_batch, max_blocks), np.int32)}
+                     "block_tables": np.zeros((max_batch, max_blocks), np.int32),
+                     "lane_cu": np.zeros(MAX_SEQS + 1, np.int32), "lane_lens": np.zeros(MAX_SEQS, np.int32),
+                     "lane_tables": np.zeros((MAX_SEQS, max_blocks), np.int32)}
         pin = device.type == "cuda"
         self.pinned = {k: torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v) for k, v in self.host.items()}
         self.host = {k: v.numpy() for k, v in self.pinned.items()}  # write straight into pinned memory
@@ -54,7 +58,15 @@ class DecodeGraphs:
                                         decode=DecodeMeta(0, self.dev["block_tables"][:b],
                                                           self.dev["context_lens"][:b], max_model_len))
                      for b in self.buckets}
+        lanes = PrefillMeta(0, self.dev["lane_cu"], self.dev["lane_lens"], self.dev["lane_tables"], 0)
+        # a mixed step's decode rows are few (the lanes are most of it, and the decode kernel skips them):
+        # split their contexts as for a small batch, not as for b rows
+        splits = choose_num_splits(8, kv_caches[0].shape[3], max_model_len, sm_count(device))
+        self.mixed_attn = {b: replace(a, decode=replace(a.decode, num_splits=splits),
+                                      prefill=replace(lanes, num_rows=b, max_query_len=min(b, max_lanes)))
+                           for b, a in self.attn.items() if max_lanes and b >= 16}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
+        self.mixed: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
         self._uploaded: torch.cuda.Event | None = None
         self._bucket = self._rows = 0  # the last lookahead's bucket and rows (chained lookaheads continue it)
 
@@ -63,31 +75,35 @@ class DecodeGraphs:
         """Largest bucket first, so the smaller ones reuse its memory from the shared pool."""
         if not self.use_graphs:
             self.graphs = {b: (None, None) for b in self.buckets}
+            self.mixed = {b: (None, None) for b in self.mixed_attn}
             return
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for b in reversed(self.buckets):
-                args = (self.dev["input_ids"][:b], self.dev["positions"][:b], self.attn[b])
-                self.model(*args)  # compiles the kernels and sets up cuBLAS outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    hidden = self.model(*args)
-                self.graphs[b] = (graph, hidden)
+            for graphs, attns in ((self.graphs, self.attn), (self.mixed, self.mixed_attn)):
+                for b in sorted(attns, reverse=True):
+                    args = (self.dev["input_ids"][:b], self.dev["positions"][:b], attns[b])
+                    self.model(*args)  # compiles the kernels and sets up cuBLAS outside the capture
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                        hidden = self.model(*args)
+                    graphs[b] = (graph, hidden)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+        log.info("captured decode CUDA graphs for batch sizes %s (with prompt lanes from %s)", self.buckets,
+                 min(self.mixed, default=None))
 
     def _stage(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
-               lane_tables: list[list[int]] = ()) -> int | None:
-        """Copies a decode-only step's inputs into the graphs' static tensors, and the prompt lanes' tables
-        after its rows (their other inputs change every step); returns the bucket."""
+               lanes: PromptLanes | None = None) -> int | None:
+        """Copies a decode-only step's inputs into the graphs' static tensors (and the prompt lanes'
+        tables: their rows' inputs change every step); returns the bucket."""
         n = len(seqs)
-        rows = n + len(lane_tables)
-        if rows > self.buckets[-1] or len(input_ids) != n or not self.graphs:
+        rows = n + (lanes.rows.shape[2] if lanes else 0)
+        buckets = sorted(self.mixed) if lanes else self.buckets
+        if rows > buckets[-1] or len(input_ids) != n or not self.graphs:
             return None
-        b = self.buckets[bisect.bisect_left(self.buckets, rows)]
+        b = buckets[bisect.bisect_left(buckets, rows)]
         self._host_free()
         h = self.host
         h["input_ids"][:n] = input_ids
@@ -96,18 +112,23 @@ class DecodeGraphs:
         h["slots"][n:b] = -1
         h["context_lens"][:n] = [s.context_len for s in seqs]
         h["context_lens"][n:b] = 0
-        self._fill_tables([s.block_table for s in seqs] + list(lane_tables))
-        self._upload(("input_ids", "positions", "slots", "context_lens", "block_tables"), b)
+        self._fill_tables([s.block_table for s in seqs])
+        keys = ("input_ids", "positions", "slots", "context_lens", "block_tables")
+        if lanes:
+            self._fill_tables(lanes.tables, "lane_tables")
+            keys += ("lane_tables",)
+        self._upload(keys, b)
         return b
 
-    def _fill_tables(self, tables: list[list[int]]) -> None:
-        host = self.host["block_tables"]
+    def _fill_tables(self, tables: list[list[int]], key: str = "block_tables") -> None:
+        host = self.host[key]
         for i, t in enumerate(tables):
             host[i, :len(t)] = t
 
     def _upload(self, keys: tuple[str, ...], b: int) -> None:
         for key in keys:
-            self.dev[key][:b].copy_(self.pinned[key][:b], non_blocking=True)
+            rows = b if key != "lane_tables" else MAX_SEQS
+            self.dev[key][:rows].copy_(self.pinned[key][:rows], non_blocking=True)
         if self.dev["input_ids"].is_cuda:
             self._uploaded = torch.cuda.Event()
             self._uploaded.record()
@@ -127,11 +148,12 @@ class DecodeGraphs:
             return None
         return self._replay(b)[:len(seqs)]
 
-    def _replay(self, b: int) -> torch.Tensor:
+    def _replay(self, b: int, mixed: bool = False) -> torch.Tensor:
         """The bucket's forward pass on the static inputs: its graph, or the model run eagerly."""
-        graph, hidden = self.graphs[b]
+        graph, hidden = (self.mixed if mixed else self.graphs)[b]
         if graph is None:
-            return self.model(self.dev["input_ids"][:b], self.dev["positions"][:b], self.attn[b])
+            attn = (self.mixed_attn if mixed else self.attn)[b]
+            return self.model(self.dev["input_ids"][:b], self.dev["positions"][:b], attn)
         graph.replay()
         return hidden
 
@@ -143,11 +165,14 @@ class DecodeGraphs:
         every position. Returns the tokens and their logprobs (raw distribution), on their way to the host.
         Row i cannot pick `ban_ids` in its first `ban_steps[i]` steps (min_tokens). `lanes`: prompt tokens
         computed alongside, rows after the decode rows."""
-        b = self._stage(input_ids, positions, slots, seqs, lanes.tables if lanes else ())
+        b = self._stage(input_ids, positions, slots, seqs, lanes)
         if b is None:
             return None
         self._bucket, self._rows = b, len(seqs)
-        per_step = _to_device(lanes.inputs, self.dev["input_ids"].device) if lanes else None
+        device = self.dev["input_ids"].device
+        per_step = None
+        if lanes:
+            per_step = [_to_device(lanes.rows, device), _to_device(lanes.cu, device), _to_device(lanes.lens, device)]
         return self._greedy_loop(steps, block_size, logits_of, ban_ids, ban_steps, chained=False, lanes=per_step)
 
     def continue_greedy_steps(self, keep: list[int], seqs: list[SeqSlice], steps: int, block_size: int, logits_of,
@@ -173,7 +198,7 @@ class DecodeGraphs:
         return self._greedy_loop(steps, block_size, logits_of, ban_ids, ban_steps, chained=True)
 
     def _greedy_loop(self, steps: int, block_size: int, logits_of, ban_ids: list[int], ban_steps: list[int],
-                     chained: bool, lanes: torch.Tensor | None = None) -> "GreedyTokens":
+                     chained: bool, lanes: list[torch.Tensor] | None = None) -> "GreedyTokens":
         d, b, n = self.dev, self._bucket, self._rows
         device = d["input_ids"].device
         tokens = torch.empty(steps, n, dtype=torch.long, device=device)
@@ -187,10 +212,13 @@ class DecodeGraphs:
         if chained:  # its first slots come from its new tables; each step's advance writes the next ones
             slot.copy_(table.gather(1, (pos // block_size)[:, None])[:, 0].long() * block_size + pos % block_size)
         for k in range(steps):
-            if lanes is not None:  # the prompt lanes' inputs of step k: [token, position, slot, context]
-                for key, values in zip(("input_ids", "positions", "slots", "context_lens"), lanes[:, k]):
+            if lanes is not None:  # the prompt lanes' rows and sequences at step k
+                rows, cu, lens = lanes
+                for key, values in zip(("input_ids", "positions", "slots"), rows[:, k]):
                     d[key][n:n + values.shape[0]].copy_(values)
-            logits = logits_of(self._replay(b)[:n])
+                d["lane_cu"].copy_(cu[k])
+                d["lane_lens"].copy_(lens[k])
+            logits = logits_of(self._replay(b, lanes is not None)[:n])
             # token and logprob of step k, then the rows' next inputs (a chained lookahead starts there)
             ops.greedy_advance(logits, tokens[k], logprobs[k], ids, pos, ctx, slot, table, block_size, banned,
                                ban_left, k)
@@ -200,13 +228,6 @@ class DecodeGraphs:
 def _to_device(values: "list[int] | np.ndarray", device: torch.device) -> torch.Tensor:
     t = torch.as_tensor(values, dtype=torch.long)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-
-
-@dataclass
-class PromptLanes:
-    """Prompt tokens computed in a lookahead's steps, one per row after the decode rows."""
-    tables: list[list[int]]  # each lane's block table
-    inputs: np.ndarray  # [4, steps, lanes] int64: token, position, slot (-1: none), context length (0: none)
 
 
 class GreedyTokens:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from tandem.config import EngineConfig, default_dtype, parse_dtype, resolve_device
-from tandem.engine import loader, multi_step
+from tandem.engine import loader, multi_step, prompt_lanes
 from tandem.engine.attention import attention_backend
 from tandem.inputs import InputChecker
 from tandem.engine.cpu_tuning import tune_host_allocator
@@ -89,7 +89,9 @@ class LLMEngine(KVRoles):
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, cache.hash_seed)
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
         max_batch = min(config.scheduler.max_num_seqs, 512)
-        lanes = multi_step.PROMPT_LANES if config.scheduler.num_scheduler_steps > 1 else 0
+        # prompt lanes (and their mixed graphs) serve lof's paced prompt chunks only
+        paced = config.scheduler.policy == "lof" and config.scheduler.num_scheduler_steps > 1
+        lanes = prompt_lanes.MAX_LANES if paced else 0
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_graphs(max_batch, self.max_model_len, lanes)
         elif self.device.type == "cpu" and attention_backend(self.device) == "triton":
@@ -296,7 +298,7 @@ class LLMEngine(KVRoles):
         if graphs is None or self.producer is not None:
             return None
         ahead = multi_step.plan(sched, self.config.scheduler.num_scheduler_steps, self.max_model_len,
-                                graphs.buckets[-1], graphs.prompt_lanes)
+                                graphs.buckets[-1], graphs.max_lanes)
         if ahead is None or (self.scheduler.waiting and not ahead.prompt):
             return None
         # blocks reserved before a failure stay with their requests: they are used next

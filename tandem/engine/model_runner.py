@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 import torch
 
+from tandem.engine import prompt_lanes
 from tandem.engine.attention import SeqSlice, build_attention
 from tandem.engine.models.llama import LlamaForCausalLM
 from tandem.engine.multi_step import Lookahead
@@ -17,7 +17,7 @@ from tandem.engine.scheduler import SchedulerOutput
 from tandem.outputs import Logprob
 
 if TYPE_CHECKING:
-    from tandem.engine.cuda_graphs import GreedyTokens, PromptLanes
+    from tandem.engine.cuda_graphs import GreedyTokens
 
 
 @dataclass
@@ -39,11 +39,11 @@ class ModelRunner:
         self.scale = s.head_dim ** -0.5
         self.graphs = None
 
-    def capture_graphs(self, max_batch: int, max_model_len: int, prompt_lanes: int = 0, use_graphs: bool = True) -> None:
+    def capture_graphs(self, max_batch: int, max_model_len: int, max_lanes: int = 0, use_graphs: bool = True) -> None:
         from tandem.engine.cuda_graphs import DecodeGraphs
 
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.scale, max_batch, max_model_len, self.block_size,
-                                   prompt_lanes, use_graphs)
+                                   max_lanes, use_graphs)
         self.graphs.capture()
 
     @staticmethod
@@ -162,28 +162,9 @@ class ModelRunner:
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             seqs.append(SeqSlice(row, 1, pos + 1, table))
-        lanes = self._prompt_lanes(ahead, block_tables) if ahead.prompt else None
+        lanes = prompt_lanes.pack(ahead.prompt, ahead.steps, block_tables, bs, len(seqs)) if ahead.prompt else None
         return self.graphs.run_greedy_steps(input_ids, positions, slots, seqs, ahead.steps, bs,
                                             self._raw_logits, ahead.ban_ids, ahead.ban_steps, lanes)
-
-    def _prompt_lanes(self, ahead: Lookahead, block_tables: dict[str, list[int]]) -> "PromptLanes":
-        """Each prompt lane's table and its token, position, slot and context length at every step
-        (slot -1 and context 0 once its prompt ran out)."""
-        from tandem.engine.cuda_graphs import PromptLanes
-
-        bs = self.block_size
-        tables: list[list[int]] = []
-        columns = []
-        for req, per_step, end in ahead.prompt:
-            table = block_tables[req.seq_id]
-            pos = req.num_computed_tokens + np.arange(ahead.steps * per_step).reshape(ahead.steps, per_step)
-            live = pos < end
-            pos = np.minimum(pos, end - 1)
-            slots = np.asarray(table)[pos // bs] * bs + pos % bs
-            columns.append(np.stack([np.asarray(req.all_token_ids)[pos], pos, np.where(live, slots, -1),
-                                     np.where(live, pos + 1, 0)]))
-            tables += [table] * per_step
-        return PromptLanes(tables, np.concatenate(columns, axis=2))
 
     def _raw_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden, upcast=False)

@@ -8,19 +8,15 @@ The host then applies the k tokens of each request in order, exactly as k ordina
 request that stops early drops the tokens after its stop, and the KV slots they were written into are
 freed with it.
 
-Prompt chunks ride along as prompt lanes when the scheduler paced them over the lookahead
-(`SchedulerOutput.prompt_steps` > 1, the lof policy): a chunk of T tokens is spread over the k steps,
-ceil(T / k) rows of each step, each row one prompt token attending to its own prefix through the
-decode kernel (a layer writes every row's K/V before any row attends). A prompt's last token is never
-a lane (its logits are its first sample): the request decodes from the next lookahead on. This keeps
-paced prompt work (pacing.py) inside the graphed steps that decode anyway, where it costs little:
-those steps are bound by the weight read.
+Prompt chunks the scheduler paced over the lookahead (the lof policy) ride along as prompt lanes
+(prompt_lanes.py): rows after the decode rows, computed in the same graphed steps.
 
 A step qualifies (`plan`) when: `num_scheduler_steps` > 1, decode graphs exist, nothing waits for
-admission unless the step carries prompt lanes (then the scheduler paced admissions itself), no KV is being sent (prefill role) or copied (copy-on-write), at least one row decodes,
-every decode row is one token of a greedy request with no penalties, logprobs or bad words, prompt
-chunks fit the lanes and want no prompt logprobs, and all rows fit the largest graph; requests still
-under min_tokens must share their banned ids (EOS and stop ids). Anything else runs as an ordinary step.
+admission unless the step carries prompt lanes (then the scheduler paced admissions itself), no KV is
+being sent (prefill role) or copied (copy-on-write), at least one row decodes, every decode row is one
+token of a greedy request with no penalties, logprobs or bad words, prompt chunks fit the lanes and want
+no prompt logprobs, and all rows fit the largest graph; requests still under min_tokens must share
+their banned ids (EOS and stop ids). Anything else runs as an ordinary step.
 
 Chaining (`chain`) hides the host's work behind the device's: before reading a lookahead's tokens, the
 engine launches the next one, as if no row stopped (the device holds each row's next input already).
@@ -34,11 +30,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tandem.engine import prompt_lanes
 from tandem.engine.request import Request
 from tandem.engine.scheduler import SchedulerOutput
 from tandem.sampling_params import SamplingParams
-
-PROMPT_LANES = 256  # prompt tokens a lookahead step may carry: the graphs go this far past max_num_seqs
 
 
 @dataclass
@@ -57,7 +52,7 @@ def plain_greedy(p: SamplingParams) -> bool:
 
 
 def plan(sched: SchedulerOutput, max_steps: int, max_model_len: int, max_rows: int,
-         prompt_lanes: int = 0) -> Lookahead | None:
+         max_lanes: int = 0) -> Lookahead | None:
     """The lookahead for this step, or None for an ordinary step (KV slots are reserved by the caller)."""
     if max_steps <= 1 or sched.block_copies or not sched.scheduled:
         return None
@@ -96,7 +91,7 @@ def plan(sched: SchedulerOutput, max_steps: int, max_model_len: int, max_rows: i
         return None
     prompt = [(r, -(-t // steps), r.num_computed_tokens + t) for r, t in chunks]
     lanes = sum(c for _, c, _ in prompt)
-    if lanes > prompt_lanes or len(decode) + lanes > max_rows:
+    if lanes > max_lanes or len(prompt) > prompt_lanes.MAX_SEQS or len(decode) + lanes > max_rows:
         return None
     return Lookahead(steps, sorted(ban_ids or ()), ban_steps, decode, prompt)
 

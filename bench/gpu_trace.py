@@ -1,0 +1,100 @@
+"""Where a workload's wall time goes, engine step by engine step (8B shape, bench/gpu.py's workloads):
+each step() call's wall time with what it ran (ordinary step, or a lookahead: its steps, decode rows and
+prompt-lane tokens), summed by kind and by batch size.
+
+    python bench/gpu_trace.py --workload W2 --policy lof
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu import workload  # noqa: E402
+from gpu_models import config_folder  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="8b")
+    ap.add_argument("--workload", default="W2")
+    ap.add_argument("--policies", default="fcfs,lof")
+    ap.add_argument("--kprof", type=int, default=0, help="profile the kernels of this many step() calls "
+                    "from the 5th on (CUPTI sees the kernels inside CUDA graphs)")
+    args = ap.parse_args()
+    from tandem import LLM, SamplingParams
+
+    reqs = workload(args.workload, np.random.default_rng(0))
+    for policy in args.policies.split(","):
+        llm = LLM(config_folder(args.shape), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                  max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384, gpu_memory_utilization=0.9,
+                  enable_prefix_caching=False, scheduling_policy=policy)
+        eng = llm.engine
+        rng = np.random.default_rng(1)
+        vocab = eng.model.shape.vocab
+        prompts = [rng.integers(0, vocab, p).tolist() for p, _ in reqs]
+        params = [SamplingParams(temperature=0, max_tokens=o, min_tokens=o, ignore_eos=True) for _, o in reqs]
+        llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=min(o, 16), ignore_eos=True) for _, o in reqs],
+                     use_tqdm=False)
+        trace = []
+        step = eng.step
+
+        prof = None
+
+        def traced():
+            nonlocal prof
+            if args.kprof and len(trace) == 4:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                prof.__enter__()
+            if prof is not None and len(trace) == 4 + args.kprof:
+                torch.cuda.synchronize()
+                prof.__exit__(None, None, None)
+                window = trace[4:]
+                print(f"profiled {len(window)} step() calls: {sum(max(w[0], 1) for w in window)} steps, "
+                      f"{sum(w[1] for w in window)} prompt-lane tokens, running {window[0][2]}-{window[-1][2]}, "
+                      f"{sum(w[3] for w in window):.3f} s")
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+                prof = None
+            s = eng.stats()
+            running = len(eng.scheduler.running)
+            t = time.perf_counter()
+            out = step()
+            wall = time.perf_counter() - t
+            e = eng.stats()
+            trace.append((e.num_lookahead_steps - s.num_lookahead_steps,
+                          e.num_lookahead_prompt_tokens - s.num_lookahead_prompt_tokens, running, wall))
+            return out
+        eng.step = traced
+        t = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        total = time.perf_counter() - t
+        eng.step = step
+        by = collections.defaultdict(lambda: [0, 0, 0.0])  # (kind, running bucket) -> calls, steps, seconds
+        for steps, lanes, running, wall in trace:
+            kind = "ordinary" if steps == 0 else ("lookahead+lanes" if lanes else "lookahead")
+            key = (kind, running // 64 * 64)
+            by[key][0] += 1
+            by[key][1] += max(steps, 1)
+            by[key][2] += wall
+        print(f"{policy} {args.workload}: {sum(o for _, o in reqs) / total:,.0f} out tok/s, {total:.2f} s, "
+              f"{len(trace)} step() calls, {sum(w for *_, w in trace):.2f} s in them", flush=True)
+        for (kind, bucket), (calls, steps, secs) in sorted(by.items()):
+            print(f"  {kind:16} running {bucket:3}-{bucket + 63:3}: {calls:5} calls {steps:5} steps {secs:6.2f} s "
+                  f"({1000 * secs / steps:6.2f} ms/step)", flush=True)
+        lanes = [(steps, lanes) for steps, lanes, _, _ in trace if lanes]
+        if lanes:
+            print(f"  prompt-lane tokens per lookahead step: {np.mean([l / s for s, l in lanes]):.0f} mean", flush=True)
+        del llm, eng, step, traced
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

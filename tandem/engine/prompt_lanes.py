@@ -1,0 +1,59 @@
+"""Prompt lanes: prompt chunks computed inside a multi-step lookahead (multi_step.py), beside its
+decode rows, in the same CUDA graph.
+
+When the scheduler paced its prompt chunks over the lookahead (`SchedulerOutput.prompt_steps` > 1, the
+lof policy), a chunk of T tokens is spread over the k steps, ceil(T / k) tokens a step. Each step's
+prompt tokens are rows after the decode rows: the layer writes their K/V with everyone else's, the
+decode kernel skips them (context 0), and the paged prefill kernel attends them, one sequence per chunk,
+each tile of queries reading its prefix once. The graph's prefill launch has a fixed grid (MAX_SEQS
+sequences, up to MAX_LANES query rows); sequences with no rows this step exit at once.
+
+A prompt's last token is never a lane (its logits are its first sample): the request decodes from the
+next lookahead on. The host packs every step's rows here, once per lookahead.
+
+Measured on the H200 (bench/results/trace-8b-W2-20261202.txt), a lane step is not yet cheap: the
+prefill kernel is latency-bound on a few short chunks over long prefixes (one program walks a whole
+prefix: it has no split over the keys), ~1.5 ms a step on the 8B shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tandem.engine.request import Request
+
+MAX_LANES = 256  # prompt rows a step may carry: the graphs go this far past max_num_seqs
+MAX_SEQS = 16  # prompt chunks a lookahead may carry: the prefill launch's sequences (lof: 2-4 typically)
+
+
+@dataclass
+class PromptLanes:
+    tables: list[list[int]]  # each chunk's block table
+    rows: np.ndarray  # [3, steps, lanes] int64: token, position, slot (-1: padding) of each prompt row
+    cu: np.ndarray  # [steps, MAX_SEQS + 1]: chunk i's rows at step k are cu[k, i]:cu[k, i + 1] (batch rows)
+    lens: np.ndarray  # [steps, MAX_SEQS]: chunk i's context length after step k (0: no chunk)
+
+
+def pack(chunks: list[tuple[Request, int, int]], steps: int, tables: dict[str, list[int]], block_size: int,
+         first_row: int) -> PromptLanes:
+    """chunks: (request, tokens per step, its computed tokens at the end); their rows start at `first_row`."""
+    lanes = sum(c for _, c, _ in chunks)
+    rows = np.zeros((3, steps, lanes), np.int64)
+    rows[2] = -1
+    cu = np.full((steps, MAX_SEQS + 1), first_row, np.int64)
+    lens = np.zeros((steps, MAX_SEQS), np.int64)
+    for k in range(steps):
+        row = 0
+        for i, (req, per_step, end) in enumerate(chunks):
+            table = np.asarray(tables[req.seq_id])
+            lo = min(req.num_computed_tokens + k * per_step, end)
+            hi = min(lo + per_step, end)
+            pos = np.arange(lo, hi)
+            rows[0, k, row:row + len(pos)] = np.asarray(req.all_token_ids[lo:hi])
+            rows[1, k, row:row + len(pos)] = pos
+            rows[2, k, row:row + len(pos)] = table[pos // block_size] * block_size + pos % block_size
+            row += len(pos)
+            cu[k, i + 1:] = first_row + row
+            lens[k, i] = hi if hi > lo else 0
+    return PromptLanes([tables[r.seq_id] for r, _, _ in chunks], rows, cu, lens)
