@@ -31,6 +31,8 @@ def _prefill_kernel(q_ptr, cache_ptr, cu_ptr, lens_ptr, tables_ptr, out_ptr, sca
     kv_head = tl.program_id(2)
     q_begin = tl.load(cu_ptr + seq)
     q_len = tl.load(cu_ptr + seq + 1) - q_begin
+    if tile_start >= q_len:  # past the chunk's end (grids are sized for the longest): nothing to store
+        return
     ctx = tl.load(lens_ptr + seq)
     prefix = ctx - q_len
 
@@ -46,9 +48,8 @@ def _prefill_kernel(q_ptr, cache_ptr, cu_ptr, lens_ptr, tables_ptr, out_ptr, sca
                 + dims[None, :], mask=io_mask, other=0.0)
     q_pos = prefix + token
 
-    # keys [lo, diag) precede every query of the tile; [diag, hi) need the causal mask.
-    # A tile past the chunk's end gets an empty range (its stores are masked off).
-    hi = tl.where(tile_start < q_len, prefix + tl.minimum(tile_start + BLOCK_Q, q_len), 0)
+    # keys [lo, diag) precede every query of the tile; [diag, hi) need the causal mask
+    hi = prefix + tl.minimum(tile_start + BLOCK_Q, q_len)
     diag = tl.minimum((prefix + tile_start) // BLOCK_N * BLOCK_N, hi)
     lo = 0
     if HAS_WINDOW:
