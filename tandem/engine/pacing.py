@@ -36,7 +36,7 @@ def prompt_allowance(running: list[Request], waiting: list[Request], budget: int
     for req in [r for r in running if prompt_left(r) > 0] + waiting:
         pending += prompt_left(req) + 1
         slack = longest - output_left(req)
-        if slack <= 0:
+        if slack <= 0 or req.kv_only:  # kv_only (prefill role): it decodes elsewhere, nothing to overlap
             return budget
         need = max(need, pending / slack)
     return min(budget, int(need) + 1)

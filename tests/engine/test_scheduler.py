@@ -130,3 +130,26 @@ def test_lof_paces_prompts_into_the_longest_requests_decode(tiny_model_dirs, mak
     assert lof[0][0] == 64  # nothing runs yet: the whole budget
     assert 0 < max(lof[0][1:]) <= 8 and sum(1 for n in lof[0] if n) >= 15
     assert lof[2][-1] == "r0" and len(lof[0]) <= len(fcfs[0]) + 1  # the long request ends the batch, no later
+
+
+def test_pacing_allowance():
+    """Prompt tokens a step may compute under lof: the steepest rate at which the unfinished prompts,
+    in admission order, still end with the longest running request; the whole budget when one cannot."""
+    from tandem.engine.pacing import prompt_allowance
+    from tandem.engine.request import Request
+
+    def request(prompt: int, max_tokens: int, generated: int = 0, kv_only: bool = False) -> Request:
+        r = Request(f"r{prompt}-{max_tokens}", list(range(prompt)), SamplingParams(max_tokens=max_tokens), None,
+                    kv_only=kv_only)
+        r.output_token_ids = [7] * generated
+        r.all_token_ids += r.output_token_ids
+        r.num_computed_tokens = r.num_tokens - 1 if generated else 0
+        return r
+
+    longest = request(10, 100, generated=1)  # 99 tokens to go
+    waiting = [request(50, 10), request(100, 20)]  # 51 tokens within 89 steps, then 152 within 79
+    assert prompt_allowance([longest], waiting, 64) == 2
+    assert prompt_allowance([longest, request(30, 40)], waiting, 64) == 3  # 31 more before them
+    assert prompt_allowance([longest], waiting + [request(5, 99)], 64) == 64  # no slack: all of it
+    assert prompt_allowance([longest], [request(50, 10, kv_only=True)], 64) == 64  # decodes elsewhere
+    assert prompt_allowance([], waiting, 64) == 64  # nothing runs yet
