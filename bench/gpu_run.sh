@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session in one command (device machine: torch, triton, transformers preinstalled):
-#   bash bench/gpu_run.sh [STAGES]   STAGES: comma list of install,kernels,check,kbench,quick,full
+#   bash bench/gpu_run.sh [STAGES]   STAGES: comma list of install,kernels,check,kbench,quick,full,trace
 # Writes logs and JSON under $OUT (or bench/results).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -27,4 +27,7 @@ if has quick; then
 fi
 if has full; then
   timeout 560 python3 bench/gpu.py ${FULL_ARGS:-} --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tail -60
+fi
+if has trace; then  # W2's step time by kind under lof and fcfs (TRACE_ARGS="--kprof 10" adds kernels)
+  timeout 300 python3 bench/gpu_trace.py --workload W2 --policies lof,fcfs ${TRACE_ARGS:-} 2>&1 | grep -v "Warning\|warn"
 fi
