@@ -113,11 +113,10 @@ class DecodeGraphs:
         h["context_lens"][:n] = [s.context_len for s in seqs]
         h["context_lens"][n:b] = 0
         self._fill_tables([s.block_table for s in seqs])
-        keys = ("input_ids", "positions", "slots", "context_lens", "block_tables")
-        if lanes:
+        if lanes:  # before _upload, whose event then covers this copy too
             self._fill_tables(lanes.tables, "lane_tables")
-            keys += ("lane_tables",)
-        self._upload(keys, b)
+            self.dev["lane_tables"].copy_(self.pinned["lane_tables"], non_blocking=True)
+        self._upload(("input_ids", "positions", "slots", "context_lens", "block_tables"), b)
         return b
 
     def _fill_tables(self, tables: list[list[int]], key: str = "block_tables") -> None:
@@ -127,8 +126,7 @@ class DecodeGraphs:
 
     def _upload(self, keys: tuple[str, ...], b: int) -> None:
         for key in keys:
-            rows = b if key != "lane_tables" else MAX_SEQS
-            self.dev[key][:rows].copy_(self.pinned[key][:rows], non_blocking=True)
+            self.dev[key][:b].copy_(self.pinned[key][:b], non_blocking=True)
         if self.dev["input_ids"].is_cuda:
             self._uploaded = torch.cuda.Event()
             self._uploaded.record()

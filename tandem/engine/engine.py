@@ -98,9 +98,8 @@ class LLMEngine(KVRoles):
             # the Triton backend on CPUs (tests, through Triton's interpreter): the same static decode
             # buffers and multi-step path as CUDA graphs, run eagerly
             self.runner.capture_graphs(max_batch, self.max_model_len, lanes, use_graphs=False)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
-        if self.runner.graphs is not None:  # lof paces prompt work per lookahead, not per step
-            self.scheduler.lookahead_steps = config.scheduler.num_scheduler_steps
+        lookahead = config.scheduler.num_scheduler_steps if self.runner.graphs is not None else 1
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, lookahead)
         self.layout = describe(hf_config, self.model, self.dtype, cache.block_size)
         self.model.pack_weights()  # after describe: the fingerprint samples the plain weights
         self.producer = (KVProducer(self.layout, cache.block_size, layerwise=stream_layerwise(self.device))

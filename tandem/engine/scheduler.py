@@ -52,14 +52,15 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 lookahead_steps: int = 1) -> None:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
-        self.lookahead_steps = 1  # the engine's multi-step depth, where it has one (lof paces per lookahead)
+        self.lookahead_steps = lookahead_steps  # the engine's multi-step depth (lof paces per lookahead)
 
     def _rank(self, req: Request) -> tuple:
         if self.config.policy == "priority":
