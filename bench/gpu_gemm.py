@@ -2,9 +2,11 @@
 (weight bytes / copy bandwidth, FLOPs / matmul rate), for W as stored ([N, K], F.linear) and
 pre-transposed ([K, N], x @ W), to see how far cuBLAS is from the hardware and whether layout matters.
 
-    python bench/gpu_gemm.py
+    python bench/gpu_gemm.py [--ms 1,64,256]   (prefill chunks: --ms 4096,8192,16384)
 """
 from __future__ import annotations
+
+import argparse
 
 import torch
 import torch.nn.functional as F
@@ -30,27 +32,34 @@ def timed(fn, reps: int = 50) -> float:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", default="1,64,256", help="row counts (batch rows or prefill chunk tokens)")
+    ms = [int(m) for m in ap.parse_args().ms.split(",")]
     x = torch.empty(2**28, dtype=torch.bfloat16, device="cuda")
     y = torch.empty_like(x)
     bw = 2 * x.numel() * 2 / (timed(lambda: y.copy_(x), 10) * 1e-6)
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     flops = 2 * 8192**3 / (timed(lambda: a @ a, 10) * 1e-6)
     print(f"copy {bw / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s")
-    for m in (1, 64, 256):
+    for m in ms:
         total = {"linear": 0.0, "pretransposed": 0.0, "roof": 0.0}
         for name, (n, k) in SHAPES.items():
+            if m >= 1024 and name == "lm_head":  # prefill computes logits for the last token only
+                continue
             w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
             wt = w.t().contiguous()
             inp = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-            t1 = timed(lambda: F.linear(inp, w))
-            t2 = timed(lambda: inp @ wt)
+            r = 50 if m < 1024 else 5  # a graph of big outputs holds them all
+            t1 = timed(lambda: F.linear(inp, w), r)
+            t2 = timed(lambda: inp @ wt, r)
             roof = max(n * k * 2 / bw, 2 * m * n * k / flops) * 1e6
             reps = 1 if name == "lm_head" else 32
             total["linear"] += t1 * reps
             total["pretransposed"] += t2 * reps
             total["roof"] += roof * reps
+            rate = f"  {2 * m * n * k / t1 / 1e6:4.0f} / {2 * m * n * k / t2 / 1e6:4.0f} TFLOP/s" if m >= 1024 else ""
             print(f"M={m:4d} {name:8s} linear {t1:7.1f} us  pretransposed {t2:7.1f} us  roofline {roof:7.1f} us "
-                  f"({roof / t1:5.1%} / {roof / t2:5.1%})")
+                  f"({roof / t1:5.1%} / {roof / t2:5.1%}){rate}")
         print(f"M={m:4d} per step: linear {total['linear'] / 1e3:.2f} ms, pretransposed "
               f"{total['pretransposed'] / 1e3:.2f} ms, roofline {total['roof'] / 1e3:.2f} ms")
         del w, wt

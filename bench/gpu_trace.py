@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--shape", default="8b")
     ap.add_argument("--workload", default="W2")
     ap.add_argument("--policies", default="fcfs,lof")
+    ap.add_argument("--budget", type=int, default=16384, help="max_num_batched_tokens")
     ap.add_argument("--kprof", type=int, default=0, help="profile the kernels of this many step() calls "
                     "from the 5th on (CUPTI sees the kernels inside CUDA graphs)")
     args = ap.parse_args()
@@ -34,7 +35,7 @@ def main() -> None:
     reqs = workload(args.workload, np.random.default_rng(0))
     for policy in args.policies.split(","):
         llm = LLM(config_folder(args.shape), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-                  max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=16384, gpu_memory_utilization=0.9,
+                  max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=args.budget, gpu_memory_utilization=0.9,
                   enable_prefix_caching=False, scheduling_policy=policy)
         eng = llm.engine
         rng = np.random.default_rng(1)
@@ -83,7 +84,7 @@ def main() -> None:
             by[key][0] += 1
             by[key][1] += max(steps, 1)
             by[key][2] += wall
-        print(f"{policy} {args.workload}: {sum(o for _, o in reqs) / total:,.0f} out tok/s, {total:.2f} s, "
+        print(f"{policy} {args.workload} (budget {args.budget}): {sum(o for _, o in reqs) / total:,.0f} out tok/s, {total:.2f} s, "
               f"{len(trace)} step() calls, {sum(w for *_, w in trace):.2f} s in them", flush=True)
         for (kind, bucket), (calls, steps, secs) in sorted(by.items()):
             print(f"  {kind:16} running {bucket:3}-{bucket + 63:3}: {calls:5} calls {steps:5} steps {secs:6.2f} s "

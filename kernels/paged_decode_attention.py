@@ -120,6 +120,8 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(lens_ptr + seq)
+    if NUM_SPLITS > 1 and ctx == 0:  # padding (or a prompt lane's row): the merge writes its zeros
+        return
     kv_begin = 0
     if HAS_WINDOW:
         kv_begin = tl.maximum(ctx - window, 0)
@@ -158,15 +160,29 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr
         tl.store(part_ml_ptr + part * 2 + 1, l_sum, mask=row_ok)
 
 
+ROWS_BY_CONTEXT = 0  # merge_splits: rows with context length 0 get zeros, their partials unread
+ROWS_IN_CHUNKS = 1  # merge_splits: only rows cu_seqlens[0] <= row < cu_seqlens[N] (the others are not ours)
+
+
 @triton.jit
-def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, out_stride_b, out_stride_h,
+def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, rows_ptr, num_seqs, out_stride_b, out_stride_h,
                          NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+    """One program per (row, query head): the splits' partials [rows, Hq, S, D] and (m, l) folded into
+    the row's output. ROWS says which rows hold partials (see ROWS_BY_CONTEXT, ROWS_IN_CHUNKS)."""
     wait_for_inputs(PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, BLOCK_D)
+    if ROWS == 0:  # ROWS_BY_CONTEXT
+        if tl.load(rows_ptr + seq) == 0:
+            tl.store(out_ptr + seq * out_stride_b + head * out_stride_h + dims,
+                     tl.zeros([BLOCK_D], dtype=out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+            return
+    else:
+        if seq < tl.load(rows_ptr) or seq >= tl.load(rows_ptr + num_seqs):
+            return
+    splits = tl.arange(0, SPLITS_PAD)
     split_ok = splits < NUM_SPLITS
     part = (seq * NUM_HEADS + head) * NUM_SPLITS + splits
     m = tl.load(part_ml_ptr + part * 2, mask=split_ok, other=float("-inf"))
@@ -216,10 +232,18 @@ def launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window
         PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **common,
         **launch_options(q.device, batch))
     if num_splits > 1:
-        _merge_splits_kernel[(batch, num_heads)](
-            part_acc, part_ml, out, out.stride(0), out.stride(1), NUM_SPLITS=num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4 if head_dim >= 128 else 2, **common,
-            **launch_options(q.device, batch))
+        merge_splits(part_acc, part_ml, out, context_lens, 0, ROWS_BY_CONTEXT, **launch_options(q.device, batch))
+
+
+def merge_splits(part_acc: torch.Tensor, part_ml: torch.Tensor, out: torch.Tensor, rows: torch.Tensor,
+                 num_seqs: int, mode: int, **options) -> None:
+    """Launches the merge of split-K partials [R, Hq, S, D] into out [R, Hq, D] (decode and prefill)."""
+    batch, num_heads, num_splits, head_dim = part_acc.shape
+    _merge_splits_kernel[(batch, num_heads)](
+        part_acc, part_ml, out, rows, num_seqs, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,
+        SPLITS_PAD=triton.next_power_of_2(num_splits), ROWS=mode, num_warps=4 if head_dim >= 128 else 2,
+        **(options or {"PDL": False}))
 
 
 def decode_config(head_dim: int, device: torch.device, programs_per_sm: float = 0.0) -> dict:

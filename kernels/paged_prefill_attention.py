@@ -6,6 +6,12 @@ block table.
 One program per (query tile, sequence, KV head). A tile's M rows are BLOCK_Q query tokens x the
 group's query heads (padded to a power of two), so each K/V tile feeds every head sharing it. Keys
 before the tile's first query need no causal mask; only the tiles on the diagonal are masked.
+
+Short chunks over long prefixes (a lookahead's prompt lanes: a few dozen tokens each after up to
+thousands) leave most SMs idle while each program walks its prefix. For them `num_splits` cuts each
+tile's keys into slices whose partials are merged afterwards (split-K, as in decode), and `packed`
+numbers the query tiles of all chunks together, so the grid needs no tile column per sequence for
+the longest chunk: program i finds its chunk from the tile counts of cu_seqlens_q.
 """
 from __future__ import annotations
 
@@ -13,22 +19,36 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.kernels.paged_decode_attention import (LOG2E, attend_tile, check_cache, check_heads, check_index,
-                                                   check_out, dot_precision)
+from tandem.kernels.paged_decode_attention import (LOG2E, ROWS_IN_CHUNKS, attend_tile, check_cache, check_heads,
+                                                   check_index, check_out, dot_precision, merge_splits)
 
 __all__ = ["paged_prefill_attention", "paged_prefill_attention_ref"]
 
 
 @triton.jit(do_not_specialize=["table_stride"])  # varies every step: one compiled variant for all
-def _prefill_kernel(q_ptr, cache_ptr, cu_ptr, lens_ptr, tables_ptr, out_ptr, scale_log2, q_stride_t, q_stride_h,
-                    out_stride_t, out_stride_h, table_stride, v_plane, window, GROUP: tl.constexpr,
-                    GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SLOT_SIZE: tl.constexpr,
+def _prefill_kernel(q_ptr, cache_ptr, cu_ptr, lens_ptr, tables_ptr, out_ptr, part_acc_ptr, part_ml_ptr, scale_log2,
+                    q_stride_t, q_stride_h, out_stride_t, out_stride_h, table_stride, v_plane, window, num_seqs,
+                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SLOT_SIZE: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                    NUM_SPLITS: tl.constexpr, PACKED: tl.constexpr, SEQS_PAD: tl.constexpr):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
-    tile_start = tl.program_id(0) * BLOCK_Q
-    seq = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(0) % NUM_SPLITS
     kv_head = tl.program_id(2)
+    if PACKED:  # program i // NUM_SPLITS is the i-th query tile counting every chunk's tiles in order
+        tile = tl.program_id(0) // NUM_SPLITS
+        n = tl.arange(0, SEQS_PAD)
+        begins = tl.load(cu_ptr + n, mask=n < num_seqs, other=0)
+        ends = tl.load(cu_ptr + n + 1, mask=n < num_seqs, other=0)
+        tiles_before = tl.cumsum((ends - begins + BLOCK_Q - 1) // BLOCK_Q, 0)  # inclusive: through chunk n
+        if tile >= tl.max(tiles_before, 0):
+            return
+        seq = tl.sum((tiles_before <= tile).to(tl.int32), 0).to(tl.int64)
+        first_tile = tl.sum(tl.where(n == seq, tiles_before - (ends - begins + BLOCK_Q - 1) // BLOCK_Q, 0), 0)
+        tile_start = (tile - first_tile) * BLOCK_Q
+    else:
+        tile_start = tl.program_id(0) // NUM_SPLITS * BLOCK_Q
+        seq = tl.program_id(1).to(tl.int64)
     q_begin = tl.load(cu_ptr + seq)
     q_len = tl.load(cu_ptr + seq + 1) - q_begin
     if tile_start >= q_len:  # past the chunk's end (grids are sized for the longest): nothing to store
@@ -56,23 +76,35 @@ def _prefill_kernel(q_ptr, cache_ptr, cu_ptr, lens_ptr, tables_ptr, out_ptr, sca
         lo = tl.maximum(prefix + tile_start - window + 1, 0) // BLOCK_N * BLOCK_N
         diag = tl.maximum(diag, lo)
 
+    # this split's slice of the key tiles [lo, hi), in whole BLOCK_N tiles (lo and diag are aligned)
+    per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
+    lo = lo + split * per_split
+    hi = tl.minimum(hi, lo + per_split)
+
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_max = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
     table_row = tables_ptr + seq * table_stride
     head_ptr = cache_ptr + kv_head * HEAD_DIM
-    for kv_start in range(lo, diag, BLOCK_N):
+    for kv_start in range(lo, tl.minimum(diag, hi), BLOCK_N):
         acc, l_sum, m_max = attend_tile(acc, l_sum, m_max, q, q_pos, 0, kv_start, hi, table_row, head_ptr, v_plane,
                                         dims, dim_ok, window, scale_log2, BLOCK_N, BLOCK_SIZE, SLOT_SIZE, False,
                                         HAS_WINDOW, PRECISION)
-    for kv_start in range(diag, hi, BLOCK_N):
+    for kv_start in range(tl.maximum(diag, lo), hi, BLOCK_N):
         acc, l_sum, m_max = attend_tile(acc, l_sum, m_max, q, q_pos, 0, kv_start, hi, table_row, head_ptr, v_plane,
                                         dims, dim_ok, window, scale_log2, BLOCK_N, BLOCK_SIZE, SLOT_SIZE, True,
                                         HAS_WINDOW, PRECISION)
 
-    o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-    tl.store(out_ptr + (q_begin + token)[:, None].to(tl.int64) * out_stride_t + heads[:, None] * out_stride_h
-             + dims[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
+    row = (q_begin + token).to(tl.int64)
+    if NUM_SPLITS == 1:
+        o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+        tl.store(out_ptr + row[:, None] * out_stride_t + heads[:, None] * out_stride_h + dims[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:  # partials [T, Hq, S, D] and (m, l) [T, Hq, S, 2], as decode's; an empty slice writes l = 0
+        part = (row * (GROUP * tl.num_programs(2)) + heads) * NUM_SPLITS + split
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=io_mask)
+        tl.store(part_ml_ptr + part * 2, m_max, mask=row_ok)
+        tl.store(part_ml_ptr + part * 2 + 1, l_sum, mask=row_ok)
 
 
 def prefill_config(head_dim: int, group: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -87,32 +119,48 @@ def prefill_config(head_dim: int, group: int, dtype: torch.dtype, device: torch.
 
 
 def launch_prefill(q, kv_cache, cu_seqlens_q, context_lens, block_tables, scale, sliding_window, out,
-                   max_query_len: int, block_m: int, block_n: int, num_warps: int, num_stages: int) -> None:
+                   max_query_len: int, block_m: int, block_n: int, num_warps: int, num_stages: int,
+                   num_splits: int = 1, packed: bool = False) -> None:
     """The kernel with an explicit tile config (bench/kernels.py sweeps it); inputs already checked."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     _, _, block_size, num_kv, _ = kv_cache.shape
+    num_seqs = context_lens.shape[0]
     group = num_heads // num_kv
     group_pad = triton.next_power_of_2(group)
     block_m = max(block_m, group_pad)
-    grid = (triton.cdiv(max_query_len, block_m // group_pad), context_lens.shape[0], num_kv)
+    block_q = block_m // group_pad
+    # packed: max_query_len bounds all chunks' rows together; each chunk adds at most one partial tile
+    tiles = triton.cdiv(max_query_len, block_q) + (num_seqs - 1 if packed else 0)
+    grid = (tiles * num_splits, 1 if packed else num_seqs, num_kv)
+    if num_splits > 1:
+        part_acc = torch.empty(q.shape[0], num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(q.shape[0], num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
     _prefill_kernel[grid](
-        q, kv_cache, cu_seqlens_q, context_lens, block_tables, out, scale * LOG2E, q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1), block_tables.stride(0), kv_cache.stride(0), sliding_window or 0,
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SLOT_SIZE=num_kv * head_dim,
+        q, kv_cache, cu_seqlens_q, context_lens, block_tables, out, part_acc, part_ml, scale * LOG2E, q.stride(0),
+        q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), kv_cache.stride(0), sliding_window or 0,
+        num_seqs, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SLOT_SIZE=num_kv * head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
-        HAS_WINDOW=bool(sliding_window), PRECISION=dot_precision(q.dtype), num_warps=num_warps,
-        num_stages=num_stages)
+        HAS_WINDOW=bool(sliding_window), PRECISION=dot_precision(q.dtype), NUM_SPLITS=num_splits, PACKED=packed,
+        SEQS_PAD=max(16, triton.next_power_of_2(num_seqs)), num_warps=num_warps, num_stages=num_stages)
+    if num_splits > 1:
+        merge_splits(part_acc, part_ml, out, cu_seqlens_q, num_seqs, ROWS_IN_CHUNKS)
 
 
 def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                             sliding_window: int | None = None, out: torch.Tensor | None = None,
-                            max_query_len: int | None = None) -> torch.Tensor:
+                            max_query_len: int | None = None, num_splits: int = 1,
+                            packed: bool = False) -> torch.Tensor:
     """q [T, Hq, D]: sequence n's queries are rows cu_seqlens_q[n]:cu_seqlens_q[n+1] at positions
     context_lens[n] - query_len ... context_lens[n] - 1 (their K/V already cached) -> [T, Hq, D].
+    Rows outside [cu_seqlens_q[0], cu_seqlens_q[N]) are left as they are.
 
     cu_seqlens_q [N+1], context_lens [N], block_tables [N, max_blocks], all int32. max_query_len
-    (a host int, default T) sizes the grid; nothing here reads a device tensor."""
+    (a host int, default T) sizes the grid: the longest chunk, or with `packed` all chunks' rows
+    together. num_splits > 1 splits each query tile's keys (merged after). Nothing here reads a
+    device tensor."""
     name = "paged_prefill_attention"
     check_cache(name, kv_cache)
     check_heads(name, "q", q, kv_cache)
@@ -124,19 +172,23 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_
     out = check_out(name, out, q)
     if max_query_len is None:
         max_query_len = q.shape[0]
+    if num_splits < 1:
+        raise ValueError(f"{name}: num_splits must be >= 1, got {num_splits}")
     if num_seqs == 0 or max_query_len == 0:
         return out
     launch_prefill(q, kv_cache, cu_seqlens_q, context_lens, block_tables, scale, sliding_window, out,
-                   max_query_len, **prefill_config(q.shape[2], q.shape[1] // kv_cache.shape[3], q.dtype, q.device))
+                   max_query_len, **prefill_config(q.shape[2], q.shape[1] // kv_cache.shape[3], q.dtype, q.device),
+                   num_splits=num_splits, packed=packed)
     return out
 
 
 def paged_prefill_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                 context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                                 sliding_window: int | None = None, out: torch.Tensor | None = None,
-                                max_query_len: int | None = None) -> torch.Tensor:
+                                max_query_len: int | None = None, num_splits: int = 1,
+                                packed: bool = False) -> torch.Tensor:
     """Plain-torch twin, one sequence at a time: gather its blocks, causal (+ window) mask, softmax
-    in float32. max_query_len only sizes the kernel's grid."""
+    in float32. max_query_len, num_splits and packed only steer the kernel's launch."""
     _, _, block_size, num_kv, head_dim = kv_cache.shape
     num_heads = q.shape[1]
     group = num_heads // num_kv

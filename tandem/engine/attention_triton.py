@@ -35,7 +35,9 @@ class PrefillMeta:
     cu_seqlens_q: torch.Tensor  # [N + 1] int32
     context_lens: torch.Tensor  # [N] int32
     block_tables: torch.Tensor  # [N, max_blocks] int32
-    max_query_len: int
+    max_query_len: int  # the longest chunk; with `packed`, all chunks' rows together
+    num_splits: int = 1  # slices of each query tile's keys (prompt lanes: short chunks, long prefixes)
+    packed: bool = False  # the grid numbers all chunks' query tiles together
 
 
 @dataclass
@@ -82,5 +84,5 @@ class TritonAttention(AttentionBatch):
             p = self.prefill
             paged_prefill_attention(q[:p.num_rows], cache, p.cu_seqlens_q, p.context_lens, p.block_tables,
                                     self.scale, self.sliding_window, out=out[:p.num_rows],
-                                    max_query_len=p.max_query_len)
+                                    max_query_len=p.max_query_len, num_splits=p.num_splits, packed=p.packed)
         return out

@@ -22,7 +22,7 @@ import torch
 from tandem.engine import ops
 from tandem.engine.attention import SeqSlice
 from tandem.engine.attention_triton import DecodeMeta, PrefillMeta, TritonAttention
-from tandem.engine.prompt_lanes import MAX_SEQS, PromptLanes
+from tandem.engine.prompt_lanes import LANE_SPLITS, MAX_SEQS, PromptLanes
 from tandem.kernels.paged_decode_attention import sm_count, choose_num_splits
 
 log = logging.getLogger("tandem.engine")
@@ -58,7 +58,8 @@ class DecodeGraphs:
                                         decode=DecodeMeta(0, self.dev["block_tables"][:b],
                                                           self.dev["context_lens"][:b], max_model_len))
                      for b in self.buckets}
-        lanes = PrefillMeta(0, self.dev["lane_cu"], self.dev["lane_lens"], self.dev["lane_tables"], 0)
+        lanes = PrefillMeta(0, self.dev["lane_cu"], self.dev["lane_lens"], self.dev["lane_tables"], 0,
+                            num_splits=LANE_SPLITS if device.type == "cuda" else 2, packed=True)
         # a mixed step's decode rows are few (the lanes are most of it, and the decode kernel skips them):
         # split their contexts as for a small batch, not as for b rows
         splits = choose_num_splits(8, kv_caches[0].shape[3], max_model_len, sm_count(device))

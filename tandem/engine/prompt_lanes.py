@@ -4,16 +4,16 @@ decode rows, in the same CUDA graph.
 When the scheduler paced its prompt chunks over the lookahead (`SchedulerOutput.prompt_steps` > 1, the
 lof policy), a chunk of T tokens is spread over the k steps, ceil(T / k) tokens a step. Each step's
 prompt tokens are rows after the decode rows: the layer writes their K/V with everyone else's, the
-decode kernel skips them (context 0), and the paged prefill kernel attends them, one sequence per chunk,
-each tile of queries reading its prefix once. The graph's prefill launch has a fixed grid (MAX_SEQS
-sequences, up to MAX_LANES query rows); sequences with no rows this step exit at once.
+decode kernel skips them (context 0), and the paged prefill kernel attends them, one sequence per chunk.
+The graph's prefill launch has a fixed grid: its query tiles are numbered across the chunks (`packed`,
+up to MAX_LANES rows in MAX_SEQS sequences; programs past the last tile exit at once), and each tile's
+keys are cut into LANE_SPLITS slices, so a few short chunks over long prefixes still fill the GPU.
 
 A prompt's last token is never a lane (its logits are its first sample): the request decodes from the
 next lookahead on. The host packs every step's rows here, once per lookahead.
 
-Measured on the H200 (bench/results/trace-8b-W2-20261202.txt), a lane step is not yet cheap: the
-prefill kernel is latency-bound on a few short chunks over long prefixes (one program walks a whole
-prefix: it has no split over the keys), ~1.5 ms a step on the 8B shape.
+Measured on the H200 (bench/results/trace-8b-W2-20261202.txt): without the split, one program walked
+a whole prefix and the prefill kernel took ~1.5 ms of a lane step on the 8B shape.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from tandem.engine.request import Request
 
 MAX_LANES = 256  # prompt rows a step may carry: the graphs go this far past max_num_seqs
 MAX_SEQS = 16  # prompt chunks a lookahead may carry: the prefill launch's sequences (lof: 2-4 typically)
+LANE_SPLITS = 8  # slices of each lane tile's keys on GPUs
 
 
 @dataclass

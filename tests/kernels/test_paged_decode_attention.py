@@ -162,7 +162,7 @@ _COMPILE = textwrap.dedent("""
         fn = getattr(importlib.import_module(module), kernel)
         def kind(name):
             if name.endswith("_ptr"):
-                return "*fp32" if name.startswith("part") else "*i32" if name[:2] in ("ta", "le", "cu") else "*bf16"
+                return "*fp32" if name.startswith("part") else "*i32" if name[:2] in ("ta", "le", "cu", "ro") else "*bf16"
             return "fp32" if name.startswith("scale") else "i64" if name == "v_plane" else "i32"
         signature = {n: "constexpr" if n in constants else kind(n) for n in fn.arg_names}
         attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
@@ -197,7 +197,8 @@ def test_compiles_for_hopper_in_bf16():
                                                 PRECISION="tf32"),
                  dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
                 for cfg, splits, window in ((small, 1, False), (small, 4, True), (large, 1, False))]
-    launches.append((module, "_merge_splits_kernel", dict(common, NUM_SPLITS=4, SPLITS_PAD=4), dict(num_warps=4)))
+    launches += [(module, "_merge_splits_kernel", dict(common, NUM_SPLITS=4, SPLITS_PAD=4, ROWS=rows), dict(num_warps=4))
+                 for rows in (0, 1)]
     assert all(0 < shared <= H100_SHARED_MEMORY for shared in compile_for_sm90(launches)[:3])
 
 

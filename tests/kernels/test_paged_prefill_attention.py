@@ -54,6 +54,28 @@ def test_matches_twin(group, block_size, dtype, window, head_dim):
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("num_splits,packed", [(1, True), (3, False), (8, True)])
+def test_split_keys_and_packed_tiles(num_splits, packed):
+    """Prompt lanes' launch: chunks after other rows (decode rows, left untouched), sequences with no
+    rows, keys split into slices (more slices than a short chunk has tiles) and tiles numbered across
+    chunks; the same answer as the twin. max_query_len then bounds all chunks' rows together."""
+    gen = torch.Generator().manual_seed(11 + num_splits)
+    chunks = [(5, 100), (0, 0), (33, 50), (1, 31), (17, 17), (0, 0)]
+    lead, tail = 3, 4  # rows before the first chunk and after the last
+    cache, tables = paged_cache([max(c, 1) for _, c in chunks], 16, 2, 64, torch.float32, gen)
+    cu, ctx, _ = chunk_batch(chunks)
+    cu += lead
+    rows = int(cu[-1]) + tail
+    q = fused_q(rows, 8, 2, 64, torch.float32, gen)
+    out = torch.full((rows, 8, 64), 7.0, device=device)
+    total = sum(n for n, _ in chunks)
+    paged_prefill_attention(q, cache, cu, ctx, tables, 0.125, out=out, num_splits=num_splits, packed=packed,
+                            max_query_len=total if packed else max(n for n, _ in chunks))
+    want = paged_prefill_attention_ref(q[lead:lead + total], cache, cu - lead, ctx, tables, 0.125)
+    torch.testing.assert_close(out[lead:lead + total], want, rtol=1e-4, atol=1e-5)
+    assert (out[:lead] == 7).all() and (out[lead + total:] == 7).all(), "rows outside the chunks are not ours"
+
+
 def test_head_dim_not_power_of_two():
     gen = torch.Generator().manual_seed(2)
     chunks = [(20, 37), (9, 9)]
@@ -121,16 +143,19 @@ def test_matches_sdpa_on_contiguous_kv():
 
 @pytest.mark.skipif(device == "cuda", reason="the GPU runs the real thing")
 def test_compiles_for_hopper_in_bf16():
-    """8B geometry (GQA 4:1, D=128) and GQA 8:1 at D=64, with the GPU tile configs."""
+    """8B geometry (GQA 4:1, D=128) and GQA 8:1 at D=64, with the GPU tile configs; prompt lanes' launch
+    (split keys, packed tiles)."""
     from tandem.kernels.paged_prefill_attention import prefill_config
 
     launches = []
-    for head_dim, group, window in ((128, 4, False), (64, 8, True)):
+    for head_dim, group, window, splits, packed in ((128, 4, False, 1, False), (64, 8, True, 1, False),
+                                                    (128, 4, False, 8, True)):
         cfg = prefill_config(head_dim, group, torch.bfloat16, torch.device("cuda"))
         launches.append(("tandem.kernels.paged_prefill_attention", "_prefill_kernel",
                          dict(GROUP=group, GROUP_PAD=group, HEAD_DIM=head_dim, SLOT_SIZE=8 * head_dim, BLOCK_D=head_dim,
                               BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_SIZE=16, HAS_WINDOW=window,
-                              PRECISION="tf32"), dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
+                              PRECISION="tf32", NUM_SPLITS=splits, PACKED=packed, SEQS_PAD=16),
+                         dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
     assert all(0 < shared <= H100_SHARED_MEMORY for shared in compile_for_sm90(launches))
 
 
