@@ -165,35 +165,39 @@ ROWS_IN_CHUNKS = 1  # merge_splits: only rows cu_seqlens[0] <= row < cu_seqlens[
 
 
 @triton.jit
-def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, rows_ptr, num_seqs, out_stride_b, out_stride_h,
-                         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
-    """One program per (row, query head): the splits' partials [rows, Hq, S, D] and (m, l) folded into
-    the row's output. ROWS says which rows hold partials (see ROWS_BY_CONTEXT, ROWS_IN_CHUNKS)."""
+def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, rows_ptr, num_rows, num_seqs, out_stride_b,
+                         out_stride_h, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                         ROWS: tl.constexpr, PDL: tl.constexpr):
+    """One program per (BLOCK_R rows, query head): the splits' partials [rows, Hq, S, D] and (m, l)
+    folded into the rows' outputs. ROWS says which rows hold partials (ROWS_BY_CONTEXT, ROWS_IN_CHUNKS);
+    blocks of rows, not single rows, because most rows of a mixed graph's batch hold none."""
     wait_for_inputs(PDL)
-    seq = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     head = tl.program_id(1)
     dims = tl.arange(0, BLOCK_D)
-    if ROWS == 0:  # ROWS_BY_CONTEXT
-        if tl.load(rows_ptr + seq) == 0:
-            tl.store(out_ptr + seq * out_stride_b + head * out_stride_h + dims,
-                     tl.zeros([BLOCK_D], dtype=out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
-            return
+    in_batch = row < num_rows
+    if ROWS == 0:  # ROWS_BY_CONTEXT: the others are written too, as zeros
+        has_parts = tl.load(rows_ptr + row, mask=in_batch, other=0) > 0
+        written = in_batch
     else:
-        if seq < tl.load(rows_ptr) or seq >= tl.load(rows_ptr + num_seqs):
-            return
+        has_parts = in_batch & (row >= tl.load(rows_ptr)) & (row < tl.load(rows_ptr + num_seqs))
+        written = has_parts
     splits = tl.arange(0, SPLITS_PAD)
-    split_ok = splits < NUM_SPLITS
-    part = (seq * NUM_HEADS + head) * NUM_SPLITS + splits
-    m = tl.load(part_ml_ptr + part * 2, mask=split_ok, other=float("-inf"))
-    l_sum = tl.load(part_ml_ptr + part * 2 + 1, mask=split_ok, other=0.0)
-    weight = tl.exp2(m - tl.max(m, 0))
-    total = tl.sum(l_sum * weight, 0)
-    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :],
-                  mask=split_ok[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-    o = tl.sum(acc * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + seq * out_stride_b + head * out_stride_h + dims, o.to(out_ptr.dtype.element_ty),
-             mask=dims < HEAD_DIM)
+    base = (row * NUM_HEADS + head) * NUM_SPLITS
+    m_max = tl.max(tl.load(part_ml_ptr + (base[:, None] + splits[None, :]) * 2,
+                           mask=has_parts[:, None] & (splits < NUM_SPLITS)[None, :], other=-1e30), 1)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for split in tl.static_range(NUM_SPLITS):
+        m = tl.load(part_ml_ptr + (base + split) * 2, mask=has_parts, other=-1e30)
+        weight = tl.exp2(m - m_max)
+        total += tl.load(part_ml_ptr + (base + split) * 2 + 1, mask=has_parts, other=0.0) * weight
+        acc += tl.load(part_acc_ptr + (base + split)[:, None] * HEAD_DIM + dims[None, :],
+                       mask=has_parts[:, None] & (dims < HEAD_DIM)[None, :], other=0.0) * weight[:, None]
+    o = acc / tl.where(total > 0, total, 1.0)[:, None]  # rows without partials: zeros
+    tl.store(out_ptr + row[:, None] * out_stride_b + head * out_stride_h + dims[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=written[:, None] & (dims < HEAD_DIM)[None, :])
 
 
 @functools.lru_cache(maxsize=None)
@@ -239,11 +243,12 @@ def merge_splits(part_acc: torch.Tensor, part_ml: torch.Tensor, out: torch.Tenso
                  num_seqs: int, mode: int, **options) -> None:
     """Launches the merge of split-K partials [R, Hq, S, D] into out [R, Hq, D] (decode and prefill)."""
     batch, num_heads, num_splits, head_dim = part_acc.shape
-    _merge_splits_kernel[(batch, num_heads)](
-        part_acc, part_ml, out, rows, num_seqs, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
+    block_r = min(16, triton.next_power_of_2(batch))
+    _merge_splits_kernel[(triton.cdiv(batch, block_r), num_heads)](
+        part_acc, part_ml, out, rows, batch, num_seqs, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,
-        SPLITS_PAD=triton.next_power_of_2(num_splits), ROWS=mode, num_warps=4 if head_dim >= 128 else 2,
-        **(options or {"PDL": False}))
+        SPLITS_PAD=triton.next_power_of_2(num_splits), BLOCK_R=block_r, ROWS=mode,
+        num_warps=4 if head_dim >= 128 else 2, **(options or {"PDL": False}))
 
 
 def decode_config(head_dim: int, device: torch.device, programs_per_sm: float = 0.0) -> dict:

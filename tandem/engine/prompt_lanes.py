@@ -24,7 +24,7 @@ import numpy as np
 from tandem.engine.request import Request
 
 MAX_LANES = 256  # prompt rows a step may carry: the graphs go this far past max_num_seqs
-MAX_SEQS = 16  # prompt chunks a lookahead may carry: the prefill launch's sequences (lof: 2-4 typically)
+MAX_SEQS = 8  # prompt chunks a lookahead may carry: the prefill launch's sequences (lof: 2-4 typically)
 LANE_SPLITS = 8  # slices of each lane tile's keys on GPUs
 
 

@@ -197,8 +197,8 @@ def test_compiles_for_hopper_in_bf16():
                                                 PRECISION="tf32"),
                  dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
                 for cfg, splits, window in ((small, 1, False), (small, 4, True), (large, 1, False))]
-    launches += [(module, "_merge_splits_kernel", dict(common, NUM_SPLITS=4, SPLITS_PAD=4, ROWS=rows), dict(num_warps=4))
-                 for rows in (0, 1)]
+    launches += [(module, "_merge_splits_kernel", dict(common, NUM_SPLITS=4, SPLITS_PAD=4, BLOCK_R=block_r, ROWS=rows),
+                  dict(num_warps=4)) for rows, block_r in ((0, 1), (1, 16))]
     assert all(0 < shared <= H100_SHARED_MEMORY for shared in compile_for_sm90(launches)[:3])
 
 
