@@ -8,11 +8,16 @@ longest running request: the prompt work moves into the decode steps, meant to r
 the weight read (bench/sched_sim.py models it). On the H200 it is not yet faster than FCFS: the paced
 steps' attention costs more than the prompt work saves there (README, bench/results/trace-8b-W2-*).
 
-It plans with max_tokens, an upper bound: a request that stops early leaves slack behind, and a prompt
-with no slack (its request would outlast every running one) gets the whole budget, as under FCFS. For
-interactive traffic the pacing delays first tokens: it is for offline batches, like SGLang's "lof".
+It plans with max_tokens, an upper bound: a request that stops early leaves slack behind. The horizon
+is the longest request running or waiting; a prompt with no slack (its request sets the horizon) is
+computed at once with every prompt ahead of it, so the first step of a batch computes only the longest
+requests' prompts and every other prompt rides the decode steps (a bulk first step cost the H200 ~23 us
+a prompt token, a lane ~14). For interactive traffic the pacing delays first tokens: it is for offline
+batches, like SGLang's "lof".
 """
 from __future__ import annotations
+
+import math
 
 from tandem.engine.request import Request
 
@@ -30,14 +35,14 @@ def prompt_left(req: Request) -> int:
 def prompt_allowance(running: list[Request], waiting: list[Request], budget: int) -> int:
     """Prompt tokens this step may compute: for each unfinished prompt, in admission order, the prompt
     tokens up to and including its own, spread over the steps between its last output token and the
-    longest running request's; the largest such rate, at most `budget`."""
-    longest = max((output_left(r) for r in running), default=0)
+    longest request's (running or waiting; none between: this step); the largest such rate, at most
+    `budget`."""
+    longest = max((output_left(r) for r in running + waiting), default=0)
     pending = 0
     need = 0.0
     for req in [r for r in running if prompt_left(r) > 0] + waiting:
-        pending += prompt_left(req) + 1
-        slack = longest - output_left(req)
-        if slack <= 0 or req.kv_only:  # kv_only (prefill role): it decodes elsewhere, nothing to overlap
+        if req.kv_only:  # prefill role: it decodes elsewhere, nothing to overlap
             return budget
-        need = max(need, pending / slack)
-    return min(budget, int(need) + 1)
+        pending += prompt_left(req) + 1
+        need = max(need, pending / max(1, longest - output_left(req)))
+    return min(budget, max(1, math.ceil(need)))

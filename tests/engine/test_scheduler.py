@@ -127,14 +127,14 @@ def test_lof_paces_prompts_into_the_longest_requests_decode(tiny_model_dirs, mak
     fcfs, lof = runs["fcfs"], runs["lof"]
     assert lof[1] == fcfs[1]
     assert max(fcfs[0][1:]) > 30 and sum(1 for n in fcfs[0] if n) <= 4
-    assert lof[0][0] == 64  # nothing runs yet: the whole budget
+    assert lof[0][0] == 20  # nothing runs yet: the long request's prompt alone, then the others paced
     assert 0 < max(lof[0][1:]) <= 8 and sum(1 for n in lof[0] if n) >= 15
     assert lof[2][-1] == "r0" and len(lof[0]) <= len(fcfs[0]) + 1  # the long request ends the batch, no later
 
 
 def test_pacing_allowance():
     """Prompt tokens a step may compute under lof: the steepest rate at which the unfinished prompts,
-    in admission order, still end with the longest running request; the whole budget when one cannot."""
+    in admission order, still end with the longest request; at once when one has no slack."""
     from tandem.engine.pacing import prompt_allowance
     from tandem.engine.request import Request
 
@@ -147,9 +147,12 @@ def test_pacing_allowance():
         return r
 
     longest = request(10, 100, generated=1)  # 99 tokens to go
-    waiting = [request(50, 10), request(100, 20)]  # 51 tokens within 89 steps, then 152 within 79
+    waiting = [request(50, 10), request(100, 20)]  # 50 tokens within 89 steps, then 150 within 79
     assert prompt_allowance([longest], waiting, 64) == 2
-    assert prompt_allowance([longest, request(30, 40)], waiting, 64) == 3  # 31 more before them
-    assert prompt_allowance([longest], waiting + [request(5, 99)], 64) == 64  # no slack: all of it
+    assert prompt_allowance([longest, request(30, 40)], waiting, 64) == 3  # 30 more before them
+    assert prompt_allowance([longest], waiting + [request(5, 99)], 64) == 64  # no slack: all of it, capped
+    assert prompt_allowance([longest], waiting + [request(5, 99)], 256) == 155  # 50 + 100 + 5 at once
     assert prompt_allowance([longest], [request(50, 10, kv_only=True)], 64) == 64  # decodes elsewhere
-    assert prompt_allowance([], waiting, 64) == 64  # nothing runs yet
+    # nothing runs yet: the longest waiting request sets the horizon; its prompt (first under lof) is
+    # computed at once, the others' spread after it (150 within 10 steps)
+    assert prompt_allowance([], waiting[::-1], 256) == 100
