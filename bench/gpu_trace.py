@@ -84,7 +84,8 @@ def main() -> None:
             by[key][0] += 1
             by[key][1] += max(steps, 1)
             by[key][2] += wall
-        print(f"{policy} {args.workload} (budget {args.budget}): {sum(o for _, o in reqs) / total:,.0f} out tok/s, {total:.2f} s, "
+        print(f"{policy} {args.workload} (budget {args.budget}): {sum(o for _, o in reqs) / total:,.0f} out tok/s, "
+              f"{total:.2f} s, "
               f"{len(trace)} step() calls, {sum(w for *_, w in trace):.2f} s in them", flush=True)
         for (kind, bucket), (calls, steps, secs) in sorted(by.items()):
             print(f"  {kind:16} running {bucket:3}-{bucket + 63:3}: {calls:5} calls {steps:5} steps {secs:6.2f} s "

@@ -25,7 +25,8 @@ from tandem.engine.request import Request
 
 MAX_LANES = 256  # prompt rows a step may carry: the graphs go this far past max_num_seqs
 MAX_SEQS = 8  # prompt chunks a lookahead may carry: the prefill launch's sequences (lof: 2-4 typically)
-LANE_SPLITS = 2  # slices of each lane tile's keys on GPUs (H200, W2 under lof, s of steps: 1 10.19, 2 9.79, 4 9.98, 8 10.17)
+# slices of each lane tile's keys on GPUs (H200, 8B W2 under lof, seconds of steps: 1 10.19, 2 9.79, 4 9.98, 8 10.17)
+LANE_SPLITS = 2
 
 
 @dataclass
