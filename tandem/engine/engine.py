@@ -117,7 +117,8 @@ class LLMEngine(KVRoles):
     def _load(self, cls, hf_config: dict):
         with torch.device("meta"):  # no random init: every weight is loaded
             model = cls(hf_config, self.max_model_len)
-        model = model.to_empty(device=self.device)
+        # not to_empty(): its empty_like on meta tensors imports sympy (~1 s of every CPU worker's start)
+        model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=self.device))
         model.init_rope()
         if self.config.load_format == "dummy":
             loader.init_dummy_weights(model)

@@ -112,7 +112,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: dict, max_model_len: int) -> None:
         super().__init__()
         self.shape = cfg = ModelShape(config, max_model_len)
-        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden)
+        # an explicit weight skips nn.Embedding's random init, which under the loader's meta-device
+        # context imports torch._dynamo (~2-3 s of every worker's start on a CPU)
+        self.embed_tokens = nn.Embedding(cfg.vocab, cfg.hidden, _weight=torch.empty(cfg.vocab, cfg.hidden))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden, cfg.eps)
         self.lm_head = None if cfg.tie else Linear(cfg.hidden, cfg.vocab, bias=False)
