@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 test: install
-	$(PY) -m pytest tests
+	PY=$(PY) tests/run_parallel.sh
 
 run: install
 	$(VENV)/bin/tandem up
