@@ -28,7 +28,8 @@ def main() -> None:
     ap.add_argument("--policies", default="fcfs,lof")
     ap.add_argument("--budget", type=int, default=16384, help="max_num_batched_tokens")
     ap.add_argument("--kprof", type=int, default=0, help="profile the kernels of this many step() calls "
-                    "from the 5th on (CUPTI sees the kernels inside CUDA graphs)")
+                    "from --kprof-at on (CUPTI sees the kernels inside CUDA graphs)")
+    ap.add_argument("--kprof-at", type=int, default=4, help="the first step() call --kprof profiles")
     args = ap.parse_args()
     from tandem import LLM, SamplingParams
 
@@ -51,13 +52,13 @@ def main() -> None:
 
         def traced():
             nonlocal prof
-            if args.kprof and len(trace) == 4:
+            if args.kprof and len(trace) == args.kprof_at:
                 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
                 prof.__enter__()
-            if prof is not None and len(trace) == 4 + args.kprof:
+            if prof is not None and len(trace) == args.kprof_at + args.kprof:
                 torch.cuda.synchronize()
                 prof.__exit__(None, None, None)
-                window = trace[4:]
+                window = trace[args.kprof_at:]
                 print(f"profiled {len(window)} step() calls: {sum(max(w[0], 1) for w in window)} steps, "
                       f"{sum(w[1] for w in window)} prompt-lane tokens, running {window[0][2]}-{window[-1][2]}, "
                       f"{sum(w[3] for w in window):.3f} s")
@@ -84,12 +85,20 @@ def main() -> None:
             by[key][0] += 1
             by[key][1] += max(steps, 1)
             by[key][2] += wall
+        rows = collections.defaultdict(lambda: [0, 0.0])  # rows a step (decode + lane tokens) -> steps, seconds
+        for steps, lanes, running, wall in trace:
+            if steps:
+                r = running + lanes // steps
+                rows[r // 32 * 32][0] += steps
+                rows[r // 32 * 32][1] += wall
         print(f"{policy} {args.workload} (budget {args.budget}): {sum(o for _, o in reqs) / total:,.0f} out tok/s, "
               f"{total:.2f} s, "
               f"{len(trace)} step() calls, {sum(w for *_, w in trace):.2f} s in them", flush=True)
         for (kind, bucket), (calls, steps, secs) in sorted(by.items()):
             print(f"  {kind:16} running {bucket:3}-{bucket + 63:3}: {calls:5} calls {steps:5} steps {secs:6.2f} s "
                   f"({1000 * secs / steps:6.2f} ms/step)", flush=True)
+        for r, (steps, secs) in sorted(rows.items()):
+            print(f"  lookahead steps of {r:3}-{r + 31:3} rows: {steps:5} steps {secs:6.2f} s ({1000 * secs / steps:6.2f} ms/step)")
         lanes = [(steps, lanes) for steps, lanes, _, _ in trace if lanes]
         if lanes:
             print(f"  prompt-lane tokens per lookahead step: {np.mean([l / s for s, l in lanes]):.0f} mean", flush=True)

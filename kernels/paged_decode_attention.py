@@ -8,7 +8,9 @@ split-K, each split works on its own slice of the sequence's tiles (sliced on th
 sequence's own length) and writes an unnormalised partial; a second small kernel merges them.
 
 Nothing on the launch path reads a device tensor, so a decode batch can be captured in a CUDA graph:
-the grid depends only on host ints. Padding rows (context length 0) produce zeros.
+the grid depends only on host ints. Padding rows (context length 0) produce zeros, or with
+`write_empty_rows=False` are left as they are: a mixed step's prompt lanes are such rows, and the
+prefill kernel writes them from another stream meanwhile (attention_triton.py).
 """
 from __future__ import annotations
 
@@ -114,13 +116,13 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr
                    window, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    SLOT_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                   PRECISION: tl.constexpr, PDL: tl.constexpr):
+                   PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(lens_ptr + seq)
-    if NUM_SPLITS > 1 and ctx == 0:  # padding (or a prompt lane's row): the merge writes its zeros
+    if SKIP_EMPTY and ctx == 0:  # padding (or a prompt lane's row): the merge writes its zeros, or nobody
         return
     kv_begin = 0
     if HAS_WINDOW:
@@ -162,6 +164,7 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr
 
 ROWS_BY_CONTEXT = 0  # merge_splits: rows with context length 0 get zeros, their partials unread
 ROWS_IN_CHUNKS = 1  # merge_splits: only rows cu_seqlens[0] <= row < cu_seqlens[N] (the others are not ours)
+ROWS_WITH_CONTEXT = 2  # merge_splits: only rows with context length > 0 (the others are not ours)
 
 
 @triton.jit
@@ -170,7 +173,7 @@ def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, rows_ptr, num_rows,
                          NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
                          ROWS: tl.constexpr, PDL: tl.constexpr):
     """One program per (BLOCK_R rows, query head): the splits' partials [rows, Hq, S, D] and (m, l)
-    folded into the rows' outputs. ROWS says which rows hold partials (ROWS_BY_CONTEXT, ROWS_IN_CHUNKS);
+    folded into the rows' outputs. ROWS says which rows hold partials and which are written (ROWS_*);
     blocks of rows, not single rows, because most rows of a mixed graph's batch hold none."""
     wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -180,6 +183,9 @@ def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, rows_ptr, num_rows,
     if ROWS == 0:  # ROWS_BY_CONTEXT: the others are written too, as zeros
         has_parts = tl.load(rows_ptr + row, mask=in_batch, other=0) > 0
         written = in_batch
+    elif ROWS == 2:  # ROWS_WITH_CONTEXT
+        has_parts = tl.load(rows_ptr + row, mask=in_batch, other=0) > 0
+        written = has_parts
     else:
         has_parts = in_batch & (row >= tl.load(rows_ptr)) & (row < tl.load(rows_ptr + num_seqs))
         written = has_parts
@@ -216,7 +222,7 @@ def choose_num_splits(batch: int, num_kv: int, max_context_len: int, sm_count: i
 
 
 def launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window, num_splits, out,
-                  block_n: int, num_warps: int, num_stages: int) -> None:
+                  block_n: int, num_warps: int, num_stages: int, write_empty_rows: bool = True) -> None:
     """The kernels with an explicit tile config (bench/kernels.py sweeps it); inputs already checked."""
     batch, num_heads, head_dim = q.shape
     _, _, block_size, num_kv, _ = kv_cache.shape
@@ -233,10 +239,11 @@ def launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window
         out.stride(0), out.stride(1), block_tables.stride(0), kv_cache.stride(0), sliding_window or 0,
         GROUP=group, SLOT_SIZE=num_kv * head_dim, ROWS=max(_MIN_ROWS, triton.next_power_of_2(group)),
         BLOCK_N=block_n, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, HAS_WINDOW=bool(sliding_window),
-        PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **common,
-        **launch_options(q.device, batch))
+        PRECISION=dot_precision(q.dtype), SKIP_EMPTY=num_splits > 1 or not write_empty_rows, num_warps=num_warps,
+        num_stages=num_stages, **common, **launch_options(q.device, batch))
     if num_splits > 1:
-        merge_splits(part_acc, part_ml, out, context_lens, 0, ROWS_BY_CONTEXT, **launch_options(q.device, batch))
+        merge_splits(part_acc, part_ml, out, context_lens, 0, ROWS_BY_CONTEXT if write_empty_rows else ROWS_WITH_CONTEXT,
+                     **launch_options(q.device, batch))
 
 
 def merge_splits(part_acc: torch.Tensor, part_ml: torch.Tensor, out: torch.Tensor, rows: torch.Tensor,
@@ -266,11 +273,12 @@ def decode_config(head_dim: int, device: torch.device, programs_per_sm: float = 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
-                           max_context_len: int | None = None) -> torch.Tensor:
+                           max_context_len: int | None = None, write_empty_rows: bool = True) -> torch.Tensor:
     """q [B, Hq, D] (one token per sequence, its K/V already cached) attends to the first
     context_lens[b] tokens (the last `sliding_window` of them when given) -> [B, Hq, D].
 
-    block_tables [B, max_blocks] int32, context_lens [B] int32 (0: padding row, output zeros).
+    block_tables [B, max_blocks] int32, context_lens [B] int32 (0: padding row, output zeros; with
+    write_empty_rows=False such rows of `out` are left as they are).
     max_context_len (a host int; default: what the block table can hold) and the SM count choose
     num_splits when it is None; nothing here reads a device tensor (CUDA-graph safe)."""
     name = "paged_decode_attention"
@@ -293,14 +301,14 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         num_splits = choose_num_splits(batch, kv_cache.shape[3], max_context_len, sm_count(q.device))
     per_sm = batch * kv_cache.shape[3] * num_splits / sm_count(q.device)
     launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window, num_splits, out,
-                  **decode_config(q.shape[2], q.device, per_sm))
+                  **decode_config(q.shape[2], q.device, per_sm), write_empty_rows=write_empty_rows)
     return out
 
 
 def paged_decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                                context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
                                num_splits: int | None = None, out: torch.Tensor | None = None,
-                               max_context_len: int | None = None) -> torch.Tensor:
+                               max_context_len: int | None = None, write_empty_rows: bool = True) -> torch.Tensor:
     """Plain-torch twin: gathers every row's blocks, masks, softmax in float32. num_splits and
     max_context_len only steer the kernel's launch; they change nothing here."""
     batch, num_heads, head_dim = q.shape
@@ -320,5 +328,9 @@ def paged_decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_ta
     o = torch.einsum("bhgl,blhd->bhgd", probs, values).reshape(batch, num_heads, head_dim).to(q.dtype)
     if out is None:
         return o
-    out.copy_(o)
+    if write_empty_rows:
+        out.copy_(o)
+    else:
+        ours = context_lens > 0
+        out[ours] = o[ours]
     return out

@@ -2,11 +2,18 @@
 step and one of the paged decode kernel (split-K) for every single-token row, both reading K/V
 through the block tables (no gathers).
 
+When a step has both, the prefill launch runs on a second stream beside the decode launch (on CUDA;
+in order elsewhere): decode reads memory while the prompt tiles compute, and each writes only its own
+rows (a mixed graph's decode kernel leaves the prompt lanes' rows alone, and rows neither covers,
+unused lanes and padding, stay zero).
+
 Every value the kernels' grids need is a host int passed in, never read back from the device, so a
 decode batch can be captured in a CUDA graph (cuda_graphs.py) and replayed with new tensors' contents.
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -70,19 +77,38 @@ class TritonAttention(AttentionBatch):
 
     def attend(self, cache: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         from tandem.kernels.paged_decode_attention import paged_decode_attention
-        from tandem.kernels.paged_prefill_attention import paged_prefill_attention
 
-        out = torch.empty_like(q)
-        # decode first: in a graph with prompt lanes (prompt_lanes.py) both cover the lane rows, and the
-        # prefill kernel's rows are the ones that count there
-        if self.decode is not None:
-            d = self.decode
+        d, p = self.decode, self.prefill
+        # prompt lanes (`packed`, prompt_lanes.py) leave rows that no kernel writes: zeros, not garbage
+        out = torch.zeros_like(q) if p is not None and p.packed else torch.empty_like(q)
+        side = _side_stream(q.device) if d is not None and p is not None else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(q.device))
+            with torch.cuda.stream(side):
+                self._prefill(cache, q, out)
+        if d is not None:
             paged_decode_attention(q[d.start:], cache, d.block_tables, d.context_lens, self.scale,
                                    self.sliding_window, num_splits=d.num_splits, out=out[d.start:],
-                                   max_context_len=d.max_context_len)
-        if self.prefill is not None:
-            p = self.prefill
-            paged_prefill_attention(q[:p.num_rows], cache, p.cu_seqlens_q, p.context_lens, p.block_tables,
-                                    self.scale, self.sliding_window, out=out[:p.num_rows],
-                                    max_query_len=p.max_query_len, num_splits=p.num_splits, packed=p.packed)
+                                   max_context_len=d.max_context_len, write_empty_rows=p is None)
+        if side is not None:
+            torch.cuda.current_stream(q.device).wait_stream(side)
+        elif p is not None:
+            self._prefill(cache, q, out)
         return out
+
+    def _prefill(self, cache: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> None:
+        from tandem.kernels.paged_prefill_attention import paged_prefill_attention
+
+        p = self.prefill
+        paged_prefill_attention(q[:p.num_rows], cache, p.cu_seqlens_q, p.context_lens, p.block_tables,
+                                self.scale, self.sliding_window, out=out[:p.num_rows],
+                                max_query_len=p.max_query_len, num_splits=p.num_splits, packed=p.packed)
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> "torch.cuda.Stream | None":
+    """The stream prompt attention runs on beside decode attention; high priority, so its few programs
+    start among the decode kernel's many instead of after them. None off CUDA or with TANDEM_OVERLAP=0."""
+    if device.type != "cuda" or os.environ.get("TANDEM_OVERLAP", "1") == "0":
+        return None
+    return torch.cuda.Stream(device, priority=-1)

@@ -89,6 +89,23 @@ def test_splits_agree_and_lengths_do_not_leak():
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_splits", (1, 2))
+def test_empty_rows_left_alone(num_splits):
+    """write_empty_rows=False (a mixed step's decode launch): rows with context 0 keep what `out` held
+    (another stream writes them), the others are the twin's."""
+    gen = torch.Generator().manual_seed(11)
+    lens = [0, 37, 0, 0, 16, 1]
+    cache, tables = paged_cache(lens, 16, 2, 64, torch.float32, gen)
+    q = torch.randn(len(lens), 8, 64, generator=gen).to(device)
+    ctx = torch.tensor(lens, dtype=torch.int32, device=device)
+    out = torch.full_like(q, 7.0)
+    paged_decode_attention(q, cache, tables, ctx, 0.125, num_splits=num_splits, out=out, write_empty_rows=False)
+    want = paged_decode_attention_ref(q, cache, tables, ctx, 0.125, out=torch.full_like(q, 7.0),
+                                      write_empty_rows=False)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    assert (out[ctx == 0] == 7.0).all() and not (out[ctx > 0] == 7.0).any()
+
+
 def test_choose_num_splits():
     assert choose_num_splits(1, 8, 32768, 132) == 64  # one long sequence: fill the GPU, capped
     assert choose_num_splits(4, 8, 4096, 132) == 16
@@ -194,11 +211,11 @@ def test_compiles_for_hopper_in_bf16():
     common = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128)
     launches = [(module, "_decode_kernel", dict(common, GROUP=4, SLOT_SIZE=1024, ROWS=16, BLOCK_N=cfg["block_n"],
                                                 BLOCK_SIZE=16, NUM_SPLITS=splits, HAS_WINDOW=window,
-                                                PRECISION="tf32"),
+                                                PRECISION="tf32", SKIP_EMPTY=splits > 1),
                  dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
                 for cfg, splits, window in ((small, 1, False), (small, 4, True), (large, 1, False))]
     launches += [(module, "_merge_splits_kernel", dict(common, NUM_SPLITS=4, SPLITS_PAD=4, BLOCK_R=block_r, ROWS=rows),
-                  dict(num_warps=4)) for rows, block_r in ((0, 1), (1, 16))]
+                  dict(num_warps=4)) for rows, block_r in ((0, 1), (1, 16), (2, 16))]
     assert all(0 < shared <= H100_SHARED_MEMORY for shared in compile_for_sm90(launches)[:3])
 
 
