@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--kprof-at", type=int, default=4, help="the first step() call --kprof profiles")
     args = ap.parse_args()
     from tandem import LLM, SamplingParams
+    from tandem.engine.cuda_graphs import GreedyTokens
 
     reqs = workload(args.workload, np.random.default_rng(0))
     for policy in args.policies.split(","):
@@ -47,8 +48,19 @@ def main() -> None:
                      use_tqdm=False)
         trace = []
         step = eng.step
+        waited = [0.0]  # seconds the host spent waiting for lookaheads' tokens
+        result = GreedyTokens.result
+
+        def timed_result(self):
+            t = time.perf_counter()
+            try:
+                return result(self)
+            finally:
+                waited[0] += time.perf_counter() - t
+        GreedyTokens.result = timed_result
 
         prof = None
+        host = []  # per step() call: its wall time less the wait for tokens (the device idles in part of it)
 
         def traced():
             nonlocal prof
@@ -67,8 +79,10 @@ def main() -> None:
             s = eng.stats()
             running = len(eng.scheduler.running)
             t = time.perf_counter()
+            w = waited[0]
             out = step()
             wall = time.perf_counter() - t
+            host.append(wall - (waited[0] - w))
             e = eng.stats()
             trace.append((e.num_lookahead_steps - s.num_lookahead_steps,
                           e.num_lookahead_prompt_tokens - s.num_lookahead_prompt_tokens, running, wall))
@@ -78,6 +92,7 @@ def main() -> None:
         llm.generate(prompts, params, use_tqdm=False)
         total = time.perf_counter() - t
         eng.step = step
+        GreedyTokens.result = result
         by = collections.defaultdict(lambda: [0, 0, 0.0])  # (kind, running bucket) -> calls, steps, seconds
         for steps, lanes, running, wall in trace:
             kind = "ordinary" if steps == 0 else ("lookahead+lanes" if lanes else "lookahead")
@@ -97,6 +112,9 @@ def main() -> None:
         for (kind, bucket), (calls, steps, secs) in sorted(by.items()):
             print(f"  {kind:16} running {bucket:3}-{bucket + 63:3}: {calls:5} calls {steps:5} steps {secs:6.2f} s "
                   f"({1000 * secs / steps:6.2f} ms/step)", flush=True)
+        lane_host = [h for h, (_, lanes, _, _) in zip(host, trace) if lanes]
+        print(f"  host time outside waits: {sum(host):.2f} s in all, {sum(lane_host):.2f} s in {len(lane_host)} "
+              f"prompt-lane lookaheads ({1000 * sum(lane_host) / max(len(lane_host), 1):.2f} ms each)")
         for r, (steps, secs) in sorted(rows.items()):
             print(f"  lookahead steps of {r:3}-{r + 31:3} rows: {steps:5} steps {secs:6.2f} s ({1000 * secs / steps:6.2f} ms/step)")
         lanes = [(steps, lanes) for steps, lanes, _, _ in trace if lanes]

@@ -17,6 +17,7 @@ a whole prefix and the prefill kernel took ~1.5 ms of a lane step on the 8B shap
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +26,10 @@ from tandem.engine.request import Request
 
 MAX_LANES = 256  # prompt rows a step may carry: the graphs go this far past max_num_seqs
 MAX_SEQS = 8  # prompt chunks a lookahead may carry: the prefill launch's sequences (lof: 2-4 typically)
-# slices of each lane tile's keys on GPUs (H200, 8B W2 under lof, seconds of steps: 1 10.19, 2 9.79, 4 9.98, 8 10.17)
-LANE_SPLITS = 2
+# slices of each lane tile's keys on GPUs (H200, 8B W2 under lof, seconds of steps: 1 10.19, 2 9.79, 4 9.98, 8 10.17;
+# since lane attention runs beside decode attention, out tok/s: 1 6,210, 2 6,097, 4 6,021; TANDEM_LANE_SPLITS
+# sets it for such sweeps). CPUs keep 2: the tests cover the split path there.
+LANE_SPLITS = int(os.environ.get("TANDEM_LANE_SPLITS", "1"))
 
 
 @dataclass
@@ -37,19 +40,20 @@ class PromptLanes:
     lens: np.ndarray  # [steps, MAX_SEQS]: chunk i's context length after step k (0: no chunk)
 
 
-def pack(chunks: list[tuple[Request, int, int]], steps: int, tables: dict[str, list[int]], block_size: int,
+def pack(chunks: list[tuple[Request, int, int, int]], steps: int, tables: dict[str, list[int]], block_size: int,
          first_row: int) -> PromptLanes:
-    """chunks: (request, tokens per step, its computed tokens at the end); their rows start at `first_row`."""
-    lanes = sum(c for _, c, _ in chunks)
+    """chunks: (request, tokens per step, its computed tokens at the start and at the end); their rows
+    start at `first_row`."""
+    lanes = sum(c for _, c, _, _ in chunks)
     rows = np.zeros((3, steps, lanes), np.int64)
     rows[2] = -1
     cu = np.full((steps, MAX_SEQS + 1), first_row, np.int64)
     lens = np.zeros((steps, MAX_SEQS), np.int64)
     for k in range(steps):
         row = 0
-        for i, (req, per_step, end) in enumerate(chunks):
+        for i, (req, per_step, start, end) in enumerate(chunks):
             table = np.asarray(tables[req.seq_id])
-            lo = min(req.num_computed_tokens + k * per_step, end)
+            lo = min(start + k * per_step, end)
             hi = min(lo + per_step, end)
             pos = np.arange(lo, hi)
             rows[0, k, row:row + len(pos)] = np.asarray(req.all_token_ids[lo:hi])
@@ -58,4 +62,4 @@ def pack(chunks: list[tuple[Request, int, int]], steps: int, tables: dict[str, l
             row += len(pos)
             cu[k, i + 1:] = first_row + row
             lens[k, i] = hi if hi > lo else 0
-    return PromptLanes([tables[r.seq_id] for r, _, _ in chunks], rows, cu, lens)
+    return PromptLanes([tables[r.seq_id] for r, _, _, _ in chunks], rows, cu, lens)
