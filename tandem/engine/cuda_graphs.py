@@ -70,7 +70,6 @@ class DecodeGraphs:
         self.mixed: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
         self._uploaded: torch.cuda.Event | None = None
         self._bucket = self._rows = 0  # the last lookahead's bucket and rows (chained lookaheads continue it)
-        self._lane_steps: list[torch.Tensor] | None = None  # the staged lookahead's prompt-lane rows
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -115,17 +114,11 @@ class DecodeGraphs:
         h["context_lens"][:n] = [s.context_len for s in seqs]
         h["context_lens"][n:b] = 0
         self._fill_tables([s.block_table for s in seqs])
-        self._lane_steps = self._stage_lanes(lanes) if lanes else None
+        if lanes:  # before _upload, whose event then covers this copy too
+            self._fill_tables(lanes.tables, "lane_tables")
+            self.dev["lane_tables"].copy_(self.pinned["lane_tables"], non_blocking=True)
         self._upload(("input_ids", "positions", "slots", "context_lens", "block_tables"), b)
         return b
-
-    def _stage_lanes(self, lanes: PromptLanes) -> list[torch.Tensor]:
-        """The prompt lanes' tables into their static tensor (call before _upload, whose event then covers
-        this copy too); returns each step's rows, sequences and lengths, on their way to the device."""
-        self._fill_tables(lanes.tables, "lane_tables")
-        self.dev["lane_tables"].copy_(self.pinned["lane_tables"], non_blocking=True)
-        device = self.dev["input_ids"].device
-        return [_to_device(lanes.rows, device), _to_device(lanes.cu, device), _to_device(lanes.lens, device)]
 
     def _fill_tables(self, tables: list[list[int]], key: str = "block_tables") -> None:
         host = self.host[key]
@@ -175,43 +168,33 @@ class DecodeGraphs:
         if b is None:
             return None
         self._bucket, self._rows = b, len(seqs)
-        return self._greedy_loop(steps, block_size, logits_of, ban_ids, ban_steps, chained=False,
-                                 lanes=self._lane_steps)
+        device = self.dev["input_ids"].device
+        per_step = None
+        if lanes:
+            per_step = [_to_device(lanes.rows, device), _to_device(lanes.cu, device), _to_device(lanes.lens, device)]
+        return self._greedy_loop(steps, block_size, logits_of, ban_ids, ban_steps, chained=False, lanes=per_step)
 
     def continue_greedy_steps(self, keep: list[int], seqs: list[SeqSlice], steps: int, block_size: int, logits_of,
-                              ban_ids: list[int], ban_steps: list[int], joined: list[tuple[int, int]] = (),
-                              lanes: PromptLanes | None = None) -> "GreedyTokens":
-        """More greedy steps right after the last lookahead. Its rows `keep` come first (in order; `seqs`
-        are theirs, then the joined rows'): their next input, position and context length are on the
-        device already. `joined` rows (input token, position) come from the host, as do `lanes`, the
-        block tables, grown to cover the new positions, and the padding. The host need not have read
-        the last lookahead's tokens, and nothing here waits for the device."""
-        d, h = self.dev, self.host
-        m, n = len(keep), len(seqs)
+                              ban_ids: list[int], ban_steps: list[int]) -> "GreedyTokens":
+        """More greedy steps right after the last lookahead, for its rows `keep` (in order; `seqs` are
+        theirs), whose next input, position and context length are on the device already. Only the
+        block tables, grown to cover the new positions, go up again: the host need not have read the
+        last lookahead's tokens, and nothing here waits for the device."""
+        d = self.dev
+        m = len(keep)
         self._host_free()
         if keep != list(range(self._rows)):  # rows left: compact the survivors to the front
-            h["slots"][:m] = keep  # any pinned int64 buffer serves as the index's staging
+            self.host["slots"][:m] = keep  # any pinned int64 buffer serves as the index's staging
             index = self.pinned["slots"][:m].to(d["slots"].device, non_blocking=True)
             for key in ("input_ids", "positions", "context_lens"):
                 d[key][:m] = d[key][:self._rows].index_select(0, index)
-        rows = n + (lanes.rows.shape[2] if lanes else 0)
-        buckets = sorted(self.mixed) if lanes else self.buckets
-        b = buckets[bisect.bisect_left(buckets, rows)]  # multi_step.chain made sure they fit
-        if joined:
-            h["input_ids"][m:n] = [token for token, _ in joined]
-            h["positions"][m:n] = [pos for _, pos in joined]
-            h["context_lens"][m:n] = [pos + 1 for _, pos in joined]
-            for key in ("input_ids", "positions", "context_lens"):
-                d[key][m:n].copy_(self.pinned[key][m:n], non_blocking=True)
-        # lane and padding rows: the decode kernel skips them, and padding writes go nowhere (the last
-        # lookahead's lanes left their slots there)
-        d["context_lens"][n:b] = 0
-        d["slots"][n:b] = -1
+            b = self.buckets[bisect.bisect_left(self.buckets, m)]
+            d["context_lens"][m:b] = 0  # padding rows again: attention reads nothing, writes go nowhere
+            d["slots"][m:b] = -1
+            self._bucket, self._rows = b, m
         self._fill_tables([s.block_table for s in seqs])
-        per_step = self._stage_lanes(lanes) if lanes else None
-        self._upload(("block_tables",), n)
-        self._bucket, self._rows = b, n
-        return self._greedy_loop(steps, block_size, logits_of, ban_ids, ban_steps, chained=True, lanes=per_step)
+        self._upload(("block_tables",), m)
+        return self._greedy_loop(steps, block_size, logits_of, ban_ids, ban_steps, chained=True)
 
     def _greedy_loop(self, steps: int, block_size: int, logits_of, ban_ids: list[int], ban_steps: list[int],
                      chained: bool, lanes: list[torch.Tensor] | None = None) -> "GreedyTokens":

@@ -24,7 +24,7 @@ from tandem.engine.model_runner import ModelRunner
 from tandem.engine.models import model_class
 from tandem.engine.request import Request, RequestGroup
 from tandem.engine.sampler import Sample
-from tandem.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tandem.sampling_params import SamplingParams
 from tandem.tokenizer import IncrementalDetokenizer, NoDetokenizer, eos_token_ids, find_stop, load_generation_config, load_tokenizer
@@ -57,7 +57,6 @@ class EngineStats:
     num_preemptions: int
     num_lookahead_steps: int = 0  # decode steps run on the device ahead of the host (multi_step.py)
     num_chained_lookaheads: int = 0  # lookaheads launched before the host applied the previous one
-    num_chained_lane_lookaheads: int = 0  # of those, ones after a lookahead with prompt lanes
     num_lookahead_prompt_tokens: int = 0  # prompt tokens computed in lookaheads' prompt lanes
 
 
@@ -110,7 +109,6 @@ class LLMEngine(KVRoles):
         self.groups: dict[str, RequestGroup] = {}
         self.num_lookahead_steps = 0
         self.num_chained_lookaheads = 0
-        self.num_chained_lane_lookaheads = 0
         self.num_lookahead_prompt_tokens = 0
         self._inflight: tuple | None = None  # (scheduled, Lookahead, GreedyTokens): a lookahead on the device
         self._detok: dict[Request, IncrementalDetokenizer] = {}
@@ -306,7 +304,7 @@ class LLMEngine(KVRoles):
         # blocks reserved before a failure stay with their requests: they are used next
         if not all(self.kv.allocate(sched.scheduled[i].request, ahead.steps, publish=False) for i in ahead.decode):
             return None
-        if not all(self.kv.allocate(r, end - r.num_computed_tokens, publish=False) for r, _, _, end in ahead.prompt):
+        if not all(self.kv.allocate(r, end - r.num_computed_tokens, publish=False) for r, _, end in ahead.prompt):
             return None
         return ahead
 
@@ -315,9 +313,18 @@ class LLMEngine(KVRoles):
         would. First it chains the next lookahead (multi_step.chain) so the device works meanwhile."""
         sched, ahead, pending = self._inflight
         self._inflight = None
-        self._chain(sched, ahead)
+        chained = None
+        if not ahead.prompt and not self.scheduler.waiting and len(self.scheduler.running) == len(sched.scheduled):
+            chained = multi_step.chain(sched, ahead, self.config.scheduler.num_scheduler_steps, self.max_model_len)
+        if chained is not None:
+            keep, nxt = chained
+            rows = SchedulerOutput([sched.scheduled[i] for i in keep])
+            if all(self.kv.allocate(s.request, ahead.steps + nxt.steps, publish=False) for s in rows.scheduled):
+                self._inflight = (rows, nxt, self.runner.launch_greedy_steps(rows, self.kv.tables, nxt, keep))
+                self.num_lookahead_steps += nxt.steps
+                self.num_chained_lookaheads += 1
         tokens, logprobs = pending.result()
-        for req, _, _, end in ahead.prompt:
+        for req, _, end in ahead.prompt:
             if not req.finished:  # aborted meanwhile: its blocks are gone already
                 self.num_lookahead_prompt_tokens += end - req.num_computed_tokens
                 req.num_computed_tokens = end
@@ -336,41 +343,10 @@ class LLMEngine(KVRoles):
             else:
                 self.kv.publish(req, req.num_computed_tokens)
             touched[req.group.request_id] = req.group
-        if self._inflight is not None and all(s.request.finished for s in self._inflight[0].scheduled) \
-                and not self._inflight[1].prompt:
+        if self._inflight is not None and all(s.request.finished for s in self._inflight[0].scheduled):
             self._inflight[2].result()  # every row stopped: nothing of it will be applied
             self._inflight = None
         return self._outputs(touched)
-
-    def _chain(self, sched: SchedulerOutput, ahead: multi_step.Lookahead) -> None:
-        """Launches the lookahead that follows the one in flight (multi_step.chain), when one may, before
-        the host reads the tokens of the one in flight."""
-        if ahead.prompt:
-            if ahead.lane_chain >= multi_step.MAX_LANE_CHAIN:
-                return
-        elif self.scheduler.waiting or len(self.scheduler.running) != len(sched.scheduled):
-            return  # the scheduler has more to do than decode these rows
-        graphs = self.runner.graphs
-        nxt = multi_step.chain(sched, ahead, self.config.scheduler.num_scheduler_steps, self.max_model_len,
-                               graphs.buckets[-1], graphs.max_lanes)
-        if nxt is None:
-            return
-        rows = [sched.scheduled[i] for i in nxt.keep]
-        # slots for the rows' tokens of both lookaheads: the one in flight is not applied yet
-        if not all(self.kv.allocate(s.request, ahead.steps + nxt.ahead.steps, publish=False) for s in rows):
-            return
-        if not all(self.kv.allocate(r, r.num_tokens - 1 + nxt.ahead.steps - r.num_computed_tokens, publish=False)
-                   for r in nxt.join):
-            return
-        if not all(self.kv.allocate(r, end - r.num_computed_tokens, publish=False)
-                   for r, _, _, end in nxt.ahead.prompt):
-            return
-        rows += [ScheduledRequest(r, 1) for r in nxt.join]
-        out = SchedulerOutput(rows)
-        self._inflight = (out, nxt.ahead, self.runner.launch_greedy_steps(out, self.kv.tables, nxt.ahead, nxt.keep))
-        self.num_lookahead_steps += nxt.ahead.steps
-        self.num_chained_lookaheads += 1
-        self.num_chained_lane_lookaheads += bool(ahead.prompt)
 
     def _outputs(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
         outputs = [self._output(g) for g in touched.values() if self.stream_outputs or g.finished]
@@ -442,5 +418,4 @@ class LLMEngine(KVRoles):
             num_blocks=self.kv.pool.num_blocks, prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits, num_preemptions=self.scheduler.num_preemptions,
             num_lookahead_steps=self.num_lookahead_steps, num_chained_lookaheads=self.num_chained_lookaheads,
-            num_chained_lane_lookaheads=self.num_chained_lane_lookaheads,
             num_lookahead_prompt_tokens=self.num_lookahead_prompt_tokens)

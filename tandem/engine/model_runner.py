@@ -141,27 +141,16 @@ class ModelRunner:
     def launch_greedy_steps(self, sched: SchedulerOutput, block_tables: dict[str, list[int]], ahead: Lookahead,
                             keep: list[int] | None = None) -> "GreedyTokens":
         """`ahead.steps` greedy decode steps of the decode rows `sched` (and `ahead.prompt`'s lanes) on the
-        device, the tables holding slots for all of them. `keep`: the first len(keep) rows are these rows
-        of the last lookahead, chained right after it (the host has not applied its tokens yet); the rows
-        after them are prompts whose lanes ended in it. Returns at once; `result()` gives each decode
-        row's tokens."""
+        device, the tables holding slots for all of them. `keep`: these are those rows of the last lookahead
+        (chained right after it; the host has not applied its tokens yet). Returns at once; `result()`
+        gives each decode row's tokens."""
         bs = self.block_size
         seqs: list[SeqSlice] = []
-        lanes = None
         if keep is not None:
-            joined: list[tuple[int, int]] = []  # (input token, position) of each row after the kept ones
             for row, s in enumerate(sched.scheduled):
-                r = s.request
-                if row < len(keep):
-                    seqs.append(SeqSlice(row, 1, 0, block_tables[r.seq_id]))
-                    continue
-                pos = r.num_tokens - 1  # the prompt's last token: the lanes computed all before it
-                joined.append((r.all_token_ids[pos], pos))
-                seqs.append(SeqSlice(row, 1, pos + 1, block_tables[r.seq_id]))
-            if ahead.prompt:
-                lanes = prompt_lanes.pack(ahead.prompt, ahead.steps, block_tables, bs, len(seqs))
+                seqs.append(SeqSlice(row, 1, 0, block_tables[s.request.seq_id]))
             return self.graphs.continue_greedy_steps(keep, seqs, ahead.steps, bs, self._raw_logits,
-                                                     ahead.ban_ids, ahead.ban_steps, joined, lanes)
+                                                     ahead.ban_ids, ahead.ban_steps)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -173,8 +162,7 @@ class ModelRunner:
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             seqs.append(SeqSlice(row, 1, pos + 1, table))
-        if ahead.prompt:
-            lanes = prompt_lanes.pack(ahead.prompt, ahead.steps, block_tables, bs, len(seqs))
+        lanes = prompt_lanes.pack(ahead.prompt, ahead.steps, block_tables, bs, len(seqs)) if ahead.prompt else None
         return self.graphs.run_greedy_steps(input_ids, positions, slots, seqs, ahead.steps, bs,
                                             self._raw_logits, ahead.ban_ids, ahead.ban_steps, lanes)
 

@@ -21,18 +21,13 @@ their banned ids (EOS and stop ids). Anything else runs as an ordinary step.
 Chaining (`chain`) hides the host's work behind the device's: before reading a lookahead's tokens, the
 engine launches the next one, as if no row stopped (the device holds each row's next input already).
 Rows that reach their length limit inside the current lookahead are left out (the device compacts the
-rest). A plain decode lookahead chains only when nothing else would be scheduled: nothing waits and
-every running request is in the batch. A lookahead with prompt lanes chains too (at most
-MAX_LANE_CHAIN in a row, so that the scheduler's pacing and admissions are not held off for long): its
-chunks go on at the same rate from where they end, and a prompt whose lanes end inside it joins as a
-decode row, its input (the prompt's last token) from the host. A row that stops early for another
-reason (EOS, a stop string) computes one lookahead for nothing; its tokens are dropped, and the slots
-they were written into are freed with the request (the device writes them before any later step can
-reuse them).
+rest). It chains only when nothing else would be scheduled: nothing waits and every running request is
+in the batch. A row that stops early for another reason (EOS, a stop string) computes one lookahead for
+nothing; its tokens are dropped, and the slots they were written into are freed with the request (the
+device writes them before any later step can reuse them).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from tandem.engine import prompt_lanes
@@ -41,31 +36,14 @@ from tandem.engine.scheduler import SchedulerOutput
 from tandem.sampling_params import SamplingParams
 
 
-# chained lookaheads with prompt lanes in a row (the host's ~7 ms between 8-step lane lookaheads on the 8B
-# shape is hidden; the scheduler runs between such chains)
-MAX_LANE_CHAIN = int(os.environ.get("TANDEM_LANE_CHAIN", "1"))
-
-
 @dataclass
 class Lookahead:
     steps: int
     ban_ids: list[int]  # the EOS and stop ids banned before min_tokens (one set for every row)
     ban_steps: list[int]  # per decode row: how many of the steps still ban them
     decode: list[int] = field(default_factory=list)  # indices into the scheduled rows: the decode lanes
-    # prompt lanes: (request, lanes = tokens per step, its computed tokens at the start and at the end)
-    prompt: list[tuple[Request, int, int, int]] = field(default_factory=list)
-    lane_chain: int = 0  # chained lookaheads with prompt lanes right before this one
-
-
-@dataclass
-class Chain:
-    """The lookahead that follows one in flight: `keep` are indices of its decode rows that go on
-    (their inputs on the device), `join` prompts whose lanes end in it (their inputs from the host),
-    decode rows in that order."""
-
-    keep: list[int]
-    join: list[Request]
-    ahead: Lookahead
+    # prompt lanes: (request, lanes = tokens per step, its computed tokens at the end of the lookahead)
+    prompt: list[tuple[Request, int, int]] = field(default_factory=list)
 
 
 def plain_greedy(p: SamplingParams) -> bool:
@@ -111,21 +89,19 @@ def plan(sched: SchedulerOutput, max_steps: int, max_model_len: int, max_rows: i
     steps = min(max_steps, most_left, max_model_len - longest)
     if not decode or steps <= 1:
         return None
-    prompt = [(r, -(-t // steps), r.num_computed_tokens, r.num_computed_tokens + t) for r, t in chunks]
-    lanes = sum(c for _, c, _, _ in prompt)
+    prompt = [(r, -(-t // steps), r.num_computed_tokens + t) for r, t in chunks]
+    lanes = sum(c for _, c, _ in prompt)
     if lanes > max_lanes or len(prompt) > prompt_lanes.MAX_SEQS or len(decode) + lanes > max_rows:
         return None
     return Lookahead(steps, sorted(ban_ids or ()), ban_steps, decode, prompt)
 
 
-def chain(sched: SchedulerOutput, last: Lookahead, max_steps: int, max_model_len: int, max_rows: int,
-          max_lanes: int) -> Chain | None:
-    """The lookahead that follows `last`, assuming every row takes all of its tokens; None when no row
-    goes on, too few steps remain, or the rows do not fit (`max_rows`, `max_lanes`)."""
+def chain(sched: SchedulerOutput, last: Lookahead, max_steps: int, max_model_len: int) -> tuple[list[int], Lookahead] | None:
+    """The lookahead that follows `last`, assuming every row takes all of its tokens: the rows (indices
+    into `sched.scheduled`) that do not reach max_tokens or max_model_len inside `last`, and their
+    lookahead; None when no row goes on or too few steps remain."""
     keep: list[int] = []
-    join: list[Request] = []
     ban_steps: list[int] = []
-    ban_ids = frozenset(last.ban_ids) if any(last.ban_steps) else None
     most_left = 0
     longest = 0
     for i, s in enumerate(sched.scheduled):
@@ -139,35 +115,7 @@ def chain(sched: SchedulerOutput, last: Lookahead, max_steps: int, max_model_len
         ban_steps.append(max(0, r.params.min_tokens - out))
         most_left = max(most_left, left)
         longest = max(longest, n)
-    going_on: list[tuple[Request, int, int]] = []  # (request, lanes a step, computed at the end of `last`)
-    for r, lanes, _, end in last.prompt:
-        n = len(r.all_token_ids)
-        if r.finished:
-            continue
-        if end < n - 1:
-            going_on.append((r, lanes, end))
-            continue
-        p = r.params  # its prompt is computed but for the last token: it decodes from here
-        ban = p.min_tokens
-        ids = frozenset(p.stop_token_ids) | frozenset(p._eos_token_ids)
-        if not plain_greedy(p) or r.pending_forks or (ban and ids and ban_ids is not None and ids != ban_ids):
-            continue  # not a plain greedy row like the others: the scheduler takes it next
-        if ban and ids:
-            ban_ids = ids
-        join.append(r)
-        ban_steps.append(ban if ids else 0)
-        most_left = max(most_left, p.max_tokens)
-        longest = max(longest, n)
     steps = min(max_steps, most_left, max_model_len - longest)
-    if not (keep or join) or steps <= 1:
+    if not keep or steps <= 1:
         return None
-    prompt = []
-    for r, lanes, end in going_on:
-        t = min(lanes * steps, len(r.all_token_ids) - 1 - end)
-        prompt.append((r, -(-t // steps), end, end + t))
-    total = sum(c for _, c, _, _ in prompt)
-    if total > max_lanes or len(keep) + len(join) + total > max_rows:
-        return None
-    ahead = Lookahead(steps, sorted(ban_ids or ()), ban_steps, list(range(len(keep) + len(join))), prompt,
-                      last.lane_chain + 1 if last.prompt else 0)
-    return Chain(keep, join, ahead)
+    return keep, Lookahead(steps, last.ban_ids if any(ban_steps) else [], ban_steps, list(range(len(keep))))

@@ -40,20 +40,19 @@ class PromptLanes:
     lens: np.ndarray  # [steps, MAX_SEQS]: chunk i's context length after step k (0: no chunk)
 
 
-def pack(chunks: list[tuple[Request, int, int, int]], steps: int, tables: dict[str, list[int]], block_size: int,
+def pack(chunks: list[tuple[Request, int, int]], steps: int, tables: dict[str, list[int]], block_size: int,
          first_row: int) -> PromptLanes:
-    """chunks: (request, tokens per step, its computed tokens at the start and at the end); their rows
-    start at `first_row`."""
-    lanes = sum(c for _, c, _, _ in chunks)
+    """chunks: (request, tokens per step, its computed tokens at the end); their rows start at `first_row`."""
+    lanes = sum(c for _, c, _ in chunks)
     rows = np.zeros((3, steps, lanes), np.int64)
     rows[2] = -1
     cu = np.full((steps, MAX_SEQS + 1), first_row, np.int64)
     lens = np.zeros((steps, MAX_SEQS), np.int64)
     for k in range(steps):
         row = 0
-        for i, (req, per_step, start, end) in enumerate(chunks):
+        for i, (req, per_step, end) in enumerate(chunks):
             table = np.asarray(tables[req.seq_id])
-            lo = min(start + k * per_step, end)
+            lo = min(req.num_computed_tokens + k * per_step, end)
             hi = min(lo + per_step, end)
             pos = np.arange(lo, hi)
             rows[0, k, row:row + len(pos)] = np.asarray(req.all_token_ids[lo:hi])
@@ -62,4 +61,4 @@ def pack(chunks: list[tuple[Request, int, int, int]], steps: int, tables: dict[s
             row += len(pos)
             cu[k, i + 1:] = first_row + row
             lens[k, i] = hi if hi > lo else 0
-    return PromptLanes([tables[r.seq_id] for r, _, _, _ in chunks], rows, cu, lens)
+    return PromptLanes([tables[r.seq_id] for r, _, _ in chunks], rows, cu, lens)

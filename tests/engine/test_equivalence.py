@@ -202,7 +202,6 @@ def test_prompt_lanes_in_lookaheads(references, make_llm, monkeypatch):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], each, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [e[:n] for e, n in zip(expected, lengths)]
     assert llm.stats().num_lookahead_prompt_tokens >= sum(len(p) for p in prompts) // 2
-    assert llm.stats().num_chained_lane_lookaheads >= 1  # launched before the lanes' lookahead was applied
     hits = llm.stats().prefix_cache_hits
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=2),
                         use_tqdm=False)
