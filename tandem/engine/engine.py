@@ -335,12 +335,8 @@ class LLMEngine(KVRoles):
             req = s.request
             if req.finished:  # stopped in the lookahead before this chained one, or aborted
                 continue
-            for tok, lp in zip(toks, lps):
-                req.num_computed_tokens += 1
-                self._update(req, Sample(tok, lp, None), now)
-                if req.finished:
-                    break
-            else:
+            req.num_computed_tokens += self._append(req, toks, lps, None, now)
+            if not req.finished:
                 self.kv.publish(req, req.num_computed_tokens)
             touched[req.group.request_id] = req.group
         if self._inflight is not None and all(s.request.finished for s in self._inflight[0].scheduled):
@@ -356,33 +352,46 @@ class LLMEngine(KVRoles):
         return outputs
 
     def _update(self, req: Request, smp: Sample, now: float) -> None:
+        self._append(req, (smp.token_id,), (smp.logprob,), (smp.top,), now)
+
+    def _append(self, req: Request, tokens, logprobs, tops, now: float) -> int:
+        """Appends tokens in order, as that many steps would, until the request stops (a stop token or
+        string, its length limit); returns how many it took. `tops`: each token's top logprobs, or None."""
         p = req.params
-        req.append_token(smp.token_id)
-        if smp.logprob is not None:
-            req.cumulative_logprob += smp.logprob
-        if req.logprobs is not None:
-            req.logprobs.append(smp.top or {})
-        if req.first_token_time is None:
-            req.first_token_time = now
-        n_out = len(req.output_token_ids)
-        may_stop = n_out >= p.min_tokens
-        tok = smp.token_id
-        if may_stop and tok in p._eos_token_ids:
-            return self.scheduler.finish(req, "stop")
-        if may_stop and tok in p.stop_token_ids:
-            if p.include_stop_str_in_output:
-                self._detok[req].add(tok)
-            return self.scheduler.finish(req, "stop", tok)
         detok = self._detok[req]
-        delta = detok.add(tok)
-        if may_stop and p.stop and delta:
-            hit = find_stop(detok.text, len(delta), p.stop)
-            if hit is not None:
-                i, stop = hit
-                detok.text = detok.text[: i + len(stop) if p.include_stop_str_in_output else i]
-                return self.scheduler.finish(req, "stop", stop)
-        if n_out >= p.max_tokens or req.num_tokens >= self.max_model_len:
-            self.scheduler.finish(req, "length")
+        eos, stop_ids = p._eos_token_ids, p.stop_token_ids
+        if req.first_token_time is None and tokens:
+            req.first_token_time = now
+        taken = 0
+        for tok, lp in zip(tokens, logprobs):
+            req.append_token(tok)
+            if lp is not None:
+                req.cumulative_logprob += lp
+            if req.logprobs is not None:
+                req.logprobs.append((tops[taken] if tops else None) or {})
+            taken += 1
+            n_out = len(req.output_token_ids)
+            may_stop = n_out >= p.min_tokens
+            if may_stop and tok in eos:
+                self.scheduler.finish(req, "stop")
+                break
+            if may_stop and tok in stop_ids:
+                if p.include_stop_str_in_output:
+                    detok.add(tok)
+                self.scheduler.finish(req, "stop", tok)
+                break
+            delta = detok.add(tok)
+            if may_stop and p.stop and delta:
+                hit = find_stop(detok.text, len(delta), p.stop)
+                if hit is not None:
+                    i, stop = hit
+                    detok.text = detok.text[: i + len(stop) if p.include_stop_str_in_output else i]
+                    self.scheduler.finish(req, "stop", stop)
+                    break
+            if n_out >= p.max_tokens or req.num_tokens >= self.max_model_len:
+                self.scheduler.finish(req, "length")
+                break
+        return taken
 
     def _output(self, group: RequestGroup) -> RequestOutput:
         seqs = group.seqs if group.forked else group.seqs[:1]

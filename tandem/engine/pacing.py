@@ -17,6 +17,7 @@ batches, like SGLang's "lof".
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 from tandem.engine.request import Request
@@ -37,10 +38,12 @@ def prompt_allowance(running: list[Request], waiting: list[Request], budget: int
     tokens up to and including its own, spread over the steps between its last output token and the
     longest request's (running or waiting; none between: this step); the largest such rate, at most
     `budget`."""
-    longest = max((output_left(r) for r in running + waiting), default=0)
+    # over every request at every step: output_left inlined here
+    longest = max((r.params.max_tokens - len(r.output_token_ids) for r in itertools.chain(running, waiting)),
+                  default=0)
     pending = 0
     need = 0.0
-    for req in [r for r in running if prompt_left(r) > 0] + waiting:
+    for req in itertools.chain((r for r in running if prompt_left(r) > 0), waiting):
         if req.kv_only:  # prefill role: it decodes elsewhere, nothing to overlap
             return budget
         pending += prompt_left(req) + 1

@@ -48,17 +48,20 @@ def pack(chunks: list[tuple[Request, int, int]], steps: int, tables: dict[str, l
     rows[2] = -1
     cu = np.full((steps, MAX_SEQS + 1), first_row, np.int64)
     lens = np.zeros((steps, MAX_SEQS), np.int64)
-    for k in range(steps):
-        row = 0
-        for i, (req, per_step, end) in enumerate(chunks):
-            table = np.asarray(tables[req.seq_id])
-            lo = min(req.num_computed_tokens + k * per_step, end)
-            hi = min(lo + per_step, end)
-            pos = np.arange(lo, hi)
-            rows[0, k, row:row + len(pos)] = np.asarray(req.all_token_ids[lo:hi])
-            rows[1, k, row:row + len(pos)] = pos
-            rows[2, k, row:row + len(pos)] = table[pos // block_size] * block_size + pos % block_size
-            row += len(pos)
-            cu[k, i + 1:] = first_row + row
-            lens[k, i] = hi if hi > lo else 0
+    filled = np.zeros(steps, np.int64)  # rows of each step taken by the chunks before this one
+    for i, (req, per_step, end) in enumerate(chunks):  # all steps of a chunk at once: this runs between lookaheads
+        start = req.num_computed_tokens
+        pos = start + np.arange(steps)[:, None] * per_step + np.arange(per_step)[None, :]  # [steps, per_step]
+        k, j = np.nonzero(pos < end)
+        pos = pos[k, j]
+        col = filled[k] + j
+        table = np.asarray(tables[req.seq_id])
+        rows[0, k, col] = np.asarray(req.all_token_ids[start:end])[pos - start]
+        rows[1, k, col] = pos
+        rows[2, k, col] = table[pos // block_size] * block_size + pos % block_size
+        lo = np.minimum(start + np.arange(steps) * per_step, end)
+        hi = np.minimum(lo + per_step, end)
+        filled += hi - lo
+        cu[:, i + 1:] = first_row + filled[:, None]
+        lens[:, i] = np.where(hi > lo, hi, 0)
     return PromptLanes([tables[r.seq_id] for r, _, _ in chunks], rows, cu, lens)

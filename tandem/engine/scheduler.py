@@ -61,13 +61,17 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.lookahead_steps = lookahead_steps  # the engine's multi-step depth (lof paces per lookahead)
+        self._rank = self._rank_key(config.policy)
 
-    def _rank(self, req: Request) -> tuple:
-        if self.config.policy == "priority":
-            return (req.priority, req.arrival_time, req.seq_id)
-        if self.config.policy == "lof":
-            return (-pacing.output_left(req), req.arrival_time, req.seq_id)
-        return (req.arrival_time, req.seq_id)
+    @staticmethod
+    def _rank_key(policy: str):
+        """The policy's sort key: lof ranks by tokens left to generate, largest first (inlined: it runs
+        for every request at every step)."""
+        if policy == "priority":
+            return lambda r: (r.priority, r.arrival_time, r.seq_id)
+        if policy == "lof":
+            return lambda r: (len(r.output_token_ids) - r.params.max_tokens, r.arrival_time, r.seq_id)
+        return lambda r: (r.arrival_time, r.seq_id)
 
     def add(self, req: Request) -> None:
         req.status = Status.WAITING
