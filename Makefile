@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 test: install
-	PY=$(PY) tests/run_parallel.sh
+	$(PY) -m pytest tests
 
 run: install
 	$(VENV)/bin/tandem up
