@@ -51,7 +51,8 @@ def pack(chunks: list[tuple[Request, int, int]], steps: int, tables: dict[str, l
     filled = np.zeros(steps, np.int64)  # rows of each step taken by the chunks before this one
     for i, (req, per_step, end) in enumerate(chunks):  # all steps of a chunk at once: this runs between lookaheads
         start = req.num_computed_tokens
-        pos = start + np.arange(steps)[:, None] * per_step + np.arange(per_step)[None, :]  # [steps, per_step]
+        first = start + np.arange(steps) * per_step  # each step's first position (past `end`: none)
+        pos = first[:, None] + np.arange(per_step)[None, :]  # [steps, per_step]
         k, j = np.nonzero(pos < end)
         pos = pos[k, j]
         col = filled[k] + j
@@ -59,7 +60,7 @@ def pack(chunks: list[tuple[Request, int, int]], steps: int, tables: dict[str, l
         rows[0, k, col] = np.asarray(req.all_token_ids[start:end])[pos - start]
         rows[1, k, col] = pos
         rows[2, k, col] = table[pos // block_size] * block_size + pos % block_size
-        lo = np.minimum(start + np.arange(steps) * per_step, end)
+        lo = np.minimum(first, end)
         hi = np.minimum(lo + per_step, end)
         filled += hi - lo
         cu[:, i + 1:] = first_row + filled[:, None]
