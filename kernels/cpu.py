@@ -10,6 +10,7 @@ warning says why, and the engine keeps the torch twins. TANDEM_CPU_KERNELS=0 tur
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -71,9 +72,17 @@ def build(cflags: list[str], directory: str | Path) -> bool:
     process; tests call it with portable flags to build the paths other CPUs take."""
     from torch.utils import cpp_extension
     _ninja_on_path()
-    cpp_extension.load(name="tandem_cpu", sources=[str(s) for s in SOURCES], extra_cflags=cflags,
-                       extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
-                       verbose=False)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # torch's builder guards the directory with a `lock` file that a killed builder leaves behind, and every
+    # later process then waits on it forever. Builders here first take a kernel lock (flock), which dies with
+    # its holder, so a `lock` file found while holding it belongs to a dead builder and is removed.
+    with open(directory / "build.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        cpp_extension.load(name="tandem_cpu", sources=[str(s) for s in SOURCES], extra_cflags=cflags,
+                           extra_ldflags=["-fopenmp"], build_directory=str(directory), is_python_module=False,
+                           verbose=False)
     _state["ok"] = ok = all(hasattr(torch.ops.tandem_cpu, op) for op in OPS)
     return ok
 
