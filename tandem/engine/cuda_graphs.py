@@ -69,7 +69,6 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
         self.mixed: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
         self._uploaded: torch.cuda.Event | None = None
-        self._bucket = self._rows = 0  # the last lookahead's bucket and rows (chained lookaheads continue it)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -108,6 +107,7 @@ class DecodeGraphs:
         self._host_free()
         h = self.host
         h["input_ids"][:n] = input_ids
+        h["input_ids"][n:b] = 0  # padding rows: a valid id (a row fed on the device left a placeholder here)
         h["positions"][:n] = positions
         h["slots"][:n] = slots
         h["slots"][n:b] = -1
@@ -133,8 +133,8 @@ class DecodeGraphs:
             self._uploaded.record()
 
     def _host_free(self) -> None:
-        """The pinned staging buffers may be rewritten: their last upload has run. With chained
-        lookaheads the host stages the next one while the device may not have reached the last copy."""
+        """The pinned staging buffers may be rewritten: their last upload has run. With a lookahead in
+        flight the host stages the next one while the device may not have reached the last copy."""
         if self._uploaded is not None:
             self._uploaded.synchronize()
             self._uploaded = None
@@ -157,68 +157,42 @@ class DecodeGraphs:
         return hidden
 
     def run_greedy_steps(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
-                         steps: int, block_size: int, logits_of, ban_ids: list[int],
-                         ban_steps: list[int], lanes: "PromptLanes | None" = None) -> "GreedyTokens | None":
+                         steps: int, block_size: int, logits_of, ban_ids: list[int], ban_steps: list[int],
+                         lanes: "PromptLanes | None" = None, feed: tuple | None = None) -> "GreedyTokens | None":
         """`steps` greedy decode steps with no host round trip: each step's argmax is the next step's
         input, positions, slots and context lengths advance on the device. The block tables must cover
         every position. Returns the tokens and their logprobs (raw distribution), on their way to the host.
         Row i cannot pick `ban_ids` in its first `ban_steps[i]` steps (min_tokens). `lanes`: prompt tokens
-        computed alongside, rows after the decode rows."""
+        computed alongside, rows after the decode rows. `feed`: (GreedyTokens, rows, their rows there):
+        those rows' inputs are that earlier lookahead's last tokens, which the host has not read."""
         b = self._stage(input_ids, positions, slots, seqs, lanes)
         if b is None:
             return None
-        self._bucket, self._rows = b, len(seqs)
-        device = self.dev["input_ids"].device
-        per_step = None
-        if lanes:
-            per_step = [_to_device(lanes.rows, device), _to_device(lanes.cu, device), _to_device(lanes.lens, device)]
-        return self._greedy_loop(steps, block_size, logits_of, ban_ids, ban_steps, chained=False, lanes=per_step)
-
-    def continue_greedy_steps(self, keep: list[int], seqs: list[SeqSlice], steps: int, block_size: int, logits_of,
-                              ban_ids: list[int], ban_steps: list[int]) -> "GreedyTokens":
-        """More greedy steps right after the last lookahead, for its rows `keep` (in order; `seqs` are
-        theirs), whose next input, position and context length are on the device already. Only the
-        block tables, grown to cover the new positions, go up again: the host need not have read the
-        last lookahead's tokens, and nothing here waits for the device."""
-        d = self.dev
-        m = len(keep)
-        self._host_free()
-        if keep != list(range(self._rows)):  # rows left: compact the survivors to the front
-            self.host["slots"][:m] = keep  # any pinned int64 buffer serves as the index's staging
-            index = self.pinned["slots"][:m].to(d["slots"].device, non_blocking=True)
-            for key in ("input_ids", "positions", "context_lens"):
-                d[key][:m] = d[key][:self._rows].index_select(0, index)
-            b = self.buckets[bisect.bisect_left(self.buckets, m)]
-            d["context_lens"][m:b] = 0  # padding rows again: attention reads nothing, writes go nowhere
-            d["slots"][m:b] = -1
-            self._bucket, self._rows = b, m
-        self._fill_tables([s.block_table for s in seqs])
-        self._upload(("block_tables",), m)
-        return self._greedy_loop(steps, block_size, logits_of, ban_ids, ban_steps, chained=True)
-
-    def _greedy_loop(self, steps: int, block_size: int, logits_of, ban_ids: list[int], ban_steps: list[int],
-                     chained: bool, lanes: list[torch.Tensor] | None = None) -> "GreedyTokens":
-        d, b, n = self.dev, self._bucket, self._rows
+        d, n = self.dev, len(seqs)
         device = d["input_ids"].device
+        if feed is not None:  # behind the upload on the same stream, so it overwrites the placeholders
+            earlier, rows, theirs = feed
+            d["input_ids"].index_copy_(0, _to_device(rows, device), earlier.last.index_select(0, _to_device(theirs, device)))
         tokens = torch.empty(steps, n, dtype=torch.long, device=device)
         logprobs = torch.empty(steps, n, dtype=torch.float32, device=device)
         banned = ban_left = None
-        if ban_ids:  # uploads from pinned memory: a plain one would wait for the device (chained lookaheads)
+        if ban_ids:  # uploads from pinned memory: a plain one would wait for the device (a lookahead in flight)
             banned = _to_device(ban_ids, device)
             ban_left = _to_device(ban_steps, device)
+        per_step = None
+        if lanes:
+            per_step = [_to_device(lanes.rows, device), _to_device(lanes.cu, device), _to_device(lanes.lens, device)]
         ids, pos, ctx, slot = d["input_ids"][:n], d["positions"][:n], d["context_lens"][:n], d["slots"][:n]
         table = d["block_tables"][:n]
-        if chained:  # its first slots come from its new tables; each step's advance writes the next ones
-            slot.copy_(table.gather(1, (pos // block_size)[:, None])[:, 0].long() * block_size + pos % block_size)
         for k in range(steps):
-            if lanes is not None:  # the prompt lanes' rows and sequences at step k
-                rows, cu, lens = lanes
-                for key, values in zip(("input_ids", "positions", "slots"), rows[:, k]):
+            if per_step is not None:  # the prompt lanes' rows and sequences at step k
+                rows_k, cu, lens = per_step
+                for key, values in zip(("input_ids", "positions", "slots"), rows_k[:, k]):
                     d[key][n:n + values.shape[0]].copy_(values)
                 d["lane_cu"].copy_(cu[k])
                 d["lane_lens"].copy_(lens[k])
-            logits = logits_of(self._replay(b, lanes is not None)[:n])
-            # token and logprob of step k, then the rows' next inputs (a chained lookahead starts there)
+            logits = logits_of(self._replay(b, per_step is not None)[:n])
+            # token and logprob of step k, then the rows' next inputs
             ops.greedy_advance(logits, tokens[k], logprobs[k], ids, pos, ctx, slot, table, block_size, banned,
                                ban_left, k)
         return GreedyTokens(tokens, logprobs)
@@ -234,6 +208,7 @@ class GreedyTokens:
     for this lookahead only, not for work queued after it."""
 
     def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
+        self.last = tokens[-1]  # the rows' last tokens where the device left them (a next lookahead's inputs)
         self._event = None
         if tokens.is_cuda:
             tokens = tokens.to("cpu", non_blocking=True)

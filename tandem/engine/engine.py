@@ -10,13 +10,14 @@ from typing import Any
 import torch
 
 from tandem.config import EngineConfig, default_dtype, parse_dtype, resolve_device
-from tandem.engine import loader, multi_step, prompt_lanes
+from tandem.engine import loader, prompt_lanes
 from tandem.engine.attention import attention_backend
 from tandem.inputs import InputChecker
 from tandem.engine.cpu_tuning import tune_host_allocator
 from tandem.kernels import cpu as cpu_kernels
 from tandem.engine.kv_cache.manager import KVCacheManager
 from tandem.engine.kv_roles import KVRoles
+from tandem.engine.lookaheads import Lookaheads
 from tandem.engine.kv_transfer.consumer import KVConsumer
 from tandem.engine.kv_transfer.layout import describe
 from tandem.engine.kv_transfer.producer import KVProducer, stream_layerwise
@@ -60,7 +61,7 @@ class EngineStats:
     num_lookahead_prompt_tokens: int = 0  # prompt tokens computed in lookaheads' prompt lanes
 
 
-class LLMEngine(KVRoles):
+class LLMEngine(KVRoles, Lookaheads):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_path = loader.resolve_model(config.model)
@@ -110,7 +111,7 @@ class LLMEngine(KVRoles):
         self.num_lookahead_steps = 0
         self.num_chained_lookaheads = 0
         self.num_lookahead_prompt_tokens = 0
-        self._inflight: tuple | None = None  # (scheduled, Lookahead, GreedyTokens): a lookahead on the device
+        self._inflight: tuple | None = None  # (decode rows, Lookahead, GreedyTokens): a lookahead on the device
         self._detok: dict[Request, IncrementalDetokenizer] = {}
         self.stream_outputs = True  # False: `step` reports finished requests only (offline batches)
 
@@ -234,34 +235,43 @@ class LLMEngine(KVRoles):
     # ---- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One schedule -> execute -> update pass; outputs of every group that progressed."""
-        if self._inflight is not None:
-            return self._step_ahead()
-        if self.consumer is not None:
+        """One schedule -> execute -> update pass; outputs of every group that progressed. With a lookahead
+        in flight, the next step is planned on its optimistic outcome and launched before its tokens are
+        read (lookaheads.py)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            self._apply(inflight)
+        elif self.consumer is not None:
             admitted = self._admit_loaded()
             if admitted:  # first tokens that came with their KV go out now, not after a forward pass
                 return self._outputs(admitted)
         sched = self.scheduler.schedule()
-        if not sched.scheduled:
+        ahead = self._lookahead(sched) if sched.scheduled else None
+        if ahead is not None:
+            self._inflight = self._launch(sched, ahead, inflight)
+        touched: dict[str, RequestGroup] = {}
+        if inflight is not None:
+            self._resolve(inflight, touched)
+            if ahead is None:  # an ordinary step planned on the lookahead's outcome: not for rows that stopped
+                sched.scheduled = [s for s in sched.scheduled if not s.request.finished]
+        if ahead is None and sched.scheduled:
+            self._execute(sched, touched)
+        elif ahead is None and inflight is None:
             leased = self.consumer is not None and bool(self.consumer.leases)  # blocks come back later
             if self.scheduler.waiting and not self.scheduler.running and not leased:
                 req = self.scheduler.waiting[0]
                 raise RuntimeError(f"request {req.seq_id} ({req.num_tokens} tokens) cannot fit in the "
                                    f"KV cache ({self.kv.pool.num_blocks} blocks of {self.kv.block_size})")
-            return []
-        ahead = self._lookahead(sched)
-        if ahead is not None:
-            rows = SchedulerOutput([sched.scheduled[i] for i in ahead.decode])
-            self._inflight = (rows, ahead, self.runner.launch_greedy_steps(rows, self.kv.tables, ahead))
-            self.num_lookahead_steps += ahead.steps
-            return self._step_ahead()
+        return self._outputs(touched)
+
+    def _execute(self, sched: SchedulerOutput, touched: dict[str, RequestGroup]) -> None:
+        """An ordinary step: one forward pass over the scheduled tokens, then each sample applied."""
         tables = self.kv.tables  # read-only here: the runner and the producer only read them
         saving = self.producer is not None and self.producer.plan(sched.scheduled, tables)
         layerwise = saving and self.producer.layerwise
         result = self.runner.execute(sched, tables, self.producer.save_layer if layerwise else None)
         if saving and not layerwise:
             self.producer.save_step(self.runner.kv_caches)
-        touched: dict[str, RequestGroup] = {}
         now = time.monotonic()
         starts = {s.request: s.request.num_computed_tokens for s in sched.scheduled}
         for s in sched.scheduled:
@@ -290,59 +300,6 @@ class LLMEngine(KVRoles):
                 self._update(child, smp, now)
             self._update(req, samples[0], now)
             touched[req.group.request_id] = req.group
-        return self._outputs(touched)
-
-    def _lookahead(self, sched) -> multi_step.Lookahead | None:
-        """Multi-step decoding for this step (multi_step.py), its KV slots reserved; None: an ordinary step."""
-        graphs = self.runner.graphs
-        if graphs is None or self.producer is not None:
-            return None
-        ahead = multi_step.plan(sched, self.config.scheduler.num_scheduler_steps, self.max_model_len,
-                                graphs.buckets[-1], graphs.max_lanes)
-        if ahead is None or (self.scheduler.waiting and not ahead.prompt):
-            return None
-        # blocks reserved before a failure stay with their requests: they are used next
-        if not all(self.kv.allocate(sched.scheduled[i].request, ahead.steps, publish=False) for i in ahead.decode):
-            return None
-        if not all(self.kv.allocate(r, end - r.num_computed_tokens, publish=False) for r, _, end in ahead.prompt):
-            return None
-        return ahead
-
-    def _step_ahead(self) -> list[RequestOutput]:
-        """Applies the lookahead in flight: each request's tokens in order, as that many ordinary steps
-        would. First it chains the next lookahead (multi_step.chain) so the device works meanwhile."""
-        sched, ahead, pending = self._inflight
-        self._inflight = None
-        chained = None
-        if not ahead.prompt and not self.scheduler.waiting and len(self.scheduler.running) == len(sched.scheduled):
-            chained = multi_step.chain(sched, ahead, self.config.scheduler.num_scheduler_steps, self.max_model_len)
-        if chained is not None:
-            keep, nxt = chained
-            rows = SchedulerOutput([sched.scheduled[i] for i in keep])
-            if all(self.kv.allocate(s.request, ahead.steps + nxt.steps, publish=False) for s in rows.scheduled):
-                self._inflight = (rows, nxt, self.runner.launch_greedy_steps(rows, self.kv.tables, nxt, keep))
-                self.num_lookahead_steps += nxt.steps
-                self.num_chained_lookaheads += 1
-        tokens, logprobs = pending.result()
-        for req, _, end in ahead.prompt:
-            if not req.finished:  # aborted meanwhile: its blocks are gone already
-                self.num_lookahead_prompt_tokens += end - req.num_computed_tokens
-                req.num_computed_tokens = end
-                self.kv.publish(req, req.num_computed_tokens)
-        now = time.monotonic()
-        touched: dict[str, RequestGroup] = {}
-        for s, toks, lps in zip(sched.scheduled, tokens, logprobs):
-            req = s.request
-            if req.finished:  # stopped in the lookahead before this chained one, or aborted
-                continue
-            req.num_computed_tokens += self._append(req, toks, lps, None, now)
-            if not req.finished:
-                self.kv.publish(req, req.num_computed_tokens)
-            touched[req.group.request_id] = req.group
-        if self._inflight is not None and all(s.request.finished for s in self._inflight[0].scheduled):
-            self._inflight[2].result()  # every row stopped: nothing of it will be applied
-            self._inflight = None
-        return self._outputs(touched)
 
     def _outputs(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
         outputs = [self._output(g) for g in touched.values() if self.stream_outputs or g.finished]

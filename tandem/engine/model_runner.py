@@ -139,18 +139,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch_greedy_steps(self, sched: SchedulerOutput, block_tables: dict[str, list[int]], ahead: Lookahead,
-                            keep: list[int] | None = None) -> "GreedyTokens":
+                            feed: tuple | None = None) -> "GreedyTokens":
         """`ahead.steps` greedy decode steps of the decode rows `sched` (and `ahead.prompt`'s lanes) on the
-        device, the tables holding slots for all of them. `keep`: these are those rows of the last lookahead
-        (chained right after it; the host has not applied its tokens yet). Returns at once; `result()`
-        gives each decode row's tokens."""
+        device, the tables holding slots for all of them. `feed`: (the previous lookahead's GreedyTokens,
+        rows here, its rows there): those rows' first inputs are its last tokens, still on the device.
+        Returns at once; `result()` gives each decode row's tokens."""
         bs = self.block_size
         seqs: list[SeqSlice] = []
-        if keep is not None:
-            for row, s in enumerate(sched.scheduled):
-                seqs.append(SeqSlice(row, 1, 0, block_tables[s.request.seq_id]))
-            return self.graphs.continue_greedy_steps(keep, seqs, ahead.steps, bs, self._raw_logits,
-                                                     ahead.ban_ids, ahead.ban_steps)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -164,7 +159,7 @@ class ModelRunner:
             seqs.append(SeqSlice(row, 1, pos + 1, table))
         lanes = prompt_lanes.pack(ahead.prompt, ahead.steps, block_tables, bs, len(seqs)) if ahead.prompt else None
         return self.graphs.run_greedy_steps(input_ids, positions, slots, seqs, ahead.steps, bs,
-                                            self._raw_logits, ahead.ban_ids, ahead.ban_steps, lanes)
+                                            self._raw_logits, ahead.ban_ids, ahead.ban_steps, lanes, feed)
 
     def _raw_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.compute_logits(hidden, upcast=False)

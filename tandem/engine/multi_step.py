@@ -18,13 +18,8 @@ token of a greedy request with no penalties, logprobs or bad words, prompt chunk
 no prompt logprobs, and all rows fit the largest graph; requests still under min_tokens must share
 their banned ids (EOS and stop ids). Anything else runs as an ordinary step.
 
-Chaining (`chain`) hides the host's work behind the device's: before reading a lookahead's tokens, the
-engine launches the next one, as if no row stopped (the device holds each row's next input already).
-Rows that reach their length limit inside the current lookahead are left out (the device compacts the
-rest). It chains only when nothing else would be scheduled: nothing waits and every running request is
-in the batch. A row that stops early for another reason (EOS, a stop string) computes one lookahead for
-nothing; its tokens are dropped, and the slots they were written into are freed with the request (the
-device writes them before any later step can reuse them).
+The engine launches each lookahead before it reads the last one's tokens (lookaheads.py), so the
+host's work between them (resolving, scheduling, packing inputs) runs while the device computes.
 """
 from __future__ import annotations
 
@@ -95,27 +90,3 @@ def plan(sched: SchedulerOutput, max_steps: int, max_model_len: int, max_rows: i
         return None
     return Lookahead(steps, sorted(ban_ids or ()), ban_steps, decode, prompt)
 
-
-def chain(sched: SchedulerOutput, last: Lookahead, max_steps: int, max_model_len: int) -> tuple[list[int], Lookahead] | None:
-    """The lookahead that follows `last`, assuming every row takes all of its tokens: the rows (indices
-    into `sched.scheduled`) that do not reach max_tokens or max_model_len inside `last`, and their
-    lookahead; None when no row goes on or too few steps remain."""
-    keep: list[int] = []
-    ban_steps: list[int] = []
-    most_left = 0
-    longest = 0
-    for i, s in enumerate(sched.scheduled):
-        r: Request = s.request
-        out = len(r.output_token_ids) + last.steps
-        left = r.params.max_tokens - out
-        n = len(r.all_token_ids) + last.steps
-        if r.finished or left < 1 or n >= max_model_len:
-            continue
-        keep.append(i)
-        ban_steps.append(max(0, r.params.min_tokens - out))
-        most_left = max(most_left, left)
-        longest = max(longest, n)
-    steps = min(max_steps, most_left, max_model_len - longest)
-    if not keep or steps <= 1:
-        return None
-    return keep, Lookahead(steps, last.ban_ids if any(ban_steps) else [], ban_steps, list(range(len(keep))))

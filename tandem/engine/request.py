@@ -46,6 +46,7 @@ class Request:
     first_token_time: float | None = None
     kv_only: bool = False  # prefill role: compute the KV of every token, update nothing
     sample_first_token: bool = False  # kv_only: also sample the first output token (it goes with the KV)
+    num_ahead: int = 0  # placeholder tokens at the end of the token lists: still on the device (lookaheads.py)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

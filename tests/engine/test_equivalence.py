@@ -207,3 +207,28 @@ def test_prompt_lanes_in_lookaheads(references, make_llm, monkeypatch):
                         use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [e[:2] for e in expected]
     assert llm.stats().prefix_cache_hits - hits >= sum((len(p) - 1) // 16 for p in prompts)
+
+
+def test_lookaheads_planned_on_their_outcome(references, make_llm, monkeypatch):
+    """The step after a lookahead is planned before its tokens are read (lookaheads.py), on so few KV
+    blocks that this plan preempts requests still holding placeholder tokens, with prompts paced into
+    lanes and one request asking for logprobs (never in a lookahead: its steps are ordinary ones, planned
+    on a lookahead's outcome and run once its tokens are in): token-identical to transformers."""
+    from tandem.engine.scheduler import Scheduler
+
+    monkeypatch.setenv("TANDEM_ATTENTION_BACKEND", "triton")
+    held = []  # placeholder tokens of each preempted request, when it was preempted
+    preempt = Scheduler._preempt
+    monkeypatch.setattr(Scheduler, "_preempt", lambda self, req, out: (held.append(req.num_ahead), preempt(self, req, out)))
+    path, prompts, params, expected = references["llama"]
+    new = 16
+    expected = [e[:new] for e in expected]
+    longest = max(len(p) for p in prompts) + new
+    llm = make_llm(path, enable_prefix_caching=True, num_scheduler_steps=8, max_num_batched_tokens=64,
+                   scheduling_policy="lof", num_gpu_blocks_override=-(-longest // 16) + 3)
+    each = [SamplingParams(temperature=0.0, max_tokens=new, min_tokens=new) for _ in prompts]
+    each[-1] = SamplingParams(temperature=0.0, max_tokens=new, min_tokens=new, logprobs=1)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], each, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert len(outs[-1].outputs[0].logprobs) == new
+    assert max(held) > 0  # a plan made on a lookahead's outcome preempted a request ahead of its tokens

@@ -34,7 +34,10 @@ class KVCacheManager:
         return [blocks[i] for i in ids]
 
     def _hashes(self, req: Request) -> list[int]:
-        extend_hashes(req.block_hashes, req.all_token_ids, self.block_size, self.hash_seed)
+        tokens = req.all_token_ids
+        if req.num_ahead:  # placeholders (lookaheads.py) are hashed once their tokens are known
+            tokens = tokens[:len(tokens) - req.num_ahead]
+        extend_hashes(req.block_hashes, tokens, self.block_size, self.hash_seed)
         return req.block_hashes
 
     def computed_prefix(self, req: Request) -> list[Block]:
@@ -106,6 +109,7 @@ class KVCacheManager:
         if full <= start:
             return
         hashes = self._hashes(req)
+        full = min(full, len(hashes))
         for i in range(start, full):
             self.pool.cache(self.pool.blocks[table[i]], hashes[i])
         self._num_hashed[req.seq_id] = full
