@@ -238,13 +238,13 @@ class LLMEngine(KVRoles, Lookaheads):
         """One schedule -> execute -> update pass; outputs of every group that progressed. With a lookahead
         in flight, the next step is planned on its optimistic outcome and launched before its tokens are
         read (lookaheads.py)."""
+        if self.consumer is not None:
+            admitted = self._admit_loaded()
+            if admitted:  # first tokens that came with their KV go out now (a lookahead in flight stays so)
+                return self._outputs(admitted)
         inflight, self._inflight = self._inflight, None
         if inflight is not None:
             self._apply(inflight)
-        elif self.consumer is not None:
-            admitted = self._admit_loaded()
-            if admitted:  # first tokens that came with their KV go out now, not after a forward pass
-                return self._outputs(admitted)
         sched = self.scheduler.schedule()
         ahead = self._lookahead(sched) if sched.scheduled else None
         if ahead is not None:

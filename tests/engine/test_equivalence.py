@@ -169,8 +169,9 @@ def test_multi_step_decoding(references, make_llm, monkeypatch):
     monkeypatch.setenv("TANDEM_ATTENTION_BACKEND", "triton")
     path, prompts, params, expected = references["llama"]
     llm = make_llm(path, enable_prefix_caching=True, num_scheduler_steps=8)
-    # 24, 21, 18, ...: rows stop mid-lookahead, and chained lookaheads drop the rows that reached their length;
-    # the first request stops on a token inside a chained lookahead, and the rows after its stop are dropped
+    # 24, 21, 18, ...: rows stop mid-lookahead, and a lookahead launched before the last one's tokens are read
+    # leaves out the rows reaching their length; the first request stops on a token while the next lookahead
+    # is in flight, and that one's rows for it are dropped
     lengths = [TINY_NEW_TOKENS - 3 * (i % 5) for i in range(len(prompts))]
     stop_at = next(i for i in range(12, TINY_NEW_TOKENS) if expected[0][i] not in expected[0][:i])
     each = [SamplingParams(temperature=0.0, max_tokens=TINY_NEW_TOKENS, stop_token_ids=[expected[0][stop_at]])]
@@ -181,7 +182,7 @@ def test_multi_step_decoding(references, make_llm, monkeypatch):
     assert [o.outputs[0].token_ids for o in outs[1:]] == [e[:n] for e, n in zip(expected[1:], lengths[1:])]
     assert [o.outputs[0].finish_reason for o in outs[1:]] == ["length"] * (len(prompts) - 1)
     assert llm.stats().num_lookahead_steps >= TINY_NEW_TOKENS // 2
-    assert llm.stats().num_chained_lookaheads >= 1  # launched before the previous one was applied
+    assert llm.stats().num_chained_lookaheads >= 1  # launched before the previous one's tokens were read
     # a prompt that extends one generated sequence finds the blocks its lookahead steps filled
     hits = llm.stats().prefix_cache_hits
     longer = prompts[1] + expected[1][:lengths[1]]
