@@ -1,8 +1,9 @@
 """The engine's host work alone, on CPUs: a bench/gpu.py workload (W2 by default, under lof) through the
 real scheduler, pacing, lookahead planning, prompt-lane packing, staging and token application, with
 the model's forward passes stubbed out (zeros in, greedy token 0 out; every request runs to its
-max_tokens). On a GPU that work sits between lane lookaheads while the device idles (gpu_trace.py:
-~7.6 ms per 8-step lookahead on the 8B shape), so it is measured here, where it can be profiled.
+max_tokens). On a GPU that work runs while the device computes the lookahead in flight (lookaheads.py),
+so it must stay under a lookahead's device time (~70 ms for 8 lane steps on the 8B shape; before
+lookaheads were planned ahead, the device idled through it: ~7.6 ms per lookahead, gpu_trace.py).
 
     python bench/host_overhead.py [--workload W2] [--policy lof] [--profile]
 """
