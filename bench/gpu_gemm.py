@@ -1,8 +1,9 @@
 """The 8B shape's linear layers alone, at decode batch sizes: time per call against the roofline
 (weight bytes / copy bandwidth, FLOPs / matmul rate), for W as stored ([N, K], F.linear) and
-pre-transposed ([K, N], x @ W), to see how far cuBLAS is from the hardware and whether layout matters.
+pre-transposed ([K, N], x @ W), to see how far cuBLAS is from the hardware and whether layout matters;
+`--lt` runs both again through cuBLASLt (torch's preferred_blas_library), whose heuristics pick other kernels.
 
-    python bench/gpu_gemm.py [--ms 1,64,256]   (prefill chunks: --ms 4096,8192,16384)
+    python bench/gpu_gemm.py [--ms 1,64,256] [--lt]   (prefill chunks: --ms 4096,8192,16384)
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ def timed(fn, reps: int = 50) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="1,64,256", help="row counts (batch rows or prefill chunk tokens)")
-    ms = [int(m) for m in ap.parse_args().ms.split(",")]
+    ap.add_argument("--lt", action="store_true", help="also time both layouts through cuBLASLt")
+    args = ap.parse_args()
+    ms = [int(m) for m in args.ms.split(",")]
     x = torch.empty(2**28, dtype=torch.bfloat16, device="cuda")
     y = torch.empty_like(x)
     bw = 2 * x.numel() * 2 / (timed(lambda: y.copy_(x), 10) * 1e-6)
@@ -42,7 +45,7 @@ def main() -> None:
     flops = 2 * 8192**3 / (timed(lambda: a @ a, 10) * 1e-6)
     print(f"copy {bw / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s")
     for m in ms:
-        total = {"linear": 0.0, "pretransposed": 0.0, "roof": 0.0}
+        total = {"linear": 0.0, "pretransposed": 0.0, "roof": 0.0, "lt": 0.0, "lt_t": 0.0}
         for name, (n, k) in SHAPES.items():
             if m >= 1024 and name == "lm_head":  # prefill computes logits for the last token only
                 continue
@@ -52,6 +55,12 @@ def main() -> None:
             r = 50 if m < 1024 else 5  # a graph of big outputs holds them all
             t1 = timed(lambda: F.linear(inp, w), r)
             t2 = timed(lambda: inp @ wt, r)
+            if args.lt:
+                default = torch.backends.cuda.preferred_blas_library()
+                torch.backends.cuda.preferred_blas_library("cublaslt")
+                total["lt"] += timed(lambda: F.linear(inp, w), r) * (1 if name == "lm_head" else 32)
+                total["lt_t"] += timed(lambda: inp @ wt, r) * (1 if name == "lm_head" else 32)
+                torch.backends.cuda.preferred_blas_library(default)
             roof = max(n * k * 2 / bw, 2 * m * n * k / flops) * 1e6
             reps = 1 if name == "lm_head" else 32
             total["linear"] += t1 * reps
@@ -60,8 +69,9 @@ def main() -> None:
             rate = f"  {2 * m * n * k / t1 / 1e6:4.0f} / {2 * m * n * k / t2 / 1e6:4.0f} TFLOP/s" if m >= 1024 else ""
             print(f"M={m:4d} {name:8s} linear {t1:7.1f} us  pretransposed {t2:7.1f} us  roofline {roof:7.1f} us "
                   f"({roof / t1:5.1%} / {roof / t2:5.1%}){rate}")
+        lt = f", cuBLASLt {total['lt'] / 1e3:.2f} / {total['lt_t'] / 1e3:.2f} ms" if args.lt else ""
         print(f"M={m:4d} per step: linear {total['linear'] / 1e3:.2f} ms, pretransposed "
-              f"{total['pretransposed'] / 1e3:.2f} ms, roofline {total['roof'] / 1e3:.2f} ms")
+              f"{total['pretransposed'] / 1e3:.2f} ms, roofline {total['roof'] / 1e3:.2f} ms{lt}")
         del w, wt
 
 
