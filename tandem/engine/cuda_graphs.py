@@ -19,7 +19,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from tandem.engine import blas_choice, ops
+from tandem.engine import ops
 from tandem.engine.attention import SeqSlice
 from tandem.engine.attention_triton import DecodeMeta, PrefillMeta, TritonAttention
 from tandem.engine.prompt_lanes import LANE_SPLITS, MAX_SEQS, PromptLanes
@@ -77,7 +77,6 @@ class DecodeGraphs:
             self.graphs = {b: (None, None) for b in self.buckets}
             self.mixed = {b: (None, None) for b in self.mixed_attn}
             return
-        blas_choice.tune(self.model, self.buckets)  # the GEMM library each bucket's graph records
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
