@@ -165,15 +165,24 @@ class Stack:
         self.stopping = True
         live = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
         for proc in live:
-            proc.send_signal(signal.SIGTERM)
+            _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for proc in live:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _signal_group(proc, signal.SIGKILL)
                 proc.wait()
         shm.sweep()  # what a killed worker left in /dev/shm
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signals a child's process group (each child leads its own session), so what it started goes too:
+    a worker stopped while it compiles the CPU kernels would leave its compilers writing the build."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def engine_args_for_router(engine_args: list[str]) -> list[str]:

@@ -122,3 +122,38 @@ def test_children_die_with_a_killed_launcher(tiny_model_dirs):
     finally:
         if up.proc.poll() is None:
             up.proc.kill()
+
+
+def test_stop_takes_what_a_child_started(tmp_path):
+    """Stopping the stack signals each child's process group: what a worker started (the CPU kernels'
+    compilers, when it is stopped during its first start) goes with it, not on writing the build."""
+    from tandem.launcher import Child, Stack
+
+    stack = Stack(None, num_prefill=0, num_decode=0)
+    pid_file = tmp_path / "grandchild"
+    # the child waits on its own child, as a worker waits on its compiler
+    child = Child("worker", ["sh", "-c", f"sleep 300 & echo $! > {pid_file}; wait"], 0)
+    stack.children = [child]
+    stack.start(child)
+    deadline = time.monotonic() + 10
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    stack.stop(grace=5)
+    deadline = time.monotonic() + 5
+    while _alive(grandchild):
+        assert time.monotonic() < deadline, "the child's own child outlived the stack"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for its reaper is gone for our purpose
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
