@@ -387,3 +387,40 @@ def test_staging_pool_keeps_a_bounded_set_of_areas():
     assert gone and all(not Path(a.path).exists() for a in gone)
     pool.close()
     assert not pool.idle and not Path(small.path).exists()
+
+
+def test_kv_arriving_during_lookaheads_is_admitted(tiny_model_dirs, monkeypatch):
+    """A decode engine running multi-step lookaheads back to back (the Triton backend's decode path,
+    through Triton's interpreter) admits a request whose KV arrives meanwhile at the next step, not when
+    the lookaheads stop; both outputs equal a colocated engine's."""
+    path = tiny_model_dirs["llama"]
+    a, b = prompts_for(5, [20, 30])
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    want = colocated(path, [a, b], params)
+    monkeypatch.setenv("TANDEM_ATTENTION_BACKEND", "triton")
+    prefill, decode = engine(path, "producer"), engine(path, "consumer")
+    done: dict = {}
+
+    def send(rid: str, ids: list[int]) -> None:
+        lease = decode.add_remote_request(rid, ids, params)
+        sink = Recorder()
+        produce(prefill, f"p{rid}", lease, ids, params, sink)
+        run(prefill)
+        deliver(decode, lease, sink)
+
+    def step() -> list[str]:
+        outs = decode.step()
+        done.update({o.request_id: o for o in outs if o.finished})
+        return [o.request_id for o in outs]
+
+    send("r0", a)
+    while decode._inflight is None:
+        step()
+    send("r1", b)
+    assert "r1" in step()  # its first token, which came with its KV
+    assert decode._inflight is not None and "r0" not in done
+    while decode.has_unfinished_requests():
+        step()
+    assert decode.stats().num_lookahead_steps >= 16
+    assert {int(k[1:]): v.outputs[0].token_ids for k, v in done.items()} == want
+    assert decode.kv.pool.num_free == decode.kv.pool.num_blocks, "leaked KV blocks"
