@@ -172,7 +172,8 @@ class DecodeGraphs:
         device = d["input_ids"].device
         if feed is not None:  # behind the upload on the same stream, so it overwrites the placeholders
             earlier, rows, theirs = feed
-            d["input_ids"].index_copy_(0, _to_device(rows, device), earlier.last.index_select(0, _to_device(theirs, device)))
+            last = earlier.last.index_select(0, _to_device(theirs, device))
+            d["input_ids"].index_copy_(0, _to_device(rows, device), last)
         tokens = torch.empty(steps, n, dtype=torch.long, device=device)
         logprobs = torch.empty(steps, n, dtype=torch.float32, device=device)
         banned = ban_left = None

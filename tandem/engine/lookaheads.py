@@ -83,7 +83,7 @@ class Lookaheads:
             req.num_ahead = held
             req.num_computed_tokens += held
             if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
-                self.scheduler.running.remove(req)  # it stops here at the latest: nothing more to schedule
+                self.scheduler.done_scheduling(req)  # it stops in this lookahead at the latest
 
     def _resolve(self, inflight: tuple, touched: dict) -> None:
         """Waits for the lookahead's tokens and applies each row's in order, as that many ordinary steps

@@ -14,6 +14,8 @@ Queues and lifecycle:
               running request: its blocks are freed, its computed tokens reset to zero (recompute),
               and it goes back to the front of waiting. Under lof the prompt tokens of a step (chunks
               of running requests, then admissions) are also held to pacing.prompt_allowance.
+              A request whose last tokens are still on the device (a lookahead in flight, lookaheads.py)
+              leaves running early through done_scheduling(): nothing more to schedule, blocks still held.
   finished -- finish() frees the blocks at once and drops the request from both queues.
 """
 from __future__ import annotations
@@ -160,6 +162,10 @@ class Scheduler:
         out.preempted.append(req)
         self.waiting.insert(0, req)
         self.waiting.sort(key=self._rank)
+
+    def done_scheduling(self, req: Request) -> None:
+        """A running request with nothing left to schedule; finish() ends it once its last tokens are read."""
+        self.running.remove(req)
 
     def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
         if req.finished:
