@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -28,7 +29,9 @@ __all__ = ["paged_decode_attention", "paged_decode_attention_ref"]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
 _MIN_ROWS = 16  # tl.dot needs M >= 16 on GPUs
-_MIN_SPLIT_TOKENS = 256  # below this a split's partial costs more than it parallelises
+# below this a split's partial costs more than it parallelises: the split count's cap, and each sequence's
+# floor in the kernel (TANDEM_MIN_SPLIT_TOKENS sets it for sweeps: bench/gpu_decode_mix.py)
+_MIN_SPLIT_TOKENS = int(os.environ.get("TANDEM_MIN_SPLIT_TOKENS", "256"))
 _MAX_SPLITS = 64
 
 
@@ -110,13 +113,28 @@ def check_out(name: str, out: torch.Tensor | None, q: torch.Tensor) -> torch.Ten
 # ---------------------------------------------------------------- decode
 
 
+@triton.jit
+def split_tiles(ctx, window, NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_WINDOW: tl.constexpr):
+    """A decode row's keys in tiles: (first key, first tile's position, tiles, tiles per split). A short
+    sequence among long ones takes fewer splits (the rest stay unused): each split reads at least
+    MIN_SPLIT_TILES tiles, so its partial is worth writing and the long sequences set the pace.
+    The decode kernel and the merge both call this, so they agree on which splits hold partials."""
+    kv_begin = ctx * 0
+    if HAS_WINDOW:
+        kv_begin = tl.maximum(ctx - window, 0)
+    first = kv_begin // BLOCK_N * BLOCK_N  # tiles start aligned
+    num_tiles = tl.cdiv(ctx - first, BLOCK_N)
+    return kv_begin, first, num_tiles, tl.maximum(tl.cdiv(num_tiles, NUM_SPLITS), MIN_SPLIT_TILES)
+
+
 @triton.jit(do_not_specialize=["table_stride"])  # varies every step: one compiled variant for all
 def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
                    scale_log2, q_stride_b, q_stride_h, out_stride_b, out_stride_h, table_stride, v_plane,
                    window, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                    SLOT_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                   PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, SKIP_EMPTY: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -124,14 +142,11 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr
     ctx = tl.load(lens_ptr + seq)
     if SKIP_EMPTY and ctx == 0:  # padding (or a prompt lane's row): the merge writes its zeros, or nobody
         return
-    kv_begin = 0
-    if HAS_WINDOW:
-        kv_begin = tl.maximum(ctx - window, 0)
-    first = kv_begin // BLOCK_N * BLOCK_N  # tiles start aligned
-    num_tiles = tl.cdiv(ctx - first, BLOCK_N)
-    per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    kv_begin, first, num_tiles, per_split = split_tiles(ctx, window, NUM_SPLITS, MIN_SPLIT_TILES, BLOCK_N, HAS_WINDOW)
     tile_lo = split * per_split
     tile_hi = tl.minimum(tile_lo + per_split, num_tiles)
+    if NUM_SPLITS > 1 and tile_lo >= num_tiles:  # an unused split: the merge reads none of it
+        return
 
     rows = tl.arange(0, ROWS)
     heads = kv_head * GROUP + rows
@@ -155,7 +170,7 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr
         o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # context 0: zeros
         tl.store(out_ptr + seq * out_stride_b + heads[:, None] * out_stride_h + dims[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=q_mask)
-    else:  # partials [B, Hq, S, D] and (m, l) [B, Hq, S, 2]; empty splits write l = 0
+    else:  # partials [B, Hq, S, D] and (m, l) [B, Hq, S, 2] of the used splits
         part = (seq * NUM_HEADS + heads) * NUM_SPLITS + split
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=q_mask)
         tl.store(part_ml_ptr + part * 2, m_max, mask=row_ok)
@@ -169,38 +184,42 @@ ROWS_WITH_CONTEXT = 2  # merge_splits: only rows with context length > 0 (the ot
 
 @triton.jit
 def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, rows_ptr, num_rows, num_seqs, out_stride_b,
-                         out_stride_h, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                         ROWS: tl.constexpr, PDL: tl.constexpr):
+                         out_stride_h, window, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                         BLOCK_R: tl.constexpr, ROWS: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr,
+                         BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, PDL: tl.constexpr):
     """One program per (BLOCK_R rows, query head): the splits' partials [rows, Hq, S, D] and (m, l)
     folded into the rows' outputs. ROWS says which rows hold partials and which are written (ROWS_*);
-    blocks of rows, not single rows, because most rows of a mixed graph's batch hold none."""
+    blocks of rows, not single rows, because most rows of a mixed graph's batch hold none. A decode
+    row's partials are those of its used splits (split_tiles); a prompt chunk's, all NUM_SPLITS."""
     wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     head = tl.program_id(1)
     dims = tl.arange(0, BLOCK_D)
     in_batch = row < num_rows
-    if ROWS == 0:  # ROWS_BY_CONTEXT: the others are written too, as zeros
-        has_parts = tl.load(rows_ptr + row, mask=in_batch, other=0) > 0
-        written = in_batch
-    elif ROWS == 2:  # ROWS_WITH_CONTEXT
-        has_parts = tl.load(rows_ptr + row, mask=in_batch, other=0) > 0
-        written = has_parts
-    else:
+    if ROWS == 1:  # ROWS_IN_CHUNKS
         has_parts = in_batch & (row >= tl.load(rows_ptr)) & (row < tl.load(rows_ptr + num_seqs))
         written = has_parts
+        used = tl.where(has_parts, NUM_SPLITS, 0)
+    else:  # decode rows: rows_ptr holds their context lengths
+        ctx = tl.load(rows_ptr + row, mask=in_batch, other=0)
+        has_parts = ctx > 0
+        written = in_batch if ROWS == 0 else has_parts  # ROWS_BY_CONTEXT writes the others too, as zeros
+        _, _, num_tiles, per_split = split_tiles(ctx, window, NUM_SPLITS, MIN_SPLIT_TILES, BLOCK_N, HAS_WINDOW)
+        used = tl.where(has_parts, tl.cdiv(num_tiles, per_split), 0)
     splits = tl.arange(0, SPLITS_PAD)
     base = (row * NUM_HEADS + head) * NUM_SPLITS
     m_max = tl.max(tl.load(part_ml_ptr + (base[:, None] + splits[None, :]) * 2,
-                           mask=has_parts[:, None] & (splits < NUM_SPLITS)[None, :], other=-1e30), 1)
+                           mask=splits[None, :] < used[:, None], other=-1e30), 1)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
     for split in tl.static_range(NUM_SPLITS):
-        m = tl.load(part_ml_ptr + (base + split) * 2, mask=has_parts, other=-1e30)
+        live = split < used
+        m = tl.load(part_ml_ptr + (base + split) * 2, mask=live, other=-1e30)
         weight = tl.exp2(m - m_max)
-        total += tl.load(part_ml_ptr + (base + split) * 2 + 1, mask=has_parts, other=0.0) * weight
+        total += tl.load(part_ml_ptr + (base + split) * 2 + 1, mask=live, other=0.0) * weight
         acc += tl.load(part_acc_ptr + (base + split)[:, None] * HEAD_DIM + dims[None, :],
-                       mask=has_parts[:, None] & (dims < HEAD_DIM)[None, :], other=0.0) * weight[:, None]
+                       mask=live[:, None] & (dims < HEAD_DIM)[None, :], other=0.0) * weight[:, None]
     o = acc / tl.where(total > 0, total, 1.0)[:, None]  # rows without partials: zeros
     tl.store(out_ptr + row[:, None] * out_stride_b + head * out_stride_h + dims[None, :],
              o.to(out_ptr.dtype.element_ty), mask=written[:, None] & (dims < HEAD_DIM)[None, :])
@@ -222,7 +241,8 @@ def choose_num_splits(batch: int, num_kv: int, max_context_len: int, sm_count: i
 
 
 def launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window, num_splits, out,
-                  block_n: int, num_warps: int, num_stages: int, write_empty_rows: bool = True) -> None:
+                  block_n: int, num_warps: int, num_stages: int, write_empty_rows: bool = True,
+                  min_split_tokens: int = _MIN_SPLIT_TOKENS) -> None:
     """The kernels with an explicit tile config (bench/kernels.py sweeps it); inputs already checked."""
     batch, num_heads, head_dim = q.shape
     _, _, block_size, num_kv, _ = kv_cache.shape
@@ -234,28 +254,35 @@ def launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window
         part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # unused
+    min_split_tiles = max(1, min_split_tokens // block_n) if num_splits > 1 else 1
     _decode_kernel[(batch, num_kv, num_splits)](
         q, kv_cache, block_tables, context_lens, out, part_acc, part_ml, scale * LOG2E, q.stride(0), q.stride(1),
         out.stride(0), out.stride(1), block_tables.stride(0), kv_cache.stride(0), sliding_window or 0,
         GROUP=group, SLOT_SIZE=num_kv * head_dim, ROWS=max(_MIN_ROWS, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, HAS_WINDOW=bool(sliding_window),
+        BLOCK_N=block_n, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
+        MIN_SPLIT_TILES=min_split_tiles, HAS_WINDOW=bool(sliding_window),
         PRECISION=dot_precision(q.dtype), SKIP_EMPTY=num_splits > 1 or not write_empty_rows, num_warps=num_warps,
         num_stages=num_stages, **common, **launch_options(q.device, batch))
     if num_splits > 1:
         merge_splits(part_acc, part_ml, out, context_lens, 0, ROWS_BY_CONTEXT if write_empty_rows else ROWS_WITH_CONTEXT,
-                     **launch_options(q.device, batch))
+                     split_tiles=(block_n, min_split_tiles, sliding_window), **launch_options(q.device, batch))
 
 
 def merge_splits(part_acc: torch.Tensor, part_ml: torch.Tensor, out: torch.Tensor, rows: torch.Tensor,
-                 num_seqs: int, mode: int, **options) -> None:
-    """Launches the merge of split-K partials [R, Hq, S, D] into out [R, Hq, D] (decode and prefill)."""
+                 num_seqs: int, mode: int, split_tiles: tuple[int, int, int | None] = (1, 1, None),
+                 **options) -> None:
+    """Launches the merge of split-K partials [R, Hq, S, D] into out [R, Hq, D] (decode and prefill).
+    split_tiles: the decode launch's (BLOCK_N, MIN_SPLIT_TILES, sliding window), which say how many
+    splits each decode row used."""
     batch, num_heads, num_splits, head_dim = part_acc.shape
+    block_n, min_split_tiles, window = split_tiles
     block_r = min(16, triton.next_power_of_2(batch))
     _merge_splits_kernel[(triton.cdiv(batch, block_r), num_heads)](
-        part_acc, part_ml, out, rows, batch, num_seqs, out.stride(0), out.stride(1), NUM_HEADS=num_heads,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,
-        SPLITS_PAD=triton.next_power_of_2(num_splits), BLOCK_R=block_r, ROWS=mode,
-        num_warps=4 if head_dim >= 128 else 2, **(options or {"PDL": False}))
+        part_acc, part_ml, out, rows, batch, num_seqs, out.stride(0), out.stride(1), window or 0,
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), NUM_SPLITS=num_splits,
+        SPLITS_PAD=triton.next_power_of_2(num_splits), BLOCK_R=block_r, ROWS=mode, MIN_SPLIT_TILES=min_split_tiles,
+        BLOCK_N=block_n, HAS_WINDOW=bool(window), num_warps=4 if head_dim >= 128 else 2,
+        **(options or {"PDL": False}))
 
 
 def decode_config(head_dim: int, device: torch.device, programs_per_sm: float = 0.0) -> dict:
@@ -273,14 +300,16 @@ def decode_config(head_dim: int, device: torch.device, programs_per_sm: float = 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
-                           max_context_len: int | None = None, write_empty_rows: bool = True) -> torch.Tensor:
+                           max_context_len: int | None = None, write_empty_rows: bool = True,
+                           min_split_tokens: int = _MIN_SPLIT_TOKENS) -> torch.Tensor:
     """q [B, Hq, D] (one token per sequence, its K/V already cached) attends to the first
     context_lens[b] tokens (the last `sliding_window` of them when given) -> [B, Hq, D].
 
     block_tables [B, max_blocks] int32, context_lens [B] int32 (0: padding row, output zeros; with
     write_empty_rows=False such rows of `out` are left as they are).
     max_context_len (a host int; default: what the block table can hold) and the SM count choose
-    num_splits when it is None; nothing here reads a device tensor (CUDA-graph safe)."""
+    num_splits when it is None; a sequence splits no finer than min_split_tokens (rounded to whole
+    tiles), so short ones leave splits empty. Nothing here reads a device tensor (CUDA-graph safe)."""
     name = "paged_decode_attention"
     check_cache(name, kv_cache)
     check_heads(name, "q", q, kv_cache)
@@ -301,7 +330,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         num_splits = choose_num_splits(batch, kv_cache.shape[3], max_context_len, sm_count(q.device))
     per_sm = batch * kv_cache.shape[3] * num_splits / sm_count(q.device)
     launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window, num_splits, out,
-                  **decode_config(q.shape[2], q.device, per_sm), write_empty_rows=write_empty_rows)
+                  **decode_config(q.shape[2], q.device, per_sm), write_empty_rows=write_empty_rows,
+                  min_split_tokens=min_split_tokens)
     return out
 
 

@@ -62,7 +62,7 @@ def test_matches_twin(group, block_size, dtype, num_splits, window, head_dim):
     q = fused_q(len(LENS), group * num_kv, num_kv, head_dim, dtype, gen)
     out = torch.full((len(LENS), group * num_kv + 1, head_dim), float("nan"), dtype=dtype, device=device)[:, 1:]
     got = paged_decode_attention(q, cache, tables, lens, head_dim ** -0.5, window, num_splits=num_splits, out=out,
-                                 max_context_len=max(LENS))
+                                 max_context_len=max(LENS), min_split_tokens=1)  # every split reads (CPU: short)
     assert got is out
     want = paged_decode_attention_ref(q, cache, tables, lens, head_dim ** -0.5, window)
     rtol, atol = TOL[dtype]
@@ -72,16 +72,20 @@ def test_matches_twin(group, block_size, dtype, num_splits, window, head_dim):
 
 def test_splits_agree_and_lengths_do_not_leak():
     """Split counts from 1 to past the number of tiles give one answer (head_dim 80: not a power of
-    two); a row's output ignores what lies in its blocks past its length."""
+    two), with splits as fine as one tile or no finer than 256 tokens (the short rows leave splits empty,
+    the long one fills three of 8); a row's output ignores what lies in its blocks past its length."""
     gen = torch.Generator().manual_seed(7)
-    lens = [40, 3, 97]
+    lens = [40, 3, 97, 600]
     cache, tables = paged_cache(lens, 16, 1, 80, torch.float32, gen)
-    q = torch.randn(3, 4, 80, generator=gen).to(device)
+    q = torch.randn(len(lens), 4, 80, generator=gen).to(device)
     ctx = torch.tensor(lens, dtype=torch.int32, device=device)
     want = paged_decode_attention_ref(q, cache, tables, ctx, 0.125)
-    for splits in (1, 2, 8):
-        torch.testing.assert_close(paged_decode_attention(q, cache, tables, ctx, 0.125, num_splits=splits), want,
-                                   rtol=1e-4, atol=1e-5)
+    for splits, floor in ((1, 256), (2, 1), (8, 1), (2, 256), (8, 256)):
+        got = paged_decode_attention(q, cache, tables, ctx, 0.125, num_splits=splits, min_split_tokens=floor)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    windowed = paged_decode_attention_ref(q, cache, tables, ctx, 0.125, 300)  # the long row: two splits of 8
+    torch.testing.assert_close(paged_decode_attention(q, cache, tables, ctx, 0.125, 300, num_splits=8), windowed,
+                               rtol=1e-4, atol=1e-5)
     spoiled = cache.clone()  # huge values past each length, in the sequence's own last block
     for row, n in enumerate(lens):
         spoiled[:, tables[row, n // 16], n % 16:] = 1e4

@@ -1,0 +1,80 @@
+"""Paged decode attention at the engine's own batches (8B geometry, bf16, CUDA graphs), by split count.
+
+The kernel benchmark (kernels.py) times one shape: 64 rows of 4,096 tokens. The engine's steps look
+otherwise: W1's 256 rows of ~384 tokens, and W2's mixed steps, ~30-130 decode rows of lognormal
+lengths followed by ~140 prompt-lane rows the decode kernel skips (context 0). This times each such
+batch by split count and per-sequence split floor (min_split_tokens: 1 splits every sequence in
+NUM_SPLITS parts however short) and reports the copy-bandwidth share of the K/V bytes read.
+
+    python bench/gpu_decode_mix.py [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu import workload  # noqa: E402
+from kernels import copy_bandwidth, median_ms  # noqa: E402
+
+HQ, HKV, D, BLOCK = 32, 8, 128, 16
+
+
+def case(name: str, contexts: np.ndarray, lanes: int, copy_gbs: float) -> dict:
+    from tandem.kernels.paged_decode_attention import paged_decode_attention
+
+    n = len(contexts)
+    rows = n + lanes  # the mixed graph's grid covers the lanes too; they have context 0
+    lens = np.concatenate([contexts, np.zeros(lanes, np.int64)])
+    width = int(-(-lens.max() // BLOCK))
+    blocks = int(sum(-(-c // BLOCK) for c in contexts))
+    perm = torch.randperm(blocks + 1).int()
+    table = torch.zeros(rows, width, dtype=torch.int32)
+    at = 0
+    for i, c in enumerate(contexts):
+        k = int(-(-c // BLOCK))
+        table[i, :k] = perm[at:at + k]
+        at += k
+    cache = torch.randn(2, blocks + 1, BLOCK, HKV, D, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(rows, HQ, D, device="cuda", dtype=torch.bfloat16)
+    out = torch.zeros_like(q)
+    table, lens_t = table.cuda(), torch.tensor(lens, dtype=torch.int32, device="cuda")
+    moved = int(contexts.sum()) * HKV * D * 2 * 2
+    res = {"case": name, "decode_rows": n, "lane_rows": lanes, "mean_context": round(float(contexts.mean())),
+           "max_context": int(contexts.max()), "kv_bytes": moved}
+    for splits, floor in ((1, 0), (4, 1), (8, 1), (8, 128), (8, 256), (8, 512), (16, 128), (16, 256), (16, 512), (32, 256)):
+        ms = median_ms(lambda: paged_decode_attention(q, cache, table, lens_t, D ** -0.5, num_splits=splits, out=out,
+                                                      max_context_len=4096, write_empty_rows=lanes == 0,
+                                                      min_split_tokens=floor), graph=True)
+        res[f"splits_{splits}_floor_{floor}"] = {"us": round(ms * 1e3, 1),
+                                                 "pct_of_copy": round(100 * moved / ms / 1e6 / copy_gbs, 1)}
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
+    args = ap.parse_args()
+    copy_gbs = copy_bandwidth()
+    print(f"copy {copy_gbs:.0f} GB/s", flush=True)
+    rng = np.random.default_rng(0)
+    w2 = workload("W2", rng)
+    # a W2 request mid-flight: its prompt and part of its output in the cache
+    w2_ctx = np.array([p + int(rng.integers(0, o)) for p, o in w2])
+    results = [case("W1 256 rows", np.full(256, 384), 0, copy_gbs),
+               case("P512 256 rows", np.full(256, 576), 0, copy_gbs)]
+    for n in (24, 40, 64, 96, 128):
+        results.append(case(f"W2 mixed {n} rows", rng.choice(w2_ctx, n), 140, copy_gbs))
+    path = os.path.join(args.out, f"decode-mix-{torch.cuda.get_device_name().replace(' ', '-')}.json")
+    with open(path, "w") as f:
+        json.dump({"copy_gbs": copy_gbs, "torch": torch.__version__, "cases": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
