@@ -111,7 +111,7 @@ def decode_step_ms(llm, batch: int, context: int) -> float | None:
     tokens: the floor under the engine's step time, to set against the host's share. Every row reads
     blocks of its own (shared blocks would be served from L2 and understate attention)."""
     graphs = llm.engine.runner.graphs
-    if graphs is None or batch not in graphs.graphs:
+    if graphs is None or (batch, "plain") not in graphs.graphs:
         return None
     d = graphs.dev
     blocks = -(-context // llm.engine.runner.block_size)
@@ -121,7 +121,7 @@ def decode_step_ms(llm, batch: int, context: int) -> float | None:
                                                           device="cuda").view(batch, blocks)
     d["context_lens"][:batch] = context
     d["slots"][:batch] = -1  # write nothing: the cache holds no live request now
-    graph, hidden = graphs.graphs[batch]
+    graph, hidden = graphs.graphs[batch, "plain"]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(3):
         graph.replay()

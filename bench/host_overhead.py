@@ -40,8 +40,8 @@ def stub_model() -> None:
 
     hidden = TINY["hidden_size"]
 
-    def replay(self, b: int, mixed: bool = False) -> torch.Tensor:
-        return torch.zeros(b, hidden)
+    def replay(self, key: tuple[int, str]) -> torch.Tensor:
+        return torch.zeros(key[0], hidden)
 
     def forward(self, input_ids, positions, slots, seqs, on_layer_written) -> torch.Tensor:
         return torch.zeros(len(input_ids), hidden)

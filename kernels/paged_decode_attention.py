@@ -240,6 +240,14 @@ def choose_num_splits(batch: int, num_kv: int, max_context_len: int, sm_count: i
     return 1 << (splits.bit_length() - 1)  # rounded down: never shorter splits than asked
 
 
+def spread_contexts(longest: int, total: int, num_kv: int, sm_count: int) -> bool:
+    """Whether one program per (sequence, KV head) would leave the longest sequence's programs walking
+    alone: a program streams about a quarter of an SM's share of bandwidth (H200: ~7 of ~32 GB/s), so
+    a context longer than the batch's K/V per ~4 program slots an SM sets the kernel's pace
+    (bench/gpu_decode_mix.py). total: the batch's context lengths summed."""
+    return longest * 4 * sm_count > num_kv * total
+
+
 def launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window, num_splits, out,
                   block_n: int, num_warps: int, num_stages: int, write_empty_rows: bool = True,
                   min_split_tokens: int = _MIN_SPLIT_TOKENS) -> None:

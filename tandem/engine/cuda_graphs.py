@@ -6,6 +6,9 @@ past the batch are padding: slot -1 (the cache write skips it) and context lengt
 reads nothing). Steps with a prompt chunk, KV saving, or more rows than the largest bucket run eager,
 except a lookahead's prompt lanes (prompt_lanes.py): with `max_lanes`, every bucket from 16 rows on
 (up to `max_lanes` past the largest batch) also has a mixed graph, whose prefill kernel attends them.
+A decode-only step whose contexts are spread (one far longer than the batch's share of a program slot:
+`spread_contexts`) replays its bucket's "spread" graph, whose decode kernel splits contexts in up to
+SPREAD_SPLITS parts; buckets small enough to split anyway have none. Graphs are keyed (bucket, kind).
 
 With `use_graphs=False` nothing is captured and a "replay" runs the model eagerly on the same static
 tensors: CPUs run the Triton backend's decode path this way (through Triton's interpreter) in tests.
@@ -23,9 +26,11 @@ from tandem.engine import ops
 from tandem.engine.attention import SeqSlice
 from tandem.engine.attention_triton import DecodeMeta, PrefillMeta, TritonAttention
 from tandem.engine.prompt_lanes import LANE_SPLITS, MAX_SEQS, PromptLanes
-from tandem.kernels.paged_decode_attention import sm_count, choose_num_splits
+from tandem.kernels.paged_decode_attention import choose_num_splits, sm_count, spread_contexts
 
 log = logging.getLogger("tandem.engine")
+
+SPREAD_SPLITS = 8  # H200, 8B, 128 rows of W2's spread contexts: 1 split 46% of copy bandwidth, 8 splits 75%
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -54,53 +59,59 @@ class DecodeGraphs:
         self.pinned = {k: torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v) for k, v in self.host.items()}
         self.host = {k: v.numpy() for k, v in self.pinned.items()}  # write straight into pinned memory
         self.dev = {k: v.to(device, copy=True) for k, v in self.pinned.items()}
-        self.attn = {b: TritonAttention(kv_caches, self.dev["slots"][:b], scale, model.shape.sliding_window,
-                                        decode=DecodeMeta(0, self.dev["block_tables"][:b],
-                                                          self.dev["context_lens"][:b], max_model_len))
-                     for b in self.buckets}
+        plain = {b: TritonAttention(kv_caches, self.dev["slots"][:b], scale, model.shape.sliding_window,
+                                    decode=DecodeMeta(0, self.dev["block_tables"][:b], self.dev["context_lens"][:b],
+                                                      max_model_len))
+                 for b in self.buckets}
+        num_kv, sms = kv_caches[0].shape[3], sm_count(device)
+        self._spread = lambda longest, total: spread_contexts(longest, total, num_kv, sms)  # noqa: E731
         lanes = PrefillMeta(0, self.dev["lane_cu"], self.dev["lane_lens"], self.dev["lane_tables"], 0,
                             num_splits=LANE_SPLITS if device.type == "cuda" else 2, packed=True)
-        # a mixed step's decode rows are few (the lanes are most of it, and the decode kernel skips them):
-        # split their contexts as for a small batch, not as for b rows
-        splits = choose_num_splits(8, kv_caches[0].shape[3], max_model_len, sm_count(device))
-        self.mixed_attn = {b: replace(a, decode=replace(a.decode, num_splits=splits),
-                                      prefill=replace(lanes, num_rows=b, max_query_len=min(b, max_lanes)))
-                           for b, a in self.attn.items() if max_lanes and b >= 16}
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
-        self.mixed: dict[int, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
+        # a mixed step's decode rows are few (the lanes are most of it, and the decode kernel skips them)
+        # and their contexts spread: split them as for a small batch, not as for b rows
+        splits = choose_num_splits(8, num_kv, max_model_len, sms)
+        self.attn: dict[tuple[int, str], TritonAttention] = {(b, "plain"): a for b, a in plain.items()}
+        self.attn.update({(b, "spread"): replace(a, decode=replace(a.decode, num_splits=SPREAD_SPLITS))
+                          for b, a in plain.items()
+                          if b >= 16 and choose_num_splits(b, num_kv, max_model_len, sms) < SPREAD_SPLITS})
+        self.attn.update({(b, "lanes"): replace(a, decode=replace(a.decode, num_splits=splits),
+                                                prefill=replace(lanes, num_rows=b, max_query_len=min(b, max_lanes)))
+                          for b, a in plain.items() if max_lanes and b >= 16})
+        self.mixed_buckets = sorted(b for b, kind in self.attn if kind == "lanes")
+        self.graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
         self._uploaded: torch.cuda.Event | None = None
 
     @torch.inference_mode()
     def capture(self) -> None:
         """Largest bucket first, so the smaller ones reuse its memory from the shared pool."""
         if not self.use_graphs:
-            self.graphs = {b: (None, None) for b in self.buckets}
-            self.mixed = {b: (None, None) for b in self.mixed_attn}
+            self.graphs = {key: (None, None) for key in self.attn}
             return
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for graphs, attns in ((self.graphs, self.attn), (self.mixed, self.mixed_attn)):
-                for b in sorted(attns, reverse=True):
-                    args = (self.dev["input_ids"][:b], self.dev["positions"][:b], attns[b])
-                    self.model(*args)  # compiles the kernels and sets up cuBLAS outside the capture
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        hidden = self.model(*args)
-                    graphs[b] = (graph, hidden)
+            for key in sorted(self.attn, key=lambda k: -k[0]):
+                b = key[0]
+                args = (self.dev["input_ids"][:b], self.dev["positions"][:b], self.attn[key])
+                self.model(*args)  # compiles the kernels and sets up cuBLAS outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    hidden = self.model(*args)
+                self.graphs[key] = (graph, hidden)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        log.info("captured decode CUDA graphs for batch sizes %s (with prompt lanes from %s)", self.buckets,
-                 min(self.mixed, default=None))
+        log.info("captured decode CUDA graphs for batch sizes %s (spread from %s, with prompt lanes from %s)",
+                 self.buckets, min((b for b, kind in self.attn if kind == "spread"), default=None),
+                 min(self.mixed_buckets, default=None))
 
     def _stage(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
-               lanes: PromptLanes | None = None) -> int | None:
+               lanes: PromptLanes | None = None) -> tuple[int, str] | None:
         """Copies a decode-only step's inputs into the graphs' static tensors (and the prompt lanes'
-        tables: their rows' inputs change every step); returns the bucket."""
+        tables: their rows' inputs change every step); returns the graph's key."""
         n = len(seqs)
         rows = n + (lanes.rows.shape[2] if lanes else 0)
-        buckets = sorted(self.mixed) if lanes else self.buckets
+        buckets = self.mixed_buckets if lanes else self.buckets
         if rows > buckets[-1] or len(input_ids) != n or not self.graphs:
             return None
         b = buckets[bisect.bisect_left(buckets, rows)]
@@ -118,7 +129,11 @@ class DecodeGraphs:
             self._fill_tables(lanes.tables, "lane_tables")
             self.dev["lane_tables"].copy_(self.pinned["lane_tables"], non_blocking=True)
         self._upload(("input_ids", "positions", "slots", "context_lens", "block_tables"), b)
-        return b
+        if lanes:
+            return b, "lanes"
+        ctx = h["context_lens"][:n]
+        spread = (b, "spread") in self.attn and self._spread(int(ctx.max()), int(ctx.sum()))
+        return b, "spread" if spread else "plain"
 
     def _fill_tables(self, tables: list[list[int]], key: str = "block_tables") -> None:
         host = self.host[key]
@@ -142,17 +157,18 @@ class DecodeGraphs:
     def run(self, input_ids: list[int], positions: list[int], slots: list[int],
             seqs: list[SeqSlice]) -> torch.Tensor | None:
         """The hidden states of a decode-only step, or None when this step cannot replay a graph."""
-        b = self._stage(input_ids, positions, slots, seqs)
-        if b is None:
+        key = self._stage(input_ids, positions, slots, seqs)
+        if key is None:
             return None
-        return self._replay(b)[:len(seqs)]
+        return self._replay(key)[:len(seqs)]
 
-    def _replay(self, b: int, mixed: bool = False) -> torch.Tensor:
-        """The bucket's forward pass on the static inputs: its graph, or the model run eagerly."""
-        graph, hidden = (self.mixed if mixed else self.graphs)[b]
+    def _replay(self, key: tuple[int, str]) -> torch.Tensor:
+        """The forward pass of a graph key (bucket, kind) on the static inputs: its graph, or the model
+        run eagerly."""
+        graph, hidden = self.graphs[key]
         if graph is None:
-            attn = (self.mixed_attn if mixed else self.attn)[b]
-            return self.model(self.dev["input_ids"][:b], self.dev["positions"][:b], attn)
+            b = key[0]
+            return self.model(self.dev["input_ids"][:b], self.dev["positions"][:b], self.attn[key])
         graph.replay()
         return hidden
 
@@ -165,8 +181,8 @@ class DecodeGraphs:
         Row i cannot pick `ban_ids` in its first `ban_steps[i]` steps (min_tokens). `lanes`: prompt tokens
         computed alongside, rows after the decode rows. `feed`: (GreedyTokens, rows, their rows there):
         those rows' inputs are that earlier lookahead's last tokens, which the host has not read."""
-        b = self._stage(input_ids, positions, slots, seqs, lanes)
-        if b is None:
+        key = self._stage(input_ids, positions, slots, seqs, lanes)
+        if key is None:
             return None
         d, n = self.dev, len(seqs)
         device = d["input_ids"].device
@@ -188,11 +204,11 @@ class DecodeGraphs:
         for k in range(steps):
             if per_step is not None:  # the prompt lanes' rows and sequences at step k
                 rows_k, cu, lens = per_step
-                for key, values in zip(("input_ids", "positions", "slots"), rows_k[:, k]):
-                    d[key][n:n + values.shape[0]].copy_(values)
+                for name, values in zip(("input_ids", "positions", "slots"), rows_k[:, k]):
+                    d[name][n:n + values.shape[0]].copy_(values)
                 d["lane_cu"].copy_(cu[k])
                 d["lane_lens"].copy_(lens[k])
-            logits = logits_of(self._replay(b, per_step is not None)[:n])
+            logits = logits_of(self._replay(key)[:n])
             # token and logprob of step k, then the rows' next inputs
             ops.greedy_advance(logits, tokens[k], logprobs[k], ids, pos, ctx, slot, table, block_size, banned,
                                ban_left, k)
