@@ -47,7 +47,8 @@ def case(name: str, contexts: np.ndarray, lanes: int, copy_gbs: float) -> dict:
     moved = int(contexts.sum()) * HKV * D * 2 * 2
     res = {"case": name, "decode_rows": n, "lane_rows": lanes, "mean_context": round(float(contexts.mean())),
            "max_context": int(contexts.max()), "kv_bytes": moved}
-    for splits, floor in ((1, 0), (4, 1), (8, 1), (8, 128), (8, 256), (8, 512), (16, 128), (16, 256), (16, 512), (32, 256)):
+    configs = ((1, 0), (4, 1), (8, 1), (8, 128), (8, 256), (8, 512), (16, 128), (16, 256), (16, 512), (32, 256))
+    for splits, floor in configs:  # (num_splits, min_split_tokens)
         ms = median_ms(lambda: paged_decode_attention(q, cache, table, lens_t, D ** -0.5, num_splits=splits, out=out,
                                                       max_context_len=4096, write_empty_rows=lanes == 0,
                                                       min_split_tokens=floor), graph=True)

@@ -5,7 +5,8 @@ One program per (sequence, KV head, split): the `group` query heads sharing that
 rows of one tl.dot (padded to 16), so each K/V tile is read from memory once per KV head. A tile is
 BLOCK_N tokens spanning several pages; their page ids are gathered from the block table. With
 split-K, each split works on its own slice of the sequence's tiles (sliced on the device from the
-sequence's own length) and writes an unnormalised partial; a second small kernel merges them.
+sequence's own length, no slice shorter than min_split_tokens: a short sequence leaves splits unused,
+which exit at once) and writes an unnormalised partial; a second small kernel merges the used ones.
 
 Nothing on the launch path reads a device tensor, so a decode batch can be captured in a CUDA graph:
 the grid depends only on host ints. Padding rows (context length 0) produce zeros, or with
