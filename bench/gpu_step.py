@@ -23,6 +23,8 @@ def greedy_step(llm, batch: int, context: int, block_size: int, scatter: bool = 
     """A closure running one lookahead step of `batch` rows at `context` tokens, as the engine does;
     `scatter`: the blocks drawn at random from the whole pool (a long-running engine's free list)
     instead of one contiguous run per row."""
+    from tandem.engine import ops
+
     graphs = llm.engine.runner.graphs
     d = graphs.dev
     blocks = -(-(context + 1) // block_size)
@@ -35,12 +37,18 @@ def greedy_step(llm, batch: int, context: int, block_size: int, scatter: bool = 
     d["context_lens"][:batch] = context
     d["positions"][:batch] = context - 1
     d["input_ids"][:batch] = 0
-    graphs._bucket, graphs._rows = batch, batch
+    key = next(k for k in ((batch, "plain"), (batch, "spread")) if k in graphs.graphs)  # equal contexts: plain
+    tokens = torch.empty(batch, dtype=torch.long, device="cuda")
+    logprobs = torch.empty(batch, dtype=torch.float32, device="cuda")
+    rows = [d[k][:batch] for k in ("input_ids", "positions", "context_lens", "slots", "block_tables")]
 
-    def run(steps: int = 1):
+    def run(steps: int = 1):  # DecodeGraphs.run_greedy_steps' loop, on inputs already in place
         d["context_lens"][:batch] = context  # the loop advances them: keep the point fixed
         d["positions"][:batch] = context - 1
-        return graphs._greedy_loop(steps, block_size, llm.engine.runner._raw_logits, [], [], chained=True)
+        for _ in range(steps):
+            logits = llm.engine.runner._raw_logits(graphs._replay(key)[:batch])
+            ops.greedy_advance(logits, tokens, logprobs, *rows, block_size)
+        return tokens
     return run
 
 
