@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tandem.kernels.paged_decode_attention import (LOG2E, ROWS_IN_CHUNKS, attend_tile, check_cache, check_heads,
-                                                   check_index, check_out, dot_precision, merge_splits)
+from tandem.kernels.attention_common import (LOG2E, ROWS_IN_CHUNKS, attend_tile, check_cache, check_heads,
+                                             check_index, check_out, dot_precision, merge_splits)
 
 __all__ = ["paged_prefill_attention", "paged_prefill_attention_ref"]
 

@@ -215,11 +215,14 @@ def test_compiles_for_hopper_in_bf16():
     common = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128)
     launches = [(module, "_decode_kernel", dict(common, GROUP=4, SLOT_SIZE=1024, ROWS=16, BLOCK_N=cfg["block_n"],
                                                 BLOCK_SIZE=16, NUM_SPLITS=splits, HAS_WINDOW=window,
+                                                MIN_SPLIT_TILES=256 // cfg["block_n"] if splits > 1 else 1,
                                                 PRECISION="tf32", SKIP_EMPTY=splits > 1),
                  dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
                 for cfg, splits, window in ((small, 1, False), (small, 4, True), (large, 1, False))]
-    launches += [(module, "_merge_splits_kernel", dict(common, NUM_SPLITS=4, SPLITS_PAD=4, BLOCK_R=block_r, ROWS=rows),
-                  dict(num_warps=4)) for rows, block_r in ((0, 1), (1, 16), (2, 16))]
+    launches += [("tandem.kernels.attention_common", "_merge_splits_kernel",
+                  dict(common, NUM_SPLITS=4, SPLITS_PAD=4, BLOCK_R=block_r, ROWS=rows, MIN_SPLIT_TILES=4, BLOCK_N=64,
+                       HAS_WINDOW=window), dict(num_warps=4))
+                 for rows, block_r, window in ((0, 1, False), (1, 16, False), (2, 16, True))]
     assert all(0 < shared <= H100_SHARED_MEMORY for shared in compile_for_sm90(launches)[:3])
 
 
