@@ -45,6 +45,8 @@ class DecodeGraphs:
         self.use_graphs = use_graphs
         self.max_lanes = max_lanes
         self.buckets = bucket_sizes(max_batch + max_lanes)
+        # a decode-only step holds at most max_batch rows: its graphs stop at the bucket that holds them
+        self.decode_buckets = self.buckets[:bisect.bisect_left(self.buckets, max_batch) + 1]
         max_batch = self.buckets[-1]
         self.max_model_len = max_model_len
         device = kv_caches[0].device
@@ -63,16 +65,15 @@ class DecodeGraphs:
                                     decode=DecodeMeta(0, self.dev["block_tables"][:b], self.dev["context_lens"][:b],
                                                       max_model_len))
                  for b in self.buckets}
-        num_kv, sms = kv_caches[0].shape[3], sm_count(device)
-        self._spread = lambda longest, total: spread_contexts(longest, total, num_kv, sms)  # noqa: E731
+        self.num_kv, self.sms = num_kv, sms = kv_caches[0].shape[3], sm_count(device)
         lanes = PrefillMeta(0, self.dev["lane_cu"], self.dev["lane_lens"], self.dev["lane_tables"], 0,
                             num_splits=LANE_SPLITS if device.type == "cuda" else 2, packed=True)
         # a mixed step's decode rows are few (the lanes are most of it, and the decode kernel skips them)
         # and their contexts spread: split them as for a small batch, not as for b rows
         splits = choose_num_splits(8, num_kv, max_model_len, sms)
-        self.attn: dict[tuple[int, str], TritonAttention] = {(b, "plain"): a for b, a in plain.items()}
-        self.attn.update({(b, "spread"): replace(a, decode=replace(a.decode, num_splits=SPREAD_SPLITS))
-                          for b, a in plain.items()
+        self.attn: dict[tuple[int, str], TritonAttention] = {(b, "plain"): plain[b] for b in self.decode_buckets}
+        self.attn.update({(b, "spread"): replace(plain[b], decode=replace(plain[b].decode, num_splits=SPREAD_SPLITS))
+                          for b in self.decode_buckets
                           if b >= 16 and choose_num_splits(b, num_kv, max_model_len, sms) < SPREAD_SPLITS})
         self.attn.update({(b, "lanes"): replace(a, decode=replace(a.decode, num_splits=splits),
                                                 prefill=replace(lanes, num_rows=b, max_query_len=min(b, max_lanes)))
@@ -102,7 +103,7 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s (spread from %s, with prompt lanes from %s)",
-                 self.buckets, min((b for b, kind in self.attn if kind == "spread"), default=None),
+                 self.decode_buckets, min((b for b, kind in self.attn if kind == "spread"), default=None),
                  min(self.mixed_buckets, default=None))
 
     def _stage(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
@@ -111,7 +112,7 @@ class DecodeGraphs:
         tables: their rows' inputs change every step); returns the graph's key."""
         n = len(seqs)
         rows = n + (lanes.rows.shape[2] if lanes else 0)
-        buckets = self.mixed_buckets if lanes else self.buckets
+        buckets = self.mixed_buckets if lanes else self.decode_buckets
         if rows > buckets[-1] or len(input_ids) != n or not self.graphs:
             return None
         b = buckets[bisect.bisect_left(buckets, rows)]
@@ -132,7 +133,7 @@ class DecodeGraphs:
         if lanes:
             return b, "lanes"
         ctx = h["context_lens"][:n]
-        spread = (b, "spread") in self.attn and self._spread(int(ctx.max()), int(ctx.sum()))
+        spread = (b, "spread") in self.attn and spread_contexts(int(ctx.max()), int(ctx.sum()), self.num_kv, self.sms)
         return b, "spread" if spread else "plain"
 
     def _fill_tables(self, tables: list[list[int]], key: str = "block_tables") -> None:

@@ -217,6 +217,10 @@ def test_prompt_lanes_in_lookaheads(references, make_llm, monkeypatch):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], each, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [e[:n] for e, n in zip(expected, lengths)]
     assert llm.stats().num_lookahead_prompt_tokens >= sum(len(p) for p in prompts) // 2
+    graphs = llm.engine.runner.graphs  # decode-only graphs hold any batch, and stop there: no graph past it
+    most = llm.engine.config.scheduler.max_num_seqs
+    assert graphs.decode_buckets[-1] >= most > graphs.decode_buckets[-2] and graphs.buckets[-1] > most
+    assert max(b for b, kind in graphs.graphs if kind != "lanes") == graphs.decode_buckets[-1]
     hits = llm.stats().prefix_cache_hits
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=2),
                         use_tqdm=False)
