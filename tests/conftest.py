@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
-import pytest
-import torch
+
+def _repository_root_last() -> None:
+    """pytest puts the repository root first on sys.path (tests/ is a package), and `python -m` the working
+    directory. There kernels/ and operator/, installed as tandem.kernels and tandem.operator, would shadow
+    Hugging Face's `kernels` (which transformers >= 5.25 imports) and the standard library's operator.
+    Last on the path the root still serves `import tests...` and shadows nothing; PYTHONSAFEPATH keeps
+    it off the path of the tests' own `python -c` / `python -m` children."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root] + [root]
+    os.environ["PYTHONSAFEPATH"] = "1"
+
+
+_repository_root_last()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton kernels run under Triton's interpreter where there is no GPU; it is read when a kernel is
