@@ -8,11 +8,11 @@ import sys
 
 
 def _repository_root_last() -> None:
-    """pytest puts the repository root first on sys.path (tests/ is a package), and `python -m` the working
-    directory. There kernels/ and operator/, installed as tandem.kernels and tandem.operator, would shadow
-    Hugging Face's `kernels` (which transformers >= 5.25 imports) and the standard library's operator.
-    Last on the path the root still serves `import tests...` and shadows nothing; PYTHONSAFEPATH keeps
-    it off the path of the tests' own `python -c` / `python -m` children."""
+    """Top-level kernels/ and operator/ (installed as tandem.kernels and tandem.operator) must shadow
+    neither Hugging Face's `kernels` (transformers >= 5.25 imports it) nor the standard library's
+    operator. `python -m pytest` puts the repository root first on sys.path: it goes last, where it still
+    serves `import tests...`, and pytest's import mode is `append` (pyproject.toml) so that it stays
+    there. PYTHONSAFEPATH keeps it off the path of the tests' own `python -c` / `python -m` children."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root] + [root]
     os.environ["PYTHONSAFEPATH"] = "1"
