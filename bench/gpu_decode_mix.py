@@ -25,7 +25,12 @@ from kernels import copy_bandwidth, median_ms  # noqa: E402
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 
 
-def case(name: str, contexts: np.ndarray, lanes: int, copy_gbs: float) -> dict:
+LARGE = ((1, 0), (4, 1), (8, 1), (8, 128), (8, 256), (8, 512), (16, 128), (16, 256), (16, 512), (32, 256))
+# few rows: too few (sequence, KV head) programs to fill the SMs, so the floor, not the batch, bounds the splits
+SMALL = ((1, 0), (2, 64), (2, 256), (4, 64), (4, 256), (8, 64), (8, 128), (16, 64), (16, 128), (16, 256), (32, 64))
+
+
+def case(name: str, contexts: np.ndarray, lanes: int, copy_gbs: float, configs=LARGE) -> dict:
     from tandem.kernels.paged_decode_attention import paged_decode_attention
 
     n = len(contexts)
@@ -47,7 +52,6 @@ def case(name: str, contexts: np.ndarray, lanes: int, copy_gbs: float) -> dict:
     moved = int(contexts.sum()) * HKV * D * 2 * 2
     res = {"case": name, "decode_rows": n, "lane_rows": lanes, "mean_context": round(float(contexts.mean())),
            "max_context": int(contexts.max()), "kv_bytes": moved}
-    configs = ((1, 0), (4, 1), (8, 1), (8, 128), (8, 256), (8, 512), (16, 128), (16, 256), (16, 512), (32, 256))
     for splits, floor in configs:  # (num_splits, min_split_tokens)
         ms = median_ms(lambda: paged_decode_attention(q, cache, table, lens_t, D ** -0.5, num_splits=splits, out=out,
                                                       max_context_len=4096, write_empty_rows=lanes == 0,
@@ -61,10 +65,18 @@ def case(name: str, contexts: np.ndarray, lanes: int, copy_gbs: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
+    ap.add_argument("--small", action="store_true", help="the small batches instead: single, W1-64, a few rows")
     args = ap.parse_args()
     copy_gbs = copy_bandwidth()
     print(f"copy {copy_gbs:.0f} GB/s", flush=True)
     rng = np.random.default_rng(0)
+    if args.small:
+        results = [case(f"{n} x {c}", np.full(n, c), 0, copy_gbs, SMALL)
+                   for n, c in ((1, 576), (2, 576), (4, 576), (8, 576), (16, 576), (32, 384), (64, 192), (64, 384),
+                                (64, 640))]
+        with open(os.path.join(args.out, "decode-small.json"), "w") as f:
+            json.dump({"copy_gbs": copy_gbs, "torch": torch.__version__, "cases": results}, f, indent=1)
+        return
     w2 = workload("W2", rng)
     # a W2 request mid-flight: its prompt and part of its output in the cache
     w2_ctx = np.array([p + int(rng.integers(0, o)) for p, o in w2])

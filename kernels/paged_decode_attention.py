@@ -31,9 +31,13 @@ from tandem.kernels.pdl import launch_options, wait_for_inputs
 __all__ = ["paged_decode_attention", "paged_decode_attention_ref"]
 
 _MIN_ROWS = 16  # tl.dot needs M >= 16 on GPUs
-# below this a split's partial costs more than it parallelises: the split count's cap, and each sequence's
-# floor in the kernel (TANDEM_MIN_SPLIT_TOKENS sets it for sweeps: bench/gpu_decode_mix.py)
-_MIN_SPLIT_TOKENS = int(os.environ.get("TANDEM_MIN_SPLIT_TOKENS", "256"))
+# Each sequence's split floor in the kernel. Where the batch's programs cannot fill the SMs, one tile a
+# split is worth its partial (H200, 8B, one row of 576 tokens: 5.1 us in 16 splits of 64 tokens, 8.8 us
+# of 256); where a spread batch is split for its longest sequences (SPREAD_*), short ones must not
+# splinter (bench/gpu_decode_mix.py; TANDEM_MIN_SPLIT_TOKENS sets the spread floor for sweeps).
+MIN_SPLIT_TOKENS = 64
+SPREAD_MIN_SPLIT_TOKENS = int(os.environ.get("TANDEM_MIN_SPLIT_TOKENS", "256"))
+SPREAD_SPLITS = 8  # H200, 8B, 128 rows of W2's spread contexts: 1 split 46% of copy bandwidth, 8 splits 75%
 _MAX_SPLITS = 64
 
 
@@ -91,27 +95,30 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def choose_num_splits(batch: int, num_kv: int, max_context_len: int, sm_count: int) -> int:
-    """Enough (sequence, KV head, split) programs for ~4 per SM, no split shorter than 256 tokens; a
-    power of two, since NUM_SPLITS is compiled in: a few kernel variants serve every batch size."""
+def choose_num_splits(batch: int, num_kv: int, max_context_len: int, sm_count: int,
+                      min_split_tokens: int = MIN_SPLIT_TOKENS) -> int:
+    """Enough (sequence, KV head, split) programs for ~4 per SM, no split shorter than min_split_tokens;
+    a power of two, since NUM_SPLITS is compiled in: a few kernel variants serve every batch size."""
     if batch * num_kv == 0:
         return 1
     wanted = max(1, 4 * sm_count // (batch * num_kv))  # rounded down: 64 x 8 heads on 132 SMs need no split
-    splits = max(1, min(wanted, math.ceil(max_context_len / _MIN_SPLIT_TOKENS), _MAX_SPLITS))
+    splits = max(1, min(wanted, math.ceil(max_context_len / min_split_tokens), _MAX_SPLITS))
     return 1 << (splits.bit_length() - 1)  # rounded down: never shorter splits than asked
 
 
-def spread_contexts(longest: int, total: int, num_kv: int, sm_count: int) -> bool:
-    """Whether one program per (sequence, KV head) would leave the longest sequence's programs walking
-    alone: a program streams about a quarter of an SM's share of bandwidth (H200: ~7 of ~32 GB/s), so
-    a context longer than the batch's K/V per ~4 program slots an SM sets the kernel's pace
-    (bench/gpu_decode_mix.py). total: the batch's context lengths summed."""
-    return longest * 4 * sm_count > num_kv * total
+def spread_contexts(longest: int, total: int, rows: int, num_kv: int, sm_count: int) -> bool:
+    """Whether one program per (sequence, KV head) would leave the longest sequences' programs walking
+    alone (then SPREAD_SPLITS pays): a program streams about a quarter of an SM's share of bandwidth
+    (H200: ~7 of ~32 GB/s), so a context longer than the batch's K/V per ~4 program slots an SM sets
+    the kernel's pace; and it must be at least twice the mean, since equal contexts finish together
+    (64 rows of 384 tokens: 29.5 us in one split, 35 in SPREAD_SPLITS; bench/gpu_decode_mix.py --small).
+    total: the batch's context lengths summed."""
+    return longest * 4 * sm_count > num_kv * total and longest * rows >= 2 * total
 
 
 def launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window, num_splits, out,
                   block_n: int, num_warps: int, num_stages: int, write_empty_rows: bool = True,
-                  min_split_tokens: int = _MIN_SPLIT_TOKENS) -> None:
+                  min_split_tokens: int = MIN_SPLIT_TOKENS) -> None:
     """The kernels with an explicit tile config (bench/kernels.py sweeps it); inputs already checked."""
     batch, num_heads, head_dim = q.shape
     _, _, block_size, num_kv, _ = kv_cache.shape
@@ -154,15 +161,15 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
                            context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
                            max_context_len: int | None = None, write_empty_rows: bool = True,
-                           min_split_tokens: int = _MIN_SPLIT_TOKENS) -> torch.Tensor:
+                           min_split_tokens: int | None = None) -> torch.Tensor:
     """q [B, Hq, D] (one token per sequence, its K/V already cached) attends to the first
     context_lens[b] tokens (the last `sliding_window` of them when given) -> [B, Hq, D].
 
     block_tables [B, max_blocks] int32, context_lens [B] int32 (0: padding row, output zeros; with
     write_empty_rows=False such rows of `out` are left as they are).
     max_context_len (a host int; default: what the block table can hold) and the SM count choose
-    num_splits when it is None; a sequence splits no finer than min_split_tokens (rounded to whole
-    tiles), so short ones leave splits empty. Nothing here reads a device tensor (CUDA-graph safe)."""
+    num_splits when it is None; a sequence splits no finer than min_split_tokens (default
+    MIN_SPLIT_TOKENS, rounded to whole tiles), so short ones leave splits empty. Nothing here reads a device tensor (CUDA-graph safe)."""
     name = "paged_decode_attention"
     check_cache(name, kv_cache)
     check_heads(name, "q", q, kv_cache)
@@ -175,12 +182,14 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         raise ValueError(f"{name}: num_splits must be >= 1, got {num_splits}")
     if batch == 0:
         return out
+    min_split_tokens = min_split_tokens or MIN_SPLIT_TOKENS
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * kv_cache.shape[2]
     if sliding_window:
         max_context_len = min(max_context_len, sliding_window)
     if num_splits is None:
-        num_splits = choose_num_splits(batch, kv_cache.shape[3], max_context_len, sm_count(q.device))
+        num_splits = choose_num_splits(batch, kv_cache.shape[3], max_context_len, sm_count(q.device),
+                                       min_split_tokens)
     per_sm = batch * kv_cache.shape[3] * num_splits / sm_count(q.device)
     launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window, num_splits, out,
                   **decode_config(q.shape[2], q.device, per_sm), write_empty_rows=write_empty_rows,

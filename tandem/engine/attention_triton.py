@@ -34,6 +34,7 @@ class DecodeMeta:
     context_lens: torch.Tensor  # [B] int32; 0 for padding rows
     max_context_len: int
     num_splits: int | None = None
+    min_split_tokens: int | None = None  # no sequence splits finer (None: paged_decode_attention's default)
 
 
 @dataclass
@@ -89,7 +90,8 @@ class TritonAttention(AttentionBatch):
         if d is not None:
             paged_decode_attention(q[d.start:], cache, d.block_tables, d.context_lens, self.scale,
                                    self.sliding_window, num_splits=d.num_splits, out=out[d.start:],
-                                   max_context_len=d.max_context_len, write_empty_rows=p is None)
+                                   max_context_len=d.max_context_len, write_empty_rows=p is None,
+                                   min_split_tokens=d.min_split_tokens)
         if side is not None:
             torch.cuda.current_stream(q.device).wait_stream(side)
         elif p is not None:

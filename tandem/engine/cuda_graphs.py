@@ -26,11 +26,10 @@ from tandem.engine import ops
 from tandem.engine.attention import SeqSlice
 from tandem.engine.attention_triton import DecodeMeta, PrefillMeta, TritonAttention
 from tandem.engine.prompt_lanes import LANE_SPLITS, MAX_SEQS, PromptLanes
-from tandem.kernels.paged_decode_attention import choose_num_splits, sm_count, spread_contexts
+from tandem.kernels.paged_decode_attention import (SPREAD_MIN_SPLIT_TOKENS, SPREAD_SPLITS, choose_num_splits, sm_count,
+                                                   spread_contexts)
 
 log = logging.getLogger("tandem.engine")
-
-SPREAD_SPLITS = 8  # H200, 8B, 128 rows of W2's spread contexts: 1 split 46% of copy bandwidth, 8 splits 75%
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
@@ -70,12 +69,14 @@ class DecodeGraphs:
                             num_splits=LANE_SPLITS if device.type == "cuda" else 2, packed=True)
         # a mixed step's decode rows are few (the lanes are most of it, and the decode kernel skips them)
         # and their contexts spread: split them as for a small batch, not as for b rows
-        splits = choose_num_splits(8, num_kv, max_model_len, sms)
+        splits = choose_num_splits(8, num_kv, max_model_len, sms, SPREAD_MIN_SPLIT_TOKENS)
         self.attn: dict[tuple[int, str], TritonAttention] = {(b, "plain"): plain[b] for b in self.decode_buckets}
-        self.attn.update({(b, "spread"): replace(plain[b], decode=replace(plain[b].decode, num_splits=SPREAD_SPLITS))
+        self.attn.update({(b, "spread"): replace(plain[b], decode=replace(plain[b].decode, num_splits=SPREAD_SPLITS,
+                                                                          min_split_tokens=SPREAD_MIN_SPLIT_TOKENS))
                           for b in self.decode_buckets
                           if b >= 16 and choose_num_splits(b, num_kv, max_model_len, sms) < SPREAD_SPLITS})
-        self.attn.update({(b, "lanes"): replace(a, decode=replace(a.decode, num_splits=splits),
+        self.attn.update({(b, "lanes"): replace(a, decode=replace(a.decode, num_splits=splits,
+                                                                  min_split_tokens=SPREAD_MIN_SPLIT_TOKENS),
                                                 prefill=replace(lanes, num_rows=b, max_query_len=min(b, max_lanes)))
                           for b, a in plain.items() if max_lanes and b >= 16})
         self.mixed_buckets = sorted(b for b, kind in self.attn if kind == "lanes")
@@ -133,7 +134,8 @@ class DecodeGraphs:
         if lanes:
             return b, "lanes"
         ctx = h["context_lens"][:n]
-        spread = (b, "spread") in self.attn and spread_contexts(int(ctx.max()), int(ctx.sum()), self.num_kv, self.sms)
+        spread = (b, "spread") in self.attn and spread_contexts(int(ctx.max()), int(ctx.sum()), n, self.num_kv,
+                                                                      self.sms)
         return b, "spread" if spread else "plain"
 
     def _fill_tables(self, tables: list[list[int]], key: str = "block_tables") -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tandem.kernels.paged_decode_attention import (choose_num_splits, paged_decode_attention,
-                                                   paged_decode_attention_ref)
+                                                   paged_decode_attention_ref, spread_contexts)
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 # (rtol, atol): the kernel rounds the probabilities to the dtype before P @ V
@@ -116,8 +116,20 @@ def test_choose_num_splits():
     assert choose_num_splits(64, 8, 4096, 132) == 1  # ~4 programs per SM already
     assert choose_num_splits(32, 8, 4096, 132) == 2
     assert choose_num_splits(256, 8, 4096, 132) == 1  # enough programs already
-    assert choose_num_splits(1, 8, 100, 132) == 1  # too short to split
+    assert choose_num_splits(1, 8, 64, 132) == 1  # too short to split
     assert choose_num_splits(0, 8, 100, 132) == 1
+    assert choose_num_splits(1, 8, 576, 132) == 8  # one tile a split: one row cannot fill the SMs otherwise
+    assert choose_num_splits(1, 8, 576, 132, min_split_tokens=256) == 2
+
+
+def test_spread_contexts():
+    """Spread: the longest context outlasts the batch's share of the program slots and is at least twice
+    the mean. Equal contexts never are, however few the programs: they finish together."""
+    assert not spread_contexts(384, 64 * 384, 64, 8, 132)  # W1-64's steps
+    assert not spread_contexts(576, 16 * 576, 16, 8, 132)
+    assert spread_contexts(2450, 128 * 643, 128, 8, 132)  # W2's decode rows
+    assert not spread_contexts(2450, 256 * 1200, 256, 8, 132)  # long, but the batch's bytes set the pace
+    assert not spread_contexts(1000, 64 * 600, 64, 8, 132)  # a tail under twice the mean
 
 
 @pytest.mark.skipif(device != "cuda", reason="real shapes on the GPU only")
