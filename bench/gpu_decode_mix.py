@@ -62,14 +62,43 @@ def case(name: str, contexts: np.ndarray, lanes: int, copy_gbs: float, configs=L
     return res
 
 
+def tiles(name: str, rows: int, context: int, copy_gbs: float) -> dict:
+    """One split of equal contexts by tile config (block_n, warps, stages), against decode_config's."""
+    from tandem.kernels.paged_decode_attention import decode_config, launch_decode, sm_count
+
+    blocks = rows * -(-context // BLOCK)
+    table = torch.randperm(blocks).int().view(rows, -1).cuda()
+    cache = torch.randn(2, blocks, BLOCK, HKV, D, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(rows, HQ, D, device="cuda", dtype=torch.bfloat16)
+    out, lens = torch.zeros_like(q), torch.full((rows,), context, dtype=torch.int32, device="cuda")
+    moved = rows * context * HKV * D * 2 * 2
+    torch.cuda.synchronize()  # the timing harness launches from its own stream, which waits on nothing
+    res = {"case": name, "default": decode_config(D, q.device, rows * HKV / sm_count(q.device))}
+    for block_n, warps, stages in ((32, 2, 2), (32, 4, 2), (32, 4, 3), (64, 2, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4),
+                                   (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3)):
+        ms = median_ms(lambda: launch_decode(q, cache, table, lens, D ** -0.5, None, 1, out, block_n, warps, stages),
+                       graph=True)
+        res[f"{block_n}_{warps}w_{stages}s"] = {"us": round(ms * 1e3, 1),
+                                                "pct_of_copy": round(100 * moved / ms / 1e6 / copy_gbs, 1)}
+    print(json.dumps(res), flush=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     ap.add_argument("--small", action="store_true", help="the small batches instead: single, W1-64, a few rows")
+    ap.add_argument("--tiles", action="store_true", help="tile configs of one split at equal contexts instead")
     args = ap.parse_args()
     copy_gbs = copy_bandwidth()
     print(f"copy {copy_gbs:.0f} GB/s", flush=True)
     rng = np.random.default_rng(0)
+    if args.tiles:
+        results = [tiles(f"{n} x {c}", n, c, copy_gbs) for n, c in ((64, 192), (64, 384), (64, 640), (128, 384),
+                                                                     (256, 384), (256, 576))]
+        with open(os.path.join(args.out, "decode-tiles.json"), "w") as f:
+            json.dump({"copy_gbs": copy_gbs, "torch": torch.__version__, "cases": results}, f, indent=1)
+        return
     if args.small:
         results = [case(f"{n} x {c}", np.full(n, c), 0, copy_gbs, SMALL)
                    for n, c in ((1, 576), (2, 576), (4, 576), (8, 576), (16, 576), (32, 384), (64, 192), (64, 384),

@@ -71,7 +71,8 @@ def attention_sweep(llm, batch: int, context: int) -> None:
                                                   block_n, warps, stages), 1, rounds=20)
             results.append((us, splits, block_n, warps, stages))
     results.sort()
-    cfg = decode_config(s.head_dim, q.device, batch * s.num_kv_heads * engine_splits / sm_count(q.device))
+    cfg = decode_config(s.head_dim, q.device, batch * s.num_kv_heads * engine_splits / sm_count(q.device),
+                        engine_splits)
     engine = [r for r in results if r[1:] == (engine_splits, cfg["block_n"], cfg["num_warps"], cfg["num_stages"])][0]
     print(f"  attention alone, {kv_bytes / 1e6:.1f} MB of KV: engine (splits {engine_splits}) {engine[0]:.2f} us "
           f"({kv_bytes / engine[0] / 1e3:.0f} GB/s); best: " +

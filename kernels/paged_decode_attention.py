@@ -145,16 +145,19 @@ def launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window
                      decode_splits=(block_n, min_split_tiles, sliding_window), **launch_options(q.device, batch))
 
 
-def decode_config(head_dim: int, device: torch.device, programs_per_sm: float = 0.0) -> dict:
-    """Tile config: 64-token tiles with a 3-stage load pipeline on GPUs; with 8 or more programs per SM
-    (large batches), 32-token tiles in 2-warp programs, which keep more loads in flight per SM (H200:
-    104 vs 116 us at 256 x 384 tokens of 8B attention, and no slower at 64 rows or one). Bigger tiles
-    in the interpreter, where each tile step costs the same whatever its size."""
+def decode_config(head_dim: int, device: torch.device, programs_per_sm: float = 0.0, num_splits: int = 1) -> dict:
+    """Tile config (bench/gpu_decode_mix.py --tiles, H200, 8B attention, one split): with 6 or more programs
+    per SM, 32-token tiles in 2-warp programs, which keep more loads in flight per SM (128 x 384 tokens:
+    51.6 vs 55.8 us; 256 x 384: 99 vs 107); from 3 in one split, 64-token tiles in 2-warp programs
+    (64 x 384: 29.1 vs 29.9 us; 64 x 192: 13.2 vs 14.4); else 4 warps (one row in 64 splits, most of them
+    unused: 2 warps made the 8B single-request step ~1% slower). Bigger tiles in the interpreter, where
+    each tile step costs the same whatever its size."""
     if device.type != "cuda":
         return dict(block_n=32, num_warps=4, num_stages=1)
-    if programs_per_sm >= 8 and head_dim <= 128:
+    if programs_per_sm >= 6 and head_dim <= 128:
         return dict(block_n=32, num_warps=2, num_stages=2)
-    return dict(block_n=64, num_warps=4, num_stages=3 if head_dim <= 128 else 2)
+    warps = 2 if programs_per_sm >= 3 and num_splits == 1 and head_dim <= 128 else 4
+    return dict(block_n=64, num_warps=warps, num_stages=3 if head_dim <= 128 else 2)
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -192,7 +195,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
                                        min_split_tokens)
     per_sm = batch * kv_cache.shape[3] * num_splits / sm_count(q.device)
     launch_decode(q, kv_cache, block_tables, context_lens, scale, sliding_window, num_splits, out,
-                  **decode_config(q.shape[2], q.device, per_sm), write_empty_rows=write_empty_rows,
+                  **decode_config(q.shape[2], q.device, per_sm, num_splits), write_empty_rows=write_empty_rows,
                   min_split_tokens=min_split_tokens)
     return out
 
