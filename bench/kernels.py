@@ -25,7 +25,12 @@ def median_ms(fn, graph: bool = False) -> float:
     overhead), as the engine runs decode."""
     from triton.testing import do_bench, do_bench_cudagraph
 
-    return do_bench_cudagraph(fn, return_mode="median") if graph else do_bench(fn, return_mode="median")
+    if graph:
+        # Triton's graph bench runs fn on a stream of its own that waits on nothing: inputs just made on the
+        # default stream (torch.full of context lengths) may not exist yet (an illegal address, seen once)
+        torch.cuda.synchronize()
+        return do_bench_cudagraph(fn, return_mode="median")
+    return do_bench(fn, return_mode="median")
 
 
 def copy_bandwidth() -> float:
