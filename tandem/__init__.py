@@ -2,9 +2,26 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's core logs connection churn at INFO otherwise
+
+
+def _checkout_last_on_path() -> None:
+    """A source checkout's top-level kernels/ and operator/ folders (installed as tandem.kernels and
+    tandem.operator) shadow Hugging Face's `kernels`, which transformers >= 5.25 imports, and the
+    standard library's operator, wherever the checkout is first on sys.path: `python -m tandem.cli`
+    run from it, or pytest. There it goes last, where it shadows nothing."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "kernels", "__init__.py")):
+        return  # an installed wheel: nothing of ours beside the package
+    entries = [p for p in sys.path if os.path.abspath(p or ".") == root]
+    if entries:
+        sys.path[:] = [p for p in sys.path if p not in entries] + [root]
+
+
+_checkout_last_on_path()
 
 from tandem.outputs import CompletionOutput, RequestOutput
 from tandem.sampling_params import SamplingParams

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 
+import tandem  # noqa: F401  (first: it puts the repository root last on sys.path, tandem/__init__.py says why)
+import pytest
+import torch
 
-def _repository_root_last() -> None:
-    """Top-level kernels/ and operator/ (installed as tandem.kernels and tandem.operator) must shadow
-    neither Hugging Face's `kernels` (transformers >= 5.25 imports it) nor the standard library's
-    operator. `python -m pytest` puts the repository root first on sys.path: it goes last, where it still
-    serves `import tests...`, and pytest's import mode is `append` (pyproject.toml) so that it stays
-    there. PYTHONSAFEPATH keeps it off the path of the tests' own `python -c` / `python -m` children."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != root] + [root]
-    os.environ["PYTHONSAFEPATH"] = "1"
-
-
-_repository_root_last()
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# pytest's import mode is `append` (pyproject.toml), so the root stays last; the tests' own `python -c` /
+# `python -m` children must not put their working directory (the root) first either
+os.environ["PYTHONSAFEPATH"] = "1"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton kernels run under Triton's interpreter where there is no GPU; it is read when a kernel is
