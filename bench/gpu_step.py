@@ -66,7 +66,7 @@ def attention_sweep(llm, batch: int, context: int) -> None:
     engine_splits = choose_num_splits(batch, s.num_kv_heads, graphs.max_model_len, sm_count(q.device))
     results = []
     for splits in (1, 2, 4, 8, 16):
-        for block_n, warps, stages in ((64, 4, 3), (32, 4, 3), (32, 2, 2), (16, 2, 2)):
+        for block_n, warps, stages in ((64, 4, 3), (64, 2, 3), (32, 4, 3), (32, 2, 2), (16, 2, 2)):
             us = graph_us(lambda _: launch_decode(q, cache, tables, lens, s.head_dim ** -0.5, None, splits, out,
                                                   block_n, warps, stages), 1, rounds=20)
             results.append((us, splits, block_n, warps, stages))
