@@ -172,7 +172,8 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     write_empty_rows=False such rows of `out` are left as they are).
     max_context_len (a host int; default: what the block table can hold) and the SM count choose
     num_splits when it is None; a sequence splits no finer than min_split_tokens (default
-    MIN_SPLIT_TOKENS, rounded to whole tiles), so short ones leave splits empty. Nothing here reads a device tensor (CUDA-graph safe)."""
+    MIN_SPLIT_TOKENS, rounded to whole tiles), so short ones leave splits empty. Nothing here reads a
+    device tensor (CUDA-graph safe)."""
     name = "paged_decode_attention"
     check_cache(name, kv_cache)
     check_heads(name, "q", q, kv_cache)
