@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 
-import tandem  # noqa: F401  (first: it puts the repository root last on sys.path, tandem/__init__.py says why)
+# first: tandem puts the repository root last on sys.path (tandem/__init__.py says why), and pytest's import
+# mode is `append` (pyproject.toml) so that it stays there; the tests' children import tandem first too
+import tandem  # noqa: F401
 import pytest
 import torch
-
-# pytest's import mode is `append` (pyproject.toml), so the root stays last; the tests' own `python -c` /
-# `python -m` children must not put their working directory (the root) first either
-os.environ["PYTHONSAFEPATH"] = "1"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton kernels run under Triton's interpreter where there is no GPU; it is read when a kernel is

@@ -24,7 +24,7 @@ print(json.dumps({"last": sys.path[-1], "first": sys.path[0], "kernels": spec.or
 
 
 def test_checkout_goes_last_on_the_path():
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSAFEPATH", "PYTHONPATH")}  # as a user runs it
     done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
