@@ -27,19 +27,20 @@ def greedy_step(llm, batch: int, context: int, block_size: int, scatter: bool = 
 
     graphs = llm.engine.runner.graphs
     d = graphs.dev
+    device = d["context_lens"].device  # CUDA; CPUs run the same closure for smoke tests (bench/gpu_overlap.py)
     blocks = -(-(context + 1) // block_size)
     if scatter:
         pool = llm.engine.runner.kv_caches[0].shape[1]
-        table = (torch.randperm(pool - 1, device="cuda")[:batch * blocks] + 1).to(torch.int32).view(batch, blocks)
+        table = (torch.randperm(pool - 1, device=device)[:batch * blocks] + 1).to(torch.int32).view(batch, blocks)
     else:
-        table = torch.arange(batch * blocks, dtype=torch.int32, device="cuda").view(batch, blocks) + 1
+        table = torch.arange(batch * blocks, dtype=torch.int32, device=device).view(batch, blocks) + 1
     d["block_tables"][:batch, :blocks] = table
     d["context_lens"][:batch] = context
     d["positions"][:batch] = context - 1
     d["input_ids"][:batch] = 0
     key = next(k for k in ((batch, "plain"), (batch, "spread")) if k in graphs.graphs)  # equal contexts: plain
-    tokens = torch.empty(batch, dtype=torch.long, device="cuda")
-    logprobs = torch.empty(batch, dtype=torch.float32, device="cuda")
+    tokens = torch.empty(batch, dtype=torch.long, device=device)
+    logprobs = torch.empty(batch, dtype=torch.float32, device=device)
     rows = [d[k][:batch] for k in ("input_ids", "positions", "context_lens", "slots", "block_tables")]
 
     def run(steps: int = 1):  # DecodeGraphs.run_greedy_steps' loop, on inputs already in place

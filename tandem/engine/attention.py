@@ -41,6 +41,19 @@ class SeqSlice:
     block_table: list[int]  # the blocks covering context_len
 
 
+def whole_prompts(lens: list[int], block_size: int, first_block: int = 1) -> tuple[list[SeqSlice], list[int]]:
+    """Prompts of these lengths computed whole in one step, each in its own run of blocks from first_block
+    on (a throwaway cache: profiling, benchmarks): their slices and the flat slot of every token."""
+    seqs, slots, row = [], [], 0
+    for n in lens:
+        table = list(range(first_block, first_block + -(-n // block_size)))
+        first_block += len(table)
+        seqs.append(SeqSlice(row, n, n, table))
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(n)]
+        row += n
+    return seqs, slots
+
+
 @dataclass
 class AttentionBatch:
     kv_caches: list[torch.Tensor]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from tandem.engine import prompt_lanes
-from tandem.engine.attention import SeqSlice, build_attention
+from tandem.engine.attention import SeqSlice, build_attention, whole_prompts
 from tandem.engine.models.llama import LlamaForCausalLM
 from tandem.engine.multi_step import Lookahead
 from tandem.engine.request import Request
@@ -54,13 +54,7 @@ class ModelRunner:
         measured on a throwaway cache just large enough for it."""
         lens = [min(max_model_len, num_tokens - i) for i in range(0, num_tokens, max_model_len)]
         runner = ModelRunner(model, sum(-(-n // block_size) for n in lens) + 1, block_size, dtype, device)
-        seqs, slots, next_block, row = [], [], 1, 0
-        for n in lens:
-            table = list(range(next_block, next_block + -(-n // block_size)))
-            next_block += len(table)
-            seqs.append(SeqSlice(row, n, n, table))
-            slots += [table[p // block_size] * block_size + p % block_size for p in range(n)]
-            row += n
+        seqs, slots = whole_prompts(lens, block_size)
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)

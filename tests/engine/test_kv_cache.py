@@ -393,3 +393,13 @@ def test_engine_prefix_cache_under_eviction_pressure(make_llm, tiny_model_dirs):
         hits += [o.num_cached_tokens for o in outs]
     assert got == want
     assert sum(hits) > 0 and hits[2] == 28  # a's 7 full blocks survived b
+
+
+def test_whole_prompts_fill_their_own_blocks():
+    """The throwaway batch that start-up profiles (and bench/gpu_overlap.py runs): each prompt in its own
+    run of blocks, every token at its slot."""
+    from tandem.engine.attention import whole_prompts
+
+    seqs, slots = whole_prompts([3, 17], 16, first_block=5)
+    assert [(s.row, s.query_len, s.context_len, s.block_table) for s in seqs] == [(0, 3, 3, [5]), (3, 17, 17, [6, 7])]
+    assert slots == [80, 81, 82] + list(range(96, 113))
