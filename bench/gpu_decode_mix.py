@@ -83,6 +83,11 @@ def tiles(name: str, rows: int, context: int, copy_gbs: float) -> dict:
     return res
 
 
+def save(path: str, copy_gbs: float, results: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump({"copy_gbs": copy_gbs, "torch": torch.__version__, "cases": results}, f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
@@ -93,17 +98,15 @@ def main() -> None:
     print(f"copy {copy_gbs:.0f} GB/s", flush=True)
     rng = np.random.default_rng(0)
     if args.tiles:
-        results = [tiles(f"{n} x {c}", n, c, copy_gbs) for n, c in ((64, 192), (64, 384), (64, 640), (128, 384),
-                                                                     (256, 384), (256, 576))]
-        with open(os.path.join(args.out, "decode-tiles.json"), "w") as f:
-            json.dump({"copy_gbs": copy_gbs, "torch": torch.__version__, "cases": results}, f, indent=1)
+        save(os.path.join(args.out, "decode-tiles.json"), copy_gbs,
+             [tiles(f"{n} x {c}", n, c, copy_gbs) for n, c in ((64, 192), (64, 384), (64, 640), (128, 384),
+                                                               (256, 384), (256, 576))])
         return
     if args.small:
-        results = [case(f"{n} x {c}", np.full(n, c), 0, copy_gbs, SMALL)
-                   for n, c in ((1, 576), (2, 576), (4, 576), (8, 576), (16, 576), (32, 384), (64, 192), (64, 384),
-                                (64, 640))]
-        with open(os.path.join(args.out, "decode-small.json"), "w") as f:
-            json.dump({"copy_gbs": copy_gbs, "torch": torch.__version__, "cases": results}, f, indent=1)
+        save(os.path.join(args.out, "decode-small.json"), copy_gbs,
+             [case(f"{n} x {c}", np.full(n, c), 0, copy_gbs, SMALL)
+              for n, c in ((1, 576), (2, 576), (4, 576), (8, 576), (16, 576), (32, 384), (64, 192), (64, 384),
+                           (64, 640))])
         return
     w2 = workload("W2", rng)
     # a W2 request mid-flight: its prompt and part of its output in the cache
@@ -112,9 +115,8 @@ def main() -> None:
                case("P512 256 rows", np.full(256, 576), 0, copy_gbs)]
     for n in (24, 40, 64, 96, 128):
         results.append(case(f"W2 mixed {n} rows", rng.choice(w2_ctx, n), 140, copy_gbs))
-    path = os.path.join(args.out, f"decode-mix-{torch.cuda.get_device_name().replace(' ', '-')}.json")
-    with open(path, "w") as f:
-        json.dump({"copy_gbs": copy_gbs, "torch": torch.__version__, "cases": results}, f, indent=1)
+    save(os.path.join(args.out, f"decode-mix-{torch.cuda.get_device_name().replace(' ', '-')}.json"), copy_gbs,
+         results)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ def main() -> None:
     block_size = llm.engine.runner.block_size
     decode = greedy_step(llm, rows, context, block_size)
     prefill = prefill_pass(llm, num, length, first_block=rows * -(-(context + 1) // block_size) + 1)
-    decode(2), prefill()  # compiles and warms both
+    decode(2)  # compiles and warms both
+    prefill()
     median = lambda fn: sorted(wall_ms(fn) for _ in range(args.repeat))[args.repeat // 2]  # noqa: E731
     pre_ms = median(prefill)
     step_ms = median(lambda: decode(4)) / 4
