@@ -138,12 +138,11 @@ def decode_step_ms(llm, batch: int, context: int) -> float | None:
 
 def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_model_len: int,
                profile: str | None = None, out_dir: str = ".", repeat: int = 1, policy: str = "fcfs",
-               steps: int = 8) -> dict:
+               steps: int = 8, budget: int = 16384) -> dict:
     from tandem import LLM, SamplingParams
 
-    # 16384 batched tokens: vLLM's default for its LLM class on GPUs of >= 70 GiB (arg_utils.py)
     llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=max_model_len,
-              max_num_seqs=256, max_num_batched_tokens=16384, gpu_memory_utilization=0.9, enable_prefix_caching=False,
+              max_num_seqs=256, max_num_batched_tokens=budget, gpu_memory_utilization=0.9, enable_prefix_caching=False,
               scheduling_policy=policy, num_scheduler_steps=steps)
     vocab = llm.engine.model.shape.vocab
     warm = [rng.integers(0, vocab, 64).tolist() for _ in range(8)]
@@ -224,6 +223,8 @@ def main() -> int:
                     "figures; lof: longest max_tokens first, prompts paced into the decode steps)")
     ap.add_argument("--steps", type=int, default=8, help="the engine's num_scheduler_steps (greedy decode steps "
                     "per host round trip)")
+    # 16384 batched tokens: vLLM's default for its LLM class on GPUs of >= 70 GiB (arg_utils.py)
+    ap.add_argument("--budget", type=int, default=16384, help="the engine's max_num_batched_tokens")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     args = ap.parse_args()
     import triton
@@ -236,7 +237,8 @@ def main() -> int:
     bw_scale = ceil["copy_bytes_per_s"] / 1e12 / H200_COPY_TBPS
     result = {"device": device, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-              "ceilings": ceil, "policy": args.policy, "num_scheduler_steps": args.steps, "shapes": {}}
+              "ceilings": ceil, "policy": args.policy, "num_scheduler_steps": args.steps,
+              "max_num_batched_tokens": args.budget, "shapes": {}}
     rows = []
     for shape in args.shapes.split(","):
         cfg = llama_config(shape)
@@ -250,10 +252,11 @@ def main() -> int:
             ours = {}
             for w, reqs in runs.items():
                 ours.update(run_tandem(folder, {w: reqs}, np.random.default_rng(1), max(longest, 4096),
-                                       args.profile, args.out, args.repeat, args.policy, args.steps))
+                                       args.profile, args.out, args.repeat, args.policy, args.steps,
+                                       args.budget))
         else:
             ours = run_tandem(folder, runs, np.random.default_rng(1), max(longest, 4096), args.profile, args.out,
-                              args.repeat, args.policy, args.steps)
+                              args.repeat, args.policy, args.steps, args.budget)
         hf = {} if args.no_hf else run_hf(cfg, runs, np.random.default_rng(1))
         shape_result = {}
         for w, reqs in runs.items():

@@ -7,7 +7,12 @@ comparison is printed too, but it measures chaos, not correctness: on a random-w
 rounding difference changes the rest of a sequence, and transformers in bf16 agrees with itself in
 float32 on only about a third of free-running tokens (measured on CPU at this shape).
 
-    python bench/gpu_check.py [--out DIR]      (the kernels' own checks: pytest tests/kernels)
+Random weights put many top-two logits within bf16's rounding of each other, so there the bf16 figure
+sits at transformers' own noise floor (its SDPA vs its eager attention, printed beside it). `--model`
+runs the same checks on a real model (a GGUF file or Hugging Face folder; the embedded SmolLM2 GGUF),
+on chat-templated questions, whose logits decide most tokens clearly.
+
+    python bench/gpu_check.py [--out DIR] [--model PATH]   (the kernels' own checks: pytest tests/kernels)
 """
 from __future__ import annotations
 
@@ -25,6 +30,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_models import llama_config  # noqa: E402
 
 NUM_PROMPTS, NUM_TOKENS = 64, 64
+TOPICS = ("the moon", "rivers", "bread", "chess", "volcanoes", "bees", "the violin", "glaciers", "trains",
+          "tea", "octopuses", "bridges", "the printing press", "deserts", "honey", "lighthouses")
+ASKS = ("Tell me about {}.", "Write a short poem about {}.", "Explain {} to a child.",
+        "List three facts about {}.")
+
+
+def real_model(path: str) -> tuple[str, list[list[int]]]:
+    """A real model's Hugging Face folder and NUM_PROMPTS chat-templated questions as token ids."""
+    from transformers import AutoTokenizer
+
+    from tandem.engine.loader import resolve_model
+
+    folder = resolve_model(path)
+    tok = AutoTokenizer.from_pretrained(folder)
+    asks = [a.format(t) for a in ASKS for t in TOPICS][:NUM_PROMPTS]
+    return folder, [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=True)["input_ids"]) for q in asks]
 
 
 def hf_greedy(model, prompts: list[list[int]]) -> list[list[int]]:
@@ -86,20 +108,25 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     ap.add_argument("--init-range", type=float, default=0.1)
+    ap.add_argument("--model", help="a real model (GGUF file or Hugging Face folder) instead of random weights")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = llama_config("tiny", vocab_size=32000, max_position_embeddings=1024)
-    cfg["initializer_range"] = args.init_range
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=torch.float32).cuda().eval()
-    folder = tempfile.mkdtemp(prefix="tandem-check-")
-    model.save_pretrained(folder)
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, cfg["vocab_size"], int(n)).tolist() for n in rng.integers(3, 300, NUM_PROMPTS)]
+    if args.model:
+        folder, prompts = real_model(args.model)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda().eval()
+    else:
+        cfg = llama_config("tiny", vocab_size=32000, max_position_embeddings=1024)
+        cfg["initializer_range"] = args.init_range
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=torch.float32).cuda().eval()
+        folder = tempfile.mkdtemp(prefix="tandem-check-")
+        model.save_pretrained(folder)
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(0, cfg["vocab_size"], int(n)).tolist() for n in rng.integers(3, 300, NUM_PROMPTS)]
     report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "torch": torch.__version__}
+              "torch": torch.__version__, "model": args.model or f"random tiny Llama, init range {args.init_range}"}
     ref32 = hf_greedy(model, prompts)
     # eager; CUDA graphs one step per round trip; graphs with multi-step decoding (the default); and lof's
     # paced prompt chunks computed in the lookaheads' prompt lanes
@@ -142,7 +169,8 @@ def main() -> int:
         and report["bfloat16"]["token_agreement_decided"] >= 0.99
     report["pass"] = ok
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"gpu-check-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"), "w") as f:
+    name = f"gpu-check-{'model-' if args.model else ''}{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump(report, f, indent=1)
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1

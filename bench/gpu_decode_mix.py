@@ -1,6 +1,6 @@
 """Paged decode attention at the engine's own batches (8B geometry, bf16, CUDA graphs), by split count.
 
-The kernel benchmark (kernels.py) times one shape: 64 rows of 4,096 tokens. The engine's steps look
+The kernel benchmark (attention_speed.py) times one shape: 64 rows of 4,096 tokens. The engine's steps look
 otherwise: W1's 256 rows of ~384 tokens, and W2's mixed steps, ~30-130 decode rows of lognormal
 lengths followed by ~140 prompt-lane rows the decode kernel skips (context 0). This times each such
 batch by split count and per-sequence split floor (min_split_tokens: 1 splits every sequence in
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu import workload  # noqa: E402
-from kernels import copy_bandwidth, median_ms  # noqa: E402
+from attention_speed import copy_bandwidth, median_ms  # noqa: E402
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 

@@ -10,7 +10,9 @@ says two batches in flight cannot pay; a large one is the case for a two-batch s
 
     python bench/gpu_overlap.py [--shape 8b] [--prefill 32x512] [--decode 256x576] [--steps 0 (match)]
 
-On a machine without CUDA it runs the same closures in turn (a smoke test, no timing worth reading).
+On a machine without CUDA it runs the same closures in turn (a smoke test, no timing worth reading):
+    TANDEM_ATTENTION_BACKEND=triton TRITON_INTERPRET=1 python bench/gpu_overlap.py --shape tiny \
+        --prefill 4x32 --decode 4x48 --steps 1 --repeat 1
 """
 from __future__ import annotations
 
@@ -88,13 +90,16 @@ def main() -> None:
     num, length = map(int, args.prefill.split("x"))
     rows, context = map(int, args.decode.split("x"))
     cuda = torch.cuda.is_available()
+    block_size = 16
+    decode_blocks = rows * -(-(context + 1) // block_size)
+    # both batches' blocks at once: more than the engine's own cap (max_num_seqs full-length sequences)
+    pool = 1 + decode_blocks + num * -(-length // block_size)
     llm = LLM(config_folder(args.shape), load_format="dummy", skip_tokenizer_init=True,
               dtype="bfloat16" if cuda else "float32", max_model_len=max(length, context + 64),
               max_num_seqs=rows, max_num_batched_tokens=num * length, gpu_memory_utilization=0.9,
-              enable_prefix_caching=False)
-    block_size = llm.engine.runner.block_size
+              enable_prefix_caching=False, block_size=block_size, num_gpu_blocks_override=pool)
     decode = greedy_step(llm, rows, context, block_size)
-    prefill = prefill_pass(llm, num, length, first_block=rows * -(-(context + 1) // block_size) + 1)
+    prefill = prefill_pass(llm, num, length, first_block=decode_blocks + 1)
     decode(2)  # compiles and warms both
     prefill()
     median = lambda fn: sorted(wall_ms(fn) for _ in range(args.repeat))[args.repeat // 2]  # noqa: E731

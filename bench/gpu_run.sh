@@ -20,7 +20,7 @@ if has check; then
   timeout 240 python3 bench/gpu_check.py --out "$OUT" 2>&1 | grep -v Warning | tail -8
 fi
 if has kbench; then
-  (cd /tmp && timeout 180 python3 "$OLDPWD/bench/kernels.py" --quick --out "$OUT") 2>&1 | tail -25
+  (cd /tmp && timeout 180 python3 "$OLDPWD/bench/attention_speed.py" --quick --out "$OUT") 2>&1 | tail -25
 fi
 if has quick; then
   timeout 300 python3 bench/gpu.py --shapes 1b --workloads ${QUICK_WORKLOADS:-W1,single} --no-hf --profile ${PROFILE:-W1} --out "$OUT" 2>&1 | tail -120

@@ -32,8 +32,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
-    # Filled by the engine: token ids that end generation (the model's EOS ids), and the
-    # token-id sequences of bad_words.
+    # Filled by the engine: the model's EOS ids (they end generation unless ignore_eos, and are banned
+    # before min_tokens either way), and the token-id sequences of bad_words.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
     _bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 

@@ -167,7 +167,8 @@ class LLMEngine(KVRoles, Lookaheads):
 
     def prepare_params(self, params: SamplingParams) -> SamplingParams:
         params = params.clone()
-        params._eos_token_ids = () if params.ignore_eos else self.eos_token_ids
+        # banned before min_tokens even with ignore_eos (as vLLM and transformers' min_new_tokens do)
+        params._eos_token_ids = self.eos_token_ids
         words = []
         if params.bad_words and self.tokenizer is None:
             raise ValueError("bad_words needs a tokenizer (this engine has skip_tokenizer_init)")
@@ -316,7 +317,7 @@ class LLMEngine(KVRoles, Lookaheads):
         string, its length limit); returns how many it took. `tops`: each token's top logprobs, or None."""
         p = req.params
         detok = self._detok[req]
-        eos, stop_ids = p._eos_token_ids, p.stop_token_ids
+        eos, stop_ids = () if p.ignore_eos else p._eos_token_ids, p.stop_token_ids
         if req.first_token_time is None and tokens:
             req.first_token_time = now
         taken = 0

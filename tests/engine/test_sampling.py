@@ -262,11 +262,12 @@ def test_eos_min_tokens_and_ignore_eos(make_llm, tiny_model_dirs, tmp_path):
     (model / "generation_config.json").write_text(json.dumps(gen))
     llm = _tiny(make_llm, {"llama": str(model)})
     assert eos in llm.engine.eos_token_ids
-    plain, short, min_tok, ignored = (o.outputs[0] for o in _gen(llm, [PROMPT] * 4, [
+    plain, short, min_tok, ignored, both = (o.outputs[0] for o in _gen(llm, [PROMPT] * 5, [
         SamplingParams(temperature=0, max_tokens=16),
         SamplingParams(temperature=0, max_tokens=k),
         SamplingParams(temperature=0, max_tokens=16, min_tokens=k + 3),
         SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=16, min_tokens=k + 3, ignore_eos=True),
     ]))
     assert plain.token_ids == ids[:k + 1] and plain.finish_reason == "stop" and plain.stop_reason is None
     assert plain.text == short.text  # EOS is not text
@@ -274,6 +275,10 @@ def test_eos_min_tokens_and_ignore_eos(make_llm, tiny_model_dirs, tmp_path):
     assert min_tok.token_ids[:k] == ids[:k]
     assert min_tok.finish_reason == "length" or (min_tok.token_ids[-1] == eos and min_tok.finish_reason == "stop")
     assert ignored.token_ids == ids and ignored.finish_reason == "length"
+    # ignore_eos does not lift min_tokens' ban on EOS (vLLM, transformers' min_new_tokens): the benchmarks'
+    # min_tokens = max_tokens runs never emit it
+    assert eos not in both.token_ids[:k + 3] and both.token_ids[:k] == ids[:k]
+    assert len(both.token_ids) == 16 and both.finish_reason == "length"
 
 
 def test_bad_words(make_llm, tiny_model_dirs):

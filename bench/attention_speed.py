@@ -6,7 +6,7 @@ Decode at the target shape (batch 64, 4,096-token contexts, Hq=32, Hkv=8, D=128,
 split-K at small batches. Prefill at 8B geometry on 16 x 512-token prompts: the kernel against its
 twin and against torch's scaled_dot_product_attention on contiguous K/V.
 
-    python bench/kernels.py [--quick] [--out DIR]    (any cwd; not with the repo root on sys.path)
+    python bench/attention_speed.py [--quick] [--out DIR]
 """
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="skip the tile-config sweeps")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("bench/kernels.py: CUDA only, skipped")
+        print("bench/attention_speed.py: CUDA only, skipped")
         return 0
     copy_gbs = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy_gbs:.0f} GB/s", flush=True)
