@@ -16,6 +16,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # decorated, so it must be set before anything imports a kernel module.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests.triton_interpreter import skip_repeated_patching
+
+    skip_repeated_patching()  # the same kernels, a quarter faster to interpret (the module says why)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
