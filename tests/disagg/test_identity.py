@@ -20,7 +20,9 @@ PROMPTS = [
 CHATS = [[{"role": "user", "content": "What is the tallest mountain on Earth? Answer in one sentence."}],
          [{"role": "system", "content": "You are a terse assistant."},
           {"role": "user", "content": "Name two primary colors."}]]
-KW = dict(max_tokens=24, temperature=0, logprobs=1)
+# 16 tokens: every request opens a KV block on the decode side after its transfer, whatever its prompt length
+NEW_TOKENS = 16
+KW = dict(max_tokens=NEW_TOKENS, temperature=0, logprobs=1)
 
 
 def run_all(client, model: str) -> list:
@@ -30,10 +32,10 @@ def run_all(client, model: str) -> list:
         c = r.choices[0]
         out.append((c.text, c.logprobs.tokens, c.finish_reason, r.usage.completion_tokens))
     for m in CHATS:
-        r = client.chat.completions.create(model=model, messages=m, max_tokens=24, temperature=0)
+        r = client.chat.completions.create(model=model, messages=m, max_tokens=NEW_TOKENS, temperature=0)
         out.append((r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens))
     stream = client.completions.create(model=model, prompt=PROMPTS[2], stream=True,
-                                       max_tokens=24, temperature=0)
+                                       max_tokens=NEW_TOKENS, temperature=0)
     out.append("".join(ch.choices[0].text for ch in stream if ch.choices))
     return out
 
@@ -45,7 +47,7 @@ def colocated(tiny_model_dirs):
 
     def answers(model: str | None) -> list:
         if model not in cache:
-            serve = ServeProcess(model, ["--max-num-batched-tokens", "512"])
+            serve = ServeProcess(model, ["--max-num-batched-tokens", "512", "--num-gpu-blocks-override", "1024"])
             try:
                 cache[model] = run_all(serve.openai(), model or "SmolLM2-135M-Instruct")
             finally:
@@ -59,8 +61,11 @@ def colocated(tiny_model_dirs):
 @pytest.mark.parametrize("embedded,prefill,decode", [(True, 1, 1), (False, 2, 2)])
 def test_disaggregated_equals_colocated(stack_factory, colocated, tiny_model_dirs, embedded, prefill, decode):
     model = None if embedded else tiny_model_dirs["llama"]
-    s = stack_factory(model, prefill, decode, worker_args=["--num-gpu-blocks-override", "1024"])
-    assert run_all(s.openai(), model or "SmolLM2-135M-Instruct") == colocated(model)
+    s = stack_factory(model, prefill, decode, worker_args=["--num-gpu-blocks-override", "1024"])  # as colocated
+    want = colocated(model)
+    assert run_all(s.openai(), model or "SmolLM2-135M-Instruct") == want
+    if embedded:  # real text: both ends compared, a request stopping on EOS and ones cut at max_tokens
+        assert {answer[2] for answer in want[:len(PROMPTS)]} == {"stop", "length"}
     m = s.metrics()
     assert total(m, "tandem:router_prefill_decisions_total", decision="remote") >= 4
     assert total(m, "tandem:router_prefill_decisions_total", decision="local") >= 1  # "Hi" is under the threshold
