@@ -4,6 +4,7 @@ official `openai` client in front, and checks that every worker gave back every 
 shared-memory staging file (/dev/shm/tandem-kv-*) is left and that no process outlives its test."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -92,15 +93,15 @@ class LiveStack(Stack):
         assert all(p.poll() is not None for p in procs), "a process outlived its stack"
 
 
-@pytest.fixture
-def stack_factory(tmp_path):
-    """Starts stacks (tiny model by default); each is stopped after the test and checked for leaks."""
+@contextlib.contextmanager
+def _stacks(log_root: Path):
+    """Yields a builder of stacks (tiny model by default); on exit each is stopped and checked for leaks."""
     made: list[LiveStack] = []
 
     def build(model: str, num_prefill: int = 1, num_decode: int = 1, router_args: list[str] = (),
               worker_args: list[str] = (), env: dict | None = None, check_idle: bool = True,
               child_args: dict | None = None) -> LiveStack:
-        log_dir = tmp_path / f"stack{len(made)}"
+        log_dir = log_root / f"stack{len(made)}"
         log_dir.mkdir()
         s = LiveStack(model, free_port(), num_prefill, num_decode, router_args=FAST_ROUTER + list(router_args),
                       worker_args=WORKER + list(worker_args), env=env, log_dir=str(log_dir), child_args=child_args)
@@ -125,6 +126,20 @@ def stack_factory(tmp_path):
             s.close()
         errors += [f"staging file left after the stack stopped: {f}" for pid in pids for f in staged_files(pid)]
     assert not errors, errors
+
+
+@pytest.fixture
+def stack_factory(tmp_path):
+    """Starts stacks; each is stopped after the test and checked for leaks."""
+    with _stacks(tmp_path) as build:
+        yield build
+
+
+@pytest.fixture(scope="module")
+def module_stack_factory(tmp_path_factory):
+    """Starts stacks that several tests of a module only read; stopped and checked after the module."""
+    with _stacks(tmp_path_factory.mktemp("stacks")) as build:
+        yield build
 
 
 def router_log(s: LiveStack) -> str:

@@ -21,31 +21,6 @@ TOKEN_BYTES = 2 * 2 * 16 * 4 * 2  # tiny llama: K+V, 2 KV heads, head size 16, f
 EXPECTED_BYTES = len(PROMPT) * TOKEN_BYTES  # every prompt token (prefill samples the first output token)
 
 
-def test_transfer_metrics_and_request_log(stack_factory, tiny_model_dirs):
-    model = tiny_model_dirs["llama"]
-    s = stack_factory(model, 1, 1)
-    s.openai().completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0)
-    for worker in ("prefill-0", "decode-0"):
-        m = s.metrics(worker)
-        assert total(m, "tandem:kv_transfers_total", outcome="success", transport="shm") == 1, worker
-        assert total(m, "tandem:kv_transfer_bytes_total") == EXPECTED_BYTES, worker
-    prefill = s.metrics("prefill-0")  # the sender knows send times: it measures the wire
-    for series in ("handshake_seconds", "queue_seconds", "wire_seconds", "throughput_gbps"):
-        assert total(prefill, f"tandem:kv_transfer_{series}_count") == 1, series
-    router = s.metrics()
-    assert total(router, "tandem:kv_transfer_bytes_total", prefill="prefill-0", decode="decode-0") == EXPECTED_BYTES
-    assert total(router, "tandem:router_prefill_decisions_total", decision="remote") == 1
-    assert total(router, "tandem:time_to_first_token_seconds_count") == 1
-    assert total(router, "tandem:inter_token_latency_seconds_count") == 3
-    assert total(router, "tandem:router_scoring_seconds_count") >= 2  # a decode and a prefill pick
-    line = next(ln for ln in router_log(s).splitlines() if "prompt_tokens=200" in ln)
-    for field in ("decision=remote", "decode=decode-0", "prefill=prefill-0", "transport=shm",
-                  f"bytes={EXPECTED_BYTES}", "failure_class=none", "failovers=0"):
-        assert field in line, (field, line)
-    for number in ("gbps", "handshake_ms", "queue_ms", "wire_ms", "ttft_ms", "prefill_ms"):
-        assert re.search(rf"\b{number}=\d+\.\d+", line), (number, line)
-
-
 # ---- traces, in-process ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -140,7 +115,7 @@ def test_one_trace_from_router_through_prefill_transfer_and_decode(spans, tiny_m
     assert root.attributes["tandem.decision"].startswith("remote")
 
 
-# ---- traces, from processes over OTLP ---------------------------------------------------------
+# ---- one stack of processes: transfer metrics, the request log, traces over OTLP ----------------
 
 class Collector:
     """A real OTLP trace collector (gRPC TraceService) that keeps what it receives."""
@@ -164,22 +139,54 @@ class Collector:
         self.server.start()
 
 
-def test_otlp_export_from_every_process(stack_factory, tiny_model_dirs):
-    collector = Collector()
-    try:
-        endpoint = ["--otlp-traces-endpoint", f"http://127.0.0.1:{collector.port}"]
-        fast = {"OTEL_BSP_SCHEDULE_DELAY": "100"}
-        model = tiny_model_dirs["llama"]
-        s = stack_factory(model, 1, 1, router_args=endpoint, worker_args=endpoint,
-                          env={"router": fast, "prefill-0": fast, "decode-0": fast})
-        s.openai().completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0)
-        want = {"tandem-router": "router.request", "tandem-prefill": "kv.transfer", "tandem-decode": "decode.generate"}
-        deadline = time.monotonic() + 20
-        while not all((svc, name) in {(a, b.name) for a, b in collector.spans} for svc, name in want.items()):
-            assert time.monotonic() < deadline, sorted({(a, b.name) for a, b in collector.spans})
-            time.sleep(0.1)
-        traces = {sp.trace_id for svc, sp in collector.spans if sp.name in want.values()}
-        assert len(traces) == 1, "the three processes' spans are not one trace"
-    finally:
-        collector.server.stop(None)
+@pytest.fixture(scope="module")
+def collector():
+    c = Collector()
+    yield c
+    c.server.stop(None)  # after the stack (set up later, stopped first): its last spans find it
 
+
+@pytest.fixture(scope="module")
+def traced(collector, module_stack_factory, tiny_model_dirs):
+    """A stack whose processes export traces to the collector, after one request. The tests below only
+    read what that request left."""
+    endpoint = ["--otlp-traces-endpoint", f"http://127.0.0.1:{collector.port}"]
+    fast = {"OTEL_BSP_SCHEDULE_DELAY": "100"}
+    model = tiny_model_dirs["llama"]
+    s = module_stack_factory(model, 1, 1, router_args=endpoint, worker_args=endpoint,
+                             env={"router": fast, "prefill-0": fast, "decode-0": fast})
+    s.openai().completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0)
+    return s
+
+
+def test_transfer_metrics_and_request_log(traced):
+    s = traced
+    for worker in ("prefill-0", "decode-0"):
+        m = s.metrics(worker)
+        assert total(m, "tandem:kv_transfers_total", outcome="success", transport="shm") == 1, worker
+        assert total(m, "tandem:kv_transfer_bytes_total") == EXPECTED_BYTES, worker
+    prefill = s.metrics("prefill-0")  # the sender knows send times: it measures the wire
+    for series in ("handshake_seconds", "queue_seconds", "wire_seconds", "throughput_gbps"):
+        assert total(prefill, f"tandem:kv_transfer_{series}_count") == 1, series
+    router = s.metrics()
+    assert total(router, "tandem:kv_transfer_bytes_total", prefill="prefill-0", decode="decode-0") == EXPECTED_BYTES
+    assert total(router, "tandem:router_prefill_decisions_total", decision="remote") == 1
+    assert total(router, "tandem:time_to_first_token_seconds_count") == 1
+    assert total(router, "tandem:inter_token_latency_seconds_count") == 3
+    assert total(router, "tandem:router_scoring_seconds_count") >= 2  # a decode and a prefill pick
+    line = next(ln for ln in router_log(s).splitlines() if "prompt_tokens=200" in ln)
+    for field in ("decision=remote", "decode=decode-0", "prefill=prefill-0", "transport=shm",
+                  f"bytes={EXPECTED_BYTES}", "failure_class=none", "failovers=0"):
+        assert field in line, (field, line)
+    for number in ("gbps", "handshake_ms", "queue_ms", "wire_ms", "ttft_ms", "prefill_ms"):
+        assert re.search(rf"\b{number}=\d+\.\d+", line), (number, line)
+
+
+def test_otlp_export_from_every_process(traced, collector):
+    want = {"tandem-router": "router.request", "tandem-prefill": "kv.transfer", "tandem-decode": "decode.generate"}
+    deadline = time.monotonic() + 20
+    while not all((svc, name) in {(a, b.name) for a, b in collector.spans} for svc, name in want.items()):
+        assert time.monotonic() < deadline, sorted({(a, b.name) for a, b in collector.spans})
+        time.sleep(0.1)
+    traces = {sp.trace_id for svc, sp in collector.spans if sp.name in want.values()}
+    assert len(traces) == 1, "the three processes' spans are not one trace"
