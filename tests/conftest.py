@@ -20,7 +20,14 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     from tests.triton_interpreter import skip_repeated_patching
 
     skip_repeated_patching()  # the same kernels, a quarter faster to interpret (the module says why)
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# under pytest-xdist each worker takes its share of the cores (two threads each on two cores only contend)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+# tests that start processes on ports picked (tandem.worker.process.free_port) before the process binds
+# them: two at once may pick the same port, so under xdist they all run on one worker, one after another
+PROCESS_TESTS = ("tests/disagg/", "tests/deploy/test_metric_names.py", "tests/kvstore/test_process.py",
+                 "tests/operator/test_operator.py::test_the_tandem_operator_command",
+                 "tests/server/test_cli.py::test_tandem_serve_subprocess")
 
 TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
@@ -89,3 +96,13 @@ def make_llm():
         pool = llm.engine.kv.pool
         assert not llm.engine.has_unfinished_requests()
         assert pool.num_free == pool.num_blocks, f"leaked {pool.num_blocks - pool.num_free} KV blocks"
+
+
+def pytest_collection_modifyitems(config, items):
+    """For xdist's `--dist loadgroup` (the Makefile's): a module's tests run on one worker (its module
+    fixtures are built once), and PROCESS_TESTS all on the same worker."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = "processes" if item.nodeid.startswith(PROCESS_TESTS) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import socket
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ import yaml
 from kubernetes.config import kube_config
 
 import tandem.operator.handlers  # noqa: F401 - registers the handlers
+from tandem.worker.process import free_port
 from tests.operator.conftest import GPU_POOL
 
 
@@ -277,9 +277,7 @@ async def test_the_tandem_operator_command(cluster, tmp_path):
     Cluster-wide: with --namespace, kopf lists namespaces at /api/v1/namespaces, a path kmock cannot parse
     (the in-process test above covers --namespace, with kopf's namespace scanning off)."""
     kmock = cluster
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # below the ephemeral range: no outgoing connection takes it before the process binds it
     env = {**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig"), "TANDEM_IMAGE": "registry.example/tandem:1"}
     env.pop("KUBERNETES_SERVICE_HOST", None)
     process = await asyncio.create_subprocess_exec(

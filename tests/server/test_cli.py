@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tandem.cli import main, parse_args
-from tests.server.conftest import free_port
+from tandem.worker.process import free_port  # below the ephemeral range: the process binds it later
 
 
 def test_help_reads_well(capsys):
