@@ -98,6 +98,7 @@ def make_llm():
         assert pool.num_free == pool.num_blocks, f"leaked {pool.num_blocks - pool.num_free} KV blocks"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """For xdist's `--dist loadgroup` (the Makefile's): a module's tests run on one worker (its module
     fixtures are built once), and PROCESS_TESTS all on the same worker."""
