@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 
 # two pytest-xdist workers: the tests that start processes run on one, one at a time (tests/conftest.py)
 test: install
-	$(PY) -m pytest -n 2 --dist loadgroup tests
+	$(PY) -m pytest -n 2 tests
 
 run: install
 	$(VENV)/bin/tandem up

@@ -25,6 +25,7 @@ WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 # tests that start processes on ports picked (tandem.worker.process.free_port) before the process binds
 # them: two at once may pick the same port, so under xdist they all run on one worker, one after another
+# (pytest_xdist_make_scheduler below)
 PROCESS_TESTS = ("tests/disagg/", "tests/deploy/test_metric_names.py", "tests/kvstore/test_process.py",
                  "tests/operator/test_operator.py::test_the_tandem_operator_command",
                  "tests/server/test_cli.py::test_tandem_serve_subprocess")
@@ -98,12 +99,22 @@ def make_llm():
         assert pool.num_free == pool.num_blocks, f"leaked {pool.num_blocks - pool.num_free} KV blocks"
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
-def pytest_collection_modifyitems(config, items):
-    """For xdist's `--dist loadgroup` (the Makefile's): a module's tests run on one worker (its module
-    fixtures are built once), and PROCESS_TESTS all on the same worker."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        group = "processes" if item.nodeid.startswith(PROCESS_TESTS) else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s workers (pytest-xdist's -n, --dist load) take a module at a time, so its module fixtures
+    are built once, and PROCESS_TESTS all on one worker, handed out first (the longest share)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    if config.getvalue("dist") != "load" or not hasattr(LoadScopeScheduling, "_split_scope"):
+        return None  # a --dist asked for by name, or an xdist whose scheduler this does not know
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "processes" if nodeid.startswith(PROCESS_TESTS) else nodeid.split("::")[0]
+
+        def _assign_work_unit(self, node) -> None:
+            if "processes" in self.workqueue:
+                self.workqueue.move_to_end("processes", last=False)
+            super()._assign_work_unit(node)
+
+    return ByModule(config, log)
