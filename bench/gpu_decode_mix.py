@@ -62,21 +62,28 @@ def case(name: str, contexts: np.ndarray, lanes: int, copy_gbs: float, configs=L
     return res
 
 
-def tiles(name: str, rows: int, context: int, copy_gbs: float) -> dict:
-    """One split of equal contexts by tile config (block_n, warps, stages), against decode_config's."""
+TILES = ((32, 2, 2), (32, 2, 3), (32, 4, 2), (32, 4, 3), (64, 2, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3),
+         (128, 4, 2), (128, 8, 2), (128, 8, 3))
+
+
+def tiles(name: str, contexts: np.ndarray, copy_gbs: float, lanes: int = 0, splits: int = 1, floor: int = 64) -> dict:
+    """A batch by tile config (block_n, warps, stages) at a fixed split count and floor, against decode_config's."""
     from tandem.kernels.paged_decode_attention import decode_config, launch_decode, sm_count
 
-    blocks = rows * -(-context // BLOCK)
-    table = torch.randperm(blocks).int().view(rows, -1).cuda()
+    rows = len(contexts) + lanes
+    lens = np.concatenate([contexts, np.zeros(lanes, np.int64)])
+    width = int(-(-lens.max() // BLOCK))
+    blocks = rows * width
+    table = torch.randperm(blocks).int().view(rows, width).cuda()
     cache = torch.randn(2, blocks, BLOCK, HKV, D, device="cuda", dtype=torch.bfloat16)
     q = torch.randn(rows, HQ, D, device="cuda", dtype=torch.bfloat16)
-    out, lens = torch.zeros_like(q), torch.full((rows,), context, dtype=torch.int32, device="cuda")
-    moved = rows * context * HKV * D * 2 * 2
-    res = {"case": name, "default": decode_config(D, q.device, rows * HKV / sm_count(q.device))}
-    for block_n, warps, stages in ((32, 2, 2), (32, 4, 2), (32, 4, 3), (64, 2, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4),
-                                   (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3)):
-        ms = median_ms(lambda: launch_decode(q, cache, table, lens, D ** -0.5, None, 1, out, block_n, warps, stages),
-                       graph=True)
+    out, lens_t = torch.zeros_like(q), torch.tensor(lens, dtype=torch.int32, device="cuda")
+    moved = int(contexts.sum()) * HKV * D * 2 * 2
+    res = {"case": name, "splits": splits, "floor": floor,
+           "default": decode_config(D, q.device, rows * HKV * splits / sm_count(q.device), splits)}
+    for block_n, warps, stages in TILES:
+        ms = median_ms(lambda: launch_decode(q, cache, table, lens_t, D ** -0.5, None, splits, out, block_n, warps,
+                                             stages, write_empty_rows=lanes == 0, min_split_tokens=floor), graph=True)
         res[f"{block_n}_{warps}w_{stages}s"] = {"us": round(ms * 1e3, 1),
                                                 "pct_of_copy": round(100 * moved / ms / 1e6 / copy_gbs, 1)}
     print(json.dumps(res), flush=True)
@@ -93,13 +100,14 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     ap.add_argument("--small", action="store_true", help="the small batches instead: single, W1-64, a few rows")
     ap.add_argument("--tiles", action="store_true", help="tile configs of one split at equal contexts instead")
+    ap.add_argument("--mixed-tiles", action="store_true", help="tile configs of W2's mixed steps (8 splits, floor 256)")
     args = ap.parse_args()
     copy_gbs = copy_bandwidth()
     print(f"copy {copy_gbs:.0f} GB/s", flush=True)
     rng = np.random.default_rng(0)
     if args.tiles:
         save(os.path.join(args.out, "decode-tiles.json"), copy_gbs,
-             [tiles(f"{n} x {c}", n, c, copy_gbs) for n, c in ((64, 192), (64, 384), (64, 640), (128, 384),
+             [tiles(f"{n} x {c}", np.full(n, c), copy_gbs) for n, c in ((64, 192), (64, 384), (64, 640), (128, 384),
                                                                (256, 384), (256, 576))])
         return
     if args.small:
@@ -111,6 +119,10 @@ def main() -> None:
     w2 = workload("W2", rng)
     # a W2 request mid-flight: its prompt and part of its output in the cache
     w2_ctx = np.array([p + int(rng.integers(0, o)) for p, o in w2])
+    if args.mixed_tiles:
+        save(os.path.join(args.out, "decode-mixed-tiles.json"), copy_gbs,
+             [tiles(f"W2 mixed {n} rows", rng.choice(w2_ctx, n), copy_gbs, 140, 8, 256) for n in (64, 96, 128)])
+        return
     results = [case("W1 256 rows", np.full(256, 384), 0, copy_gbs),
                case("P512 256 rows", np.full(256, 576), 0, copy_gbs)]
     for n in (24, 40, 64, 96, 128):

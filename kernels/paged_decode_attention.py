@@ -150,10 +150,15 @@ def decode_config(head_dim: int, device: torch.device, programs_per_sm: float = 
     per SM, 32-token tiles in 2-warp programs, which keep more loads in flight per SM (128 x 384 tokens:
     51.6 vs 55.8 us; 256 x 384: 99 vs 107); from 3 in one split, 64-token tiles in 2-warp programs
     (64 x 384: 29.1 vs 29.9 us; 64 x 192: 13.2 vs 14.4); else 4 warps (one row in 64 splits, most of them
-    unused: 2 warps made the 8B single-request step ~1% slower). Bigger tiles in the interpreter, where
-    each tile step costs the same whatever its size."""
+    unused: 2 warps made the 8B single-request step ~1% slower). Split batches with 6 or more programs per
+    SM (W2's mixed and spread steps, 8 splits) take 64-token tiles in 4-warp programs, 2 stages deep
+    (bench/gpu_decode_mix.py --mixed-tiles: 96 / 128 decode rows 76.2 / 103.2 us against 80.9 / 108.7 in
+    32-token 2-warp tiles; 3 stages 83.7 / 110.7). Bigger tiles in the interpreter, where each tile step
+    costs the same whatever its size."""
     if device.type != "cuda":
         return dict(block_n=32, num_warps=4, num_stages=1)
+    if programs_per_sm >= 6 and num_splits > 1 and head_dim <= 128:
+        return dict(block_n=64, num_warps=4, num_stages=2)
     if programs_per_sm >= 6 and head_dim <= 128:
         return dict(block_n=32, num_warps=2, num_stages=2)
     warps = 2 if programs_per_sm >= 3 and num_splits == 1 and head_dim <= 128 else 4

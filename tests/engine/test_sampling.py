@@ -258,10 +258,12 @@ def test_eos_min_tokens_and_ignore_eos(make_llm, tiny_model_dirs, tmp_path):
     model = tmp_path / "tiny-llama-eos"
     shutil.copytree(tiny_model_dirs["llama"], model)
     gen = json.loads((model / "generation_config.json").read_text())
-    gen["eos_token_id"] = [eos, 2]
+    # and one id past the vocabulary (random-weight configs carry Llama-3's 128001): never sampled, and
+    # banning it before min_tokens would index past the logits
+    gen["eos_token_id"] = [eos, 2, 10**6]
     (model / "generation_config.json").write_text(json.dumps(gen))
     llm = _tiny(make_llm, {"llama": str(model)})
-    assert eos in llm.engine.eos_token_ids
+    assert eos in llm.engine.eos_token_ids and 10**6 not in llm.engine.eos_token_ids
     plain, short, min_tok, ignored, both = (o.outputs[0] for o in _gen(llm, [PROMPT] * 5, [
         SamplingParams(temperature=0, max_tokens=16),
         SamplingParams(temperature=0, max_tokens=k),

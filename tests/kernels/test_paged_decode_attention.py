@@ -222,7 +222,8 @@ def test_compiles_for_hopper_in_bf16():
     from tandem.kernels.paged_decode_attention import decode_config
 
     small, mid, large = (decode_config(128, torch.device("cuda"), per_sm) for per_sm in (2, 4, 16))
-    assert small != mid != large != small  # each batch size gets its own tiles
+    split = decode_config(128, torch.device("cuda"), 16, num_splits=8)
+    assert len({str(c) for c in (small, mid, large, split)}) == 4  # each batch shape gets its own tiles
     module = "tandem.kernels.paged_decode_attention"
     common = dict(NUM_HEADS=32, HEAD_DIM=128, BLOCK_D=128)
     launches = [(module, "_decode_kernel", dict(common, GROUP=4, SLOT_SIZE=1024, ROWS=16, BLOCK_N=cfg["block_n"],
@@ -230,12 +231,13 @@ def test_compiles_for_hopper_in_bf16():
                                                 MIN_SPLIT_TILES=256 // cfg["block_n"] if splits > 1 else 1,
                                                 PRECISION="tf32", SKIP_EMPTY=splits > 1),
                  dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-                for cfg, splits, window in ((small, 1, False), (small, 4, True), (mid, 1, False), (large, 1, False))]
+                for cfg, splits, window in ((small, 1, False), (small, 4, True), (mid, 1, False), (large, 1, False),
+                                            (split, 8, False))]
     launches += [("tandem.kernels.attention_common", "_merge_splits_kernel",
                   dict(common, NUM_SPLITS=4, SPLITS_PAD=4, BLOCK_R=block_r, ROWS=rows, MIN_SPLIT_TILES=4, BLOCK_N=64,
                        HAS_WINDOW=window), dict(num_warps=4))
                  for rows, block_r, window in ((0, 1, False), (1, 16, False), (2, 16, True))]
-    assert all(0 < shared <= H100_SHARED_MEMORY for shared in compile_for_sm90(launches)[:4])
+    assert all(0 < shared <= H100_SHARED_MEMORY for shared in compile_for_sm90(launches)[:5])
 
 
 def test_wrapper_rejects_bad_inputs():
