@@ -2,19 +2,24 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+log = logging.getLogger("tandem.engine")
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path)
 
 
-def eos_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase | None) -> tuple[int, ...]:
+def eos_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase | None, vocab: int) -> tuple[int, ...]:
     """EOS ids from generation_config.json (int or list) and the tokenizer (or, with no tokenizer,
-    config.json)."""
+    config.json), those inside the vocabulary: one past it can never be sampled, and banning it before
+    min_tokens would index past the logits (a device assert on CUDA). Random-weight configs carry
+    Llama-3's ids (128001) on smaller vocabularies."""
     ids: list[int] = []
     gen = load_generation_config(model_path)
     if tokenizer is None and "eos_token_id" not in gen:
@@ -24,7 +29,9 @@ def eos_token_ids(model_path: str, tokenizer: PreTrainedTokenizerBase | None) ->
     ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-    return tuple(dict.fromkeys(ids))
+    if outside := [t for t in ids if not 0 <= t < vocab]:
+        log.warning("ignoring EOS ids outside the %d-token vocabulary: %s", vocab, outside)
+    return tuple(dict.fromkeys(t for t in ids if 0 <= t < vocab))
 
 
 def load_generation_config(model_path: str) -> dict[str, Any]:

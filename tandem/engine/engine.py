@@ -82,7 +82,7 @@ class LLMEngine(KVRoles, Lookaheads):
         torch.manual_seed(config.seed)
         self.model = self._load(cls, hf_config)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or self.model_path)
-        self.eos_token_ids = self._eos_ids()
+        self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer, self.model.shape.vocab)
         self.generation_defaults = self._generation_defaults()
         self.inputs = InputChecker(self.tokenizer, self.model.shape.vocab, self.max_model_len)
         cache = config.cache
@@ -164,17 +164,6 @@ class LLMEngine(KVRoles, Lookaheads):
 
     def check_params(self, params: SamplingParams) -> None:
         self.inputs.params(params)
-
-    def _eos_ids(self) -> tuple[int, ...]:
-        """The model's EOS ids inside its vocabulary: one past it can never be sampled, and banning it
-        before min_tokens would index past the logits (a device assert on CUDA). Random-weight configs
-        carry Llama-3's ids (128001) on smaller vocabularies."""
-        ids = eos_token_ids(self.model_path, self.tokenizer)
-        vocab = self.model.shape.vocab
-        if any(not 0 <= t < vocab for t in ids):
-            log.warning("ignoring EOS ids outside the %d-token vocabulary: %s", vocab,
-                        [t for t in ids if not 0 <= t < vocab])
-        return tuple(t for t in ids if 0 <= t < vocab)
 
     def prepare_params(self, params: SamplingParams) -> SamplingParams:
         params = params.clone()
