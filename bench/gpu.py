@@ -5,7 +5,7 @@ bf16 models of Llama-3.2-1B and Llama-3.1-8B shapes (the GPU issue's workloads).
                         [--policy fcfs|lof] [--out DIR]
 
 Every request is random token ids, greedy, ignore_eos with min_tokens = max_tokens, all submitted at
-once after one warm-up pass. The roofline: copy bandwidth and bf16 matmul rate are measured first;
+once after one warm-up pass (and the GPU itself under load for --warm-seconds first). The roofline: copy bandwidth and bf16 matmul rate are measured first;
 ceiling time = prefill FLOPs / matmul rate + decode bytes (weights + the batch's KV, every step) /
 copy bandwidth.
 """
@@ -57,6 +57,21 @@ def timed(fn, sync=True) -> float:
     fn()
     torch.cuda.synchronize()
     return time.perf_counter() - t
+
+
+def warm_up_gpu(seconds: float) -> None:
+    """bf16 matmuls for `seconds` before anything is timed. A GPU's first seconds under load run slower:
+    the first engine of a process ran W1's decode steps 4% slower than the second whichever policy it
+    had (bench/gpu_trace.py --workload W1 --policies lof,fcfs, then fcfs,lof: 11.40 / 10.95 ms, then
+    11.76 / 11.28), and first timed runs were the slow ones of their --repeat."""
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+    del a
+    torch.cuda.empty_cache()
 
 
 def ceilings() -> dict:
@@ -225,12 +240,14 @@ def main() -> int:
                     "per host round trip)")
     # 16384 batched tokens: vLLM's default for its LLM class on GPUs of >= 70 GiB (arg_utils.py)
     ap.add_argument("--budget", type=int, default=16384, help="the engine's max_num_batched_tokens")
+    ap.add_argument("--warm-seconds", type=float, default=20, help="GPU load before anything is timed")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     args = ap.parse_args()
     import triton
     import transformers
 
     device = torch.cuda.get_device_name()
+    warm_up_gpu(args.warm_seconds)
     ceil = ceilings()
     print(f"{device}: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"bf16 matmul {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu import workload  # noqa: E402
+from gpu import warm_up_gpu, workload  # noqa: E402
 from gpu_models import config_folder  # noqa: E402
 
 
@@ -30,11 +30,13 @@ def main() -> None:
     ap.add_argument("--kprof", type=int, default=0, help="profile the kernels of this many step() calls "
                     "from --kprof-at on (CUPTI sees the kernels inside CUDA graphs)")
     ap.add_argument("--kprof-at", type=int, default=4, help="the first step() call --kprof profiles")
+    ap.add_argument("--warm-seconds", type=float, default=20, help="GPU load before the first policy runs")
     args = ap.parse_args()
     from tandem import LLM, SamplingParams
     from tandem.engine.cuda_graphs import GreedyTokens
 
     reqs = workload(args.workload, np.random.default_rng(0))
+    warm_up_gpu(args.warm_seconds)  # else the first policy runs on a cold GPU
     for policy in args.policies.split(","):
         llm = LLM(config_folder(args.shape), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                   max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=args.budget, gpu_memory_utilization=0.9,
