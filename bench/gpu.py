@@ -60,11 +60,10 @@ def timed(fn, sync=True) -> float:
 
 
 def warm_up_gpu(seconds: float) -> None:
-    """bf16 matmuls for `seconds` before anything is timed. The first engine on a freshly started machine
-    ran W1's decode steps 4% slower than the second whichever policy it had (bench/gpu_trace.py --workload
-    W1 --policies lof,fcfs, then fcfs,lof: 11.40 / 10.95 ms, then 11.76 / 11.28), and first timed runs were
-    the slow ones of their --repeat. That a cold GPU is the cause is a guess: whether this load removes the
-    effect has not been measured yet."""
+    """bf16 matmuls for `seconds` before anything is timed. Without it the first engine on a freshly
+    started machine ran W1's decode steps 4% slower than the second whichever policy it had
+    (bench/gpu_trace.py --workload W1 --policies lof,fcfs, then fcfs,lof: 11.40 / 10.95 ms, then 11.76 /
+    11.28); after it two fcfs engines in a row ran 10.28 / 10.29 ms (results/trace-8b-P512-20261204.txt)."""
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:

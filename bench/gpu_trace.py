@@ -29,7 +29,10 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=16384, help="max_num_batched_tokens")
     ap.add_argument("--kprof", type=int, default=0, help="profile the kernels of this many step() calls "
                     "from --kprof-at on (CUPTI sees the kernels inside CUDA graphs)")
+    ap.add_argument("--idle", action="store_true", help="with --kprof: also trace the host (Python calls) and "
+                    "print the device's idle gaps with what the host ran in them")
     ap.add_argument("--kprof-at", type=int, default=4, help="the first step() call --kprof profiles")
+    ap.add_argument("--list", type=int, default=0, help="print the first and last N step() calls one by one")
     ap.add_argument("--warm-seconds", type=float, default=20, help="GPU load before the first policy runs")
     args = ap.parse_args()
     from tandem import LLM, SamplingParams
@@ -62,12 +65,22 @@ def main() -> None:
         GreedyTokens.result = timed_result
 
         prof = None
+        scheduled = [(0, 0)]  # the last schedule()'s (rows, tokens): what an ordinary step computed
+        schedule = eng.scheduler.schedule
+
+        def counted():
+            out = schedule()
+            scheduled[0] = (len(out.scheduled), out.num_tokens)
+            return out
+        eng.scheduler.schedule = counted
+        per_call = []  # per step() call: rows and tokens of its last schedule()
         host = []  # per step() call: its wall time less the wait for tokens (the device idles in part of it)
 
         def traced():
             nonlocal prof
             if args.kprof and len(trace) == args.kprof_at:
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                acts = [torch.profiler.ProfilerActivity.CUDA] + [torch.profiler.ProfilerActivity.CPU] * args.idle
+                prof = torch.profiler.profile(activities=acts, with_stack=args.idle)
                 prof.__enter__()
             if prof is not None and len(trace) == args.kprof_at + args.kprof:
                 torch.cuda.synchronize()
@@ -77,13 +90,17 @@ def main() -> None:
                       f"{sum(w[1] for w in window)} prompt-lane tokens, running {window[0][2]}-{window[-1][2]}, "
                       f"{sum(w[3] for w in window):.3f} s")
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+                if args.idle:
+                    print_idle_gaps(prof)
                 prof = None
             s = eng.stats()
             running = len(eng.scheduler.running)
             t = time.perf_counter()
             w = waited[0]
+            scheduled[0] = (0, 0)
             out = step()
             wall = time.perf_counter() - t
+            per_call.append(scheduled[0])
             host.append(wall - (waited[0] - w))
             e = eng.stats()
             trace.append((e.num_lookahead_steps - s.num_lookahead_steps,
@@ -94,6 +111,7 @@ def main() -> None:
         llm.generate(prompts, params, use_tqdm=False)
         total = time.perf_counter() - t
         eng.step = step
+        eng.scheduler.schedule = schedule
         GreedyTokens.result = result
         by = collections.defaultdict(lambda: [0, 0, 0.0])  # (kind, running bucket) -> calls, steps, seconds
         for steps, lanes, running, wall in trace:
@@ -119,12 +137,47 @@ def main() -> None:
               f"prompt-lane lookaheads ({1000 * sum(lane_host) / max(len(lane_host), 1):.2f} ms each)")
         for r, (steps, secs) in sorted(rows.items()):
             print(f"  lookahead steps of {r:3}-{r + 31:3} rows: {steps:5} steps {secs:6.2f} s ({1000 * secs / steps:6.2f} ms/step)")
+        shown = range(len(trace)) if len(trace) <= 2 * args.list else [*range(args.list),
+                                                                        *range(len(trace) - args.list, len(trace))]
+        for i in shown if args.list else ():
+            steps, lanes, running, wall = trace[i]
+            rows, tokens = per_call[i]
+            print(f"  call {i:4}: running {running:3} lookahead steps {steps} lane tokens {lanes:5} | last schedule "
+                  f"{rows:3} rows {tokens:5} tokens | {1000 * wall:7.2f} ms")
         lanes = [(steps, lanes) for steps, lanes, _, _ in trace if lanes]
         if lanes:
             print(f"  prompt-lane tokens per lookahead step: {np.mean([l / s for s, l in lanes]):.0f} mean", flush=True)
         del llm, eng, step, traced
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def print_idle_gaps(prof, top: int = 10) -> None:
+    """The device's idle gaps between kernels and copies (the union of their intervals), largest first,
+    each with the host's Python calls that overlap it most (enclosing calls included)."""
+    import json
+    import tempfile
+    path = tempfile.mktemp(suffix=".json")
+    prof.export_chrome_trace(path)
+    events = [e for e in json.load(open(path))["traceEvents"] if e.get("ph") == "X"]
+    device = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    py = [e for e in events if e.get("cat") == "python_function"]
+    gaps, end = [], device[0][1]
+    for a, b in device[1:]:
+        if a > end:
+            gaps.append((end, a))
+        end = max(end, b)
+    busy = end - device[0][0] - sum(b - a for a, b in gaps)
+    print(f"device: {busy / 1000:.1f} ms busy, {sum(b - a for a, b in gaps) / 1000:.1f} ms idle in {len(gaps)} gaps "
+          f"between its first and last kernel")
+    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        over = collections.Counter()
+        for e in py:
+            o = min(b, e["ts"] + e["dur"]) - max(a, e["ts"])
+            if o > 0:
+                over[e["name"]] += o
+        names = ", ".join(f"{n} {o / 1000:.2f}" for n, o in over.most_common(8))
+        print(f"  gap at +{(a - device[0][0]) / 1000:8.2f} ms: {(b - a) / 1000:6.2f} ms | {names}")
 
 
 if __name__ == "__main__":

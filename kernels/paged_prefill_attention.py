@@ -107,15 +107,27 @@ def _prefill_kernel(q_ptr, cache_ptr, cu_ptr, lens_ptr, tables_ptr, out_ptr, par
         tl.store(part_ml_ptr + part * 2 + 1, l_sum, mask=row_ok)
 
 
-def prefill_config(head_dim: int, group: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Tile config: 128 rows x 64 keys on GPUs (8 warps for head_dim > 64), half that for float32
-    (its tiles take twice the shared memory). In the interpreter a program costs about the same
-    whatever its size: 16 query tokens a tile, whatever the group."""
+def prefill_config(head_dim: int, group: int, dtype: torch.dtype, device: torch.device, max_query_len: int = 0,
+                   packed: bool = False) -> dict:
+    """Tile config. On GPUs at head_dim 128, a step's chunks take one warpgroup: 128 rows x 32 keys in
+    4 stages for chunks up to 1,024 tokens, 64 x 64 in 2 stages past that (an H200's sweep,
+    `bench/attention_speed.py --prefill 32x512,4x2048,1x8192`: 223 / 296 / 352 TFLOP/s against 176 / 271 /
+    321 with 128 x 64 in 8 warps). Prompt lanes (`packed`: a few short chunks over long prefixes, beside
+    decode attention) keep 128 x 64 in 8 warps: with the one-warpgroup tiles 8B W2 under lof lost 1.7%
+    (6,427 vs 6,535 out tok/s, one H200). float32 takes half the rows (its tiles take twice the shared
+    memory). In the interpreter a program costs about the same whatever its size: 16 query tokens a
+    tile, whatever the group."""
     if device.type != "cuda":
         return dict(block_m=16 * triton.next_power_of_2(group), block_n=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    return dict(block_m=128, block_n=64, num_warps=8 if head_dim > 64 else 4, num_stages=2 if head_dim > 64 else 3)
+    if head_dim <= 64:
+        return dict(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    if packed:
+        return dict(block_m=128, block_n=64, num_warps=8, num_stages=2)
+    if max_query_len <= 1024:
+        return dict(block_m=128, block_n=32, num_warps=4, num_stages=4)
+    return dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
 
 
 def launch_prefill(q, kv_cache, cu_seqlens_q, context_lens, block_tables, scale, sliding_window, out,
@@ -177,8 +189,9 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_
     if num_seqs == 0 or max_query_len == 0:
         return out
     launch_prefill(q, kv_cache, cu_seqlens_q, context_lens, block_tables, scale, sliding_window, out,
-                   max_query_len, **prefill_config(q.shape[2], q.shape[1] // kv_cache.shape[3], q.dtype, q.device),
-                   num_splits=num_splits, packed=packed)
+                   max_query_len, num_splits=num_splits, packed=packed,
+                   **prefill_config(q.shape[2], q.shape[1] // kv_cache.shape[3], q.dtype, q.device, max_query_len,
+                                    packed))
     return out
 
 

@@ -143,14 +143,15 @@ def test_matches_sdpa_on_contiguous_kv():
 
 @pytest.mark.skipif(device == "cuda", reason="the GPU runs the real thing")
 def test_compiles_for_hopper_in_bf16():
-    """8B geometry (GQA 4:1, D=128) and GQA 8:1 at D=64, with the GPU tile configs; prompt lanes' launch
-    (split keys, packed tiles)."""
+    """8B geometry (GQA 4:1, D=128: short and long chunks) and GQA 8:1 at D=64, with the GPU tile configs;
+    prompt lanes' launch (split keys, packed tiles)."""
     from tandem.kernels.paged_prefill_attention import prefill_config
 
     launches = []
-    for head_dim, group, window, splits, packed in ((128, 4, False, 1, False), (64, 8, True, 1, False),
-                                                    (128, 4, False, 8, True)):
-        cfg = prefill_config(head_dim, group, torch.bfloat16, torch.device("cuda"))
+    for head_dim, group, window, splits, packed, length in ((128, 4, False, 1, False, 512),
+                                                            (128, 4, False, 1, False, 4096),
+                                                            (64, 8, True, 1, False, 512), (128, 4, False, 8, True, 64)):
+        cfg = prefill_config(head_dim, group, torch.bfloat16, torch.device("cuda"), length, packed)
         launches.append(("tandem.kernels.paged_prefill_attention", "_prefill_kernel",
                          dict(GROUP=group, GROUP_PAD=group, HEAD_DIM=head_dim, SLOT_SIZE=8 * head_dim, BLOCK_D=head_dim,
                               BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_SIZE=16, HAS_WINDOW=window,
