@@ -167,7 +167,8 @@ def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_mod
         prompts = [rng.integers(0, vocab, p).tolist() for p, _ in reqs]
         params = [SamplingParams(temperature=0, max_tokens=o, min_tokens=o, ignore_eos=True) for _, o in reqs]
         # the warm-up pass: this workload's shapes (prefill chunks, decode batches), few tokens each
-        short = [SamplingParams(temperature=0, max_tokens=min(o, 16), ignore_eos=True) for _, o in reqs]
+        short = [SamplingParams(temperature=0, max_tokens=min(o, 16), min_tokens=min(o, 16), ignore_eos=True)
+                 for _, o in reqs]
         llm.generate([rng.integers(0, vocab, p).tolist() for p, _ in reqs], short, use_tqdm=False)
         times = []
         for _ in range(max(1, repeat)):  # the median of several: cells near their target are within run-to-run noise

@@ -49,8 +49,9 @@ def main() -> None:
         vocab = eng.model.shape.vocab
         prompts = [rng.integers(0, vocab, p).tolist() for p, _ in reqs]
         params = [SamplingParams(temperature=0, max_tokens=o, min_tokens=o, ignore_eos=True) for _, o in reqs]
-        llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=min(o, 16), ignore_eos=True) for _, o in reqs],
-                     use_tqdm=False)
+        short = [SamplingParams(temperature=0, max_tokens=min(o, 16), min_tokens=min(o, 16), ignore_eos=True)
+                 for _, o in reqs]
+        llm.generate(prompts, short, use_tqdm=False)
         trace = []
         step = eng.step
         waited = [0.0]  # seconds the host spent waiting for lookaheads' tokens

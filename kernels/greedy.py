@@ -18,12 +18,14 @@ import triton.language as tl
 from tandem.kernels.pdl import launch_options, wait_for_inputs
 from tandem.kernels.reference import greedy_advance_ref
 
-__all__ = ["greedy_advance", "greedy_advance_ref"]
+__all__ = ["compile_variants", "greedy_advance", "greedy_advance_ref"]
 
 _CHUNK = 2048
 
 
-@triton.jit(do_not_specialize=["step"])
+# num_banned unspecialized and BANNED_PAD at least 16: one compiled variant bans 1-16 ids (one EOS id or
+# Llama 3's three), so the one compile_variants makes at start-up is the one a min_tokens request meets
+@triton.jit(do_not_specialize=["step", "num_banned"])
 def _chunk_kernel(logits_ptr, stride, vocab, banned_ptr, num_banned, ban_left_ptr, step, part_ptr,
                   NUM_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, BANNED_PAD: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
@@ -109,9 +111,24 @@ def greedy_advance(logits: torch.Tensor, tokens: torch.Tensor, logprobs: torch.T
     num_banned = banned.numel() if banned is not None else 0
     _chunk_kernel[(n, num_chunks)](logits, logits.stride(0), vocab, banned if num_banned else logits, num_banned,
                                    ban_left if num_banned else logits, step, part, NUM_CHUNKS=num_chunks,
-                                   CHUNK=chunk, BANNED_PAD=triton.next_power_of_2(num_banned) if num_banned else 0,
+                                   CHUNK=chunk, BANNED_PAD=max(16, triton.next_power_of_2(num_banned)) if num_banned else 0,
                                    num_warps=4, **launch_options(logits.device, n))
     _merge_kernel[(n,)](part, tokens, logprobs, input_ids, positions, context_lens, slots, block_tables,
                         block_tables.shape[1], NUM_CHUNKS=num_chunks,
                         CHUNKS_PAD=triton.next_power_of_2(num_chunks), BLOCK_SIZE=block_size, num_warps=1,
                         **launch_options(logits.device, n))
+
+
+def compile_variants(logits: torch.Tensor, block_size: int) -> None:
+    """Runs greedy_advance on throwaway outputs for the launch variants an engine meets: one row (PDL on
+    Hopper) and more, each with and without banned ids. `logits` [>= 2, V]: the model's, as the
+    lookaheads read them. Triton compiles a variant on its first launch; without this the first
+    lookahead of a min_tokens request compiled one in the middle of a run."""
+    device = logits.device
+    for n in (1, 2):
+        for banned in (None, torch.zeros(1, dtype=torch.long, device=device)):
+            ban_left = None if banned is None else torch.ones(n, dtype=torch.long, device=device)
+            ints = [torch.zeros(n, dtype=torch.long, device=device) for _ in range(4)]
+            greedy_advance(logits[:n], ints[0], torch.empty(n, dtype=torch.float32, device=device), *ints[1:3],
+                           torch.ones(n, dtype=torch.int32, device=device), ints[3],
+                           torch.zeros(n, 1, dtype=torch.int32, device=device), block_size, banned, ban_left)

@@ -45,6 +45,12 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.scale, max_batch, max_model_len, self.block_size,
                                    max_lanes, use_graphs)
         self.graphs.capture()
+        if use_graphs:  # CUDA: the lookaheads' greedy kernels compiled now, not in a request's step
+            from tandem.kernels.greedy import compile_variants
+
+            with torch.inference_mode():
+                hidden = torch.zeros(2, self.model.shape.hidden, dtype=self.kv_caches[0].dtype, device=self.device)
+                compile_variants(self._raw_logits(hidden), self.block_size)
 
     @staticmethod
     @torch.inference_mode()

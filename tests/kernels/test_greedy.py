@@ -90,3 +90,14 @@ def test_wrapper_rejects_bad_inputs():
         greedy_advance(logits, **{**ok, "block_tables": ok["block_tables"].long()}, block_size=BLOCK_SIZE)
     with pytest.raises(ValueError, match="go together"):
         greedy_advance(logits, **ok, block_size=BLOCK_SIZE, banned=torch.tensor([1], device=device))
+
+
+def test_compile_variants_leaves_its_inputs():
+    """The start-up pass over the launch variants (one row and two, with and without banned ids) runs on
+    throwaway outputs: the logits it reads are left as they were."""
+    from tandem.kernels.greedy import compile_variants
+
+    logits = torch.randn(2, 300, device=device).to(torch.float16)
+    before = logits.clone()
+    compile_variants(logits, BLOCK_SIZE)
+    assert torch.equal(logits, before)
