@@ -25,7 +25,8 @@ from tandem.kernels.attention_common import (LOG2E, ROWS_IN_CHUNKS, attend_tile,
 __all__ = ["paged_prefill_attention", "paged_prefill_attention_ref"]
 
 
-@triton.jit(do_not_specialize=["table_stride"])  # varies every step: one compiled variant for all
+# table_stride and num_seqs vary every step: one compiled variant for all (compiled at start-up, model_runner.py)
+@triton.jit(do_not_specialize=["table_stride", "num_seqs"])
 def _prefill_kernel(q_ptr, cache_ptr, cu_ptr, lens_ptr, tables_ptr, out_ptr, part_acc_ptr, part_ml_ptr, scale_log2,
                     q_stride_t, q_stride_h, out_stride_t, out_stride_h, table_stride, v_plane, window, num_seqs,
                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SLOT_SIZE: tl.constexpr,

@@ -45,12 +45,23 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.scale, max_batch, max_model_len, self.block_size,
                                    max_lanes, use_graphs)
         self.graphs.capture()
-        if use_graphs:  # CUDA: the lookaheads' greedy kernels compiled now, not in a request's step
+        if use_graphs:  # CUDA: kernels of eager steps and the lookaheads' greedy tail compiled now
             from tandem.kernels.greedy import compile_variants
 
+            self.compile_prompt_kernels((16, 1040) if max_model_len >= 1040 else (16,))
             with torch.inference_mode():
                 hidden = torch.zeros(2, self.model.shape.hidden, dtype=self.kv_caches[0].dtype, device=self.device)
                 compile_variants(self._raw_logits(hidden), self.block_size)
+
+    @torch.inference_mode()
+    def compile_prompt_kernels(self, lengths: tuple[int, ...]) -> None:
+        """One prompt chunk of each length through the model, writing nothing (slots -1; its keys read from
+        block 0): Triton compiles a prompt step's kernels, both of prefill attention's tile configs among
+        them (chunks up to 1,024 tokens, and longer), now rather than in a first request's step."""
+        for n in lengths:
+            seqs = [SeqSlice(0, n, n, [0] * -(-n // self.block_size))]
+            attn = build_attention(self.kv_caches, seqs, [-1] * n, self.scale, self.model.shape.sliding_window)
+            self.model(torch.zeros(n, dtype=torch.long, device=self.device), torch.arange(n, device=self.device), attn)
 
     @staticmethod
     @torch.inference_mode()

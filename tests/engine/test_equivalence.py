@@ -175,6 +175,22 @@ def test_triton_attention_backend(arch, references, make_llm, monkeypatch):
     assert llm.stats().num_lookahead_steps == 0
 
 
+def test_prompt_kernels_compile_without_writing(references, make_llm, monkeypatch):
+    """The start-up pass that compiles a prompt step's kernels on GPUs (ModelRunner.compile_prompt_kernels),
+    here through the Triton backend: it reads block 0 and writes nothing to the KV cache, and the engine's
+    output after it is still transformers'."""
+    monkeypatch.setenv("TANDEM_ATTENTION_BACKEND", "triton")
+    path, prompts, params, expected = references["llama"]
+    llm = make_llm(path, num_scheduler_steps=1)
+    runner = llm.engine.runner
+    for cache in runner.kv_caches:
+        cache[:, 0].normal_()
+    before = [c.clone() for c in runner.kv_caches]
+    runner.compile_prompt_kernels((5, 40))
+    assert all(torch.equal(a, b) for a, b in zip(before, runner.kv_caches))
+    assert _generate(llm, prompts[:2], params) == expected[:2]
+
+
 def test_multi_step_decoding(references, make_llm, monkeypatch):
     """Greedy decode steps run ahead on the device (multi_step.py) through the Triton backend's static
     decode buffers, here replayed eagerly under Triton's interpreter: EOS banned on the device until
