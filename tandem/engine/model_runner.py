@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from tandem.engine import prompt_lanes
-from tandem.engine.attention import SeqSlice, build_attention, whole_prompts
+from tandem.engine.attention import SeqSlice, build_attention, host_longs, whole_prompts
 from tandem.engine.models.llama import LlamaForCausalLM
 from tandem.engine.multi_step import Lookahead
 from tandem.engine.request import Request
@@ -186,7 +186,7 @@ class ModelRunner:
         return self.model(self._device_tensor(input_ids), self._device_tensor(positions), attn)
 
     def _device_tensor(self, values: list[int]) -> torch.Tensor:
-        t = torch.tensor(values, dtype=torch.long)
+        t = host_longs(values)
         return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
     def _sample(self, requests: list[Request], hidden: torch.Tensor, result: StepResult) -> None:
