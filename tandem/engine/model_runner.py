@@ -45,10 +45,9 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.scale, max_batch, max_model_len, self.block_size,
                                    max_lanes, use_graphs)
         self.graphs.capture()
-        if use_graphs:  # CUDA: kernels of eager steps and the lookaheads' greedy tail compiled now
+        if use_graphs:  # CUDA: the lookaheads' greedy tail compiled now, not in a request's step
             from tandem.kernels.greedy import compile_variants
 
-            self.compile_prompt_kernels((16, 1040) if max_model_len >= 1040 else (16,))
             with torch.inference_mode():
                 hidden = torch.zeros(2, self.model.shape.hidden, dtype=self.kv_caches[0].dtype, device=self.device)
                 compile_variants(self._raw_logits(hidden), self.block_size)
