@@ -23,11 +23,11 @@ __all__ = ["compile_variants", "greedy_advance", "greedy_advance_ref"]
 _CHUNK = 2048
 
 
-# num_banned unspecialized and BANNED_PAD at least 16: one compiled variant bans 1-16 ids (one EOS id or
+# num_banned unspecialized and looped over: one compiled variant bans any number of ids (one EOS id or
 # Llama 3's three), so the one compile_variants makes at start-up is the one a min_tokens request meets
 @triton.jit(do_not_specialize=["step", "num_banned"])
 def _chunk_kernel(logits_ptr, stride, vocab, banned_ptr, num_banned, ban_left_ptr, step, part_ptr,
-                  NUM_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, BANNED_PAD: tl.constexpr, PDL: tl.constexpr):
+                  NUM_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, HAS_BANS: tl.constexpr, PDL: tl.constexpr):
     wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
@@ -35,11 +35,10 @@ def _chunk_kernel(logits_ptr, stride, vocab, banned_ptr, num_banned, ban_left_pt
     x = tl.load(logits_ptr + row * stride + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
     m = tl.max(x, 0)
     s = tl.sum(tl.exp(x - m), 0)
-    if BANNED_PAD > 0:
-        entry = tl.arange(0, BANNED_PAD)
-        ids = tl.load(banned_ptr + entry, mask=entry < num_banned, other=-1)  # -1: no column has it
-        hit = tl.max((cols[:, None] == ids[None, :]).to(tl.int32), 1) > 0
-        x = tl.where(hit & (tl.load(ban_left_ptr + row) > step), float("-inf"), x)
+    if HAS_BANS:
+        active = tl.load(ban_left_ptr + row) > step
+        for i in range(num_banned):
+            x = tl.where(active & (cols == tl.load(banned_ptr + i)), float("-inf"), x)
     best = tl.max(x, 0)
     where = tl.argmax(x, 0)  # the first of equal maxima
     part = part_ptr + (row * NUM_CHUNKS + chunk) * 4
@@ -111,7 +110,7 @@ def greedy_advance(logits: torch.Tensor, tokens: torch.Tensor, logprobs: torch.T
     num_banned = banned.numel() if banned is not None else 0
     _chunk_kernel[(n, num_chunks)](logits, logits.stride(0), vocab, banned if num_banned else logits, num_banned,
                                    ban_left if num_banned else logits, step, part, NUM_CHUNKS=num_chunks,
-                                   CHUNK=chunk, BANNED_PAD=max(16, triton.next_power_of_2(num_banned)) if num_banned else 0,
+                                   CHUNK=chunk, HAS_BANS=num_banned > 0,
                                    num_warps=4, **launch_options(logits.device, n))
     _merge_kernel[(n,)](part, tokens, logprobs, input_ids, positions, context_lens, slots, block_tables,
                         block_tables.shape[1], NUM_CHUNKS=num_chunks,

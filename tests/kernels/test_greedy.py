@@ -101,3 +101,15 @@ def test_compile_variants_leaves_its_inputs():
     before = logits.clone()
     compile_variants(logits, BLOCK_SIZE)
     assert torch.equal(logits, before)
+
+
+@pytest.mark.skipif(device == "cuda", reason="the GPU runs the real thing")
+def test_ban_loop_compiles_for_hopper():
+    """The banning variant (a loop over any number of banned ids) compiles for sm_90 at the 8B vocabulary's
+    chunking, one-row (PDL) and many."""
+    from tests.kernels.test_paged_decode_attention import compile_for_sm90
+
+    launches = [("tandem.kernels.greedy", "_chunk_kernel",
+                 dict(NUM_CHUNKS=63, CHUNK=2048, HAS_BANS=bans, PDL=pdl), dict(num_warps=4))
+                for bans in (False, True) for pdl in (False, True)]
+    assert len(compile_for_sm90(launches)) == 4

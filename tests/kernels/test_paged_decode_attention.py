@@ -195,6 +195,8 @@ _COMPILE = textwrap.dedent("""
         fn = getattr(importlib.import_module(module), kernel)
         def kind(name):
             if name.endswith("_ptr"):
+                if name[:3] == "ban":
+                    return "*i64"
                 return "*fp32" if name.startswith("part") else "*i32" if name[:2] in ("ta", "le", "cu", "ro") else "*bf16"
             return "fp32" if name.startswith("scale") else "i64" if name == "v_plane" else "i32"
         signature = {n: "constexpr" if n in constants else kind(n) for n in fn.arg_names}
