@@ -175,11 +175,12 @@ def test_triton_attention_backend(arch, references, make_llm, monkeypatch):
     assert llm.stats().num_lookahead_steps == 0
 
 
-def test_prompt_kernels_compile_without_writing(references, make_llm, monkeypatch):
-    """The start-up pass that compiles a prompt step's kernels on GPUs (ModelRunner.compile_prompt_kernels),
-    here through the Triton backend: it reads block 0 and writes nothing to the KV cache, and the engine's
-    output after it is still transformers'."""
-    monkeypatch.setenv("TANDEM_ATTENTION_BACKEND", "triton")
+@pytest.mark.parametrize("backend", ["triton", "torch"])  # TANDEM_ATTENTION_BACKEND's two choices
+def test_prompt_kernels_compile_without_writing(backend, references, make_llm, monkeypatch):
+    """The start-up pass that compiles a prompt step's kernels on GPUs (ModelRunner.compile_prompt_kernels):
+    it reads block 0 and writes nothing to the KV cache, and the engine's output after it is still
+    transformers'."""
+    monkeypatch.setenv("TANDEM_ATTENTION_BACKEND", backend)
     path, prompts, params, expected = references["llama"]
     llm = make_llm(path, num_scheduler_steps=1)
     runner = llm.engine.runner
