@@ -186,25 +186,9 @@ def test_cuda_graph_replay():
 # Compiles kernels for an H100 (sm_90) the way a launch would (pointers and strides 16-aligned),
 # in a process without the interpreter: bf16 and real-compiler-only failures show up on CPUs too.
 _COMPILE = textwrap.dedent("""
-    import importlib, json, sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    shared = []
-    for module, kernel, constants, options in json.loads(sys.argv[1]):
-        fn = getattr(importlib.import_module(module), kernel)
-        def kind(name):
-            if name.endswith("_ptr"):
-                if name[:3] == "ban":
-                    return "*i64"
-                return "*fp32" if name.startswith("part") else "*i32" if name[:2] in ("ta", "le", "cu", "ro") else "*bf16"
-            return "fp32" if name.startswith("scale") else "i64" if name == "v_plane" else "i32"
-        signature = {n: "constexpr" if n in constants else kind(n) for n in fn.arg_names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                 if n not in constants and n not in ("window", "scale_log2")}
-        source = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constants.items()}, attrs)
-        shared.append(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).metadata.shared)
-    print(json.dumps(shared))
+    import json, sys
+    from tandem.kernels.sm90 import compile_sm90
+    print(json.dumps([compile_sm90(*launch).metadata.shared for launch in json.loads(sys.argv[1])]))
 """)
 H100_SHARED_MEMORY = 227 * 1024
 
@@ -267,3 +251,19 @@ def test_wrapper_rejects_bad_inputs():
         paged_decode_attention(q, cache, tables, ctx, 1.0, out=torch.empty(3, 4, 32, device=device))
     with pytest.raises(ValueError, match="num_splits must be >= 1"):
         paged_decode_attention(q, cache, tables, ctx, 1.0, num_splits=0)
+
+
+@pytest.mark.skipif(device == "cuda", reason="the GPU runs the real thing")
+def test_kernel_regs_reports_every_config():
+    """bench/kernel_regs.py: each GPU tile config of the engine compiled for sm_90 with its registers, spills
+    and shared memory read back from ptxas (the tool kernel work leans on before GPU time)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, os.path.join(root, "bench", "kernel_regs.py")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines()[1:] if line.strip()]
+    assert len(rows) == 9
+    for line in rows:  # label (words), warps, registers, spilled bytes, shared KiB, then the constexprs
+        warps, regs, spilled, shared = line[28:].split()[:4]
+        assert 0 < int(regs) <= 255 and int(spilled) >= 0 and 0 <= float(shared) <= 227, line
