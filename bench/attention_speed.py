@@ -142,7 +142,8 @@ def bench_prefill(quick: bool, num_seqs: int = 16, length: int = 512) -> dict:
     qs = q.view(num_seqs, length, num_heads, head_dim).transpose(1, 2).contiguous()
     res = {"shape": dict(num_seqs=num_seqs, prompt_len=length, num_heads=num_heads, num_kv=num_kv, head_dim=head_dim,
                          block_size=block_size, dtype="bfloat16"),
-           "max_abs_err_vs_fp32": err, "default_config": prefill_config(head_dim, num_heads // num_kv, q.dtype, q.device),
+           "max_abs_err_vs_fp32": err,
+           "default_config": prefill_config(head_dim, num_heads // num_kv, q.dtype, q.device, length),
            "kernel": report(median_ms(run)),
            "twin": report(median_ms(lambda: paged_prefill_attention_ref(q, cache, cu, lens, tables, scale)))
            if length <= 2048 else None,

@@ -158,10 +158,16 @@ def print_idle_gaps(prof, top: int = 10) -> None:
     each with the host's Python calls that overlap it most (enclosing calls included)."""
     import json
     import tempfile
-    path = tempfile.mktemp(suffix=".json")
-    prof.export_chrome_trace(path)
-    events = [e for e in json.load(open(path))["traceEvents"] if e.get("ph") == "X"]
-    device = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    device = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                    if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if not device:
+        print("device: no kernels or copies in the profiled calls")
+        return
     py = [e for e in events if e.get("cat") == "python_function"]
     gaps, end = [], device[0][1]
     for a, b in device[1:]:

@@ -120,14 +120,18 @@ def greedy_advance(logits: torch.Tensor, tokens: torch.Tensor, logprobs: torch.T
 
 def compile_variants(logits: torch.Tensor, block_size: int) -> None:
     """Runs greedy_advance on throwaway outputs for the launch variants an engine meets: one row (PDL on
-    Hopper) and more, each with and without banned ids. `logits` [>= 2, V]: the model's, as the
-    lookaheads read them. Triton compiles a variant on its first launch; without this the first
-    lookahead of a min_tokens request compiled one in the middle of a run."""
+    Hopper) and three, with and without banned ids, and a lookahead's step k writing its tokens and logprobs
+    at row k of [steps, n] buffers (Triton compiles apart the pointers that are not 16-byte aligned: k = 1, 2).
+    `logits` [>= 3, V]: the model's, as the lookaheads read them. Triton compiles a variant on its first
+    launch; without this the first lookahead of a min_tokens request compiled one in the middle of a run."""
     device = logits.device
-    for n in (1, 2):
+    for n in (1, 3):
+        tokens = torch.zeros(3, n, dtype=torch.long, device=device)
+        logprobs = torch.zeros(3, n, dtype=torch.float32, device=device)
         for banned in (None, torch.zeros(1, dtype=torch.long, device=device)):
             ban_left = None if banned is None else torch.ones(n, dtype=torch.long, device=device)
-            ints = [torch.zeros(n, dtype=torch.long, device=device) for _ in range(4)]
-            greedy_advance(logits[:n], ints[0], torch.empty(n, dtype=torch.float32, device=device), *ints[1:3],
-                           torch.ones(n, dtype=torch.int32, device=device), ints[3],
-                           torch.zeros(n, 1, dtype=torch.int32, device=device), block_size, banned, ban_left)
+            for k in range(3):
+                ints = [torch.zeros(n, dtype=torch.long, device=device) for _ in range(3)]
+                greedy_advance(logits[:n], tokens[k], logprobs[k], ints[0], ints[1],
+                               torch.ones(n, dtype=torch.int32, device=device), ints[2],
+                               torch.zeros(n, 1, dtype=torch.int32, device=device), block_size, banned, ban_left, k)

@@ -124,7 +124,7 @@ def prefill_config(head_dim: int, group: int, dtype: torch.dtype, device: torch.
         return dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
         return dict(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    if packed:
+    if packed or head_dim != 128:  # other head sizes: not swept (a 256-wide accumulator would not fit 4 warps)
         return dict(block_m=128, block_n=64, num_warps=8, num_stages=2)
     if max_query_len <= 1024:
         return dict(block_m=128, block_n=32, num_warps=4, num_stages=4)
@@ -156,7 +156,8 @@ def launch_prefill(q, kv_cache, cu_seqlens_q, context_lens, block_tables, scale,
         num_seqs, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, SLOT_SIZE=num_kv * head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         HAS_WINDOW=bool(sliding_window), PRECISION=dot_precision(q.dtype), NUM_SPLITS=num_splits, PACKED=packed,
-        SEQS_PAD=max(16, triton.next_power_of_2(num_seqs)), num_warps=num_warps, num_stages=num_stages)
+        SEQS_PAD=max(16, triton.next_power_of_2(num_seqs)) if packed else 16,  # unpacked: unused, one variant
+        num_warps=num_warps, num_stages=num_stages)
     if num_splits > 1:
         merge_splits(part_acc, part_ml, out, cu_seqlens_q, num_seqs, ROWS_IN_CHUNKS)
 

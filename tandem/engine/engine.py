@@ -93,9 +93,9 @@ class LLMEngine(KVRoles, Lookaheads):
         # prompt lanes (and their mixed graphs) serve lof's paced prompt chunks only
         paced = config.scheduler.policy == "lof" and config.scheduler.num_scheduler_steps > 1
         lanes = prompt_lanes.MAX_LANES if paced else 0
-        if self.device.type == "cuda":  # both prefill attention tile configs, if chunks can be that long
+        if self.device.type == "cuda":  # both prefill attention tile configs (past 1,024 tokens: the long one)
             longest = min(self.max_model_len, config.scheduler.max_num_batched_tokens)
-            self.runner.compile_prompt_kernels((16, 1040) if longest >= 1040 else (16,))
+            self.runner.compile_prompt_kernels((16, min(longest, 1040)) if longest > 1024 else (16,))
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_graphs(max_batch, self.max_model_len, lanes)
         elif self.device.type == "cpu" and attention_backend(self.device) == "triton":

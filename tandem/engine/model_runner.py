@@ -49,7 +49,7 @@ class ModelRunner:
             from tandem.kernels.greedy import compile_variants
 
             with torch.inference_mode():
-                hidden = torch.zeros(2, self.model.shape.hidden, dtype=self.kv_caches[0].dtype, device=self.device)
+                hidden = torch.zeros(3, self.model.shape.hidden, dtype=self.kv_caches[0].dtype, device=self.device)
                 compile_variants(self._raw_logits(hidden), self.block_size)
 
     @torch.inference_mode()
