@@ -16,28 +16,41 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def attend_tile(acc, l_sum, m_max, q, q_pos, kv_begin, kv_start, kv_end, table_row, head_ptr, v_plane, dims, dim_ok,
                 window, scale_log2, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, SLOT_SIZE: tl.constexpr,
-                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, BOUNDED: tl.constexpr):
     """Folds keys kv_start + [0, BLOCK_N) that lie in [kv_begin, kv_end) into (acc, l_sum, m_max),
     their K/V read through the block table row. CAUSAL / HAS_WINDOW mask each query row by its
-    position q_pos [M]. m_max starts at a large finite negative, so fully masked rows get p = 0
-    instead of NaN."""
+    position q_pos [M]. BOUNDED=False: the caller knows every key of the tile lies in [kv_begin, kv_end)
+    (prefill's tiles before the diagonal), so neither the loads nor the scores are masked by it.
+    m_max starts at a large finite negative, so fully masked rows get p = 0 instead of NaN."""
     pos = kv_start + tl.arange(0, BLOCK_N)
-    valid = (pos >= kv_begin) & (pos < kv_end)
-    block = tl.load(table_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    if BOUNDED:
+        valid = (pos >= kv_begin) & (pos < kv_end)
+        block = tl.load(table_row + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    else:
+        valid = pos >= 0  # all true: no bound to mask by
+        block = tl.load(table_row + pos // BLOCK_SIZE).to(tl.int64)
     offs = (block * BLOCK_SIZE + pos % BLOCK_SIZE) * SLOT_SIZE
-    k = tl.load(head_ptr + offs[None, :] + dims[:, None], mask=valid[None, :] & dim_ok[:, None], other=0.0)
+    if BOUNDED:
+        k = tl.load(head_ptr + offs[None, :] + dims[:, None], mask=valid[None, :] & dim_ok[:, None], other=0.0)
+    else:
+        k = tl.load(head_ptr + offs[None, :] + dims[:, None], mask=dim_ok[:, None], other=0.0)
     s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # [M, N], log2 units
-    keep = valid[None, :]
-    if CAUSAL:
-        keep = keep & (pos[None, :] <= q_pos[:, None])
-    if HAS_WINDOW:
-        keep = keep & (pos[None, :] > q_pos[:, None] - window)
-    s = tl.where(keep, s, float("-inf"))
+    if BOUNDED or CAUSAL or HAS_WINDOW:
+        keep = valid[None, :]
+        if CAUSAL:
+            keep = keep & (pos[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            keep = keep & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_max, tl.max(s, 1))
     alpha = tl.exp2(m_max - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_sum = l_sum * alpha + tl.sum(p, 1)
-    v = tl.load(head_ptr + v_plane + offs[:, None] + dims[None, :], mask=valid[:, None] & dim_ok[None, :], other=0.0)
+    if BOUNDED:
+        v = tl.load(head_ptr + v_plane + offs[:, None] + dims[None, :], mask=valid[:, None] & dim_ok[None, :],
+                    other=0.0)
+    else:
+        v = tl.load(head_ptr + v_plane + offs[:, None] + dims[None, :], mask=dim_ok[None, :], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, l_sum, m_new
 

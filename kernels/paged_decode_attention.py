@@ -77,7 +77,7 @@ def _decode_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr
     for tile in range(tile_lo, tile_hi):  # one query position: [kv_begin, ctx) is the whole mask
         acc, l_sum, m_max = attend_tile(acc, l_sum, m_max, q, rows, kv_begin, first + tile * BLOCK_N, ctx, table_row,
                                         head_ptr, v_plane, dims, dim_ok, window, scale_log2, BLOCK_N, BLOCK_SIZE,
-                                        SLOT_SIZE, False, False, PRECISION)
+                                        SLOT_SIZE, False, False, PRECISION, True)
 
     if NUM_SPLITS == 1:
         o = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # context 0: zeros

@@ -5,7 +5,10 @@ block table.
 
 One program per (query tile, sequence, KV head). A tile's M rows are BLOCK_Q query tokens x the
 group's query heads (padded to a power of two), so each K/V tile feeds every head sharing it. Keys
-before the tile's first query need no causal mask; only the tiles on the diagonal are masked.
+before the tile's first query need no causal mask and, whole tiles inside the context, no bounds masks
+either: only the tiles on the diagonal are masked (unmasked since the tile sweep below: 255 -> 251 and
+192 registers for the two chunk configs, 234 -> 186 for prompt lanes, `bench/kernel_regs.py`; not yet
+timed on a GPU).
 
 Short chunks over long prefixes (a lookahead's prompt lanes: a few dozen tokens each after up to
 thousands) leave most SMs idle while each program walks its prefix. For them `num_splits` cuts each
@@ -87,14 +90,16 @@ def _prefill_kernel(q_ptr, cache_ptr, cu_ptr, lens_ptr, tables_ptr, out_ptr, par
     m_max = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
     table_row = tables_ptr + seq * table_stride
     head_ptr = cache_ptr + kv_head * HEAD_DIM
+    # tiles before the diagonal are whole and inside [0, hi): lo, diag and each split's end are BLOCK_N-aligned
+    # and diag < hi, so they need no bounds masks
     for kv_start in range(lo, tl.minimum(diag, hi), BLOCK_N):
         acc, l_sum, m_max = attend_tile(acc, l_sum, m_max, q, q_pos, 0, kv_start, hi, table_row, head_ptr, v_plane,
                                         dims, dim_ok, window, scale_log2, BLOCK_N, BLOCK_SIZE, SLOT_SIZE, False,
-                                        HAS_WINDOW, PRECISION)
+                                        HAS_WINDOW, PRECISION, False)
     for kv_start in range(tl.maximum(diag, lo), hi, BLOCK_N):
         acc, l_sum, m_max = attend_tile(acc, l_sum, m_max, q, q_pos, 0, kv_start, hi, table_row, head_ptr, v_plane,
                                         dims, dim_ok, window, scale_log2, BLOCK_N, BLOCK_SIZE, SLOT_SIZE, True,
-                                        HAS_WINDOW, PRECISION)
+                                        HAS_WINDOW, PRECISION, True)
 
     row = (q_begin + token).to(tl.int64)
     if NUM_SPLITS == 1:
