@@ -103,7 +103,7 @@ def test_compile_variants_leaves_its_inputs():
     assert torch.equal(logits, before)
 
 
-@pytest.mark.skipif(device == "cuda", reason="the GPU runs the real thing")
+@pytest.mark.skipif(device == "cuda", reason="on a GPU the tests above compile and run every variant for real")
 def test_ban_loop_compiles_for_hopper():
     """The banning variant (a loop over any number of banned ids) compiles for sm_90 at the 8B vocabulary's
     chunking, one-row (PDL) and many."""

@@ -253,7 +253,7 @@ def test_wrapper_rejects_bad_inputs():
         paged_decode_attention(q, cache, tables, ctx, 1.0, num_splits=0)
 
 
-@pytest.mark.skipif(device == "cuda", reason="the GPU runs the real thing")
+@pytest.mark.skipif(device == "cuda", reason="offline sm_90 compiles stand in for a GPU; on one, the kernels run for real")
 def test_kernel_regs_reports_every_config():
     """bench/kernel_regs.py: each GPU tile config of the engine compiled for sm_90 with its registers, spills
     and shared memory read back from ptxas (the tool kernel work leans on before GPU time)."""
