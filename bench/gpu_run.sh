@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session in one command (device machine: torch, triton, transformers preinstalled):
-#   bash bench/gpu_run.sh [STAGES]   STAGES: comma list of install,kernels,check,kbench,quick,full,trace
+#   bash bench/gpu_run.sh [STAGES]   STAGES: comma list of install,kernels,check,kbench,quick,full,trace,p512
 # Writes logs and JSON under $OUT (or bench/results).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -30,4 +30,9 @@ if has full; then
 fi
 if has trace; then  # W2's step time by kind under lof and fcfs (TRACE_ARGS="--kprof 10" adds kernels)
   timeout 300 python3 bench/gpu_trace.py --workload W2 --policies lof,fcfs ${TRACE_ARGS:-} 2>&1 | grep -v "Warning\|warn"
+fi
+if has p512; then  # P512's GEMM lead: 4,096- and 8,192-row pieces, alone, then in the engine (alternating runs)
+  timeout 150 python3 bench/gpu_gemm.py --ms 8192,16384 --chunk 4096 2>&1 | tee "$OUT/gemm-8b-chunk.txt"
+  timeout 400 python3 bench/gpu.py --shapes 8b --workloads P512 --no-hf --repeat 3 --gemm-rows 0,4096,8192 \
+    --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tail -12
 fi
