@@ -173,10 +173,11 @@ def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_mod
         for rows in gemm_rows:
             ops.GEMM_ROWS = rows
             llm.generate([rng.integers(0, vocab, p).tolist() for p, _ in reqs], short, use_tqdm=False)
-        times = {rows: [] for rows in gemm_rows}
+        times, starts = {rows: [] for rows in gemm_rows}, []
         for _ in range(max(1, repeat)):  # the median of several: cells near their target are within run-to-run noise
             for rows in gemm_rows:  # variants alternate, so a drifting machine drifts under each alike
                 ops.GEMM_ROWS = rows
+                starts.append((rows, time.time()))  # to line runs up with a clock/power log
                 t = time.perf_counter()
                 results = llm.generate(prompts, params, use_tqdm=False)
                 times[rows].append(time.perf_counter() - t)
@@ -187,7 +188,7 @@ def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_mod
         stats = llm.stats()
         out[name] = {"seconds": elapsed, "output_tokens": tokens, "tok_per_s": tokens / elapsed,
                      "runs_seconds": times[gemm_rows[0]], "lookahead_steps": stats.num_lookahead_steps,
-                     "lookahead_prompt_tokens": stats.num_lookahead_prompt_tokens}
+                     "lookahead_prompt_tokens": stats.num_lookahead_prompt_tokens, "run_starts_unix": starts}
         if len(gemm_rows) > 1:
             out[name]["by_gemm_rows"] = {rows: {"seconds": statistics.median(ts), "runs_seconds": ts}
                                          for rows, ts in times.items()}
