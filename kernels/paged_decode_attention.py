@@ -226,6 +226,7 @@ def paged_decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_ta
     scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * scale
     scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, -1).nan_to_num(0.0)  # rows with nothing to attend to: zeros
+    values = values.masked_fill(~keep[:, :, None, None], 0.0)  # unread slots may hold anything, NaN too
     o = torch.einsum("bhgl,blhd->bhgd", probs, values).reshape(batch, num_heads, head_dim).to(q.dtype)
     if out is None:
         return o

@@ -220,8 +220,11 @@ class TorchAttention(AttentionBatch):
         b, _, d = q.shape
         keys, values = self._gather(cache, g.block_tables)
         num_kv = keys.shape[1]
-        keys = keys.view(b, -1, num_kv, d).transpose(1, 2)  # [B, Hkv, L, D]
-        values = values.view(b, -1, num_kv, d).transpose(1, 2)
+        # slots past a row's context (its last block's tail, the table's padding) hold whatever earlier
+        # requests left, NaN included, and SDPA's masked weights are 0 * value: zero them in the copies
+        unread = ~g.mask.view(b, -1, 1, 1)
+        keys = keys.view(b, -1, num_kv, d).masked_fill_(unread, 0.0).transpose(1, 2)  # [B, Hkv, L, D]
+        values = values.view(b, -1, num_kv, d).masked_fill_(unread, 0.0).transpose(1, 2)
         # The query heads sharing a KV head become that head's "query rows": no K/V repeat.
         qg = q.view(b, num_kv, group, d)
         o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask, scale=self.scale)

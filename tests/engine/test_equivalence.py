@@ -192,6 +192,25 @@ def test_prompt_kernels_compile_without_writing(backend, references, make_llm, m
     assert _generate(llm, prompts[:2], params) == expected[:2]
 
 
+@pytest.mark.parametrize("path_,steps", [("triton", 1), ("triton", 8), ("torch", 1), ("sdpa", 1)])
+def test_stale_kv_slots_are_never_read(path_, steps, references, make_llm, monkeypatch):
+    """Every KV slot starts as NaN, as a block's tail or a padding block may hold whatever an earlier
+    request left: each attention path (the Triton kernels, one step a time or in lookaheads over padded
+    decode buffers; the C++ kernel; the torch fallback's SDPA over gathered blocks) reads only the slots
+    its own request wrote, so the output is still transformers'."""
+    from tandem.kernels import cpu
+
+    monkeypatch.setenv("TANDEM_ATTENTION_BACKEND", "triton" if path_ == "triton" else "torch")
+    if path_ == "sdpa":
+        monkeypatch.setitem(cpu._state, "ok", False)  # as where no compiler is found
+    path, prompts, params, expected = references["llama"]
+    llm = make_llm(path, num_scheduler_steps=steps, max_num_batched_tokens=40)
+    for cache in llm.engine.runner.kv_caches:
+        cache.fill_(float("nan"))
+    assert _generate(llm, prompts[:4], params) == expected[:4]
+    assert (llm.stats().num_lookahead_steps > 0) == (steps > 1)
+
+
 def test_multi_step_decoding(references, make_llm, monkeypatch):
     """Greedy decode steps run ahead on the device (multi_step.py) through the Triton backend's static
     decode buffers, here replayed eagerly under Triton's interpreter: EOS banned on the device until

@@ -25,15 +25,21 @@ HEAD_DIMS = (64, 128) if device == "cuda" else (64,)
 def paged_cache(lens: list[int], block_size: int, num_kv: int, head_dim: int, dtype: torch.dtype,
                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A random cache and block tables: every sequence's blocks drawn in shuffled order from one pool
-    (a few spare blocks of garbage among them), tables padded with block 0."""
+    (a few spare blocks of garbage among them). What no sequence may read is NaN, so a kernel that
+    reads it without masking it out fails: the slots past each sequence's length in its last block, and
+    the block that pads the tables."""
     needed = [-(-n // block_size) for n in lens]
     num_blocks = sum(needed) + 3
     pool = torch.randperm(num_blocks, generator=gen).tolist()
-    tables = torch.zeros(len(lens), max(needed) + 1, dtype=torch.int32)
-    for row, count in enumerate(needed):
-        tables[row, :count] = torch.tensor(pool[:count], dtype=torch.int32)
-        pool = pool[count:]
     cache = torch.randn(2, num_blocks, block_size, num_kv, head_dim, generator=gen)
+    padding = pool.pop()
+    cache[:, padding] = float("nan")
+    tables = torch.full((len(lens), max(needed) + 1), padding, dtype=torch.int32)
+    for row, (count, length) in enumerate(zip(needed, lens)):
+        tables[row, :count] = torch.tensor(pool[:count], dtype=torch.int32)
+        if count:
+            cache[:, pool[count - 1], length - (count - 1) * block_size:] = float("nan")
+        pool = pool[count:]
     return cache.to(device, dtype), tables.to(device)
 
 

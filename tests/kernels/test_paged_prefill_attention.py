@@ -54,24 +54,28 @@ def test_matches_twin(group, block_size, dtype, window, head_dim):
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("num_splits,packed", [(1, True), (3, False), (8, True)])
-def test_split_keys_and_packed_tiles(num_splits, packed):
+@pytest.mark.parametrize("num_splits,packed,window,block_size", [(1, True, None, 16), (3, False, None, 16),
+                                                                  (8, True, None, 16), (3, False, 10, 16),
+                                                                  (8, True, 24, 32), (3, True, 10, 32)])
+def test_split_keys_and_packed_tiles(num_splits, packed, window, block_size):
     """Prompt lanes' launch: chunks after other rows (decode rows, left untouched), sequences with no
     rows, keys split into slices (more slices than a short chunk has tiles) and tiles numbered across
-    chunks; the same answer as the twin. max_query_len then bounds all chunks' rows together."""
+    chunks, with and without a sliding window (a split boundary among the unmasked keys before the
+    window's end: (70, 170) with window 10), 16- and 32-slot blocks; the same answer as the twin.
+    max_query_len then bounds all chunks' rows together."""
     gen = torch.Generator().manual_seed(11 + num_splits)
-    chunks = [(5, 100), (0, 0), (33, 50), (1, 31), (17, 17), (0, 0)]
+    chunks = [(5, 100), (0, 0), (33, 50), (1, 31), (17, 17), (0, 0), (70, 170)]
     lead, tail = 3, 4  # rows before the first chunk and after the last
-    cache, tables = paged_cache([max(c, 1) for _, c in chunks], 16, 2, 64, torch.float32, gen)
+    cache, tables = paged_cache([max(c, 1) for _, c in chunks], block_size, 2, 64, torch.float32, gen)
     cu, ctx, _ = chunk_batch(chunks)
     cu += lead
     rows = int(cu[-1]) + tail
     q = fused_q(rows, 8, 2, 64, torch.float32, gen)
     out = torch.full((rows, 8, 64), 7.0, device=device)
     total = sum(n for n, _ in chunks)
-    paged_prefill_attention(q, cache, cu, ctx, tables, 0.125, out=out, num_splits=num_splits, packed=packed,
-                            max_query_len=total if packed else max(n for n, _ in chunks))
-    want = paged_prefill_attention_ref(q[lead:lead + total], cache, cu - lead, ctx, tables, 0.125)
+    paged_prefill_attention(q, cache, cu, ctx, tables, 0.125, window, out=out, num_splits=num_splits,
+                            packed=packed, max_query_len=total if packed else max(n for n, _ in chunks))
+    want = paged_prefill_attention_ref(q[lead:lead + total], cache, cu - lead, ctx, tables, 0.125, window)
     torch.testing.assert_close(out[lead:lead + total], want, rtol=1e-4, atol=1e-5)
     assert (out[:lead] == 7).all() and (out[lead + total:] == 7).all(), "rows outside the chunks are not ours"
 
