@@ -3,6 +3,8 @@ up` starts them) equals colocated `tandem serve`, token for token, for 1+1 and 2
 the remote-prefill and the decode-local paths are taken."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from tests.disagg.conftest import ServeProcess, total
@@ -70,6 +72,15 @@ def test_disaggregated_equals_colocated(stack_factory, colocated, tiny_model_dir
     assert total(m, "tandem:router_prefill_decisions_total", decision="remote") >= 4
     assert total(m, "tandem:router_prefill_decisions_total", decision="local") >= 1  # "Hi" is under the threshold
     assert total(m, "tandem:kv_transfers_total", outcome="success") >= 4
-    if decode == 2:  # the load scorer spread the requests over both decode workers
-        served = [total(s.metrics(f"decode-{i}"), "tandem:kv_transfers_total") for i in range(2)]
+    if decode == 2:
+        # requests at once spread over both decode workers: each pick counts the router's own requests in
+        # flight (the sequential ones above may all land on one: a worker's heartbeat load lags by up to an
+        # interval, so which one looks idler between them is a matter of timing)
+        before = [total(s.metrics(f"decode-{i}"), "tandem:kv_transfers_total") for i in range(2)]
+        client = s.openai()
+        with ThreadPoolExecutor(4) as pool:  # 128 tokens each: long enough to overlap however the threads start
+            list(pool.map(lambda p: client.completions.create(model=model, prompt=p, max_tokens=128, temperature=0,
+                                                              extra_body={"ignore_eos": True}),
+                          [f"{PROMPTS[5]} ({i})" for i in range(4)]))
+        served = [total(s.metrics(f"decode-{i}"), "tandem:kv_transfers_total") - before[i] for i in range(2)]
         assert all(n >= 1 for n in served), served
