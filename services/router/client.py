@@ -251,7 +251,7 @@ class RemoteEngineClient:
             raise self._classify(exc, decode) from exc
         finally:
             decode.calls.discard(call)
-            decode.in_flight -= 1
+            decode.ended()
             if not call.done():
                 call.cancel()  # decode drops the request and frees its blocks
 

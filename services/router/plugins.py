@@ -57,12 +57,12 @@ def kv_free(req: RoutingRequest, w: Worker) -> float:
 
 
 def load(req: RoutingRequest, w: Worker) -> float:
-    busy = w.load.num_running + w.load.num_waiting + w.load.num_leases + w.in_flight
+    busy = w.reported_busy(w.load.num_running + w.load.num_waiting + w.load.num_leases) + w.in_flight
     return 1.0 / (1.0 + busy)
 
 
 def queue(req: RoutingRequest, w: Worker) -> float:
-    return 1.0 / (1.0 + w.load.num_prefilling + w.in_flight)
+    return 1.0 / (1.0 + w.reported_busy(w.load.num_prefilling) + w.in_flight)
 
 
 def prefix(req: RoutingRequest, w: Worker) -> float:

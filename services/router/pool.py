@@ -32,8 +32,20 @@ class Worker:
     cached: set[int] = field(default_factory=set)
     next_event_seq: int = 0
     in_flight: int = 0  # requests the router sent here and that are not done: fresher than heartbeats
+    ended_since_report: int = 0  # the router's requests here that ended after the last report
     failed_at: float | None = None
     calls: set[Any] = field(default_factory=set)  # gRPC calls in flight, cancelled if the worker leaves
+
+    def ended(self) -> None:
+        """One of the router's requests here is done (in_flight was raised when it was sent)."""
+        self.in_flight -= 1
+        self.ended_since_report += 1
+
+    def reported_busy(self, count: int) -> int:
+        """A count of requests from the last report, less the router's own that ended since: a report up
+        to an interval old still counts them, and a worker that has just finished one must not look busier
+        than an idle one (sequential requests would otherwise follow the heartbeats' phase)."""
+        return max(0, count - self.ended_since_report)
 
     @property
     def role(self) -> int:
@@ -84,7 +96,7 @@ class WorkerPool:
             log.info("worker %s is back", w.worker_id)
             w.failed_at = None
             self.changed.set()
-        w.info, w.load, w.last_seen = info, state.load, now
+        w.info, w.load, w.last_seen, w.ended_since_report = info, state.load, now, 0
         resync = not self._apply_events(w, state)
         return router_pb2.HeartbeatReply(acked_event_seq=max(w.next_event_seq, 0),
                                          interval_s=self.heartbeat_interval, resync=resync)

@@ -96,7 +96,7 @@ class RemotePrefill:
             return "stop" if cls in ("lease_refused", "decode_unavailable") else outcome
         finally:
             prefill.calls.discard(call)
-            prefill.in_flight -= 1
+            prefill.ended()
             if not call.done():
                 call.cancel()  # prefill drops the request and its transfer
         rec.prefill, rec.prefill_s, rec.transfer = prefill.worker_id, reply.compute_s, reply.transfer

@@ -90,6 +90,28 @@ def test_ties_break_on_in_flight_then_take_turns(pool):
     assert {profile.pick(RoutingRequest([1]), pool.live(router_pb2.DECODE)).worker_id for _ in range(3)} == {"w1"}
 
 
+def test_requests_that_ended_do_not_linger_in_an_old_report(pool):
+    """A report taken while the router's request ran still counts it after the router saw it end: until
+    the next report that worker scores as idle as one that never had it (sequential requests then take
+    turns instead of following the heartbeats' phase), but work the router did not send still counts."""
+    for name in ("a", "b"):
+        pool.report(state(name, running=1 if name == "a" else 0))
+        pool.report(state(name + "-p", role=router_pb2.PREFILL, prefilling=1 if name == "a" else 0))
+    a, b, ap, bp = (pool.workers[n] for n in ("a", "b", "a-p", "b-p"))
+    assert SCORERS["load"](RoutingRequest(PROMPT), a) < SCORERS["load"](RoutingRequest(PROMPT), b)
+    for w in (a, ap):  # the router's request on each ends (in_flight was raised when it was sent)
+        w.in_flight += 1
+        w.ended()
+    assert a.in_flight == 0
+    assert SCORERS["load"](RoutingRequest(PROMPT), a) == SCORERS["load"](RoutingRequest(PROMPT), b)
+    assert SCORERS["queue"](RoutingRequest(PROMPT), ap) == SCORERS["queue"](RoutingRequest(PROMPT), bp)
+    profile = Profile([], {"load": 1.0})
+    assert {profile.pick(RoutingRequest(PROMPT), [a, b]).worker_id for _ in range(2)} == {"a", "b"}
+    pool.report(state("a", running=1))  # a fresh report: its running request is someone else's
+    assert a.ended_since_report == 0
+    assert SCORERS["load"](RoutingRequest(PROMPT), a) < SCORERS["load"](RoutingRequest(PROMPT), b)
+
+
 def test_unknown_plugins_and_bad_weights_are_errors():
     with pytest.raises(ValueError, match="unknown routing plugins"):
         Profile(["nope"], {})
