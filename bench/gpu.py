@@ -184,10 +184,11 @@ def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_mod
                 tokens = sum(len(r.outputs[0].token_ids) for r in results)
                 assert tokens == sum(o for _, o in reqs), "every request generates exactly its max_tokens"
         ops.GEMM_ROWS = gemm_rows[0]
-        elapsed = statistics.median(times[gemm_rows[0]])
+        first = times[gemm_rows[0]]  # the workload's figure
+        elapsed = statistics.median(first)
         stats = llm.stats()
         out[name] = {"seconds": elapsed, "output_tokens": tokens, "tok_per_s": tokens / elapsed,
-                     "runs_seconds": times[gemm_rows[0]], "lookahead_steps": stats.num_lookahead_steps,
+                     "runs_seconds": first, "lookahead_steps": stats.num_lookahead_steps,
                      "lookahead_prompt_tokens": stats.num_lookahead_prompt_tokens, "run_starts_unix": starts}
         if len(gemm_rows) > 1:
             out[name]["by_gemm_rows"] = {rows: {"seconds": statistics.median(ts), "runs_seconds": ts}
@@ -195,7 +196,6 @@ def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_mod
             print(f"  tandem {name} by GEMM rows (0: whole): " + ", ".join(
                 f"{rows}: {tokens / statistics.median(ts):,.0f} out tok/s ({', '.join(f'{x:.2f}' for x in ts)} s)"
                 for rows, ts in times.items()), flush=True)
-        first = times[gemm_rows[0]]
         spread = f", runs {min(first):.2f}-{max(first):.2f} s" if repeat > 1 else ""
         print(f"  tandem {name}: {tokens / elapsed:,.0f} out tok/s ({elapsed:.2f} s{spread}; totals so far: "
               f"{stats.num_lookahead_steps} lookahead steps, {stats.num_lookahead_prompt_tokens} prompt tokens "

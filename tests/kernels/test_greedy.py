@@ -93,8 +93,8 @@ def test_wrapper_rejects_bad_inputs():
 
 
 def test_compile_variants_leaves_its_inputs():
-    """The start-up pass over the launch variants (one row and two, with and without banned ids) runs on
-    throwaway outputs: the logits it reads are left as they were."""
+    """The start-up pass over the launch variants (one row and three, with and without banned ids, a
+    lookahead's step rows 0-2) runs on throwaway outputs: the logits it reads are left as they were."""
     from tandem.kernels.greedy import compile_variants
 
     logits = torch.randn(3, 300, device=device).to(torch.float16)
