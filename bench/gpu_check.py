@@ -8,13 +8,15 @@ rounding difference changes the rest of a sequence, and transformers in bf16 agr
 float32 on only about a third of free-running tokens (measured on CPU at this shape).
 
 Random weights put many top-two logits within bf16's rounding of each other, so there the bf16 figure
-sits at transformers' own noise floor (its SDPA vs its eager attention, printed beside it). Both bf16
+sits at transformers' own noise floors, printed beside it: its SDPA judged by its eager attention, and its
+own generate judged by its own forward pass over the same tokens (the same model and kernels; only the
+shapes differ: one token at a time against the whole sequence at once). Both bf16
 engines are also judged by float32 (how often each one's token is float32's argmax on its own sequences):
 the accuracy figure that does not depend on whose rounding the judge shares. `--model`
 runs the same checks on a real model (a GGUF file or Hugging Face folder; the embedded SmolLM2 GGUF),
 on chat-templated questions, whose logits decide most tokens clearly.
 
-    python bench/gpu_check.py [--out DIR] [--model PATH]   (the kernels' own checks: pytest tests/kernels)
+    python bench/gpu_check.py [--out DIR] [--model [PATH]]   (the kernels' own checks: pytest tests/kernels)
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_models import llama_config  # noqa: E402
 
 NUM_PROMPTS, NUM_TOKENS = 64, 64
+# without CUDA the same checks run on CPUs (the engine's CPU kernels, transformers on CPU): slow, but the
+# floors below read the same way there
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOPICS = ("the moon", "rivers", "bread", "chess", "volcanoes", "bees", "the violin", "glaciers", "trains",
           "tea", "octopuses", "bridges", "the printing press", "deserts", "honey", "lighthouses")
 ASKS = ("Tell me about {}.", "Write a short poem about {}.", "Explain {} to a child.",
@@ -44,7 +49,7 @@ def real_model(path: str) -> tuple[str, list[list[int]]]:
 
     from tandem.engine.loader import resolve_model
 
-    folder = resolve_model(path)
+    folder = resolve_model(None if path == "embedded" else path)
     tok = AutoTokenizer.from_pretrained(folder)
     asks = [a.format(t) for a in ASKS for t in TOPICS][:NUM_PROMPTS]
     return folder, [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
@@ -54,7 +59,7 @@ def real_model(path: str) -> tuple[str, list[list[int]]]:
 def hf_greedy(model, prompts: list[list[int]]) -> list[list[int]]:
     outs = []
     for p in prompts:
-        ids = torch.tensor([p], device="cuda")
+        ids = torch.tensor([p], device=DEVICE)
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NUM_TOKENS,
                              min_new_tokens=NUM_TOKENS, do_sample=False, pad_token_id=0)
         outs.append(gen[0, len(p):].tolist())
@@ -76,7 +81,8 @@ def tandem_greedy(folder: str, dtype: str, prompts: list[list[int]], lengths: li
     free, total = llm.engine.kv.pool.num_free, llm.engine.kv.pool.num_blocks
     assert free == total, f"leaked KV blocks: {total - free}"
     del llm
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     return outs
 
 
@@ -88,9 +94,9 @@ def teacher_forced(model, prompts: list[list[int]], generated: list[list[int]], 
     than `margin` apart (where bf16 rounding cannot decide the winner)."""
     same = total = same_clear = clear = 0
     for p, g in zip(prompts, generated):
-        ids = torch.tensor([p + g], device="cuda")
+        ids = torch.tensor([p + g], device=DEVICE)
         best = model(ids).logits[0, len(p) - 1:-1].argmax(-1)
-        hits = best == torch.tensor(g, device="cuda")
+        hits = best == torch.tensor(g, device=DEVICE)
         same += int(hits.sum())
         total += len(g)
         if margin_model is not None:
@@ -110,24 +116,27 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     ap.add_argument("--init-range", type=float, default=0.1)
-    ap.add_argument("--model", help="a real model (GGUF file or Hugging Face folder) instead of random weights")
+    ap.add_argument("--model", nargs="?", const="embedded",
+                    help="a real model (GGUF file or Hugging Face folder; bare: the embedded SmolLM2) "
+                         "instead of random weights")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.backends.cuda.matmul.allow_tf32 = False
     if args.model:
         folder, prompts = real_model(args.model)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).cuda().eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(DEVICE).eval()
     else:
         cfg = llama_config("tiny", vocab_size=32000, max_position_embeddings=1024)
         cfg["initializer_range"] = args.init_range
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=torch.float32).cuda().eval()
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=torch.float32).to(DEVICE).eval()
         folder = tempfile.mkdtemp(prefix="tandem-check-")
         model.save_pretrained(folder)
         rng = np.random.default_rng(0)
         prompts = [rng.integers(0, cfg["vocab_size"], int(n)).tolist() for n in rng.integers(3, 300, NUM_PROMPTS)]
-    report = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    report = {"device": device, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "torch": torch.__version__, "model": args.model or f"random tiny Llama, init range {args.init_range}"}
     ref32 = hf_greedy(model, prompts)
     # eager; CUDA graphs one step per round trip; graphs with multi-step decoding (the default); and lof's
@@ -146,22 +155,27 @@ def main() -> int:
               f"token agreement {agreement(ours32, ref32):.4f}", flush=True)
     # from_pretrained, not .to(bfloat16): .to would round the rotary inv_freq buffer to bf16 too
     model32 = model
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(DEVICE).eval()
     ref16 = hf_greedy(model, prompts)
     ours16 = tandem_greedy(folder, "bfloat16", prompts)
     forced, forced_clear = teacher_forced(model, prompts, ours16, model32)
     # the noise floor: transformers in bf16 judged by itself in float32, the same way, and by itself
     # in bf16 with its other attention implementation (eager instead of SDPA)
     floor, floor_clear = teacher_forced(model32, prompts, ref16, model32)
+    # and by itself in bf16: its generate (one token at a time, KV cache) against its one-pass forward over
+    # the same tokens; what only the shapes of the computation change (on CPU, SmolLM2: 0.973)
+    own, own_clear = teacher_forced(model, prompts, ref16, model32)
     # and ours judged the same way: as close to float32's choices as transformers' bf16 is?
     exact, exact_clear = teacher_forced(model32, prompts, ours16, model32)
     eager = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager")
-    eager = eager.cuda().eval()
+    eager = eager.to(DEVICE).eval()
     self_floor, self_floor_clear = teacher_forced(eager, prompts, ref16, model32)
     del eager
     report["bfloat16"] = {"token_agreement": forced, "token_agreement_decided": forced_clear,
                           "hf_bf16_vs_hf_fp32": floor, "hf_bf16_vs_hf_fp32_decided": floor_clear,
                           "ours_bf16_vs_hf_fp32": exact, "ours_bf16_vs_hf_fp32_decided": exact_clear,
+                          "hf_bf16_generate_vs_hf_bf16_forward": own,
+                          "hf_bf16_generate_vs_hf_bf16_forward_decided": own_clear,
                           "hf_bf16_sdpa_vs_hf_bf16_eager": self_floor,
                           "hf_bf16_sdpa_vs_hf_bf16_eager_decided": self_floor_clear,
                           "free_running_agreement": agreement(ours16, ref16),
@@ -169,13 +183,15 @@ def main() -> int:
     print(f"bfloat16 (teacher-forced): ours vs transformers bf16 {forced:.4f}, {forced_clear:.4f} where float32's "
           f"top-2 margin > 0.1 (target 0.99); judged by float32: ours {exact:.4f}, {exact_clear:.4f}, "
           f"transformers bf16 {floor:.4f}, {floor_clear:.4f}; "
+          f"transformers bf16 generate vs its own forward pass: {own:.4f}, {own_clear:.4f}; "
           f"transformers bf16 SDPA vs its eager attention: {self_floor:.4f}, {self_floor_clear:.4f}; "
           f"free-running {agreement(ours16, ref16):.4f}", flush=True)
     ok = all(report[k]["identical_sequences"] == NUM_PROMPTS for k in variants) \
         and report["bfloat16"]["token_agreement_decided"] >= 0.99
     report["pass"] = ok
     os.makedirs(args.out, exist_ok=True)
-    name = f"gpu-check-{'model-' if args.model else ''}{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
+    kind = ("gpu" if DEVICE == "cuda" else "cpu") + ("-check-model-" if args.model else "-check-")
+    name = f"{kind}{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(report, f, indent=1)
     print("PASS" if ok else "FAIL")
