@@ -225,7 +225,7 @@ class RemoteEngineClient:
         call = decode_pb2_grpc.DecodeStub(self.channels.get(decode.address)).Generate(
             request, metadata=outgoing_metadata(ctx=ctx))
         decode.calls.add(call)
-        decode.in_flight += 1
+        decode.sent(params.best_of)
         rec.decode.append(decode.worker_id)
         try:
             if decision == "remote":
@@ -251,7 +251,7 @@ class RemoteEngineClient:
             raise self._classify(exc, decode) from exc
         finally:
             decode.calls.discard(call)
-            decode.ended()
+            decode.ended(params.best_of)
             if not call.done():
                 call.cancel()  # decode drops the request and frees its blocks
 

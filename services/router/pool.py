@@ -31,18 +31,24 @@ class Worker:
     static: bool = False
     cached: set[int] = field(default_factory=set)
     next_event_seq: int = 0
-    in_flight: int = 0  # requests the router sent here and that are not done: fresher than heartbeats
-    ended_since_report: int = 0  # the router's requests here that ended after the last report
+    # in sequences, the unit of the workers' reports (a request with best_of = 4 runs four): the router's
+    # requests sent here and not done (fresher than heartbeats), and those that ended after the last report
+    in_flight: int = 0
+    ended_since_report: int = 0
     failed_at: float | None = None
     calls: set[Any] = field(default_factory=set)  # gRPC calls in flight, cancelled if the worker leaves
 
-    def ended(self) -> None:
-        """One of the router's requests here is done (in_flight was raised when it was sent)."""
-        self.in_flight -= 1
-        self.ended_since_report += 1
+    def sent(self, seqs: int = 1) -> None:
+        """The router sent a request of `seqs` sequences here."""
+        self.in_flight += seqs
+
+    def ended(self, seqs: int = 1) -> None:
+        """A request the router sent here (`seqs` sequences) is done."""
+        self.in_flight -= seqs
+        self.ended_since_report += seqs
 
     def reported_busy(self, count: int) -> int:
-        """A count of requests from the last report, less the router's own that ended since: a report up
+        """A count of sequences from the last report, less the router's own that ended since: a report up
         to an interval old still counts them, and a worker that has just finished one must not look busier
         than an idle one (sequential requests would otherwise follow the heartbeats' phase)."""
         return max(0, count - self.ended_since_report)

@@ -77,7 +77,7 @@ class RemotePrefill:
         call = prefill_pb2_grpc.PrefillStub(self.client.channels.get(prefill.address)).Prefill(
             request, timeout=self.client.config.prefill_timeout, metadata=outgoing_metadata(ctx=ctx))
         prefill.calls.add(call)
-        prefill.in_flight += 1
+        prefill.sent()
         started = time.monotonic()
         try:
             reply = await call

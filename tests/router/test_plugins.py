@@ -99,8 +99,8 @@ def test_requests_that_ended_do_not_linger_in_an_old_report(pool):
         pool.report(state(name + "-p", role=router_pb2.PREFILL, prefilling=1 if name == "a" else 0))
     a, b, ap, bp = (pool.workers[n] for n in ("a", "b", "a-p", "b-p"))
     assert SCORERS["load"](RoutingRequest(PROMPT), a) < SCORERS["load"](RoutingRequest(PROMPT), b)
-    for w in (a, ap):  # the router's request on each ends (in_flight was raised when it was sent)
-        w.in_flight += 1
+    for w in (a, ap):  # the router's request on each ends
+        w.sent()
         w.ended()
     assert a.in_flight == 0
     assert SCORERS["load"](RoutingRequest(PROMPT), a) == SCORERS["load"](RoutingRequest(PROMPT), b)
@@ -110,6 +110,11 @@ def test_requests_that_ended_do_not_linger_in_an_old_report(pool):
     pool.report(state("a", running=1))  # a fresh report: its running request is someone else's
     assert a.ended_since_report == 0
     assert SCORERS["load"](RoutingRequest(PROMPT), a) < SCORERS["load"](RoutingRequest(PROMPT), b)
+    # reports count sequences: one request with best_of = 4 runs four, and its end takes all four off
+    pool.report(state("a", running=4))
+    a.sent(4)
+    a.ended(4)
+    assert SCORERS["load"](RoutingRequest(PROMPT), a) == SCORERS["load"](RoutingRequest(PROMPT), b)
 
 
 def test_unknown_plugins_and_bad_weights_are_errors():
