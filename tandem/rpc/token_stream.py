@@ -3,6 +3,7 @@
 `DeltaEncoder` (decode side) turns the engine's cumulative RequestOutputs into TokenUpdates
 that carry only what changed: per sequence, the tokens from `token_start` and the text from
 `text_start` replace what the router had (text can shrink when a stop string is cut).
+A finished update carries every sequence of the final output (a finished sequence is always resent).
 `OutputAssembler` (router side) applies them and rebuilds cumulative RequestOutputs, so the
 OpenAI layer cannot tell a remote engine from a local one. A sequence resumed on another decode
 worker continues where the assembler stands: the new worker's first delta starts past the
@@ -100,6 +101,11 @@ class OutputAssembler:
             seq.finish_reason = d.finish_reason or None
             kind = d.WhichOneof("stop_reason")
             seq.stop_reason = getattr(d, kind) if kind else None
+        if update.finished:
+            # the final update lists every sequence the request returns; with best_of > n the engine keeps
+            # the best n, renumbered from 0, and the others it streamed while running are dropped here
+            kept = {d.index for d in update.seqs}
+            self.seqs = {i: s for i, s in self.seqs.items() if i in kept}
         if update.prompt_logprobs:
             self.prompt_logprobs = [logprobs_from_proto(e) for e in update.prompt_logprobs]
         now = time.monotonic()

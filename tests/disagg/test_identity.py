@@ -36,6 +36,10 @@ def run_all(client, model: str) -> list:
     for m in CHATS:
         r = client.chat.completions.create(model=model, messages=m, max_tokens=NEW_TOKENS, temperature=0)
         out.append((r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens))
+    # best_of > n: the best 2 of 4 seeded samples, numbered 0 and 1, for each of two prompts
+    r = client.completions.create(model=model, prompt=PROMPTS[:2], n=2, best_of=4, seed=1, temperature=1,
+                                  max_tokens=8)
+    out.append(([(c.index, c.text, c.finish_reason) for c in r.choices], r.usage.completion_tokens))
     stream = client.completions.create(model=model, prompt=PROMPTS[2], stream=True,
                                        max_tokens=NEW_TOKENS, temperature=0)
     out.append("".join(ch.choices[0].text for ch in stream if ch.choices))
