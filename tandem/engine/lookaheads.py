@@ -40,7 +40,7 @@ class Lookaheads:
         if graphs is None or self.producer is not None:
             return None
         ahead = multi_step.plan(sched, self.config.scheduler.num_scheduler_steps, self.max_model_len,
-                                graphs.buckets[-1], graphs.max_lanes)
+                                graphs.max_decode_rows, graphs.max_lanes, graphs.max_mixed_rows)
         if ahead is None or (self.scheduler.waiting and not ahead.prompt):
             return None
         # blocks reserved before a failure stay with their requests: they are used next

@@ -47,8 +47,10 @@ def plain_greedy(p: SamplingParams) -> bool:
 
 
 def plan(sched: SchedulerOutput, max_steps: int, max_model_len: int, max_rows: int,
-         max_lanes: int = 0) -> Lookahead | None:
-    """The lookahead for this step, or None for an ordinary step (KV slots are reserved by the caller)."""
+         max_lanes: int = 0, max_mixed_rows: int = 0) -> Lookahead | None:
+    """The lookahead for this step, or None for an ordinary step (KV slots are reserved by the caller).
+    `max_rows`: the most rows a decode-only step's graph holds; `max_mixed_rows`: one with prompt lanes
+    (decode-only graphs stop at the batch size; rows past it, n > 1 forks say, run as ordinary steps)."""
     if max_steps <= 1 or sched.block_copies or not sched.scheduled:
         return None
     ban_ids: frozenset[int] | None = None
@@ -86,7 +88,8 @@ def plan(sched: SchedulerOutput, max_steps: int, max_model_len: int, max_rows: i
         return None
     prompt = [(r, -(-t // steps), r.num_computed_tokens + t) for r, t in chunks]
     lanes = sum(c for _, c, _ in prompt)
-    if lanes > max_lanes or len(prompt) > prompt_lanes.MAX_SEQS or len(decode) + lanes > max_rows:
+    if lanes > max_lanes or len(prompt) > prompt_lanes.MAX_SEQS \
+            or len(decode) + lanes > (max_mixed_rows if prompt else max_rows):
         return None
     return Lookahead(steps, sorted(ban_ids or ()), ban_steps, decode, prompt)
 

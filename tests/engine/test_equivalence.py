@@ -264,6 +264,19 @@ def test_prompt_lanes_in_lookaheads(references, make_llm, monkeypatch):
     assert llm.stats().prefix_cache_hits - hits >= sum((len(p) - 1) // 16 for p in prompts)
 
 
+def test_rows_past_the_decode_graphs_run_as_ordinary_steps(references, make_llm, monkeypatch):
+    """Under lof the graphs run past max_num_seqs only with prompt lanes: a decode-only step with more rows
+    (a greedy request whose n samples outnumber max_num_seqs, admitted alone) is not a lookahead but
+    ordinary steps, token-identical to transformers (a lookahead planned for it had no graph to run on)."""
+    monkeypatch.setenv("TANDEM_ATTENTION_BACKEND", "triton")
+    path, prompts, params, expected = references["llama"]
+    llm = make_llm(path, num_scheduler_steps=8, max_num_seqs=4, scheduling_policy="lof")
+    assert llm.engine.runner.graphs.max_decode_rows < 6 <= llm.engine.runner.graphs.max_mixed_rows
+    out = llm.generate([{"prompt_token_ids": prompts[0]}], SamplingParams(temperature=0.0, n=6, max_tokens=8),
+                       use_tqdm=False)[0]
+    assert [o.token_ids for o in out.outputs] == [expected[0][:8]] * 6
+
+
 def test_lookaheads_planned_on_their_outcome(references, make_llm, monkeypatch):
     """The step after a lookahead is planned before its tokens are read (lookaheads.py), on so few KV
     blocks that this plan preempts requests still holding placeholder tokens, with prompts paced into
