@@ -9,11 +9,12 @@ Queues and lifecycle:
               lof: the most tokens left to generate first, then arrival).
               A request whose prompt KV came from another worker (see kv_transfer) arrives
               holding its blocks, with all but its last prompt token computed.
-  running  -- schedule() admits waiting requests while the token budget, max_num_seqs and free
-              blocks allow. A running request that cannot get a block preempts the lowest-ranked
-              running request: its blocks are freed, its computed tokens reset to zero (recompute),
-              and it goes back to the front of waiting. Under lof the prompt tokens of a step (chunks
-              of running requests, then admissions) are also held to pacing.prompt_allowance.
+  running  -- schedule() admits waiting requests while the token budget, max_num_seqs (sequences:
+              a request's n > 1 samples count from admission) and free blocks allow. A running
+              request that cannot get a block preempts the lowest-ranked running request: its blocks
+              are freed, its computed tokens reset to zero (recompute), and it goes back to the front
+              of waiting. Under lof the prompt tokens of a step (chunks of running requests, then
+              admissions) are also held to pacing.prompt_allowance.
               A request whose last tokens are still on the device (a lookahead in flight, lookaheads.py)
               leaves running early through done_scheduling(): nothing more to schedule, blocks still held.
   finished -- finish() frees the blocks at once and drops the request from both queues.
@@ -128,8 +129,16 @@ class Scheduler:
         return out
 
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        if not self.waiting:
+            return budget
+        # max_num_seqs counts sequences, as vLLM's does: a request's n > 1 samples fork from it at its first
+        # token and run beside it, so its seats are held from admission (one request always fits)
+        seats = self.config.max_num_seqs - len(self.running) - sum(len(r.pending_forks) for r in self.running)
+        while self.waiting and budget > 0:
             req = self.waiting[0]
+            need = 1 + len(req.pending_forks)
+            if need > seats and self.running:
+                break
             if self.kv.has_table(req):  # KV loaded from another worker: its blocks are held already
                 prefix, cached = [], req.num_computed_tokens
             else:
@@ -151,6 +160,7 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, num_new))
             budget -= num_new
+            seats -= need
         return budget
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:

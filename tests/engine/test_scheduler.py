@@ -156,3 +156,23 @@ def test_pacing_allowance():
     # nothing runs yet: the longest waiting request sets the horizon; its prompt (first under lof) is
     # computed at once, the others' spread after it (150 within 10 steps)
     assert prompt_allowance([], waiting[::-1], 256) == 100
+
+
+def test_max_num_seqs_counts_the_samples_of_n(tiny_model_dirs, make_llm):
+    """n = 3 requests under max_num_seqs = 4: each one's samples fork beside it at its first token, so one
+    runs at a time (vLLM counts sequences); a request wider than the limit still runs, alone."""
+    llm = make_llm(tiny_model_dirs["llama"], max_num_seqs=4)
+    eng = llm.engine
+    three = SamplingParams(temperature=0.8, n=3, seed=1, max_tokens=6, ignore_eos=True)
+    for i, p in enumerate(_prompts(3, 12)):
+        eng.add_request(f"r{i}", p, three)
+    eng.add_request("wide", _prompts(1, 12, seed=1)[0], SamplingParams(temperature=0.8, n=6, max_tokens=3))
+    most, outs = 0, {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            outs[out.request_id] = out
+        most = max(most, len(eng.scheduler.running))
+        assert len(eng.scheduler.running) <= 4 or {r.group.request_id for r in eng.scheduler.running} == {"wide"}
+    assert most >= 3
+    assert [len(outs[f"r{i}"].outputs) for i in range(3)] == [3, 3, 3] and len(outs["wide"].outputs) == 6
+    assert eng.kv.pool.num_free == eng.kv.pool.num_blocks
