@@ -95,7 +95,8 @@ class LLMEngine(KVRoles, Lookaheads):
         lanes = prompt_lanes.MAX_LANES if paced else 0
         if self.device.type == "cuda":  # both prefill attention tile configs (past 1,024 tokens: the long one)
             longest = min(self.max_model_len, config.scheduler.max_num_batched_tokens)
-            self.runner.compile_prompt_kernels((16, min(longest, 1040)) if longest > 1024 else (16,))
+            short = min(16, longest)  # positions past max_model_len are past the rope tables
+            self.runner.compile_prompt_kernels((short, min(longest, 1040)) if longest > 1024 else (short,))
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_graphs(max_batch, self.max_model_len, lanes)
         elif self.device.type == "cpu" and attention_backend(self.device) == "triton":

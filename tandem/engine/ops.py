@@ -19,6 +19,8 @@ _USE_GEMV = os.environ.get("TANDEM_GEMV", "1") != "0"
 # prompt steps, off by default until timed: one H200 ran the 8B GEMMs 6% faster a row at 4,096 rows
 # than at 16,384 in bench/gpu_gemm.py, which `--chunk R` measures the same way)
 GEMM_ROWS = int(os.environ.get("TANDEM_GEMM_ROWS", "0"))
+if GEMM_ROWS < 0:
+    raise ValueError(f"TANDEM_GEMM_ROWS must be 0 (off) or a row count, got {GEMM_ROWS}")
 
 _kernels = None
 
