@@ -36,7 +36,7 @@ class SamplingRequest(OpenAIModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # int64, as vLLM bounds it
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(None, description="Not supported: must be empty.")
@@ -52,7 +52,8 @@ class SamplingRequest(OpenAIModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     bad_words: list[str] | None = None
-    priority: int = Field(0, description="Lower runs first under --scheduling-policy priority.")
+    priority: int = Field(0, ge=-2**31, le=2**31 - 1,
+                          description="Lower runs first under --scheduling-policy priority (int32).")
     request_id: str | None = Field(None, description="Used in the response id; random when unset.")
 
 

@@ -118,7 +118,7 @@ class ChatServing:
         max_tokens = resolve_max_tokens(ctx, requested, len(ids), ctx.client.generation_defaults.get("max_tokens"),
                                         prompt_param="messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
-        params = sampling_params(ctx, req, max_tokens=max_tokens, logprobs=top)
+        params = sampling_params(ctx, req, max_tokens=max_tokens, logprobs=top, logprobs_param="top_logprobs")
         rid = ctx.request_id(raw, req.request_id)
         stream = ctx.track(f"chatcmpl-{rid}-{secrets.token_hex(4)}", ids, params, req.priority, now())
         ctx.log_request(rid, [len(ids)], params)

@@ -79,11 +79,13 @@ def _pick(req: SamplingRequest, defaults: dict[str, Any], name: str, fallback: A
 
 
 def sampling_params(ctx: ServingContext, req: SamplingRequest, *, max_tokens: int, best_of: int | None = None,
-                    logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
-    """Request fields over generation_config.json defaults over OpenAI's; bad values are a 400."""
+                    logprobs: int | None = None, prompt_logprobs: int | None = None,
+                    logprobs_param: str = "logprobs") -> SamplingParams:
+    """Request fields over generation_config.json defaults over OpenAI's; bad values are a 400.
+    `logprobs_param`: the request field that asked for `logprobs` (chat's is top_logprobs)."""
     if req.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias")
-    for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+    for name, k in ((logprobs_param, logprobs), ("prompt_logprobs", prompt_logprobs)):
         if k is not None and k > ctx.config.max_logprobs:
             raise bad_request(f"{name} must be <= {ctx.config.max_logprobs}, got {k}", name)
     if req.stream and best_of is not None and best_of != req.n:

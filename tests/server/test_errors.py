@@ -41,6 +41,10 @@ def _assert_openai_error(r, status: int, param: str | None = None, *words: str) 
     ("/v1/completions", {**CMPL, "logit_bias": {"5": 10}}, "logit_bias", []),
     ("/v1/completions", {**CMPL, "stop_token_ids": [10**6]}, None, ["vocabulary"]),
     ("/v1/completions", {**CMPL, "seed": "x"}, "seed", []),
+    ("/v1/completions", {**CMPL, "seed": 2**63}, "seed", []),  # past int64: before any stream starts
+    ("/v1/completions", {**CMPL, "stream": True, "priority": 2**40}, "priority", []),
+    ("/v1/chat/completions", {**CHAT, "stream": True, "seed": -2**63 - 1}, "seed", []),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs", ["20"]),
     ("/v1/completions", {"max_tokens": 2}, "prompt", ["required"]),
     ("/v1/completions", {"prompt": [], "max_tokens": 2}, "prompt", ["empty"]),
     ("/v1/completions", {"prompt": [[]], "max_tokens": 2}, None, ["empty"]),
