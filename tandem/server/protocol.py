@@ -52,6 +52,13 @@ class SamplingRequest(OpenAIModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     bad_words: list[str] | None = None
+    # structured output is not built yet: these are refused, not ignored (the output would not follow them)
+    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
+    structured_outputs: dict[str, Any] | None = Field(None, description="vLLM's; not supported.")
+    guided_json: Any = Field(None, description="vLLM's (deprecated); not supported.")
+    guided_regex: str | None = Field(None, description="vLLM's (deprecated); not supported.")
+    guided_choice: list[str] | None = Field(None, description="vLLM's (deprecated); not supported.")
+    guided_grammar: str | None = Field(None, description="vLLM's (deprecated); not supported.")
     priority: int = Field(0, ge=-2**31, le=2**31 - 1,
                           description="Lower runs first under --scheduling-policy priority (int32).")
     request_id: str | None = Field(None, description="Used in the response id; random when unset.")
@@ -127,7 +134,6 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0)
     tools: list[dict[str, Any]] | None = Field(None, description="Given to the chat template.")
     tool_choice: Literal["none", "auto"] | None = None
-    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
     # vLLM extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False

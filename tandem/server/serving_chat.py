@@ -100,8 +100,6 @@ class ChatServing:
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response | ChatCompletionResponse:
         ctx = self.ctx
         model = ctx.model(req.model)
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise bad_request("response_format other than {'type': 'text'} is not supported", "response_format")
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         if req.n > ctx.config.max_seqs_per_request:

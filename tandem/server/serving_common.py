@@ -85,6 +85,11 @@ def sampling_params(ctx: ServingContext, req: SamplingRequest, *, max_tokens: in
     `logprobs_param`: the request field that asked for `logprobs` (chat's is top_logprobs)."""
     if req.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise bad_request("response_format other than {'type': 'text'} is not supported", "response_format")
+    for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        if getattr(req, name) is not None:
+            raise bad_request(f"{name} is not supported: structured output is not built yet", name)
     for name, k in ((logprobs_param, logprobs), ("prompt_logprobs", prompt_logprobs)):
         if k is not None and k > ctx.config.max_logprobs:
             raise bad_request(f"{name} must be <= {ctx.config.max_logprobs}, got {k}", name)

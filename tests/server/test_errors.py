@@ -58,6 +58,10 @@ def _assert_openai_error(r, status: int, param: str | None = None, *words: str) 
     ("/v1/chat/completions", {"messages": [{"content": "x"}]}, "messages", ["role"]),
     ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice", []),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format", []),
+    ("/v1/completions", {**CMPL, "response_format": {"type": "json_schema"}}, "response_format", []),
+    ("/v1/completions", {**CMPL, "guided_choice": ["a", "b"]}, "guided_choice", ["not supported"]),
+    ("/v1/chat/completions", {**CHAT, "guided_json": {"type": "object"}}, "guided_json", ["not supported"]),
+    ("/v1/chat/completions", {**CHAT, "structured_outputs": {"regex": "a+"}}, "structured_outputs", []),
     ("/v1/chat/completions", {**CHAT, "top_k": -5}, "top_k", []),
     ("/v1/chat/completions", {**CHAT, "repetition_penalty": 0}, "repetition_penalty", []),
 ])
