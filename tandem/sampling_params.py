@@ -1,6 +1,8 @@
 """Sampling parameters, vLLM's `SamplingParams` shape, validated on construction."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -47,7 +49,8 @@ class SamplingParams:
         else:
             raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
-        self.bad_words = list(self.bad_words or [])
+        # one word may come bare, as a stop string may: a string is not a list of one-letter words
+        self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words or [])
         if self.best_of is None:
             self.best_of = self.n
         if self.top_k == -1:
@@ -61,26 +64,38 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"{name} must be {limit}, got {getattr(self, name)!r}")
 
-        need(isinstance(self.n, int) and self.n >= 1, "n", "an integer >= 1")
-        need(isinstance(self.best_of, int) and self.best_of >= self.n, "best_of",
-             f"an integer >= n ({self.n})")
-        need(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "in [-2, 2]")
-        need(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "in [-2, 2]")
-        need(self.repetition_penalty > 0.0, "repetition_penalty", "> 0")
-        need(self.temperature >= 0.0, "temperature", ">= 0")
-        need(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]")
-        need(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "-1, 0 (off) or a positive integer")
-        need(0.0 <= self.min_p <= 1.0, "min_p", "in [0, 1]")
-        need(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+        def integer(x: Any) -> bool:  # numpy's too; not bool
+            return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+        def real(x: Any, low: float, high: float) -> bool:  # finite, within [low, high]
+            return (isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+                    and low <= x <= high)
+
+        need(integer(self.n) and self.n >= 1, "n", "an integer >= 1")
+        need(integer(self.best_of) and self.best_of >= self.n, "best_of", f"an integer >= n ({self.n})")
+        need(real(self.presence_penalty, -2.0, 2.0), "presence_penalty", "a number in [-2, 2]")
+        need(real(self.frequency_penalty, -2.0, 2.0), "frequency_penalty", "a number in [-2, 2]")
+        need(real(self.repetition_penalty, 0.0, math.inf) and self.repetition_penalty > 0.0, "repetition_penalty",
+             "a finite number > 0")
+        need(real(self.temperature, 0.0, math.inf), "temperature", "a finite number >= 0")
+        need(real(self.top_p, 0.0, 1.0) and self.top_p > 0.0, "top_p", "a number in (0, 1]")
+        need(integer(self.top_k) and self.top_k >= 0, "top_k", "-1, 0 (off) or a positive integer")
+        need(real(self.min_p, 0.0, 1.0), "min_p", "a number in [0, 1]")
+        need(self.seed is None or (integer(self.seed) and -2**63 <= self.seed < 2**64), "seed",
+             "None or an integer in [-2**63, 2**64)")
+        need(self.max_tokens is None or (integer(self.max_tokens) and self.max_tokens >= 1),
              "max_tokens", "an integer >= 1")
-        need(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", ">= 0")
+        need(integer(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0")
         need(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
              f"<= max_tokens ({self.max_tokens})")
-        need(self.logprobs is None or self.logprobs >= 0, "logprobs", ">= 0")
-        need(self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", ">= 0")
-        need(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        need(self.logprobs is None or (integer(self.logprobs) and self.logprobs >= 0), "logprobs",
+             "None or an integer >= 0")
+        need(self.prompt_logprobs is None or (integer(self.prompt_logprobs) and self.prompt_logprobs >= 0),
+             "prompt_logprobs", "None or an integer >= 0")
+        need(all(integer(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
              "a list of non-negative integers")
         need(all("" != s for s in self.stop), "stop", "non-empty strings")
+        need(all(isinstance(w, str) and w for w in self.bad_words), "bad_words", "a list of non-empty strings")
 
     @property
     def greedy(self) -> bool:

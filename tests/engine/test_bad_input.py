@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from tandem import SamplingParams
@@ -32,10 +33,10 @@ def _assert_idle(llm):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(temperature=-0.1), r"temperature must be >= 0, got -0\.1"),
-    (dict(temperature=float("nan")), r"temperature must be >= 0"),
-    (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0\.0"),
-    (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1\.5"),
+    (dict(temperature=-0.1), r"temperature must be a finite number >= 0, got -0\.1"),
+    (dict(temperature=float("nan")), r"temperature must be a finite number >= 0"),
+    (dict(top_p=0.0), r"top_p must be a number in \(0, 1\], got 0\.0"),
+    (dict(top_p=1.5), r"top_p must be a number in \(0, 1\], got 1\.5"),
     (dict(n=0), r"n must be an integer >= 1, got 0"),
     (dict(n=-2), r"n must be an integer >= 1, got -2"),
     (dict(n=1.5), r"n must be an integer >= 1"),
@@ -46,16 +47,26 @@ def _assert_idle(llm):
     (dict(stop=["ok", None]), r"stop must be a string or a list of strings"),
     (dict(stop=[""]), r"stop must be non-empty strings"),
     (dict(top_k=-2), r"top_k must be -1, 0 \(off\) or a positive integer, got -2"),
-    (dict(min_p=1.5), r"min_p must be in \[0, 1\], got 1\.5"),
-    (dict(presence_penalty=2.5), r"presence_penalty must be in \[-2, 2\], got 2\.5"),
-    (dict(frequency_penalty=-3.0), r"frequency_penalty must be in \[-2, 2\], got -3\.0"),
-    (dict(repetition_penalty=0.0), r"repetition_penalty must be > 0, got 0\.0"),
+    (dict(min_p=1.5), r"min_p must be a number in \[0, 1\], got 1\.5"),
+    (dict(presence_penalty=2.5), r"presence_penalty must be a number in \[-2, 2\], got 2\.5"),
+    (dict(frequency_penalty=-3.0), r"frequency_penalty must be a number in \[-2, 2\], got -3\.0"),
+    (dict(repetition_penalty=0.0), r"repetition_penalty must be a finite number > 0, got 0\.0"),
     (dict(n=3, best_of=2), r"best_of must be an integer >= n \(3\), got 2"),
     (dict(max_tokens=4, min_tokens=5), r"min_tokens must be <= max_tokens \(4\), got 5"),
-    (dict(min_tokens=-1), r"min_tokens must be >= 0, got -1"),
-    (dict(logprobs=-1), r"logprobs must be >= 0, got -1"),
-    (dict(prompt_logprobs=-1), r"prompt_logprobs must be >= 0, got -1"),
+    (dict(min_tokens=-1), r"min_tokens must be an integer >= 0, got -1"),
+    (dict(logprobs=-1), r"logprobs must be None or an integer >= 0, got -1"),
+    (dict(prompt_logprobs=-1), r"prompt_logprobs must be None or an integer >= 0, got -1"),
     (dict(stop_token_ids=[-1]), r"stop_token_ids must be a list of non-negative integers"),
+    # types: a value of the wrong type fails here, not in the middle of a batch's step
+    (dict(temperature=float("inf")), r"temperature must be a finite number >= 0, got inf"),
+    (dict(temperature="1"), r"temperature must be a finite number >= 0, got '1'"),
+    (dict(logprobs=1.5), r"logprobs must be None or an integer >= 0, got 1\.5"),
+    (dict(prompt_logprobs=2.5), r"prompt_logprobs must be None or an integer >= 0, got 2\.5"),
+    (dict(seed=1.5), r"seed must be None or an integer"),
+    (dict(seed="7"), r"seed must be None or an integer"),
+    (dict(n=True), r"n must be an integer >= 1, got True"),
+    (dict(presence_penalty="0"), r"presence_penalty must be a number in \[-2, 2\], got '0'"),
+    (dict(bad_words=["ok", ""]), r"bad_words must be a list of non-empty strings"),
 ])
 def test_invalid_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -68,6 +79,8 @@ def test_valid_edge_sampling_params():
     assert SamplingParams(stop="x").stop == ["x"]
     assert SamplingParams(n=2).best_of == 2
     assert SamplingParams(max_tokens=None).max_tokens is None
+    assert SamplingParams(bad_words="foo").bad_words == ["foo"]  # one word, as stop takes one string
+    assert SamplingParams(seed=np.int64(3), max_tokens=np.int64(5), temperature=np.float32(0.5)).seed == 3
 
 
 # ---- prompts ------------------------------------------------------------------------------------------
