@@ -45,6 +45,14 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     hash_seed: str = "tandem"
 
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or (self.num_gpu_blocks is not None and self.num_gpu_blocks < 1):
+            raise ValueError(f"block_size and num_gpu_blocks must be >= 1, got {self.block_size} and "
+                             f"{self.num_gpu_blocks}")
+        if not 0 < self.gpu_memory_utilization <= 1 or not self.cpu_kv_cache_gib > 0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1] and cpu_kv_cache_gib > 0, got "
+                             f"{self.gpu_memory_utilization} and {self.cpu_kv_cache_gib}")
+
 
 @dataclass
 class SchedulerConfig:
@@ -94,5 +102,7 @@ class EngineConfig:
             **overrides)
 
     def __post_init__(self) -> None:
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1 (or None: the model's own), got {self.max_model_len}")
         if self.kv_role not in (None, "producer", "consumer"):
             raise ValueError(f"kv_role must be None, 'producer' or 'consumer', got {self.kv_role!r}")

@@ -79,6 +79,10 @@ class LLMEngine(KVRoles, Lookaheads):
         if self.max_model_len > limit:
             raise ValueError(f"max_model_len ({self.max_model_len}) exceeds the model's "
                              f"max_position_embeddings ({limit})")
+        sched = config.scheduler
+        if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"without chunked prefill a prompt runs in one step: max_num_batched_tokens "
+                             f"({sched.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})")
         torch.manual_seed(config.seed)
         self.model = self._load(cls, hf_config)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or self.model_path)
@@ -155,8 +159,14 @@ class LLMEngine(KVRoles, Lookaheads):
             available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
             budget = min(cache.cpu_kv_cache_gib * 2**30, available * cache.gpu_memory_utilization)
         # never more than every sequence at full length could use
-        most = self.config.scheduler.max_num_seqs * -(-self.max_model_len // cache.block_size) + 1
-        return max(1, min(int(budget // per_block), most))
+        need = -(-self.max_model_len // cache.block_size)
+        fits = int(budget // per_block)
+        if fits < need:  # as vLLM: refuse at start-up, not when a long request outgrows the cache
+            where = ("raise gpu_memory_utilization" if self.device.type == "cuda"
+                     else "raise the CPU KV budget (cpu_kv_cache_gib, --kv-cache-gib)")
+            raise ValueError(f"the KV cache holds {fits * cache.block_size} tokens, less than max_model_len "
+                             f"({self.max_model_len}): {where}, or lower max_model_len")
+        return min(fits, self.config.scheduler.max_num_seqs * need + 1)
 
     # ---- requests in ------------------------------------------------------------------------
 

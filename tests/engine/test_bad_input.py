@@ -111,6 +111,20 @@ def test_max_model_len_beyond_the_model(make_llm, tiny_model_dirs):
         make_llm(tiny_model_dirs["llama"], max_model_len=1024)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_model_len=0), r"max_model_len must be >= 1"),
+    (dict(block_size=0), r"block_size and num_gpu_blocks must be >= 1"),
+    (dict(gpu_memory_utilization=0), r"gpu_memory_utilization must be in \(0, 1\]"),
+    (dict(enable_chunked_prefill=False, max_num_batched_tokens=64),
+     r"max_num_batched_tokens \(64\) must be >= max_model_len \(512\)"),
+    # sized from memory, the cache must hold one sequence of max_model_len (as vLLM checks at start-up)
+    (dict(cpu_kv_cache_gib=2**-20), r"the KV cache holds \d+ tokens, less than max_model_len \(512\)"),
+])
+def test_engine_settings_fail_at_start_up(make_llm, tiny_model_dirs, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_llm(tiny_model_dirs["llama"], **kwargs)
+
+
 @pytest.mark.parametrize("ids", [[1, 2, 49152], [5, -1, 6], [10**12]])
 def test_token_ids_out_of_vocab(llm, ids):
     with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 49152\)"):
