@@ -94,7 +94,22 @@ class LLM:
             raise
         finally:
             bar.close()
-        return [done[i] for i in ids]
+        outs = [done[i] for i in ids]
+        if self.engine.tokenizer is not None:
+            self._decode_logprobs(outs)
+        return outs
+
+    def _decode_logprobs(self, outs: list[RequestOutput]) -> None:
+        """Each logprob entry's token as text (`decoded_token`), as vLLM's offline outputs carry it; here and
+        not in the engine, whose other callers (the servers) render tokens their own way."""
+        text: dict[int, str] = {}
+        for out in outs:
+            for entries in [out.prompt_logprobs or []] + [o.logprobs or [] for o in out.outputs]:
+                for entry in entries:
+                    for t, lp in (entry or {}).items():
+                        if t not in text:
+                            text[t] = self.engine.tokenizer.decode([t])
+                        lp.decoded_token = text[t]
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
@@ -103,13 +118,17 @@ class LLM:
         """Apply the model's chat template to each conversation, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
-        prompts = []
+        prompts, texts = [], []
         for conv in conversations:
             text = apply_chat_template(tok, conv, add_generation_prompt=add_generation_prompt,
                                        continue_final_message=continue_final_message, chat_template=chat_template,
                                        tools=tools, **(chat_template_kwargs or {}))
             prompts.append({"prompt_token_ids": tok.encode(text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+            texts.append(text)
+        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        for out, text in zip(outs, texts):
+            out.prompt = text  # the templated conversation, as vLLM reports it
+        return outs
 
     def stats(self):
         return self.engine.stats()

@@ -377,6 +377,8 @@ def test_logprobs_match_transformers(make_llm, tiny_model_dirs, hf_llama, max_nu
         assert t == int(row.argmax()) and entry[t].rank == 1
         total += check(entry, row, t, 5)
     assert o.cumulative_logprob == pytest.approx(total, abs=1e-4)
+    tok = llm.get_tokenizer()  # every entry names its token as text, as vLLM's offline outputs do
+    assert all(lp.decoded_token == tok.decode([t]) for e in o.logprobs + plp[1:] for t, lp in e.items())
 
     # sampled tokens are mostly outside the top 2: their own entry carries their true rank
     s = sampled.outputs[0]

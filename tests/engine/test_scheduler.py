@@ -73,6 +73,7 @@ def test_chat_applies_template_and_reports_metrics(make_llm):
                    SamplingParams(temperature=0.0, max_tokens=20), use_tqdm=False)[0]
     tok = llm.get_tokenizer()
     assert tok.decode(out.prompt_token_ids).startswith("<|im_start|>system")
+    assert out.prompt.startswith("<|im_start|>system") and out.prompt.endswith("<|im_start|>assistant\n")
     assert "Paris" in out.outputs[0].text
     assert out.outputs[0].finish_reason == "stop"
     assert out.outputs[0].token_ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
