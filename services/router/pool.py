@@ -146,12 +146,21 @@ class WorkerPool:
         self.changed.set()
 
     async def sweep(self) -> None:
-        """Take out workers whose heartbeats stopped."""
+        """Take out workers whose heartbeats stopped. A sweep that wakes late finds the router itself
+        stalled (a long synchronous call on its event loop, a frozen process): the reports sent meanwhile
+        are still queued, unread, so silence is no evidence; ages then count from the stall's end."""
+        period = self.heartbeat_interval / 2
+        since = time.monotonic()  # no worker's age counts from before this
         while True:
-            await asyncio.sleep(self.heartbeat_interval / 2)
+            before = time.monotonic()
+            await asyncio.sleep(period)
             now = time.monotonic()
+            if now - before > period + self.heartbeat_interval:
+                log.warning("the router stalled for %.1fs: heartbeat ages count from now", now - before - period)
+                since = now
             for w in list(self.workers.values()):
-                if not w.gone and now - w.last_seen > self.heartbeat_timeout:
+                age = now - max(w.last_seen, since)
+                if not w.gone and age > self.heartbeat_timeout:
                     self._leave(w, f"no heartbeat for {now - w.last_seen:.1f}s")
 
     async def poll(self, address: str) -> None:

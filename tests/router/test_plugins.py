@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -148,3 +149,35 @@ def test_silent_workers_leave_and_calls_are_cancelled(pool):
     assert [w.worker_id for w in pool.live(router_pb2.DECODE)] == ["a"]
     pool.report(state("a", instance="i2"))  # a restarted process is a new instance, its cache unknown
     assert pool.workers["a"].next_event_seq == -1 or pool.workers["a"].cached == set()
+
+
+def test_a_stalled_router_does_not_take_out_workers_that_reported(pool):
+    """The router's own event loop blocked (a long synchronous call, a frozen process) past the heartbeat
+    timeout: the reports sent meanwhile are queued, not lost, so the late sweep keeps every worker, and one
+    that then stays silent still leaves a timeout later."""
+    class Call:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    async def scenario():
+        pool.report(state("a"))
+        pool.report(state("b"))
+        call = Call()
+        pool.workers["a"].calls.add(call)
+        sweeper = asyncio.ensure_future(pool.sweep())
+        await asyncio.sleep(pool.heartbeat_interval)
+        time.sleep(pool.heartbeat_timeout * 3)  # the loop stalls; heartbeats would queue meanwhile
+        await asyncio.sleep(0)  # the sweep wakes first, late
+        await asyncio.sleep(0)
+        kept = sorted(w.worker_id for w in pool.live(router_pb2.DECODE))
+        for _ in range(int(pool.heartbeat_timeout / pool.heartbeat_interval) + 3):  # a reports; b is silent
+            pool.report(state("a"))
+            await asyncio.sleep(pool.heartbeat_interval)
+        sweeper.cancel()
+        return kept, [w.worker_id for w in pool.live(router_pb2.DECODE)], call
+
+    kept, after, call = asyncio.run(scenario())
+    assert kept == ["a", "b"] and not call.cancelled
+    assert after == ["a"]
