@@ -78,18 +78,33 @@ class Worker:
                 "healthy": not self.gone}
 
 
+class DuplicateWorker(ValueError):
+    """A second live process reports under a worker id that another, still reporting, holds."""
+
+
 class WorkerPool:
     def __init__(self, heartbeat_interval: float = 0.5, heartbeat_timeout: float = 2.0) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.workers: dict[str, Worker] = {}
         self.changed = asyncio.Event()  # set on every join and leave (tests and the launcher wait on it)
+        self._refused: set[str] = set()  # duplicate instances already logged
 
     # ---- reports in ----------------------------------------------------------------------------
 
     def report(self, state: router_pb2.WorkerState, static: bool = False) -> router_pb2.HeartbeatReply:
         info, now = state.info, time.monotonic()
         w = self.workers.get(info.worker_id)
+        if w is not None and w.info.instance_id != info.instance_id and w.address != info.address \
+                and not w.gone and now - w.last_seen <= self.heartbeat_timeout:
+            # a restart reuses the address (or comes after the old one fell silent); a second live process
+            # under the same id would otherwise replace the first on every report, cancelling its calls
+            msg = (f"worker id {info.worker_id!r} is held by {w.address}, which still reports; "
+                   f"{info.address} must use another --worker-id")
+            if info.instance_id not in self._refused:
+                self._refused.add(info.instance_id)
+                log.error("refused a worker: %s", msg)
+            raise DuplicateWorker(msg)
         if w is None or w.info.instance_id != info.instance_id:
             if w is not None:
                 self._leave(w, "restarted")
@@ -179,10 +194,14 @@ class WorkerPool:
                 except grpc.aio.AioRpcError:
                     pass  # the sweep takes it out once its last report is too old
                 else:
-                    worker_id = state.info.worker_id
-                    reply = self.report(state, static=True)
-                    if reply.resync:
-                        self.workers[worker_id].next_event_seq = -1
+                    try:
+                        reply = self.report(state, static=True)
+                    except DuplicateWorker:
+                        pass  # logged once; polled again, it joins if the other falls silent
+                    else:
+                        worker_id = state.info.worker_id
+                        if reply.resync:
+                            self.workers[worker_id].next_event_seq = -1
                 await asyncio.sleep(self.heartbeat_interval)
         finally:
             await channel.close(grace=None)
@@ -193,7 +212,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.pool = pool
 
     async def Heartbeat(self, request: router_pb2.WorkerState, context) -> router_pb2.HeartbeatReply:
-        return self.pool.report(request)
+        try:
+            return self.pool.report(request)
+        except DuplicateWorker as exc:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
 
     async def Deregister(self, request: router_pb2.DeregisterRequest, context) -> router_pb2.DeregisterReply:
         self.pool.deregister(request.worker_id, request.instance_id)

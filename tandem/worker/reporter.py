@@ -71,14 +71,18 @@ class WorkerReporter:
         """Push state to one router until `stop` is set; survives the router coming and going."""
         channel = grpc.aio.insecure_channel(router_address)
         stub = router_pb2_grpc.RouterStub(channel)
-        acked, snapshot, connected = 0, True, False
+        acked, snapshot, connected, refused = 0, True, False, False
         try:
             while not stop.is_set():
                 state = self.state(acked, snapshot)
                 try:
                     reply = await stub.Heartbeat(state, timeout=max(2.0, 4 * interval))
                 except grpc.aio.AioRpcError as exc:
-                    if connected:
+                    if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                        if not refused:  # another live worker holds this id: said once, then retried quietly
+                            log.error("router %s refused this worker: %s", router_address, exc.details())
+                        refused = True
+                    elif connected:
                         log.warning("router %s unreachable: %s", router_address, exc.details())
                     connected, snapshot = False, True
                 else:

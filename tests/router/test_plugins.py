@@ -15,8 +15,10 @@ KV = router_pb2.KVEvent
 
 
 def state(worker_id: str, role=router_pb2.DECODE, compat="aaa", free=100, blocks=100, running=0, waiting=0,
-          prefilling=0, instance="i1", first=0, events=(), snapshot=False, max_len=4096) -> router_pb2.WorkerState:
-    info = router_pb2.WorkerInfo(worker_id=worker_id, instance_id=instance, role=role, address=f"{worker_id}:1",
+          prefilling=0, instance="i1", first=0, events=(), snapshot=False, max_len=4096,
+          address: str | None = None) -> router_pb2.WorkerState:
+    info = router_pb2.WorkerInfo(worker_id=worker_id, instance_id=instance, role=role,
+                                 address=address or f"{worker_id}:1",
                                  layout=common_pb2.LayoutDescriptor(compat_hash=compat, block_size=16),
                                  max_model_len=max_len, kv_hash_seed="tandem", max_num_seqs=256)
     load = router_pb2.WorkerLoad(num_free_blocks=free, num_blocks=blocks, num_running=running, num_waiting=waiting,
@@ -181,3 +183,45 @@ def test_a_stalled_router_does_not_take_out_workers_that_reported(pool):
     kept, after, call = asyncio.run(scenario())
     assert kept == ["a", "b"] and not call.cancelled
     assert after == ["a"]
+
+
+def test_a_second_live_worker_under_one_id_is_refused(pool):
+    """Two processes given one --worker-id: the second is refused over gRPC (ALREADY_EXISTS) while the
+    first still reports, instead of the two replacing each other on every heartbeat and cancelling the
+    calls in flight; once the first falls silent the second takes the id, as a restart would."""
+    import grpc
+
+    from tandem.proto import router_pb2_grpc
+    from tandem.router.pool import RouterServicer
+
+    async def scenario():
+        server = grpc.aio.server()
+        router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(pool), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = router_pb2_grpc.RouterStub(channel)
+                await stub.Heartbeat(state("a"))
+                call = Call()
+                pool.workers["a"].calls.add(call)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.Heartbeat(state("a", instance="i2", address="elsewhere:2"))
+                held = (pool.workers["a"].info.instance_id, call.cancelled)
+                await stub.Heartbeat(state("a", instance="i3"))  # a restart on the same address: it replaces
+                restarted = pool.workers["a"].info.instance_id
+                pool.workers["a"].last_seen -= pool.heartbeat_timeout + 1  # i3 falls silent
+                await stub.Heartbeat(state("a", instance="i2", address="elsewhere:2"))
+                return refused.value.code(), held, restarted, pool.workers["a"].address
+        finally:
+            await server.stop(None)
+
+    class Call:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    code, held, restarted, address = asyncio.run(scenario())
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    assert held == ("i1", False) and restarted == "i3" and address == "elsewhere:2"
