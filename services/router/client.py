@@ -264,7 +264,7 @@ class RemoteEngineClient:
         except asyncio.TimeoutError:
             raise DecodeLost(f"no answer from decode worker {decode.worker_id} in {timeout:.1f}s") from None
         except asyncio.CancelledError:
-            if cancelled_by_pool(decode):
+            if cancelled_by_pool(call):
                 raise DecodeLost(f"decode worker {decode.worker_id} left the pool") from None
             raise
 

@@ -32,10 +32,11 @@ class DecodeLost(Exception):
     """The decode worker serving a request died, hung or left: resume elsewhere."""
 
 
-def cancelled_by_pool(worker: Worker) -> bool:
-    """A CancelledError from a call the pool cancelled (its worker left), not from our own task."""
+def cancelled_by_pool(call: Any) -> bool:
+    """A CancelledError from a call the pool cancelled (a worker it involves left), not from our own task.
+    Asked of the call, not of the worker: a worker that left may be back by the time the call is read."""
     task = asyncio.current_task()
-    return worker.gone and (task is None or task.cancelling() == 0)
+    return call.cancelled() and (task is None or task.cancelling() == 0)
 
 
 class RemotePrefill:
@@ -77,13 +78,16 @@ class RemotePrefill:
         call = prefill_pb2_grpc.PrefillStub(self.client.channels.get(prefill.address)).Prefill(
             request, timeout=self.client.config.prefill_timeout, metadata=outgoing_metadata(ctx=ctx))
         prefill.calls.add(call)
+        decode.calls.add(call)  # it writes into decode's lease: if decode leaves, waiting for it is pointless
         prefill.sent()
         started = time.monotonic()
         try:
             reply = await call
         except asyncio.CancelledError:
-            if not cancelled_by_pool(prefill):
+            if not cancelled_by_pool(call):
                 raise
+            if decode.gone:
+                raise DecodeLost(f"decode worker {decode.worker_id} left the pool during the prefill") from None
             return self._failed(prefill, decode, rec, "prefill_lost", "the prefill worker left the pool")
         except grpc.aio.AioRpcError as exc:
             details = exc.details() or ""
@@ -96,6 +100,7 @@ class RemotePrefill:
             return "stop" if cls in ("lease_refused", "decode_unavailable") else outcome
         finally:
             prefill.calls.discard(call)
+            decode.calls.discard(call)
             prefill.ended()
             if not call.done():
                 call.cancel()  # prefill drops the request and its transfer

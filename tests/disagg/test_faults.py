@@ -6,6 +6,7 @@ hang; afterwards no worker holds a KV block and no process is left (the stack fi
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import grpc
@@ -175,3 +176,28 @@ def test_decode_that_stops_answering_mid_stream_is_replaced(stack_factory, model
     assert rest < 30
     for name in ("decode-0", "decode-1"):
         s.kill(name, signal.SIGCONT)
+
+
+def test_decode_that_stops_answering_during_its_remote_prefill_is_replaced(stack_factory, model, reference):
+    """The decode worker holding a lease freezes while a prefill worker fills it: once the pool takes that
+    decode worker out, the prefill call into its lease is cancelled too (waiting on it could last the
+    whole prefill timeout) and the request starts over on the other decode worker, with the same text."""
+    s = stack_factory(model, 1, 2, env={"prefill-0": {"TANDEM_FAULTS": "kv.delay_close=3"}})
+    ids = prompt(13)
+    frozen = []
+
+    def freeze() -> None:
+        time.sleep(1.0)  # the prompt's KV is written; its transfer waits 3 s before it closes
+        frozen.append(s.kill(_serving(s, "decode"), signal.SIGSTOP))
+
+    started = time.monotonic()
+    thread = threading.Thread(target=freeze)
+    thread.start()
+    try:
+        assert complete(s, model, ids) == reference(ids, 16)
+        assert time.monotonic() - started < 20  # prefill timeout: 60 s
+    finally:
+        thread.join()
+        for name in ("decode-0", "decode-1"):
+            s.kill(name, signal.SIGCONT)
+    assert frozen and "left the pool during the prefill" in router_log(s)
