@@ -4,7 +4,8 @@ Lifecycle of a worker entry: a heartbeat (or, for a worker given statically, a p
 refreshes it -> it serves requests while its last report is younger than `heartbeat_timeout` ->
 a call that finds it dead (`mark_failed`), a missed deadline or a deregistration takes it out of
 rotation at once, and every call in flight to it is cancelled so its requests fail over -> a
-later report from it (a restarted process is a new instance) brings it back.
+later report from it (a restarted process is a new instance) brings it back; one out of rotation
+for `forget_after` is dropped (a static one is kept: it is polled until it answers).
 """
 from __future__ import annotations
 
@@ -86,6 +87,9 @@ class WorkerPool:
     def __init__(self, heartbeat_interval: float = 0.5, heartbeat_timeout: float = 2.0) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
+        # a worker out of rotation this long is forgotten (a scaled-down pod, a replaced one under a new
+        # name): /workers and the down count then show what may still come back
+        self.forget_after = max(60.0, 10 * heartbeat_timeout)
         self.workers: dict[str, Worker] = {}
         self.changed = asyncio.Event()  # set on every join and leave (tests and the launcher wait on it)
         self._refused: set[str] = set()  # duplicate instances already logged
@@ -177,6 +181,10 @@ class WorkerPool:
                 age = now - max(w.last_seen, since)
                 if not w.gone and age > self.heartbeat_timeout:
                     self._leave(w, f"no heartbeat for {now - w.last_seen:.1f}s")
+                elif w.gone and not w.static and now - max(w.failed_at, since) > self.forget_after:
+                    log.info("worker %s (%s) forgotten: out of the pool for %.0fs", w.worker_id, w.address,
+                             now - w.failed_at)
+                    del self.workers[w.worker_id]
 
     async def poll(self, address: str) -> None:
         """Follow a worker the router was told about (flags or config) by polling its state."""

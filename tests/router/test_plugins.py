@@ -225,3 +225,24 @@ def test_a_second_live_worker_under_one_id_is_refused(pool):
     code, held, restarted, address = asyncio.run(scenario())
     assert code == grpc.StatusCode.ALREADY_EXISTS
     assert held == ("i1", False) and restarted == "i3" and address == "elsewhere:2"
+
+
+def test_workers_long_out_of_the_pool_are_forgotten(pool):
+    """A worker silent past `forget_after` (a scaled-down pod) leaves /workers and the down count; a worker
+    given statically stays, since the router keeps polling it."""
+    pool.forget_after = 0.3
+
+    async def scenario():
+        pool.report(state("a"))
+        pool.report(state("s"), static=True)
+        sweeper = asyncio.ensure_future(pool.sweep())
+        await asyncio.sleep(pool.heartbeat_timeout + 0.1)
+        out = sorted(w for w, info in pool.workers.items() if info.gone)
+        await asyncio.sleep(pool.forget_after + 0.2)
+        sweeper.cancel()
+        return out, sorted(pool.workers)
+
+    out, left = asyncio.run(scenario())
+    assert out == ["a", "s"] and left == ["s"]
+    pool.report(state("a"))  # it comes back: a new entry
+    assert sorted(w.worker_id for w in pool.live(router_pb2.DECODE)) == ["a"]
