@@ -184,8 +184,9 @@ class LLMEngine(KVRoles, Lookaheads):
         # banned before min_tokens even with ignore_eos (as vLLM and transformers' min_new_tokens do)
         params._eos_token_ids = self.eos_token_ids
         words = []
-        if params.bad_words and self.tokenizer is None:
-            raise ValueError("bad_words needs a tokenizer (this engine has skip_tokenizer_init)")
+        if (params.bad_words or params.stop) and self.tokenizer is None:  # stop strings match text
+            raise ValueError(f"{'bad_words' if params.bad_words else 'stop'} needs a tokenizer "
+                             "(this engine has skip_tokenizer_init)")
         for word in params.bad_words:
             for variant in (word, " " + word.lstrip()):
                 ids = self.tokenizer.encode(variant, add_special_tokens=False)

@@ -242,3 +242,13 @@ def test_stop_token_id_out_of_vocab_is_rejected_up_front(llm):
     bad = SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[10**9])
     with pytest.raises(ValueError, match="stop_token_ids"):
         llm.generate(PROMPTS[:2], [GREEDY, bad], use_tqdm=False)
+
+
+@pytest.mark.parametrize("field", ["stop", "bad_words"])
+def test_text_matching_needs_a_tokenizer(make_llm, tiny_model_dirs, field):
+    """Stop strings and bad words are text: an engine without a tokenizer refuses them up front (as vLLM
+    does) rather than ignoring them."""
+    llm = make_llm(tiny_model_dirs["llama"], skip_tokenizer_init=True)
+    with pytest.raises(ValueError, match=f"{field} needs a tokenizer"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, **{field: ["x"]}), use_tqdm=False)
+    _assert_idle(llm)
