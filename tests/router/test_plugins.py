@@ -28,6 +28,14 @@ def state(worker_id: str, role=router_pb2.DECODE, compat="aaa", free=100, blocks
                                   snapshot=snapshot, events=list(events))
 
 
+class Call:
+    """Stands for a gRPC call in flight to a worker: the pool only cancels it."""
+    cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+
 @pytest.fixture
 def pool():
     return WorkerPool(heartbeat_interval=0.05, heartbeat_timeout=0.2)
@@ -130,12 +138,6 @@ def test_unknown_plugins_and_bad_weights_are_errors():
 
 
 def test_silent_workers_leave_and_calls_are_cancelled(pool):
-    class Call:
-        cancelled = False
-
-        def cancel(self):
-            self.cancelled = True
-
     async def scenario():
         pool.report(state("a"))
         call = Call()
@@ -157,12 +159,6 @@ def test_a_stalled_router_does_not_take_out_workers_that_reported(pool):
     """The router's own event loop blocked (a long synchronous call, a frozen process) past the heartbeat
     timeout: the reports sent meanwhile are queued, not lost, so the late sweep keeps every worker, and one
     that then stays silent still leaves a timeout later."""
-    class Call:
-        cancelled = False
-
-        def cancel(self):
-            self.cancelled = True
-
     async def scenario():
         pool.report(state("a"))
         pool.report(state("b"))
@@ -215,12 +211,6 @@ def test_a_second_live_worker_under_one_id_is_refused(pool):
                 return refused.value.code(), held, restarted, pool.workers["a"].address
         finally:
             await server.stop(None)
-
-    class Call:
-        cancelled = False
-
-        def cancel(self):
-            self.cancelled = True
 
     code, held, restarted, address = asyncio.run(scenario())
     assert code == grpc.StatusCode.ALREADY_EXISTS
