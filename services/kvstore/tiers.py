@@ -124,7 +124,10 @@ class DiskTier:
             os.replace(tmp, path)
         except OSError as exc:
             log.warning("kvstore: cannot write %s, block dropped: %s", path, exc)
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # the same broken disk (read-only, a file where the folder goes): nothing to clean
+                pass
             return [*evicted, key]
         self._sizes[key] = size
         self.used += size

@@ -82,3 +82,15 @@ def test_a_restarted_store_adopts_the_disk_blocks(kvstore, tmp_path):
     assert second.exists([1, 2, 3, 4]).present == [False, True, True, False]  # 4 was in DRAM only
     assert second.get(3).payload == block(3)
     assert not (tmp_path / NS / "junk.tmp").exists() and set(files(tmp_path)) == {2}
+
+
+def test_a_disk_that_cannot_be_written_drops_blocks_not_puts(kvstore, tmp_path):
+    """A broken disk tier (here a plain file where the namespace's folder goes, as a read-only mount would
+    fail too): blocks spilled to it are dropped and counted gone, and every put still succeeds."""
+    (tmp_path / NS).write_text("not a folder")
+    kv = kvstore(capacity_bytes=1000, disk_dir=tmp_path, disk_capacity_bytes=4 * FILE)
+    for i in (1, 2, 3):
+        kv.put(i, block(i))  # 2 and 3 push 1, then 2, out of DRAM: their disk writes fail
+    assert kv.exists([1, 2, 3]).present == [False, False, True]
+    stats = kv.store.stats()
+    assert stats.blocks == {"dram": 1, "disk": 0} and stats.puts["stored"] == 3
