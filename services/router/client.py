@@ -126,9 +126,10 @@ class RemoteEngineClient:
             s.num_waiting += load.num_waiting + load.num_leases
             s.num_free_blocks += load.num_free_blocks
             s.num_blocks += load.num_blocks
-            s.prefix_cache_queries += load.prefix_cache_queries
-            s.prefix_cache_hits += load.prefix_cache_hits
-            s.num_preemptions += load.num_preemptions
+        totals = self.pool.totals
+        s.prefix_cache_queries = totals.get((router_pb2.DECODE, "prefix_cache_queries"), 0)
+        s.prefix_cache_hits = totals.get((router_pb2.DECODE, "prefix_cache_hits"), 0)
+        s.num_preemptions = totals.get((router_pb2.DECODE, "num_preemptions"), 0)
         s.kv_usage = 1.0 - s.num_free_blocks / s.num_blocks if s.num_blocks else 0.0
         return s
 

@@ -79,6 +79,9 @@ class Worker:
                 "healthy": not self.gone}
 
 
+COUNTERS = ("prefix_cache_queries", "prefix_cache_hits", "num_preemptions")  # WorkerLoad's cumulative fields
+
+
 class DuplicateWorker(ValueError):
     """A second live process reports under a worker id that another, still reporting, holds."""
 
@@ -93,6 +96,9 @@ class WorkerPool:
         self.workers: dict[str, Worker] = {}
         self.changed = asyncio.Event()  # set on every join and leave (tests and the launcher wait on it)
         self._refused: set[str] = set()  # duplicate instances already logged
+        # the workers' counters summed over every instance ever seen, per role: they only grow (a sum of
+        # the live workers' values fell when one restarted or left)
+        self.totals: dict[tuple[int, str], int] = {}
 
     # ---- reports in ----------------------------------------------------------------------------
 
@@ -109,6 +115,11 @@ class WorkerPool:
                 self._refused.add(info.instance_id)
                 log.error("refused a worker: %s", msg)
             raise DuplicateWorker(msg)
+        prev = w.load if w is not None and w.info.instance_id == info.instance_id else None
+        for name in COUNTERS:
+            now_value, before = getattr(state.load, name), getattr(prev, name) if prev is not None else 0
+            key = (info.role, name)
+            self.totals[key] = self.totals.get(key, 0) + (now_value - before if now_value >= before else now_value)
         if w is None or w.info.instance_id != info.instance_id:
             if w is not None:
                 self._leave(w, "restarted")

@@ -236,3 +236,17 @@ def test_workers_long_out_of_the_pool_are_forgotten(pool):
     assert out == ["a", "s"] and left == ["s"]
     pool.report(state("a"))  # it comes back: a new entry
     assert sorted(w.worker_id for w in pool.live(router_pb2.DECODE)) == ["a"]
+
+
+def test_counters_summed_over_workers_never_go_back(pool):
+    """The router's prefix-cache counters add up what each worker instance reported: a restarted worker
+    (counting from zero again) or one that left takes nothing back."""
+    def report(worker_id: str, queries: int, instance: str = "i1") -> int:
+        s = state(worker_id, instance=instance)
+        s.load.prefix_cache_queries = queries
+        pool.report(s)
+        return pool.totals[(router_pb2.DECODE, "prefix_cache_queries")]
+
+    assert [report("a", 100), report("a", 150), report("b", 5)] == [100, 150, 155]
+    assert report("a", 10, instance="i2") == 165  # restarted: its 150 stay counted
+    assert report("a", 12, instance="i2") == 167
