@@ -48,6 +48,8 @@ class KVRoles:
         lease = self.consumer.reserve(group.seqs[0], lease_seconds, producer_samples)
         if lease is None:
             self.scheduler.add(group.seqs[0])
+        else:  # its blocks are held and its prefill starts elsewhere: queueing ends here, not at the KV's arrival
+            group.seqs[0].first_scheduled_time = time.monotonic()
         return lease
 
     def prefill_locally(self, request_id: str) -> bool:
@@ -58,6 +60,7 @@ class KVRoles:
             return False
         self.kv.free(seq)
         seq.num_cached_tokens = -1
+        seq.first_scheduled_time = None  # it queues here now, like any local request
         self.scheduler.add(seq)
         return True
 

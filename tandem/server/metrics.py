@@ -64,6 +64,11 @@ class ServerMetrics:
                              registry=r, buckets=_LATENCY_BUCKETS).labels(model_name)
         self.queue = Histogram("tandem:request_queue_time_seconds", "Arrival to first scheduling.", labels,
                                registry=r, buckets=_LATENCY_BUCKETS).labels(model_name)
+        self.prefill = Histogram("tandem:request_prefill_time_seconds", "First scheduling to first token "
+                                 "(a remote prefill and its KV transfer included).", labels,
+                                 registry=r, buckets=_LATENCY_BUCKETS).labels(model_name)
+        self.decode = Histogram("tandem:request_decode_time_seconds", "First token to last token.", labels,
+                                registry=r, buckets=_LATENCY_BUCKETS).labels(model_name)
         self.prompt_tokens = Counter("tandem:prompt_tokens", "Prompt tokens processed.", labels,
                                      registry=r).labels(model_name)
         self.generation_tokens = Counter("tandem:generation_tokens", "Output tokens generated.", labels,
@@ -81,7 +86,7 @@ class ServerMetrics:
     async def track(self, outputs: AsyncIterator[RequestOutput], arrival: float) -> AsyncIterator[RequestOutput]:
         """Pass one request's outputs through, timing its tokens as the client receives them."""
         seen: dict[int, int] = {}  # tokens so far per output index
-        last = arrival
+        last = first = arrival
         try:
             async for out in outputs:
                 now = time.monotonic()
@@ -90,11 +95,15 @@ class ServerMetrics:
                 new_tokens = sum(counts.values()) - sum(seen.values())
                 if steps > 0:
                     if not seen:
+                        first = now
                         self.ttft.observe(now - arrival)
                         self.prompt_tokens.inc(len(out.prompt_token_ids))
                         m = out.metrics
+                        queued = 0.0  # the engine's own clock: only its differences are read
                         if m is not None and m.first_scheduled_time and m.arrival_time:
-                            self.queue.observe(max(m.first_scheduled_time - m.arrival_time, 0.0))
+                            queued = max(m.first_scheduled_time - m.arrival_time, 0.0)
+                            self.queue.observe(queued)
+                        self.prefill.observe(max(now - arrival - queued, 0.0))
                         steps -= 1
                     for _ in range(steps):  # steps that arrived together split the gap evenly
                         self.itl.observe((now - last) / steps)
@@ -102,6 +111,8 @@ class ServerMetrics:
                     seen, last = counts, now
                 if out.finished:
                     self.e2e.observe(now - arrival)
+                    if seen:
+                        self.decode.observe(now - first)
                     reason = (out.outputs[0].finish_reason if out.outputs else None) or "stop"
                     self.request_success.labels(self.model_name, reason).inc()
                 yield out

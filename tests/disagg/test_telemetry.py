@@ -173,6 +173,10 @@ def test_transfer_metrics_and_request_log(traced):
     assert total(router, "tandem:router_prefill_decisions_total", decision="remote") == 1
     assert total(router, "tandem:time_to_first_token_seconds_count") == 1
     assert total(router, "tandem:inter_token_latency_seconds_count") == 3
+    # the remote prefill is the request's prefill time, not queueing: decode held its blocks from the lease on
+    prefill_s = total(router, "tandem:request_prefill_time_seconds_sum")
+    assert total(router, "tandem:request_queue_time_seconds_sum") < prefill_s
+    assert prefill_s <= total(router, "tandem:time_to_first_token_seconds_sum")
     assert total(router, "tandem:router_scoring_seconds_count") >= 2  # a decode and a prefill pick
     line = next(ln for ln in router_log(s).splitlines() if "prompt_tokens=200" in ln)
     for field in ("decision=remote", "decode=decode-0", "prefill=prefill-0", "transport=shm",

@@ -39,6 +39,7 @@ def test_metrics_move_with_requests(tiny):
     before = tiny.wait_idle()
     for name in ("tandem:time_to_first_token_seconds_count", "tandem:inter_token_latency_seconds_count",
                  "tandem:e2e_request_latency_seconds_count", "tandem:request_queue_time_seconds_count",
+                 "tandem:request_prefill_time_seconds_count", "tandem:request_decode_time_seconds_count",
                  "tandem:prompt_tokens_total", "tandem:generation_tokens_total", "tandem:num_preemptions_total",
                  "tandem:prefix_cache_queries_total", "tandem:prefix_cache_hits_total"):
         assert name in before, f"{name} missing from /metrics"
@@ -57,6 +58,10 @@ def test_metrics_move_with_requests(tiny):
     assert delta("tandem:time_to_first_token_seconds_count") == 2
     assert delta("tandem:e2e_request_latency_seconds_count") == 2
     assert delta("tandem:request_queue_time_seconds_count") == 2
+    # each request's e2e splits into queue + prefill + decode (sums over the two requests)
+    assert delta("tandem:request_prefill_time_seconds_count") == delta("tandem:request_decode_time_seconds_count") == 2
+    parts = sum(delta(f"tandem:request_{p}_time_seconds_sum") for p in ("queue", "prefill", "decode"))
+    assert parts == pytest.approx(delta("tandem:e2e_request_latency_seconds_sum"), rel=0.05, abs=0.01)
     assert delta("tandem:inter_token_latency_seconds_count") == 8  # 4 gaps per 5-token request
     assert delta('tandem:request_success_total{finished_reason="length"}') == 2
     assert delta("tandem:prefix_cache_queries_total") >= 2 * r1.usage.prompt_tokens
