@@ -6,6 +6,7 @@ lengths, KV usage, prefix cache, preemptions) are read from `EngineClient.stats(
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator
 from typing import Any, AsyncIterator, Callable, Iterable
@@ -73,7 +74,8 @@ class ServerMetrics:
                                      registry=r).labels(model_name)
         self.generation_tokens = Counter("tandem:generation_tokens", "Output tokens generated.", labels,
                                          registry=r).labels(model_name)
-        self.request_success = Counter("tandem:request_success", "Finished requests by finish reason.",
+        self.request_success = Counter("tandem:request_success", "Finished requests by finish reason "
+                                       "(abort: the client left before the end).",
                                        labels + ["finished_reason"], registry=r)
         self.request_failures = Counter("tandem:request_failures", "Requests whose stream ended in an error "
                                         "(client disconnects not counted), by exception.",
@@ -87,6 +89,7 @@ class ServerMetrics:
         """Pass one request's outputs through, timing its tokens as the client receives them."""
         seen: dict[int, int] = {}  # tokens so far per output index
         last = first = arrival
+        finished = False
         try:
             async for out in outputs:
                 now = time.monotonic()
@@ -110,6 +113,7 @@ class ServerMetrics:
                     self.generation_tokens.inc(max(new_tokens, 0))
                     seen, last = counts, now
                 if out.finished:
+                    finished = True
                     self.e2e.observe(now - arrival)
                     if seen:
                         self.decode.observe(now - first)
@@ -118,6 +122,10 @@ class ServerMetrics:
                 yield out
         except Exception as exc:  # counted, then handled by the caller as before
             self.request_failures.labels(self.model_name, type(exc).__name__).inc()
+            raise
+        except (GeneratorExit, asyncio.CancelledError):  # the client left first: vLLM's "abort"
+            if not finished:
+                self.request_success.labels(self.model_name, "abort").inc()
             raise
         finally:
             if isinstance(outputs, AsyncGenerator):  # close the source now, not at garbage collection

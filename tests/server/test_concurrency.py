@@ -54,7 +54,7 @@ def _long_request(server, stream: bool) -> dict:
 def test_disconnect_mid_stream_frees_blocks(smol):
     """SmolLM2 needs a minute for 1500 tokens on 2 cores: a request that is idle within seconds
     of the disconnect was aborted, not finished."""
-    smol.wait_idle()
+    before = smol.wait_idle()
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", smol.url + "/v1/completions", json=_long_request(smol, True)) as r:
             assert r.status_code == 200
@@ -64,8 +64,10 @@ def test_disconnect_mid_stream_frees_blocks(smol):
             busy = smol.metrics()
             assert busy["tandem:num_requests_running"] == 1 and busy["tandem:kv_cache_usage_perc"] > 0
         left = time.monotonic()
-    smol.wait_idle(timeout=10)
+    after = smol.wait_idle(timeout=10)
     assert time.monotonic() - left < 10
+    aborted = 'tandem:request_success_total{finished_reason="abort"}'
+    assert after.get(aborted, 0) - before.get(aborted, 0) == 1  # counted once, as vLLM counts an abort
 
 
 def test_disconnect_while_waiting_for_a_full_response_frees_blocks(smol):
