@@ -97,6 +97,17 @@ class ChatServing:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
 
+    def _prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
+        """The conversation through the chat template, tokenized."""
+        text = render_chat(self.ctx, req.messages, add_generation_prompt=req.add_generation_prompt,
+                           continue_final_message=req.continue_final_message, chat_template=req.chat_template,
+                           chat_template_kwargs=req.chat_template_kwargs,
+                           tools=req.tools if req.tool_choice != "none" else None)
+        try:
+            return self.ctx.client.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        except Exception as exc:  # noqa: BLE001 - e.g. lone surrogates in the messages
+            raise bad_request(f"messages could not be tokenized: {exc}", "messages") from exc
+
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response | ChatCompletionResponse:
         ctx = self.ctx
         model = ctx.model(req.model)
@@ -104,14 +115,7 @@ class ChatServing:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         if req.n > ctx.config.max_seqs_per_request:
             raise bad_request(f"n must be <= {ctx.config.max_seqs_per_request}", "n")
-        text = render_chat(ctx, req.messages, add_generation_prompt=req.add_generation_prompt,
-                           continue_final_message=req.continue_final_message, chat_template=req.chat_template,
-                           chat_template_kwargs=req.chat_template_kwargs,
-                           tools=req.tools if req.tool_choice != "none" else None)
-        try:
-            ids = ctx.client.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
-        except Exception as exc:  # noqa: BLE001 - e.g. lone surrogates in the messages
-            raise bad_request(f"messages could not be tokenized: {exc}", "messages") from exc
+        ids = await ctx.prepare(raw, lambda: self._prompt_ids(req))
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = resolve_max_tokens(ctx, requested, len(ids), ctx.client.generation_defaults.get("max_tokens"),
                                         prompt_param="messages")

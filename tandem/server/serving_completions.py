@@ -28,7 +28,7 @@ class CompletionServing:
         model = ctx.model(req.model)
         if req.suffix is not None:
             raise bad_request("suffix is not supported (no fill-in-the-middle)", "suffix")
-        prompts = self._prompts(req)
+        prompts = await ctx.prepare(raw, lambda: self._prompts(req))
         if len(prompts) * (req.best_of or req.n) > ctx.config.max_seqs_per_request:
             raise bad_request(f"this request asks for {len(prompts) * (req.best_of or req.n)} sequences "
                               f"(prompts x best_of); the limit is {ctx.config.max_seqs_per_request}", "n")

@@ -2,6 +2,7 @@
 422; an engine failure fails the requests in flight (500) and the server keeps serving."""
 from __future__ import annotations
 
+import json
 import threading
 
 import openai
@@ -164,3 +165,20 @@ def test_engine_failure_fails_in_flight_then_recovers(tiny_model_dirs, serve):
         assert e.value.status_code == 503
     finally:
         engine.shutdown()
+
+
+def test_large_bodies_are_prepared_off_the_event_loop_with_the_same_answers(tiny):
+    """Bodies past LARGE_BODY_BYTES are templated and tokenized on a helper thread (seconds of work that
+    every other stream would wait out on the event loop): their errors are the same 400s, and small
+    requests beside them are served."""
+    from tandem.server.serving_common import LARGE_BODY_BYTES
+
+    big = "word " * (LARGE_BODY_BYTES // 5 + 1000)
+    err = _assert_openai_error(tiny.post("/v1/completions", json={"prompt": big, "max_tokens": 1}), 400, "prompt")
+    assert "512" in err["message"]
+    chat = {"messages": [{"role": "user", "content": big}], "max_tokens": 1}
+    _assert_openai_error(tiny.post("/v1/chat/completions", json=chat), 400, "messages", "512")
+    bad = json.dumps({"messages": [{"role": "user", "content": big + "\ud800"}], "max_tokens": 1})  # lone surrogate
+    _assert_openai_error(tiny.post("/v1/chat/completions", content=bad, headers={"content-type": "application/json"}),
+                         400, "messages")
+    assert tiny.post("/v1/completions", json=CMPL).status_code == 200
