@@ -79,7 +79,7 @@ class SamplingParams(_message.Message):
     def __init__(self, n: _Optional[int] = ..., best_of: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., bad_words: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., include_stop_str_in_output: _Optional[bool] = ..., skip_special_tokens: _Optional[bool] = ..., spaces_between_special_tokens: _Optional[bool] = ...) -> None: ...
 
 class Ticket(_message.Message):
-    __slots__ = ("request_id", "lease_id", "endpoint", "layout", "skip_tokens", "num_tokens", "block_ids", "lease_seconds", "shm_path", "shm_bytes", "host_id")
+    __slots__ = ("request_id", "lease_id", "endpoint", "layout", "skip_tokens", "num_tokens", "block_ids", "lease_seconds", "shm_path", "shm_bytes", "host_id", "worker_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class Ticket(_message.Message):
     SHM_PATH_FIELD_NUMBER: _ClassVar[int]
     SHM_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     lease_id: str
     endpoint: str
@@ -102,7 +103,8 @@ class Ticket(_message.Message):
     shm_path: str
     shm_bytes: int
     host_id: str
-    def __init__(self, request_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., layout: _Optional[_Union[LayoutDescriptor, _Mapping]] = ..., skip_tokens: _Optional[int] = ..., num_tokens: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., lease_seconds: _Optional[float] = ..., shm_path: _Optional[str] = ..., shm_bytes: _Optional[int] = ..., host_id: _Optional[str] = ...) -> None: ...
+    worker_id: str
+    def __init__(self, request_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., layout: _Optional[_Union[LayoutDescriptor, _Mapping]] = ..., skip_tokens: _Optional[int] = ..., num_tokens: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., lease_seconds: _Optional[float] = ..., shm_path: _Optional[str] = ..., shm_bytes: _Optional[int] = ..., host_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class TransferStats(_message.Message):
     __slots__ = ("transport", "handshake_s", "queue_s", "wire_s", "bytes", "gbps", "chunks", "retransmits", "failure_class", "peer")

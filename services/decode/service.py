@@ -20,9 +20,10 @@ from tandem.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("tandem.decode")
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, host: DecodeEngine, kv_endpoint: str) -> None:
+    def __init__(self, host: DecodeEngine, kv_endpoint: str, worker_id: str = "") -> None:
         self.host = host
         self.kv_endpoint = kv_endpoint  # where prefill workers send KV (kv_receiver.py's server)
+        self.worker_id = worker_id
         self.layout = layout_to_proto(host.engine.layout)
         self.host_id = host_id()
 
@@ -90,7 +91,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                                  layout=self.layout, skip_tokens=lease.skip_tokens, num_tokens=lease.num_tokens,
                                  block_ids=list(lease.block_ids), lease_seconds=lease.lease_seconds,
                                  shm_path=lease.shm_path, shm_bytes=lease.shm_bytes,
-                                 host_id=self.host_id if lease.shm_path else "")
+                                 host_id=self.host_id if lease.shm_path else "", worker_id=self.worker_id)
 
     async def ResolveLease(self, request: decode_pb2.ResolveLeaseRequest, context) -> decode_pb2.ResolveLeaseReply:
         lease = self.host.engine.consumer.leases.get(request.lease_id)

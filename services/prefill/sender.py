@@ -70,7 +70,8 @@ class GrpcKVSender:
         self.staging: StagingArea | None = None  # mapped by run: chunk bytes go here, the stream carries offsets
         self.token_bytes = token_bytes  # bytes of one token of one layer
         self._staging_lock = threading.Lock()  # writes vs the unmap at the end
-        self.stats = common_pb2.TransferStats(transport="grpc", peer=ticket.endpoint)
+        # labelled by decode's worker id: its address may change with every restart (a new series each)
+        self.stats = common_pb2.TransferStats(transport="grpc", peer=ticket.worker_id or ticket.endpoint)
         self._chunks: queue.Queue = queue.Queue()  # (produced at, chunk); None: no more
         self._resend: collections.deque[int] = collections.deque()
         self._unacked: dict[int, KVChunkData] = {}

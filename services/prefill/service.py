@@ -51,7 +51,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                             "tandem.skip_tokens": ticket.skip_tokens}) as span:
             problem = incompatibility(self.layout, layout_from_proto(ticket.layout), f"decode {ticket.endpoint}")
             if problem:
-                self.transfers.record(_failed(ticket.endpoint, "incompatible"))
+                self.transfers.record(_failed(ticket.worker_id or ticket.endpoint, "incompatible"))
                 span.set_attribute("tandem.failure_class", "incompatible")
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
             rid = f"prefill-{request.request_id}"

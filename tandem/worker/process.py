@@ -175,7 +175,7 @@ class WorkerServer:
             self.kv_server, self.kv_port = start_kv_server(host.engine.consumer, self.metrics.transfers,
                                                            self.bind_host, self.kv_port)
             kv_endpoint = f"{metrics_host}:{self.kv_port}"
-            decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(host, kv_endpoint), self.server)
+            decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(host, kv_endpoint, self.worker_id), self.server)
             extra = lambda load: setattr(load, "num_leases", host.num_leases)  # noqa: E731
         else:
             from tandem.prefill.service import PrefillServicer

@@ -166,6 +166,9 @@ def test_transfer_metrics_and_request_log(traced):
         assert total(m, "tandem:kv_transfers_total", outcome="success", transport="shm") == 1, worker
         assert total(m, "tandem:kv_transfer_bytes_total") == EXPECTED_BYTES, worker
     prefill = s.metrics("prefill-0")  # the sender knows send times: it measures the wire
+    # each side names the other by worker id (an address changes with restarts: a new series each time)
+    assert total(prefill, "tandem:kv_transfers_total", peer="decode-0") == 1
+    assert total(s.metrics("decode-0"), "tandem:kv_transfers_total", peer="prefill-0") == 1
     for series in ("handshake_seconds", "queue_seconds", "wire_seconds", "throughput_gbps"):
         assert total(prefill, f"tandem:kv_transfer_{series}_count") == 1, series
     router = s.metrics()
