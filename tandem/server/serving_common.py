@@ -28,6 +28,7 @@ log = logging.getLogger("tandem.server")
 T = TypeVar("T")
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; OpenAI and vLLM clamp the same way
 LARGE_BODY_BYTES = 256 * 1024  # request bodies from here on are prepared off the event loop
+_CHECKED_FIELDS = {"prompt", "stop_token_ids", "logprobs", "prompt_logprobs", "max_tokens"}  # engine-side checks
 
 
 @dataclass
@@ -81,8 +82,9 @@ class ServingContext:
             stream = self.client.generate(request_id, ids, params, priority)
         except EngineError as exc:
             raise stream_error(exc) from exc
-        except ValueError as exc:
-            raise bad_request(str(exc)) from exc
+        except ValueError as exc:  # the engine's input checks name the field first
+            field_name = str(exc).split(" ", 1)[0]
+            raise bad_request(str(exc), field_name if field_name in _CHECKED_FIELDS else None) from exc
         return self.metrics.track(stream, arrival)
 
 
