@@ -101,13 +101,15 @@ def base_env(model: TandemModel) -> list[Obj]:
     return env
 
 
-def http_probes(port: str, startup_seconds: int) -> Obj:
-    """Probes on the service's /health: a long startup window while weights load, then tighter checks."""
-    get = {"path": "/health", "port": port}
-    return {"startupProbe": {"httpGet": get, "periodSeconds": 10, "timeoutSeconds": 5,
+def http_probes(port: str, startup_seconds: int, live_path: str = "/health") -> Obj:
+    """Readiness on the service's /health; startup and liveness on `live_path` (a long startup window while
+    weights load, then tighter checks). A router's /health says whether any decode worker is live, which is
+    no reason to restart it: its liveness asks only that the process answers."""
+    ready, live = {"path": "/health", "port": port}, {"path": live_path, "port": port}
+    return {"startupProbe": {"httpGet": live, "periodSeconds": 10, "timeoutSeconds": 5,
                              "failureThreshold": max(1, startup_seconds // 10)},
-            "readinessProbe": {"httpGet": get, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2},
-            "livenessProbe": {"httpGet": get, "periodSeconds": 15, "timeoutSeconds": 5, "failureThreshold": 4}}
+            "readinessProbe": {"httpGet": ready, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2},
+            "livenessProbe": {"httpGet": live, "periodSeconds": 15, "timeoutSeconds": 5, "failureThreshold": 4}}
 
 
 def resources(placement: Placement, gpus: int = 0) -> Obj:

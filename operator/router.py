@@ -53,7 +53,7 @@ def deployment(model: TandemModel, config: Obj) -> Obj:
                                                           "items": [{"key": "router.yaml", "path": "router.yaml"}]}}]
     mounts = [*mounts, {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
     main = container(model, "router", args, [port("http", ROUTER_HTTP), port("grpc", ROUTER_GRPC)],
-                     base_env(model), resources(spec), http_probes("http", startup_seconds=600), mounts)
+                     base_env(model), resources(spec), http_probes("http", startup_seconds=600, live_path="/version"), mounts)
     meta = metadata(model, child_name(model, "router"), "router")
     # a new configuration rolls the routers: they read the file once, at start
     template = {"metadata": {"labels": meta["labels"],

@@ -62,3 +62,26 @@ def test_router_polls_statically_listed_workers(tiny_model_dirs):
             proc.terminate()
         for proc in (router, *workers):
             proc.wait(30)
+
+
+def test_a_router_without_workers_is_alive_but_not_ready(tiny_model_dirs):
+    """The operator's probes: readiness reads /health (503 while no decode worker is live), startup and
+    liveness read /version, which a running router answers with or without workers (a router restarted
+    for want of decode workers would only drop its clients)."""
+    port = free_port()
+    router = start("router", tiny_model_dirs["llama"], "--host", "127.0.0.1", "--port", str(port), "--grpc-port", "0")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                version = httpx.get(url + "/version", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the router never answered"
+                time.sleep(0.2)
+        assert version.status_code == 200
+        assert httpx.get(url + "/health", timeout=2).status_code == 503
+    finally:
+        router.terminate()
+        router.wait(30)
