@@ -154,7 +154,8 @@ class TandemModelSpec(_Camel):
 class Owner(BaseModel):
     """The TandemModel object the children belong to."""
     model_config = ConfigDict(frozen=True)
-    name: str = Field(max_length=30)
+    # its children's names start with it, and a Service's name is a DNS label that starts with a letter
+    name: str = Field(max_length=30, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
     namespace: str
     uid: str
 

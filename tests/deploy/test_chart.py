@@ -175,6 +175,23 @@ def test_dashboards_are_configmaps_for_grafanas_sidecar():
         assert json.loads(text) == json.loads(files[name])
 
 
+def test_dashboards_keep_two_names_under_a_long_release_name():
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values={}, name="r" * 53, namespace="tandem-system", is_install=True)
+    names = [obj["metadata"]["name"] for path, text in manifests.items() if "dashboards" in path
+             for obj in yaml.safe_load_all(text) if obj]
+    assert len(set(names)) == len(names) == 2 and all(len(n) <= 63 for n in names), names
+
+
+def test_the_model_must_be_in_a_watched_namespace():
+    """With watchNamespaces set, a model installed elsewhere would never be reconciled: the render fails."""
+    values = values_of("model") | {"watchNamespaces": ["team-a"]}
+    with pytest.raises(Exception, match="not among watchNamespaces"):
+        render(values)
+    values["model"]["namespace"] = "team-a"
+    assert by_kind(render(values), "TandemModel")[0]["metadata"]["namespace"] == "team-a"
+
+
 def test_servicemonitors_select_the_operators_pods_by_their_labels():
     objs = render(values_of("namespaced"))
     monitors = {m["metadata"]["name"]: m["spec"] for m in by_kind(objs, "ServiceMonitor")}
@@ -234,6 +251,7 @@ def test_tandemmodel_is_checked_against_the_crd(change):
     {"serviceMonitors": {"interval": "15"}},
     {"model": {"name": "Not A Name"}},
     {"model": {"name": "a-model-name-of-thirty-one-char"}},  # the CRD allows 30
+    {"model": {"name": "7b-chat"}},  # its Services' names must start with a letter
     {"dashboards": {"labels": {"grafana_dashboard": 1}}},
     {"serviceMonitor": {"enabled": True}},  # a typo of serviceMonitors
 ])

@@ -141,6 +141,18 @@ def test_names_over_30_characters_are_rejected():
         model_of({}, name="m" * 31)
 
 
+@pytest.mark.parametrize("name", ["7b-chat", "llama.v1"])
+def test_names_its_services_cannot_take_are_rejected(name):
+    """A Service's name is a DNS label starting with a letter: a model named otherwise would get half
+    its children created and the rest refused, so the CRD and the operator refuse the name itself."""
+    pytest.importorskip("celpy")
+    assert crd_accepts(body_of({}, name=name)) == [
+        "a TandemModel's name is lowercase letters, digits and '-', starting with a letter"]
+    with pytest.raises(ValidationError):
+        model_of({}, name=name)
+    assert crd_accepts(body_of({}, name="llama-3-8b")) == []
+
+
 def _fields(model: type[BaseModel]) -> dict:
     """The camelCase field tree of a spec model."""
     out = {}
