@@ -37,6 +37,7 @@ class Worker:
     in_flight: int = 0
     ended_since_report: int = 0
     failed_at: float | None = None
+    leaves: int = 0  # times it left the pool: a call can tell whether its worker left while it waited
     calls: set[Any] = field(default_factory=set)  # gRPC calls in flight, cancelled if the worker leaves
 
     def sent(self, seqs: int = 1) -> None:
@@ -99,6 +100,7 @@ class WorkerPool:
         # the workers' counters summed over every instance ever seen, per role: they only grow (a sum of
         # the live workers' values fell when one restarted or left)
         self.totals: dict[tuple[int, str], int] = {}
+        self._counted: dict[str, tuple[int, ...]] = {}  # instance id -> its counters as last added
 
     # ---- reports in ----------------------------------------------------------------------------
 
@@ -115,11 +117,13 @@ class WorkerPool:
                 self._refused.add(info.instance_id)
                 log.error("refused a worker: %s", msg)
             raise DuplicateWorker(msg)
-        prev = w.load if w is not None and w.info.instance_id == info.instance_id else None
-        for name in COUNTERS:
-            now_value, before = getattr(state.load, name), getattr(prev, name) if prev is not None else 0
+        # by instance, not by entry: a worker forgotten and then heard again must not count twice
+        values = tuple(getattr(state.load, name) for name in COUNTERS)
+        before = self._counted.get(info.instance_id, (0,) * len(COUNTERS))
+        for name, value, old in zip(COUNTERS, values, before):
             key = (info.role, name)
-            self.totals[key] = self.totals.get(key, 0) + (now_value - before if now_value >= before else now_value)
+            self.totals[key] = self.totals.get(key, 0) + (value - old if value >= old else value)
+        self._counted[info.instance_id] = values
         if w is None or w.info.instance_id != info.instance_id:
             if w is not None:
                 self._leave(w, "restarted")
@@ -171,6 +175,7 @@ class WorkerPool:
         log.warning("worker %s (%s) left the pool: %s; cancelling %d calls in flight", w.worker_id, w.address,
                     reason, len(w.calls))
         w.failed_at = time.monotonic()
+        w.leaves += 1
         for call in list(w.calls):
             call.cancel()
         self.changed.set()

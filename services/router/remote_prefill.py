@@ -80,13 +80,13 @@ class RemotePrefill:
         prefill.calls.add(call)
         decode.calls.add(call)  # it writes into decode's lease: if decode leaves, waiting for it is pointless
         prefill.sent()
-        started = time.monotonic()
+        started, decode_leaves = time.monotonic(), decode.leaves
         try:
             reply = await call
         except asyncio.CancelledError:
             if not cancelled_by_pool(call):
                 raise
-            if decode.gone:
+            if decode.leaves != decode_leaves:  # decode left (it may be back already: its lease is not)
                 raise DecodeLost(f"decode worker {decode.worker_id} left the pool during the prefill") from None
             return self._failed(prefill, decode, rec, "prefill_lost", "the prefill worker left the pool")
         except grpc.aio.AioRpcError as exc:

@@ -250,3 +250,6 @@ def test_counters_summed_over_workers_never_go_back(pool):
     assert [report("a", 100), report("a", 150), report("b", 5)] == [100, 150, 155]
     assert report("a", 10, instance="i2") == 165  # restarted: its 150 stay counted
     assert report("a", 12, instance="i2") == 167
+    pool.forget_after = 0.0
+    del pool.workers["a"]  # forgotten, as the sweep drops a worker long out of the pool; then heard again
+    assert report("a", 13, instance="i2") == 168
