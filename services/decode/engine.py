@@ -52,7 +52,9 @@ class DecodeEngine(AsyncEngine):
 
     @property
     def num_leases(self) -> int:
-        return len(self.engine.consumer.leases)
+        """Sequences waiting for their KV, as the engine counts running and waiting ones (a snapshot: the
+        engine thread changes the leases meanwhile)."""
+        return sum(1 + len(lease.request.pending_forks) for lease in list(self.engine.consumer.leases.values()))
 
     # ---- engine thread ------------------------------------------------------------------------
 

@@ -168,6 +168,7 @@ def test_max_num_seqs_counts_the_samples_of_n(tiny_model_dirs, make_llm):
     for i, p in enumerate(_prompts(3, 12)):
         eng.add_request(f"r{i}", p, three)
     eng.add_request("wide", _prompts(1, 12, seed=1)[0], SamplingParams(temperature=0.8, n=6, max_tokens=3))
+    assert eng.stats().num_waiting == 3 * 3 + 6  # sequences, as running counts them
     most, outs = 0, {}
     while eng.has_unfinished_requests():
         for out in eng.step():
