@@ -69,5 +69,7 @@ def compute(model: TandemModel, children: list[Obj], generation: int, previous: 
                                 generation, previous, now))
     reason, message = error or ("Reconciled", "")
     conditions.append(condition("Degraded", error is not None, reason, message, generation, previous, now))
+    gone = {pool: None for pool in POOL_CONDITIONS if pool not in counts}  # null: a merge patch removes it
     return {"observedGeneration": generation, "gatewayURL": gateway_url(model),
-            "readyPools": f"{len(counts) - len(not_ready)}/{len(counts)}", **counts, "conditions": conditions}
+            "readyPools": f"{len(counts) - len(not_ready)}/{len(counts)}", **counts, **gone,
+            "conditions": conditions}

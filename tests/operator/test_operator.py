@@ -201,6 +201,11 @@ async def test_create_status_scale_restore_and_delete(operator):
     assert requests_to(kmock, "DELETE", "Deployment", "m1-decode") == 0
     assert requests_to(kmock, "PATCH", "Deployment", "m1-router") == 0  # unchanged: never patched
 
+    # the KV store switched off: its pool leaves the status (a merge patch keeps what it does not null)
+    await change_spec(kmock, {"kvStore": {"enabled": False}}, generation=3)
+    await wait_for(lambda: "kvStore" not in live(kmock, "TandemModel", "m1")["status"])
+    assert live(kmock, "TandemModel", "m1")["status"]["readyPools"].endswith("/3")
+
     # a child deleted by hand comes back
     await call(kmock, "DELETE", "Service", "m1-router")
     restored = await wait_for(lambda: live(kmock, "Service", "m1-router"))
