@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 
@@ -54,7 +55,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tandem import LLM
 
     llm = LLM(**_engine_kwargs(args))
-    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    # undecodable bytes become U+FFFD, as a text editor shows them (a lone surrogate would reach the tokenizer)
+    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace") if args.prompt is None else []
+    prompts = args.prompt or [line.rstrip("\n") for line in stdin if line.strip()]
     for out in llm.generate(prompts, _sampling(args)):
         print(out.outputs[0].text)
     return 0
@@ -127,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:  # bad input or a missing model: one line, not a traceback
+        print(f"tandem {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -208,8 +208,8 @@ def add_up_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per worker in GiB (default: 1)")
-    p.add_argument("--router-args", default="", help="more `tandem router` flags, one string")
-    p.add_argument("--worker-args", default="", help="more flags for every worker, one string")
+    p.add_argument("--router-args", default="", help="more `tandem router` flags, one string (a lone flag takes '=': --router-args=--flag)")
+    p.add_argument("--worker-args", default="", help="more flags for every worker, one string (a lone flag takes '=': --worker-args=--enforce-eager)")
     p.add_argument("--log-dir", help="write each process's log to DIR/NAME.log (default: this terminal)")
     p.set_defaults(func=cmd_up)
     return p

@@ -42,7 +42,10 @@ def sampling_defaults(model_path: str, generation_config: str = "auto") -> dict[
     none; or a folder holding one)."""
     if generation_config in ("vllm", "none"):
         return {}
-    gen = load_generation_config(generation_config if os.path.isdir(generation_config) else model_path)
+    if generation_config != "auto" and not os.path.isdir(generation_config):
+        raise ValueError(f"generation_config must be 'auto', 'vllm', 'none' or a folder; {generation_config!r} "
+                         "is none of them")
+    gen = load_generation_config(model_path if generation_config == "auto" else generation_config)
     return {ours: gen[theirs] for theirs, ours in _GEN_DEFAULTS.items() if theirs in gen}
 
 

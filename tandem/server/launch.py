@@ -48,12 +48,28 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     return p
 
 
+def port_number(text: str) -> int:
+    """A TCP port (0: any free one), checked when the command line is read, not at bind time."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {value}")
+    return value
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "yes", "on", "1"):
+        return True
+    if text.lower() in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
 def add_http_args(p: argparse.ArgumentParser, port: int = 8000) -> None:
     """The OpenAI server's flags (vLLM's names), shared by `tandem serve` and `tandem router`."""
     s = p.add_argument_group("server")
     s.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag values (the command line wins)")
     s.add_argument("--host", default="0.0.0.0", help="address to bind (default: 0.0.0.0)")
-    s.add_argument("--port", type=int, default=port, help=f"port to bind (default: {port})")
+    s.add_argument("--port", type=port_number, default=port, help=f"port to bind (default: {port})")
     s.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $TANDEM_API_KEY, else none)")
     s.add_argument("--served-model-name", nargs="+", metavar="NAME",
@@ -105,10 +121,15 @@ def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
         if dest not in actions or dest in ("help", "config"):
             parser.error(f"unknown key {key!r} in config file {path}")
         action = actions[dest]
-        if isinstance(value, list) and action.type is _list:
-            value = [str(v) for v in value]
-        elif isinstance(value, str) and action.type is not None and action.type is not str:
-            value = action.type(value)
+        try:
+            if isinstance(value, list) and action.type is _list:
+                value = [str(v) for v in value]
+            elif isinstance(value, str) and action.nargs == 0:  # a switch: "false" must not read as true
+                value = _boolean(value)
+            elif action.type is not None and action.type not in (str, _list) and not isinstance(value, (bool, list)):
+                value = action.type(str(value))  # checked as on the command line (a port's range, say)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            parser.error(f"{key} in {path}: {exc}")
         if action.choices is not None and value not in action.choices:
             parser.error(f"{key} in {path} must be one of {list(action.choices)}, got {value!r}")
         if dest == "served_model_name" and isinstance(value, str):

@@ -48,10 +48,35 @@ def test_config_file_precedence(tmp_path):
     assert args.model == "/models/y" and args.enable_prefix_caching is True
     _, args = parse_args(["serve", "--allowed-origins", '["http://c"]'])
     assert args.allowed_origins == ["http://c"] and args.port == 8000
-    for bad in ("nonsense-flag: 1\n", "chat-template-content-format: xml\n", "- just a list\n"):
+    cfg.write_text('enable-request-id-headers: "false"\ndisable-log-requests: "yes"\n')  # switches, as strings
+    _, args = parse_args(["serve", "--config", str(cfg)])
+    assert args.enable_request_id_headers is False and args.disable_log_requests is True
+    for bad in ("nonsense-flag: 1\n", "chat-template-content-format: xml\n", "- just a list\n", "port: abc\n",
+                "enable-request-id-headers: maybe\n", "port: 70000\n"):
         cfg.write_text(bad)
         with pytest.raises(SystemExit):
             parse_args(["serve", "--config", str(cfg)])
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "--port", "-1"])
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["generate", "/nonexistent", "--prompt", "hi"], "neither a local Hugging Face folder"),
+    (["generate", "--max-tokens", "0", "--prompt", "hi"], "max_tokens must be an integer >= 1"),
+])
+def test_bad_input_at_the_command_line_is_one_line(argv, words, capsys):
+    """As `tandem serve` does: one error line and exit status 2, no traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("tandem generate: error:") and words in err[-1], err
+
+
+def test_a_generation_config_that_is_not_there_is_an_error():
+    from tandem.engine.engine import sampling_defaults
+
+    with pytest.raises(ValueError, match="generation_config must be"):
+        sampling_defaults("/models/x", "/nonexistent")  # a typo used to fall back to the model's own
 
 
 def test_tandem_serve_subprocess(tiny_model_dirs, tmp_path):
