@@ -11,7 +11,7 @@ from tandem.config import CacheConfig, EngineConfig, SchedulerConfig
 from tandem.engine.engine import LLMEngine
 from tandem.outputs import RequestOutput
 from tandem.sampling_params import SamplingParams
-from tandem.tokenizer import apply_chat_template
+from tandem.tokenizer import TokenTexts, apply_chat_template
 
 PromptType = str | list[int] | dict
 
@@ -102,14 +102,12 @@ class LLM:
     def _decode_logprobs(self, outs: list[RequestOutput]) -> None:
         """Each logprob entry's token as text (`decoded_token`), as vLLM's offline outputs carry it; here and
         not in the engine, whose other callers (the servers) render tokens their own way."""
-        text: dict[int, str] = {}
+        text = TokenTexts(self.engine.tokenizer)
         for out in outs:
             for entries in [out.prompt_logprobs or []] + [o.logprobs or [] for o in out.outputs]:
                 for entry in entries:
                     for t, lp in (entry or {}).items():
-                        if t not in text:
-                            text[t] = self.engine.tokenizer.decode([t])
-                        lp.decoded_token = text[t]
+                        lp.decoded_token = text(t)
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,

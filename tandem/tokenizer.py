@@ -54,6 +54,23 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict]
         **template_kwargs)
 
 
+class TokenTexts:
+    """Each token on its own as text, cached (logprobs ask for the same ids again and again; the cache
+    stops growing at `limit` entries)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, limit: int = 200_000) -> None:
+        self.tokenizer, self.limit = tokenizer, limit
+        self._texts: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            if len(self._texts) < self.limit:
+                self._texts[token_id] = text
+        return text
+
+
 class NoDetokenizer:
     """Stands in for IncrementalDetokenizer when the engine has no tokenizer: token ids only."""
 

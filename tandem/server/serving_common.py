@@ -9,7 +9,7 @@ import math
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import Request
@@ -23,6 +23,7 @@ from tandem.server.engine_client import EngineClient, EngineDeadError, EngineErr
 from tandem.server.errors import APIError, bad_request, model_not_found, server_error
 from tandem.server.metrics import ServerMetrics
 from tandem.server.protocol import SamplingRequest
+from tandem.tokenizer import TokenTexts
 
 log = logging.getLogger("tandem.server")
 T = TypeVar("T")
@@ -37,7 +38,7 @@ class ServingContext:
     config: ServerConfig
     metrics: ServerMetrics
     names: list[str]
-    _token_text: dict[int, str] = field(default_factory=dict)
+    _token_texts: TokenTexts | None = None
     _prep: ThreadPoolExecutor | None = None
 
     async def prepare(self, raw: Request, work: Callable[[], T]) -> T:
@@ -59,13 +60,10 @@ class ServingContext:
         return requested
 
     def token_text(self, token_id: int) -> str:
-        """A token on its own as text (cached: logprobs ask for the same ids again and again)."""
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self.client.tokenizer.decode([token_id])
-            if len(self._token_text) < 200_000:
-                self._token_text[token_id] = text
-        return text
+        """A token on its own as text (cached)."""
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.client.tokenizer)
+        return self._token_texts(token_id)
 
     def request_id(self, raw: Request, body_id: str | None) -> str:
         """vLLM's order: the X-Request-Id header, the body's request_id, else random."""
