@@ -54,7 +54,7 @@ class DecodeEngine(AsyncEngine):
     def num_leases(self) -> int:
         """Sequences waiting for their KV, as the engine counts running and waiting ones (a snapshot: the
         engine thread changes the leases meanwhile)."""
-        return sum(1 + len(lease.request.pending_forks) for lease in list(self.engine.consumer.leases.values()))
+        return sum(lease.request.seats for lease in list(self.engine.consumer.leases.values()))
 
     # ---- engine thread ------------------------------------------------------------------------
 

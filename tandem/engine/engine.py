@@ -399,8 +399,7 @@ class LLMEngine(KVRoles, Lookaheads):
     def stats(self) -> EngineStats:
         return EngineStats(
             # sequences, as in running: a waiting request's n > 1 samples count apiece (vLLM's child requests)
-            num_running=len(self.scheduler.running), num_waiting=sum(1 + len(r.pending_forks)
-                                                                     for r in self.scheduler.waiting),
+            num_running=len(self.scheduler.running), num_waiting=sum(r.seats for r in self.scheduler.waiting),
             kv_usage=self.kv.pool.usage(), num_free_blocks=self.kv.pool.num_free,
             num_blocks=self.kv.pool.num_blocks, prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits, num_preemptions=self.scheduler.num_preemptions,

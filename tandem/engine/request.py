@@ -73,6 +73,12 @@ class Request:
             return self.group.seqs[1:]
         return []
 
+    @property
+    def seats(self) -> int:
+        """The sequences it stands for in the batch: itself and the forks it will make (max_num_seqs counts
+        these, as the workers' reports do)."""
+        return 1 + len(self.pending_forks)
+
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)

@@ -133,10 +133,10 @@ class Scheduler:
             return budget
         # max_num_seqs counts sequences, as vLLM's does: a request's n > 1 samples fork from it at its first
         # token and run beside it, so its seats are held from admission (one request always fits)
-        seats = self.config.max_num_seqs - len(self.running) - sum(len(r.pending_forks) for r in self.running)
+        seats = self.config.max_num_seqs - sum(r.seats for r in self.running)
         while self.waiting and budget > 0:
             req = self.waiting[0]
-            need = 1 + len(req.pending_forks)
+            need = req.seats
             if need > seats and self.running:
                 break
             if self.kv.has_table(req):  # KV loaded from another worker: its blocks are held already
