@@ -80,11 +80,18 @@ class DecodeGraphs:
                                                 prefill=replace(lanes, num_rows=b, max_query_len=min(b, max_lanes)))
                           for b, a in plain.items() if max_lanes and b >= 16})
         self.mixed_buckets = sorted(b for b, kind in self.attn if kind == "lanes")
-        # the most rows one replay holds: a decode-only step's, a step's with prompt lanes (0: no lanes)
-        self.max_decode_rows = self.decode_buckets[-1]
-        self.max_mixed_rows = self.mixed_buckets[-1] if self.mixed_buckets else 0
         self.graphs: dict[tuple[int, str], tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
         self._uploaded: torch.cuda.Event | None = None
+
+    @property
+    def max_decode_rows(self) -> int:
+        """The most rows a decode-only replay holds."""
+        return self.decode_buckets[-1]
+
+    @property
+    def max_mixed_rows(self) -> int:
+        """The most rows a replay with prompt lanes holds (0: no lanes)."""
+        return self.mixed_buckets[-1] if self.mixed_buckets else 0
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -117,7 +124,7 @@ class DecodeGraphs:
         n = len(seqs)
         rows = n + (lanes.rows.shape[2] if lanes else 0)
         buckets = self.mixed_buckets if lanes else self.decode_buckets
-        if rows > (self.max_mixed_rows if lanes else self.max_decode_rows) or len(input_ids) != n or not self.graphs:
+        if rows > buckets[-1] or len(input_ids) != n or not self.graphs:
             return None
         b = buckets[bisect.bisect_left(buckets, rows)]
         self._host_free()
