@@ -45,5 +45,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(_BLOCK, triton.next_power_of_2(inter))
     _silu_and_mul_kernel[(tokens, triton.cdiv(inter, block))](x, out, x.stride(0), out.stride(0), inter,
                                                               BLOCK=block, num_warps=4,
+                                                              enable_fp_fusion=False,  # rope.py says why
                                                               **launch_options(x.device, tokens))
     return out

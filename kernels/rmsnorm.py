@@ -71,9 +71,11 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         return out
     block = triton.next_power_of_2(x.shape[1])
     res = residual if residual is not None else x  # unused when HAS_RESIDUAL is off
+    # no fused multiply-adds (rope.py says why): the sum and the products round where the twin's do
     _rms_norm_kernel[(x.shape[0],)](x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), x.shape[1],
                                     eps, HAS_RESIDUAL=residual is not None, BLOCK=block,
-                                    num_warps=_num_warps(block), **launch_options(x.device, x.shape[0]))
+                                    num_warps=_num_warps(block), enable_fp_fusion=False,
+                                    **launch_options(x.device, x.shape[0]))
     return out
 
 

@@ -2,7 +2,9 @@
 x * cos + rotate_half(x) * sin, with cos/sin rows [max_positions, head_dim] looked up by each token's
 position. Tables are float32, or half precision as `model.to(dtype)` leaves the engine's buffers (read
 and widened). The arithmetic rounds where the torch twin (and Hugging Face, and vLLM's kernel) round in
-half precision: the table values, each product, the sum; so bf16 outputs equal the twin's.
+half precision: the table values, each product, the sum; so bf16 outputs equal the twin's. That
+holds on a GPU only with fused multiply-adds off (`enable_fp_fusion=False`): with them on, the compiler
+turns each product and the sum after it into one bf16 `fma`, which rounds once where torch rounds twice.
 
 q and k may be strided views of one fused qkv tensor: they are read and written through their strides.
 One program per token rotates all of its q heads, then all of its k heads. Positions are not checked
@@ -23,6 +25,7 @@ __all__ = ["apply_rope", "apply_rope_ref", "rope_and_cache"]
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEADS_PER_TILE = 16  # bounds registers for models with many heads; the rest loop
 _HEADS_PER_PROGRAM = 8  # rope_and_cache: 8B's 32 + 8 heads are 5 programs per token
+LAUNCH_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}  # no fused multiply-adds: see the docstring
 
 
 @triton.jit
@@ -149,7 +152,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: t
     block_h = min(_MAX_HEADS_PER_TILE, triton.next_power_of_2(max(q.shape[1], k.shape[1])))
     _rope_kernel[(q.shape[0],)](q, k, positions, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                 q.shape[1], k.shape[1], cos.stride(0), HALF=half,
-                                BLOCK_D=triton.next_power_of_2(half), BLOCK_H=block_h, num_warps=4,
+                                BLOCK_D=triton.next_power_of_2(half), BLOCK_H=block_h, **LAUNCH_OPTIONS,
                                 **launch_options(q.device, q.shape[0]))
     return q, k
 
@@ -169,6 +172,6 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         q, k, v, positions, cos, sin, kv_cache, slot_mapping, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), q.shape[1], k.shape[1], cos.stride(0), kv_cache.stride(0), HEAD_DIM=q.shape[2],
         HALF=half, BLOCK_D=triton.next_power_of_2(half), BLOCK_H=block_h,
-        BLOCK_HD=triton.next_power_of_2(block_h * q.shape[2]), num_warps=4,
+        BLOCK_HD=triton.next_power_of_2(block_h * q.shape[2]), **LAUNCH_OPTIONS,
         **launch_options(q.device, q.shape[0]))
     return q

@@ -194,16 +194,18 @@ def test_cuda_graph_replay():
 _COMPILE = textwrap.dedent("""
     import json, sys
     from tandem.kernels.sm90 import compile_sm90
-    print(json.dumps([compile_sm90(*launch).metadata.shared for launch in json.loads(sys.argv[1])]))
+    compiled = [compile_sm90(*launch) for launch in json.loads(sys.argv[1])]
+    print(json.dumps([c.asm["ptx"] if sys.argv[2] == "ptx" else c.metadata.shared for c in compiled]))
 """)
 H100_SHARED_MEMORY = 227 * 1024
 
 
-def compile_for_sm90(launches: list[tuple[str, str, dict, dict]]) -> list[int]:
-    """(module, kernel, constexprs, launch options) -> shared memory bytes of each compiled kernel."""
+def compile_for_sm90(launches: list[tuple[str, str, dict, dict]], ptx: bool = False) -> list:
+    """(module, kernel, constexprs, launch options) -> shared memory bytes of each compiled kernel (or,
+    with `ptx`, its PTX)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(launches)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(launches), "ptx" if ptx else "shared"],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -93,15 +93,23 @@ def test_rope_and_cache_matches_the_two_twins(group, num_kv, head_dim, dtype):
     torch.testing.assert_close(flat[1, 95], v[4], rtol=0, atol=0)  # v is copied, not rotated
 
 
-@pytest.mark.skipif(device == "cuda", reason="GPU rounding not yet bit-equal: bf16 on the H200 failed (cause open)")
-def test_half_precision_equals_the_twin(tables):
+# the interpreter rounds float32 -> bfloat16 toward zero, so bf16's exact check needs the GPU's compiler
+EXACT_DTYPES = (torch.float16, torch.bfloat16) if device == "cuda" else (torch.float16,)
+
+
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+def test_half_precision_equals_the_twin(tables, dtype):
     """Tables, products and sums rounded as torch rounds them in half precision: the twin's (Hugging
-    Face's) output exactly. float16, since the interpreter rounds float32 -> bfloat16 toward zero."""
+    Face's) output exactly, from both kernels (rope_and_cache's k lands in the cache)."""
     cos, sin = tables["llama3", 128]
     gen = torch.Generator().manual_seed(5)
-    _, q, k, _ = _fused_qk(64, 8, 2, 128, torch.float16, gen)
+    _, q, k, v = _fused_qk(64, 8, 2, 128, dtype, gen)
     positions = torch.randint(0, 4096, (64,), generator=gen).to(device)
     want_q, want_k = apply_rope_ref(q.clone(), k.clone(), positions, cos, sin)
+    cache = torch.zeros(2, 8, 16, 2, 128, dtype=dtype, device=device)
+    slots = torch.arange(64, device=device)
+    got_q = rope_and_cache(q.clone(), k, v, positions, cos, sin, cache, slots)
+    assert torch.equal(got_q, want_q) and torch.equal(cache[0].view(-1, 2, 128)[:64], want_k)
     apply_rope(q, k, positions, cos, sin)
     assert torch.equal(q, want_q) and torch.equal(k, want_k)
 
@@ -190,3 +198,23 @@ def test_wrapper_rejects_bad_inputs(tables):
     with pytest.raises(ValueError, match="same number of tokens"):
         rope_and_cache(q, k, k, pos, cos, sin, torch.zeros(2, 4, 16, 2, 64, device=device),
                        torch.zeros(2, dtype=torch.long, device=device))
+
+
+@pytest.mark.skipif(device == "cuda", reason="offline sm_90 compiles stand in for a GPU; on one, the kernels run for real")
+def test_gpu_compile_rounds_each_product():
+    """Compiled for an H100/H200 with the wrappers' launch options, both kernels round each product and
+    each sum on its own (bf16 mul.rn / add.rn / sub.rn), as torch does. With fused multiply-adds on, the
+    compiler made each product and its sum one bf16 fma (rounding once): the H200's outputs left the twin's."""
+    from tandem.kernels.rope import LAUNCH_OPTIONS
+    from tests.kernels.test_paged_decode_attention import compile_for_sm90
+
+    consts = dict(HALF=64, BLOCK_D=64, BLOCK_H=8, PDL=False)
+    ptxs = compile_for_sm90([("tandem.kernels.rope", "_rope_kernel", consts, LAUNCH_OPTIONS),
+                             ("tandem.kernels.rope", "_rope_cache_kernel", dict(consts, HEAD_DIM=128, BLOCK_HD=1024),
+                              LAUNCH_OPTIONS)], ptx=True)
+    for ptx in ptxs:
+        assert "fma" not in ptx
+        assert ptx.count("mul.rn.bf16") >= 4 and ptx.count("sub.rn.bf16") >= 1 and ptx.count("add.rn.bf16") >= 1
+    fused = compile_for_sm90([("tandem.kernels.rope", "_rope_kernel", consts,
+                               dict(LAUNCH_OPTIONS, enable_fp_fusion=True))], ptx=True)[0]
+    assert "fma.rn.bf16" in fused  # what the option prevents (so this test would see it come back)
