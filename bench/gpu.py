@@ -2,7 +2,7 @@
 bf16 models of Llama-3.2-1B and Llama-3.1-8B shapes (the GPU issue's workloads).
 
     python bench/gpu.py [--shapes 1b,8b] [--workloads W1,W1-64,P512,single,W2] [--no-hf] [--repeat N]
-                        [--policy fcfs|lof] [--budget N] [--gemm-rows 0,4096] [--out DIR]
+                        [--policy fcfs|lof] [--budget N] [--out DIR]
 
 Every request is random token ids, greedy, ignore_eos with min_tokens = max_tokens, all submitted at
 once after one warm-up pass (and the GPU itself under load for --warm-seconds first). The roofline: copy bandwidth and bf16 matmul rate are measured first;
@@ -153,9 +153,8 @@ def decode_step_ms(llm, batch: int, context: int) -> float | None:
 
 def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_model_len: int,
                profile: str | None = None, out_dir: str = ".", repeat: int = 1, policy: str = "fcfs",
-               steps: int = 8, budget: int = 16384, gemm_rows: tuple[int, ...] = (0,)) -> dict:
+               steps: int = 8, budget: int = 16384) -> dict:
     from tandem import LLM, SamplingParams
-    from tandem.engine import ops
 
     llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=max_model_len,
               max_num_seqs=256, max_num_batched_tokens=budget, gpu_memory_utilization=0.9, enable_prefix_caching=False,
@@ -170,32 +169,20 @@ def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_mod
         # the warm-up pass: this workload's shapes (prefill chunks, decode batches), few tokens each
         short = [SamplingParams(temperature=0, max_tokens=min(o, 16), min_tokens=min(o, 16), ignore_eos=True)
                  for _, o in reqs]
-        for rows in gemm_rows:
-            ops.GEMM_ROWS = rows
-            llm.generate([rng.integers(0, vocab, p).tolist() for p, _ in reqs], short, use_tqdm=False)
-        times, starts = {rows: [] for rows in gemm_rows}, []
+        llm.generate([rng.integers(0, vocab, p).tolist() for p, _ in reqs], short, use_tqdm=False)
+        first, starts = [], []
         for _ in range(max(1, repeat)):  # the median of several: cells near their target are within run-to-run noise
-            for rows in gemm_rows:  # variants alternate, so a drifting machine drifts under each alike
-                ops.GEMM_ROWS = rows
-                starts.append((rows, time.time()))  # to line runs up with a clock/power log
-                t = time.perf_counter()
-                results = llm.generate(prompts, params, use_tqdm=False)
-                times[rows].append(time.perf_counter() - t)
-                tokens = sum(len(r.outputs[0].token_ids) for r in results)
-                assert tokens == sum(o for _, o in reqs), "every request generates exactly its max_tokens"
-        ops.GEMM_ROWS = gemm_rows[0]
-        first = times[gemm_rows[0]]  # the workload's figure
+            starts.append(time.time())  # to line runs up with a clock/power log
+            t = time.perf_counter()
+            results = llm.generate(prompts, params, use_tqdm=False)
+            first.append(time.perf_counter() - t)
+            tokens = sum(len(r.outputs[0].token_ids) for r in results)
+            assert tokens == sum(o for _, o in reqs), "every request generates exactly its max_tokens"
         elapsed = statistics.median(first)
         stats = llm.stats()
         out[name] = {"seconds": elapsed, "output_tokens": tokens, "tok_per_s": tokens / elapsed,
                      "runs_seconds": first, "lookahead_steps": stats.num_lookahead_steps,
                      "lookahead_prompt_tokens": stats.num_lookahead_prompt_tokens, "run_starts_unix": starts}
-        if len(gemm_rows) > 1:
-            out[name]["by_gemm_rows"] = {rows: {"seconds": statistics.median(ts), "runs_seconds": ts}
-                                         for rows, ts in times.items()}
-            print(f"  tandem {name} by GEMM rows (0: whole): " + ", ".join(
-                f"{rows}: {tokens / statistics.median(ts):,.0f} out tok/s ({', '.join(f'{x:.2f}' for x in ts)} s)"
-                for rows, ts in times.items()), flush=True)
         spread = f", runs {min(first):.2f}-{max(first):.2f} s" if repeat > 1 else ""
         print(f"  tandem {name}: {tokens / elapsed:,.0f} out tok/s ({elapsed:.2f} s{spread}; totals so far: "
               f"{stats.num_lookahead_steps} lookahead steps, {stats.num_lookahead_prompt_tokens} prompt tokens "
@@ -255,16 +242,11 @@ def main() -> int:
                     "per host round trip)")
     # 16384 batched tokens: vLLM's default for its LLM class on GPUs of >= 70 GiB (arg_utils.py)
     ap.add_argument("--budget", type=int, default=16384, help="the engine's max_num_batched_tokens")
-    ap.add_argument("--gemm-rows", default="0", help="comma list: each timed run once per value, alternating "
-                    "(ops.GEMM_ROWS: projections of more rows run as GEMMs of that many; 0: whole); the first "
-                    "value's median is the workload's figure")
     ap.add_argument("--warm-seconds", type=float, default=20, help="GPU load before anything is timed")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     args = ap.parse_args()
     import triton
     import transformers
-
-    gemm_rows = tuple(int(r) for r in args.gemm_rows.split(","))
 
     device = torch.cuda.get_device_name()
     warm_up_gpu(args.warm_seconds)
@@ -275,7 +257,7 @@ def main() -> int:
     result = {"device": device, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
               "ceilings": ceil, "policy": args.policy, "num_scheduler_steps": args.steps,
-              "max_num_batched_tokens": args.budget, "gemm_rows": gemm_rows, "shapes": {}}
+              "max_num_batched_tokens": args.budget, "shapes": {}}
     rows = []
     for shape in args.shapes.split(","):
         cfg = llama_config(shape)
@@ -290,10 +272,10 @@ def main() -> int:
             for w, reqs in runs.items():
                 ours.update(run_tandem(folder, {w: reqs}, np.random.default_rng(1), max(longest, 4096),
                                        args.profile, args.out, args.repeat, args.policy, args.steps,
-                                       args.budget, gemm_rows))
+                                       args.budget))
         else:
             ours = run_tandem(folder, runs, np.random.default_rng(1), max(longest, 4096), args.profile, args.out,
-                              args.repeat, args.policy, args.steps, args.budget, gemm_rows)
+                              args.repeat, args.policy, args.steps, args.budget)
         hf = {} if args.no_hf else run_hf(cfg, runs, np.random.default_rng(1))
         shape_result = {}
         for w, reqs in runs.items():

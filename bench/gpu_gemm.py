@@ -1,11 +1,12 @@
 """The 8B shape's linear layers alone, at decode batch sizes: time per call against the roofline
 (weight bytes / copy bandwidth, FLOPs / matmul rate), for W as stored ([N, K], F.linear) and
 pre-transposed ([K, N], x @ W), to see how far cuBLAS is from the hardware and whether layout matters;
-`--lt` runs both again through cuBLASLt (torch's preferred_blas_library), whose heuristics pick other kernels;
-`--chunk R` also times each GEMM of more than R rows as GEMMs of R rows into slices of one output (on 2026-12-02
-one H200 ran the step 6% faster a row at M = 4,096 than at 16,384: does a prompt step gain by splitting?).
+`--lt` runs both again through cuBLASLt (torch's preferred_blas_library), whose heuristics pick other kernels.
+Splitting a prompt step's GEMMs into 4,096-row pieces gained nothing, alone or in the engine
+(results/gemm-8b-chunk-20261205.txt: 0.94-1.04x per GEMM; P512 7,042 / 7,031 / 7,044 out tok/s whole / 4,096 /
+8,192 rows, results/gpu-20261205-024250.json): a long run of prompt GEMMs is held at the board's 700 W cap.
 
-    python bench/gpu_gemm.py [--ms 1,64,256] [--lt] [--chunk 4096]   (prefill chunks: --ms 4096,8192,16384)
+    python bench/gpu_gemm.py [--ms 1,64,256] [--lt]   (prefill chunks: --ms 4096,8192,16384)
 """
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-
-from tandem.engine.ops import linear_in_rows
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
@@ -40,7 +39,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default="1,64,256", help="row counts (batch rows or prefill chunk tokens)")
     ap.add_argument("--lt", action="store_true", help="also time both layouts through cuBLASLt")
-    ap.add_argument("--chunk", type=int, default=0, help="also time GEMMs of more rows as GEMMs of this many")
     args = ap.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
     x = torch.empty(2**28, dtype=torch.bfloat16, device="cuda")
@@ -50,7 +48,7 @@ def main() -> None:
     flops = 2 * 8192**3 / (timed(lambda: a @ a, 10) * 1e-6)
     print(f"copy {bw / 1e12:.2f} TB/s, matmul {flops / 1e12:.0f} TFLOP/s")
     for m in ms:
-        total = {"linear": 0.0, "pretransposed": 0.0, "roof": 0.0, "lt": 0.0, "lt_t": 0.0, "chunked": 0.0}
+        total = {"linear": 0.0, "pretransposed": 0.0, "roof": 0.0, "lt": 0.0, "lt_t": 0.0}
         for name, (n, k) in SHAPES.items():
             if m >= 1024 and name == "lm_head":  # prefill computes logits for the last token only
                 continue
@@ -68,19 +66,13 @@ def main() -> None:
                 torch.backends.cuda.preferred_blas_library(default)
             roof = max(n * k * 2 / bw, 2 * m * n * k / flops) * 1e6
             reps = 1 if name == "lm_head" else 32
-            chunked = ""
-            if args.chunk and m > args.chunk:
-                t3 = timed(lambda: linear_in_rows(inp, w, None, args.chunk), r)  # the engine's TANDEM_GEMM_ROWS
-                total["chunked"] += t3 * reps
-                chunked = f"  in {args.chunk}-row GEMMs {t3:7.1f} us ({t1 / t3:.3f}x)"
             total["linear"] += t1 * reps
             total["pretransposed"] += t2 * reps
             total["roof"] += roof * reps
             rate = f"  {2 * m * n * k / t1 / 1e6:4.0f} / {2 * m * n * k / t2 / 1e6:4.0f} TFLOP/s" if m >= 1024 else ""
             print(f"M={m:4d} {name:8s} linear {t1:7.1f} us  pretransposed {t2:7.1f} us  roofline {roof:7.1f} us "
-                  f"({roof / t1:5.1%} / {roof / t2:5.1%}){rate}{chunked}")
+                  f"({roof / t1:5.1%} / {roof / t2:5.1%}){rate}")
         lt = f", cuBLASLt {total['lt'] / 1e3:.2f} / {total['lt_t'] / 1e3:.2f} ms" if args.lt else ""
-        lt += f", in {args.chunk}-row GEMMs {total['chunked'] / 1e3:.2f} ms" if total["chunked"] else ""
         print(f"M={m:4d} per step: linear {total['linear'] / 1e3:.2f} ms, pretransposed "
               f"{total['pretransposed'] / 1e3:.2f} ms, roofline {total['roof'] / 1e3:.2f} ms{lt}")
         del w, wt

@@ -31,16 +31,15 @@ fi
 if has trace; then  # W2's step time by kind under lof and fcfs (TRACE_ARGS="--kprof 10" adds kernels)
   timeout 300 python3 bench/gpu_trace.py --workload W2 --policies lof,fcfs ${TRACE_ARGS:-} 2>&1 | grep -v "Warning\|warn"
 fi
-if has p512; then  # P512's GEMM lead: 4,096- and 8,192-row pieces, alone, then in the engine (alternating runs)
-  timeout 150 python3 bench/gpu_gemm.py --ms 8192,16384 --chunk 4096 2>&1 | tee "$OUT/gemm-8b-chunk.txt"
-  # clocks and power beside it: after a profiled window of prompt steps P512's decode steps ran 9.59 ms, not 11.07
-  # (results/trace-8b-P512-20261204.txt), so is the GPU power-bound after 3 s of prompt GEMMs?
+if has p512; then  # P512 beside an nvidia-smi log of SM clocks, power and clock-event reasons every 100 ms:
+  # on 2026-12-05 its prompt and decode steps both ran at the 700 W power cap, SM clocks ~1,500 MHz, not 1,980
+  # (results/p512-clocks-20261205.csv, reason 0x4: software power cap)
   reasons=clocks_event_reasons.active  # the name before driver 535: clocks_throttle_reasons.active
   nvidia-smi --query-gpu=$reasons --format=csv >/dev/null 2>&1 || reasons=clocks_throttle_reasons.active
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,$reasons \
     --format=csv -lms 100 >"$OUT/p512-clocks.csv" 2>&1 &
   smi=$!
-  timeout 400 python3 bench/gpu.py --shapes 8b --workloads P512 --no-hf --repeat 3 --gemm-rows 0,4096,8192 \
-    --out "$OUT" 2>&1 | grep -v "Warning\|warn" | tail -12
+  timeout 300 python3 bench/gpu.py --shapes 8b --workloads P512 --no-hf --repeat 3 --out "$OUT" 2>&1 \
+    | grep -v "Warning\|warn" | tail -8
   kill $smi
 fi

@@ -15,12 +15,6 @@ from tandem.kernels import reference as ref
 
 # TANDEM_GEMV=0: batch-1 projections always through cuBLAS (to measure the kernel against it)
 _USE_GEMV = os.environ.get("TANDEM_GEMV", "1") != "0"
-# TANDEM_GEMM_ROWS=R: CUDA projections of more than R rows run as GEMMs of R rows (an experiment for
-# prompt steps, off by default until timed: one H200 ran the 8B GEMMs 6% faster a row at 4,096 rows
-# than at 16,384 in bench/gpu_gemm.py, which `--chunk R` measures the same way)
-GEMM_ROWS = int(os.environ.get("TANDEM_GEMM_ROWS", "0"))
-if GEMM_ROWS < 0:
-    raise ValueError(f"TANDEM_GEMM_ROWS must be 0 (off) or a row count, got {GEMM_ROWS}")
 
 _kernels = None
 
@@ -65,20 +59,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
         config = _k()["gemv_config"](*weight.shape, _k()["pdl"](x.device))
         if config is not None:
             return _k()["gemv"](x, weight, bias, config)
-    if x.is_cuda and GEMM_ROWS and x.dim() == 2 and x.shape[0] > GEMM_ROWS:
-        return linear_in_rows(x, weight, bias, GEMM_ROWS)
     return F.linear(x, weight, bias)
-
-
-def linear_in_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
-    """F.linear(x, weight, bias) for 2-D x, computed as GEMMs of at most `rows` rows into one output."""
-    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    for i in range(0, x.shape[0], rows):
-        if bias is None:
-            torch.mm(x[i:i + rows], weight.t(), out=out[i:i + rows])
-        else:
-            torch.addmm(bias, x[i:i + rows], weight.t(), out=out[i:i + rows])
-    return out
 
 
 # The row count oneDNN tunes a packed layout for; measured on SmolLM2's shapes, it serves 1 to 2,048

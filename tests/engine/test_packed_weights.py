@@ -1,7 +1,6 @@
 """CPU half-precision projections run from oneDNN's blocked copy of each weight (ops.pack_weight), made
 once at start-up instead of on every call: the same results as F.linear, the plain weights dropped, and
-float32 (which must match Hugging Face's MKL sums) left alone. Big projections may run as GEMMs of fewer
-rows (ops.linear_in_rows, TANDEM_GEMM_ROWS on CUDA): the same results."""
+float32 (which must match Hugging Face's MKL sums) left alone."""
 from __future__ import annotations
 
 import pytest
@@ -32,19 +31,6 @@ def test_packed_linear_gives_f_linear(rows, bias):
     torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=1e-2)
     # leading dims pass through, as with F.linear
     assert ops.linear(x.view(1, rows, 96), None, b, packed).shape == (1, rows, 200)
-
-
-@pytest.mark.parametrize("rows,piece", [(300, 128), (256, 64), (5, 8)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_linear_in_rows_gives_f_linear(rows, piece, bias):
-    gen = torch.Generator().manual_seed(rows + piece)
-    weight = torch.randn(200, 96, generator=gen)
-    b = torch.randn(200, generator=gen) if bias else None
-    x = torch.randn(rows, 96, generator=gen)
-    got = ops.linear_in_rows(x, weight, b, piece)
-    want = torch.nn.functional.linear(x, weight, b)
-    assert got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # rows % piece != 0: the last piece too
 
 
 def test_float32_keeps_the_plain_weight():
