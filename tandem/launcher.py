@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from tandem.engine.kv_transfer import shm
+from tandem.kvstore.sizes import positive_bytes
 from tandem.worker.process import free_port
 
 _PR_SET_PDEATHSIG = 1
@@ -53,6 +54,7 @@ class Child:
     proc: subprocess.Popen | None = None
     restarts: int = 0
     exited_at: float | None = None
+    registers: bool = True  # a worker the router lists once it is up (the router and the KV store do not)
 
     @property
     def pid(self) -> int | None:
@@ -65,8 +67,10 @@ class Stack:
     def __init__(self, model: str | None, port: int = 8000, num_prefill: int = 1, num_decode: int = 1,
                  host: str = "127.0.0.1", threads_per_worker: int | None = None, engine_args: list[str] = (),
                  router_args: list[str] = (), worker_args: list[str] = (), env: dict[str, dict[str, str]] | None = None,
-                 log_dir: str | None = None, child_args: dict[str, list[str]] | None = None) -> None:
-        """`env` and `child_args`: more environment and flags for the children so named (tests)."""
+                 log_dir: str | None = None, child_args: dict[str, list[str]] | None = None,
+                 kv_store_bytes: int | None = None) -> None:
+        """`env` and `child_args`: more environment and flags for the children so named (tests).
+        `kv_store_bytes`: also a prefix KV store of that capacity, which the prefill workers share."""
         self.host = host
         self.port = port
         self.grpc_port = free_port(host)
@@ -83,7 +87,15 @@ class Stack:
         self.children = [Child("router", [*cmd, "router", *model_arg, "--host", host, "--port", str(port),
                                           "--grpc-host", host, "--grpc-port", str(self.grpc_port),
                                           "--uvicorn-log-level", "warning", *engine_args_for_router(engine_args),
-                                          *router_args], port, env.get("router", {}))]
+                                          *router_args], port, env.get("router", {}), registers=False)]
+        prefill_args = []
+        if kv_store_bytes:
+            store_port, store_http = free_port(host), free_port(host)
+            self.children.append(Child("kvstore", [*cmd, "kvstore", "--host", host, "--port", str(store_port),
+                                                   "--http-port", str(store_http), "--capacity-bytes",
+                                                   str(kv_store_bytes)], store_http, env.get("kvstore", {}),
+                                       registers=False))
+            prefill_args = ["--kv-store", f"{host}:{store_port}"]
         for role, count in (("prefill", num_prefill), ("decode", num_decode)):
             for i in range(count):
                 name = f"{role}-{i}"
@@ -91,7 +103,8 @@ class Stack:
                 self.children.append(Child(name, [
                     *cmd, role, *model_arg, "--host", host, "--port", str(grpc_port), "--http-port", str(http_port),
                     "--worker-id", name, "--router", f"{host}:{self.grpc_port}", "--num-threads", str(threads),
-                    *engine_args, *worker_args, *child_args.get(name, [])], http_port, env.get(name, {})))
+                    *engine_args, *worker_args, *(prefill_args if role == "prefill" else []),
+                    *child_args.get(name, [])], http_port, env.get(name, {})))
         self.stopping = False
 
     @property
@@ -138,7 +151,7 @@ class Stack:
             dead = [c for c in self.children if c.proc is None or c.proc.poll() is not None]
             if dead and not self.stopping and names is None:
                 raise RuntimeError(f"{dead[0].name} exited with code {dead[0].proc.returncode} while starting")
-            workers = {c.name for c in wanted if c.name != "router"}
+            workers = {c.name for c in wanted if c.registers}
             if all(self.healthy(c) for c in wanted) and workers <= self.registered():
                 return
             time.sleep(0.2)
@@ -208,6 +221,9 @@ def add_up_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per worker in GiB (default: 1)")
+    p.add_argument("--kv-store-bytes", type=positive_bytes, metavar="SIZE",
+                   help="also run a prefix KV store of this capacity (e.g. 2GiB) that the prefill workers load "
+                        "prompt prefixes from and save them to (default: none)")
     p.add_argument("--router-args", default="", help="more `tandem router` flags, one string (a lone flag takes '=': --router-args=--flag)")
     p.add_argument("--worker-args", default="", help="more flags for every worker, one string (a lone flag takes '=': --worker-args=--enforce-eager)")
     p.add_argument("--log-dir", help="write each process's log to DIR/NAME.log (default: this terminal)")
@@ -230,7 +246,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.max_model_len:
         engine_args += ["--max-model-len", str(args.max_model_len)]
     stack = Stack(args.model, args.port, args.prefill, args.decode, args.host, args.threads_per_worker, engine_args,
-                  shlex.split(args.router_args), shlex.split(args.worker_args), log_dir=args.log_dir)
+                  shlex.split(args.router_args), shlex.split(args.worker_args), log_dir=args.log_dir,
+                  kv_store_bytes=args.kv_store_bytes if args.prefill else None)
     stop = {"signal": None}
 
     def on_signal(signum, _frame) -> None:
@@ -239,7 +256,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     say = lambda msg: print(f"[tandem up] {msg}", flush=True)  # noqa: E731
-    say(f"starting a router, {args.prefill} prefill and {args.decode} decode workers")
+    say(f"starting a router, {args.prefill} prefill and {args.decode} decode workers"
+        + (", a KV store" if any(c.name == "kvstore" for c in stack.children) else ""))
     try:
         stack.start_all()
         while True:  # ready, or a signal, or a child that died while starting

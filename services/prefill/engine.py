@@ -2,8 +2,8 @@
 
 `prefill` computes a prompt and streams its KV to a sink: with sampling parameters, the KV of every
 prompt token and the first output token sampled from the last one (decode continues from it);
-without, the KV of all but the last token (decode computes that one and samples). Its stream ends
-with a finished output once every token is computed.
+without, the KV of all but the last token (decode computes that one and samples); `kv_token_ids`
+says which tokens those are. Its stream ends with a finished output once every token is computed.
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from tandem.server.engine_client import AsyncEngine, EngineStats
 
 
 class PrefillEngine(AsyncEngine):
-    def prefill(self, request_id: str, prompt_token_ids: list[int], sink: KVSink, skip_tokens: int = 0,
-                params: SamplingParams | None = None) -> AsyncIterator[Any]:
+    def kv_token_ids(self, prompt_token_ids: list[int], skip_tokens: int = 0,
+                     params: SamplingParams | None = None) -> list[int]:
+        """The tokens whose KV `prefill` computes for this prompt, after the request's checks (ValueError)."""
         self._check_alive()
         _, ids = self.engine.inputs.prompt(list(prompt_token_ids))
         if params is None:
@@ -29,6 +30,11 @@ class PrefillEngine(AsyncEngine):
                 raise ValueError("prefill samples the first token of a single sequence only (n = best_of = 1)")
         if not 0 <= skip_tokens <= len(ids) - 1:
             raise ValueError(f"skip_tokens {skip_tokens} is outside the KV wanted ({len(ids)} tokens)")
+        return ids
+
+    def prefill(self, request_id: str, ids: list[int], sink: KVSink, skip_tokens: int = 0,
+                params: SamplingParams | None = None) -> AsyncIterator[Any]:
+        """Computes `ids` (from `kv_token_ids`) and streams their KV from `skip_tokens` on to `sink`."""
         return self.open_stream(request_id, ("add_kv", request_id, ids, sink, skip_tokens, params))
 
     def _cmd_add_kv(self, rid: str, ids: list[int], sink: KVSink, skip_tokens: int,

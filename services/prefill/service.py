@@ -14,6 +14,7 @@ from tandem.engine.kv_transfer.layout import incompatibility
 from tandem.engine.kv_transfer.shm import host_id
 from tandem.prefill.engine import PrefillEngine
 from tandem.prefill.sender import GrpcKVSender, TransferFailed
+from tandem.prefill.store_link import StoreLink
 from tandem.proto import common_pb2, prefill_pb2, prefill_pb2_grpc
 from tandem.rpc.convert import layout_from_proto, layout_to_proto, params_from_proto
 from tandem.rpc.grpc_util import SyncChannelPool
@@ -30,7 +31,7 @@ _STATUS = {"incompatible": grpc.StatusCode.FAILED_PRECONDITION, "lease_refused":
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, host: PrefillEngine, worker_id: str, transfers: TransferMetrics,
-                 chunk_window: int = 16, kv_transport: str = "auto") -> None:
+                 chunk_window: int = 16, kv_transport: str = "auto", store: StoreLink | None = None) -> None:
         self.host = host
         self.worker_id = worker_id
         self.transfers = transfers
@@ -40,6 +41,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.layout = host.engine.layout
         self.channels = SyncChannelPool()
         self.senders = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="kv-send")
+        self.store = store  # the prefix KV store, when the worker has one
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext
                       ) -> prefill_pb2.PrefillReply:
@@ -71,7 +73,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                     elif ticket.num_tokens != len(ids) - 1:
                         raise ValueError(f"the ticket wants the KV of {ticket.num_tokens} tokens of a "
                                          f"{len(ids)}-token prompt")
-                    stream = self.host.prefill(rid, ids, sender, ticket.skip_tokens, params)
+                    kv_ids = self.host.kv_token_ids(ids, ticket.skip_tokens, params)
+                    if self.store is not None:
+                        span.set_attribute("tandem.kv_store_blocks_loaded", await self.store.load(kv_ids))
+                    stream = self.host.prefill(rid, kv_ids, sender, ticket.skip_tokens, params)
                 except ValueError as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 except EngineDeadError as exc:
@@ -102,6 +107,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 for name in ("bytes", "handshake_s", "queue_s", "wire_s", "gbps", "retransmits"):
                     tspan.set_attribute(f"tandem.{name}", getattr(stats, name))
             self.transfers.record(stats)
+            if self.store is not None:
+                self.store.save_later(kv_ids)
             return prefill_pb2.PrefillReply(transfer=stats, num_cached_tokens=cached, compute_s=compute_s)
 
     def _shm(self, ticket) -> bool:

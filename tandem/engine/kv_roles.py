@@ -1,14 +1,17 @@
 """The engine's entry points for the KV transfer roles (tandem.engine.kv_transfer): the producer's
 requests (compute a prompt's KV for a sink) and the consumer's (leases a producer fills, admitted
 when complete). A part of LLMEngine, kept apart from its loop: it uses the engine's `producer`,
-`consumer`, `scheduler`, `kv`, `groups`, `_new_group` and `_update`.
+`consumer`, `scheduler`, `kv`, `groups`, `_new_group` and `_update`; the prefix KV store's side (whole
+cached blocks out and in by hash) also uses `runner` and `layout`.
 """
 from __future__ import annotations
 
 import time
 
+from tandem.engine.kv_cache.block_hash import BlockHash, hash_blocks
 from tandem.engine.kv_transfer.consumer import Lease
 from tandem.engine.kv_transfer.producer import KVSink
+from tandem.engine.kv_transfer.store_blocks import payload_bytes, read_block, write_block
 from tandem.engine.request import RequestGroup
 from tandem.sampling_params import SamplingParams
 
@@ -69,6 +72,43 @@ class KVRoles:
         if self.consumer is None:
             return []
         return [lease.request.group.request_id for lease in self.consumer.expired(time.monotonic())]
+
+    def block_hashes(self, token_ids: list[int]) -> list[BlockHash]:
+        """The prefix-cache hashes of every full block of `token_ids` (as a request of them gets)."""
+        return hash_blocks(token_ids, self.kv.block_size, self.kv.hash_seed)
+
+    def export_blocks(self, hashes: list[BlockHash]) -> list[tuple[BlockHash, bytes]]:
+        """(hash, payload) of each of these blocks the prefix cache holds now (engine thread)."""
+        out = []
+        for h in hashes:
+            block = self.kv.pool.lookup(h)
+            if block is not None:
+                out.append((h, read_block(self.runner.kv_caches, block.block_id, self.kv.block_size)))
+        return out
+
+    def import_blocks(self, hashes: list[BlockHash], payloads: list[bytes]) -> int:
+        """Blocks loaded from the store into the prefix cache, free (evictable) and cached under their
+        hashes, so the next request with that prefix finds them as if computed here (engine thread).
+        Stops where the free blocks would run out: an import never evicts another import. Returns how
+        many leading hashes are now cached."""
+        pool, size = self.kv.pool, payload_bytes(self.layout)
+        if not self.kv.enable_caching:
+            return 0
+        room = pool.num_free - 1  # freed imports go to the queue's tail: the rest is evicted first
+        done = 0
+        for h, payload in zip(hashes, payloads):
+            if pool.lookup(h) is None:
+                if len(payload) != size:
+                    raise ValueError(f"a stored KV block of {len(payload)} bytes, this layout's are {size}")
+                if room <= 0:
+                    break
+                room -= 1
+                [block] = pool.allocate(1)
+                write_block(self.runner.kv_caches, block.block_id, self.kv.block_size, payload)
+                pool.cache(block, h)
+                pool.free([block])
+            done += 1
+        return done
 
     def _admit_loaded(self) -> dict[str, RequestGroup]:
         """Requests whose KV arrived join the scheduler; those that came with their first token

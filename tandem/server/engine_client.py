@@ -106,6 +106,7 @@ class AsyncEngine:
         self.max_model_len = min(self.engine.max_model_len, capacity)
         self.generation_defaults = dict(self.engine.generation_defaults)
         self._streams: dict[str, _Stream] = {}
+        self._calls: set[asyncio.Future] = set()  # `call`s not yet answered
         self._commands: collections.deque[tuple] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -162,6 +163,17 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
 
+    async def call(self, fn: Any, *args: Any) -> Any:
+        """fn(*args) run on the engine thread between steps (it may touch the engine's state); its result."""
+        self._check_alive()
+        future = asyncio.get_running_loop().create_future()
+        self._calls.add(future)
+        self._submit(("call", future, fn, args))
+        try:
+            return await future
+        finally:
+            self._calls.discard(future)
+
     def has_request(self, request_id: str) -> bool:
         """A stream for this request is open (read on the event loop)."""
         return request_id in self._streams
@@ -215,7 +227,7 @@ class AsyncEngine:
                 self._deliver_all(self._dead)
 
     def _apply_commands(self) -> None:
-        """Commands are (name, request_id, ...); `_cmd_<name>` runs each on the engine thread."""
+        """Commands are (name, request_id or a call's future, ...); `_cmd_<name>` runs each on the engine thread."""
         while self._commands:
             cmd = self._commands.popleft()
             try:
@@ -231,6 +243,13 @@ class AsyncEngine:
 
     def _cmd_abort(self, rid: str) -> None:
         self.engine.abort_request(rid)
+
+    def _cmd_call(self, future: asyncio.Future, fn: Any, args: tuple) -> None:
+        try:
+            result, error = fn(*args), None
+        except Exception as exc:  # noqa: BLE001 - the caller hears of it
+            result, error = None, exc
+        _call_soon(future.get_loop(), _settle, future, result, error)
 
     def _tick(self) -> None:
         """Each loop iteration, before stepping: room for a role's timers (lease expiry)."""
@@ -272,11 +291,18 @@ class AsyncEngine:
     def _deliver_all(self, item: BaseException) -> None:
         for stream in list(self._streams.values()):
             _call_soon(stream.loop, stream.put, item)
+        for future in list(self._calls):
+            _call_soon(future.get_loop(), _settle, future, None, item)
 
 
 def _put_all(items: list[tuple[_Stream, Any]]) -> None:
     for stream, item in items:
         stream.put(item)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if not future.done():
+        future.set_result(result) if error is None else future.set_exception(error)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:

@@ -70,6 +70,16 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine_host.stats, model_name))
         self.transfers = TransferMetrics(self.registry)
+        # prefill's side of the prefix KV store (tandem.prefill.store_link)
+        self.store_blocks = Counter("tandem:kv_store_blocks", "Prefix KV blocks moved between this worker and "
+                                    "the KV store, by direction (load, save).", ["direction"],
+                                    registry=self.registry)
+        self.store_failures = Counter("tandem:kv_store_failures", "KV store calls that failed (the prompt was "
+                                      "computed here instead, or its blocks not saved), by direction.",
+                                      ["direction"], registry=self.registry)
+        for direction in ("load", "save"):  # every series exported from the start, at 0
+            self.store_blocks.labels(direction)
+            self.store_failures.labels(direction)
 
 
 def probe_app(healthy: Callable[[], bool], registry: CollectorRegistry) -> Starlette:

@@ -51,6 +51,10 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                         "file per lease) with gRPC for control; grpc streams them; auto (default) uses shm "
                         "when both workers allow it and decode is on this host, else grpc (shm does too, "
                         "with a warning)")
+    g.add_argument("--kv-store", metavar="HOST:PORT", default=os.environ.get("TANDEM_KVSTORE_ADDRESS") or None,
+                   help="prefill: the prefix KV store (`tandem kvstore`) to load prompt prefixes from before "
+                        "computing them and save computed blocks to (default: $TANDEM_KVSTORE_ADDRESS, which the "
+                        "operator sets when the model's kvStore is enabled; else none)")
     g.add_argument("--kv-port", type=int, default=0,
                    help="decode: port of the KV transfer server prefill workers write to (default: any free)")
 
@@ -136,14 +140,16 @@ class WorkerServer:
     def __init__(self, role: int, host, *, bind_host: str = "127.0.0.1", port: int = 0, http_port: int = 0,
                  advertise: str | None = None, worker_id: str | None = None, router: str | None = None,
                  heartbeat_interval: float = 0.5, kv_chunk_bytes: int = DEFAULT_CHUNK_BYTES, kv_window: int = 16,
-                 kv_port: int = 0, kv_transport: str = "auto", kv_stream: str = "auto") -> None:
+                 kv_port: int = 0, kv_transport: str = "auto", kv_stream: str = "auto",
+                 kv_store: str | None = None) -> None:
         self.role, self.host, self.bind_host = role, host, bind_host
         self.port, self.http_port, self.advertise, self.worker_id = port, http_port, advertise, worker_id
         self.router, self.heartbeat_interval = router, heartbeat_interval
         self.kv_chunk_bytes, self.kv_window, self.kv_port = kv_chunk_bytes, kv_window, kv_port
         self.kv_transport = kv_transport
         self.kv_stream = kv_stream
-        self.kv_server = None
+        self.kv_store = kv_store  # prefill: the prefix KV store's address
+        self.kv_server = self.store = None
         self.name = router_pb2.Role.Name(role).lower()
 
     async def start(self) -> None:
@@ -179,14 +185,17 @@ class WorkerServer:
             extra = lambda load: setattr(load, "num_leases", host.num_leases)  # noqa: E731
         else:
             from tandem.prefill.service import PrefillServicer
+            from tandem.prefill.store_link import StoreLink
             from tandem.proto import prefill_pb2_grpc
 
             host.engine.producer.max_chunk_bytes = self.kv_chunk_bytes
             if self.kv_stream != "auto":
                 host.engine.producer.layerwise = self.kv_stream == "layer"
+            if self.kv_store:
+                self.store = StoreLink(self.kv_store, host, host.engine.layout, self.metrics)
             prefill_pb2_grpc.add_PrefillServicer_to_server(
                 PrefillServicer(host, self.worker_id, self.metrics.transfers, chunk_window=self.kv_window,
-                                kv_transport=self.kv_transport), self.server)
+                                kv_transport=self.kv_transport, store=self.store), self.server)
             extra = lambda load: setattr(load, "num_prefilling", host.num_prefilling)  # noqa: E731
         self.reporter = WorkerReporter(host, self.role, self.worker_id, self.advertise, host.model_name, extra,
                                        metrics_url=f"http://{metrics_host}:{self.http_port}/metrics")
@@ -197,13 +206,20 @@ class WorkerServer:
             self.router, self._stop, self.heartbeat_interval)) if self.router else None
         log.info("%s worker %s ready: gRPC %s (bound %s:%d), HTTP http://%s:%d (/health, /metrics), KV layout %s%s",
                  self.name, self.worker_id, self.advertise, self.bind_host, self.port, metrics_host, self.http_port,
-                 host.engine.layout.compat_hash, f", KV transfers on port {self.kv_port}" if self.kv_server else "")
+                 host.engine.layout.compat_hash, f", KV transfers on port {self.kv_port}" if self.kv_server else
+                 f", prefix KV store {self.kv_store}" if self.store else "")
+        if self.kv_store and self.store is None:  # decode prefills locally without it (yet)
+            log.info("KV store %s: only prefill workers use it", self.kv_store)
+        elif self.store is not None and not host.engine.kv.enable_caching:
+            log.warning("--kv-store %s: prefix caching is off, so the KV store goes unused", self.kv_store)
 
     async def stop(self) -> None:
         self._stop.set()
         if self._heartbeat is not None:
             await asyncio.wait_for(self._heartbeat, 3)
         await self.server.stop(grace=2)
+        if self.store is not None:
+            await self.store.close()
         if self.kv_server is not None:
             self.kv_server.stop(grace=1).wait()
             self.host.engine.consumer.close_staging()  # no staging file outlives the worker
@@ -216,7 +232,7 @@ async def _serve(args: argparse.Namespace, role: int, host) -> int:
                           advertise=args.advertise_address, worker_id=args.worker_id, router=args.router,
                           heartbeat_interval=args.heartbeat_interval, kv_chunk_bytes=args.kv_chunk_bytes,
                           kv_window=args.kv_window, kv_port=args.kv_port, kv_transport=args.kv_transport,
-                          kv_stream=args.kv_stream)
+                          kv_stream=args.kv_stream, kv_store=args.kv_store)
     await worker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

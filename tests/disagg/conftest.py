@@ -100,11 +100,12 @@ def _stacks(log_root: Path):
 
     def build(model: str, num_prefill: int = 1, num_decode: int = 1, router_args: list[str] = (),
               worker_args: list[str] = (), env: dict | None = None, check_idle: bool = True,
-              child_args: dict | None = None) -> LiveStack:
+              child_args: dict | None = None, kv_store_bytes: int | None = None) -> LiveStack:
         log_dir = log_root / f"stack{len(made)}"
         log_dir.mkdir()
         s = LiveStack(model, free_port(), num_prefill, num_decode, router_args=FAST_ROUTER + list(router_args),
-                      worker_args=WORKER + list(worker_args), env=env, log_dir=str(log_dir), child_args=child_args)
+                      worker_args=WORKER + list(worker_args), env=env, log_dir=str(log_dir), child_args=child_args,
+                      kv_store_bytes=kv_store_bytes)
         s.check_idle = check_idle
         made.append(s)
         s.start_all()

@@ -67,7 +67,10 @@ def colocated(tiny_model_dirs):
 @pytest.mark.parametrize("embedded,prefill,decode", [(True, 1, 1), (False, 2, 2)])
 def test_disaggregated_equals_colocated(stack_factory, colocated, tiny_model_dirs, embedded, prefill, decode):
     model = None if embedded else tiny_model_dirs["llama"]
-    s = stack_factory(model, prefill, decode, worker_args=["--num-gpu-blocks-override", "1024"])  # as colocated
+    # 2 + 2 also shares prefixes through a KV store (`tandem up --kv-store-bytes`): what prefill workers load
+    # from it must change nothing
+    s = stack_factory(model, prefill, decode, worker_args=["--num-gpu-blocks-override", "1024"],  # as colocated
+                      kv_store_bytes=None if embedded else 64 << 20)
     want = colocated(model)
     assert run_all(s.openai(), model or "SmolLM2-135M-Instruct") == want
     if embedded:  # real text: both ends compared, a request stopping on EOS and ones cut at max_tokens
@@ -88,3 +91,7 @@ def test_disaggregated_equals_colocated(stack_factory, colocated, tiny_model_dir
                           [f"{PROMPTS[5]} ({i})" for i in range(4)]))
         served = [total(s.metrics(f"decode-{i}"), "tandem:kv_transfers_total") - before[i] for i in range(2)]
         assert all(n >= 1 for n in served), served
+        prefills = [s.metrics(f"prefill-{i}") for i in range(2)]
+        assert sum(total(m, "tandem:kv_store_blocks_total", direction="save") for m in prefills) >= 4
+        assert sum(total(m, "tandem:kv_store_failures_total") for m in prefills) == 0
+        assert total(s.metrics("kvstore"), "tandem:kvstore_puts_total") >= 4

@@ -118,3 +118,12 @@ def test_tandem_serve_subprocess(tiny_model_dirs, tmp_path):
             out, _ = proc.communicate()
     assert proc.returncode == 0, out
     assert "serving tiny-served" in out and "request" in out  # startup line and a request log line
+
+
+def test_prefill_workers_find_the_kv_store_the_operator_names(monkeypatch):
+    """The operator sets TANDEM_KVSTORE_ADDRESS in a model's pods when its kvStore is enabled."""
+    monkeypatch.delenv("TANDEM_KVSTORE_ADDRESS", raising=False)
+    assert parse_args(["prefill"])[1].kv_store is None
+    monkeypatch.setenv("TANDEM_KVSTORE_ADDRESS", "m1-kvstore.models.svc.cluster.local:50060")
+    assert parse_args(["prefill"])[1].kv_store == "m1-kvstore.models.svc.cluster.local:50060"
+    assert parse_args(["prefill", "--kv-store", "127.0.0.1:50060"])[1].kv_store == "127.0.0.1:50060"

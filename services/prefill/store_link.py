@@ -1,0 +1,121 @@
+"""The prefill worker's side of the prefix KV store (services/kvstore, `--kv-store HOST:PORT`).
+
+One prompt's lifecycle: load (before the engine sees the prompt: which of its full blocks past this
+worker's own prefix cache the store holds (Exists), those blocks fetched (Get) and written into free
+blocks of the cache under their hashes, on the engine thread) -> compute (the engine as ever: the
+loaded blocks are prefix-cache hits, so only the rest is computed) -> save (in the background once
+computed: the prompt's blocks the store lacks, read from this worker's cache on the engine thread and
+Put). Every worker of a deployment shares the store, so a prefix one prefill worker computed is
+loaded, not recomputed, by the others.
+
+The store is a cache: when it fails (unreachable, a block evicted between Exists and Get, a corrupt
+payload, a refused put) the prompt is computed here as without it; failures are logged and counted
+(`tandem:kv_store_failures`), never the request's error.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+
+import grpc
+
+from tandem.engine.kv_transfer.layout import LayoutDescriptor
+from tandem.proto import kvstore_pb2 as pb
+from tandem.proto import kvstore_pb2_grpc
+from tandem.rpc.convert import layout_to_proto
+from tandem.rpc.grpc_util import CHANNEL_OPTIONS
+
+log = logging.getLogger("tandem.prefill.store")
+
+
+class StoreLink:
+    def __init__(self, address: str, host, layout: LayoutDescriptor, metrics, timeout: float = 5.0) -> None:
+        """`host`: the PrefillEngine; `metrics`: the worker's (store_blocks, store_failures)."""
+        self.address = address
+        self.host = host
+        self.engine = host.engine
+        self.namespace = layout.compat_hash
+        self.layout = layout_to_proto(layout)
+        self.metrics = metrics
+        self.timeout = timeout
+        self._stub: kvstore_pb2_grpc.KVStoreStub | None = None
+        self._saves: set[asyncio.Task] = set()
+
+    @property
+    def stub(self) -> kvstore_pb2_grpc.KVStoreStub:
+        if self._stub is None:  # made on the serving loop (an aio channel binds to the loop it starts on)
+            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+            self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
+        return self._stub
+
+    def _key(self, block_hash: int) -> pb.BlockKey:
+        return pb.BlockKey(compat_hash=self.namespace, block_hash=block_hash)
+
+    async def load(self, token_ids: list[int]) -> int:
+        """Loads the blocks of `token_ids`' prefix that the store holds past this worker's own cached
+        prefix; how many blocks were loaded (0 when the store has none or fails)."""
+        block_size = self.engine.kv.block_size
+        hashes = self.engine.block_hashes(token_ids)[:(len(token_ids) - 1) // block_size]  # what a request can hit
+        pool = self.engine.kv.pool
+        local = next((i for i, h in enumerate(hashes) if pool.lookup(h) is None), len(hashes))
+        wanted = hashes[local:]
+        if not wanted:
+            return 0
+        try:
+            found = await self.stub.Exists(pb.ExistsRequest(compat_hash=self.namespace, block_hashes=wanted),
+                                           timeout=self.timeout)
+            wanted = wanted[:found.prefix_blocks]
+            replies = await asyncio.gather(*(self.stub.Get(pb.GetRequest(key=self._key(h)), timeout=self.timeout)
+                                             for h in wanted))
+        except grpc.RpcError as exc:
+            return self._failed("load", exc)
+        payloads = []
+        for reply in replies:  # the leading blocks still there and intact
+            if not reply.found or zlib.crc32(reply.payload) != reply.crc32:
+                break
+            payloads.append(reply.payload)
+        if not payloads:
+            return 0
+        try:
+            loaded = await self.host.call(self.engine.import_blocks, wanted[:len(payloads)], payloads)
+        except ValueError as exc:  # a payload of another size under our namespace: the store is wrong, not us
+            return self._failed("load", exc)
+        self.metrics.store_blocks.labels("load").inc(loaded)
+        return loaded
+
+    def save_later(self, token_ids: list[int]) -> None:
+        """Puts the blocks of `token_ids` this worker's cache holds and the store lacks, in the background."""
+        task = asyncio.ensure_future(self._save(token_ids))
+        self._saves.add(task)
+        task.add_done_callback(self._saves.discard)
+
+    async def _save(self, token_ids: list[int]) -> None:
+        hashes = self.engine.block_hashes(token_ids)
+        if not hashes:
+            return
+        try:
+            held = await self.stub.Exists(pb.ExistsRequest(compat_hash=self.namespace, block_hashes=hashes),
+                                          timeout=self.timeout)
+            missing = [h for h, present in zip(hashes, held.present) if not present]
+            blocks = await self.host.call(self.engine.export_blocks, missing) if missing else []
+            for block_hash, payload in blocks:
+                await self.stub.Put(pb.PutRequest(key=self._key(block_hash), payload=payload,
+                                                  crc32=zlib.crc32(payload), layout=self.layout),
+                                    timeout=self.timeout)
+                self.metrics.store_blocks.labels("save").inc()
+        except (grpc.RpcError, RuntimeError) as exc:  # RuntimeError: the engine stopped meanwhile
+            self._failed("save", exc)
+
+    def _failed(self, direction: str, exc: BaseException) -> int:
+        self.metrics.store_failures.labels(direction).inc()
+        detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
+        log.warning("KV store %s (%s): %s; computing without it", self.address, direction, detail)
+        return 0
+
+    async def close(self) -> None:
+        for task in list(self._saves):
+            task.cancel()
+        await asyncio.gather(*self._saves, return_exceptions=True)
+        if self._stub is not None:
+            await self._channel.close(grace=None)

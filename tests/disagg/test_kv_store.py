@@ -1,0 +1,140 @@
+"""Prefill workers share prompt prefixes through the KV store (`--kv-store`): one computes a prompt
+and saves its blocks; another, which never saw the prompt, loads them and computes only the rest;
+the output does not change. A store that is down costs recomputation, never the request. Router,
+workers and store run in-process on real gRPC (127.0.0.1), the request through the `openai` client."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import openai
+import torch
+
+PROMPT = torch.randint(3, 49000, (200,), generator=torch.Generator().manual_seed(33)).tolist()
+BLOCKS = (len(PROMPT) - 1) // 16  # prefill computes every prompt token; a request hits at most this many
+
+
+def wait_for(check, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+class Stack:
+    """A KV store, a router, a decode worker and prefill workers started on demand, all on one loop."""
+
+    def __init__(self, model: str, store_address: str | None = None) -> None:
+        from tandem.decode.engine import DecodeEngine
+        from tandem.kvstore.main import KVStoreServer
+        from tandem.kvstore.store import KVStore
+        from tandem.proto import router_pb2
+        from tandem.router.config import RouterConfig
+        from tandem.router.main import Router
+        from tandem.server.config import ServerConfig
+
+        self.model, self.hosts, self.workers = model, [], {}
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.store = None
+        if store_address is None:
+            self.store = KVStoreServer(KVStore(64 << 20))
+            self.run(self.store.start())
+            store_address = f"127.0.0.1:{self.store.port}"
+        self.store_address = store_address
+        self.router = Router(model, "tiny", RouterConfig(local_prefill_threshold=8, heartbeat_interval=0.2),
+                             ServerConfig())
+        self.port, self.grpc_port = self.run(self.router.start("127.0.0.1", 0, "127.0.0.1", 0))
+        self.decode = self.start(router_pb2.DECODE, "decode-0", DecodeEngine)
+
+    def config(self, role: str):
+        from tandem.config import CacheConfig, EngineConfig
+
+        return EngineConfig(model=self.model, dtype="float32", kv_role=role, cache=CacheConfig(num_gpu_blocks=128))
+
+    def start(self, role: int, name: str, engine_class=None):
+        from tandem.prefill.engine import PrefillEngine
+        from tandem.proto import router_pb2
+        from tandem.worker.process import WorkerServer
+
+        engine_class = engine_class or PrefillEngine
+        host = engine_class(self.config("consumer" if role == router_pb2.DECODE else "producer"), "tiny")
+        self.hosts.append(host)
+        worker = WorkerServer(role, host, router=f"127.0.0.1:{self.grpc_port}", heartbeat_interval=0.2,
+                              worker_id=name, kv_store=self.store_address if role == router_pb2.PREFILL else None)
+        self.run(worker.start())
+        self.workers[name] = worker
+        wait_for(lambda: name in self.router.pool.workers, f"{name} to register")
+        return worker
+
+    def stop(self, name: str) -> None:
+        self.run(self.workers.pop(name).stop())
+        wait_for(lambda: name not in self.router.pool.workers, f"{name} to leave")
+
+    def complete(self) -> list[int]:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="x", max_retries=0)
+        out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0,
+                                        logprobs=0, extra_body={"ignore_eos": True})
+        return out.choices[0].logprobs.tokens
+
+    def forget_decode_cache(self) -> None:
+        """Decode's prefix cache emptied (so the router sends the prompt to prefill again)."""
+        host = self.decode.host
+        assert self.run(host.call(host.engine.kv.pool.reset_prefix_cache))
+        wait_for(lambda: not self.router.pool.workers["decode-0"].cached, "the router to see decode's cache empty")
+
+    def counter(self, name: str, metric: str, direction: str) -> float:
+        return self.workers[name].metrics.registry.get_sample_value(f"{metric}_total", {"direction": direction}) or 0
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def close(self) -> None:
+        for name in list(self.workers):
+            self.run(self.workers.pop(name).stop())
+        self.run(self.router.stop())
+        if self.store is not None:
+            self.run(self.store.stop())
+        for host in self.hosts:
+            host.shutdown()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def test_a_prefix_one_prefill_worker_computed_is_loaded_by_another(tiny_model_dirs):
+    from tandem.proto import router_pb2
+
+    stack = Stack(tiny_model_dirs["llama"])
+    try:
+        stack.start(router_pb2.PREFILL, "prefill-a")
+        first = stack.complete()
+        wait_for(lambda: stack.counter("prefill-a", "tandem:kv_store_blocks", "save") == len(PROMPT) // 16,
+                 "prefill-a to save the prompt's blocks")
+        assert stack.store.store.stats().blocks["dram"] == len(PROMPT) // 16
+        stack.stop("prefill-a")
+        stack.start(router_pb2.PREFILL, "prefill-b")
+        stack.forget_decode_cache()
+        second = stack.complete()
+        assert stack.counter("prefill-b", "tandem:kv_store_blocks", "load") == BLOCKS
+        assert stack.counter("prefill-b", "tandem:kv_store_failures", "load") == 0
+        assert second == first
+        assert stack.workers["prefill-b"].host.engine.kv.prefix_hits == BLOCKS * 16
+    finally:
+        stack.close()
+
+
+def test_a_store_that_is_down_costs_only_recomputation(tiny_model_dirs):
+    from tandem.proto import router_pb2
+    from tandem.worker.process import free_port
+
+    stack = Stack(tiny_model_dirs["llama"], store_address=f"127.0.0.1:{free_port('127.0.0.1')}")
+    try:
+        stack.start(router_pb2.PREFILL, "prefill-a")
+        first = stack.complete()
+        assert stack.counter("prefill-a", "tandem:kv_store_failures", "load") == 1
+        wait_for(lambda: stack.counter("prefill-a", "tandem:kv_store_failures", "save") == 1, "the failed save")
+        assert stack.counter("prefill-a", "tandem:kv_store_blocks", "load") == 0
+        stack.forget_decode_cache()
+        assert stack.complete() == first  # and again: its own prefix cache now, the store still down
+    finally:
+        stack.close()
