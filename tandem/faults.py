@@ -6,7 +6,9 @@ Points: kv.corrupt_chunk=K (flip a byte of the K-th KV chunk once), kv.corrupt_a
 every time; with shm the flipped byte is staged), kv.shm_open_fails (prefill cannot map decode's
 staging area: the transfer goes over gRPC), kv.delay_close=S (sleep S seconds before closing a
 transfer), prefill.kill_after_chunks=K (SIGKILL this prefill worker after it sent K chunks),
-decode.kill_after_tokens=N (SIGKILL this decode worker once a request streamed N tokens).
+decode.kill_after_tokens=N (SIGKILL this decode worker once a request streamed N tokens),
+decode.stop_after_tokens=N (SIGSTOP it then: a worker that hangs mid-stream). Both spare requests the worker
+resumed, so with the fault on every decode worker the one that takes the request over goes on.
 """
 from __future__ import annotations
 
@@ -37,3 +39,8 @@ def number(name: str) -> float | None:
 def kill_self() -> None:
     """A real kill -9 of this process (as if the node died)."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def stop_self() -> None:
+    """SIGSTOP this process (as if it hung): it answers nothing until sent SIGCONT."""
+    os.kill(os.getpid(), signal.SIGSTOP)

@@ -51,7 +51,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             except EngineDeadError as exc:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             encoder = DeltaEncoder(resume, self._text_of(ids, resume, params.skip_special_tokens))
-            kill_after = faults.number("decode.kill_after_tokens")
+            # a worker that takes a request over (resume) is spared: it goes on where this one died or froze
+            kill_after = None if resume else faults.number("decode.kill_after_tokens")
+            stop_after = None if resume else faults.number("decode.stop_after_tokens")
             try:
                 async for item in stream:
                     if isinstance(item, LeaseGranted):
@@ -64,9 +66,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     else:
                         update = encoder.encode(item)
                         yield decode_pb2.GenerateEvent(update=update)
-                        if kill_after is not None and item.outputs and \
-                                len(item.outputs[0].token_ids) - len(resume) >= kill_after:
+                        streamed = len(item.outputs[0].token_ids) if item.outputs else 0
+                        if kill_after is not None and streamed >= kill_after:
                             faults.kill_self()
+                        if stop_after is not None and streamed >= stop_after:
+                            faults.stop_self()
             except LeaseExpired as exc:
                 span.add_event("lease expired")
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))

@@ -10,12 +10,15 @@ loaded, not recomputed, by the others.
 
 The store is a cache: when it fails (unreachable, a block evicted between Exists and Get, a corrupt
 payload, a refused put) the prompt is computed here as without it; failures are logged and counted
-(`tandem:kv_store_failures`), never the request's error.
+(`tandem:kv_store_failures`), never the request's error. A failed call sets the store aside for
+`retry_seconds` (a store that hangs would otherwise add its timeout to every prompt), and a put it
+refuses for good (a block over its size limit) ends saving.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
 
 import grpc
@@ -27,10 +30,12 @@ from tandem.rpc.convert import layout_to_proto
 from tandem.rpc.grpc_util import CHANNEL_OPTIONS
 
 log = logging.getLogger("tandem.prefill.store")
+GETS_IN_FLIGHT = 16  # a long prompt's blocks are fetched this many at a time, not all at once
 
 
 class StoreLink:
-    def __init__(self, address: str, host, layout: LayoutDescriptor, metrics, timeout: float = 5.0) -> None:
+    def __init__(self, address: str, host, layout: LayoutDescriptor, metrics, timeout: float = 2.0,
+                 retry_seconds: float = 10.0) -> None:
         """`host`: the PrefillEngine; `metrics`: the worker's (store_blocks, store_failures)."""
         self.address = address
         self.host = host
@@ -38,7 +43,10 @@ class StoreLink:
         self.namespace = layout.compat_hash
         self.layout = layout_to_proto(layout)
         self.metrics = metrics
-        self.timeout = timeout
+        self.timeout = timeout  # per call
+        self.retry_seconds = retry_seconds
+        self._down_until = 0.0  # set aside after a failure until then
+        self.saving = True  # off once the store refuses our blocks for good
         self._stub: kvstore_pb2_grpc.KVStoreStub | None = None
         self._saves: set[asyncio.Task] = set()
 
@@ -60,14 +68,18 @@ class StoreLink:
         pool = self.engine.kv.pool
         local = next((i for i, h in enumerate(hashes) if pool.lookup(h) is None), len(hashes))
         wanted = hashes[local:]
-        if not wanted:
+        if not wanted or time.monotonic() < self._down_until:
             return 0
         try:
             found = await self.stub.Exists(pb.ExistsRequest(compat_hash=self.namespace, block_hashes=wanted),
                                            timeout=self.timeout)
             wanted = wanted[:found.prefix_blocks]
-            replies = await asyncio.gather(*(self.stub.Get(pb.GetRequest(key=self._key(h)), timeout=self.timeout)
-                                             for h in wanted))
+            replies = []
+            for start in range(0, len(wanted), GETS_IN_FLIGHT):
+                replies += await asyncio.gather(*(self.stub.Get(pb.GetRequest(key=self._key(h)), timeout=self.timeout)
+                                                  for h in wanted[start:start + GETS_IN_FLIGHT]))
+                if not all(r.found for r in replies):
+                    break
         except grpc.RpcError as exc:
             return self._failed("load", exc)
         payloads = []
@@ -78,7 +90,7 @@ class StoreLink:
         if not payloads:
             return 0
         try:
-            loaded = await self.host.call(self.engine.import_blocks, wanted[:len(payloads)], payloads)
+            loaded = await self.host.call(self.engine.import_blocks, hashes[:local], wanted[:len(payloads)], payloads)
         except ValueError as exc:  # a payload of another size under our namespace: the store is wrong, not us
             return self._failed("load", exc)
         self.metrics.store_blocks.labels("load").inc(loaded)
@@ -86,6 +98,8 @@ class StoreLink:
 
     def save_later(self, token_ids: list[int]) -> None:
         """Puts the blocks of `token_ids` this worker's cache holds and the store lacks, in the background."""
+        if not self.saving or time.monotonic() < self._down_until:
+            return
         task = asyncio.ensure_future(self._save(token_ids))
         self._saves.add(task)
         task.add_done_callback(self._saves.discard)
@@ -104,12 +118,22 @@ class StoreLink:
                                                   crc32=zlib.crc32(payload), layout=self.layout),
                                     timeout=self.timeout)
                 self.metrics.store_blocks.labels("save").inc()
-        except (grpc.RpcError, RuntimeError) as exc:  # RuntimeError: the engine stopped meanwhile
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT):
+                self.saving = False  # it will refuse every block of this layout alike
+                log.error("KV store %s refused a block (%s: %s): this worker saves no more blocks", self.address,
+                          exc.code().name, exc.details())
+            self._failed("save", exc)
+        except RuntimeError as exc:  # the engine stopped meanwhile
             self._failed("save", exc)
 
     def _failed(self, direction: str, exc: BaseException) -> int:
         self.metrics.store_failures.labels(direction).inc()
         detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
+        if isinstance(exc, grpc.RpcError) and exc.code() in (grpc.StatusCode.UNAVAILABLE,
+                                                             grpc.StatusCode.DEADLINE_EXCEEDED):
+            self._down_until = time.monotonic() + self.retry_seconds
+            detail += f"; not asked again for {self.retry_seconds:g} s"
         log.warning("KV store %s (%s): %s; computing without it", self.address, direction, detail)
         return 0
 

@@ -11,7 +11,7 @@ import time
 from tandem.engine.kv_cache.block_hash import BlockHash, hash_blocks
 from tandem.engine.kv_transfer.consumer import Lease
 from tandem.engine.kv_transfer.producer import KVSink
-from tandem.engine.kv_transfer.store_blocks import payload_bytes, read_block, write_block
+from tandem.engine.kv_transfer.store_blocks import payload_bytes, read_blocks, write_blocks
 from tandem.engine.request import RequestGroup
 from tandem.sampling_params import SamplingParams
 
@@ -79,36 +79,37 @@ class KVRoles:
 
     def export_blocks(self, hashes: list[BlockHash]) -> list[tuple[BlockHash, bytes]]:
         """(hash, payload) of each of these blocks the prefix cache holds now (engine thread)."""
-        out = []
-        for h in hashes:
-            block = self.kv.pool.lookup(h)
-            if block is not None:
-                out.append((h, read_block(self.runner.kv_caches, block.block_id, self.kv.block_size)))
-        return out
+        found = [(h, block) for h in hashes if (block := self.kv.pool.lookup(h)) is not None]
+        payloads = read_blocks(self.runner.kv_caches, [b.block_id for _, b in found], self.kv.block_size)
+        return [(h, p) for (h, _), p in zip(found, payloads)]
 
-    def import_blocks(self, hashes: list[BlockHash], payloads: list[bytes]) -> int:
+    def import_blocks(self, held: list[BlockHash], hashes: list[BlockHash], payloads: list[bytes]) -> int:
         """Blocks loaded from the store into the prefix cache, free (evictable) and cached under their
         hashes, so the next request with that prefix finds them as if computed here (engine thread).
-        Stops where the free blocks would run out: an import never evicts another import. Returns how
-        many leading hashes are now cached."""
+        `held`: the prefix before them that this cache holds; it, and any of `hashes` cached already,
+        is kept from eviction meanwhile (or the chain could break at its start). Fills at most the free
+        blocks but one, and frees the new blocks last-first, so eviction takes a chain from its end.
+        Returns how many blocks were written."""
         pool, size = self.kv.pool, payload_bytes(self.layout)
         if not self.kv.enable_caching:
             return 0
-        room = pool.num_free - 1  # freed imports go to the queue's tail: the rest is evicted first
-        done = 0
-        for h, payload in zip(hashes, payloads):
-            if pool.lookup(h) is None:
-                if len(payload) != size:
-                    raise ValueError(f"a stored KV block of {len(payload)} bytes, this layout's are {size}")
-                if room <= 0:
-                    break
-                room -= 1
-                [block] = pool.allocate(1)
-                write_block(self.runner.kv_caches, block.block_id, self.kv.block_size, payload)
+        for payload in payloads:
+            if len(payload) != size:
+                raise ValueError(f"a stored KV block of {len(payload)} bytes, this layout's are {size}")
+        kept = [block for h in [*held, *hashes] if (block := pool.lookup(h)) is not None]
+        pool.touch(kept)
+        blocks = []
+        try:
+            todo = [(h, p) for h, p in zip(hashes, payloads) if pool.lookup(h) is None][:max(0, pool.num_free - 1)]
+            blocks = pool.allocate(len(todo))
+            write_blocks(self.runner.kv_caches, [b.block_id for b in blocks], self.kv.block_size,
+                         [p for _, p in todo])
+            for block, (h, _) in zip(blocks, todo):
                 pool.cache(block, h)
-                pool.free([block])
-            done += 1
-        return done
+        finally:
+            pool.free(blocks[::-1])
+            pool.free(kept[::-1])
+        return len(blocks)
 
     def _admit_loaded(self) -> dict[str, RequestGroup]:
         """Requests whose KV arrived join the scheduler; those that came with their first token

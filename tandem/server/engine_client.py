@@ -168,8 +168,9 @@ class AsyncEngine:
         self._check_alive()
         future = asyncio.get_running_loop().create_future()
         self._calls.add(future)
-        self._submit(("call", future, fn, args))
         try:
+            self._check_alive()  # again: a death between the first check and the add settles nothing
+            self._submit(("call", future, fn, args))
             return await future
         finally:
             self._calls.discard(future)

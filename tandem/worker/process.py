@@ -191,7 +191,7 @@ class WorkerServer:
             host.engine.producer.max_chunk_bytes = self.kv_chunk_bytes
             if self.kv_stream != "auto":
                 host.engine.producer.layerwise = self.kv_stream == "layer"
-            if self.kv_store:
+            if self.kv_store and host.engine.kv.enable_caching:  # else nothing loaded could be kept
                 self.store = StoreLink(self.kv_store, host, host.engine.layout, self.metrics)
             prefill_pb2_grpc.add_PrefillServicer_to_server(
                 PrefillServicer(host, self.worker_id, self.metrics.transfers, chunk_window=self.kv_window,
@@ -208,10 +208,12 @@ class WorkerServer:
                  self.name, self.worker_id, self.advertise, self.bind_host, self.port, metrics_host, self.http_port,
                  host.engine.layout.compat_hash, f", KV transfers on port {self.kv_port}" if self.kv_server else
                  f", prefix KV store {self.kv_store}" if self.store else "")
-        if self.kv_store and self.store is None:  # decode prefills locally without it (yet)
-            log.info("KV store %s: only prefill workers use it", self.kv_store)
-        elif self.store is not None and not host.engine.kv.enable_caching:
-            log.warning("--kv-store %s: prefix caching is off, so the KV store goes unused", self.kv_store)
+        if self.kv_store and self.store is None:
+            if self.role == router_pb2.DECODE:  # decode prefills locally without it (yet)
+                log.info("KV store %s: only prefill workers use it", self.kv_store)
+            else:
+                log.warning("--kv-store %s ignored: prefix caching is off, so loaded blocks could not be kept",
+                            self.kv_store)
 
     async def stop(self) -> None:
         self._stop.set()

@@ -25,7 +25,7 @@ def wait_for(check, what: str, timeout: float = 15.0) -> None:
 class Stack:
     """A KV store, a router, a decode worker and prefill workers started on demand, all on one loop."""
 
-    def __init__(self, model: str, store_address: str | None = None) -> None:
+    def __init__(self, model: str, store_address: str | None = None, **store_options) -> None:
         from tandem.decode.engine import DecodeEngine
         from tandem.kvstore.main import KVStoreServer
         from tandem.kvstore.store import KVStore
@@ -39,7 +39,7 @@ class Stack:
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         self.store = None
         if store_address is None:
-            self.store = KVStoreServer(KVStore(64 << 20))
+            self.store = KVStoreServer(KVStore(64 << 20, **store_options))
             self.run(self.store.start())
             store_address = f"127.0.0.1:{self.store.port}"
         self.store_address = store_address
@@ -72,9 +72,9 @@ class Stack:
         self.run(self.workers.pop(name).stop())
         wait_for(lambda: name not in self.router.pool.workers, f"{name} to leave")
 
-    def complete(self) -> list[int]:
+    def complete(self, prompt: list[int] = PROMPT) -> list[int]:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="x", max_retries=0)
-        out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0,
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
                                         logprobs=0, extra_body={"ignore_eos": True})
         return out.choices[0].logprobs.tokens
 
@@ -130,11 +130,32 @@ def test_a_store_that_is_down_costs_only_recomputation(tiny_model_dirs):
     stack = Stack(tiny_model_dirs["llama"], store_address=f"127.0.0.1:{free_port('127.0.0.1')}")
     try:
         stack.start(router_pb2.PREFILL, "prefill-a")
-        first = stack.complete()
+        assert len(stack.complete()) == 6  # the request is served all the same
         assert stack.counter("prefill-a", "tandem:kv_store_failures", "load") == 1
-        wait_for(lambda: stack.counter("prefill-a", "tandem:kv_store_failures", "save") == 1, "the failed save")
         assert stack.counter("prefill-a", "tandem:kv_store_blocks", "load") == 0
-        stack.forget_decode_cache()
-        assert stack.complete() == first  # and again: its own prefix cache now, the store still down
+        # the unreachable store was set aside after its first failure: not saved to, nor asked about
+        # another prompt
+        assert len(stack.complete(PROMPT[::-1])) == 6
+        time.sleep(0.5)
+        assert stack.counter("prefill-a", "tandem:kv_store_failures", "load") == 1
+        assert stack.counter("prefill-a", "tandem:kv_store_failures", "save") == 0
+    finally:
+        stack.close()
+
+
+def test_a_store_that_refuses_our_blocks_is_not_sent_more(tiny_model_dirs):
+    """Blocks over the store's size limit are refused for good: the worker stops saving after the first."""
+    from tandem.proto import router_pb2
+
+    stack = Stack(tiny_model_dirs["llama"], max_block_bytes=4096)  # this model's blocks are 8 KiB
+    try:
+        stack.start(router_pb2.PREFILL, "prefill-a")
+        stack.complete()
+        wait_for(lambda: stack.counter("prefill-a", "tandem:kv_store_failures", "save") == 1, "the refused save")
+        stack.complete(PROMPT[::-1])
+        time.sleep(0.5)
+        assert stack.counter("prefill-a", "tandem:kv_store_failures", "save") == 1
+        assert stack.counter("prefill-a", "tandem:kv_store_blocks", "save") == 0
+        assert stack.store.store.stats().blocks["dram"] == 0
     finally:
         stack.close()

@@ -1,9 +1,10 @@
 """Whole KV blocks as bytes, for the prefix KV store (services/kvstore): what a prefill worker puts
 there after computing a prompt, and loads from there before computing one.
 
-A payload is one block of every layer, [num_layers, 2, block_size, Hkv, D] in the cache dtype (the
-codec's chunk layout over the block's slots), so it is valid only under the writer's layout: the
-store files it under that layout's compatibility hash.
+A payload is one block of every layer, [num_layers, 2, block_size, Hkv, D] in the cache dtype, so it
+is valid only under the writer's layout: the store files it under that layout's compatibility hash.
+Blocks move together, one gather (or scatter) and one device copy per layer whatever their number:
+on a GPU each copy to or from host memory waits for the device.
 """
 from __future__ import annotations
 
@@ -17,19 +18,31 @@ def payload_bytes(layout: LayoutDescriptor) -> int:
     return layout.num_layers * layout.block_size * layout.token_bytes
 
 
-def _slots(block_id: int, block_size: int) -> torch.Tensor:
-    return torch.arange(block_id * block_size, (block_id + 1) * block_size)
+def _slots(block_ids: list[int], block_size: int) -> torch.Tensor:
+    """Every slot of these blocks, block after block."""
+    base = torch.tensor(block_ids, dtype=torch.long)[:, None] * block_size
+    return (base + torch.arange(block_size)).reshape(-1)
 
 
-def read_block(caches: list[torch.Tensor], block_id: int, block_size: int) -> bytes:
-    """The block's K and V across every layer (a host copy)."""
-    return bytes(codec.encode(caches, _slots(block_id, block_size)))
+def read_blocks(caches: list[torch.Tensor], block_ids: list[int], block_size: int) -> list[bytes]:
+    """Each block's K and V across every layer, as one payload per block (host copies)."""
+    if not block_ids:
+        return []
+    _, _, _, heads, dim = caches[0].shape
+    flat = torch.frombuffer(codec.encode(caches, _slots(block_ids, block_size)), dtype=caches[0].dtype)
+    per_block = flat.view(len(caches), 2, len(block_ids), block_size, heads, dim).permute(2, 0, 1, 3, 4, 5)
+    return [per_block[i].contiguous().view(torch.uint8).numpy().tobytes() for i in range(len(block_ids))]
 
 
-def write_block(caches: list[torch.Tensor], block_id: int, block_size: int, payload: bytes) -> None:
-    """`read_block`'s bytes into block `block_id` of every layer."""
-    per_layer = len(payload) // len(caches)
-    slots = _slots(block_id, block_size)
-    view = memoryview(payload)
+def write_blocks(caches: list[torch.Tensor], block_ids: list[int], block_size: int, payloads: list[bytes]) -> None:
+    """`read_blocks`' payloads into these blocks of every layer."""
+    if not block_ids:
+        return
+    _, _, _, heads, dim = caches[0].shape
+    stacked = torch.stack([torch.frombuffer(p, dtype=caches[0].dtype) for p in payloads])
+    by_layer = stacked.view(len(block_ids), len(caches), 2, block_size, heads, dim).permute(1, 2, 0, 3, 4, 5)
+    slots = _slots(block_ids, block_size)
     for i, cache in enumerate(caches):
-        codec.decode_into(cache, slots, view[i * per_layer:(i + 1) * per_layer])
+        layer = by_layer[i].reshape(2, len(slots), heads, dim)
+        flat = cache.view(2, -1, heads, dim)
+        flat.index_copy_(1, slots.to(cache.device), layer.to(cache.device))
