@@ -34,6 +34,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # one constraint on the output: {"json": schema} | {"json_object": True} | {"regex": ...} |
+    # {"choice": [...]} | {"grammar": EBNF} (tandem/engine/structured.py)
+    structured_outputs: dict[str, Any] | None = None
     # Filled by the engine: the model's EOS ids (they end generation unless ignore_eos, and are banned
     # before min_tokens either way), and the token-id sequences of bad_words.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
@@ -96,6 +99,11 @@ class SamplingParams:
              "a list of non-negative integers")
         need(all("" != s for s in self.stop), "stop", "non-empty strings")
         need(all(isinstance(w, str) and w for w in self.bad_words), "bad_words", "a list of non-empty strings")
+        if self.structured_outputs is not None:
+            from tandem.engine.structured import check_spec
+
+            problem = check_spec(self.structured_outputs)
+            need(problem is None, "structured_outputs", str(problem))
 
     @property
     def greedy(self) -> bool:

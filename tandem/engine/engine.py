@@ -90,6 +90,7 @@ class LLMEngine(KVRoles, Lookaheads):
         self.model = self._load(cls, hf_config)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or self.model_path)
         self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer, self.model.shape.vocab)
+        self._grammars = None  # structured outputs' compiler, made on first use
         self.generation_defaults = self._generation_defaults()
         self.inputs = InputChecker(self.tokenizer, self.model.shape.vocab, self.max_model_len)
         cache = config.cache
@@ -181,6 +182,20 @@ class LLMEngine(KVRoles, Lookaheads):
 
     def check_params(self, params: SamplingParams) -> None:
         self.inputs.params(params)
+        self.compile_grammar(params)
+
+    def compile_grammar(self, params: SamplingParams) -> Any:
+        """The compiled structured-outputs constraint of `params` (None without one); ValueError when it
+        cannot be compiled. Thread-safe (the server checks requests on its own thread)."""
+        if params.structured_outputs is None:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("structured_outputs needs a tokenizer (this engine has skip_tokenizer_init)")
+        if self._grammars is None:
+            from tandem.engine.structured import GrammarBook
+
+            self._grammars = GrammarBook(self.tokenizer, self.model.shape.vocab, self.eos_token_ids)
+        return self._grammars.compile(params.structured_outputs)
 
     def prepare_params(self, params: SamplingParams) -> SamplingParams:
         params = params.clone()
@@ -224,8 +239,14 @@ class LLMEngine(KVRoles, Lookaheads):
         for seq in group.seqs:
             self._detok[seq] = (NoDetokenizer() if self.tokenizer is None else
                                 IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens))
+        compiled = self.compile_grammar(params)
+        if compiled is not None:
+            for seq in group.seqs:
+                seq.grammar = self._grammars.matcher(compiled)
         seq = group.seqs[0]
         for tok in resume_token_ids:
+            if seq.grammar is not None and not seq.grammar.accept_token(tok):
+                raise ValueError(f"resume token {tok} breaks the request's structured_outputs")
             seq.append_token(tok)
             self._detok[seq].add(tok)
             if seq.logprobs is not None:
@@ -340,6 +361,11 @@ class LLMEngine(KVRoles, Lookaheads):
             req.first_token_time = now
         taken = 0
         for tok, lp in zip(tokens, logprobs):
+            if req.grammar is not None and not req.grammar.accept_token(tok):
+                # the sampler masks what the matcher refuses: only an all-masked row (min_tokens banning
+                # the end the grammar needs) gets here
+                self.scheduler.finish(req, "abort")
+                break
             req.append_token(tok)
             if lp is not None:
                 req.cumulative_logprob += lp
@@ -348,8 +374,8 @@ class LLMEngine(KVRoles, Lookaheads):
             taken += 1
             n_out = len(req.output_token_ids)
             may_stop = n_out >= p.min_tokens
-            if may_stop and tok in eos:
-                self.scheduler.finish(req, "stop")
+            if may_stop and tok in eos or req.grammar is not None and req.grammar.is_terminated():
+                self.scheduler.finish(req, "stop")  # a completed grammar ends on EOS even under ignore_eos
                 break
             if may_stop and tok in stop_ids:
                 if p.include_stop_str_in_output:

@@ -40,14 +40,16 @@ class KVRoles:
         """Consumer role: reserve the prompt's blocks under a lease that a producer fills. None when
         the cache has no room now: the request is then prefilled here like any other.
 
-        A plain single sequence (n = 1, not resumed) leases every prompt token, and the producer
+        A plain single sequence (n = 1, not resumed, no structured outputs) leases every prompt token, and the producer
         samples the first output token from the last one: the first token does not wait for a forward
         pass here. Otherwise the lease leaves the last prompt token out and this engine computes it
-        and samples (forks for n > 1, a resumed sequence's seeds and penalties)."""
+        and samples (forks for n > 1, a resumed sequence's seeds and penalties, a grammar's matcher)."""
         if self.consumer is None:
             raise RuntimeError("this engine has no KV consumer role")
         group = self._new_group(request_id, prompt, params, priority, arrival_time, resume_token_ids, seed_index)
-        producer_samples = group.params.best_of == 1 and not resume_token_ids and seed_index == 0
+        # structured outputs: the matcher lives here, so this engine samples (as for forks and resumes)
+        producer_samples = (group.params.best_of == 1 and not resume_token_ids and seed_index == 0
+                            and group.params.structured_outputs is None)
         lease = self.consumer.reserve(group.seqs[0], lease_seconds, producer_samples)
         if lease is None:
             self.scheduler.add(group.seqs[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from tandem.outputs import Logprob
 from tandem.sampling_params import SamplingParams
@@ -47,6 +48,7 @@ class Request:
     kv_only: bool = False  # prefill role: compute the KV of every token, update nothing
     sample_first_token: bool = False  # kv_only: also sample the first output token (it goes with the KV)
     num_ahead: int = 0  # placeholder tokens at the end of the token lists: still on the device (lookaheads.py)
+    grammar: Any = None  # structured outputs: this sequence's xgrammar matcher (tandem/engine/structured.py)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -1,6 +1,8 @@
 """Engine objects <-> `tandem.proto` messages: sampling parameters, layouts, tickets, logprobs, first tokens."""
 from __future__ import annotations
 
+import json
+
 from tandem.engine.kv_transfer.layout import LayoutDescriptor
 from tandem.engine.sampler import Sample
 from tandem.outputs import Logprob
@@ -19,6 +21,8 @@ def params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
     for f in _OPTIONAL:
         if getattr(p, f) is not None:
             setattr(msg, f, getattr(p, f))
+    if p.structured_outputs is not None:
+        msg.structured_outputs = json.dumps(p.structured_outputs)
     return msg
 
 
@@ -27,6 +31,8 @@ def params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
     values = {f: getattr(msg, f) for f in _PLAIN}
     values.update({f: list(getattr(msg, f)) for f in _LISTS})
     values.update({f: getattr(msg, f) if msg.HasField(f) else None for f in _OPTIONAL})
+    if msg.HasField("structured_outputs"):
+        values["structured_outputs"] = json.loads(msg.structured_outputs)
     return SamplingParams(**values)
 
 

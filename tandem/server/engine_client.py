@@ -131,7 +131,9 @@ class AsyncEngine:
         self._check_alive()
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        return self.engine.inputs.request(prompt_token_ids, params, self.max_model_len, resume_token_ids)
+        ids = self.engine.inputs.request(prompt_token_ids, params, self.max_model_len, resume_token_ids)
+        self.engine.compile_grammar(params)  # a schema it cannot compile is this request's error, now
+        return ids
 
     async def open_stream(self, request_id: str, command: tuple) -> AsyncIterator[Any]:
         """Submit `command` for a new request and yield what the engine thread reports for it:

@@ -52,13 +52,15 @@ class SamplingRequest(OpenAIModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     bad_words: list[str] | None = None
-    # structured output is not built yet: these are refused, not ignored (the output would not follow them)
-    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
-    structured_outputs: dict[str, Any] | None = Field(None, description="vLLM's; not supported.")
-    guided_json: Any = Field(None, description="vLLM's (deprecated); not supported.")
-    guided_regex: str | None = Field(None, description="vLLM's (deprecated); not supported.")
-    guided_choice: list[str] | None = Field(None, description="vLLM's (deprecated); not supported.")
-    guided_grammar: str | None = Field(None, description="vLLM's (deprecated); not supported.")
+    # structured outputs, one of these at a time (tandem/engine/structured.py)
+    response_format: dict[str, Any] | None = Field(None, description="{'type': 'text' | 'json_object' | "
+                                                   "'json_schema', 'json_schema': {'name': ..., 'schema': {...}}}")
+    structured_outputs: dict[str, Any] | None = Field(None, description="vLLM's: one of json, json_object, regex, "
+                                                      "choice, grammar.")
+    guided_json: Any = Field(None, description="vLLM's older name of structured_outputs.json.")
+    guided_regex: str | None = Field(None, description="vLLM's older name of structured_outputs.regex.")
+    guided_choice: list[str] | None = Field(None, description="vLLM's older name of structured_outputs.choice.")
+    guided_grammar: str | None = Field(None, description="vLLM's older name of structured_outputs.grammar.")
     priority: int = Field(0, ge=-2**31, le=2**31 - 1,
                           description="Lower runs first under --scheduling-policy priority (int32).")
     request_id: str | None = Field(None, description="Used in the response id; random when unset.")

@@ -29,7 +29,9 @@ log = logging.getLogger("tandem.server")
 T = TypeVar("T")
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; OpenAI and vLLM clamp the same way
 LARGE_BODY_BYTES = 256 * 1024  # request bodies from here on are prepared off the event loop
-_CHECKED_FIELDS = {"prompt", "stop_token_ids", "logprobs", "prompt_logprobs", "max_tokens"}  # engine-side checks
+_CHECKED_FIELDS = {"prompt", "stop_token_ids", "logprobs", "prompt_logprobs", "max_tokens",  # engine-side checks
+                   "structured_outputs"}
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
 @dataclass
@@ -98,11 +100,7 @@ def sampling_params(ctx: ServingContext, req: SamplingRequest, *, max_tokens: in
     `logprobs_param`: the request field that asked for `logprobs` (chat's is top_logprobs)."""
     if req.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise bad_request("response_format other than {'type': 'text'} is not supported", "response_format")
-    for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"):
-        if getattr(req, name) is not None:
-            raise bad_request(f"{name} is not supported: structured output is not built yet", name)
+    structured = structured_outputs(req)
     for name, k in ((logprobs_param, logprobs), ("prompt_logprobs", prompt_logprobs)):
         if k is not None and k > ctx.config.max_logprobs:
             raise bad_request(f"{name} must be <= {ctx.config.max_logprobs}, got {k}", name)
@@ -127,9 +125,37 @@ def sampling_params(ctx: ServingContext, req: SamplingRequest, *, max_tokens: in
             max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens,
-            spaces_between_special_tokens=req.spaces_between_special_tokens)
+            spaces_between_special_tokens=req.spaces_between_special_tokens, structured_outputs=structured)
     except ValueError as exc:
         raise bad_request(str(exc), str(exc).split(" ", 1)[0]) from exc
+
+
+def structured_outputs(req: SamplingRequest) -> dict[str, Any] | None:
+    """The one output constraint a request asks for: OpenAI's response_format, vLLM's structured_outputs, or
+    its older guided_* fields; asking in two ways is a 400."""
+    asked: dict[str, dict[str, Any]] = {}
+    fmt = req.response_format
+    if fmt is not None:
+        kind = fmt.get("type", "text")
+        if kind == "json_object":
+            asked["response_format"] = {"json_object": True}
+        elif kind == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise bad_request("response_format json_schema needs json_schema.schema, a JSON schema object",
+                                  "response_format")
+            asked["response_format"] = {"json": schema}
+        elif kind != "text":
+            raise bad_request(f"response_format type must be text, json_object or json_schema, got {kind!r}",
+                              "response_format")
+    if req.structured_outputs is not None:
+        asked["structured_outputs"] = req.structured_outputs
+    for name, kind in _GUIDED.items():
+        if getattr(req, name) is not None:
+            asked[name] = {kind: getattr(req, name)}
+    if len(asked) > 1:
+        raise bad_request(f"one output constraint at a time, got {sorted(asked)}", sorted(asked)[1])
+    return next(iter(asked.values()), None)
 
 
 def resolve_max_tokens(ctx: ServingContext, requested: int | None, prompt_len: int,

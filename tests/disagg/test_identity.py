@@ -1,6 +1,6 @@
 """Greedy output through the disaggregated stack (router + prefill + decode processes, as `tandem
 up` starts them) equals colocated `tandem serve`, token for token, for 1+1 and 2+2 workers; both
-the remote-prefill and the decode-local paths are taken."""
+the remote-prefill and the decode-local paths are taken, structured outputs included."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +43,15 @@ def run_all(client, model: str) -> list:
     stream = client.completions.create(model=model, prompt=PROMPTS[2], stream=True,
                                        max_tokens=NEW_TOKENS, temperature=0)
     out.append("".join(ch.choices[0].text for ch in stream if ch.choices))
+    # structured outputs: decode holds the matcher, so it samples even the first token of a remote prefill
+    choices = ["a robot", "a painter", "a lighthouse keeper"]
+    r = client.completions.create(model=model, prompt=PROMPTS[2], max_tokens=NEW_TOKENS, temperature=0,
+                                  extra_body={"structured_outputs": {"choice": choices}})
+    assert r.choices[0].text in choices
+    out.append(r.choices[0].text)
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPTS[5]}], seed=2,
+                                       max_tokens=NEW_TOKENS, temperature=0.8, response_format={"type": "json_object"})
+    out.append((r.choices[0].message.content, r.choices[0].finish_reason))
     return out
 
 

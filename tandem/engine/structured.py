@@ -1,0 +1,81 @@
+"""Structured outputs (vLLM's `structured_outputs`): a sequence's output held to a JSON schema, any JSON
+object, a regular expression, one of a list of strings, or an EBNF grammar, with xgrammar.
+
+A constraint's lifecycle: `SamplingParams.structured_outputs` names exactly one kind (`check_spec`,
+no xgrammar needed) -> the engine compiles it when the request arrives (`GrammarBook.compile`; xgrammar
+caches compiled grammars; a schema or pattern it cannot compile is the request's ValueError) -> each
+sequence of the request gets its own matcher -> every sampling step masks the tokens its matcher does
+not allow (`mask`, before the draw) -> each appended token advances the matcher, and one that completes
+the grammar (its end token, the model's EOS) finishes the sequence (engine._append).
+"""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+_SHAPES = ("a dict with exactly one of json (a schema: dict or string), json_object (true), regex (a string), "
+           "choice (a list of strings), grammar (an EBNF string)")
+
+
+def check_spec(spec: Any) -> str | None:
+    """What `spec` should have been, when it is not one constraint of KINDS; else None."""
+    if not isinstance(spec, dict) or set(spec) - set(KINDS):
+        return _SHAPES
+    given = [k for k in KINDS if spec.get(k) not in (None, False)]
+    if len(given) != 1:
+        return _SHAPES
+    kind, value = given[0], spec[given[0]]
+    ok = {"json": isinstance(value, (dict, str)) or value is True, "json_object": value is True,
+          "regex": isinstance(value, str) and bool(value), "grammar": isinstance(value, str) and bool(value),
+          "choice": isinstance(value, list) and bool(value) and all(isinstance(c, str) for c in value)}[kind]
+    return None if ok else _SHAPES
+
+
+class GrammarBook:
+    """One engine's compiler: its tokenizer's vocabulary, padded to the model's, ended by its EOS ids."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
+        import xgrammar as xgr  # imported where structured outputs are used
+
+        self._xgr = xgr
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=list(stop_token_ids) or None)
+        self.compiler = xgr.GrammarCompiler(info)
+
+    def compile(self, spec: dict) -> Any:
+        kind = next(k for k in KINDS if spec.get(k) not in (None, False))
+        value = spec[kind]
+        try:
+            if kind == "json_object" or (kind == "json" and value in (True, {})):
+                return self.compiler.compile_builtin_json_grammar()
+            if kind == "json":
+                return self.compiler.compile_json_schema(value if isinstance(value, str) else json.dumps(value))
+            if kind == "regex":
+                return self.compiler.compile_regex(value)
+            if kind == "choice":
+                return self.compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in value))
+            return self.compiler.compile_grammar(value)
+        except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError and others for bad input
+            raise ValueError(f"structured_outputs {kind} could not be compiled: {exc}") from None
+
+    def matcher(self, compiled: Any) -> Any:
+        return self._xgr.GrammarMatcher(compiled)
+
+
+def mask(logits: torch.Tensor, matchers: list[Any]) -> None:
+    """-inf, in place, for every token row i's matcher does not allow next (rows with None: untouched)."""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
+        return
+    import xgrammar as xgr
+
+    bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[1])
+    for i in rows:
+        matchers[i].fill_next_token_bitmask(bitmask, i)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)

@@ -1,0 +1,53 @@
+"""Structured outputs in the engine (tandem/engine/structured.py) on a random-weight model, whose
+free choices are noise: every output still follows its constraint; a sequence continued on another
+worker (resume tokens) keeps its grammar's state; what breaks the grammar is refused."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tandem import SamplingParams
+from tests.engine.test_kv_transfer import engine, prompts_for, run
+
+CODES = "[A-Z]{2}-[0-9]{2}"
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0), dict(temperature=1.0, seed=7, n=3, top_k=50)])
+def test_random_weights_still_follow_the_constraint(tiny_model_dirs, params):
+    e = engine(tiny_model_dirs["llama"], None)
+    prompts = prompts_for(4, [5, 30])
+    for i, ids in enumerate(prompts):
+        e.add_request(f"r{i}", ids, SamplingParams(max_tokens=40, structured_outputs={"regex": CODES}, **params))
+    e.add_request("free", prompts[0], SamplingParams(max_tokens=12, temperature=0))  # in the same batches
+    done = run(e)
+    texts = [o.text for i in range(len(prompts)) for o in done[f"r{i}"].outputs]
+    assert len(texts) == len(prompts) * params.get("n", 1)
+    assert all(re.fullmatch(CODES, t) for t in texts), texts
+    assert all(o.finish_reason == "stop" for i in range(len(prompts)) for o in done[f"r{i}"].outputs)
+    free = engine(tiny_model_dirs["llama"], None)
+    free.add_request("alone", prompts[0], SamplingParams(max_tokens=12, temperature=0))
+    assert run(free)["alone"].outputs[0].token_ids == done["free"].outputs[0].token_ids  # no mask leaked
+
+
+def test_resumed_sequences_keep_their_grammar(tiny_model_dirs):
+    e = engine(tiny_model_dirs["llama"], None)
+    tok = e.tokenizer
+    choices = {"choice": ["hello world", "goodbye moon"]}
+    resume = tok.encode("goodbye", add_special_tokens=False)
+    prompt = prompts_for(5, [20])[0]
+    e.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=20, structured_outputs=choices),
+                  resume_token_ids=resume)
+    out = run(e)["r"].outputs[0]
+    assert out.token_ids[:len(resume)] == resume  # the output carries the resumed tokens, then goes on
+    assert tok.decode(out.token_ids, skip_special_tokens=True) == "goodbye moon"
+    with pytest.raises(ValueError, match="breaks the request's structured_outputs"):
+        e.add_request("bad", prompt, SamplingParams(temperature=0, max_tokens=20, structured_outputs=choices),
+                      resume_token_ids=tok.encode("zebra", add_special_tokens=False))
+
+
+def test_a_constraint_that_does_not_compile_is_the_requests_error(tiny_model_dirs):
+    e = engine(tiny_model_dirs["llama"], None)
+    with pytest.raises(ValueError, match="structured_outputs json could not be compiled"):
+        e.add_request("r", [1, 2, 3], SamplingParams(structured_outputs={"json": {"type": "nonsense"}}))
+    assert "r" not in e.groups
