@@ -135,7 +135,8 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     tools: list[dict[str, Any]] | None = Field(None, description="Given to the chat template.")
-    tool_choice: Literal["none", "auto"] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field(
+        None, description='"required" or {"type": "function", "function": {"name": ...}} forces tool calls.')
     # vLLM extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False

@@ -18,6 +18,7 @@ from tandem.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompl
 from tandem.server.serving_common import (SSE_DONE, ServingContext, SSEResponse, cancel_on_disconnect, clamp_logprob,
                                           merge_streams, now, resolve_max_tokens, sampling_params, sse, stop_holdback,
                                           stream_error)
+from tandem.server.tool_choice import forced, forced_schema, tool_calls
 from tandem.tokenizer import apply_chat_template
 
 # a template that loops over a message's content expects OpenAI's list of parts, not a string
@@ -121,6 +122,11 @@ class ChatServing:
                                         prompt_param="messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_params(ctx, req, max_tokens=max_tokens, logprobs=top, logprobs_param="top_logprobs")
+        schema = forced_schema(req.tools, req.tool_choice)
+        if schema is not None:
+            if params.structured_outputs is not None:
+                raise bad_request("a forced tool call takes no other output constraint", "tool_choice")
+            params.structured_outputs = {"json": schema}
         rid = ctx.request_id(raw, req.request_id)
         stream = ctx.track(f"chatcmpl-{rid}-{secrets.token_hex(4)}", ids, params, req.priority, now())
         ctx.log_request(rid, [len(ids)], params)
@@ -144,9 +150,12 @@ class ChatServing:
             logprobs = None
             if req.logprobs:
                 logprobs = ChoiceLogprobs(content=self._logprobs(o.token_ids, o.logprobs or [], req.top_logprobs or 0))
-            choices.append(ChatChoice(index=o.index, message=ResponseMessage(role=self.ctx.config.response_role,
-                                                                             content=o.text),
-                                      logprobs=logprobs, finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+            calls = tool_calls(o.text, req.tool_choice) if forced(req.tool_choice) else None
+            message = ResponseMessage(role=self.ctx.config.response_role, content=None if calls else o.text,
+                                      tool_calls=calls or [])
+            finish = "tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason
+            choices.append(ChatChoice(index=o.index, message=message, logprobs=logprobs, finish_reason=finish,
+                                      stop_reason=o.stop_reason))
         completion = sum(len(o.token_ids) for o in final.outputs)
         usage = UsageInfo(prompt_tokens=len(final.prompt_token_ids), completion_tokens=completion,
                           total_tokens=len(final.prompt_token_ids) + completion)
@@ -187,6 +196,16 @@ class ChatServing:
     def _delta(self, req: ChatCompletionRequest, o: CompletionOutput, stops: list[str], sent_text: dict[int, int],
                sent_tokens: dict[int, int]) -> dict | None:
         finished = o.finish_reason is not None
+        if forced(req.tool_choice):  # the calls go out whole, once complete
+            if not finished:
+                return None
+            sent_tokens[o.index] = -1
+            calls = tool_calls(o.text, req.tool_choice)
+            delta = ({"tool_calls": [{"index": j, **call} for j, call in enumerate(calls)]} if calls
+                     else {"content": o.text})
+            return {"index": o.index, "delta": delta, "logprobs": None,
+                    "finish_reason": "tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason,
+                    "stop_reason": o.stop_reason}
         end = len(o.text) if finished else len(o.text) - stop_holdback(o.text, stops)
         start, done_tokens = sent_text.get(o.index, 0), sent_tokens.get(o.index, 0)
         text = o.text[start:max(start, end)]

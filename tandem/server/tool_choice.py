@@ -1,0 +1,68 @@
+"""Forced tool calls: `tool_choice` of "required" or a named function, as vLLM makes them. The reply is
+held by structured outputs to the tool-call JSON (a named function: an object of its arguments;
+"required": a non-empty array of {"name": one of the tools, "parameters": its arguments}), then parsed into
+the message's `tool_calls` instead of `content`. "auto" leaves the reply as text (the tools reach the chat
+template; parsing a model's own tool-call syntax is not built yet); "none" keeps the tools from the template.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+from tandem.server.errors import bad_request
+
+_ANY_OBJECT = {"type": "object"}
+
+
+def _functions(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """name -> JSON schema of its parameters, for the request's function tools."""
+    out = {}
+    for i, tool in enumerate(tools or []):
+        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise bad_request(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
+                              "'parameters': {...}}}}", "tools")
+        params = fn.get("parameters") or _ANY_OBJECT
+        if not isinstance(params, dict):
+            raise bad_request(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
+        out[fn["name"]] = params
+    return out
+
+
+def forced(tool_choice: Any) -> bool:
+    return tool_choice not in (None, "none", "auto")
+
+
+def forced_schema(tools: list[dict[str, Any]] | None, tool_choice: Any) -> dict[str, Any] | None:
+    """The JSON schema the reply must follow for this tool_choice; None when no call is forced."""
+    if not forced(tool_choice):
+        return None
+    functions = _functions(tools)
+    if tool_choice == "required":
+        if not functions:
+            raise bad_request('tool_choice "required" needs at least one tool in tools', "tool_choice")
+        calls = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+                  "properties": {"name": {"const": name}, "parameters": params}} for name, params in functions.items()]
+        return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    if not isinstance(name, str):
+        raise bad_request('tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
+                          '{"name": ...}}', "tool_choice")
+    if name not in functions:
+        raise bad_request(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+    return functions[name]
+
+
+def tool_calls(text: str, tool_choice: Any) -> list[dict[str, Any]] | None:
+    """The reply's calls in OpenAI's shape, or None when it is not the whole JSON (cut by max_tokens)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if tool_choice == "required":
+        pairs = [(call["name"], call["parameters"]) for call in value]
+    else:
+        pairs = [(tool_choice["function"]["name"], value)]
+    return [{"id": f"chatcmpl-tool-{secrets.token_hex(8)}", "type": "function",
+             "function": {"name": name, "arguments": json.dumps(args)}} for name, args in pairs]
