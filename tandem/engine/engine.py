@@ -233,20 +233,23 @@ class LLMEngine(KVRoles, Lookaheads):
                 raise ValueError("nothing left to generate after the resumed tokens")
         group = RequestGroup.create(request_id, text, ids, params, arrival_time or time.monotonic(), priority,
                                     seed_index)
+        compiled = self.compile_grammar(params)
+        if compiled is not None:
+            for seq in group.seqs:
+                seq.grammar = self._grammars.matcher(compiled)
+            for tok in resume_token_ids:  # checked before the group is registered: a refusal leaves nothing
+                if not group.seqs[0].grammar.accept_token(tok):
+                    raise ValueError(f"resume token {tok} breaks the request's structured_outputs")
+            if group.seqs[0].grammar.is_terminated():
+                raise ValueError("nothing left to generate: the resumed tokens complete the structured_outputs")
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         self.groups[request_id] = group
         for seq in group.seqs:
             self._detok[seq] = (NoDetokenizer() if self.tokenizer is None else
                                 IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens))
-        compiled = self.compile_grammar(params)
-        if compiled is not None:
-            for seq in group.seqs:
-                seq.grammar = self._grammars.matcher(compiled)
         seq = group.seqs[0]
         for tok in resume_token_ids:
-            if seq.grammar is not None and not seq.grammar.accept_token(tok):
-                raise ValueError(f"resume token {tok} breaks the request's structured_outputs")
             seq.append_token(tok)
             self._detok[seq].add(tok)
             if seq.logprobs is not None:
@@ -362,9 +365,9 @@ class LLMEngine(KVRoles, Lookaheads):
         taken = 0
         for tok, lp in zip(tokens, logprobs):
             if req.grammar is not None and not req.grammar.accept_token(tok):
-                # the sampler masks what the matcher refuses: only an all-masked row (min_tokens banning
-                # the end the grammar needs) gets here
-                self.scheduler.finish(req, "abort")
+                # the sampler masks what the matcher refuses: only an all-masked row gets here, i.e. min_tokens
+                # banned the EOS a complete grammar needs (its output is whole: a stop, not an abort)
+                self.scheduler.finish(req, "stop" if req.grammar.is_completed() else "abort")
                 break
             req.append_token(tok)
             if lp is not None:

@@ -1,4 +1,4 @@
-"""Logits to tokens: penalties, bad words, min_tokens, structured outputs' masks, then greedy or temperature / top-k / top-p /
+"""Logits to tokens: structured outputs' masks, penalties, bad words, min_tokens, then greedy or temperature / top-k / top-p /
 min-p sampling, and logprobs of the model's raw distribution (as vLLM reports them).
 
 One row per sample to draw. Work is batched across rows; only seeded rows draw their noise from
@@ -120,13 +120,13 @@ def _draw(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sample]:
     """logits: [len(rows), vocab], the model's raw output for each row (float32 where
     wants_float_logits(rows)); modified in place."""
+    grammars = [getattr(r, "grammar", None) for r in rows]
+    if any(g is not None for g in grammars):  # first: logprobs are of what the grammar allows, as vLLM's
+        structured.mask(logits, grammars)
     wanted = any(r.params.wants_logprob for r in rows)
     raw_logprobs = logits.log_softmax(dim=-1) if wanted else None  # cumulative logprobs rank best_of samples
     _penalize(logits, rows)
     _ban(logits, rows)
-    grammars = [getattr(r, "grammar", None) for r in rows]
-    if any(g is not None for g in grammars):
-        structured.mask(logits, grammars)
     tokens = logits.max(dim=-1).indices  # argmax's first-index ties, but 2.5x faster on CPUs
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:

@@ -17,15 +17,17 @@ if TYPE_CHECKING:
     import torch
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
+OPTIONS = ("disable_any_whitespace",)  # vLLM's: JSON without whitespace between its tokens
+CACHE_BYTES = 512 << 20  # compiled grammars kept for reuse (vLLM's default too)
 
 
 _SHAPES = ("a dict with exactly one of json (a schema: dict or string), json_object (true), regex (a string), "
-           "choice (a list of strings), grammar (an EBNF string)")
+           "choice (a list of strings), grammar (an EBNF string), and optionally disable_any_whitespace")
 
 
 def check_spec(spec: Any) -> str | None:
     """What `spec` should have been, when it is not one constraint of KINDS; else None."""
-    if not isinstance(spec, dict) or set(spec) - set(KINDS):
+    if not isinstance(spec, dict) or set(spec) - set(KINDS) - set(OPTIONS):
         return _SHAPES
     given = [k for k in KINDS if spec.get(k) not in (None, False)]
     if len(given) != 1:
@@ -46,20 +48,26 @@ class GrammarBook:
         self._xgr = xgr
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                   stop_token_ids=list(stop_token_ids) or None)
-        self.compiler = xgr.GrammarCompiler(info)
+        self.compiler = xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_BYTES)
 
     def compile(self, spec: dict) -> Any:
         kind = next(k for k in KINDS if spec.get(k) not in (None, False))
         value = spec[kind]
+        compact = bool(spec.get("disable_any_whitespace"))
         try:
             if kind == "json_object" or (kind == "json" and value in (True, {})):
+                if compact:
+                    return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
                 return self.compiler.compile_builtin_json_grammar()
             if kind == "json":
-                return self.compiler.compile_json_schema(value if isinstance(value, str) else json.dumps(value))
+                return self.compiler.compile_json_schema(value if isinstance(value, str) else json.dumps(value),
+                                                         any_whitespace=not compact)
             if kind == "regex":
                 return self.compiler.compile_regex(value)
             if kind == "choice":
-                return self.compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in value))
+                # literals as JSON strings, but not \u-escaped: xgrammar reads an escaped surrogate pair as two
+                return self.compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
+                                                                              for c in value))
             return self.compiler.compile_grammar(value)
         except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError and others for bad input
             raise ValueError(f"structured_outputs {kind} could not be compiled: {exc}") from None

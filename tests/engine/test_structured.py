@@ -51,3 +51,41 @@ def test_a_constraint_that_does_not_compile_is_the_requests_error(tiny_model_dir
     with pytest.raises(ValueError, match="structured_outputs json could not be compiled"):
         e.add_request("r", [1, 2, 3], SamplingParams(structured_outputs={"json": {"type": "nonsense"}}))
     assert "r" not in e.groups
+
+
+def test_logprobs_are_of_what_the_grammar_allows(tiny_model_dirs):
+    """As vLLM reports them: the masked distribution's, so every top token is one the grammar allowed."""
+    e = engine(tiny_model_dirs["llama"], None)
+    e.add_request("r", prompts_for(6, [12])[0], SamplingParams(temperature=0, max_tokens=10, logprobs=3,
+                                                               structured_outputs={"regex": "[0-9]{3}"}))
+    out = run(e)["r"].outputs[0]
+    assert re.fullmatch("[0-9]{3}", out.text)
+    # ranks past the allowed tokens are -inf: whatever topk picks among them carries no probability
+    tops = [e.tokenizer.decode([t]) for step in out.logprobs for t, lp in step.items()
+            if lp.logprob > float("-inf") and t not in e.eos_token_ids]
+    assert len(tops) >= 3 and all(re.fullmatch("[0-9]+", t) for t in tops), tops
+
+
+def test_choices_beyond_ascii_and_min_tokens_past_the_end(tiny_model_dirs):
+    e = engine(tiny_model_dirs["llama"], None)
+    prompt = prompts_for(7, [9])[0]
+    e.add_request("emoji", prompt, SamplingParams(temperature=0, max_tokens=20,
+                                                  structured_outputs={"choice": ["ok 😀", "no 🙃"]}))
+    # min_tokens longer than any choice: once the grammar is complete only its EOS is left, and that is banned
+    e.add_request("min", prompt, SamplingParams(temperature=0, max_tokens=20, min_tokens=15,
+                                                structured_outputs={"choice": ["yes", "no"]}))
+    done = run(e)
+    assert done["emoji"].outputs[0].text in ("ok 😀", "no 🙃")
+    assert done["min"].outputs[0].text in ("yes", "no") and done["min"].outputs[0].finish_reason == "stop"
+
+
+def test_a_refused_resume_leaves_nothing_behind(tiny_model_dirs):
+    e = engine(tiny_model_dirs["llama"], None)
+    tok = e.tokenizer
+    choices = SamplingParams(temperature=0, max_tokens=20, structured_outputs={"choice": ["yes", "no"]})
+    whole = tok.encode("yes", add_special_tokens=False) + [e.eos_token_ids[0]]  # the grammar is over
+    with pytest.raises(ValueError, match="complete the structured_outputs"):
+        e.add_request("done", [1, 2, 3], choices, resume_token_ids=whole)
+    assert "done" not in e.groups and not e.has_unfinished_requests()
+    e.add_request("done", [1, 2, 3], choices)  # the id is free
+    assert run(e)["done"].outputs[0].text in ("yes", "no")
