@@ -39,7 +39,7 @@ from tandem.rpc.token_stream import OutputAssembler
 from tandem.sampling_params import SamplingParams
 from tandem.server.engine_client import EngineDeadError, EngineError, EngineStats
 from tandem.telemetry import outgoing_metadata, tracer
-from tandem.tokenizer import load_tokenizer
+from tandem.tokenizer import eos_token_ids, load_tokenizer
 
 log = logging.getLogger("tandem.router")
 Code = grpc.StatusCode
@@ -98,6 +98,7 @@ class RemoteEngineClient:
         self.decode_profile = Profile(self.config.decode_filters, self.config.decode_scorers)
         self.prefill_profile = Profile(self.config.prefill_filters, self.config.prefill_scorers)
         self.prefills = RemotePrefill(self)
+        self._grammars = None  # structured outputs' compiler, made on first use (check_structured)
 
     # ---- the EngineClient protocol --------------------------------------------------------------
 
@@ -113,6 +114,18 @@ class RemoteEngineClient:
         if not self.pool.live(router_pb2.DECODE):
             raise EngineDeadError("no decode worker is available")
         return self._generate(request_id, ids, params, priority)
+
+    def check_structured(self, params: SamplingParams) -> None:
+        """Compiles the params' output constraint as the decode workers will (ValueError when it cannot be), so
+        a bad schema is the client's 400 before any worker sees it; any thread."""
+        if params.structured_outputs is None:
+            return
+        if self._grammars is None:
+            from tandem.engine.structured import GrammarBook
+
+            vocab = self.inputs.vocab_size
+            self._grammars = GrammarBook(self.tokenizer, vocab, eos_token_ids(self.model_path, self.tokenizer, vocab))
+        self._grammars.compile(params.structured_outputs)
 
     def abort(self, request_id: str) -> None:
         """Requests end when their stream is closed (that cancels their calls); nothing to do."""

@@ -165,6 +165,10 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
 
+    def check_structured(self, params: SamplingParams) -> None:
+        """Compiles the params' output constraint (ValueError when it cannot be); any thread."""
+        self.engine.compile_grammar(params)
+
     async def call(self, fn: Any, *args: Any) -> Any:
         """fn(*args) run on the engine thread between steps (it may touch the engine's state); its result."""
         self._check_alive()

@@ -17,7 +17,7 @@ from tandem.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompl
                                     ChoiceLogprobs, ResponseMessage, TokenLogprob, TopLogprob, UsageInfo)
 from tandem.server.serving_common import (SSE_DONE, ServingContext, SSEResponse, cancel_on_disconnect, clamp_logprob,
                                           merge_streams, now, resolve_max_tokens, sampling_params, sse, stop_holdback,
-                                          stream_error)
+                                          stream_error, structured_outputs)
 from tandem.server.tool_choice import forced, forced_schema, tool_calls
 from tandem.tokenizer import apply_chat_template
 
@@ -127,6 +127,7 @@ class ChatServing:
             if params.structured_outputs is not None:
                 raise bad_request("a forced tool call takes no other output constraint", "tool_choice")
             params.structured_outputs = {"json": schema}
+        await ctx.check_constraint(params, "tool_choice" if schema is not None else structured_outputs(req)[1])
         rid = ctx.request_id(raw, req.request_id)
         stream = ctx.track(f"chatcmpl-{rid}-{secrets.token_hex(4)}", ids, params, req.priority, now())
         ctx.log_request(rid, [len(ids)], params)

@@ -53,6 +53,19 @@ class ServingContext:
             self._prep = ThreadPoolExecutor(1, thread_name_prefix="tandem-prep")
         return await asyncio.get_running_loop().run_in_executor(self._prep, work)
 
+    async def check_constraint(self, params: SamplingParams, field: str) -> None:
+        """Compiles the request's output constraint (structured outputs) on the helper thread: a large schema
+        takes a good part of a second the first time, which every stream would wait out on the event loop.
+        One that does not compile is a 400 naming `field`, where the request put it."""
+        if params.structured_outputs is None:
+            return
+        if self._prep is None:
+            self._prep = ThreadPoolExecutor(1, thread_name_prefix="tandem-prep")
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._prep, self.client.check_structured, params)
+        except ValueError as exc:
+            raise bad_request(str(exc), field) from exc
+
     def model(self, requested: str | None) -> str:
         """The served name a request addresses (404 for an unknown one)."""
         if requested is None or requested == "":
@@ -100,7 +113,7 @@ def sampling_params(ctx: ServingContext, req: SamplingRequest, *, max_tokens: in
     `logprobs_param`: the request field that asked for `logprobs` (chat's is top_logprobs)."""
     if req.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias")
-    structured = structured_outputs(req)
+    structured, _ = structured_outputs(req)
     for name, k in ((logprobs_param, logprobs), ("prompt_logprobs", prompt_logprobs)):
         if k is not None and k > ctx.config.max_logprobs:
             raise bad_request(f"{name} must be <= {ctx.config.max_logprobs}, got {k}", name)
@@ -130,9 +143,9 @@ def sampling_params(ctx: ServingContext, req: SamplingRequest, *, max_tokens: in
         raise bad_request(str(exc), str(exc).split(" ", 1)[0]) from exc
 
 
-def structured_outputs(req: SamplingRequest) -> dict[str, Any] | None:
-    """The one output constraint a request asks for: OpenAI's response_format, vLLM's structured_outputs, or
-    its older guided_* fields; asking in two ways is a 400."""
+def structured_outputs(req: SamplingRequest) -> tuple[dict[str, Any] | None, str]:
+    """The one output constraint a request asks for (OpenAI's response_format, vLLM's structured_outputs, or
+    its older guided_* fields) and the field it came in; asking in two ways is a 400."""
     asked: dict[str, dict[str, Any]] = {}
     fmt = req.response_format
     if fmt is not None:
@@ -155,7 +168,7 @@ def structured_outputs(req: SamplingRequest) -> dict[str, Any] | None:
             asked[name] = {kind: getattr(req, name)}
     if len(asked) > 1:
         raise bad_request(f"one output constraint at a time, got {sorted(asked)}", sorted(asked)[1])
-    return next(iter(asked.values()), None)
+    return next(iter(asked.values()), None), next(iter(asked), "structured_outputs")
 
 
 def resolve_max_tokens(ctx: ServingContext, requested: int | None, prompt_len: int,

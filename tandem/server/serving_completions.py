@@ -14,7 +14,7 @@ from tandem.server.errors import APIError, bad_request
 from tandem.server.protocol import CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse, UsageInfo
 from tandem.server.serving_common import (SSE_DONE, ServingContext, SSEResponse, cancel_on_disconnect, clamp_logprob,
                                           merge_streams, now, resolve_max_tokens, sampling_params, sse, stop_holdback,
-                                          stream_error)
+                                          stream_error, structured_outputs)
 
 Prompt = tuple[str | None, list[int]]  # (text if given as text, token ids)
 
@@ -41,6 +41,8 @@ class CompletionServing:
         for i, (_, ids) in enumerate(prompts):
             params = sampling_params(ctx, req, max_tokens=resolve_max_tokens(ctx, req.max_tokens, len(ids)),
                                      best_of=req.best_of, logprobs=req.logprobs, prompt_logprobs=prompt_logprobs)
+            if i == 0:  # one constraint for every prompt
+                await ctx.check_constraint(params, structured_outputs(req)[1])
             streams.append(ctx.track(f"cmpl-{rid}-{i}-{suffix}", ids, params, req.priority, arrival))
             stops.append(params.stop)
         ctx.log_request(rid, [len(ids) for _, ids in prompts], params)

@@ -66,9 +66,10 @@ def _assert_openai_error(r, status: int, param: str | None = None, *words: str) 
      ["exactly one"]),
     ("/v1/chat/completions", {**CHAT, "structured_outputs": {"whitespace": 1}}, "structured_outputs", []),
     ("/v1/completions", {**CMPL, "structured_outputs": {"regex": "(a"}}, "structured_outputs", ["compiled"]),
-    ("/v1/completions", {**CMPL, "guided_json": {"type": "nonsense"}}, "structured_outputs", ["compiled"]),
-    ("/v1/completions", {**CMPL, "stream": True, "guided_grammar": "root ::= oops"}, "structured_outputs",
-     ["compiled"]),
+    ("/v1/completions", {**CMPL, "guided_json": {"type": "nonsense"}}, "guided_json", ["compiled"]),
+    ("/v1/completions", {**CMPL, "stream": True, "guided_grammar": "root ::= oops"}, "guided_grammar", ["compiled"]),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "schema": {"type": "nonsense"}}}}, "response_format", ["compiled"]),
     ("/v1/chat/completions", {**CHAT, "top_k": -5}, "top_k", []),
     ("/v1/chat/completions", {**CHAT, "repetition_penalty": 0}, "repetition_penalty", []),
 ])
