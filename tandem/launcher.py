@@ -70,7 +70,7 @@ class Stack:
                  log_dir: str | None = None, child_args: dict[str, list[str]] | None = None,
                  kv_store_bytes: int | None = None) -> None:
         """`env` and `child_args`: more environment and flags for the children so named (tests).
-        `kv_store_bytes`: also a prefix KV store of that capacity, which the prefill workers share."""
+        `kv_store_bytes`: also a prefix KV store of that capacity, which the workers share."""
         self.host = host
         self.port = port
         self.grpc_port = free_port(host)
@@ -88,14 +88,14 @@ class Stack:
                                           "--grpc-host", host, "--grpc-port", str(self.grpc_port),
                                           "--uvicorn-log-level", "warning", *engine_args_for_router(engine_args),
                                           *router_args], port, env.get("router", {}), registers=False)]
-        prefill_args = []
+        store_args = []
         if kv_store_bytes:
             store_port, store_http = free_port(host), free_port(host)
             self.children.append(Child("kvstore", [*cmd, "kvstore", "--host", host, "--port", str(store_port),
                                                    "--http-port", str(store_http), "--capacity-bytes",
                                                    str(kv_store_bytes)], store_http, env.get("kvstore", {}),
                                        registers=False))
-            prefill_args = ["--kv-store", f"{host}:{store_port}"]
+            store_args = ["--kv-store", f"{host}:{store_port}"]
         for role, count in (("prefill", num_prefill), ("decode", num_decode)):
             for i in range(count):
                 name = f"{role}-{i}"
@@ -103,7 +103,7 @@ class Stack:
                 self.children.append(Child(name, [
                     *cmd, role, *model_arg, "--host", host, "--port", str(grpc_port), "--http-port", str(http_port),
                     "--worker-id", name, "--router", f"{host}:{self.grpc_port}", "--num-threads", str(threads),
-                    *engine_args, *worker_args, *(prefill_args if role == "prefill" else []),
+                    *engine_args, *worker_args, *store_args,
                     *child_args.get(name, [])], http_port, env.get(name, {})))
         self.stopping = False
 
@@ -222,8 +222,8 @@ def add_up_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per worker in GiB (default: 1)")
     p.add_argument("--kv-store-bytes", type=positive_bytes, metavar="SIZE",
-                   help="also run a prefix KV store of this capacity (e.g. 2GiB) that the prefill workers load "
-                        "prompt prefixes from and save them to (default: none)")
+                   help="also run a prefix KV store of this capacity (e.g. 2GiB) that the workers load prompt "
+                        "prefixes from and save them to (default: none)")
     p.add_argument("--router-args", default="", help="more `tandem router` flags, one string (a lone flag takes '=': --router-args=--flag)")
     p.add_argument("--worker-args", default="", help="more flags for every worker, one string (a lone flag takes '=': --worker-args=--enforce-eager)")
     p.add_argument("--log-dir", help="write each process's log to DIR/NAME.log (default: this terminal)")
@@ -247,7 +247,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         engine_args += ["--max-model-len", str(args.max_model_len)]
     stack = Stack(args.model, args.port, args.prefill, args.decode, args.host, args.threads_per_worker, engine_args,
                   shlex.split(args.router_args), shlex.split(args.worker_args), log_dir=args.log_dir,
-                  kv_store_bytes=args.kv_store_bytes if args.prefill else None)
+                  kv_store_bytes=args.kv_store_bytes)
     stop = {"signal": None}
 
     def on_signal(signum, _frame) -> None:

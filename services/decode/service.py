@@ -17,11 +17,13 @@ from tandem.rpc.token_stream import DeltaEncoder
 from tandem.server.engine_client import EngineDeadError, EngineError
 from tandem.telemetry import incoming_context, tracer
 from tandem.tokenizer import IncrementalDetokenizer
+from tandem.worker.store_link import StoreLink
 
 log = logging.getLogger("tandem.decode")
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, host: DecodeEngine, kv_endpoint: str, worker_id: str = "") -> None:
+    def __init__(self, host: DecodeEngine, kv_endpoint: str, worker_id: str = "", store: StoreLink | None = None) -> None:
         self.host = host
+        self.store = store  # the prefix KV store, when the worker has one
         self.kv_endpoint = kv_endpoint  # where prefill workers send KV (kv_receiver.py's server)
         self.worker_id = worker_id
         self.layout = layout_to_proto(host.engine.layout)
@@ -41,6 +43,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 params = params_from_proto(request.params)
                 ids, args = list(request.prompt_token_ids), (request.request_id,)
                 kwargs = dict(resume_token_ids=resume, seed_index=request.seed_index)
+                if self.store is not None:  # what the store holds is not computed here, nor sent by prefill
+                    span.set_attribute("tandem.kv_store_blocks_loaded", await self.store.load(ids + resume))
                 if remote:
                     stream = self.host.generate_remote(*args, ids, params, request.priority,
                                                        lease_seconds=request.lease_seconds or 30.0, **kwargs)
@@ -54,6 +58,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             # a worker that takes a request over (resume) is spared: it goes on where this one died or froze
             kill_after = None if resume else faults.number("decode.kill_after_tokens")
             stop_after = None if resume else faults.number("decode.stop_after_tokens")
+            save = self.store is not None and not remote  # a prompt computed here goes to the store for the others
             try:
                 async for item in stream:
                     if isinstance(item, LeaseGranted):
@@ -61,10 +66,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                                                          "tandem.skip_tokens": item.skip_tokens})
                         yield decode_pb2.GenerateEvent(ticket=self._ticket(request.request_id, item))
                     elif isinstance(item, PrefillingLocally):
+                        save = self.store is not None
                         span.add_event("prefilling locally", {"tandem.reason": item.reason})
                         yield decode_pb2.GenerateEvent(ticket=common_pb2.Ticket(request_id=request.request_id))
                     else:
                         update = encoder.encode(item)
+                        if save:  # its first token: the prompt's KV is all computed
+                            self.store.save_later(ids + resume)
+                            save = False
                         yield decode_pb2.GenerateEvent(update=update)
                         streamed = len(item.outputs[0].token_ids) if item.outputs else 0
                         if kill_after is not None and streamed >= kill_after:

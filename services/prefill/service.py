@@ -14,13 +14,13 @@ from tandem.engine.kv_transfer.layout import incompatibility
 from tandem.engine.kv_transfer.shm import host_id
 from tandem.prefill.engine import PrefillEngine
 from tandem.prefill.sender import GrpcKVSender, TransferFailed
-from tandem.prefill.store_link import StoreLink
 from tandem.proto import common_pb2, prefill_pb2, prefill_pb2_grpc
 from tandem.rpc.convert import layout_from_proto, layout_to_proto, params_from_proto
 from tandem.rpc.grpc_util import SyncChannelPool
 from tandem.server.engine_client import EngineDeadError
 from tandem.telemetry import incoming_context, outgoing_metadata, tracer
 from tandem.worker.metrics import TransferMetrics
+from tandem.worker.store_link import StoreLink
 
 log = logging.getLogger("tandem.prefill")
 

@@ -52,9 +52,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                         "when both workers allow it and decode is on this host, else grpc (shm does too, "
                         "with a warning)")
     g.add_argument("--kv-store", metavar="HOST:PORT", default=os.environ.get("TANDEM_KVSTORE_ADDRESS") or None,
-                   help="prefill: the prefix KV store (`tandem kvstore`) to load prompt prefixes from before "
-                        "computing them and save computed blocks to (default: $TANDEM_KVSTORE_ADDRESS, which the "
-                        "operator sets when the model's kvStore is enabled; else none)")
+                   help="the prefix KV store (`tandem kvstore`) to load prompt prefixes from before computing them "
+                        "and save computed blocks to (default: $TANDEM_KVSTORE_ADDRESS, which the operator sets "
+                        "when the model's kvStore is enabled; else none)")
     g.add_argument("--kv-port", type=int, default=0,
                    help="decode: port of the KV transfer server prefill workers write to (default: any free)")
 
@@ -148,7 +148,7 @@ class WorkerServer:
         self.kv_chunk_bytes, self.kv_window, self.kv_port = kv_chunk_bytes, kv_window, kv_port
         self.kv_transport = kv_transport
         self.kv_stream = kv_stream
-        self.kv_store = kv_store  # prefill: the prefix KV store's address
+        self.kv_store = kv_store  # the prefix KV store's address
         self.kv_server = self.store = None
         self.name = router_pb2.Role.Name(role).lower()
 
@@ -167,6 +167,10 @@ class WorkerServer:
         self.http, self._http_task = await start_http(http_app(host, self.metrics), self.bind_host, self.http_port)
         self.http_port = bound_port(self.http)
         metrics_host = self.advertise.rsplit(":", 1)[0]
+        if self.kv_store and host.engine.kv.enable_caching:  # else nothing loaded could be kept
+            from tandem.worker.store_link import StoreLink
+
+            self.store = StoreLink(self.kv_store, host, host.engine.layout, self.metrics)
         if self.role == router_pb2.DECODE:
             from tandem.decode.kv_receiver import start_kv_server
             from tandem.decode.service import DecodeServicer
@@ -181,18 +185,16 @@ class WorkerServer:
             self.kv_server, self.kv_port = start_kv_server(host.engine.consumer, self.metrics.transfers,
                                                            self.bind_host, self.kv_port)
             kv_endpoint = f"{metrics_host}:{self.kv_port}"
-            decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(host, kv_endpoint, self.worker_id), self.server)
+            decode_pb2_grpc.add_DecodeServicer_to_server(DecodeServicer(host, kv_endpoint, self.worker_id, self.store),
+                                                         self.server)
             extra = lambda load: setattr(load, "num_leases", host.num_leases)  # noqa: E731
         else:
             from tandem.prefill.service import PrefillServicer
-            from tandem.prefill.store_link import StoreLink
             from tandem.proto import prefill_pb2_grpc
 
             host.engine.producer.max_chunk_bytes = self.kv_chunk_bytes
             if self.kv_stream != "auto":
                 host.engine.producer.layerwise = self.kv_stream == "layer"
-            if self.kv_store and host.engine.kv.enable_caching:  # else nothing loaded could be kept
-                self.store = StoreLink(self.kv_store, host, host.engine.layout, self.metrics)
             prefill_pb2_grpc.add_PrefillServicer_to_server(
                 PrefillServicer(host, self.worker_id, self.metrics.transfers, chunk_window=self.kv_window,
                                 kv_transport=self.kv_transport, store=self.store), self.server)
@@ -209,11 +211,8 @@ class WorkerServer:
                  host.engine.layout.compat_hash, f", KV transfers on port {self.kv_port}" if self.kv_server else
                  f", prefix KV store {self.kv_store}" if self.store else "")
         if self.kv_store and self.store is None:
-            if self.role == router_pb2.DECODE:  # decode prefills locally without it (yet)
-                log.info("KV store %s: only prefill workers use it", self.kv_store)
-            else:
-                log.warning("--kv-store %s ignored: prefix caching is off, so loaded blocks could not be kept",
-                            self.kv_store)
+            log.warning("--kv-store %s ignored: prefix caching is off, so loaded blocks could not be kept",
+                        self.kv_store)
 
     async def stop(self) -> None:
         self._stop.set()

@@ -1,6 +1,6 @@
-"""Prefill workers share prompt prefixes through the KV store (`--kv-store`): one computes a prompt
-and saves its blocks; another, which never saw the prompt, loads them and computes only the rest;
-the output does not change. A store that is down costs recomputation, never the request. Router,
+"""Workers share prompt prefixes through the KV store (`--kv-store`): one prefill worker computes a prompt
+and saves its blocks; another, which never saw the prompt, loads them and computes only the rest; a
+decode worker that has to prefill locally loads them too; the output does not change. A store that is down costs recomputation, never the request. Router,
 workers and store run in-process on real gRPC (127.0.0.1), the request through the `openai` client."""
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class Stack:
         host = engine_class(self.config("consumer" if role == router_pb2.DECODE else "producer"), "tiny")
         self.hosts.append(host)
         worker = WorkerServer(role, host, router=f"127.0.0.1:{self.grpc_port}", heartbeat_interval=0.2,
-                              worker_id=name, kv_store=self.store_address if role == router_pb2.PREFILL else None)
+                              worker_id=name, kv_store=self.store_address)
         self.run(worker.start())
         self.workers[name] = worker
         wait_for(lambda: name in self.router.pool.workers, f"{name} to register")
@@ -86,6 +86,11 @@ class Stack:
 
     def counter(self, name: str, metric: str, direction: str) -> float:
         return self.workers[name].metrics.registry.get_sample_value(f"{metric}_total", {"direction": direction}) or 0
+
+    def decisions(self, decision: str) -> float:
+        registry = self.router.app.state.ctx.metrics.registry
+        return sum(x.value for m in registry.collect() if m.name == "tandem:router_prefill_decisions"
+                   for x in m.samples if x.name.endswith("_total") and x.labels["decision"] == decision)
 
     def run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
@@ -157,5 +162,29 @@ def test_a_store_that_refuses_our_blocks_is_not_sent_more(tiny_model_dirs):
         assert stack.counter("prefill-a", "tandem:kv_store_failures", "save") == 1
         assert stack.counter("prefill-a", "tandem:kv_store_blocks", "save") == 0
         assert stack.store.store.stats().blocks["dram"] == 0
+    finally:
+        stack.close()
+
+
+def test_a_decode_worker_prefilling_locally_loads_from_the_store(tiny_model_dirs):
+    """With no prefill worker left the router falls back to decode's own prefill, which loads the prefix a
+    prefill worker saved; and what decode computes itself it saves for the others."""
+    from tandem.proto import router_pb2
+
+    stack = Stack(tiny_model_dirs["llama"])
+    try:
+        stack.start(router_pb2.PREFILL, "prefill-a")
+        first = stack.complete()
+        wait_for(lambda: stack.counter("prefill-a", "tandem:kv_store_blocks", "save") == len(PROMPT) // 16,
+                 "prefill-a to save the prompt's blocks")
+        stack.stop("prefill-a")
+        stack.forget_decode_cache()
+        assert stack.complete() == first
+        assert stack.decisions("fallback") == 1  # no prefill worker: decode prefilled it
+        assert stack.counter("decode-0", "tandem:kv_store_blocks", "load") == BLOCKS
+        other = PROMPT[::-1]  # computed by decode alone, then saved by it
+        stack.complete(other)
+        wait_for(lambda: stack.counter("decode-0", "tandem:kv_store_blocks", "save") == len(other) // 16,
+                 "decode to save what it prefilled")
     finally:
         stack.close()

@@ -1,12 +1,14 @@
-"""The prefill worker's side of the prefix KV store (services/kvstore, `--kv-store HOST:PORT`).
+"""A worker's side of the prefix KV store (services/kvstore, `--kv-store HOST:PORT`).
 
 One prompt's lifecycle: load (before the engine sees the prompt: which of its full blocks past this
 worker's own prefix cache the store holds (Exists), those blocks fetched (Get) and written into free
 blocks of the cache under their hashes, on the engine thread) -> compute (the engine as ever: the
 loaded blocks are prefix-cache hits, so only the rest is computed) -> save (in the background once
 computed: the prompt's blocks the store lacks, read from this worker's cache on the engine thread and
-Put). Every worker of a deployment shares the store, so a prefix one prefill worker computed is
-loaded, not recomputed, by the others.
+Put). Every worker of a deployment shares the store, so a prefix one worker computed is loaded, not
+recomputed, by the others. Prefill workers load before computing a prompt and save after; decode workers
+load before a local prefill or a remote one's lease (the lease then skips what was loaded) and save what
+they prefilled themselves.
 
 The store is a cache: when it fails (unreachable, a block evicted between Exists and Get, a corrupt
 payload, a refused put) the prompt is computed here as without it; failures are logged and counted
@@ -29,14 +31,14 @@ from tandem.proto import kvstore_pb2_grpc
 from tandem.rpc.convert import layout_to_proto
 from tandem.rpc.grpc_util import CHANNEL_OPTIONS
 
-log = logging.getLogger("tandem.prefill.store")
+log = logging.getLogger("tandem.worker.store")
 GETS_IN_FLIGHT = 16  # a long prompt's blocks are fetched this many at a time, not all at once
 
 
 class StoreLink:
     def __init__(self, address: str, host, layout: LayoutDescriptor, metrics, timeout: float = 2.0,
                  retry_seconds: float = 10.0) -> None:
-        """`host`: the PrefillEngine; `metrics`: the worker's (store_blocks, store_failures)."""
+        """`host`: the worker's engine host; `metrics`: the worker's (store_blocks, store_failures)."""
         self.address = address
         self.host = host
         self.engine = host.engine
