@@ -55,10 +55,8 @@ class GrammarBook:
         value = spec[kind]
         compact = bool(spec.get("disable_any_whitespace"))
         try:
-            if kind == "json_object" or (kind == "json" and value in (True, {})):
-                if compact:
-                    return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
-                return self.compiler.compile_builtin_json_grammar()
+            if kind == "json_object" or (kind == "json" and value is True):  # an object, as OpenAI promises
+                return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=not compact)
             if kind == "json":
                 return self.compiler.compile_json_schema(value if isinstance(value, str) else json.dumps(value),
                                                          any_whitespace=not compact)

@@ -197,14 +197,19 @@ class ChatServing:
     def _delta(self, req: ChatCompletionRequest, o: CompletionOutput, stops: list[str], sent_text: dict[int, int],
                sent_tokens: dict[int, int]) -> dict | None:
         finished = o.finish_reason is not None
-        if forced(req.tool_choice):  # the calls go out whole, once complete
+        if forced(req.tool_choice):  # the calls go out whole, once complete, with every token's logprobs
             if not finished:
                 return None
             sent_tokens[o.index] = -1
             calls = tool_calls(o.text, req.tool_choice)
             delta = ({"tool_calls": [{"index": j, **call} for j, call in enumerate(calls)]} if calls
                      else {"content": o.text})
-            return {"index": o.index, "delta": delta, "logprobs": None,
+            logprobs = None
+            if req.logprobs:
+                entries = (o.logprobs or [])[:len(o.token_ids)]
+                logprobs = {"content": [e.model_dump() for e in self._logprobs(o.token_ids, entries,
+                                                                               req.top_logprobs or 0)]}
+            return {"index": o.index, "delta": delta, "logprobs": logprobs,
                     "finish_reason": "tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason,
                     "stop_reason": o.stop_reason}
         end = len(o.text) if finished else len(o.text) - stop_holdback(o.text, stops)

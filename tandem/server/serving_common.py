@@ -153,7 +153,8 @@ def structured_outputs(req: SamplingRequest) -> tuple[dict[str, Any] | None, str
         if kind == "json_object":
             asked["response_format"] = {"json_object": True}
         elif kind == "json_schema":
-            schema = (fmt.get("json_schema") or {}).get("schema")
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
             if not isinstance(schema, dict):
                 raise bad_request("response_format json_schema needs json_schema.schema, a JSON schema object",
                                   "response_format")

@@ -45,7 +45,8 @@ def forced_schema(tools: list[dict[str, Any]] | None, tool_choice: Any) -> dict[
         calls = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
                   "properties": {"name": {"const": name}, "parameters": params}} for name, params in functions.items()]
         return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
-    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
         raise bad_request('tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
                           '{"name": ...}}', "tool_choice")

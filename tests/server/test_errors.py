@@ -60,6 +60,8 @@ def _assert_openai_error(r, status: int, param: str | None = None, *words: str) 
     ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice", []),
     ("/v1/completions", {**CMPL, "response_format": {"type": "json_schema"}}, "response_format", ["schema"]),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "xml"}}, "response_format", ["json_object"]),
+    ("/v1/completions", {**CMPL, "response_format": {"type": "json_schema", "json_schema": "x"}}, "response_format",
+     ["schema"]),
     ("/v1/completions", {**CMPL, "guided_choice": ["a"], "response_format": {"type": "json_object"}}, "response_format",
      ["one output constraint"]),
     ("/v1/chat/completions", {**CHAT, "structured_outputs": {"regex": "a+", "choice": ["b"]}}, "structured_outputs",

@@ -43,11 +43,12 @@ def test_required_calls_one_or_more_of_the_tools_streamed_and_n_2(smol):
         assert choice.finish_reason == "tool_calls"
         _check(choice.message.tool_calls)
     stream = smol.openai().chat.completions.create(model=smol.model, messages=ASK, tools=TOOLS, max_tokens=120,
-                                                   tool_choice="required", temperature=0, stream=True)
+                                                   tool_choice="required", temperature=0, stream=True, logprobs=True)
     deltas = [c.choices[0] for c in stream if c.choices]
     calls = [tc for d in deltas for tc in (d.delta.tool_calls or [])]
     assert deltas[-1].finish_reason == "tool_calls" and not any(d.delta.content for d in deltas)
     _check(calls)
+    assert "".join(t.token for t in deltas[-1].logprobs.content).startswith("[")  # every token's, with the calls
 
 
 @pytest.mark.parametrize("body, words", [
@@ -56,6 +57,7 @@ def test_required_calls_one_or_more_of_the_tools_streamed_and_n_2(smol):
     ({"tools": [{"type": "function", "function": {}}], "tool_choice": "required"}, ["tools[0]"]),
     ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, ["constraint"]),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, []),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": "get_weather"}}, []),
 ])
 def test_bad_tool_choices_are_400(smol, body, words):
     r = smol.post("/v1/chat/completions", json={"model": smol.model, "messages": ASK, "max_tokens": 5, **body})
