@@ -78,6 +78,16 @@ class Stack:
                                         logprobs=0, extra_body={"ignore_eos": True})
         return out.choices[0].logprobs.tokens
 
+    def saved_by_prefill_a(self) -> list[int]:
+        """PROMPT computed by a prefill worker "prefill-a" and its blocks saved to the store; the answer."""
+        from tandem.proto import router_pb2
+
+        self.start(router_pb2.PREFILL, "prefill-a")
+        answer = self.complete()
+        wait_for(lambda: self.counter("prefill-a", "tandem:kv_store_blocks", "save") == len(PROMPT) // 16,
+                 "prefill-a to save the prompt's blocks")
+        return answer
+
     def forget_decode_cache(self) -> None:
         """Decode's prefix cache emptied (so the router sends the prompt to prefill again)."""
         host = self.decode.host
@@ -111,10 +121,7 @@ def test_a_prefix_one_prefill_worker_computed_is_loaded_by_another(tiny_model_di
 
     stack = Stack(tiny_model_dirs["llama"])
     try:
-        stack.start(router_pb2.PREFILL, "prefill-a")
-        first = stack.complete()
-        wait_for(lambda: stack.counter("prefill-a", "tandem:kv_store_blocks", "save") == len(PROMPT) // 16,
-                 "prefill-a to save the prompt's blocks")
+        first = stack.saved_by_prefill_a()
         assert stack.store.store.stats().blocks["dram"] == len(PROMPT) // 16
         stack.stop("prefill-a")
         stack.start(router_pb2.PREFILL, "prefill-b")
@@ -169,14 +176,9 @@ def test_a_store_that_refuses_our_blocks_is_not_sent_more(tiny_model_dirs):
 def test_a_decode_worker_prefilling_locally_loads_from_the_store(tiny_model_dirs):
     """With no prefill worker left the router falls back to decode's own prefill, which loads the prefix a
     prefill worker saved; and what decode computes itself it saves for the others."""
-    from tandem.proto import router_pb2
-
     stack = Stack(tiny_model_dirs["llama"])
     try:
-        stack.start(router_pb2.PREFILL, "prefill-a")
-        first = stack.complete()
-        wait_for(lambda: stack.counter("prefill-a", "tandem:kv_store_blocks", "save") == len(PROMPT) // 16,
-                 "prefill-a to save the prompt's blocks")
+        first = stack.saved_by_prefill_a()
         stack.stop("prefill-a")
         stack.forget_decode_cache()
         assert stack.complete() == first
