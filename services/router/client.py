@@ -25,6 +25,7 @@ from opentelemetry import trace
 
 from tandem.engine import loader
 from tandem.engine.engine import sampling_defaults
+from tandem.engine.structured import GrammarBook
 from tandem.inputs import InputChecker
 from tandem.outputs import RequestOutput
 from tandem.proto import common_pb2, decode_pb2, decode_pb2_grpc, router_pb2
@@ -98,7 +99,8 @@ class RemoteEngineClient:
         self.decode_profile = Profile(self.config.decode_filters, self.config.decode_scorers)
         self.prefill_profile = Profile(self.config.prefill_filters, self.config.prefill_scorers)
         self.prefills = RemotePrefill(self)
-        self._grammars = None  # structured outputs' compiler, made on first use (check_structured)
+        vocab = self.inputs.vocab_size  # structured outputs compile here as on the decode workers
+        self.grammars = GrammarBook(self.tokenizer, vocab, eos_token_ids(self.model_path, self.tokenizer, vocab))
 
     # ---- the EngineClient protocol --------------------------------------------------------------
 
@@ -118,14 +120,7 @@ class RemoteEngineClient:
     def check_structured(self, params: SamplingParams) -> None:
         """Compiles the params' output constraint as the decode workers will (ValueError when it cannot be), so
         a bad schema is the client's 400 before any worker sees it; any thread."""
-        if params.structured_outputs is None:
-            return
-        if self._grammars is None:
-            from tandem.engine.structured import GrammarBook
-
-            vocab = self.inputs.vocab_size
-            self._grammars = GrammarBook(self.tokenizer, vocab, eos_token_ids(self.model_path, self.tokenizer, vocab))
-        self._grammars.compile(params.structured_outputs)
+        self.grammars.compile(params.structured_outputs)
 
     def abort(self, request_id: str) -> None:
         """Requests end when their stream is closed (that cancels their calls); nothing to do."""

@@ -26,6 +26,7 @@ from tandem.engine.models import model_class
 from tandem.engine.request import Request, RequestGroup
 from tandem.engine.sampler import Sample
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
+from tandem.engine.structured import GrammarBook
 from tandem.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tandem.sampling_params import SamplingParams
 from tandem.tokenizer import IncrementalDetokenizer, NoDetokenizer, eos_token_ids, find_stop, load_generation_config, load_tokenizer
@@ -90,7 +91,7 @@ class LLMEngine(KVRoles, Lookaheads):
         self.model = self._load(cls, hf_config)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or self.model_path)
         self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer, self.model.shape.vocab)
-        self._grammars = None  # structured outputs' compiler, made on first use
+        self.grammars = GrammarBook(self.tokenizer, self.model.shape.vocab, self.eos_token_ids)  # structured outputs
         self.generation_defaults = self._generation_defaults()
         self.inputs = InputChecker(self.tokenizer, self.model.shape.vocab, self.max_model_len)
         cache = config.cache
@@ -182,20 +183,6 @@ class LLMEngine(KVRoles, Lookaheads):
 
     def check_params(self, params: SamplingParams) -> None:
         self.inputs.params(params)
-        self.compile_grammar(params)
-
-    def compile_grammar(self, params: SamplingParams) -> Any:
-        """The compiled structured-outputs constraint of `params` (None without one); ValueError when it
-        cannot be compiled. Thread-safe (the server checks requests on its own thread)."""
-        if params.structured_outputs is None:
-            return None
-        if self.tokenizer is None:
-            raise ValueError("structured_outputs needs a tokenizer (this engine has skip_tokenizer_init)")
-        if self._grammars is None:
-            from tandem.engine.structured import GrammarBook
-
-            self._grammars = GrammarBook(self.tokenizer, self.model.shape.vocab, self.eos_token_ids)
-        return self._grammars.compile(params.structured_outputs)
 
     def prepare_params(self, params: SamplingParams) -> SamplingParams:
         params = params.clone()
@@ -233,10 +220,10 @@ class LLMEngine(KVRoles, Lookaheads):
                 raise ValueError("nothing left to generate after the resumed tokens")
         group = RequestGroup.create(request_id, text, ids, params, arrival_time or time.monotonic(), priority,
                                     seed_index)
-        compiled = self.compile_grammar(params)
+        compiled = self.grammars.compile(params.structured_outputs)  # a cache hit once the server checked it
         if compiled is not None:
             for seq in group.seqs:
-                seq.grammar = self._grammars.matcher(compiled)
+                seq.grammar = self.grammars.matcher(compiled)
             for tok in resume_token_ids:  # checked before the group is registered: a refusal leaves nothing
                 if not group.seqs[0].grammar.accept_token(tok):
                     raise ValueError(f"resume token {tok} breaks the request's structured_outputs")
@@ -377,7 +364,7 @@ class LLMEngine(KVRoles, Lookaheads):
             taken += 1
             n_out = len(req.output_token_ids)
             may_stop = n_out >= p.min_tokens
-            if may_stop and tok in eos or req.grammar is not None and req.grammar.is_terminated():
+            if (may_stop and tok in eos) or (req.grammar is not None and req.grammar.is_terminated()):
                 self.scheduler.finish(req, "stop")  # a completed grammar ends on EOS even under ignore_eos
                 break
             if may_stop and tok in stop_ids:

@@ -9,7 +9,7 @@ continued on another worker after a failure samples what it would have sampled h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -25,6 +25,7 @@ class SampleRow(Protocol):
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     seed: int | None  # the sequence's seed; the draw at each output position is seeded from it
+    grammar: Any  # structured outputs' matcher, or None
 
 
 @dataclass
@@ -120,7 +121,7 @@ def _draw(probs: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sample]:
     """logits: [len(rows), vocab], the model's raw output for each row (float32 where
     wants_float_logits(rows)); modified in place."""
-    grammars = [getattr(r, "grammar", None) for r in rows]
+    grammars = [r.grammar for r in rows]
     if any(g is not None for g in grammars):  # first: logprobs are of what the grammar allows, as vLLM's
         structured.mask(logits, grammars)
     wanted = any(r.params.wants_logprob for r in rows)

@@ -40,38 +40,54 @@ def check_spec(spec: Any) -> str | None:
 
 
 class GrammarBook:
-    """One engine's compiler: its tokenizer's vocabulary, padded to the model's, ended by its EOS ids."""
+    """A model's compiler: its tokenizer's vocabulary, padded to the model's, ended by its EOS ids. Cheap to
+    make: xgrammar and the vocabulary's tables are loaded on the first constraint (a quarter second)."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int]) -> None:
-        import xgrammar as xgr  # imported where structured outputs are used
+        self._args = (tokenizer, vocab_size, list(stop_token_ids))
+        self._compiler = None
 
-        self._xgr = xgr
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                  stop_token_ids=list(stop_token_ids) or None)
-        self.compiler = xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_BYTES)
+    @property
+    def compiler(self) -> Any:
+        if self._compiler is None:  # two threads at once only build it twice
+            import xgrammar as xgr
 
-    def compile(self, spec: dict) -> Any:
+            tokenizer, vocab_size, stop_ids = self._args
+            if tokenizer is None:
+                raise ValueError("structured_outputs needs a tokenizer (this engine has skip_tokenizer_init)")
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_ids or None)
+            self._compiler = xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_BYTES)
+        return self._compiler
+
+    def compile(self, spec: dict | None) -> Any:
+        """The compiled constraint (None for none); ValueError naming it when it cannot be compiled."""
+        if spec is None:
+            return None
+        compiler = self.compiler
         kind = next(k for k in KINDS if spec.get(k) not in (None, False))
         value = spec[kind]
         compact = bool(spec.get("disable_any_whitespace"))
         try:
             if kind == "json_object" or (kind == "json" and value is True):  # an object, as OpenAI promises
-                return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=not compact)
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=not compact)
             if kind == "json":
-                return self.compiler.compile_json_schema(value if isinstance(value, str) else json.dumps(value),
+                return compiler.compile_json_schema(value if isinstance(value, str) else json.dumps(value),
                                                          any_whitespace=not compact)
             if kind == "regex":
-                return self.compiler.compile_regex(value)
+                return compiler.compile_regex(value)
             if kind == "choice":
                 # literals as JSON strings, but not \u-escaped: xgrammar reads an escaped surrogate pair as two
-                return self.compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
+                return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
                                                                               for c in value))
-            return self.compiler.compile_grammar(value)
+            return compiler.compile_grammar(value)
         except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError and others for bad input
             raise ValueError(f"structured_outputs {kind} could not be compiled: {exc}") from None
 
-    def matcher(self, compiled: Any) -> Any:
-        return self._xgr.GrammarMatcher(compiled)
+    @staticmethod
+    def matcher(compiled: Any) -> Any:
+        import xgrammar as xgr
+
+        return xgr.GrammarMatcher(compiled)
 
 
 def mask(logits: torch.Tensor, matchers: list[Any]) -> None:

@@ -132,7 +132,7 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         ids = self.engine.inputs.request(prompt_token_ids, params, self.max_model_len, resume_token_ids)
-        self.engine.compile_grammar(params)  # a schema it cannot compile is this request's error, now
+        self.engine.grammars.compile(params.structured_outputs)  # one that cannot compile: this request's error
         return ids
 
     async def open_stream(self, request_id: str, command: tuple) -> AsyncIterator[Any]:
@@ -167,7 +167,7 @@ class AsyncEngine:
 
     def check_structured(self, params: SamplingParams) -> None:
         """Compiles the params' output constraint (ValueError when it cannot be); any thread."""
-        self.engine.compile_grammar(params)
+        self.engine.grammars.compile(params.structured_outputs)
 
     async def call(self, fn: Any, *args: Any) -> Any:
         """fn(*args) run on the engine thread between steps (it may touch the engine's state); its result."""

@@ -29,8 +29,7 @@ log = logging.getLogger("tandem.server")
 T = TypeVar("T")
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; OpenAI and vLLM clamp the same way
 LARGE_BODY_BYTES = 256 * 1024  # request bodies from here on are prepared off the event loop
-_CHECKED_FIELDS = {"prompt", "stop_token_ids", "logprobs", "prompt_logprobs", "max_tokens",  # engine-side checks
-                   "structured_outputs"}
+_CHECKED_FIELDS = {"prompt", "stop_token_ids", "logprobs", "prompt_logprobs", "max_tokens"}  # engine-side checks
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
