@@ -139,6 +139,10 @@ class StoreLink:
         log.warning("KV store %s (%s): %s; computing without it", self.address, direction, detail)
         return 0
 
+    async def settled(self) -> None:
+        """Until the saves started so far have ended (what the counters say is then final)."""
+        await asyncio.gather(*self._saves, return_exceptions=True)
+
     async def close(self) -> None:
         for task in list(self._saves):
             task.cancel()

@@ -148,7 +148,7 @@ def test_a_store_that_is_down_costs_only_recomputation(tiny_model_dirs):
         # the unreachable store was set aside after its first failure: not saved to, nor asked about
         # another prompt
         assert len(stack.complete(PROMPT[::-1])) == 6
-        time.sleep(0.5)
+        stack.run(stack.workers["prefill-a"].store.settled())
         assert stack.counter("prefill-a", "tandem:kv_store_failures", "load") == 1
         assert stack.counter("prefill-a", "tandem:kv_store_failures", "save") == 0
     finally:
@@ -165,7 +165,7 @@ def test_a_store_that_refuses_our_blocks_is_not_sent_more(tiny_model_dirs):
         stack.complete()
         wait_for(lambda: stack.counter("prefill-a", "tandem:kv_store_failures", "save") == 1, "the refused save")
         stack.complete(PROMPT[::-1])
-        time.sleep(0.5)
+        stack.run(stack.workers["prefill-a"].store.settled())
         assert stack.counter("prefill-a", "tandem:kv_store_failures", "save") == 1
         assert stack.counter("prefill-a", "tandem:kv_store_blocks", "save") == 0
         assert stack.store.store.stats().blocks["dram"] == 0
