@@ -136,15 +136,18 @@ class ModelRunner:
                 plp_rows.append((r, row, count))
             if s.samples and (not r.kv_only or r.sample_first_token):
                 sample_rows.append((r, row + n - 1))
-        hidden = self._forward(input_ids, positions, slots, seqs, on_layer_written)
+        # prompt logprobs read every prompt row; otherwise only the sampled rows' hidden states are made
+        keep = None if plp_rows or len(sample_rows) == len(input_ids) else [row for _, row in sample_rows]
+        hidden = self._forward(input_ids, positions, slots, seqs, on_layer_written, keep)
         result = StepResult()
         for r, row, count in plp_rows:
             logits = self.model.compute_logits(hidden[row:row + count])
             nxt = r.prompt_token_ids[r.num_computed_tokens + 1: r.num_computed_tokens + 1 + count]
             result.prompt_logprobs[r] = prompt_logprobs(logits, nxt, r.params.prompt_logprobs)
         if sample_rows:
-            rows = torch.tensor([row for _, row in sample_rows])
-            self._sample([r for r, _ in sample_rows], hidden[rows], result)
+            if keep is None and len(sample_rows) < len(input_ids):
+                hidden = hidden[torch.tensor([row for _, row in sample_rows])]
+            self._sample([r for r, _ in sample_rows], hidden, result)
         return result
 
     @torch.inference_mode()
@@ -175,14 +178,16 @@ class ModelRunner:
         return self.model.compute_logits(hidden, upcast=False)
 
     def _forward(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
-                 on_layer_written) -> torch.Tensor:
+                 on_layer_written, keep: list[int] | None = None) -> torch.Tensor:
+        """The final hidden states of every row, or of the rows in `keep` (in its order)."""
         if self.graphs is not None and on_layer_written is None:
             hidden = self.graphs.run(input_ids, positions, slots, seqs)
             if hidden is not None:
-                return hidden
+                return hidden if keep is None else hidden[self._device_tensor(keep)]
         attn = build_attention(self.kv_caches, seqs, slots, self.scale, self.model.shape.sliding_window,
                                on_layer_written)
-        return self.model(self._device_tensor(input_ids), self._device_tensor(positions), attn)
+        return self.model(self._device_tensor(input_ids), self._device_tensor(positions), attn,
+                          None if keep is None else self._device_tensor(keep))
 
     def _device_tensor(self, values: list[int]) -> torch.Tensor:
         t = host_longs(values)

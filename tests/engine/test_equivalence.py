@@ -131,6 +131,27 @@ def test_preemption(arch, references, make_llm):
     assert llm.stats().num_preemptions > 0
 
 
+@pytest.mark.parametrize("budget", [2048, 12])  # whole prompts in one step, and chunks beside decode rows
+def test_last_layer_projects_only_sampled_rows(budget, references, make_llm):
+    """A prompt's rows sample nothing but their last: past the last layer's attention (which still
+    writes every row's K/V) only the sampled rows go on through its projection and MLP. Output is
+    still transformers', and the last layer's MLP sees exactly one row per sampled token."""
+    path, prompts, params, expected = references["llama"]
+    llm = make_llm(path, enable_prefix_caching=False, max_num_batched_tokens=budget)
+    layers, rows = llm.engine.runner.model.layers, {"first": 0, "last": 0}
+    hooks = [layers[i].down_proj.register_forward_hook(
+        lambda mod, args, out, key=key: rows.__setitem__(key, rows[key] + args[0].shape[0]))
+        for i, key in ((0, "first"), (-1, "last"))]
+    try:
+        assert _generate(llm, prompts, params) == expected
+    finally:
+        for h in hooks:
+            h.remove()
+    sampled = len(prompts) * params.max_tokens
+    assert rows["last"] == sampled
+    assert rows["first"] == sum(len(p) for p in prompts) + sampled - len(prompts)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_large_mixed_batch(backend, tiny_model_dirs, make_llm, monkeypatch):
     """More sequences than one decode group, with contexts spread across many block counts. With the

@@ -58,9 +58,11 @@ class DecoderLayer(nn.Module):
         self.act = _ACTIVATIONS[cfg.act]
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+                rope: tuple[torch.Tensor, torch.Tensor], attn: AttentionBatch,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """h: the previous layer's output, not yet added to the residual stream (vLLM's layout: the
-        add fuses into this layer's first norm). Returns (this layer's output, the residual)."""
+        add fuses into this layer's first norm). Returns (this layer's output, the residual); with
+        `keep`, only those rows' (every row's K/V is still written)."""
         c = self.cfg
         if residual is None:
             x, residual = self.input_layernorm(h), h
@@ -74,6 +76,10 @@ class DecoderLayer(nn.Module):
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         o = attn.forward(self.layer, q, k, v, (positions, *rope))
+        if keep is not None:  # rows past attention are independent: the rest need no projection or MLP
+            if not keep.numel():
+                return residual[:0], residual[:0]
+            o, residual = o[keep], residual[keep]
         o = self.o_proj(o.reshape(-1, c.num_heads * c.head_dim))
         x, residual = self.post_attention_layernorm(o, residual)
         if c.act == "silu":
@@ -129,11 +135,16 @@ class LlamaForCausalLM(nn.Module):
         device = self.embed_tokens.weight.device
         self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The final hidden states of every row, or with `keep` (row indices) of those rows only, in
+        that order: a prompt's rows that sample nothing skip the last layer's projection and MLP
+        (about 1/num_layers of a prompt step's FLOPs)."""
         h, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            h, residual = layer(h, residual, positions, (self.rope_cos, self.rope_sin), attn)
-        return self.norm(h, residual)[0]
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            h, residual = layer(h, residual, positions, (self.rope_cos, self.rope_sin), attn, keep if i == last else None)
+        return self.norm(h, residual)[0] if h.shape[0] else h
 
     def pack_weights(self) -> None:
         """CPUs, half precision: every projection in oneDNN's blocked layout (Linear.pack). A tied
