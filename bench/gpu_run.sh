@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session in one command (device machine: torch, triton, transformers preinstalled):
-#   bash bench/gpu_run.sh [STAGES]   STAGES: comma list of install,kernels,check,kbench,quick,full,trace,p512
+#   bash bench/gpu_run.sh [STAGES]   STAGES: comma list of install,kernels,engine,check,kbench,quick,full,trace,p512
 # Writes logs and JSON under $OUT (or bench/results).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -15,6 +15,10 @@ if has install; then
 fi
 if has kernels; then
   timeout 240 python3 -m pytest ${KERNEL_TESTS:-tests/kernels} -q -x -p no:cacheprovider 2>&1 | tee "$OUT/kernels-tests.log" | tail -8
+fi
+if has engine; then  # engine features' tests on CUDA (tiny random models; structured outputs need xgrammar's wheels)
+  timeout 240 python3 -m pytest ${ENGINE_TESTS:-tests/engine/test_structured.py tests/engine/test_kv_store_blocks.py \
+    tests/engine/test_equivalence.py} -k "not smollm2" -q -p no:cacheprovider 2>&1 | tee "$OUT/engine-tests.log" | tail -15
 fi
 if has check; then
   timeout 240 python3 bench/gpu_check.py --out "$OUT" 2>&1 | grep -v Warning | tail -8
