@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from tandem.server.tool_parsers import PARSERS
+
 CONTENT_FORMATS = ("auto", "string", "openai")
 
 
@@ -13,6 +15,7 @@ class ServerConfig:
     api_key: str | None = None  # required as a Bearer token on /v1/* when set
     chat_template: str | None = None  # a template (or a path to one) instead of the tokenizer's
     chat_template_content_format: str = "auto"  # how message content reaches the template
+    tool_call_parser: str = "auto"  # the model's own tool-call syntax (tool_parsers.py); auto: read the template
     response_role: str = "assistant"
     max_logprobs: int = 20  # most logprobs / top_logprobs a request may ask for
     max_seqs_per_request: int = 256  # prompts x best_of, so one request cannot exhaust memory
@@ -27,6 +30,8 @@ class ServerConfig:
         if self.chat_template_content_format not in CONTENT_FORMATS:
             raise ValueError(f"chat_template_content_format must be one of {CONTENT_FORMATS}, "
                              f"got {self.chat_template_content_format!r}")
+        if self.tool_call_parser not in PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {PARSERS}, got {self.tool_call_parser!r}")
         if self.served_model_names is not None and not self.served_model_names:
             raise ValueError("served_model_names must not be empty")
         self.chat_template = load_chat_template(self.chat_template)

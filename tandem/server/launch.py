@@ -78,6 +78,10 @@ def add_http_args(p: argparse.ArgumentParser, port: int = 8000) -> None:
     s.add_argument("--chat-template-content-format", choices=["auto", "string", "openai"], default="auto",
                    help="message content as a string or as OpenAI's list of parts; auto (the default) "
                         "reads the template")
+    s.add_argument("--tool-call-parser", choices=["auto", "none", "hermes", "llama3_json"], default="auto",
+                   help="how a model writes its own tool calls (tool_choice auto): hermes (<tool_call> JSON: "
+                        "Qwen2/2.5, Hermes), llama3_json (Llama 3.1+); auto (the default) reads the chat template; "
+                        "none leaves replies as text")
     s.add_argument("--response-role", default="assistant", help="role of the generated chat message (default: assistant)")
     s.add_argument("--max-logprobs", type=int, default=20, help="most logprobs a request may ask for (default: 20)")
     s.add_argument("--disable-log-requests", action="store_true", help="do not log each request")
@@ -96,7 +100,8 @@ def server_config(args: argparse.Namespace):
 
     return ServerConfig(
         served_model_names=args.served_model_name, api_key=args.api_key, chat_template=args.chat_template,
-        chat_template_content_format=args.chat_template_content_format, response_role=args.response_role,
+        chat_template_content_format=args.chat_template_content_format, tool_call_parser=args.tool_call_parser,
+        response_role=args.response_role,
         max_logprobs=args.max_logprobs, disable_log_requests=args.disable_log_requests,
         enable_request_id_headers=args.enable_request_id_headers, allowed_origins=args.allowed_origins,
         allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,

@@ -136,7 +136,8 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0)
     tools: list[dict[str, Any]] | None = Field(None, description="Given to the chat template.")
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = Field(
-        None, description='"required" or {"type": "function", "function": {"name": ...}} forces tool calls.')
+        None, description='"required" or {"type": "function", "function": {"name": ...}} forces tool calls; '
+                          '"auto" (the default with tools) parses the calls the model writes itself.')
     # vLLM extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False

@@ -1,5 +1,6 @@
 """POST /v1/chat/completions: messages through the chat template, streamed or not, with n,
-logprobs / top_logprobs, continue_final_message and per-request templates and template kwargs."""
+logprobs / top_logprobs, continue_final_message, per-request templates and template kwargs, and tool
+calls (forced ones held to their JSON by tool_choice.py, the model's own parsed by tool_parsers.py)."""
 from __future__ import annotations
 
 import inspect
@@ -19,6 +20,7 @@ from tandem.server.serving_common import (SSE_DONE, ServingContext, SSEResponse,
                                           merge_streams, now, resolve_max_tokens, sampling_params, sse, stop_holdback,
                                           stream_error, structured_outputs)
 from tandem.server.tool_choice import forced, forced_schema, tool_calls
+from tandem.server import tool_parsers
 from tandem.tokenizer import apply_chat_template
 
 # a template that loops over a message's content expects OpenAI's list of parts, not a string
@@ -109,6 +111,13 @@ class ChatServing:
         except Exception as exc:  # noqa: BLE001 - e.g. lone surrogates in the messages
             raise bad_request(f"messages could not be tokenized: {exc}", "messages") from exc
 
+    def _tool_parser(self, req: ChatCompletionRequest):
+        """The parser of the model's own tool calls, when the request lets it call its tools."""
+        if not req.tools or req.tool_choice not in (None, "auto"):
+            return None
+        template = req.chat_template or self.ctx.config.chat_template or self.ctx.client.tokenizer.chat_template
+        return tool_parsers.pick(self.ctx.config.tool_call_parser, template if isinstance(template, str) else None)
+
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response | ChatCompletionResponse:
         ctx = self.ctx
         model = ctx.model(req.model)
@@ -132,11 +141,21 @@ class ChatServing:
         stream = ctx.track(f"chatcmpl-{rid}-{secrets.token_hex(4)}", ids, params, req.priority, now())
         ctx.log_request(rid, [len(ids)], params)
         head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": model}
+        parser = self._tool_parser(req)
         if req.stream:
-            return SSEResponse(self._stream(req, head, stream, params.stop, len(ids)))
-        return await cancel_on_disconnect(raw, self._full(req, head, stream))
+            return SSEResponse(self._stream(req, parser, head, stream, params.stop, len(ids)))
+        return await cancel_on_disconnect(raw, self._full(req, parser, head, stream))
 
-    async def _full(self, req: ChatCompletionRequest, head: dict, stream: AsyncIterator) -> ChatCompletionResponse:
+    @staticmethod
+    def _reply(req: ChatCompletionRequest, parser, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """A finished reply as (content, tool calls)."""
+        if forced(req.tool_choice):
+            calls = tool_calls(text, req.tool_choice)
+            return (None, calls) if calls else (text, [])
+        return parser.parse(text) if parser is not None else (text, [])
+
+    async def _full(self, req: ChatCompletionRequest, parser, head: dict,
+                    stream: AsyncIterator) -> ChatCompletionResponse:
         final: RequestOutput | None = None
         try:
             async for _, out in merge_streams([stream]):
@@ -151,9 +170,8 @@ class ChatServing:
             logprobs = None
             if req.logprobs:
                 logprobs = ChoiceLogprobs(content=self._logprobs(o.token_ids, o.logprobs or [], req.top_logprobs or 0))
-            calls = tool_calls(o.text, req.tool_choice) if forced(req.tool_choice) else None
-            message = ResponseMessage(role=self.ctx.config.response_role, content=None if calls else o.text,
-                                      tool_calls=calls or [])
+            content, calls = self._reply(req, parser, o.text)
+            message = ResponseMessage(role=self.ctx.config.response_role, content=content, tool_calls=calls)
             finish = "tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason
             choices.append(ChatChoice(index=o.index, message=message, logprobs=logprobs, finish_reason=finish,
                                       stop_reason=o.stop_reason))
@@ -162,7 +180,7 @@ class ChatServing:
                           total_tokens=len(final.prompt_token_ids) + completion)
         return ChatCompletionResponse(choices=choices, usage=usage, **head)
 
-    async def _stream(self, req: ChatCompletionRequest, head: dict, stream: AsyncIterator,
+    async def _stream(self, req: ChatCompletionRequest, parser, head: dict, stream: AsyncIterator,
                       stops: list[str], prompt_len: int) -> AsyncIterator[bytes]:
         opts = req.stream_options
         head = {**head, "object": "chat.completion.chunk"}
@@ -185,7 +203,7 @@ class ChatServing:
                 for o in out.outputs:
                     if o.index in sent_tokens and sent_tokens[o.index] < 0:
                         continue  # that choice has finished
-                    choice = self._delta(req, o, stops, sent_text, sent_tokens)
+                    choice = self._delta(req, parser, o, stops, sent_text, sent_tokens)
                     if choice is not None:
                         yield chunk(choice)
             if opts is not None and opts.include_usage:
@@ -194,26 +212,22 @@ class ChatServing:
             yield sse(stream_error(exc).body())
         yield SSE_DONE
 
-    def _delta(self, req: ChatCompletionRequest, o: CompletionOutput, stops: list[str], sent_text: dict[int, int],
-               sent_tokens: dict[int, int]) -> dict | None:
+    def _delta(self, req: ChatCompletionRequest, parser, o: CompletionOutput, stops: list[str],
+               sent_text: dict[int, int], sent_tokens: dict[int, int]) -> dict | None:
+        """The next chunk of one choice. Text that may still turn out to be a stop string or a tool call is
+        held back; tool calls go out whole in the choice's last chunk, once the reply has ended."""
         finished = o.finish_reason is not None
-        if forced(req.tool_choice):  # the calls go out whole, once complete, with every token's logprobs
-            if not finished:
-                return None
-            sent_tokens[o.index] = -1
-            calls = tool_calls(o.text, req.tool_choice)
-            delta = ({"tool_calls": [{"index": j, **call} for j, call in enumerate(calls)]} if calls
-                     else {"content": o.text})
-            logprobs = None
-            if req.logprobs:
-                entries = (o.logprobs or [])[:len(o.token_ids)]
-                logprobs = {"content": [e.model_dump() for e in self._logprobs(o.token_ids, entries,
-                                                                               req.top_logprobs or 0)]}
-            return {"index": o.index, "delta": delta, "logprobs": logprobs,
-                    "finish_reason": "tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason,
-                    "stop_reason": o.stop_reason}
-        end = len(o.text) if finished else len(o.text) - stop_holdback(o.text, stops)
         start, done_tokens = sent_text.get(o.index, 0), sent_tokens.get(o.index, 0)
+        calls: list[dict[str, Any]] = []
+        if finished:
+            content, calls = self._reply(req, parser, o.text)
+            end = len(content or "") if calls else len(o.text)
+        elif forced(req.tool_choice):
+            end = 0
+        else:
+            end = len(o.text) - stop_holdback(o.text, stops)
+            if parser is not None:
+                end = min(end, parser.content_end(o.text))
         text = o.text[start:max(start, end)]
         new_ids = o.token_ids[done_tokens:]
         logprobs = None
@@ -225,8 +239,11 @@ class ChatServing:
             return None
         sent_text[o.index] = max(start, end)
         sent_tokens[o.index] = -1 if finished else len(o.token_ids)
-        return {"index": o.index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
-                "finish_reason": o.finish_reason if finished else None,
+        delta: dict[str, Any] = {"content": text} if text else {}
+        if calls:
+            delta["tool_calls"] = [{"index": j, **call} for j, call in enumerate(calls)]
+        finish = ("tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason) if finished else None
+        return {"index": o.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
                 "stop_reason": o.stop_reason if finished else None}
 
     def _logprobs(self, token_ids: list[int], entries: list, k: int) -> list[TokenLogprob]:

@@ -1,16 +1,16 @@
 """Forced tool calls: `tool_choice` of "required" or a named function, as vLLM makes them. The reply is
 held by structured outputs to the tool-call JSON (a named function: an object of its arguments;
 "required": a non-empty array of {"name": one of the tools, "parameters": its arguments}), then parsed into
-the message's `tool_calls` instead of `content`. "auto" leaves the reply as text (the tools reach the chat
-template; parsing a model's own tool-call syntax is not built yet); "none" keeps the tools from the template.
+the message's `tool_calls` instead of `content`. "auto" (or no choice) lets the model decide: its own call
+syntax is parsed by tool_parsers.py; "none" keeps the tools from the template.
 """
 from __future__ import annotations
 
 import json
-import secrets
 from typing import Any
 
 from tandem.server.errors import bad_request
+from tandem.server.tool_parsers import make_call
 
 _ANY_OBJECT = {"type": "object"}
 
@@ -65,5 +65,4 @@ def tool_calls(text: str, tool_choice: Any) -> list[dict[str, Any]] | None:
         pairs = [(call["name"], call["parameters"]) for call in value]
     else:
         pairs = [(tool_choice["function"]["name"], value)]
-    return [{"id": f"chatcmpl-tool-{secrets.token_hex(8)}", "type": "function",
-             "function": {"name": name, "arguments": json.dumps(args)}} for name, args in pairs]
+    return [make_call(name, args) for name, args in pairs]

@@ -1,0 +1,113 @@
+"""Tool calls a model writes in its own syntax, for tool_choice "auto" (vLLM's --tool-call-parser).
+
+Which parser a request gets: the server's `tool_call_parser` names one, or "auto" (the default) reads the
+chat template the request is rendered with: one that shows the model `<tool_call>` gets `hermes` (Qwen2/2.5,
+Hermes), one with Llama 3.1's `<|python_tag|>` or its JSON-call instructions gets `llama3_json`; any other
+template, or "none", gets no parser, and the reply stays text.
+
+A parser has two jobs, one per kind of response:
+- `parse(text)`: the finished reply as (content, calls). A reply whose call syntax does not parse stays
+  all content, with no calls, as vLLM returns it.
+- `content_end(text)`: while a reply streams, how much of it is surely content: the rest might be the
+  start of a call, so the stream holds it back until the reply ends and `parse` decides.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+import secrets
+from typing import Any
+
+PARSERS = ("auto", "none", "hermes", "llama3_json")
+
+
+def make_call(name: str, arguments: Any) -> dict[str, Any]:
+    """One call in OpenAI's shape: arguments as a JSON string (a string the model wrote stays as it is)."""
+    args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"id": f"chatcmpl-tool-{secrets.token_hex(8)}", "type": "function",
+            "function": {"name": name, "arguments": args}}
+
+
+def _call(value: Any, *arg_keys: str) -> dict[str, Any]:
+    """A decoded call object to OpenAI's shape; ValueError when it is not {"name": str, <arguments>}."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise ValueError("a tool call needs a name")
+    for key in arg_keys:
+        if key in value:
+            return make_call(value["name"], value[key])
+    return make_call(value["name"], {})
+
+
+def _held_prefix(text: str, marker: str) -> int:
+    """Length of text's longest suffix that begins `marker` (a marker that may still be arriving)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+class HermesParser:
+    """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks after optional text."""
+
+    name = "hermes"
+    START = "<tool_call>"
+    _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+
+    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        start = text.find(self.START)
+        if start < 0:
+            return text, []
+        try:
+            calls = [_call(json.loads(block), "arguments", "parameters") for block in self._BLOCK.findall(text)]
+        except ValueError:
+            return text, []
+        return (text[:start] if text[:start].strip() else None), calls
+
+    def content_end(self, text: str) -> int:
+        start = text.find(self.START)
+        return start if start >= 0 else len(text) - _held_prefix(text, self.START)
+
+
+class Llama3JsonParser:
+    """A reply that is one JSON call `{"name": ..., "parameters": {...}}` (or several joined by ";"),
+    maybe after `<|python_tag|>`; a reply that starts any other way is text."""
+
+    name = "llama3_json"
+    TAG = "<|python_tag|>"
+
+    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        body = text.lstrip()
+        body = body[len(self.TAG):].lstrip() if body.startswith(self.TAG) else body
+        if not body.startswith("{"):
+            return text, []
+        decoder, calls, at = json.JSONDecoder(), [], 0
+        try:
+            while at < len(body):
+                value, at = decoder.raw_decode(body, at)
+                calls.append(_call(value, "parameters", "arguments"))
+                at = len(body) - len(body[at:].lstrip().removeprefix(";").lstrip())
+        except ValueError:
+            return text, []
+        return None, calls
+
+    def content_end(self, text: str) -> int:
+        body = text.lstrip()
+        maybe_call = not body or body.startswith(("{", self.TAG)) or self.TAG.startswith(body)
+        return 0 if maybe_call else len(text)
+
+
+_BY_NAME = {p.name: p for p in (HermesParser(), Llama3JsonParser())}
+
+
+@functools.lru_cache(maxsize=64)
+def pick(configured: str, template: str | None) -> HermesParser | Llama3JsonParser | None:
+    """The parser for replies to prompts rendered with `template`, under the server's setting."""
+    if configured != "auto":
+        return _BY_NAME.get(configured)
+    template = template or ""
+    if HermesParser.START in template:
+        return _BY_NAME["hermes"]
+    if Llama3JsonParser.TAG in template or '"parameters": dictionary of argument name' in template:
+        return _BY_NAME["llama3_json"]
+    return None
