@@ -27,9 +27,10 @@ from tandem.outputs import CompletionOutput, RequestOutput
 from tandem.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
 
 if TYPE_CHECKING:
+    from tandem.engine.lora import LoRARequest
     from tandem.llm import LLM
 
 
@@ -37,4 +38,7 @@ def __getattr__(name: str):
     if name == "LLM":  # lazy: importing tandem should not import transformers
         from tandem.llm import LLM
         return LLM
+    if name == "LoRARequest":  # lazy: it imports torch
+        from tandem.engine.lora import LoRARequest
+        return LoRARequest
     raise AttributeError(name)

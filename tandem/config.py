@@ -84,6 +84,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_role: str | None = None  # None: colocated; "producer": prefill worker; "consumer": decode worker
+    lora_modules: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> PEFT folder (lora.py)
+    max_lora_rank: int = 64
 
     @classmethod
     def from_args(cls, args, **overrides) -> "EngineConfig":
@@ -93,6 +95,7 @@ class EngineConfig:
             model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=get("seed", 0),
             device=get("device", "auto"), enforce_eager=get("enforce_eager", False),
             generation_config=get("generation_config", "auto"),
+            lora_modules=dict(get("lora_modules") or {}), max_lora_rank=get("max_lora_rank", 64),
             cache=CacheConfig(block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks_override,
                               gpu_memory_utilization=get("gpu_memory_utilization", 0.9),
                               enable_prefix_caching=args.enable_prefix_caching, cpu_kv_cache_gib=args.kv_cache_gib),

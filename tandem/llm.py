@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from tandem.config import CacheConfig, EngineConfig, SchedulerConfig
 from tandem.engine.engine import LLMEngine
+from tandem.engine.lora import LoRARequest
 from tandem.outputs import RequestOutput
 from tandem.sampling_params import SamplingParams
 from tandem.tokenizer import TokenTexts, apply_chat_template
@@ -29,13 +30,16 @@ class LLM:
                  enable_chunked_prefill: bool = True, seed: int = 0, device: str = "auto",
                  generation_config: str = "auto", cpu_kv_cache_gib: float = 4.0, enforce_eager: bool = False,
                  load_format: str = "auto", skip_tokenizer_init: bool = False, num_scheduler_steps: int = 8,
+                 enable_lora: bool = False, max_lora_rank: int = 64, max_loras: int | None = None,
                  **unused: Any) -> None:
+        """`enable_lora` and `max_loras` are taken for vLLM's sake: adapters load when a LoRARequest first names
+        them, and all of them stay loaded."""
         if unused:
             raise TypeError(f"unknown LLM arguments: {', '.join(sorted(unused))}")
         config = EngineConfig(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed,
             generation_config=generation_config, enforce_eager=enforce_eager, load_format=load_format,
-            skip_tokenizer_init=skip_tokenizer_init,
+            skip_tokenizer_init=skip_tokenizer_init, max_lora_rank=max_lora_rank,
             cache=CacheConfig(block_size=block_size, num_gpu_blocks=num_gpu_blocks_override,
                               gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
                               enable_prefix_caching=enable_prefix_caching),
@@ -54,8 +58,10 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: list[int] | None = None) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order. Bad input raises ValueError before any work starts."""
+                 use_tqdm: bool = True, priority: list[int] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. Bad input raises ValueError before any work starts.
+        `lora_request`: the adapter every prompt runs under, or one (or None) per prompt."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                 and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -68,6 +74,12 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
+        loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(loras)} lora_requests for {len(prompts)} prompts")
+        for lora in {lr for lr in loras if lr is not None}:
+            self.engine.add_lora(lora.lora_name, lora.lora_path)
+        params = [sp if lr is None else sp.clone(lora=lr.lora_name) for sp, lr in zip(params, loras)]
         for p, sp in zip(prompts, params):  # validate everything before queueing anything
             self.engine.process_prompt(p)
             self.engine.check_params(sp)

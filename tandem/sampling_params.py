@@ -37,6 +37,9 @@ class SamplingParams:
     # one constraint on the output: {"json": schema} | {"json_object": True} | {"regex": ...} |
     # {"choice": [...]} | {"grammar": EBNF} (tandem/engine/structured.py)
     structured_outputs: dict[str, Any] | None = None
+    # the LoRA adapter this request runs under, by its name in the engine's lora_modules (vLLM passes a
+    # LoRARequest beside the params; LLM.generate takes one too)
+    lora: str | None = None
     # Filled by the engine: the model's EOS ids (they end generation unless ignore_eos, and are banned
     # before min_tokens either way), and the token-id sequences of bad_words.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)

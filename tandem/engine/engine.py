@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from tandem.config import EngineConfig, default_dtype, parse_dtype, resolve_device
+from tandem.engine.lora import LoRALayers, load_adapter
 from tandem.engine import loader, prompt_lanes
 from tandem.engine.attention import attention_backend
 from tandem.inputs import InputChecker
@@ -89,6 +90,9 @@ class LLMEngine(KVRoles, Lookaheads):
                              f"({sched.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})")
         torch.manual_seed(config.seed)
         self.model = self._load(cls, hf_config)
+        adapters = [load_adapter(name, path, self.model.shape, self.dtype, self.device, config.max_lora_rank)
+                    for name, path in config.lora_modules.items()]
+        self.loras = LoRALayers(self.model, adapters) if adapters else None  # before KV sizing: they take memory
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or self.model_path)
         self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer, self.model.shape.vocab)
         self.grammars = GrammarBook(self.tokenizer, self.model.shape.vocab, self.eos_token_ids)  # structured outputs
@@ -98,6 +102,7 @@ class LLMEngine(KVRoles, Lookaheads):
         num_blocks = self._num_blocks()
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, cache.hash_seed)
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
+        self.runner.loras = self.loras
         max_batch = min(config.scheduler.max_num_seqs, 512)
         # prompt lanes (and their mixed graphs) serve lof's paced prompt chunks only
         paced = config.scheduler.policy == "lof" and config.scheduler.num_scheduler_steps > 1
@@ -181,8 +186,21 @@ class LLMEngine(KVRoles, Lookaheads):
     def process_prompt(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
         return self.inputs.prompt(prompt)
 
+    def add_lora(self, name: str, path: str) -> None:
+        """Load one more adapter (the offline API's LoRARequest); a name already loaded must be the same folder."""
+        known = self.loras.index.get(name) if self.loras else None
+        if known is not None:
+            if os.path.abspath(self.loras.adapters[known].path) != os.path.abspath(path):
+                raise ValueError(f"LoRA adapter {name!r} is already loaded from {self.loras.adapters[known].path}")
+            return
+        adapter = load_adapter(name, path, self.model.shape, self.dtype, self.device, self.config.max_lora_rank)
+        self.loras = self.runner.loras = LoRALayers(self.model, (self.loras.adapters if self.loras else []) + [adapter])
+
     def check_params(self, params: SamplingParams) -> None:
         self.inputs.params(params)
+        if params.lora is not None and (self.loras is None or params.lora not in self.loras.index):
+            served = ", ".join(self.loras.index) if self.loras else "none"
+            raise ValueError(f"lora: unknown LoRA adapter {params.lora!r} (this engine serves: {served})")
 
     def prepare_params(self, params: SamplingParams) -> SamplingParams:
         params = params.clone()

@@ -75,9 +75,9 @@ class KVRoles:
             return []
         return [lease.request.group.request_id for lease in self.consumer.expired(time.monotonic())]
 
-    def block_hashes(self, token_ids: list[int]) -> list[BlockHash]:
+    def block_hashes(self, token_ids: list[int], lora: str | None = None) -> list[BlockHash]:
         """The prefix-cache hashes of every full block of `token_ids` (as a request of them gets)."""
-        return hash_blocks(token_ids, self.kv.block_size, self.kv.hash_seed)
+        return hash_blocks(token_ids, self.kv.block_size, self.kv.seed_of(lora))
 
     def export_blocks(self, hashes: list[BlockHash]) -> list[tuple[BlockHash, bytes]]:
         """(hash, payload) of each of these blocks the prefix cache holds now (engine thread)."""

@@ -9,6 +9,7 @@ import torch
 
 from tandem.engine import prompt_lanes
 from tandem.engine.attention import SeqSlice, build_attention, host_longs, whole_prompts
+from tandem.engine.lora import LoRABatch, LoRALayers
 from tandem.engine.models.llama import LlamaForCausalLM
 from tandem.engine.multi_step import Lookahead
 from tandem.engine.request import Request
@@ -38,6 +39,7 @@ class ModelRunner:
             for _ in range(s.num_layers)]
         self.scale = s.head_dim ** -0.5
         self.graphs = None
+        self.loras: LoRALayers | None = None  # the engine's LoRA adapters, told each step's rows under them
 
     def capture_graphs(self, max_batch: int, max_model_len: int, max_lanes: int = 0, use_graphs: bool = True) -> None:
         from tandem.engine.cuda_graphs import DecodeGraphs
@@ -108,6 +110,7 @@ class ModelRunner:
         slots: list[int] = []
         seqs: list[SeqSlice] = []
         sample_rows: list[tuple[Request, int]] = []
+        lora_rows: dict[str, list[int]] = {}  # adapter -> its rows
         plp_rows: list[tuple[Request, int, int]] = []  # (request, first row, count)
         # Prompt chunks first, then single-token rows by context length: each backend then finds its
         # kinds of rows as contiguous slices of the batch (views, no gathers or scatters of q and out).
@@ -131,14 +134,25 @@ class ModelRunner:
                 slots += [table[p // bs] * bs + p % bs for p in range(start, ctx)]
             used = -(-ctx // bs)
             seqs.append(SeqSlice(row, n, ctx, table if len(table) == used else table[:used]))
+            if r.params.lora is not None:
+                lora_rows.setdefault(r.params.lora, []).extend(range(row, row + n))
             if r.params.prompt_logprobs is not None and start < r.num_prompt_tokens - 1:
                 count = min(ctx, r.num_prompt_tokens - 1) - start
                 plp_rows.append((r, row, count))
             if s.samples and (not r.kv_only or r.sample_first_token):
                 sample_rows.append((r, row + n - 1))
         # prompt logprobs read every prompt row; otherwise only the sampled rows' hidden states are made
-        keep = None if plp_rows or len(sample_rows) == len(input_ids) else [row for _, row in sample_rows]
-        hidden = self._forward(input_ids, positions, slots, seqs, on_layer_written, keep)
+        # (rows under LoRA adapters keep theirs: their groups index the whole batch)
+        keep = (None if plp_rows or lora_rows or len(sample_rows) == len(input_ids)
+                else [row for _, row in sample_rows])
+        if lora_rows:
+            self.loras.batch = LoRABatch([(self.loras.index[name], self._device_tensor(rows))
+                                          for name, rows in lora_rows.items()])
+        try:
+            hidden = self._forward(input_ids, positions, slots, seqs, on_layer_written, keep)
+        finally:
+            if lora_rows:
+                self.loras.batch = LoRABatch()
         result = StepResult()
         for r, row, count in plp_rows:
             logits = self.model.compute_logits(hidden[row:row + count])
@@ -180,7 +194,7 @@ class ModelRunner:
     def _forward(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
                  on_layer_written, keep: list[int] | None = None) -> torch.Tensor:
         """The final hidden states of every row, or of the rows in `keep` (in its order)."""
-        if self.graphs is not None and on_layer_written is None:
+        if self.graphs is not None and on_layer_written is None and not (self.loras and self.loras.batch.groups):
             hidden = self.graphs.run(input_ids, positions, slots, seqs)
             if hidden is not None:
                 return hidden if keep is None else hidden[self._device_tensor(keep)]

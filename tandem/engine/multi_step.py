@@ -43,7 +43,7 @@ class Lookahead:
 
 def plain_greedy(p: SamplingParams) -> bool:
     return (p.greedy and p.logprobs is None and not p._bad_words_token_ids and p.repetition_penalty == 1.0
-            and not p.frequency_penalty and not p.presence_penalty and p.structured_outputs is None)
+            and not p.frequency_penalty and not p.presence_penalty and p.structured_outputs is None and p.lora is None)
 
 
 def plan(sched: SchedulerOutput, max_steps: int, max_model_len: int, max_rows: int,

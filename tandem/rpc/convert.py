@@ -17,6 +17,8 @@ _LISTS = ("stop", "stop_token_ids", "bad_words")
 
 
 def params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
+    if p.lora is not None:  # refused loudly rather than lost on the way to a worker
+        raise ValueError("lora: the disaggregated stack does not serve LoRA adapters yet (tandem serve does)")
     msg = common_pb2.SamplingParams(**{f: getattr(p, f) for f in _PLAIN + _LISTS})
     for f in _OPTIONAL:
         if getattr(p, f) is not None:

@@ -25,6 +25,10 @@ class KVCacheManager:
         self.prefix_queries = 0  # tokens looked up
         self.prefix_hits = 0  # tokens found
 
+    def seed_of(self, lora: str | None) -> str:
+        """The hash chain's seed for a request: KV computed under a LoRA adapter is that adapter's alone."""
+        return self.hash_seed if lora is None else f"{self.hash_seed}:lora:{lora}"
+
     def block_ids(self, req: Request) -> list[int]:
         """A copy of the request's table."""
         return list(self.tables.get(req.seq_id, ()))
@@ -37,7 +41,7 @@ class KVCacheManager:
         tokens = req.all_token_ids
         if req.num_ahead:  # placeholders (lookaheads.py) are hashed once their tokens are known
             tokens = tokens[:len(tokens) - req.num_ahead]
-        extend_hashes(req.block_hashes, tokens, self.block_size, self.hash_seed)
+        extend_hashes(req.block_hashes, tokens, self.block_size, self.seed_of(req.params.lora))
         return req.block_hashes
 
     def computed_prefix(self, req: Request) -> list[Block]:

@@ -31,6 +31,7 @@ class Linear(nn.Linear):
     blocked copy (ops.pack_weight): the plain weight is dropped, not kept twice."""
 
     packed: torch.Tensor | None = None
+    lora: tuple | None = None  # (LoRALayers, this projection's adapters' parts): lora.py
 
     def pack(self) -> None:
         self.packed = ops.pack_weight(self.weight)
@@ -38,7 +39,10 @@ class Linear(nn.Linear):
             self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(x, self.weight, self.bias, self.packed)
+        y = ops.linear(x, self.weight, self.bias, self.packed)
+        if self.lora is not None and self.lora[0].batch.groups:
+            y = self.lora[0].apply(self.lora[1], x, y)
+        return y
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,130 @@
+"""LoRA adapters (PEFT folders), many in one batch, on the torch path.
+
+An adapter's lifecycle: named at start (`EngineConfig.lora_modules`: name -> folder) -> loaded onto the
+model's device (`load_adapter`: A and B per target projection, the scale folded into B) -> a request names
+it (`SamplingParams.lora`) -> each step the runner tells the model which rows run under which adapter
+(`LoRABatch`), and every adapted projection adds `x A^T B^T` to those rows of its output.
+
+The model's fused projections take their parts' adapters in slices of their output: q/k/v in qkv_proj,
+gate/up in gate_up_proj. A request's KV blocks hash under its adapter (kv_cache/manager.py), so prefixes
+are shared only within one adapter. Rows under an adapter skip the decode CUDA graphs, lookaheads and the
+last layer's row pruning: they run as ordinary eager steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file
+
+# PEFT's module names -> (our projection, which part of its output)
+_TARGETS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2), "o_proj": ("o_proj", 0),
+            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)}
+_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """vLLM's offline handle of an adapter: `LLM.generate(..., lora_request=LoRARequest("sql", 1, "/path"))`
+    (the engine loads it on first use; the name is what requests then run under)."""
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+
+@dataclass
+class LoRABatch:
+    """Which rows of this step's batch run under which adapter: (adapter index, row indices)."""
+    groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class Adapter:
+    name: str
+    path: str
+    rank: int
+    # (layer, projection) -> [(output start, output end, A [r, in], B [out part, r] * scale)]
+    weights: dict[tuple[int, str], list[tuple[int, int, torch.Tensor, torch.Tensor]]]
+
+
+def _part_bounds(shape, projection: str, part: int) -> tuple[int, int]:
+    q, kv, inter = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim, shape.intermediate
+    sizes = {"qkv_proj": (q, kv, kv), "gate_up_proj": (inter, inter)}.get(projection)
+    if sizes is None:
+        return 0, -1  # the whole output
+    start = sum(sizes[:part])
+    return start, start + sizes[part]
+
+
+def load_adapter(name: str, path: str, shape, dtype: torch.dtype, device: torch.device, max_rank: int) -> Adapter:
+    """A PEFT LoRA folder (adapter_config.json, adapter_model.safetensors) for this model; ValueError naming
+    the adapter for anything it cannot serve exactly."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"LoRA adapter {name!r} ({path}): {why}")
+
+    try:
+        with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    except (OSError, ValueError) as exc:
+        raise bad(f"not a PEFT LoRA folder: {exc}") from exc
+    if config.get("peft_type", "LORA") != "LORA":
+        raise bad(f"peft_type {config.get('peft_type')!r} is not LORA")
+    for key, off in (("bias", "none"), ("use_dora", False), ("modules_to_save", None)):
+        if config.get(key, off) not in (off, [], False):
+            raise bad(f"{key}={config[key]!r} is not supported")
+    rank = int(config["r"])
+    if rank > max_rank:
+        raise bad(f"rank {rank} is over max_lora_rank {max_rank}")
+    alpha = float(config.get("lora_alpha", rank))
+    scale = alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _KEY.match(key)
+        if m is None or m.group(2) not in _TARGETS:
+            raise bad(f"weight {key!r} targets a module this engine does not adapt ({', '.join(_TARGETS)})")
+        layer = int(m.group(1))
+        if layer >= shape.num_layers:
+            raise bad(f"weight {key!r} is for layer {layer}; the model has {shape.num_layers}")
+        pairs.setdefault((layer, m.group(2)), {})[m.group(3)] = tensor
+    weights: dict[tuple[int, str], list] = {}
+    for (layer, module), ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise bad(f"layer {layer} {module} has lora_{'A' if 'A' not in ab else 'B'} missing")
+        projection, part = _TARGETS[module]
+        start, end = _part_bounds(shape, projection, part)
+        a, b = ab["A"], ab["B"]
+        if a.shape[0] != rank or b.shape[1] != rank:
+            raise bad(f"layer {layer} {module}: A {tuple(a.shape)} and B {tuple(b.shape)} are not of rank {rank}")
+        weights.setdefault((layer, projection), []).append(
+            (start, end, a.to(device, dtype), (b.float() * scale).to(device, dtype)))
+    return Adapter(name, path, rank, weights)
+
+
+class LoRALayers:
+    """The adapters of one model, and the batch the runner set for the step in flight."""
+
+    def __init__(self, model: torch.nn.Module, adapters: list[Adapter]) -> None:
+        self.adapters = adapters
+        self.index = {a.name: i for i, a in enumerate(adapters)}
+        self.batch = LoRABatch()
+        for i, layer in enumerate(model.layers):
+            for projection in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                linear = getattr(layer, projection)
+                parts = {a_i: a.weights[(i, projection)] for a_i, a in enumerate(adapters) if (i, projection) in a.weights}
+                if parts:
+                    linear.lora = (self, parts)
+
+    def apply(self, parts: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus each adapted row's x A^T B^T, in its output part."""
+        for adapter, rows in self.batch.groups:
+            for start, end, a, b in parts.get(adapter, ()):
+                delta = (x[rows] @ a.T) @ b.T
+                if end < 0:
+                    y[rows] += delta
+                else:
+                    y[rows, start:end] += delta
+        return y

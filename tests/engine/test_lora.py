@@ -1,0 +1,133 @@
+"""LoRA adapters (tandem/engine/lora.py): greedy output under an adapter equals transformers' on the model
+with that adapter merged into its weights (float32), with adapters and the base model mixed in one batch,
+chunked prompts beside decode rows, and prefix caching that never hands one adapter's KV to another."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tandem import LoRARequest, SamplingParams
+
+NEW_TOKENS = 16
+# PEFT's module -> where transformers' Llama keeps it
+MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def make_adapter(base: str, out: str, seed: int, targets: tuple[str, ...], rank: int = 4, alpha: float = 8.0,
+                 rslora: bool = False) -> dict[str, torch.Tensor]:
+    """A random PEFT LoRA folder for `base`; returns the merged weight deltas by HF parameter name."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(base)
+    g = torch.Generator().manual_seed(seed)
+    head = cfg.hidden_size // cfg.num_attention_heads
+    dims = {"q_proj": (cfg.hidden_size, cfg.num_attention_heads * head),
+            "k_proj": (cfg.hidden_size, cfg.num_key_value_heads * head),
+            "v_proj": (cfg.hidden_size, cfg.num_key_value_heads * head),
+            "o_proj": (cfg.num_attention_heads * head, cfg.hidden_size),
+            "gate_proj": (cfg.hidden_size, cfg.intermediate_size), "up_proj": (cfg.hidden_size, cfg.intermediate_size),
+            "down_proj": (cfg.intermediate_size, cfg.hidden_size)}
+    scale = alpha / (rank ** 0.5 if rslora else rank)
+    tensors, deltas = {}, {}
+    for layer in range(cfg.num_hidden_layers):
+        for module in targets:
+            d_in, d_out = dims[module]
+            a = torch.randn(rank, d_in, generator=g) * 0.2
+            b = torch.randn(d_out, rank, generator=g) * 0.2
+            name = f"model.layers.{layer}.{MODULES[module]}.{module}"
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b
+            deltas[f"{name}.weight"] = scale * b @ a
+    os.makedirs(out, exist_ok=True)
+    save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": list(targets),
+                   "bias": "none", "use_rslora": rslora}, f)
+    return deltas
+
+
+def merged_greedy(base: str, deltas: dict[str, torch.Tensor] | None, prompts: list[list[int]]) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    if deltas:
+        state = model.state_dict()
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                state[name] += delta
+    outs = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS,
+                               min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=2)
+            outs.append(y[0, len(ids):].tolist())
+    return outs
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dirs, tmp_path_factory):
+    """Two adapters on the tiny Llama (attention only; every projection, rsLoRA) and the references."""
+    base = tiny_model_dirs["llama"]
+    root = tmp_path_factory.mktemp("loras")
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, 49000, (40,), generator=g).tolist()
+    prompts = [shared + torch.randint(3, 49000, (n,), generator=g).tolist() for n in (3, 21, 50)]
+    attn = make_adapter(base, str(root / "attn"), 1, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    full = make_adapter(base, str(root / "full"), 2, tuple(MODULES), rank=8, alpha=4.0, rslora=True)
+    expected = {name: merged_greedy(base, deltas, prompts)
+                for name, deltas in (("base", None), ("attn", attn), ("full", full))}
+    assert expected["attn"] != expected["base"] and expected["full"] != expected["base"]  # the adapters matter
+    return base, root, prompts, expected
+
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+
+
+def _run(llm, prompts, loras) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False, lora_request=loras)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("budget", [2048, 24])  # whole prompts, and chunks beside decode rows
+def test_adapters_and_the_base_model_in_one_batch(adapters, make_llm, budget):
+    base, root, prompts, expected = adapters
+    llm = make_llm(base, enable_lora=True, max_num_batched_tokens=budget)
+    attn, full = LoRARequest("attn", 1, str(root / "attn")), LoRARequest("full", 2, str(root / "full"))
+    order = [None, attn, full] * len(prompts)  # every prompt under each, all at once
+    got = _run(llm, [p for p in prompts for _ in range(3)], order)
+    want = [expected[name][i] for i in range(len(prompts)) for name in ("base", "attn", "full")]
+    assert got == want
+
+
+def test_prefixes_are_shared_only_under_one_adapter(adapters, make_llm):
+    base, root, prompts, expected = adapters
+    llm = make_llm(base, enable_prefix_caching=True)
+    attn = LoRARequest("attn", 1, str(root / "attn"))
+    assert _run(llm, prompts, None) == expected["base"]
+    base_hits = llm.engine.kv.prefix_hits  # the shared 40 tokens, reused within the batch
+    assert base_hits > 0
+    assert _run(llm, prompts, attn) == expected["attn"]  # the base model's cached KV is not the adapter's
+    assert llm.engine.kv.prefix_hits == 2 * base_hits  # only what the adapter's own batch shared
+    assert _run(llm, prompts, attn) == expected["attn"]
+    assert llm.engine.kv.prefix_hits > 3 * base_hits  # now the adapter's cached prompts
+
+
+def test_bad_adapters_are_refused_by_name(adapters, make_llm, tmp_path):
+    base, root, prompts, _ = adapters
+    llm = make_llm(base)
+    with pytest.raises(ValueError, match=r"lora: unknown LoRA adapter 'nope'"):
+        llm.generate("hi", SamplingParams(max_tokens=2, lora="nope"))
+    with pytest.raises(ValueError, match="not a PEFT LoRA folder"):
+        llm.generate("hi", PARAMS, lora_request=LoRARequest("empty", 3, str(tmp_path)))
+    make_adapter(base, str(tmp_path / "big"), 3, ("q_proj",), rank=128)
+    with pytest.raises(ValueError, match="rank 128 is over max_lora_rank 64"):
+        llm.generate("hi", PARAMS, lora_request=LoRARequest("big", 4, str(tmp_path / "big")))
+    with pytest.raises(ValueError, match="already loaded from"):
+        llm.generate("hi", PARAMS, lora_request=LoRARequest("attn", 1, str(root / "attn")))
+        llm.generate("hi", PARAMS, lora_request=LoRARequest("attn", 1, str(root / "full")))
