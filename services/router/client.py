@@ -91,6 +91,7 @@ class RemoteEngineClient:
         self.model_name = model_name
         self.tokenizer = load_tokenizer(self.model_path)
         self.generation_defaults = sampling_defaults(self.model_path, generation_config)
+        self.loras: dict[str, str] = {}  # the workers serve no LoRA adapters yet
         self._max_model_len = max_model_len or hf.get("max_position_embeddings", 4096)
         self.inputs = InputChecker(self.tokenizer, hf["vocab_size"], self._max_model_len)
         self.pool = pool

@@ -76,6 +76,8 @@ def build_app(client: EngineClient, config: ServerConfig | None = None) -> FastA
     """The API over `client`; the caller owns the client's lifetime (start, shutdown)."""
     config = config or ServerConfig()
     names = list(config.served_model_names or [client.model_name])
+    if set(names) & set(client.loras):
+        raise ValueError(f"a LoRA adapter may not take a served model's name: {sorted(set(names) & set(client.loras))}")
     ctx = ServingContext(client, config, ServerMetrics(names[0], client.stats), names)
     completions, chat = CompletionServing(ctx), ChatServing(ctx)
     app = FastAPI(title="Tandem", version=__version__, default_response_class=SafeJSONResponse,
@@ -88,8 +90,10 @@ def build_app(client: EngineClient, config: ServerConfig | None = None) -> FastA
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS, tags=["OpenAI"])
     async def list_models() -> Response:
-        return json(ModelList(data=[ModelCard(id=n, root=client.model_path, max_model_len=client.max_model_len)
-                                    for n in names]))
+        models = [ModelCard(id=n, root=client.model_path, max_model_len=client.max_model_len) for n in names]
+        models += [ModelCard(id=name, root=path, parent=names[0], max_model_len=client.max_model_len)
+                   for name, path in client.loras.items()]  # as vLLM lists adapters
+        return json(ModelList(data=models))
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS, tags=["OpenAI"])
     async def create_completion(body: CompletionRequest, raw: Request) -> Response:

@@ -53,6 +53,7 @@ class EngineClient(Protocol):
     max_model_len: int  # prompt plus output never exceeds this
     tokenizer: Any  # a transformers tokenizer
     generation_defaults: dict[str, Any]  # SamplingParams defaults from generation_config.json
+    loras: dict[str, str]  # LoRA adapter name -> its folder: served as models of their own
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  priority: int = 0) -> AsyncIterator[RequestOutput]:
@@ -105,6 +106,7 @@ class AsyncEngine:
         # a request alone must always fit in the KV cache, or the scheduler could never run it
         self.max_model_len = min(self.engine.max_model_len, capacity)
         self.generation_defaults = dict(self.engine.generation_defaults)
+        self.loras = {a.name: a.path for a in self.engine.loras.adapters} if self.engine.loras else {}
         self._streams: dict[str, _Stream] = {}
         self._calls: set[asyncio.Future] = set()  # `call`s not yet answered
         self._commands: collections.deque[tuple] = collections.deque()

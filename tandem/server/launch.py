@@ -43,9 +43,30 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="'auto': defaults from the model's generation_config.json; 'vllm': ignore it; "
                         "or a folder holding a generation_config.json (default: auto)")
     g.add_argument("--seed", type=int, default=0, help="engine random seed (default: 0)")
+    g.add_argument("--lora-modules", nargs="+", type=lora_module, metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT folders) to serve, each as a model of its own name: name=path or "
+                        'vLLM\'s JSON {"name": ..., "path": ...}')
+    g.add_argument("--enable-lora", action="store_true", help="taken for vLLM's sake: --lora-modules enables LoRA")
+    g.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default: 64)")
+    g.add_argument("--max-loras", type=int, default=None, help="taken for vLLM's sake: every adapter stays loaded")
     add_http_args(p)
     p.set_defaults(func=cmd_serve, config_parser=p)
     return p
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    """name=path, or vLLM's JSON form {"name": ..., "path": ...}."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+            return str(value["name"]), str(value["path"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise argparse.ArgumentTypeError(f'expected {{"name": ..., "path": ...}}, got {text!r}') from exc
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected name=path, got {text!r}")
+    return name, path
 
 
 def port_number(text: str) -> int:
@@ -129,6 +150,8 @@ def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
         try:
             if isinstance(value, list) and action.type is _list:
                 value = [str(v) for v in value]
+            elif isinstance(value, list) and action.nargs == "+" and action.type not in (None, str):
+                value = [action.type(v if isinstance(v, str) else json.dumps(v)) for v in value]
             elif isinstance(value, str) and action.nargs == 0:  # a switch: "false" must not read as true
                 value = _boolean(value)
             elif action.type is not None and action.type not in (str, _list) and not isinstance(value, (bool, list)):

@@ -66,10 +66,10 @@ class ServingContext:
             raise bad_request(str(exc), field) from exc
 
     def model(self, requested: str | None) -> str:
-        """The served name a request addresses (404 for an unknown one)."""
+        """The served name a request addresses: the model's, or a LoRA adapter's (404 for an unknown one)."""
         if requested is None or requested == "":
             return self.names[0]
-        if requested not in self.names:
+        if requested not in self.names and requested not in self.client.loras:
             raise model_not_found(requested)
         return requested
 
@@ -137,7 +137,8 @@ def sampling_params(ctx: ServingContext, req: SamplingRequest, *, max_tokens: in
             max_tokens=max_tokens, min_tokens=req.min_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens,
-            spaces_between_special_tokens=req.spaces_between_special_tokens, structured_outputs=structured)
+            spaces_between_special_tokens=req.spaces_between_special_tokens, structured_outputs=structured,
+            lora=req.model if req.model in ctx.client.loras else None)
     except ValueError as exc:
         raise bad_request(str(exc), str(exc).split(" ", 1)[0]) from exc
 
