@@ -18,7 +18,14 @@ PREFILL: Role
 DECODE: Role
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "instance_id", "role", "address", "layout", "model", "max_model_len", "vocab_size", "kv_hash_seed", "max_num_seqs", "metrics_url")
+    __slots__ = ("worker_id", "instance_id", "role", "address", "layout", "model", "max_model_len", "vocab_size", "kv_hash_seed", "max_num_seqs", "metrics_url", "loras")
+    class LorasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +37,7 @@ class WorkerInfo(_message.Message):
     KV_HASH_SEED_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     METRICS_URL_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     instance_id: str
     role: Role
@@ -41,7 +49,8 @@ class WorkerInfo(_message.Message):
     kv_hash_seed: str
     max_num_seqs: int
     metrics_url: str
-    def __init__(self, worker_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.LayoutDescriptor, _Mapping]] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_hash_seed: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., metrics_url: _Optional[str] = ...) -> None: ...
+    loras: _containers.ScalarMap[str, str]
+    def __init__(self, worker_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.LayoutDescriptor, _Mapping]] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_hash_seed: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., metrics_url: _Optional[str] = ..., loras: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("num_running", "num_waiting", "num_free_blocks", "num_blocks", "num_leases", "num_prefilling", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions")

@@ -27,6 +27,7 @@ import httpx
 
 from tandem.engine.kv_transfer import shm
 from tandem.kvstore.sizes import positive_bytes
+from tandem.server.launch import lora_module
 from tandem.worker.process import free_port
 
 _PR_SET_PDEATHSIG = 1
@@ -198,6 +199,10 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def lora_flags(modules: list[tuple[str, str]]) -> list[str]:
+    return ["--lora-modules", *(f"{name}={os.path.abspath(path)}" for name, path in modules)] if modules else []
+
+
 def engine_args_for_router(engine_args: list[str]) -> list[str]:
     """The router takes the model's context length, not the engine's memory flags."""
     out, it = [], iter(engine_args)
@@ -224,6 +229,8 @@ def add_up_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--kv-store-bytes", type=positive_bytes, metavar="SIZE",
                    help="also run a prefix KV store of this capacity (e.g. 2GiB) that the workers load prompt "
                         "prefixes from and save them to (default: none)")
+    p.add_argument("--lora-modules", nargs="+", type=lora_module, metavar="NAME=PATH", default=[],
+                   help="LoRA adapters (PEFT folders) every worker serves; the gateway lists each as a model")
     p.add_argument("--router-args", default="", help="more `tandem router` flags, one string (a lone flag takes '=': --router-args=--flag)")
     p.add_argument("--worker-args", default="", help="more flags for every worker, one string (a lone flag takes '=': --worker-args=--enforce-eager)")
     p.add_argument("--log-dir", help="write each process's log to DIR/NAME.log (default: this terminal)")
@@ -246,7 +253,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.max_model_len:
         engine_args += ["--max-model-len", str(args.max_model_len)]
     stack = Stack(args.model, args.port, args.prefill, args.decode, args.host, args.threads_per_worker, engine_args,
-                  shlex.split(args.router_args), shlex.split(args.worker_args), log_dir=args.log_dir,
+                  shlex.split(args.router_args),
+                  shlex.split(args.worker_args) + lora_flags(args.lora_modules), log_dir=args.log_dir,
                   kv_store_bytes=args.kv_store_bytes)
     stop = {"signal": None}
 

@@ -44,7 +44,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 ids, args = list(request.prompt_token_ids), (request.request_id,)
                 kwargs = dict(resume_token_ids=resume, seed_index=request.seed_index)
                 if self.store is not None:  # what the store holds is not computed here, nor sent by prefill
-                    span.set_attribute("tandem.kv_store_blocks_loaded", await self.store.load(ids + resume))
+                    span.set_attribute("tandem.kv_store_blocks_loaded", await self.store.load(ids + resume,
+                                                                                                   params.lora))
                 if remote:
                     stream = self.host.generate_remote(*args, ids, params, request.priority,
                                                        lease_seconds=request.lease_seconds or 30.0, **kwargs)
@@ -72,7 +73,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     else:
                         update = encoder.encode(item)
                         if save:  # its first token: the prompt's KV is all computed
-                            self.store.save_later(ids + resume)
+                            self.store.save_later(ids + resume, params.lora)
                             save = False
                         yield decode_pb2.GenerateEvent(update=update)
                         streamed = len(item.outputs[0].token_ids) if item.outputs else 0

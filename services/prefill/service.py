@@ -73,10 +73,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                     elif ticket.num_tokens != len(ids) - 1:
                         raise ValueError(f"the ticket wants the KV of {ticket.num_tokens} tokens of a "
                                          f"{len(ids)}-token prompt")
-                    kv_ids = self.host.kv_token_ids(ids, ticket.skip_tokens, params)
+                    lora = request.params.lora if request.params.HasField("lora") else None
+                    kv_ids = self.host.kv_token_ids(ids, ticket.skip_tokens, params, lora)
                     if self.store is not None:
-                        span.set_attribute("tandem.kv_store_blocks_loaded", await self.store.load(kv_ids))
-                    stream = self.host.prefill(rid, kv_ids, sender, ticket.skip_tokens, params)
+                        span.set_attribute("tandem.kv_store_blocks_loaded", await self.store.load(kv_ids, lora))
+                    stream = self.host.prefill(rid, kv_ids, sender, ticket.skip_tokens, params, lora)
                 except ValueError as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 except EngineDeadError as exc:
@@ -108,7 +109,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                     tspan.set_attribute(f"tandem.{name}", getattr(stats, name))
             self.transfers.record(stats)
             if self.store is not None:
-                self.store.save_later(kv_ids)
+                self.store.save_later(kv_ids, lora)
             return prefill_pb2.PrefillReply(transfer=stats, num_cached_tokens=cached, compute_s=compute_s)
 
     def _shm(self, ticket) -> bool:

@@ -91,7 +91,6 @@ class RemoteEngineClient:
         self.model_name = model_name
         self.tokenizer = load_tokenizer(self.model_path)
         self.generation_defaults = sampling_defaults(self.model_path, generation_config)
-        self.loras: dict[str, str] = {}  # the workers serve no LoRA adapters yet
         self._max_model_len = max_model_len or hf.get("max_position_embeddings", 4096)
         self.inputs = InputChecker(self.tokenizer, hf["vocab_size"], self._max_model_len)
         self.pool = pool
@@ -110,6 +109,11 @@ class RemoteEngineClient:
         """The configured context, or less when every live decode worker's KV cache is smaller."""
         decodes = self.pool.live(router_pb2.DECODE)
         return min([self._max_model_len] + ([max(w.info.max_model_len for w in decodes)] if decodes else []))
+
+    @property
+    def loras(self) -> dict[str, str]:
+        """The LoRA adapters live decode workers serve (name -> folder): each is a model of its own name."""
+        return {name: path for w in self.pool.live(router_pb2.DECODE) for name, path in w.info.loras.items()}
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  priority: int = 0) -> AsyncIterator[RequestOutput]:
@@ -161,7 +165,7 @@ class RemoteEngineClient:
         force_local = False
         try:
             while True:
-                decode = self._pick(self.decode_profile, RoutingRequest(ids, params.max_tokens or 0),
+                decode = self._pick(self.decode_profile, RoutingRequest(ids, params.max_tokens or 0, lora=params.lora),
                                     self.pool.live(router_pb2.DECODE), excluded)
                 if decode is None:
                     raise EngineError("no decode worker is available" + (
@@ -216,10 +220,11 @@ class RemoteEngineClient:
             return "fallback", "lease_expired"
         if params.prompt_logprobs is not None:
             return "local", "prompt_logprobs"
-        uncached = len(tokens) - RoutingRequest(tokens).cached_tokens(decode)
+        uncached = len(tokens) - RoutingRequest(tokens, lora=params.lora).cached_tokens(decode)
         if uncached < max(2, self.config.local_prefill_threshold):
             return "local", "below_threshold"
-        if not self.prefill_profile.scores(RoutingRequest(tokens, decode=decode), self.pool.live(router_pb2.PREFILL)):
+        if not self.prefill_profile.scores(RoutingRequest(tokens, decode=decode, lora=params.lora),
+                                           self.pool.live(router_pb2.PREFILL)):
             return "fallback", "no_compatible_prefill"
         return "remote", "uncached_above_threshold"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tandem.engine.kv_cache.block_hash import common_prefix_blocks, hash_blocks
+from tandem.engine.kv_cache.block_hash import chain_seed, common_prefix_blocks, hash_blocks
 from tandem.router.pool import Worker
 
 
@@ -17,12 +17,13 @@ class RoutingRequest:
     prompt_token_ids: list[int]
     max_tokens: int = 0
     decode: Worker | None = None  # set when picking a prefill worker for this decode worker
+    lora: str | None = None  # the LoRA adapter the request runs under
     _hashes: dict[tuple[int, str], list[int]] = field(default_factory=dict)
 
     def block_hashes(self, block_size: int, seed: str) -> list[int]:
         key = (block_size, seed)
         if key not in self._hashes:
-            self._hashes[key] = hash_blocks(self.prompt_token_ids, block_size, seed)
+            self._hashes[key] = hash_blocks(self.prompt_token_ids, block_size, chain_seed(seed, self.lora))
         return self._hashes[key]
 
     def cached_tokens(self, w: Worker) -> int:
@@ -48,6 +49,13 @@ def fits(req: RoutingRequest, workers: list[Worker]) -> list[Worker]:
     return [w for w in workers if w.info.max_model_len >= need]
 
 
+def adapter(req: RoutingRequest, workers: list[Worker]) -> list[Worker]:
+    """Only workers that serve the request's LoRA adapter (all of them for the base model)."""
+    if req.lora is None:
+        return workers
+    return [w for w in workers if req.lora in w.info.loras]
+
+
 def kv_free(req: RoutingRequest, w: Worker) -> float:
     """Free KV blocks, less what requests already sent here (not yet in a heartbeat) will take."""
     total = w.load.num_blocks or 1
@@ -69,7 +77,7 @@ def prefix(req: RoutingRequest, w: Worker) -> float:
     return req.cached_tokens(w) / max(1, len(req.prompt_token_ids))
 
 
-FILTERS: dict[str, Filter] = {"compatible": compatible, "fits": fits}
+FILTERS: dict[str, Filter] = {"adapter": adapter, "compatible": compatible, "fits": fits}
 SCORERS: dict[str, Scorer] = {"kv_free": kv_free, "load": load, "queue": queue, "prefix": prefix}
 DECODE_DEFAULTS = {"kv_free": 1.0, "load": 1.0, "prefix": 1.0}
 PREFILL_DEFAULTS = {"prefix": 1.0, "queue": 1.0}

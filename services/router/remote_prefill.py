@@ -51,7 +51,8 @@ class RemotePrefill:
         request = prefill_pb2.PrefillRequest(request_id=ticket.request_id, prompt_token_ids=tokens, ticket=ticket,
                                              params=params)
         for attempt in range(self.client.config.prefill_attempts):
-            prefill = self.client._pick(self.client.prefill_profile, RoutingRequest(tokens, decode=decode),
+            lora = params.lora if params.HasField("lora") else None
+            prefill = self.client._pick(self.client.prefill_profile, RoutingRequest(tokens, decode=decode, lora=lora),
                                         self.client.pool.live(router_pb2.PREFILL), tried)
             if prefill is None:
                 break

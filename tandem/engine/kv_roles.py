@@ -18,16 +18,17 @@ from tandem.sampling_params import SamplingParams
 
 class KVRoles:
     def add_kv_request(self, request_id: str, prompt_token_ids: list[int], sink: KVSink, skip_tokens: int = 0,
-                       params: SamplingParams | None = None) -> None:
+                       params: SamplingParams | None = None, lora: str | None = None) -> None:
         """Producer role: compute the KV of `prompt_token_ids` and stream tokens [skip_tokens, ..) to
         `sink` (see KVProducer for when chunks leave). With `params`, the last step also samples the first output token with
         them (a single sequence), which `sink.finish` receives. The request finishes ("prefilled")
-        once every token is computed."""
+        once every token is computed. `lora`: the adapter the KV is computed under (params name it when given)."""
         if self.producer is None:
             raise RuntimeError("this engine has no KV producer role")
         if params is not None and params.best_of != 1:
             raise ValueError("prefill samples the first token of a single sequence only (n = best_of = 1)")
-        group = self._new_group(request_id, list(prompt_token_ids), params or SamplingParams(max_tokens=1), 0, None)
+        group = self._new_group(request_id, list(prompt_token_ids), params or SamplingParams(max_tokens=1, lora=lora), 0,
+                                None)
         seq = group.seqs[0]
         seq.kv_only = True
         seq.sample_first_token = params is not None

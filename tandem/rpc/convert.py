@@ -9,7 +9,7 @@ from tandem.outputs import Logprob
 from tandem.proto import common_pb2, decode_pb2
 from tandem.sampling_params import SamplingParams
 
-_OPTIONAL = ("seed", "max_tokens", "logprobs", "prompt_logprobs")
+_OPTIONAL = ("seed", "max_tokens", "logprobs", "prompt_logprobs", "lora")
 _PLAIN = ("n", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p",
           "top_k", "min_p", "ignore_eos", "min_tokens", "include_stop_str_in_output", "skip_special_tokens",
           "spaces_between_special_tokens")
@@ -17,8 +17,6 @@ _LISTS = ("stop", "stop_token_ids", "bad_words")
 
 
 def params_to_proto(p: SamplingParams) -> common_pb2.SamplingParams:
-    if p.lora is not None:  # refused loudly rather than lost on the way to a worker
-        raise ValueError("lora: the disaggregated stack does not serve LoRA adapters yet (tandem serve does)")
     msg = common_pb2.SamplingParams(**{f: getattr(p, f) for f in _PLAIN + _LISTS})
     for f in _OPTIONAL:
         if getattr(p, f) is not None:

@@ -43,15 +43,20 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
                    help="'auto': defaults from the model's generation_config.json; 'vllm': ignore it; "
                         "or a folder holding a generation_config.json (default: auto)")
     g.add_argument("--seed", type=int, default=0, help="engine random seed (default: 0)")
+    add_lora_args(g)
+    add_http_args(p)
+    p.set_defaults(func=cmd_serve, config_parser=p)
+    return p
+
+
+def add_lora_args(g: argparse._ArgumentGroup) -> None:
+    """LoRA flags (vLLM's names), shared by `tandem serve` and the prefill and decode workers."""
     g.add_argument("--lora-modules", nargs="+", type=lora_module, metavar="NAME=PATH",
                    help="LoRA adapters (PEFT folders) to serve, each as a model of its own name: name=path or "
                         'vLLM\'s JSON {"name": ..., "path": ...}')
     g.add_argument("--enable-lora", action="store_true", help="taken for vLLM's sake: --lora-modules enables LoRA")
     g.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default: 64)")
     g.add_argument("--max-loras", type=int, default=None, help="taken for vLLM's sake: every adapter stays loaded")
-    add_http_args(p)
-    p.set_defaults(func=cmd_serve, config_parser=p)
-    return p
 
 
 def lora_module(text: str) -> tuple[str, str]:

@@ -23,6 +23,7 @@ log = logging.getLogger("tandem.worker")
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     from tandem.cli import _add_engine_args
+    from tandem.server.launch import add_lora_args
 
     _add_engine_args(p)
     g = p.add_argument_group("worker")
@@ -55,6 +56,7 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="the prefix KV store (`tandem kvstore`) to load prompt prefixes from before computing them "
                         "and save computed blocks to (default: $TANDEM_KVSTORE_ADDRESS, which the operator sets "
                         "when the model's kvStore is enabled; else none)")
+    add_lora_args(g)
     g.add_argument("--kv-port", type=int, default=0,
                    help="decode: port of the KV transfer server prefill workers write to (default: any free)")
 

@@ -62,11 +62,11 @@ class StoreLink:
     def _key(self, block_hash: int) -> pb.BlockKey:
         return pb.BlockKey(compat_hash=self.namespace, block_hash=block_hash)
 
-    async def load(self, token_ids: list[int]) -> int:
+    async def load(self, token_ids: list[int], lora: str | None = None) -> int:
         """Loads the blocks of `token_ids`' prefix that the store holds past this worker's own cached
         prefix; how many blocks were loaded (0 when the store has none or fails)."""
         block_size = self.engine.kv.block_size
-        hashes = self.engine.block_hashes(token_ids)[:(len(token_ids) - 1) // block_size]  # what a request can hit
+        hashes = self.engine.block_hashes(token_ids, lora)[:(len(token_ids) - 1) // block_size]  # what a request can hit
         pool = self.engine.kv.pool
         local = next((i for i, h in enumerate(hashes) if pool.lookup(h) is None), len(hashes))
         wanted = hashes[local:]
@@ -98,16 +98,16 @@ class StoreLink:
         self.metrics.store_blocks.labels("load").inc(loaded)
         return loaded
 
-    def save_later(self, token_ids: list[int]) -> None:
+    def save_later(self, token_ids: list[int], lora: str | None = None) -> None:
         """Puts the blocks of `token_ids` this worker's cache holds and the store lacks, in the background."""
         if not self.saving or time.monotonic() < self._down_until:
             return
-        task = asyncio.ensure_future(self._save(token_ids))
+        task = asyncio.ensure_future(self._save(token_ids, lora))
         self._saves.add(task)
         task.add_done_callback(self._saves.discard)
 
-    async def _save(self, token_ids: list[int]) -> None:
-        hashes = self.engine.block_hashes(token_ids)
+    async def _save(self, token_ids: list[int], lora: str | None) -> None:
+        hashes = self.engine.block_hashes(token_ids, lora)
         if not hashes:
             return
         try:

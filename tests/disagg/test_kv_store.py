@@ -25,7 +25,8 @@ def wait_for(check, what: str, timeout: float = 15.0) -> None:
 class Stack:
     """A KV store, a router, a decode worker and prefill workers started on demand, all on one loop."""
 
-    def __init__(self, model: str, store_address: str | None = None, **store_options) -> None:
+    def __init__(self, model: str, store_address: str | None = None, decode_loras: dict | None = None,
+                 **store_options) -> None:
         from tandem.decode.engine import DecodeEngine
         from tandem.kvstore.main import KVStoreServer
         from tandem.kvstore.store import KVStore
@@ -46,20 +47,21 @@ class Stack:
         self.router = Router(model, "tiny", RouterConfig(local_prefill_threshold=8, heartbeat_interval=0.2),
                              ServerConfig())
         self.port, self.grpc_port = self.run(self.router.start("127.0.0.1", 0, "127.0.0.1", 0))
-        self.decode = self.start(router_pb2.DECODE, "decode-0", DecodeEngine)
+        self.decode = self.start(router_pb2.DECODE, "decode-0", DecodeEngine, decode_loras)
 
-    def config(self, role: str):
+    def config(self, role: str, loras: dict | None = None):
         from tandem.config import CacheConfig, EngineConfig
 
-        return EngineConfig(model=self.model, dtype="float32", kv_role=role, cache=CacheConfig(num_gpu_blocks=128))
+        return EngineConfig(model=self.model, dtype="float32", kv_role=role, cache=CacheConfig(num_gpu_blocks=128),
+                            lora_modules=loras or {})
 
-    def start(self, role: int, name: str, engine_class=None):
+    def start(self, role: int, name: str, engine_class=None, loras: dict | None = None):
         from tandem.prefill.engine import PrefillEngine
         from tandem.proto import router_pb2
         from tandem.worker.process import WorkerServer
 
         engine_class = engine_class or PrefillEngine
-        host = engine_class(self.config("consumer" if role == router_pb2.DECODE else "producer"), "tiny")
+        host = engine_class(self.config("consumer" if role == router_pb2.DECODE else "producer", loras), "tiny")
         self.hosts.append(host)
         worker = WorkerServer(role, host, router=f"127.0.0.1:{self.grpc_port}", heartbeat_interval=0.2,
                               worker_id=name, kv_store=self.store_address)
@@ -72,9 +74,9 @@ class Stack:
         self.run(self.workers.pop(name).stop())
         wait_for(lambda: name not in self.router.pool.workers, f"{name} to leave")
 
-    def complete(self, prompt: list[int] = PROMPT) -> list[int]:
+    def complete(self, prompt: list[int] = PROMPT, model: str = "tiny") -> list[str]:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="x", max_retries=0)
-        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
+        out = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0,
                                         logprobs=0, extra_body={"ignore_eos": True})
         return out.choices[0].logprobs.tokens
 

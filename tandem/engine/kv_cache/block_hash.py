@@ -18,6 +18,11 @@ def root_hash(seed: str = "tandem") -> BlockHash:
     return int.from_bytes(hashlib.sha256(b"tandem-kv-root:" + seed.encode()).digest()[:8], "little")
 
 
+def chain_seed(seed: str, lora: str | None) -> str:
+    """The seed of a request's chain: KV computed under a LoRA adapter is that adapter's alone."""
+    return seed if lora is None else f"{seed}:lora:{lora}"
+
+
 def hash_block(parent: BlockHash, tokens: Sequence[int], extra_keys: tuple = ()) -> BlockHash:
     h = hashlib.sha256(struct.pack("<Q", parent))
     h.update(struct.pack(f"<{len(tokens)}q", *tokens))

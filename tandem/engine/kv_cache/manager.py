@@ -8,7 +8,7 @@ step's forward pass.
 """
 from __future__ import annotations
 
-from tandem.engine.kv_cache.block_hash import extend_hashes
+from tandem.engine.kv_cache.block_hash import chain_seed, extend_hashes
 from tandem.engine.kv_cache.block_pool import Block, BlockPool
 from tandem.engine.request import Request
 
@@ -26,8 +26,7 @@ class KVCacheManager:
         self.prefix_hits = 0  # tokens found
 
     def seed_of(self, lora: str | None) -> str:
-        """The hash chain's seed for a request: KV computed under a LoRA adapter is that adapter's alone."""
-        return self.hash_seed if lora is None else f"{self.hash_seed}:lora:{lora}"
+        return chain_seed(self.hash_seed, lora)
 
     def block_ids(self, req: Request) -> list[int]:
         """A copy of the request's table."""
