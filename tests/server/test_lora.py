@@ -4,6 +4,7 @@ to transformers' on the merged weights, streamed or not, beside base-model reque
 from __future__ import annotations
 
 import asyncio
+import os
 
 import openai
 import pytest
@@ -70,6 +71,10 @@ def test_lora_flags(tmp_path):
     cfg.write_text('lora-modules: ["sql=/a/sql", {"name": "chat", "path": "/a/chat"}]\n')
     _, args = parse_args(["serve", "--config", str(cfg)])
     assert dict(args.lora_modules) == {"sql": "/a/sql", "chat": "/a/chat"}
+    from tandem.launcher import lora_flags
+
+    _, args = parse_args(["up", "--lora-modules", "sql=adapters/sql"])  # every worker gets it, path made absolute
+    assert lora_flags(args.lora_modules) == ["--lora-modules", f"sql={os.path.abspath('adapters/sql')}"]
     for bad in ("sql", "=/a", '{"name": "x"}'):
         with pytest.raises(SystemExit):
             parse_args(["serve", "--lora-modules", bad])
