@@ -14,8 +14,8 @@ Prompt chunks the scheduler paced over the lookahead (the lof policy) ride along
 A step qualifies (`plan`) when: `num_scheduler_steps` > 1, decode graphs exist, nothing waits for
 admission unless the step carries prompt lanes (then the scheduler paced admissions itself), no KV is
 being sent (prefill role) or copied (copy-on-write), at least one row decodes, every decode row is one
-token of a greedy request with no penalties, logprobs or bad words, prompt chunks fit the lanes and want
-no prompt logprobs, and all rows fit the largest graph; requests still under min_tokens must share
+token of a greedy request with no penalties, logprobs, bad words or LoRA adapter, prompt chunks fit the
+lanes and want no prompt logprobs or adapter, and all rows fit the largest graph; requests still under min_tokens must share
 their banned ids (EOS and stop ids). Anything else runs as an ordinary step.
 
 The engine launches each lookahead before it reads the last one's tokens (lookaheads.py), so the
@@ -65,7 +65,7 @@ def plan(sched: SchedulerOutput, max_steps: int, max_model_len: int, max_rows: i
         if r.kv_only or r.pending_forks:
             return None
         if r.num_computed_tokens + 1 < n:  # a prompt chunk: its tokens short of the last become lanes
-            if sched.prompt_steps <= 1 or r.params.prompt_logprobs is not None:
+            if sched.prompt_steps <= 1 or r.params.prompt_logprobs is not None or r.params.lora is not None:
                 return None
             chunks.append((r, min(s.num_new_tokens, n - 1 - r.num_computed_tokens)))
             continue

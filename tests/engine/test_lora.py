@@ -131,3 +131,18 @@ def test_bad_adapters_are_refused_by_name(adapters, make_llm, tmp_path):
     with pytest.raises(ValueError, match="already loaded from"):
         llm.generate("hi", PARAMS, lora_request=LoRARequest("attn", 1, str(root / "attn")))
         llm.generate("hi", PARAMS, lora_request=LoRARequest("attn", 1, str(root / "full")))
+
+
+def test_adapter_prompts_stay_out_of_prompt_lanes(adapters, make_llm, monkeypatch):
+    """Under lof, prompt chunks ride in multi-step lookaheads beside greedy decode rows (prompt_lanes.py):
+    a prompt under an adapter must not, as the graphed lanes run the base model only."""
+    monkeypatch.setenv("TANDEM_ATTENTION_BACKEND", "triton")
+    base, root, prompts, expected = adapters
+    llm = make_llm(base, num_scheduler_steps=8, max_num_batched_tokens=64, scheduling_policy="lof")
+    attn = LoRARequest("attn", 1, str(root / "attn"))
+    longer = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS)
+    shorter = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=8)  # lof paces these in beside the others
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts * 2], [longer] * 3 + [shorter] * 3,
+                        use_tqdm=False, lora_request=[None] * 3 + [attn] * 3)
+    assert [o.outputs[0].token_ids for o in outs] == expected["base"] + [e[:8] for e in expected["attn"]]
+    assert llm.stats().num_lookahead_steps > 0
