@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 from typing import Any, Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from tandem.config import CacheConfig, EngineConfig, SchedulerConfig
