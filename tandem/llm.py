@@ -123,8 +123,9 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
-             tools: list | None = None) -> list[RequestOutput]:
-        """Apply the model's chat template to each conversation, then generate."""
+             tools: list | None = None,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then generate (under `lora_request`'s adapter)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
         prompts, texts = [], []
@@ -134,7 +135,7 @@ class LLM:
                                        tools=tools, **(chat_template_kwargs or {}))
             prompts.append({"prompt_token_ids": tok.encode(text, add_special_tokens=False)})
             texts.append(text)
-        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
         for out, text in zip(outs, texts):
             out.prompt = text  # the templated conversation, as vLLM reports it
         return outs

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import load_file
 
-# PEFT's module names -> (our projection, which part of its output)
-_TARGETS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2), "o_proj": ("o_proj", 0),
-            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0)}
+# PEFT's module names -> our projection that holds them (its output slice: _geometry)
+_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj",
+            "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
 _KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
@@ -46,17 +46,16 @@ class Adapter:
     name: str
     path: str
     rank: int
-    # (layer, projection) -> [(output start, output end, A [r, in], B [out part, r] * scale)]
+    # (layer, projection) -> [(output start, output end, A [r, in], B [end - start, r] * scale)]
     weights: dict[tuple[int, str], list[tuple[int, int, torch.Tensor, torch.Tensor]]]
 
 
-def _part_bounds(shape, projection: str, part: int) -> tuple[int, int]:
-    q, kv, inter = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim, shape.intermediate
-    sizes = {"qkv_proj": (q, kv, kv), "gate_up_proj": (inter, inter)}.get(projection)
-    if sizes is None:
-        return 0, -1  # the whole output
-    start = sum(sizes[:part])
-    return start, start + sizes[part]
+def _geometry(shape, module: str) -> tuple[int, int, int]:
+    """(input width, output start, output end) of a PEFT module inside our projection's output."""
+    q, kv, inter, hidden = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim, shape.intermediate, shape.hidden
+    return {"q_proj": (hidden, 0, q), "k_proj": (hidden, q, q + kv), "v_proj": (hidden, q + kv, q + 2 * kv),
+            "o_proj": (q, 0, hidden), "gate_proj": (hidden, 0, inter), "up_proj": (hidden, inter, 2 * inter),
+            "down_proj": (inter, 0, hidden)}[module]
 
 
 def load_adapter(name: str, path: str, shape, dtype: torch.dtype, device: torch.device, max_rank: int) -> Adapter:
@@ -69,14 +68,17 @@ def load_adapter(name: str, path: str, shape, dtype: torch.dtype, device: torch.
         with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
             config = json.load(f)
         tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - missing files, bad JSON, safetensors' own errors
         raise bad(f"not a PEFT LoRA folder: {exc}") from exc
-    if config.get("peft_type", "LORA") != "LORA":
-        raise bad(f"peft_type {config.get('peft_type')!r} is not LORA")
-    for key, off in (("bias", "none"), ("use_dora", False), ("modules_to_save", None)):
-        if config.get(key, off) not in (off, [], False):
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise bad("adapter_config.json is not a LoRA config (peft_type LORA)")
+    for key, off in (("bias", "none"), ("use_dora", False), ("modules_to_save", None), ("alpha_pattern", None),
+                     ("rank_pattern", None)):
+        if config.get(key, off) not in (off, [], {}, False):
             raise bad(f"{key}={config[key]!r} is not supported")
-    rank = int(config["r"])
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise bad(f"r must be an integer >= 1, got {rank!r}")
     if rank > max_rank:
         raise bad(f"rank {rank} is over max_lora_rank {max_rank}")
     alpha = float(config.get("lora_alpha", rank))
@@ -94,12 +96,12 @@ def load_adapter(name: str, path: str, shape, dtype: torch.dtype, device: torch.
     for (layer, module), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise bad(f"layer {layer} {module} has lora_{'A' if 'A' not in ab else 'B'} missing")
-        projection, part = _TARGETS[module]
-        start, end = _part_bounds(shape, projection, part)
+        width, start, end = _geometry(shape, module)
         a, b = ab["A"], ab["B"]
-        if a.shape[0] != rank or b.shape[1] != rank:
-            raise bad(f"layer {layer} {module}: A {tuple(a.shape)} and B {tuple(b.shape)} are not of rank {rank}")
-        weights.setdefault((layer, projection), []).append(
+        if tuple(a.shape) != (rank, width) or tuple(b.shape) != (end - start, rank):
+            raise bad(f"layer {layer} {module}: A {tuple(a.shape)} and B {tuple(b.shape)} are not ({rank}, {width}) "
+                      f"and ({end - start}, {rank}): an adapter of rank {rank} for another model?")
+        weights.setdefault((layer, _TARGETS[module]), []).append(
             (start, end, a.to(device, dtype), (b.float() * scale).to(device, dtype)))
     return Adapter(name, path, rank, weights)
 
@@ -122,9 +124,5 @@ class LoRALayers:
         """y plus each adapted row's x A^T B^T, in its output part."""
         for adapter, rows in self.batch.groups:
             for start, end, a, b in parts.get(adapter, ()):
-                delta = (x[rows] @ a.T) @ b.T
-                if end < 0:
-                    y[rows] += delta
-                else:
-                    y[rows, start:end] += delta
+                y[rows, start:end] += (x[rows] @ a.T) @ b.T
         return y

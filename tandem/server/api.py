@@ -92,7 +92,7 @@ def build_app(client: EngineClient, config: ServerConfig | None = None) -> FastA
     async def list_models() -> Response:
         models = [ModelCard(id=n, root=client.model_path, max_model_len=client.max_model_len) for n in names]
         models += [ModelCard(id=name, root=path, parent=names[0], max_model_len=client.max_model_len)
-                   for name, path in client.loras.items()]  # as vLLM lists adapters
+                   for name, path in client.loras.items() if name not in names]  # as vLLM lists adapters
         return json(ModelList(data=models))
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS, tags=["OpenAI"])

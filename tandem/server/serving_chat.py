@@ -19,7 +19,7 @@ from tandem.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompl
 from tandem.server.serving_common import (SSE_DONE, ServingContext, SSEResponse, cancel_on_disconnect, clamp_logprob,
                                           merge_streams, now, resolve_max_tokens, sampling_params, sse, stop_holdback,
                                           stream_error, structured_outputs)
-from tandem.server.tool_choice import forced, forced_schema, tool_calls
+from tandem.server.tool_choice import forced, forced_schema, functions, tool_calls
 from tandem.server import tool_parsers
 from tandem.tokenizer import apply_chat_template
 
@@ -116,7 +116,8 @@ class ChatServing:
         if not req.tools or req.tool_choice not in (None, "auto"):
             return None
         template = req.chat_template or self.ctx.config.chat_template or self.ctx.client.tokenizer.chat_template
-        return tool_parsers.pick(self.ctx.config.tool_call_parser, template if isinstance(template, str) else None)
+        parser = tool_parsers.pick(self.ctx.config.tool_call_parser, template if isinstance(template, str) else None)
+        return parser(functions(req.tools)) if parser is not None else None
 
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response | ChatCompletionResponse:
         ctx = self.ctx
@@ -137,11 +138,13 @@ class ChatServing:
                 raise bad_request("a forced tool call takes no other output constraint", "tool_choice")
             params.structured_outputs = {"json": schema}
         await ctx.check_constraint(params, "tool_choice" if schema is not None else structured_outputs(req)[1])
+        parser = self._tool_parser(req)
+        if parser is not None and parser.strips_its_markers(ctx.client.tokenizer):
+            params.skip_special_tokens = False  # the calls' markers must reach the text to be parsed
         rid = ctx.request_id(raw, req.request_id)
         stream = ctx.track(f"chatcmpl-{rid}-{secrets.token_hex(4)}", ids, params, req.priority, now())
         ctx.log_request(rid, [len(ids)], params)
         head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": model}
-        parser = self._tool_parser(req)
         if req.stream:
             return SSEResponse(self._stream(req, parser, head, stream, params.stop, len(ids)))
         return await cancel_on_disconnect(raw, self._full(req, parser, head, stream))

@@ -138,7 +138,7 @@ def sampling_params(ctx: ServingContext, req: SamplingRequest, *, max_tokens: in
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens, structured_outputs=structured,
-            lora=req.model if req.model in ctx.client.loras else None)
+            lora=req.model if req.model in ctx.client.loras and req.model not in ctx.names else None)
     except ValueError as exc:
         raise bad_request(str(exc), str(exc).split(" ", 1)[0]) from exc
 

@@ -15,7 +15,7 @@ from tandem.server.tool_parsers import make_call
 _ANY_OBJECT = {"type": "object"}
 
 
-def _functions(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+def functions(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
     """name -> JSON schema of its parameters, for the request's function tools."""
     out = {}
     for i, tool in enumerate(tools or []):
@@ -38,21 +38,21 @@ def forced_schema(tools: list[dict[str, Any]] | None, tool_choice: Any) -> dict[
     """The JSON schema the reply must follow for this tool_choice; None when no call is forced."""
     if not forced(tool_choice):
         return None
-    functions = _functions(tools)
+    schemas = functions(tools)
     if tool_choice == "required":
-        if not functions:
+        if not schemas:
             raise bad_request('tool_choice "required" needs at least one tool in tools', "tool_choice")
         calls = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
-                  "properties": {"name": {"const": name}, "parameters": params}} for name, params in functions.items()]
+                  "properties": {"name": {"const": name}, "parameters": params}} for name, params in schemas.items()]
         return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
     function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
         raise bad_request('tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
                           '{"name": ...}}', "tool_choice")
-    if name not in functions:
+    if name not in schemas:
         raise bad_request(f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
-    return functions[name]
+    return schemas[name]
 
 
 def tool_calls(text: str, tool_choice: Any) -> list[dict[str, Any]] | None:

@@ -5,9 +5,9 @@ chat template the request is rendered with: one that shows the model `<tool_call
 Hermes), one with Llama 3.1's `<|python_tag|>` or its JSON-call instructions gets `llama3_json`; any other
 template, or "none", gets no parser, and the reply stays text.
 
-A parser has two jobs, one per kind of response:
-- `parse(text)`: the finished reply as (content, calls). A reply whose call syntax does not parse stays
-  all content, with no calls, as vLLM returns it.
+A parser is made per request, for its tools' names, and has two jobs, one per kind of response:
+- `parse(text)`: the finished reply as (content, calls). A reply whose call syntax does not parse, or that
+  calls a function not among the tools or gives no arguments, stays all content, with no calls.
 - `content_end(text)`: while a reply streams, how much of it is surely content: the rest might be the
   start of a call, so the stream holds it back until the reply ends and `parse` decides.
 """
@@ -17,7 +17,7 @@ import functools
 import json
 import re
 import secrets
-from typing import Any
+from typing import Any, Collection
 
 PARSERS = ("auto", "none", "hermes", "llama3_json")
 
@@ -29,14 +29,15 @@ def make_call(name: str, arguments: Any) -> dict[str, Any]:
             "function": {"name": name, "arguments": args}}
 
 
-def _call(value: Any, *arg_keys: str) -> dict[str, Any]:
-    """A decoded call object to OpenAI's shape; ValueError when it is not {"name": str, <arguments>}."""
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        raise ValueError("a tool call needs a name")
+def _call(value: Any, tools: Collection[str], *arg_keys: str) -> dict[str, Any]:
+    """A decoded call object to OpenAI's shape; ValueError unless it is {"name": one of `tools`, <arguments>}
+    (JSON that merely has a "name" is not a call)."""
+    if not isinstance(value, dict) or value.get("name") not in tools:
+        raise ValueError("not a call of one of the tools")
     for key in arg_keys:
         if key in value:
             return make_call(value["name"], value[key])
-    return make_call(value["name"], {})
+    raise ValueError("a tool call needs its arguments")
 
 
 def _held_prefix(text: str, marker: str) -> int:
@@ -47,11 +48,28 @@ def _held_prefix(text: str, marker: str) -> int:
     return 0
 
 
-class HermesParser:
+class _Parser:
+    name = ""
+
+    MARKER = ""  # the token that opens a call
+
+    def __init__(self, tools: Collection[str]) -> None:
+        self.tools = frozenset(tools)
+
+    def strips_its_markers(self, tokenizer: Any) -> bool:
+        """Whether decoding with skip_special_tokens would drop the marker a call needs (a special token
+        there: Hermes 2 Pro's <tool_call>), so the reply is decoded with them."""
+        if not self.MARKER or not hasattr(tokenizer, "convert_tokens_to_ids"):
+            return False
+        marker = tokenizer.convert_tokens_to_ids(self.MARKER)  # an unknown token reads as the unknown id
+        return tokenizer.convert_ids_to_tokens(marker) == self.MARKER and marker in tokenizer.all_special_ids
+
+
+class HermesParser(_Parser):
     """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks after optional text."""
 
     name = "hermes"
-    START = "<tool_call>"
+    START = MARKER = "<tool_call>"
     _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
@@ -59,17 +77,18 @@ class HermesParser:
         if start < 0:
             return text, []
         try:
-            calls = [_call(json.loads(block), "arguments", "parameters") for block in self._BLOCK.findall(text)]
+            calls = [_call(json.loads(block), self.tools, "arguments", "parameters") for block in self._BLOCK.findall(text)]
         except ValueError:
             return text, []
         return (text[:start] if text[:start].strip() else None), calls
 
     def content_end(self, text: str) -> int:
         start = text.find(self.START)
-        return start if start >= 0 else len(text) - _held_prefix(text, self.START)
+        end = start if start >= 0 else len(text) - _held_prefix(text, self.START)
+        return end if text[:end].strip() else 0  # whitespace alone before a call is no content
 
 
-class Llama3JsonParser:
+class Llama3JsonParser(_Parser):
     """A reply that is one JSON call `{"name": ..., "parameters": {...}}` (or several joined by ";"),
     maybe after `<|python_tag|>`; a reply that starts any other way is text."""
 
@@ -85,7 +104,7 @@ class Llama3JsonParser:
         try:
             while at < len(body):
                 value, at = decoder.raw_decode(body, at)
-                calls.append(_call(value, "parameters", "arguments"))
+                calls.append(_call(value, self.tools, "parameters", "arguments"))
                 at = len(body) - len(body[at:].lstrip().removeprefix(";").lstrip())
         except ValueError:
             return text, []
@@ -97,12 +116,13 @@ class Llama3JsonParser:
         return 0 if maybe_call else len(text)
 
 
-_BY_NAME = {p.name: p for p in (HermesParser(), Llama3JsonParser())}
+_BY_NAME = {p.name: p for p in (HermesParser, Llama3JsonParser)}
 
 
 @functools.lru_cache(maxsize=64)
-def pick(configured: str, template: str | None) -> HermesParser | Llama3JsonParser | None:
-    """The parser for replies to prompts rendered with `template`, under the server's setting."""
+def pick(configured: str, template: str | None) -> type[_Parser] | None:
+    """The parser (a class: make one per request, for its tools) for replies to prompts rendered with
+    `template`, under the server's setting."""
     if configured != "auto":
         return _BY_NAME.get(configured)
     template = template or ""

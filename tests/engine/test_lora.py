@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tandem import LoRARequest, SamplingParams
 
@@ -128,6 +128,21 @@ def test_bad_adapters_are_refused_by_name(adapters, make_llm, tmp_path):
     make_adapter(base, str(tmp_path / "big"), 3, ("q_proj",), rank=128)
     with pytest.raises(ValueError, match="rank 128 is over max_lora_rank 64"):
         llm.generate("hi", PARAMS, lora_request=LoRARequest("big", 4, str(tmp_path / "big")))
+    for change, words in ((dict(r=None), "r must be an integer >= 1"), (dict(alpha_pattern={"q_proj": 2}), "alpha_pattern"),
+                          (dict(use_dora=True), "use_dora")):
+        path = tmp_path / f"cfg-{words[:5]}"
+        make_adapter(base, str(path), 3, ("q_proj",))
+        config = json.loads((path / "adapter_config.json").read_text())
+        (path / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(ValueError, match=words):
+            llm.generate("hi", PARAMS, lora_request=LoRARequest(words, 5, str(path)))
+    wide = tmp_path / "wide"  # an adapter for a model of another width: refused at load, not in a step
+    make_adapter(base, str(wide), 3, ("o_proj",))
+    tensors = {k: torch.cat([v, v], dim=1) if "lora_A" in k else v
+               for k, v in load_file(str(wide / "adapter_model.safetensors")).items()}
+    save_file(tensors, str(wide / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="for another model"):
+        llm.generate("hi", PARAMS, lora_request=LoRARequest("wide", 6, str(wide)))
     with pytest.raises(ValueError, match="already loaded from"):
         llm.generate("hi", PARAMS, lora_request=LoRARequest("attn", 1, str(root / "attn")))
         llm.generate("hi", PARAMS, lora_request=LoRARequest("attn", 1, str(root / "full")))

@@ -43,9 +43,12 @@ def _ask(server, reply: str, stream: bool = False, **kwargs):
     ("No tools needed.", "No tools needed.", []),
     ('<tool_call>{"name": "f", "arguments": {"a": ', '<tool_call>{"name": "f", "arguments": {"a": ', []),  # cut
     ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),  # no name
+    ('<tool_call>{"name": "f"}</tool_call>', '<tool_call>{"name": "f"}</tool_call>', []),  # no arguments
+    ('<tool_call>{"name": "rm", "arguments": {}}</tool_call>', '<tool_call>{"name": "rm", "arguments": {}}</tool_call>',
+     []),  # not one of the tools
 ])
 def test_hermes_parse(text, content, calls):
-    got_content, got = HermesParser().parse(text)
+    got_content, got = HermesParser({"get_weather", "get_time", "f"}).parse(text)
     assert got_content == content
     assert [(c["function"]["name"], c["function"]["arguments"] if isinstance(want, str) else
              json.loads(c["function"]["arguments"])) for c, (_, want) in zip(got, calls)] == calls
@@ -56,19 +59,31 @@ def test_hermes_parse(text, content, calls):
     (' <|python_tag|>{"name": "f", "arguments": {"x": [1]}}', [("f", {"x": [1]})]),
     ('The answer is {"name": "f"}', []),
     ('{"name": "f", "parameters": {}} and then some text', []),
+    ('{"name": "Bob", "age": 3}', []),  # JSON with a name is not a call
 ])
 def test_llama3_json_parse(text, calls):
-    content, got = Llama3JsonParser().parse(text)
+    content, got = Llama3JsonParser({"get_weather", "get_time", "f"}).parse(text)
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got] == calls
     assert content == (None if calls else text)
 
 
 def test_streams_hold_back_only_what_may_be_a_call():
-    hermes, llama3 = HermesParser(), Llama3JsonParser()
+    hermes, llama3 = HermesParser(()), Llama3JsonParser(())
     assert hermes.content_end("Let me check. <tool") == len("Let me check. ")
     assert hermes.content_end("Let me check. <tool_call>{") == len("Let me check. ")
     assert hermes.content_end("a < b") == len("a < b")
+    assert hermes.content_end("\n <tool") == hermes.content_end("\n ") == 0  # whitespace alone is no content yet
     assert [llama3.content_end(t) for t in ("", " {", "<|pyt", "Sure", "  Hello {")] == [0, 0, 0, 4, 9]
+
+
+def test_a_special_marker_is_kept_in_the_text(tiny_model_dirs):
+    """A tokenizer whose <tool_call> is a special token (Hermes 2 Pro's) would drop it from decoded text."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
+    assert not HermesParser(()).strips_its_markers(tok) and not Llama3JsonParser(()).strips_its_markers(tok)
+    tok.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    assert HermesParser(()).strips_its_markers(tok)
 
 
 def test_the_template_picks_the_parser():
