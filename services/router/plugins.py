@@ -23,13 +23,17 @@ class RoutingRequest:
     def block_hashes(self, block_size: int, seed: str) -> list[int]:
         key = (block_size, seed)
         if key not in self._hashes:
-            self._hashes[key] = hash_blocks(self.prompt_token_ids, block_size, chain_seed(seed, self.lora))
+            self._hashes[key] = hash_blocks(self.prompt_token_ids, block_size, seed)
         return self._hashes[key]
 
     def cached_tokens(self, w: Worker) -> int:
-        """Prompt tokens the worker's prefix cache holds (leading full blocks, as its events say)."""
+        """Prompt tokens the worker's prefix cache holds (leading full blocks, as its events say), under
+        the request's adapter as that worker keys it."""
         bs = w.info.layout.block_size or 16
-        return common_prefix_blocks(self.block_hashes(bs, w.info.kv_hash_seed), w.cached) * bs
+        if self.lora is not None and self.lora not in w.info.lora_keys:
+            return 0
+        seed = chain_seed(w.info.kv_hash_seed, None if self.lora is None else w.info.lora_keys[self.lora])
+        return common_prefix_blocks(self.block_hashes(bs, seed), w.cached) * bs
 
 
 Filter = Callable[[RoutingRequest, list[Worker]], list[Worker]]

@@ -103,6 +103,7 @@ class LLMEngine(KVRoles, Lookaheads):
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, cache.hash_seed)
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
         self.runner.loras = self.loras
+        self.kv.lora_keys = self.loras.keys if self.loras else {}
         max_batch = min(config.scheduler.max_num_seqs, 512)
         # prompt lanes (and their mixed graphs) serve lof's paced prompt chunks only
         paced = config.scheduler.policy == "lof" and config.scheduler.num_scheduler_steps > 1
@@ -195,6 +196,7 @@ class LLMEngine(KVRoles, Lookaheads):
             return
         adapter = load_adapter(name, path, self.model.shape, self.dtype, self.device, self.config.max_lora_rank)
         self.loras = self.runner.loras = LoRALayers(self.model, (self.loras.adapters if self.loras else []) + [adapter])
+        self.kv.lora_keys = self.loras.keys
 
     def check_params(self, params: SamplingParams) -> None:
         self.inputs.params(params)

@@ -6,12 +6,14 @@ it (`SamplingParams.lora`) -> each step the runner tells the model which rows ru
 (`LoRABatch`), and every adapted projection adds `x A^T B^T` to those rows of its output.
 
 The model's fused projections take their parts' adapters in slices of their output: q/k/v in qkv_proj,
-gate/up in gate_up_proj. A request's KV blocks hash under its adapter (kv_cache/manager.py), so prefixes
-are shared only within one adapter. Rows under an adapter skip the decode CUDA graphs, lookaheads and the
+gate/up in gate_up_proj. A request's KV blocks hash under its adapter's key, its name and a digest of its
+files (kv_cache/manager.py), so prefixes are shared only within one adapter, and an adapter retrained
+under the same name never meets its old KV in a KV store. Rows under an adapter skip the decode CUDA graphs, lookaheads and the
 last layer's row pruning: they run as ordinary eager steps.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -46,6 +48,7 @@ class Adapter:
     name: str
     path: str
     rank: int
+    key: str  # what its KV hashes chain on: the name and a digest of its files (retrained weights: new KV)
     # (layer, projection) -> [(output start, output end, A [r, in], B [end - start, r] * scale)]
     weights: dict[tuple[int, str], list[tuple[int, int, torch.Tensor, torch.Tensor]]]
 
@@ -65,6 +68,10 @@ def load_adapter(name: str, path: str, shape, dtype: torch.dtype, device: torch.
         return ValueError(f"LoRA adapter {name!r} ({path}): {why}")
 
     try:
+        digest = hashlib.sha256()
+        for file in ("adapter_config.json", "adapter_model.safetensors"):
+            with open(os.path.join(path, file), "rb") as f:
+                digest.update(f.read())
         with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
             config = json.load(f)
         tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
@@ -103,7 +110,7 @@ def load_adapter(name: str, path: str, shape, dtype: torch.dtype, device: torch.
                       f"and ({end - start}, {rank}): an adapter of rank {rank} for another model?")
         weights.setdefault((layer, _TARGETS[module]), []).append(
             (start, end, a.to(device, dtype), (b.float() * scale).to(device, dtype)))
-    return Adapter(name, path, rank, weights)
+    return Adapter(name, path, rank, f"{name}@{digest.hexdigest()[:16]}", weights)
 
 
 class LoRALayers:
@@ -112,6 +119,7 @@ class LoRALayers:
     def __init__(self, model: torch.nn.Module, adapters: list[Adapter]) -> None:
         self.adapters = adapters
         self.index = {a.name: i for i, a in enumerate(adapters)}
+        self.keys = {a.name: a.key for a in adapters}
         self.batch = LoRABatch()
         for i, layer in enumerate(model.layers):
             for projection in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):

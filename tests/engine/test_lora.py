@@ -161,3 +161,19 @@ def test_adapter_prompts_stay_out_of_prompt_lanes(adapters, make_llm, monkeypatc
                         use_tqdm=False, lora_request=[None] * 3 + [attn] * 3)
     assert [o.outputs[0].token_ids for o in outs] == expected["base"] + [e[:8] for e in expected["attn"]]
     assert llm.stats().num_lookahead_steps > 0
+
+
+def test_an_adapter_retrained_under_its_name_gets_new_kv_hashes(adapters, make_llm, tmp_path):
+    """KV hashes chain on the adapter's name and a digest of its files: a KV store shared across restarts
+    never hands a retrained adapter the old one's KV."""
+    base, root, prompts, _ = adapters
+    before, after = make_llm(base), make_llm(base)
+    before.generate("hi", PARAMS, lora_request=LoRARequest("sql", 1, str(root / "attn")))
+    make_adapter(base, str(tmp_path / "sql"), 9, ("q_proj", "k_proj", "v_proj", "o_proj"))  # same shapes, new weights
+    after.generate("hi", PARAMS, lora_request=LoRARequest("sql", 1, str(tmp_path / "sql")))
+    old, new, plain = (llm.engine.block_hashes(prompts[0], lora) for llm, lora in
+                       ((before, "sql"), (after, "sql"), (before, None)))
+    assert len(old) == 2 and old != new and old != plain and new != plain
+    assert after.engine.block_hashes(prompts[0], None) == plain
+    with pytest.raises(ValueError, match="unknown LoRA adapter 'chat'"):
+        before.engine.block_hashes(prompts[0], "chat")

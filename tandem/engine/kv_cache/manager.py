@@ -17,6 +17,7 @@ class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool, hash_seed: str) -> None:
         self.block_size = block_size
         self.hash_seed = hash_seed
+        self.lora_keys: dict[str, str] = {}  # adapter name -> its key (lora.py), set by the engine
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self.tables: dict[str, list[int]] = {}  # seq_id -> block ids, in token order
@@ -26,7 +27,9 @@ class KVCacheManager:
         self.prefix_hits = 0  # tokens found
 
     def seed_of(self, lora: str | None) -> str:
-        return chain_seed(self.hash_seed, lora)
+        if lora is not None and lora not in self.lora_keys:
+            raise ValueError(f"lora: unknown LoRA adapter {lora!r}")
+        return chain_seed(self.hash_seed, None if lora is None else self.lora_keys[lora])
 
     def block_ids(self, req: Request) -> list[int]:
         """A copy of the request's table."""
