@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from tandem.operator.common import (DECODE_KV, GROUP_INDEX_LABEL, WORKER_GRPC, WORKER_HTTP, Obj, base_env, child_name,
+from tandem.operator.common import (DECODE_KV, GROUP_INDEX_LABEL, MODEL_DIR, WORKER_GRPC, WORKER_HTTP, Obj, base_env, child_name,
                                     container, http_probes, labels, metadata, model_argument, model_volumes,
                                     pod_spec, port, resources, router_grpc_address, selector_labels,
                                     service_host, service_port)
@@ -26,6 +26,8 @@ def worker_args(model: TandemModel, pool: Pool) -> list[str]:
         args += ["--max-model-len", str(spec.model.max_model_len)]
     if pool == "decode":
         args += ["--kv-port", str(DECODE_KV)]
+    if spec.model.lora_adapters:
+        args += ["--lora-modules", *(f"{a.name}={MODEL_DIR}/{a.path.strip('/')}" for a in spec.model.lora_adapters)]
     return [*args, "--router", router_grpc_address(model), *getattr(spec, pool).extra_args]
 
 

@@ -42,11 +42,31 @@ class ModelSource(_Camel):
         return self
 
 
+class LoRAAdapterSpec(_Camel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)  # the model name clients use
+    path: str = Field(pattern=r"^[A-Za-z0-9._/-]+$", max_length=1024)  # its PEFT folder inside the model's claim
+
+    @model_validator(mode="after")
+    def _inside_the_claim(self) -> LoRAAdapterSpec:
+        if ".." in self.path.split("/"):
+            raise ValueError("path must stay inside the claim (no '..')")
+        return self
+
+
 class ModelSpec(_Camel):
     source: ModelSource | None = None  # None: the image's embedded SmolLM2-135M-Instruct
     served_model_name: str | None = Field(None, pattern=r"^\S+$")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_model_len: int | None = Field(None, ge=16, le=1048576)
+    lora_adapters: list[LoRAAdapterSpec] = Field([], max_length=64)  # every prefill and decode worker serves them
+
+    @model_validator(mode="after")
+    def _adapters_on_the_claim(self) -> ModelSpec:
+        if self.lora_adapters and (self.source is None or self.source.pvc is None):
+            raise ValueError("loraAdapters live on the model's claim: they need source.pvc")
+        if len({a.name for a in self.lora_adapters}) < len(self.lora_adapters):
+            raise ValueError("loraAdapters names must be unique")
+        return self
 
 
 class Toleration(_Camel):

@@ -141,6 +141,10 @@ def test_single_pod_gpu_pools_are_deployments_with_gpus_and_the_claim():
     assert pod["nodeSelector"] == {"gpu": "h100"} and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert decode["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
     assert pod["containers"][0]["args"][:2] == ["decode", "/models/llama-8b"]
+    for pool in ("prefill", "decode"):  # every worker serves the adapters, from the claim
+        args = children[f"Deployment/m1-{pool}"]["spec"]["template"]["spec"]["containers"][0]["args"]
+        at = args.index("--lora-modules")
+        assert args[at + 1:at + 3] == ["sql=/models/adapters/sql", "chat=/models/adapters/chat"]
     assert {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in pod["volumes"]
     assert env_of(pod["containers"][0])["TANDEM_TENSOR_PARALLEL_SIZE"] == "8"
     assert not any(c["kind"] in ("StatefulSet", "LeaderWorkerSet") for c in children.values())

@@ -105,6 +105,8 @@ NONSENSE = {
     "no disk capacity": {"kvStore": {"diskCapacity": 0}},
     "negative disk capacity": {"kvStore": {"diskCapacity": "-1Gi"}},
     "bounds without max": {"autoscaling": {"decode": {"minReplicas": 1}}},
+    "adapter without path": {"model": {"source": {"pvc": {"claimName": "c"}}, "loraAdapters": [{"name": "sql"}]}},
+    "adapter name with =": {"model": {"source": {"pvc": {"claimName": "c"}}, "loraAdapters": [{"name": "a=b", "path": "x"}]}},
 }
 # bounds that relate two fields: only CEL (and the spec model) can see them
 CEL_NONSENSE = {
@@ -114,6 +116,11 @@ CEL_NONSENSE = {
                                                  "tensorParallelSize x pipelineParallelSize must fit"),
     "path out of the claim": ({"model": {"source": {"pvc": {"claimName": "c", "path": "a/../../etc"}}}},
                               "path must stay inside the claim"),
+    "adapter out of the claim": ({"model": {"source": {"pvc": {"claimName": "c"}},
+                                            "loraAdapters": [{"name": "sql", "path": "../sql"}]}},
+                                 "path must stay inside the claim"),
+    "adapters without a claim": ({"model": {"source": {"hf": "a/b"}, "loraAdapters": [{"name": "sql", "path": "sql"}]}},
+                                 "loraAdapters live on the model's claim"),
 }
 
 
@@ -164,6 +171,8 @@ def _fields(model: type[BaseModel]) -> dict:
 
 
 def _properties(schema: dict) -> dict | None:
+    if schema.get("type") == "array":  # a list of objects: its items' fields
+        return _properties(schema["items"])
     if "properties" not in schema:
         return None
     return {key: _properties(value) for key, value in schema["properties"].items()}
