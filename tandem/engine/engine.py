@@ -198,6 +198,18 @@ class LLMEngine(KVRoles, Lookaheads):
         self.loras = self.runner.loras = LoRALayers(self.model, (self.loras.adapters if self.loras else []) + [adapter])
         self.kv.lora_keys = self.loras.keys
 
+    def remove_lora(self, name: str) -> None:
+        """Unload an adapter no request runs under (ValueError otherwise)."""
+        if not self.loras or name not in self.loras.index:
+            raise ValueError(f"lora: unknown LoRA adapter {name!r}")
+        users = sum(1 for g in self.groups.values() if g.params.lora == name)
+        if users:
+            raise ValueError(f"LoRA adapter {name!r} is in use by {users} requests")
+        rest = [a for a in self.loras.adapters if a.name != name]
+        layers = LoRALayers(self.model, rest)  # attaches the rest to the projections, and only them
+        self.loras = self.runner.loras = layers if rest else None
+        self.kv.lora_keys = self.loras.keys if self.loras else {}
+
     def check_params(self, params: SamplingParams) -> None:
         self.inputs.params(params)
         if params.lora is not None and (self.loras is None or params.lora not in self.loras.index):

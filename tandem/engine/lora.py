@@ -125,8 +125,7 @@ class LoRALayers:
             for projection in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
                 linear = getattr(layer, projection)
                 parts = {a_i: a.weights[(i, projection)] for a_i, a in enumerate(adapters) if (i, projection) in a.weights}
-                if parts:
-                    linear.lora = (self, parts)
+                linear.lora = (self, parts) if parts else None
 
     def apply(self, parts: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y plus each adapted row's x A^T B^T, in its output part."""

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tandem import __version__
@@ -22,7 +22,8 @@ from tandem.server.errors import APIError, SafeJSONResponse, bad_request, instal
 from tandem.server.metrics import ServerMetrics
 from tandem.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                     CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
-                                    ModelCard, ModelList, TokenizeRequest, TokenizeResponse, VersionResponse)
+                                    LoadLoRAAdapterRequest, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
+                                    UnloadLoRAAdapterRequest, VersionResponse)
 from tandem.server.serving_chat import ChatServing, render_chat
 from tandem.server.serving_common import ServingContext
 from tandem.server.serving_completions import CompletionServing
@@ -106,6 +107,30 @@ def build_app(client: EngineClient, config: ServerConfig | None = None) -> FastA
         """A chat completion; with `stream: true`, server-sent events ending in `data: [DONE]`."""
         result = await chat.create(body, raw)
         return result if isinstance(result, Response) else json(result)
+
+    if config.allow_runtime_lora_updating:
+        @app.post("/v1/load_lora_adapter", responses=_ERRORS, tags=["vLLM"])
+        async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+            """Load a LoRA adapter (a PEFT folder on the server) as a model of its own name."""
+            await _update_loras(lambda: client.load_lora(body.lora_name, body.lora_path), body.lora_name, "lora_path")
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+        @app.post("/v1/unload_lora_adapter", responses=_ERRORS, tags=["vLLM"])
+        async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+            """Unload a LoRA adapter no request runs under."""
+            await _update_loras(lambda: client.unload_lora(body.lora_name), body.lora_name, "lora_name")
+            return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    async def _update_loras(update, name: str, param: str) -> None:
+        if not hasattr(client, "load_lora"):
+            raise bad_request("this gateway loads no adapters itself: start its workers with --lora-modules",
+                              "lora_name")
+        if name in names:
+            raise bad_request(f"{name!r} is a served model's name", "lora_name")
+        try:
+            await update()
+        except ValueError as exc:
+            raise bad_request(str(exc), "lora_name" if "already loaded" in str(exc) else param) from exc
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS, tags=["vLLM"])
     async def tokenize(body: TokenizeRequest) -> Response:

@@ -15,6 +15,7 @@ class ServerConfig:
     api_key: str | None = None  # required as a Bearer token on /v1/* when set
     chat_template: str | None = None  # a template (or a path to one) instead of the tokenizer's
     chat_template_content_format: str = "auto"  # how message content reaches the template
+    allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
     tool_call_parser: str = "auto"  # the model's own tool-call syntax (tool_parsers.py); auto: read the template
     response_role: str = "assistant"
     max_logprobs: int = 20  # most logprobs / top_logprobs a request may ask for

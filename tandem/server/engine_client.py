@@ -171,6 +171,17 @@ class AsyncEngine:
         """Compiles the params' output constraint (ValueError when it cannot be); any thread."""
         self.engine.grammars.compile(params.structured_outputs)
 
+    async def load_lora(self, name: str, path: str) -> None:
+        """Load an adapter while serving (vLLM's /v1/load_lora_adapter); ValueError for a bad one."""
+        if name in self.loras:
+            raise ValueError(f"LoRA adapter {name!r} is already loaded")
+        await self.call(self.engine.add_lora, name, path)
+        self.loras = {**self.loras, name: path}
+
+    async def unload_lora(self, name: str) -> None:
+        await self.call(self.engine.remove_lora, name)
+        self.loras = {n: p for n, p in self.loras.items() if n != name}
+
     async def call(self, fn: Any, *args: Any) -> Any:
         """fn(*args) run on the engine thread between steps (it may touch the engine's state); its result."""
         self._check_alive()

@@ -59,6 +59,13 @@ def add_lora_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--max-loras", type=int, default=None, help="taken for vLLM's sake: every adapter stays loaded")
 
 
+def add_runtime_lora_arg(s: argparse._ArgumentGroup) -> None:
+    s.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   default=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
+                   help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (default: off, or on with "
+                        "vLLM's $VLLM_ALLOW_RUNTIME_LORA_UPDATING=true)")
+
+
 def lora_module(text: str) -> tuple[str, str]:
     """name=path, or vLLM's JSON form {"name": ..., "path": ...}."""
     text = text.strip()
@@ -108,6 +115,7 @@ def add_http_args(p: argparse.ArgumentParser, port: int = 8000) -> None:
                    help="how a model writes its own tool calls (tool_choice auto): hermes (<tool_call> JSON: "
                         "Qwen2/2.5, Hermes), llama3_json (Llama 3.1+); auto (the default) reads the chat template; "
                         "none leaves replies as text")
+    add_runtime_lora_arg(s)
     s.add_argument("--response-role", default="assistant", help="role of the generated chat message (default: assistant)")
     s.add_argument("--max-logprobs", type=int, default=20, help="most logprobs a request may ask for (default: 20)")
     s.add_argument("--disable-log-requests", action="store_true", help="do not log each request")
@@ -127,6 +135,7 @@ def server_config(args: argparse.Namespace):
     return ServerConfig(
         served_model_names=args.served_model_name, api_key=args.api_key, chat_template=args.chat_template,
         chat_template_content_format=args.chat_template_content_format, tool_call_parser=args.tool_call_parser,
+        allow_runtime_lora_updating=args.allow_runtime_lora_updating,
         response_role=args.response_role,
         max_logprobs=args.max_logprobs, disable_log_requests=args.disable_log_requests,
         enable_request_id_headers=args.enable_request_id_headers, allowed_origins=args.allowed_origins,

@@ -201,6 +201,16 @@ class ModelList(OpenAIModel):
     data: list[ModelCard]
 
 
+class LoadLoRAAdapterRequest(OpenAIModel):
+    lora_name: str = Field(min_length=1, pattern=r"^\S+$")
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(OpenAIModel):
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's; names identify adapters here
+
+
 class TokenizeRequest(OpenAIModel):
     """Either `prompt` (text) or `messages` (a chat, through the chat template)."""
 

@@ -177,3 +177,17 @@ def test_an_adapter_retrained_under_its_name_gets_new_kv_hashes(adapters, make_l
     assert after.engine.block_hashes(prompts[0], None) == plain
     with pytest.raises(ValueError, match="unknown LoRA adapter 'chat'"):
         before.engine.block_hashes(prompts[0], "chat")
+
+
+def test_an_adapter_in_use_is_not_unloaded(adapters, make_llm):
+    base, root, prompts, expected = adapters
+    llm = make_llm(base)
+    assert _run(llm, prompts[:1], LoRARequest("attn", 1, str(root / "attn"))) == expected["attn"][:1]
+    llm.engine.add_request("r1", {"prompt_token_ids": prompts[0]}, PARAMS.clone(lora="attn"))
+    with pytest.raises(ValueError, match="in use by 1 requests"):
+        llm.engine.remove_lora("attn")
+    llm.engine.abort_request("r1")
+    llm.engine.remove_lora("attn")
+    assert all(getattr(layer, p).lora is None for layer in llm.engine.model.layers
+               for p in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    assert _run(llm, prompts[:1], None) == expected["base"][:1]

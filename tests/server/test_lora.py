@@ -78,3 +78,43 @@ def test_lora_flags(tmp_path):
     for bad in ("sql", "=/a", '{"name": "x"}'):
         with pytest.raises(SystemExit):
             parse_args(["serve", "--lora-modules", bad])
+
+
+def test_adapters_load_and_unload_while_serving(tiny_model_dirs, tmp_path, serve):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, behind --allow-runtime-lora-updating."""
+    import httpx
+
+    from tandem.server.config import ServerConfig
+
+    base = tiny_model_dirs["llama"]
+    deltas = make_adapter(base, str(tmp_path / "sql"), 7, ("q_proj", "v_proj", "down_proj"))
+    prompt = list(range(100, 140))
+    want = merged_greedy(base, deltas, [prompt])[0]
+    engine = make_engine(base, model_name="tiny-llama", num_blocks=64)
+    try:
+        server = serve(engine, ServerConfig(allow_runtime_lora_updating=True))
+        client = server.openai()
+
+        def run(model: str) -> list[str]:
+            r = client.completions.create(model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0, logprobs=0,
+                                          extra_body={"min_tokens": NEW_TOKENS})
+            return r.choices[0].logprobs.tokens
+
+        load = server.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": str(tmp_path / "sql")})
+        assert load.status_code == 200 and "added" in load.text
+        assert {m.id for m in client.models.list().data} == {"tiny-llama", "sql"}
+        assert run("sql") == [server.app.state.ctx.token_text(t) for t in want]
+        for body, param in (({"lora_name": "sql", "lora_path": str(tmp_path / "sql")}, "lora_name"),  # again
+                            ({"lora_name": "chat", "lora_path": str(tmp_path / "none")}, "lora_path"),
+                            ({"lora_name": "tiny-llama", "lora_path": str(tmp_path / "sql")}, "lora_name")):
+            bad = server.post("/v1/load_lora_adapter", json=body)
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+        assert server.post("/v1/unload_lora_adapter", json={"lora_name": "sql"}).status_code == 200
+        with pytest.raises(openai.NotFoundError):
+            run("sql")
+        assert server.post("/v1/unload_lora_adapter", json={"lora_name": "sql"}).status_code == 400
+        assert engine.engine.loras is None and engine.engine.kv.lora_keys == {}
+        plain = serve(engine)  # off by default: the routes do not exist
+        assert httpx.post(plain.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "y"}).status_code == 404
+    finally:
+        engine.shutdown()
