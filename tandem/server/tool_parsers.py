@@ -2,8 +2,9 @@
 
 Which parser a request gets: the server's `tool_call_parser` names one, or "auto" (the default) reads the
 chat template the request is rendered with: one that shows the model `<tool_call>` gets `hermes` (Qwen2/2.5,
-Hermes), one with Llama 3.1's `<|python_tag|>` or its JSON-call instructions gets `llama3_json`; any other
-template, or "none", gets no parser, and the reply stays text.
+Hermes), one with Mistral's `[TOOL_CALLS]` gets `mistral`, one with Llama 3.1's `<|python_tag|>` or its
+JSON-call instructions gets `llama3_json`; any other template, or "none", gets no parser, and the reply
+stays text.
 
 A parser is made per request, for its tools' names, and has two jobs, one per kind of response:
 - `parse(text)`: the finished reply as (content, calls). A reply whose call syntax does not parse, or that
@@ -19,24 +20,24 @@ import re
 import secrets
 from typing import Any, Collection
 
-PARSERS = ("auto", "none", "hermes", "llama3_json")
+PARSERS = ("auto", "none", "hermes", "llama3_json", "mistral")
 
 
-def make_call(name: str, arguments: Any) -> dict[str, Any]:
+def make_call(name: str, arguments: Any, call_id: str | None = None) -> dict[str, Any]:
     """One call in OpenAI's shape: arguments as a JSON string (a string the model wrote stays as it is)."""
     args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return {"id": f"chatcmpl-tool-{secrets.token_hex(8)}", "type": "function",
+    return {"id": call_id or f"chatcmpl-tool-{secrets.token_hex(8)}", "type": "function",
             "function": {"name": name, "arguments": args}}
 
 
-def _call(value: Any, tools: Collection[str], *arg_keys: str) -> dict[str, Any]:
+def _call(value: Any, tools: Collection[str], *arg_keys: str, call_id: str | None = None) -> dict[str, Any]:
     """A decoded call object to OpenAI's shape; ValueError unless it is {"name": one of `tools`, <arguments>}
     (JSON that merely has a "name" is not a call)."""
     if not isinstance(value, dict) or value.get("name") not in tools:
         raise ValueError("not a call of one of the tools")
     for key in arg_keys:
         if key in value:
-            return make_call(value["name"], value[key])
+            return make_call(value["name"], value[key], call_id)
     raise ValueError("a tool call needs its arguments")
 
 
@@ -50,42 +51,68 @@ def _held_prefix(text: str, marker: str) -> int:
 
 class _Parser:
     name = ""
-
-    MARKER = ""  # the token that opens a call
+    MARKER = ""  # the token that opens a call, where the syntax has one
 
     def __init__(self, tools: Collection[str]) -> None:
         self.tools = frozenset(tools)
 
     def strips_its_markers(self, tokenizer: Any) -> bool:
         """Whether decoding with skip_special_tokens would drop the marker a call needs (a special token
-        there: Hermes 2 Pro's <tool_call>), so the reply is decoded with them."""
+        there: Hermes 2 Pro's <tool_call>, Mistral's [TOOL_CALLS]), so the reply is decoded with them."""
         if not self.MARKER or not hasattr(tokenizer, "convert_tokens_to_ids"):
             return False
         marker = tokenizer.convert_tokens_to_ids(self.MARKER)  # an unknown token reads as the unknown id
         return tokenizer.convert_ids_to_tokens(marker) == self.MARKER and marker in tokenizer.all_special_ids
 
 
-class HermesParser(_Parser):
-    """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks after optional text."""
+class _MarkedParser(_Parser):
+    """Calls that follow a marker, after optional text; `_calls` reads what follows the first marker."""
 
-    name = "hermes"
-    START = MARKER = "<tool_call>"
-    _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+    def _calls(self, text: str, start: int) -> list[dict[str, Any]]:
+        raise NotImplementedError
 
     def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-        start = text.find(self.START)
+        start = text.find(self.MARKER)
         if start < 0:
             return text, []
         try:
-            calls = [_call(json.loads(block), self.tools, "arguments", "parameters") for block in self._BLOCK.findall(text)]
+            calls = self._calls(text, start)
         except ValueError:
             return text, []
         return (text[:start] if text[:start].strip() else None), calls
 
     def content_end(self, text: str) -> int:
-        start = text.find(self.START)
-        end = start if start >= 0 else len(text) - _held_prefix(text, self.START)
+        start = text.find(self.MARKER)
+        end = start if start >= 0 else len(text) - _held_prefix(text, self.MARKER)
         return end if text[:end].strip() else 0  # whitespace alone before a call is no content
+
+
+class HermesParser(_MarkedParser):
+    """`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks after optional text."""
+
+    name = "hermes"
+    MARKER = "<tool_call>"
+    _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+
+    def _calls(self, text: str, start: int) -> list[dict[str, Any]]:
+        return [_call(json.loads(block), self.tools, "arguments", "parameters") for block in self._BLOCK.findall(text)]
+
+
+class MistralParser(_MarkedParser):
+    """`[TOOL_CALLS]` then a JSON list of {"name": ..., "arguments": {...}} (Mistral's v3 tokenizers), after
+    optional text. Call ids are 9 letters and digits: Mistral's templates refuse others in the history."""
+
+    name = "mistral"
+    MARKER = "[TOOL_CALLS]"
+    _ID = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+    def _calls(self, text: str, start: int) -> list[dict[str, Any]]:
+        value = json.loads(text[start + len(self.MARKER):])
+        if not isinstance(value, list) or not value:
+            raise ValueError("not a list of calls")
+        return [_call(v, self.tools, "arguments", "parameters", call_id="".join(secrets.choice(self._ID)
+                                                                                 for _ in range(9)))
+                for v in value]
 
 
 class Llama3JsonParser(_Parser):
@@ -116,7 +143,7 @@ class Llama3JsonParser(_Parser):
         return 0 if maybe_call else len(text)
 
 
-_BY_NAME = {p.name: p for p in (HermesParser, Llama3JsonParser)}
+_BY_NAME = {p.name: p for p in (HermesParser, Llama3JsonParser, MistralParser)}
 
 
 @functools.lru_cache(maxsize=64)
@@ -126,8 +153,10 @@ def pick(configured: str, template: str | None) -> type[_Parser] | None:
     if configured != "auto":
         return _BY_NAME.get(configured)
     template = template or ""
-    if HermesParser.START in template:
+    if HermesParser.MARKER in template:
         return _BY_NAME["hermes"]
+    if MistralParser.MARKER in template:
+        return _BY_NAME["mistral"]
     if Llama3JsonParser.TAG in template or '"parameters": dictionary of argument name' in template:
         return _BY_NAME["llama3_json"]
     return None

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from tandem.server.config import ServerConfig
-from tandem.server.tool_parsers import HermesParser, Llama3JsonParser, pick
+from tandem.server.tool_parsers import HermesParser, Llama3JsonParser, MistralParser, pick
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
          {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
@@ -67,6 +67,18 @@ def test_llama3_json_parse(text, calls):
     assert content == (None if calls else text)
 
 
+def test_mistral_parse():
+    parser = MistralParser({"get_weather", "get_time"})
+    content, calls = parser.parse('Checking. [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+                                  '{"name": "get_time", "arguments": {}}]')
+    assert content == "Checking. " and [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert all(len(c["id"]) == 9 and c["id"].isalnum() for c in calls)  # as Mistral's templates want them back
+    for text in ('[TOOL_CALLS]{"name": "get_time", "arguments": {}}', "[TOOL_CALLS][]", "[TOOL_CALLS][{\"name\"",
+                 '[TOOL_CALLS][{"name": "rm", "arguments": {}}]', "Plain text."):
+        assert parser.parse(text) == (text, [])
+    assert parser.content_end("Checking. [TOOL_") == len("Checking. ")
+
+
 def test_streams_hold_back_only_what_may_be_a_call():
     hermes, llama3 = HermesParser(()), Llama3JsonParser(())
     assert hermes.content_end("Let me check. <tool") == len("Let me check. ")
@@ -89,6 +101,7 @@ def test_a_special_marker_is_kept_in_the_text(tiny_model_dirs):
 def test_the_template_picks_the_parser():
     assert pick("auto", HERMES).name == "hermes"
     assert pick("auto", "{{ '<|python_tag|>' }}").name == "llama3_json"
+    assert pick("auto", "{{ '[AVAILABLE_TOOLS]' }}{{ '[TOOL_CALLS]' }}").name == "mistral"
     assert pick("auto", "{{ messages }}") is None and pick("none", HERMES) is None
     assert pick("llama3_json", HERMES).name == "llama3_json"
     with pytest.raises(ValueError, match="tool_call_parser must be one of"):
@@ -147,3 +160,16 @@ def test_llama3_json_calls(tiny_engine, serve):
     assert len(chunks[-1].delta.tool_calls) == 2 and chunks[-1].finish_reason == "tool_calls"
     text = _ask(server, "Paris is sunny today.").choices[0]
     assert text.message.content == "Paris is sunny today." and not text.message.tool_calls
+
+
+def test_mistral_calls(tiny_engine, serve):
+    server = serve(tiny_engine, ServerConfig(tool_call_parser="mistral"))
+    reply = '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]'
+    choice = _ask(server, reply).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert _names_and_args_any_id(choice.message.tool_calls) == [("get_weather", {"city": "Paris"})]
+
+
+def _names_and_args_any_id(calls) -> list[tuple[str, dict]]:
+    assert all(c.type == "function" and len(c.id) == 9 for c in calls)
+    return [(c.function.name, json.loads(c.function.arguments)) for c in calls]
