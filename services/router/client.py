@@ -240,7 +240,7 @@ class RemoteEngineClient:
         call = decode_pb2_grpc.DecodeStub(self.channels.get(decode.address)).Generate(
             request, metadata=outgoing_metadata(ctx=ctx))
         decode.calls.add(call)
-        decode.sent(params.best_of)
+        decode.sent(params.best_of, -(-len(tokens) // (decode.info.layout.block_size or 16)))
         rec.decode.append(decode.worker_id)
         try:
             if decision == "remote":

@@ -61,11 +61,10 @@ def adapter(req: RoutingRequest, workers: list[Worker]) -> list[Worker]:
 
 
 def kv_free(req: RoutingRequest, w: Worker) -> float:
-    """Free KV blocks, less what requests already sent here (not yet in a heartbeat) will take."""
+    """Free KV blocks in the last report, less the prompts the router sent here since (each prompt once,
+    however many samples share it; those sent before the report are in it already)."""
     total = w.load.num_blocks or 1
-    bs = w.info.layout.block_size or 16
-    pending = w.in_flight * -(-len(req.prompt_token_ids) // bs)
-    return min(1.0, max(0.0, (w.load.num_free_blocks - pending) / total))
+    return min(1.0, max(0.0, (w.load.num_free_blocks - w.blocks_since_report) / total))
 
 
 def load(req: RoutingRequest, w: Worker) -> float:

@@ -36,13 +36,16 @@ class Worker:
     # requests sent here and not done (fresher than heartbeats), and those that ended after the last report
     in_flight: int = 0
     ended_since_report: int = 0
+    blocks_since_report: int = 0  # KV blocks the router's requests sent after the last report will take
     failed_at: float | None = None
     leaves: int = 0  # times it left the pool: a call can tell whether its worker left while it waited
     calls: set[Any] = field(default_factory=set)  # gRPC calls in flight, cancelled if the worker leaves
 
-    def sent(self, seqs: int = 1) -> None:
-        """The router sent a request of `seqs` sequences here."""
+    def sent(self, seqs: int = 1, blocks: int = 0) -> None:
+        """The router sent a request of `seqs` sequences here, whose prompt takes `blocks` KV blocks (its
+        samples share them)."""
         self.in_flight += seqs
+        self.blocks_since_report += blocks
 
     def ended(self, seqs: int = 1) -> None:
         """A request the router sent here (`seqs` sequences) is done."""
@@ -136,7 +139,7 @@ class WorkerPool:
             log.info("worker %s is back", w.worker_id)
             w.failed_at = None
             self.changed.set()
-        w.info, w.load, w.last_seen, w.ended_since_report = info, state.load, now, 0
+        w.info, w.load, w.last_seen, w.ended_since_report, w.blocks_since_report = info, state.load, now, 0, 0
         resync = not self._apply_events(w, state)
         return router_pb2.HeartbeatReply(acked_event_seq=max(w.next_event_seq, 0),
                                          interval_s=self.heartbeat_interval, resync=resync)

@@ -82,6 +82,17 @@ def test_decode_profile_prefers_free_and_idle_workers(pool):
     assert profile.pick(RoutingRequest(PROMPT, max_tokens=5000), pool.live(router_pb2.DECODE)) is None  # fits
 
 
+def test_kv_free_counts_each_prompt_sent_since_the_last_report_once(pool):
+    """A prompt the router sent takes its blocks once, however many samples share it, and only until the
+    next report, which holds them already."""
+    pool.report(state("w", free=100, blocks=100))
+    w = pool.workers["w"]
+    w.sent(4, blocks=10)  # n = 4 over a 10-block prompt
+    assert SCORERS["kv_free"](RoutingRequest(PROMPT), w) == pytest.approx(0.9)
+    pool.report(state("w", free=90, blocks=100))  # the worker now reports them; they are still in flight
+    assert w.in_flight == 4 and SCORERS["kv_free"](RoutingRequest(PROMPT), w) == pytest.approx(0.9)
+
+
 def test_prefill_profile_pairs_only_compatible_workers(pool):
     pool.report(state("d", compat="aaa"))
     pool.report(state("p-same", role=router_pb2.PREFILL, compat="aaa", prefilling=5))
