@@ -64,6 +64,10 @@ class EngineStats:
     num_lookahead_steps: int = 0  # decode steps run on the device ahead of the host (multi_step.py)
     num_chained_lookaheads: int = 0  # lookaheads launched before the host applied the previous one
     num_lookahead_prompt_tokens: int = 0  # prompt tokens computed in lookaheads' prompt lanes
+    # LoRA: the adapters loaded, and those the running and the waiting requests run under
+    max_loras: int = 0
+    running_loras: tuple[str, ...] = ()
+    waiting_loras: tuple[str, ...] = ()
 
 
 class LLMEngine(KVRoles, Lookaheads):
@@ -452,4 +456,10 @@ class LLMEngine(KVRoles, Lookaheads):
             num_blocks=self.kv.pool.num_blocks, prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits, num_preemptions=self.scheduler.num_preemptions,
             num_lookahead_steps=self.num_lookahead_steps, num_chained_lookaheads=self.num_chained_lookaheads,
-            num_lookahead_prompt_tokens=self.num_lookahead_prompt_tokens)
+            num_lookahead_prompt_tokens=self.num_lookahead_prompt_tokens,
+            **(self._lora_stats() if self.loras else {}))
+
+    def _lora_stats(self) -> dict[str, Any]:
+        return {"max_loras": len(self.loras.adapters),
+                "running_loras": tuple(sorted({r.params.lora for r in self.scheduler.running if r.params.lora})),
+                "waiting_loras": tuple(sorted({r.params.lora for r in self.scheduler.waiting if r.params.lora}))}

@@ -289,9 +289,7 @@ class AsyncEngine:
             self._deliver(rid, err)
 
     def _snapshot(self) -> EngineStats:
-        s = self.engine.stats()
-        return EngineStats(s.num_running, s.num_waiting, s.kv_usage, s.num_free_blocks, s.num_blocks,
-                           s.prefix_cache_queries, s.prefix_cache_hits, s.num_preemptions)
+        return self.engine.stats()  # a new object each time: safe to read from the serving loop
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         # one wake-up per event loop and step, not one per request

@@ -48,6 +48,11 @@ class _EngineCollector(Collector):
             counter = CounterMetricFamily(name, doc, labels=["model_name"])
             counter.add_metric(self._labels, value)
             yield counter
+        if getattr(s, "max_loras", 0):  # vLLM's series, which LoRA-aware routers read: its value is the time
+            info = GaugeMetricFamily("tandem:lora_requests_info", "LoRA adapters of running and waiting requests.",
+                                     labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+            info.add_metric([str(s.max_loras), ",".join(s.running_loras), ",".join(s.waiting_loras)], time.time())
+            yield info
 
 
 class ServerMetrics:

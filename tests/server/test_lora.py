@@ -56,6 +56,23 @@ def test_a_request_runs_under_the_adapter_it_names(lora_server):
     assert got == [want["sql"], want["sql"], want["tiny-llama"], want["tiny-llama"]]
 
 
+def test_the_adapters_in_use_are_a_metric(lora_server):
+    """vLLM's lora_requests_info (here tandem:lora_requests_info), which LoRA-aware routers read."""
+    server, prompt, _, _ = lora_server
+
+    def info() -> dict[str, str]:
+        (key,) = [k for k in server.metrics() if k.startswith("tandem:lora_requests_info{")]
+        return dict(part.split("=", 1) for part in key[len("tandem:lora_requests_info{"):-1].split('",'))
+
+    idle = info()
+    assert idle["max_lora"].strip('"') == "1" and idle["running_lora_adapters"].strip('"') == ""
+    stream = server.openai().completions.create(model="sql", prompt=prompt, max_tokens=400, temperature=0,
+                                                stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))  # running now
+    assert info()["running_lora_adapters"].strip('"') == "sql"
+    stream.close()
+
+
 def test_an_unknown_adapter_is_a_404(lora_server):
     server, prompt, _, _ = lora_server
     with pytest.raises(openai.NotFoundError, match="sql2"):
