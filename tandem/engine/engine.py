@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from tandem.config import EngineConfig, default_dtype, parse_dtype, resolve_device
-from tandem.engine.lora import LoRALayers, load_adapter
 from tandem.engine import loader, prompt_lanes
 from tandem.engine.attention import attention_backend
 from tandem.inputs import InputChecker
@@ -19,6 +18,7 @@ from tandem.kernels import cpu as cpu_kernels
 from tandem.engine.kv_cache.manager import KVCacheManager
 from tandem.engine.kv_roles import KVRoles
 from tandem.engine.lookaheads import Lookaheads
+from tandem.engine.lora_roles import LoRARoles
 from tandem.engine.kv_transfer.consumer import KVConsumer
 from tandem.engine.kv_transfer.layout import describe
 from tandem.engine.kv_transfer.producer import KVProducer, stream_layerwise
@@ -70,7 +70,7 @@ class EngineStats:
     waiting_loras: tuple[str, ...] = ()
 
 
-class LLMEngine(KVRoles, Lookaheads):
+class LLMEngine(KVRoles, Lookaheads, LoRARoles):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_path = loader.resolve_model(config.model)
@@ -94,9 +94,7 @@ class LLMEngine(KVRoles, Lookaheads):
                              f"({sched.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})")
         torch.manual_seed(config.seed)
         self.model = self._load(cls, hf_config)
-        adapters = [load_adapter(name, path, self.model.shape, self.dtype, self.device, config.max_lora_rank)
-                    for name, path in config.lora_modules.items()]
-        self.loras = LoRALayers(self.model, adapters) if adapters else None  # before KV sizing: they take memory
+        adapters = [self._load_adapter(name, path) for name, path in config.lora_modules.items()]  # before KV sizing
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or self.model_path)
         self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer, self.model.shape.vocab)
         self.grammars = GrammarBook(self.tokenizer, self.model.shape.vocab, self.eos_token_ids)  # structured outputs
@@ -106,8 +104,7 @@ class LLMEngine(KVRoles, Lookaheads):
         num_blocks = self._num_blocks()
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, cache.hash_seed)
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
-        self.runner.loras = self.loras
-        self.kv.lora_keys = self.loras.keys if self.loras else {}
+        self._set_loras(adapters)
         max_batch = min(config.scheduler.max_num_seqs, 512)
         # prompt lanes (and their mixed graphs) serve lof's paced prompt chunks only
         paced = config.scheduler.policy == "lof" and config.scheduler.num_scheduler_steps > 1
@@ -191,34 +188,9 @@ class LLMEngine(KVRoles, Lookaheads):
     def process_prompt(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
         return self.inputs.prompt(prompt)
 
-    def add_lora(self, name: str, path: str) -> None:
-        """Load one more adapter (the offline API's LoRARequest); a name already loaded must be the same folder."""
-        known = self.loras.index.get(name) if self.loras else None
-        if known is not None:
-            if os.path.abspath(self.loras.adapters[known].path) != os.path.abspath(path):
-                raise ValueError(f"LoRA adapter {name!r} is already loaded from {self.loras.adapters[known].path}")
-            return
-        adapter = load_adapter(name, path, self.model.shape, self.dtype, self.device, self.config.max_lora_rank)
-        self.loras = self.runner.loras = LoRALayers(self.model, (self.loras.adapters if self.loras else []) + [adapter])
-        self.kv.lora_keys = self.loras.keys
-
-    def remove_lora(self, name: str) -> None:
-        """Unload an adapter no request runs under (ValueError otherwise)."""
-        if not self.loras or name not in self.loras.index:
-            raise ValueError(f"lora: unknown LoRA adapter {name!r}")
-        users = sum(1 for g in self.groups.values() if g.params.lora == name)
-        if users:
-            raise ValueError(f"LoRA adapter {name!r} is in use by {users} requests")
-        rest = [a for a in self.loras.adapters if a.name != name]
-        layers = LoRALayers(self.model, rest)  # attaches the rest to the projections, and only them
-        self.loras = self.runner.loras = layers if rest else None
-        self.kv.lora_keys = self.loras.keys if self.loras else {}
-
     def check_params(self, params: SamplingParams) -> None:
         self.inputs.params(params)
-        if params.lora is not None and (self.loras is None or params.lora not in self.loras.index):
-            served = ", ".join(self.loras.index) if self.loras else "none"
-            raise ValueError(f"lora: unknown LoRA adapter {params.lora!r} (this engine serves: {served})")
+        self.check_lora(params.lora)
 
     def prepare_params(self, params: SamplingParams) -> SamplingParams:
         params = params.clone()
@@ -457,9 +429,4 @@ class LLMEngine(KVRoles, Lookaheads):
             prefix_cache_hits=self.kv.prefix_hits, num_preemptions=self.scheduler.num_preemptions,
             num_lookahead_steps=self.num_lookahead_steps, num_chained_lookaheads=self.num_chained_lookaheads,
             num_lookahead_prompt_tokens=self.num_lookahead_prompt_tokens,
-            **(self._lora_stats() if self.loras else {}))
-
-    def _lora_stats(self) -> dict[str, Any]:
-        return {"max_loras": len(self.loras.adapters),
-                "running_loras": tuple(sorted({r.params.lora for r in self.scheduler.running if r.params.lora})),
-                "waiting_loras": tuple(sorted({r.params.lora for r in self.scheduler.waiting if r.params.lora}))}
+            **self._lora_stats())

@@ -106,7 +106,6 @@ class AsyncEngine:
         # a request alone must always fit in the KV cache, or the scheduler could never run it
         self.max_model_len = min(self.engine.max_model_len, capacity)
         self.generation_defaults = dict(self.engine.generation_defaults)
-        self.loras = {a.name: a.path for a in self.engine.loras.adapters} if self.engine.loras else {}
         self._streams: dict[str, _Stream] = {}
         self._calls: set[asyncio.Future] = set()  # `call`s not yet answered
         self._commands: collections.deque[tuple] = collections.deque()
@@ -171,16 +170,18 @@ class AsyncEngine:
         """Compiles the params' output constraint (ValueError when it cannot be); any thread."""
         self.engine.grammars.compile(params.structured_outputs)
 
+    @property
+    def loras(self) -> dict[str, str]:
+        return self.engine.lora_paths  # the engine thread replaces its adapter set whole: safe to read here
+
     async def load_lora(self, name: str, path: str) -> None:
         """Load an adapter while serving (vLLM's /v1/load_lora_adapter); ValueError for a bad one."""
         if name in self.loras:
             raise ValueError(f"LoRA adapter {name!r} is already loaded")
         await self.call(self.engine.add_lora, name, path)
-        self.loras = {**self.loras, name: path}
 
     async def unload_lora(self, name: str) -> None:
         await self.call(self.engine.remove_lora, name)
-        self.loras = {n: p for n, p in self.loras.items() if n != name}
 
     async def call(self, fn: Any, *args: Any) -> Any:
         """fn(*args) run on the engine thread between steps (it may touch the engine's state); its result."""

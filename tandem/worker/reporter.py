@@ -37,8 +37,7 @@ class WorkerReporter:
             layout=layout_to_proto(engine.layout), model=model, max_model_len=engine_host.max_model_len,
             vocab_size=engine.model.shape.vocab, kv_hash_seed=engine.kv.hash_seed,
             max_num_seqs=engine.config.scheduler.max_num_seqs, metrics_url=metrics_url,
-            loras={a.name: a.path for a in engine.loras.adapters} if engine.loras else {},
-            lora_keys=engine.loras.keys if engine.loras else {})
+            loras=engine.lora_paths, lora_keys=engine.kv.lora_keys)
 
     def load(self) -> router_pb2.WorkerLoad:
         s = self.host.stats()
