@@ -19,7 +19,7 @@ from tandem.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompl
 from tandem.server.serving_common import (SSE_DONE, ServingContext, SSEResponse, cancel_on_disconnect, clamp_logprob,
                                           merge_streams, now, resolve_max_tokens, sampling_params, sse, stop_holdback,
                                           stream_error, structured_outputs)
-from tandem.server.tool_choice import forced, forced_schema, functions, tool_calls
+from tandem.server.tool_choice import ForcedCalls, forced, forced_schema, functions
 from tandem.server import tool_parsers
 from tandem.tokenizer import apply_chat_template
 
@@ -112,8 +112,11 @@ class ChatServing:
             raise bad_request(f"messages could not be tokenized: {exc}", "messages") from exc
 
     def _tool_parser(self, req: ChatCompletionRequest):
-        """The parser of the model's own tool calls, when the request lets it call its tools."""
-        if not req.tools or req.tool_choice not in (None, "auto"):
+        """What reads the reply's tool calls: the forced calls' JSON, or the model's own syntax when the
+        request lets it call its tools; None when the reply is text."""
+        if forced(req.tool_choice):
+            return ForcedCalls(req.tool_choice)
+        if not req.tools or req.tool_choice == "none":
             return None
         template = req.chat_template or self.ctx.config.chat_template or self.ctx.client.tokenizer.chat_template
         parser = tool_parsers.pick(self.ctx.config.tool_call_parser, template if isinstance(template, str) else None)
@@ -150,11 +153,8 @@ class ChatServing:
         return await cancel_on_disconnect(raw, self._full(req, parser, head, stream))
 
     @staticmethod
-    def _reply(req: ChatCompletionRequest, parser, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    def _reply(parser, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """A finished reply as (content, tool calls)."""
-        if forced(req.tool_choice):
-            calls = tool_calls(text, req.tool_choice)
-            return (None, calls) if calls else (text, [])
         return parser.parse(text) if parser is not None else (text, [])
 
     async def _full(self, req: ChatCompletionRequest, parser, head: dict,
@@ -173,7 +173,7 @@ class ChatServing:
             logprobs = None
             if req.logprobs:
                 logprobs = ChoiceLogprobs(content=self._logprobs(o.token_ids, o.logprobs or [], req.top_logprobs or 0))
-            content, calls = self._reply(req, parser, o.text)
+            content, calls = self._reply(parser, o.text)
             message = ResponseMessage(role=self.ctx.config.response_role, content=content, tool_calls=calls)
             finish = "tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason
             choices.append(ChatChoice(index=o.index, message=message, logprobs=logprobs, finish_reason=finish,
@@ -223,10 +223,8 @@ class ChatServing:
         start, done_tokens = sent_text.get(o.index, 0), sent_tokens.get(o.index, 0)
         calls: list[dict[str, Any]] = []
         if finished:
-            content, calls = self._reply(req, parser, o.text)
+            content, calls = self._reply(parser, o.text)
             end = len(content or "") if calls else len(o.text)
-        elif forced(req.tool_choice):
-            end = 0
         else:
             end = len(o.text) - stop_holdback(o.text, stops)
             if parser is not None:

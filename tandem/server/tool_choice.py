@@ -66,3 +66,21 @@ def tool_calls(text: str, tool_choice: Any) -> list[dict[str, Any]] | None:
     else:
         pairs = [(tool_choice["function"]["name"], value)]
     return [make_call(name, args) for name, args in pairs]
+
+
+class ForcedCalls:
+    """A forced call's reply read as the model-syntax parsers read theirs (tool_parsers.py): all of it is
+    the calls' JSON, so nothing streams as content before the end."""
+
+    def __init__(self, tool_choice: Any) -> None:
+        self.tool_choice = tool_choice
+
+    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        calls = tool_calls(text, self.tool_choice)
+        return (None, calls) if calls else (text, [])
+
+    def content_end(self, text: str) -> int:
+        return 0
+
+    def strips_its_markers(self, tokenizer: Any) -> bool:
+        return False
