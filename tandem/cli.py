@@ -23,6 +23,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory for weights, activations and KV cache (default: 0.9)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode CUDA graphs")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many GPUs (on CPUs, processes) (default: 1)")
     p.add_argument("--num-scheduler-steps", type=int, default=1,
                    help="CUDA: greedy decode steps per host round trip when a step is plain decode (default: 1, "
                         "every step returns to the host: streams stay smooth; 8 for throughput, as LLM uses)")
@@ -34,7 +36,8 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, cpu_kv_cache_gib=args.kv_cache_gib,
                 device=args.device, gpu_memory_utilization=args.gpu_memory_utilization,
-                enforce_eager=args.enforce_eager, num_scheduler_steps=args.num_scheduler_steps)
+                enforce_eager=args.enforce_eager, num_scheduler_steps=args.num_scheduler_steps,
+                tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _sampling(args: argparse.Namespace):

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from tandem.config import EngineConfig, default_dtype, parse_dtype, resolve_device
-from tandem.engine import loader, prompt_lanes
+from tandem.engine import loader, prompt_lanes, sharding
 from tandem.engine.attention import attention_backend
 from tandem.inputs import InputChecker
 from tandem.engine.cpu_tuning import tune_host_allocator
@@ -26,6 +26,8 @@ from tandem.engine.model_runner import ModelRunner
 from tandem.engine.models import model_class
 from tandem.engine.request import Request, RequestGroup
 from tandem.engine.sampler import Sample
+from tandem.engine.sharding import Shard
+from tandem.engine.tp_group import TPGroup
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.engine.structured import GrammarBook
 from tandem.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -93,7 +95,12 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
             raise ValueError(f"without chunked prefill a prompt runs in one step: max_num_batched_tokens "
                              f"({sched.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})")
         torch.manual_seed(config.seed)
-        self.model = self._load(cls, hf_config)
+        self.peers = self._start_peers(hf_config)  # ranks 1.. of a tensor-parallel group, loading meanwhile
+        shard = Shard(0, config.tensor_parallel_size) if self.peers else None
+        self.model = loader.build_model(cls, hf_config, self.model_path, self.max_model_len, self.device, self.dtype,
+                                        config.load_format, shard, self.peers and self.peers.all_reduce)
+        if self.peers:
+            self.peers.wait_ready()
         adapters = [self._load_adapter(name, path) for name, path in config.lora_modules.items()]  # before KV sizing
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.tokenizer or self.model_path)
         self.eos_token_ids = eos_token_ids(self.model_path, self.tokenizer, self.model.shape.vocab)
@@ -104,6 +111,9 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
         num_blocks = self._num_blocks()
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, cache.hash_seed)
         self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
+        if self.peers:
+            self.peers.call("runner", num_blocks, cache.block_size)
+            self.runner.peers = self.peers
         self._set_loras(adapters)
         max_batch = min(config.scheduler.max_num_seqs, 512)
         # prompt lanes (and their mixed graphs) serve lof's paced prompt chunks only
@@ -113,7 +123,9 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
             longest = min(self.max_model_len, config.scheduler.max_num_batched_tokens)
             short = min(16, longest)  # positions past max_model_len are past the rope tables
             self.runner.compile_prompt_kernels((short, min(longest, 1040)) if longest > 1024 else (short,))
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.peers:
+            pass  # eager steps only: no decode graphs (their all-reduces are not captured yet), no lookaheads
+        elif self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_graphs(max_batch, self.max_model_len, lanes)
         elif self.device.type == "cpu" and attention_backend(self.device) == "triton":
             # the Triton backend on CPUs (tests, through Triton's interpreter): the same static decode
@@ -123,6 +135,8 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, lookahead)
         self.layout = describe(hf_config, self.model, self.dtype, cache.block_size)
         self.model.pack_weights()  # after describe: the fingerprint samples the plain weights
+        if self.peers:
+            self.peers.call("pack")
         self.producer = (KVProducer(self.layout, cache.block_size, layerwise=stream_layerwise(self.device))
                          if config.kv_role == "producer" else None)
         self.consumer = (KVConsumer(self.kv, self.runner.kv_caches, self.layout, self.model.shape.vocab)
@@ -135,17 +149,20 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
         self._detok: dict[Request, IncrementalDetokenizer] = {}
         self.stream_outputs = True  # False: `step` reports finished requests only (offline batches)
 
-    def _load(self, cls, hf_config: dict):
-        with torch.device("meta"):  # no random init: every weight is loaded
-            model = cls(hf_config, self.max_model_len)
-        # not to_empty(): its empty_like on meta tensors imports sympy (~1 s of every CPU worker's start)
-        model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=self.device))
-        model.init_rope()
-        if self.config.load_format == "dummy":
-            loader.init_dummy_weights(model)
-        else:
-            model.load_weights(loader.iterate_weights(self.model_path))
-        return model.to(self.dtype).eval()
+    def _start_peers(self, hf_config: dict) -> TPGroup | None:
+        """With tensor_parallel_size > 1, the other ranks' processes (tp_group.py), or a clear refusal."""
+        config = self.config
+        if config.tensor_parallel_size == 1:
+            return None
+        problem = sharding.shard_problem(hf_config, config.tensor_parallel_size)
+        if problem:
+            raise ValueError(problem)
+        if config.kv_role or config.lora_modules:
+            raise ValueError("tensor parallelism does not support " + (
+                "the prefill and decode worker roles yet" if config.kv_role else "LoRA adapters yet"))
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", 0)
+        return TPGroup(config, self.model_path, hf_config, self.max_model_len, self.device, self.dtype)
 
     def _generation_defaults(self) -> dict[str, Any]:
         return sampling_defaults(self.model_path, self.config.generation_config)
@@ -157,8 +174,10 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
         per_block = ModelRunner.kv_bytes_per_block(self.model, cache.block_size, self.dtype)
         if self.device.type == "cuda":
             sched = self.config.scheduler
-            peak = ModelRunner.profile_activations(self.model, sched.max_num_batched_tokens, self.max_model_len,
-                                                   sched.max_num_seqs, cache.block_size, self.dtype, self.device)
+            args = (sched.max_num_batched_tokens, self.max_model_len, sched.max_num_seqs, cache.block_size)
+            if self.peers:  # the pass all-reduces: every rank runs it
+                self.peers.send("profile", *args)
+            peak = ModelRunner.profile_activations(self.model, *args, self.dtype, self.device)
             free, total = torch.cuda.mem_get_info(self.device)
             # the fraction is of the whole device, as in vLLM: weights, activations and cache included
             budget = total * cache.gpu_memory_utilization - (total - free) - peak
@@ -169,7 +188,9 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
                                  "(raise gpu_memory_utilization or lower max_num_batched_tokens)")
         else:
             available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+            # the CPU budget is the whole group's: each tensor-parallel rank holds its share of the heads
             budget = min(cache.cpu_kv_cache_gib * 2**30, available * cache.gpu_memory_utilization)
+            budget /= self.config.tensor_parallel_size
         # never more than every sequence at full length could use
         need = -(-self.max_model_len // cache.block_size)
         fits = int(budget // per_block)
@@ -419,6 +440,11 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
                 self.producer.detach(seq)
             self.scheduler.finish(seq, "abort")  # no-op for finished ones; frees never-forked ones
             self._detok.pop(seq, None)
+
+    def close(self) -> None:
+        """Stops the tensor-parallel ranks' processes (also done when the engine is garbage collected)."""
+        if self.peers:
+            self.peers.close()
 
     def stats(self) -> EngineStats:
         return EngineStats(

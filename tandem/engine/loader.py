@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import zlib
 from pathlib import Path
 
 import torch
@@ -95,11 +96,35 @@ def iterate_weights(folder: str):
 @torch.no_grad()
 def init_dummy_weights(model: torch.nn.Module, std: float = 0.02) -> None:
     """Random weights in place (load_format="dummy", as vLLM's): benchmarks of real shapes without
-    checkpoints. Norm scales are 1 and biases 0, so activations stay in a realistic range."""
+    checkpoints. Norm scales are 1 and biases 0, so activations stay in a realistic range. Each weight draws
+    from its own name's seed, so tensor-parallel ranks hold the same replicated weights."""
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         elif name.endswith("bias"):
             param.zero_()
         else:
-            param.normal_(0.0, std)
+            param.normal_(0.0, std, generator=torch.Generator(param.device).manual_seed(zlib.crc32(name.encode())))
+
+
+def build_model(cls, hf_config: dict, model_path: str, max_model_len: int, device: torch.device,
+                dtype: torch.dtype, load_format: str = "auto", shard=None, all_reduce=None):
+    """The model on `device` in `dtype`, its weights loaded (or random: load_format "dummy"). With a
+    tensor-parallel `shard` (sharding.Shard), that rank's share, whose partial sums `all_reduce` completes."""
+    from tandem.engine import sharding
+
+    shape_config = hf_config if shard is None else sharding.shard_config(hf_config, shard)
+    with torch.device("meta"):  # no random init: every weight is loaded
+        model = cls(shape_config, max_model_len)
+    # not to_empty(): its empty_like on meta tensors imports sympy (~1 s of every CPU worker's start)
+    model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+    model.init_rope()
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    else:
+        weights = iterate_weights(model_path)
+        model.load_weights(weights if shard is None else sharding.shard_weights(weights, hf_config, shard))
+    if shard is not None:
+        sharding.reduce_partial_sums(model, all_reduce)
+    return model.to(dtype).eval()
+

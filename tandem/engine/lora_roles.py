@@ -20,6 +20,8 @@ class LoRARoles:
         self.kv.lora_keys = layers.keys
 
     def _load_adapter(self, name: str, path: str) -> Adapter:
+        if self.config.tensor_parallel_size > 1:
+            raise ValueError("LoRA adapters do not work with tensor parallelism yet")
         return load_adapter(name, path, self.model.shape, self.dtype, self.device, self.config.max_lora_rank)
 
     @property

@@ -19,6 +19,7 @@ from tandem.outputs import Logprob
 
 if TYPE_CHECKING:
     from tandem.engine.cuda_graphs import GreedyTokens
+    from tandem.engine.tp_group import TPGroup
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ModelRunner:
         self.scale = s.head_dim ** -0.5
         self.graphs = None
         self.loras: LoRALayers | None = None  # the engine's LoRA adapters, told each step's rows under them
+        self.peers: "TPGroup | None" = None  # tensor parallelism: the other ranks, told each pass's inputs first
 
     def capture_graphs(self, max_batch: int, max_model_len: int, max_lanes: int = 0, use_graphs: bool = True) -> None:
         from tandem.engine.cuda_graphs import DecodeGraphs
@@ -59,6 +61,8 @@ class ModelRunner:
         """One prompt chunk of each length through the model, writing nothing (slots -1; its keys read from
         block 0): Triton compiles a prompt step's kernels, both of prefill attention's tile configs among
         them (chunks up to 1,024 tokens, and longer), now rather than in a first request's step."""
+        if self.peers:
+            self.peers.send("compile", lengths)
         for n in lengths:
             seqs = [SeqSlice(0, n, n, [0] * -(-n // self.block_size))]
             attn = build_attention(self.kv_caches, seqs, [-1] * n, self.scale, self.model.shape.sliding_window)
@@ -95,6 +99,8 @@ class ModelRunner:
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
+        if self.peers:
+            self.peers.send("copy", copies)
         src = torch.tensor([c[0] for c in copies], device=self.device)
         dst = torch.tensor([c[1] for c in copies], device=self.device)
         for cache in self.kv_caches:
@@ -198,6 +204,13 @@ class ModelRunner:
             hidden = self.graphs.run(input_ids, positions, slots, seqs)
             if hidden is not None:
                 return hidden if keep is None else hidden[self._device_tensor(keep)]
+        if self.peers:
+            self.peers.send("forward", input_ids, positions, slots, seqs, keep)
+        return self.forward_eager(input_ids, positions, slots, seqs, keep, on_layer_written)
+
+    def forward_eager(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
+                      keep: list[int] | None = None, on_layer_written=None) -> torch.Tensor:
+        """One forward pass as every tensor-parallel rank runs it (rank 0 from `_forward`, the others when told)."""
         attn = build_attention(self.kv_caches, seqs, slots, self.scale, self.model.shape.sliding_window,
                                on_layer_written)
         return self.model(self._device_tensor(input_ids), self._device_tensor(positions), attn,

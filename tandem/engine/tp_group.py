@@ -1,0 +1,177 @@
+"""A tensor-parallel group: the engine's process is rank 0, and ranks 1..N-1 are worker processes it starts.
+
+Rank 0 runs the whole engine (scheduler, sampler, KV bookkeeping); every rank holds its shard of the
+weights (sharding.py) and of the KV cache (its KV heads, every block). Before each forward pass rank 0
+sends the step's inputs to the workers over a pipe; every rank then runs the same pass, and the
+all-reduces inside it (torch.distributed: gloo on CPUs, NCCL on GPUs) keep them in lockstep. Only rank 0
+computes logits and samples: after the last all-reduce every rank holds the same hidden states.
+
+A worker's lifecycle: started -> (loads its shard) ready -> commands until "stop" or until its pipe
+closes (rank 0 is gone) -> exits. A worker that dies breaks the group for good: the next send or
+all-reduce raises ParallelGroupError, which the engine's host treats as fatal (its requests fail, its
+health check fails), since the weights and KV the dead rank held are gone with it.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import multiprocessing
+import traceback
+import weakref
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("tandem.tp")
+_TIMEOUT = datetime.timedelta(seconds=120)  # one collective's wait; idle ranks wait on their pipe, not here
+
+
+class ParallelGroupError(RuntimeError):
+    """A rank of the tensor-parallel group died or failed: the engine cannot go on."""
+
+    fatal = True
+
+
+def _process_group(store: dist.Store, rank: int, size: int, device: torch.device):
+    """Joins the group (blocks until every rank has): NCCL between GPUs, gloo between CPU processes."""
+    if device.type == "cuda":
+        return dist.ProcessGroupNCCL(store, rank, size)
+    return dist.ProcessGroupGloo(store, rank, size, _TIMEOUT)
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+class TPGroup:
+    """Rank 0's side: starts the workers, sends them commands, all-reduces with them."""
+
+    def __init__(self, config, model_path: str, hf_config: dict, max_model_len: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.size = config.tensor_parallel_size
+        if device.type == "cuda" and torch.cuda.device_count() < self.size:
+            raise ValueError(f"tensor_parallel_size={self.size} needs {self.size} GPUs; "
+                             f"{torch.cuda.device_count()} are visible")
+        # rank 0 binds the store on a free port first, so the workers can be told where it is
+        self.store = dist.TCPStore("127.0.0.1", 0, self.size, True, timeout=_TIMEOUT, wait_for_workers=False)
+        ctx = multiprocessing.get_context("spawn")
+        self.procs, self.pipes = [], []
+        for rank in range(1, self.size):
+            mine, theirs = ctx.Pipe()
+            proc = ctx.Process(target=serve_rank, name=f"tandem-tp{rank}", daemon=True,
+                               args=(config, model_path, hf_config, max_model_len, device, dtype, rank, self.store.port,
+                                     torch.get_num_threads(), theirs))
+            proc.start()
+            theirs.close()
+            self.procs.append(proc)
+            self.pipes.append(mine)
+        self.pg = _process_group(self.store, 0, self.size, device)
+        self._closer = weakref.finalize(self, _stop, self.procs, self.pipes)
+
+    def wait_ready(self) -> None:
+        """Blocks until every worker answered the last `call` (its shard loaded, say); raises its error."""
+        for rank, pipe in enumerate(self.pipes, start=1):
+            try:
+                status, detail = pipe.recv()
+            except (EOFError, OSError):
+                raise ParallelGroupError(self._death(rank)) from None
+            if status != "ok":
+                raise ParallelGroupError(f"tensor-parallel rank {rank} failed: {detail}")
+
+    def send(self, command: str, *args: Any, reply: bool = False) -> None:
+        """Every worker runs `command` next (without `reply`, none answers: the step's all-reduces are the
+        rendezvous)."""
+        for rank, (proc, pipe) in enumerate(zip(self.procs, self.pipes), start=1):
+            if proc.exitcode is not None:
+                raise ParallelGroupError(self._death(rank))
+            try:
+                pipe.send((command, args, reply))
+            except (BrokenPipeError, OSError):
+                raise ParallelGroupError(self._death(rank)) from None
+
+    def call(self, command: str, *args: Any) -> None:
+        """`send`, then wait for every worker's answer (set-up commands, whose failures must surface)."""
+        self.send(command, *args, reply=True)
+        self.wait_ready()
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        try:
+            self.pg.allreduce([tensor]).wait()
+        except RuntimeError as exc:
+            raise ParallelGroupError(f"a tensor-parallel all-reduce failed (a rank died?): {exc}") from None
+
+    def close(self) -> None:
+        self._closer()
+
+    def _death(self, rank: int) -> str:
+        proc = self.procs[rank - 1]
+        proc.join(0.5)
+        code = proc.exitcode
+        how = "is still running but unreachable" if code is None else (
+            f"was killed by signal {-code}" if code < 0 else f"exited with status {code}")
+        return f"tensor-parallel rank {rank} (pid {proc.pid}) {how}"
+
+
+def _stop(procs, pipes) -> None:
+    for pipe in pipes:
+        try:
+            pipe.send(("stop", (), False))
+        except (BrokenPipeError, OSError):
+            pass
+    for proc in procs:
+        proc.join(5)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join(5)
+
+
+def serve_rank(config, model_path: str, hf_config: dict, max_model_len: int, device: torch.device,
+               dtype: torch.dtype, rank: int, store_port: int, threads: int, pipe) -> None:
+    """A worker rank's whole life: join the group, load its shard, then run rank 0's commands."""
+    from tandem.engine import loader
+    from tandem.engine.model_runner import ModelRunner
+    from tandem.engine.models import model_class
+    from tandem.engine.sharding import Shard
+
+    torch.set_num_threads(threads)
+    device = rank_device(device, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    store = dist.TCPStore("127.0.0.1", store_port, config.tensor_parallel_size, False, timeout=_TIMEOUT)
+    pg = _process_group(store, rank, config.tensor_parallel_size, device)
+
+    def all_reduce(tensor: torch.Tensor) -> None:
+        pg.allreduce([tensor]).wait()
+
+    runner: ModelRunner | None = None
+    try:
+        model = loader.build_model(model_class(hf_config), hf_config, model_path, max_model_len, device,
+                                   dtype, config.load_format, Shard(rank, config.tensor_parallel_size), all_reduce)
+        pipe.send(("ok", None))
+        while True:
+            try:
+                command, args, reply = pipe.recv()
+            except (EOFError, OSError):
+                return  # rank 0 is gone
+            if command == "stop":
+                return
+            with torch.inference_mode():
+                if command == "runner":
+                    runner = ModelRunner(model, *args, dtype, device)
+                elif command == "pack":
+                    model.pack_weights()
+                elif command == "profile":
+                    ModelRunner.profile_activations(model, *args, dtype, device)
+                else:  # forward, copy, compile: the runner's own methods, as rank 0 runs them
+                    getattr(runner, {"forward": "forward_eager", "copy": "_copy_blocks",
+                                     "compile": "compile_prompt_kernels"}[command])(*args)
+            if reply:
+                pipe.send(("ok", None))
+    except BaseException as exc:  # noqa: BLE001 - rank 0 must hear why, then this rank is gone
+        log.error("tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())
+        try:
+            pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+        except (BrokenPipeError, OSError):
+            pass
+        raise SystemExit(1) from None
