@@ -97,6 +97,7 @@ def make_llm():
         pool = llm.engine.kv.pool
         assert not llm.engine.has_unfinished_requests()
         assert pool.num_free == pool.num_blocks, f"leaked {pool.num_blocks - pool.num_free} KV blocks"
+        llm.engine.close()  # tensor-parallel ranks' processes stop now, not when the engine is collected
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -61,7 +61,7 @@ class TPGroup:
             mine, theirs = ctx.Pipe()
             proc = ctx.Process(target=serve_rank, name=f"tandem-tp{rank}", daemon=True,
                                args=(config, model_path, hf_config, max_model_len, device, dtype, rank, self.store.port,
-                                     torch.get_num_threads(), theirs))
+                                     max(1, torch.get_num_threads() // self.size), theirs))
             proc.start()
             theirs.close()
             self.procs.append(proc)

@@ -209,6 +209,8 @@ class AsyncEngine:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
+        if hasattr(self.engine, "close"):
+            self.engine.close()
 
     def _check_alive(self) -> None:
         if not self.is_healthy():
@@ -233,6 +235,8 @@ class AsyncEngine:
                 try:
                     outputs = self.engine.step()
                 except Exception as exc:  # noqa: BLE001 - any step failure fails the batch, not the server
+                    if getattr(exc, "fatal", False):  # e.g. a tensor-parallel rank died: the engine cannot go on
+                        raise
                     self._fail_in_flight(exc)
                     continue
                 self._stats = self._snapshot()
