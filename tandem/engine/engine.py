@@ -20,6 +20,7 @@ from tandem.engine.kv_roles import KVRoles
 from tandem.engine.lookaheads import Lookaheads
 from tandem.engine.lora_roles import LoRARoles
 from tandem.engine.kv_transfer.consumer import KVConsumer
+from tandem.engine.kv_transfer.codec import LocalCaches
 from tandem.engine.kv_transfer.layout import describe
 from tandem.engine.kv_transfer.producer import KVProducer, stream_layerwise
 from tandem.engine.model_runner import ModelRunner
@@ -27,7 +28,7 @@ from tandem.engine.models import model_class
 from tandem.engine.request import Request, RequestGroup
 from tandem.engine.sampler import Sample
 from tandem.engine.sharding import Shard
-from tandem.engine.tp_group import TPGroup
+from tandem.engine.tp_group import GroupCaches, TPGroup
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.engine.structured import GrammarBook
 from tandem.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -134,12 +135,16 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
         lookahead = config.scheduler.num_scheduler_steps if self.runner.graphs is not None else 1
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, lookahead)
         self.layout = describe(hf_config, self.model, self.dtype, cache.block_size)
+        # the KV cache as transfers and the KV store see it: every KV head, whichever ranks hold them
+        self.wire_caches = (GroupCaches(self.runner.kv_caches, self.peers, self.layout.num_kv_heads) if self.peers
+                            else LocalCaches(self.runner.kv_caches))
         self.model.pack_weights()  # after describe: the fingerprint samples the plain weights
         if self.peers:
             self.peers.call("pack")
-        self.producer = (KVProducer(self.layout, cache.block_size, layerwise=stream_layerwise(self.device))
+        layerwise = stream_layerwise(self.device) and not self.peers  # the other ranks answer between passes only
+        self.producer = (KVProducer(self.layout, cache.block_size, layerwise=layerwise)
                          if config.kv_role == "producer" else None)
-        self.consumer = (KVConsumer(self.kv, self.runner.kv_caches, self.layout, self.model.shape.vocab)
+        self.consumer = (KVConsumer(self.kv, self.wire_caches, self.layout, self.model.shape.vocab)
                          if config.kv_role == "consumer" else None)
         self.groups: dict[str, RequestGroup] = {}
         self.num_lookahead_steps = 0
@@ -157,9 +162,8 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
         problem = sharding.shard_problem(hf_config, config.tensor_parallel_size)
         if problem:
             raise ValueError(problem)
-        if config.kv_role or config.lora_modules:
-            raise ValueError("tensor parallelism does not support " + (
-                "the prefill and decode worker roles yet" if config.kv_role else "LoRA adapters yet"))
+        if config.lora_modules:
+            raise ValueError("tensor parallelism does not support LoRA adapters yet")
         if self.device.type == "cuda":
             self.device = torch.device("cuda", 0)
         return TPGroup(config, self.model_path, hf_config, self.max_model_len, self.device, self.dtype)
@@ -330,7 +334,7 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
         layerwise = saving and self.producer.layerwise
         result = self.runner.execute(sched, tables, self.producer.save_layer if layerwise else None)
         if saving and not layerwise:
-            self.producer.save_step(self.runner.kv_caches)
+            self.producer.save_step(self.wire_caches)
         now = time.monotonic()
         starts = {s.request: s.request.num_computed_tokens for s in sched.scheduled}
         for s in sched.scheduled:

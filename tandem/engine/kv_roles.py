@@ -83,7 +83,7 @@ class KVRoles:
     def export_blocks(self, hashes: list[BlockHash]) -> list[tuple[BlockHash, bytes]]:
         """(hash, payload) of each of these blocks the prefix cache holds now (engine thread)."""
         found = [(h, block) for h in hashes if (block := self.kv.pool.lookup(h)) is not None]
-        payloads = read_blocks(self.runner.kv_caches, [b.block_id for _, b in found], self.kv.block_size)
+        payloads = read_blocks(self.wire_caches, [b.block_id for _, b in found], self.kv.block_size)
         return [(h, p) for (h, _), p in zip(found, payloads)]
 
     def import_blocks(self, held: list[BlockHash], hashes: list[BlockHash], payloads: list[bytes]) -> int:
@@ -105,7 +105,7 @@ class KVRoles:
         try:
             todo = [(h, p) for h, p in zip(hashes, payloads) if pool.lookup(h) is None][:max(0, pool.num_free - 1)]
             blocks = pool.allocate(len(todo))
-            write_blocks(self.runner.kv_caches, [b.block_id for b in blocks], self.kv.block_size,
+            write_blocks(self.wire_caches, [b.block_id for b in blocks], self.kv.block_size,
                          [p for _, p in todo])
             for block, (h, _) in zip(blocks, todo):
                 pool.cache(block, h)

@@ -16,12 +16,15 @@ from __future__ import annotations
 import datetime
 import logging
 import multiprocessing
+import threading
 import traceback
 import weakref
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from tandem.engine.kv_transfer import codec
 
 log = logging.getLogger("tandem.tp")
 _TIMEOUT = datetime.timedelta(seconds=120)  # one collective's wait; idle ranks wait on their pipe, not here
@@ -66,11 +69,14 @@ class TPGroup:
             theirs.close()
             self.procs.append(proc)
             self.pipes.append(mine)
+        self._lock = threading.RLock()
         self.pg = _process_group(self.store, 0, self.size, device)
         self._closer = weakref.finalize(self, _stop, self.procs, self.pipes)
 
-    def wait_ready(self) -> None:
-        """Blocks until every worker answered the last `call` (its shard loaded, say); raises its error."""
+    def wait_ready(self) -> list[Any]:
+        """Blocks until every worker answered (its shard loaded, or a `call`); their answers, rank 1 first.
+        A worker's failure raises here, naming it."""
+        answers = []
         for rank, pipe in enumerate(self.pipes, start=1):
             try:
                 status, detail = pipe.recv()
@@ -78,22 +84,30 @@ class TPGroup:
                 raise ParallelGroupError(self._death(rank)) from None
             if status != "ok":
                 raise ParallelGroupError(f"tensor-parallel rank {rank} failed: {detail}")
+            answers.append(detail)
+        return answers
 
     def send(self, command: str, *args: Any, reply: bool = False) -> None:
         """Every worker runs `command` next (without `reply`, none answers: the step's all-reduces are the
         rendezvous)."""
-        for rank, (proc, pipe) in enumerate(zip(self.procs, self.pipes), start=1):
-            if proc.exitcode is not None:
-                raise ParallelGroupError(self._death(rank))
-            try:
-                pipe.send((command, args, reply))
-            except (BrokenPipeError, OSError):
-                raise ParallelGroupError(self._death(rank)) from None
+        self.send_each(command, [args] * len(self.pipes), reply)
 
-    def call(self, command: str, *args: Any) -> None:
-        """`send`, then wait for every worker's answer (set-up commands, whose failures must surface)."""
-        self.send(command, *args, reply=True)
-        self.wait_ready()
+    def send_each(self, command: str, args_by_rank: list[tuple], reply: bool = False) -> None:
+        """`command` to every worker, each with its own arguments (rank 1's first)."""
+        with self._lock:  # the engine thread and transfer threads (KV arriving) both send
+            for rank, (proc, pipe, args) in enumerate(zip(self.procs, self.pipes, args_by_rank), start=1):
+                if proc.exitcode is not None:
+                    raise ParallelGroupError(self._death(rank))
+                try:
+                    pipe.send((command, args, reply))
+                except (BrokenPipeError, OSError):
+                    raise ParallelGroupError(self._death(rank)) from None
+
+    def call(self, command: str, *args: Any) -> list[Any]:
+        """`send`, then every worker's answer (set-up commands, whose failures must surface; KV reads)."""
+        with self._lock:
+            self.send(command, *args, reply=True)
+            return self.wait_ready()
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         try:
@@ -111,6 +125,36 @@ class TPGroup:
         how = "is still running but unreachable" if code is None else (
             f"was killed by signal {-code}" if code < 0 else f"exited with status {code}")
         return f"tensor-parallel rank {rank} (pid {proc.pid}) {how}"
+
+
+class GroupCaches:
+    """The group's KV cache as transfers and the KV store see it (codec.LocalCaches' two methods): every KV
+    head, rank 0's from its own cache, the others' asked for over their pipes (between forward passes:
+    a worker reads its pipe only then). With KV heads replicated over ranks, each is read from its first."""
+
+    def __init__(self, local: list[torch.Tensor], group: TPGroup, num_kv_heads: int) -> None:
+        from tandem.engine.sharding import Shard
+
+        self.local, self.group = local, group
+        self.num_layers, self.num_kv_heads = len(local), num_kv_heads
+        self.spans = [Shard(rank, group.size).kv_span(num_kv_heads) for rank in range(group.size)]
+        self.readers = [r for r, (lo, _) in enumerate(self.spans) if r == 0 or lo >= self.spans[r - 1][1]]
+
+    def encode(self, layers: range, slots: torch.Tensor) -> memoryview:
+        answers = [codec.encode(self.local[layers.start:layers.stop], slots)]
+        answers += self.group.call("kv_read", layers, slots.numpy())
+        _, _, _, _, dim = self.local[0].shape
+        parts = [torch.frombuffer(answers[r], dtype=self.local[0].dtype).view(len(layers), 2, len(slots), -1, dim)
+                 for r in self.readers]
+        whole = torch.cat(parts, dim=3)
+        return memoryview(whole.view(torch.uint8).numpy().reshape(-1))
+
+    def decode_into(self, layer: int, slots: torch.Tensor, data: bytes | memoryview) -> None:
+        whole = torch.frombuffer(data, dtype=self.local[0].dtype).view(2, len(slots), self.num_kv_heads, -1)
+        shares = [whole[:, :, lo:hi].contiguous() for lo, hi in self.spans]
+        self.group.send_each("kv_write", [(layer, slots.numpy(), share.view(torch.uint8).numpy().tobytes())
+                                          for share in shares[1:]])
+        codec.decode_into(self.local[layer], slots, memoryview(shares[0].view(torch.uint8).numpy().reshape(-1)))
 
 
 def _stop(procs, pipes) -> None:
@@ -156,6 +200,7 @@ def serve_rank(config, model_path: str, hf_config: dict, max_model_len: int, dev
                 return  # rank 0 is gone
             if command == "stop":
                 return
+            answer = None
             with torch.inference_mode():
                 if command == "runner":
                     runner = ModelRunner(model, *args, dtype, device)
@@ -163,11 +208,17 @@ def serve_rank(config, model_path: str, hf_config: dict, max_model_len: int, dev
                     model.pack_weights()
                 elif command == "profile":
                     ModelRunner.profile_activations(model, *args, dtype, device)
+                elif command == "kv_read":  # GroupCaches.encode: this rank's heads
+                    layers, slots = args
+                    answer = bytes(codec.encode(runner.kv_caches[layers.start:layers.stop], torch.from_numpy(slots)))
+                elif command == "kv_write":  # GroupCaches.decode_into: this rank's share
+                    layer, slots, data = args
+                    codec.decode_into(runner.kv_caches[layer], torch.from_numpy(slots), data)
                 else:  # forward, copy, compile: the runner's own methods, as rank 0 runs them
                     getattr(runner, {"forward": "forward_eager", "copy": "_copy_blocks",
                                      "compile": "compile_prompt_kernels"}[command])(*args)
             if reply:
-                pipe.send(("ok", None))
+                pipe.send(("ok", answer))
     except BaseException as exc:  # noqa: BLE001 - rank 0 must hear why, then this rank is gone
         log.error("tensor-parallel rank %d failed:\n%s", rank, traceback.format_exc())
         try:

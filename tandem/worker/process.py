@@ -77,27 +77,35 @@ def engine_config(args: argparse.Namespace, kv_role: str):
     return EngineConfig.from_args(args, kv_role=kv_role)
 
 
-def parallelism_error(env: dict[str, str]) -> str | None:
-    """Why this process cannot serve its place in a group the operator made, or None.
+def parallelism_error(env: dict[str, str], args: argparse.Namespace) -> str | None:
+    """Why this process cannot serve its place in a group the operator made, or None; the operator's
+    tensor-parallel size becomes this worker's (`args.tensor_parallel_size`).
 
     The operator writes TANDEM_TENSOR_PARALLEL_SIZE, TANDEM_PIPELINE_PARALLEL_SIZE and, for replicas
-    spanning pods, TANDEM_GROUP_SIZE / TANDEM_WORKER_INDEX / TANDEM_LEADER_ADDRESS. The engine runs
-    one GPU per replica so far: a member of a larger group stops at once, naming the setting, rather
-    than serve as if it held the whole model (every member would register as a separate worker)."""
+    spanning pods, TANDEM_GROUP_SIZE / TANDEM_WORKER_INDEX / TANDEM_LEADER_ADDRESS. Tensor parallelism
+    within a pod is the engine's (tp_group.py); pipeline stages and groups across pods are not built yet,
+    so such a member stops at once, naming the setting, rather than serve as if it held the whole model."""
+    sizes = {}
     for name in ("TANDEM_TENSOR_PARALLEL_SIZE", "TANDEM_PIPELINE_PARALLEL_SIZE", "TANDEM_GROUP_SIZE"):
         value = env.get(name, "1")
         if not value.isdigit() or int(value) < 1:
             return f"{name}={value!r} is not a positive integer"
-        if int(value) > 1:
-            return (f"{name}={value}: tensor and pipeline parallelism are not implemented in this engine yet; "
-                    "set tensorParallelSize and pipelineParallelSize to 1 (one GPU per replica)")
+        sizes[name] = int(value)
+    for name in ("TANDEM_PIPELINE_PARALLEL_SIZE", "TANDEM_GROUP_SIZE"):
+        if sizes[name] > 1:
+            return (f"{name}={sizes[name]}: pipeline parallelism and groups spanning pods are not implemented yet; "
+                    "set pipelineParallelSize to 1 and give a replica's pod gpusPerPod >= tensorParallelSize")
+    tp = sizes["TANDEM_TENSOR_PARALLEL_SIZE"]
+    if tp > 1 and args.tensor_parallel_size not in (1, tp):
+        return f"TANDEM_TENSOR_PARALLEL_SIZE={tp} and --tensor-parallel-size {args.tensor_parallel_size} disagree"
+    args.tensor_parallel_size = max(tp, args.tensor_parallel_size)
     return None
 
 
 def run_worker(args: argparse.Namespace, role: int) -> int:
     """Build the engine host for `role`, then serve until told to stop."""
     name = router_pb2.Role.Name(role).lower()
-    problem = parallelism_error(dict(os.environ))
+    problem = parallelism_error(dict(os.environ), args)
     if problem:
         print(f"tandem {name}: error: {problem}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
-"""A worker the operator placed in a tensor/pipeline-parallel group stops at once with an error
-naming the setting (the engine runs one GPU per replica so far) instead of serving as a whole model."""
+"""A worker the operator placed in a pipeline-parallel group, or in a group spanning pods, stops at once with an
+error naming the setting (neither is built yet) instead of serving as a whole model; the operator's tensor-parallel
+size within a pod becomes the worker's."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ import pytest
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])
-@pytest.mark.parametrize("env, named", [({"TANDEM_TENSOR_PARALLEL_SIZE": "2"}, "TANDEM_TENSOR_PARALLEL_SIZE=2"),
+@pytest.mark.parametrize("env, named", [({"TANDEM_PIPELINE_PARALLEL_SIZE": "2"}, "TANDEM_PIPELINE_PARALLEL_SIZE=2"),
                                         ({"TANDEM_GROUP_SIZE": "4", "TANDEM_WORKER_INDEX": "1"}, "TANDEM_GROUP_SIZE=4"),
                                         ({"TANDEM_PIPELINE_PARALLEL_SIZE": "x"}, "not a positive integer")])
 def test_group_member_fails_loudly(role, env, named):
@@ -21,8 +22,13 @@ def test_group_member_fails_loudly(role, env, named):
     assert "TANDEM_READY" not in proc.stdout
 
 
-def test_single_gpu_replica_settings_pass():
+def test_tensor_parallel_settings_reach_the_engine():
+    from argparse import Namespace
+
     from tandem.worker.process import parallelism_error
 
-    assert parallelism_error({"TANDEM_TENSOR_PARALLEL_SIZE": "1", "TANDEM_PIPELINE_PARALLEL_SIZE": "1"}) is None
-    assert parallelism_error({}) is None
+    args = Namespace(tensor_parallel_size=1)
+    assert parallelism_error({"TANDEM_TENSOR_PARALLEL_SIZE": "1", "TANDEM_PIPELINE_PARALLEL_SIZE": "1"}, args) is None
+    assert parallelism_error({}, args) is None and args.tensor_parallel_size == 1
+    assert parallelism_error({"TANDEM_TENSOR_PARALLEL_SIZE": "4"}, args) is None and args.tensor_parallel_size == 4
+    assert "disagree" in parallelism_error({"TANDEM_TENSOR_PARALLEL_SIZE": "2"}, Namespace(tensor_parallel_size=4))

@@ -76,6 +76,22 @@ def decode_into(cache: torch.Tensor, slots: torch.Tensor, data: bytes | memoryvi
     flat.index_copy_(1, slots.to(cache.device), kv.to(cache.device))
 
 
+class LocalCaches:
+    """The KV cache this process holds whole (every KV head), read and written as the wire carries it.
+    A tensor-parallel group's is tp_group.GroupCaches: the same two methods over every rank's heads."""
+
+    def __init__(self, caches: list[torch.Tensor]) -> None:
+        self.caches = caches
+        self.num_layers = len(caches)
+        self.num_kv_heads = caches[0].shape[3]
+
+    def encode(self, layers: range, slots: torch.Tensor) -> memoryview:
+        return encode(self.caches[layers.start:layers.stop], slots)
+
+    def decode_into(self, layer: int, slots: torch.Tensor, data: bytes | memoryview) -> None:
+        decode_into(self.caches[layer], slots, data)
+
+
 def split(start: int, end: int, token_bytes: int, max_bytes: int) -> list[tuple[int, int]]:
     """Token ranges [a, b) covering [start, end), each of at most max_bytes (one token at least)."""
     step = max(1, max_bytes // token_bytes)

@@ -63,7 +63,7 @@ class Lease:
 
 
 class KVConsumer:
-    def __init__(self, kv: KVCacheManager, caches: list[torch.Tensor], layout: LayoutDescriptor, vocab_size: int,
+    def __init__(self, kv: KVCacheManager, caches: codec.LocalCaches, layout: LayoutDescriptor, vocab_size: int,
                  on_complete: Callable[[], None] = lambda: None) -> None:
         self.kv = kv
         self.vocab_size = vocab_size  # a first token from a producer must be one of the model's
@@ -192,7 +192,7 @@ class KVConsumer:
             if not lease.alive or lease.transfer_id != transfer_id:
                 raise LeaseError(f"lease {lease_id!r} ended or was taken over by another transfer")
             for i in range(chunk.num_layers):
-                codec.decode_into(self.caches[chunk.layer + i], slots, data[i * per_layer:(i + 1) * per_layer])
+                self.caches.decode_into(chunk.layer + i, slots, data[i * per_layer:(i + 1) * per_layer])
             lease.received[chunk.layer:chunk.layer + chunk.num_layers,
                            chunk.token_start:chunk.token_start + chunk.num_tokens] = True
 
@@ -221,7 +221,7 @@ class KVConsumer:
             for i, at in enumerate(places):
                 view = lease.staging.view(at, per_layer)
                 try:
-                    codec.decode_into(self.caches[layer + i], slots, view)
+                    self.caches.decode_into(layer + i, slots, view)
                     digest.update(view)
                 finally:
                     view.release()

@@ -66,24 +66,28 @@ def incompatibility(ours: LayoutDescriptor, theirs: LayoutDescriptor, who: str =
 
 def model_fingerprint(hf_config: dict, model: torch.nn.Module) -> str:
     """The config that shapes the model plus a sample of its weights: equal fingerprints mean the
-    same model, so KV computed by one is valid for the other."""
+    same model, so KV computed by one is valid for the other. The sample is each of the first four
+    weights' first row, which rank 0 of a tensor-parallel group holds whole too (its first heads)."""
     h = hashlib.sha256(json.dumps({k: v for k, v in sorted(hf_config.items())
                                    if not k.startswith("_") and k not in ("transformers_version", "torch_dtype",
                                                                           "dtype")},
                                   sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, param in list(model.named_parameters())[:4]:
-            sample = param.detach().flatten()[:4096].float().cpu()
+            sample = param.detach().reshape(-1, param.shape[-1])[0, :4096].float().cpu()
             h.update(name.encode())
             h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def describe(hf_config: dict, model: torch.nn.Module, dtype: torch.dtype, block_size: int,
-             tp_rank: int = 0, tp_size: int = 1) -> LayoutDescriptor:
+def describe(hf_config: dict, model: torch.nn.Module, dtype: torch.dtype, block_size: int) -> LayoutDescriptor:
+    """The layout KV travels in: every KV head of the model, whether one process holds them or a
+    tensor-parallel group does (its rank 0 gathers and scatters them: tp_group.GroupCaches), so prefill
+    and decode pair across different tensor-parallel sizes. tp_rank and tp_size stay 0 and 1 until
+    ranks transfer their own heads."""
     s = model.shape
     return LayoutDescriptor(
         model_fingerprint=model_fingerprint(hf_config, model),
         architecture=(hf_config.get("architectures") or ["?"])[0], num_layers=s.num_layers,
-        num_kv_heads=s.num_kv_heads // tp_size, head_dim=s.head_dim, dtype=str(dtype).removeprefix("torch."),
-        block_size=block_size, tp_rank=tp_rank, tp_size=tp_size)
+        num_kv_heads=hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"],
+        head_dim=s.head_dim, dtype=str(dtype).removeprefix("torch."), block_size=block_size)

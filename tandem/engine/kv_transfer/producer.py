@@ -101,7 +101,7 @@ class KVProducer:
             for a, b, slots in t.pieces:
                 t.sink.put(KVChunkData(layer, a, b - a, codec.encode([cache], slots)))
 
-    def save_step(self, caches: list[torch.Tensor]) -> None:
+    def save_step(self, caches: codec.LocalCaches) -> None:
         """Not layerwise: every layer's chunks of this step, once its forward pass ended. A chunk
         holds as many consecutive layers of a token range as fit `max_chunk_bytes` (at least one)."""
         for t in self._planned:
@@ -109,10 +109,9 @@ class KVProducer:
             for a, b, slots in t.pieces:
                 per_layer = (b - a) * self.layout.token_bytes
                 group = max(1, self.max_chunk_bytes // per_layer)
-                for first in range(0, len(caches), group):
-                    layers = caches[first:first + group]
-                    chunks.append(KVChunkData(first, a, b - a, codec.encode(layers, slots),
-                                              num_layers=len(layers)))
+                for first in range(0, caches.num_layers, group):
+                    layers = range(first, min(first + group, caches.num_layers))
+                    chunks.append(KVChunkData(first, a, b - a, caches.encode(layers, slots), num_layers=len(layers)))
             for chunk in chunks:  # all encoded before the first leaves: the gather does not race the wire
                 t.sink.put(chunk)
 

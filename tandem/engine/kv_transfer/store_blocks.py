@@ -24,25 +24,21 @@ def _slots(block_ids: list[int], block_size: int) -> torch.Tensor:
     return (base + torch.arange(block_size)).reshape(-1)
 
 
-def read_blocks(caches: list[torch.Tensor], block_ids: list[int], block_size: int) -> list[bytes]:
+def read_blocks(caches: "codec.LocalCaches", block_ids: list[int], block_size: int) -> list[bytes]:
     """Each block's K and V across every layer, as one payload per block (host copies)."""
     if not block_ids:
         return []
-    _, _, _, heads, dim = caches[0].shape
-    flat = torch.frombuffer(codec.encode(caches, _slots(block_ids, block_size)), dtype=caches[0].dtype)
-    per_block = flat.view(len(caches), 2, len(block_ids), block_size, heads, dim).permute(2, 0, 1, 3, 4, 5)
-    return [per_block[i].contiguous().view(torch.uint8).numpy().tobytes() for i in range(len(block_ids))]
+    flat = torch.frombuffer(caches.encode(range(caches.num_layers), _slots(block_ids, block_size)), dtype=torch.uint8)
+    per_block = flat.view(caches.num_layers, 2, len(block_ids), -1).permute(2, 0, 1, 3)
+    return [per_block[i].contiguous().numpy().tobytes() for i in range(len(block_ids))]
 
 
-def write_blocks(caches: list[torch.Tensor], block_ids: list[int], block_size: int, payloads: list[bytes]) -> None:
+def write_blocks(caches: "codec.LocalCaches", block_ids: list[int], block_size: int, payloads: list[bytes]) -> None:
     """`read_blocks`' payloads into these blocks of every layer."""
     if not block_ids:
         return
-    _, _, _, heads, dim = caches[0].shape
-    stacked = torch.stack([torch.frombuffer(p, dtype=caches[0].dtype) for p in payloads])
-    by_layer = stacked.view(len(block_ids), len(caches), 2, block_size, heads, dim).permute(1, 2, 0, 3, 4, 5)
+    stacked = torch.stack([torch.frombuffer(p, dtype=torch.uint8) for p in payloads])
+    by_layer = stacked.view(len(block_ids), caches.num_layers, 2, -1).permute(1, 2, 0, 3)
     slots = _slots(block_ids, block_size)
-    for i, cache in enumerate(caches):
-        layer = by_layer[i].reshape(2, len(slots), heads, dim)
-        flat = cache.view(2, -1, heads, dim)
-        flat.index_copy_(1, slots.to(cache.device), layer.to(cache.device))
+    for i in range(caches.num_layers):
+        caches.decode_into(i, slots, memoryview(by_layer[i].contiguous().numpy().reshape(-1)))
