@@ -229,6 +229,8 @@ def add_up_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--kv-store-bytes", type=positive_bytes, metavar="SIZE",
                    help="also run a prefix KV store of this capacity (e.g. 2GiB) that the workers load prompt "
                         "prefixes from and save them to (default: none)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="ranks per worker, each a process holding its share of the model (default: 1)")
     p.add_argument("--lora-modules", nargs="+", type=lora_module, metavar="NAME=PATH", default=[],
                    help="LoRA adapters (PEFT folders) every worker serves; the gateway lists each as a model")
     p.add_argument("--router-args", default="", help="more `tandem router` flags, one string (a lone flag takes '=': --router-args=--flag)")
@@ -249,7 +251,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"tandem up: error: {exc}", file=sys.stderr)
         return 2
-    engine_args = ["--dtype", args.dtype, "--kv-cache-gib", str(args.kv_cache_gib)]
+    engine_args = ["--dtype", args.dtype, "--kv-cache-gib", str(args.kv_cache_gib),
+                   "--tensor-parallel-size", str(args.tensor_parallel_size)]
     if args.max_model_len:
         engine_args += ["--max-model-len", str(args.max_model_len)]
     stack = Stack(args.model, args.port, args.prefill, args.decode, args.host, args.threads_per_worker, engine_args,
