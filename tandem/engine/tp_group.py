@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import multiprocessing
+import signal
 import threading
 import traceback
 import weakref
@@ -178,6 +179,7 @@ def serve_rank(config, model_path: str, hf_config: dict, max_model_len: int, dev
     from tandem.engine.models import model_class
     from tandem.engine.sharding import Shard
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 stops us
     torch.set_num_threads(threads)
     device = rank_device(device, rank)
     if device.type == "cuda":

@@ -203,7 +203,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         # streams still open at Ctrl-C get 10 s, then are cancelled (which aborts their requests)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                    timeout_keep_alive=30, timeout_graceful_shutdown=10)
+                    timeout_keep_alive=30, timeout_graceful_shutdown=10,
+                    lifespan="off")  # the app has no lifespan hooks; "on" logs a CancelledError at Ctrl-C
     finally:
         client.shutdown()
     return 0
