@@ -153,12 +153,12 @@ def decode_step_ms(llm, batch: int, context: int) -> float | None:
 
 def run_tandem(folder: str, runs: dict[str, list[tuple[int, int]]], rng, max_model_len: int,
                profile: str | None = None, out_dir: str = ".", repeat: int = 1, policy: str = "fcfs",
-               steps: int = 8, budget: int = 16384) -> dict:
+               steps: int = 8, budget: int = 16384, tp: int = 1) -> dict:
     from tandem import LLM, SamplingParams
 
     llm = LLM(folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=max_model_len,
               max_num_seqs=256, max_num_batched_tokens=budget, gpu_memory_utilization=0.9, enable_prefix_caching=False,
-              scheduling_policy=policy, num_scheduler_steps=steps)
+              scheduling_policy=policy, num_scheduler_steps=steps, tensor_parallel_size=tp)
     vocab = llm.engine.model.shape.vocab
     warm = [rng.integers(0, vocab, 64).tolist() for _ in range(8)]
     llm.generate(warm, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
@@ -242,6 +242,7 @@ def main() -> int:
                     "per host round trip)")
     # 16384 batched tokens: vLLM's default for its LLM class on GPUs of >= 70 GiB (arg_utils.py)
     ap.add_argument("--budget", type=int, default=16384, help="the engine's max_num_batched_tokens")
+    ap.add_argument("--tp", type=int, default=1, help="the engine's tensor_parallel_size (GPUs)")
     ap.add_argument("--warm-seconds", type=float, default=20, help="GPU load before anything is timed")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     args = ap.parse_args()
@@ -257,7 +258,7 @@ def main() -> int:
     result = {"device": device, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
               "ceilings": ceil, "policy": args.policy, "num_scheduler_steps": args.steps,
-              "max_num_batched_tokens": args.budget, "shapes": {}}
+              "max_num_batched_tokens": args.budget, "tensor_parallel_size": args.tp, "shapes": {}}
     rows = []
     for shape in args.shapes.split(","):
         cfg = llama_config(shape)
@@ -272,10 +273,10 @@ def main() -> int:
             for w, reqs in runs.items():
                 ours.update(run_tandem(folder, {w: reqs}, np.random.default_rng(1), max(longest, 4096),
                                        args.profile, args.out, args.repeat, args.policy, args.steps,
-                                       args.budget))
+                                       args.budget, args.tp))
         else:
             ours = run_tandem(folder, runs, np.random.default_rng(1), max(longest, 4096), args.profile, args.out,
-                              args.repeat, args.policy, args.steps, args.budget)
+                              args.repeat, args.policy, args.steps, args.budget, args.tp)
         hf = {} if args.no_hf else run_hf(cfg, runs, np.random.default_rng(1))
         shape_result = {}
         for w, reqs in runs.items():

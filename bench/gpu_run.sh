@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session in one command (device machine: torch, triton, transformers preinstalled):
-#   bash bench/gpu_run.sh [STAGES]   STAGES: comma list of install,kernels,engine,check,kbench,quick,full,trace,p512
+#   bash bench/gpu_run.sh [STAGES]   STAGES: comma list of install,kernels,engine,check,kbench,quick,full,trace,p512,tp
 # Writes logs and JSON under $OUT (or bench/results).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -49,4 +49,12 @@ if has p512; then  # P512 beside an nvidia-smi log of SM clocks, power and clock
   timeout 300 python3 bench/gpu.py --shapes 8b --workloads P512 --no-hf --repeat 3 --out "$OUT" 2>&1 \
     | grep -v "Warning\|warn" | tail -8
   kill $smi
+fi
+if has tp; then  # tensor parallelism over NCCL, never run on GPUs yet (needs 2 GPUs: nvidia-h100-x2): the check
+  # (its float32_tp2 variant against transformers) and 8B throughput at TP=2 against TP=1 in one script
+  timeout 300 python3 bench/gpu_check.py --out "$OUT" 2>&1 | grep -v Warning | tail -8
+  for tp in 1 2; do
+    timeout 240 python3 bench/gpu.py --shapes 8b --workloads W1,single --no-hf --tp $tp --warm-seconds 5 \
+      --out "$OUT" 2>&1 | grep -E "out tok/s|TFLOP|copy|W1|single" | grep -v Warn
+  done
 fi
