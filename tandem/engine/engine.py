@@ -162,8 +162,6 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
         problem = sharding.shard_problem(hf_config, config.tensor_parallel_size)
         if problem:
             raise ValueError(problem)
-        if config.lora_modules:
-            raise ValueError("tensor parallelism does not support LoRA adapters yet")
         if self.device.type == "cuda":
             self.device = torch.device("cuda", 0)
         return TPGroup(config, self.model_path, hf_config, self.max_model_len, self.device, self.dtype)

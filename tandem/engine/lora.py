@@ -18,6 +18,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -61,9 +62,11 @@ def _geometry(shape, module: str) -> tuple[int, int, int]:
             "down_proj": (inter, 0, hidden)}[module]
 
 
-def load_adapter(name: str, path: str, shape, dtype: torch.dtype, device: torch.device, max_rank: int) -> Adapter:
+def load_adapter(name: str, path: str, shape, dtype: torch.dtype, device: torch.device, max_rank: int,
+                 shard: Callable[[dict], dict] | None = None) -> Adapter:
     """A PEFT LoRA folder (adapter_config.json, adapter_model.safetensors) for this model; ValueError naming
-    the adapter for anything it cannot serve exactly."""
+    the adapter for anything it cannot serve exactly. `shard`: a tensor-parallel rank's cut of the tensors
+    (sharding.shard_lora), `shape` being that rank's."""
     def bad(why: str) -> ValueError:
         return ValueError(f"LoRA adapter {name!r} ({path}): {why}")
 
@@ -75,6 +78,7 @@ def load_adapter(name: str, path: str, shape, dtype: torch.dtype, device: torch.
         with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
             config = json.load(f)
         tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+        tensors = shard(tensors) if shard else tensors
     except Exception as exc:  # noqa: BLE001 - missing files, bad JSON, safetensors' own errors
         raise bad(f"not a PEFT LoRA folder: {exc}") from exc
     if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":

@@ -5,9 +5,11 @@ themselves, and how a step applies them, are lora.py's."""
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 from tandem.engine.lora import Adapter, LoRALayers, load_adapter
+from tandem.engine.sharding import Shard, shard_lora
 
 
 class LoRARoles:
@@ -18,11 +20,12 @@ class LoRARoles:
         layers = LoRALayers(self.model, adapters)  # attaches these to the projections, and only these
         self.loras = self.runner.loras = layers if adapters else None
         self.kv.lora_keys = layers.keys
+        if self.peers:  # the other ranks load (or keep) the same adapters, in the same order
+            self.peers.call("loras", [(a.name, a.path) for a in adapters])
 
     def _load_adapter(self, name: str, path: str) -> Adapter:
-        if self.config.tensor_parallel_size > 1:
-            raise ValueError("LoRA adapters do not work with tensor parallelism yet")
-        return load_adapter(name, path, self.model.shape, self.dtype, self.device, self.config.max_lora_rank)
+        return load_adapter(name, path, self.model.shape, self.dtype, self.device, self.config.max_lora_rank,
+                            self.peers and partial(shard_lora, config=self.peers.hf_config, shard=Shard(0, self.peers.size)))
 
     @property
     def lora_paths(self) -> dict[str, str]:

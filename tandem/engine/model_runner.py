@@ -151,14 +151,8 @@ class ModelRunner:
         # (rows under LoRA adapters keep theirs: their groups index the whole batch)
         keep = (None if plp_rows or lora_rows or len(sample_rows) == len(input_ids)
                 else [row for _, row in sample_rows])
-        if lora_rows:
-            self.loras.batch = LoRABatch([(self.loras.index[name], self._device_tensor(rows))
-                                          for name, rows in lora_rows.items()])
-        try:
-            hidden = self._forward(input_ids, positions, slots, seqs, on_layer_written, keep)
-        finally:
-            if lora_rows:
-                self.loras.batch = LoRABatch()
+        lora_groups = [(self.loras.index[name], rows) for name, rows in lora_rows.items()]
+        hidden = self._forward(input_ids, positions, slots, seqs, on_layer_written, keep, lora_groups)
         result = StepResult()
         for r, row, count in plp_rows:
             logits = self.model.compute_logits(hidden[row:row + count])
@@ -198,23 +192,32 @@ class ModelRunner:
         return self.model.compute_logits(hidden, upcast=False)
 
     def _forward(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
-                 on_layer_written, keep: list[int] | None = None) -> torch.Tensor:
-        """The final hidden states of every row, or of the rows in `keep` (in its order)."""
-        if self.graphs is not None and on_layer_written is None and not (self.loras and self.loras.batch.groups):
+                 on_layer_written, keep: list[int] | None = None,
+                 lora_groups: list[tuple[int, list[int]]] = ()) -> torch.Tensor:
+        """The final hidden states of every row, or of the rows in `keep` (in its order). `lora_groups`: (adapter
+        index, its rows) for the rows that run under adapters."""
+        if self.graphs is not None and on_layer_written is None and not lora_groups:
             hidden = self.graphs.run(input_ids, positions, slots, seqs)
             if hidden is not None:
                 return hidden if keep is None else hidden[self._device_tensor(keep)]
         if self.peers:
-            self.peers.send("forward", input_ids, positions, slots, seqs, keep)
-        return self.forward_eager(input_ids, positions, slots, seqs, keep, on_layer_written)
+            self.peers.send("forward", input_ids, positions, slots, seqs, keep, lora_groups)
+        return self.forward_eager(input_ids, positions, slots, seqs, keep, lora_groups, on_layer_written)
 
     def forward_eager(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],
-                      keep: list[int] | None = None, on_layer_written=None) -> torch.Tensor:
+                      keep: list[int] | None = None, lora_groups: list[tuple[int, list[int]]] = (),
+                      on_layer_written=None) -> torch.Tensor:
         """One forward pass as every tensor-parallel rank runs it (rank 0 from `_forward`, the others when told)."""
-        attn = build_attention(self.kv_caches, seqs, slots, self.scale, self.model.shape.sliding_window,
-                               on_layer_written)
-        return self.model(self._device_tensor(input_ids), self._device_tensor(positions), attn,
-                          None if keep is None else self._device_tensor(keep))
+        if lora_groups:
+            self.loras.batch = LoRABatch([(i, self._device_tensor(rows)) for i, rows in lora_groups])
+        try:
+            attn = build_attention(self.kv_caches, seqs, slots, self.scale, self.model.shape.sliding_window,
+                                   on_layer_written)
+            return self.model(self._device_tensor(input_ids), self._device_tensor(positions), attn,
+                              None if keep is None else self._device_tensor(keep))
+        finally:
+            if lora_groups:
+                self.loras.batch = LoRABatch()
 
     def _device_tensor(self, values: list[int]) -> torch.Tensor:
         t = host_longs(values)

@@ -33,10 +33,15 @@ class Shard:
         return head, head + 1
 
 
+def _heads(config: dict) -> tuple[int, int, int]:
+    """(attention heads, KV heads, head size) of a config.json."""
+    heads = config["num_attention_heads"]
+    return heads, config.get("num_key_value_heads") or heads, config.get("head_dim") or config["hidden_size"] // heads
+
+
 def shard_problem(config: dict, size: int) -> str | None:
     """Why `config`'s model cannot be split `size` ways, or None."""
-    heads = config["num_attention_heads"]
-    kv = config.get("num_key_value_heads") or heads
+    heads, kv, _ = _heads(config)
     inter = config["intermediate_size"]
     if size < 1:
         return f"tensor_parallel_size must be >= 1, got {size}"
@@ -56,34 +61,54 @@ def shard_config(config: dict, shard: Shard) -> dict:
     problem = shard_problem(config, shard.size)
     if problem:
         raise ValueError(problem)
-    heads = config["num_attention_heads"]
-    kv = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    heads, kv, head_dim = _heads(config)
     lo, hi = shard.kv_span(kv)
     return {**config, "num_attention_heads": heads // shard.size, "num_key_value_heads": hi - lo,
             "head_dim": head_dim, "intermediate_size": config["intermediate_size"] // shard.size}
 
 
+def _cuts(config: dict, shard: Shard) -> dict[str, tuple[int, tuple[int, int]]]:
+    """Projection name -> (the weight's dim this rank cuts, its span on it): output dim 0 for q/k/v and gate/up,
+    input dim 1 for o and down."""
+    heads, kv, head_dim = _heads(config)
+    q_rows = tuple(h * head_dim for h in shard.span(heads))
+    kv_rows = tuple(h * head_dim for h in shard.kv_span(kv))
+    mlp = shard.span(config["intermediate_size"])
+    return {"q_proj": (0, q_rows), "k_proj": (0, kv_rows), "v_proj": (0, kv_rows), "o_proj": (1, q_rows),
+            "gate_proj": (0, mlp), "up_proj": (0, mlp), "down_proj": (1, mlp)}
+
+
+def _cut(tensor: torch.Tensor, dim: int, span: tuple[int, int]) -> torch.Tensor:
+    return tensor.narrow(dim, span[0], span[1] - span[0])
+
+
 def shard_weights(weights: Iterable[tuple[str, torch.Tensor]], config: dict,
                   shard: Shard) -> Iterator[tuple[str, torch.Tensor]]:
     """Hugging Face (name, tensor) pairs, each cut to this rank's slice (whole where it is replicated)."""
-    heads = config["num_attention_heads"]
-    kv = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    inter = config["intermediate_size"]
-    q_rows = [h * head_dim for h in shard.span(heads)]
-    kv_rows = [h * head_dim for h in shard.kv_span(kv)]
-    mlp = shard.span(inter)
-    # by the projection's name: (dim to cut, its span); weights and biases of output-split projections alike
-    cuts = {"q_proj": (0, q_rows), "k_proj": (0, kv_rows), "v_proj": (0, kv_rows), "o_proj": (1, q_rows),
-            "gate_proj": (0, mlp), "up_proj": (0, mlp), "down_proj": (1, mlp)}
+    cuts = _cuts(config, shard)
     for name, tensor in weights:
         parts = name.split(".")
         cut = cuts.get(parts[-2]) if len(parts) >= 2 else None
+        # weights and biases of output-split projections alike; an input-split one's bias (none in this family)
+        # would be whole
         if cut is not None and tensor.dim() > cut[0]:
-            dim, (lo, hi) = cut
-            tensor = tensor.narrow(dim, lo, hi - lo)
+            tensor = _cut(tensor, *cut)
         yield name, tensor
+
+
+def shard_lora(tensors: dict[str, torch.Tensor], config: dict, shard: Shard) -> dict[str, torch.Tensor]:
+    """A PEFT adapter's tensors as this rank applies them: B cut like its projection's output (q/k/v, gate/up),
+    A like its input (o, down), so the adapter's share of an input-split projection joins that projection's
+    partial sum before the all-reduce."""
+    cuts = _cuts(config, shard)
+    out = {}
+    for name, tensor in tensors.items():
+        parts = name.split(".")
+        cut = cuts.get(parts[-3]) if len(parts) >= 3 else None
+        if cut is not None and parts[-2] == ("lora_B" if cut[0] == 0 else "lora_A"):
+            tensor = _cut(tensor, *cut).contiguous()
+        out[name] = tensor
+    return out
 
 
 def reduce_partial_sums(model: nn.Module, all_reduce: Callable[[torch.Tensor], None]) -> None:

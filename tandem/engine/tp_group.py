@@ -14,6 +14,7 @@ health check fails), since the weights and KV the dead rank held are gone with i
 from __future__ import annotations
 
 import datetime
+from functools import partial
 import logging
 import multiprocessing
 import signal
@@ -54,6 +55,7 @@ class TPGroup:
     def __init__(self, config, model_path: str, hf_config: dict, max_model_len: int, device: torch.device,
                  dtype: torch.dtype) -> None:
         self.size = config.tensor_parallel_size
+        self.hf_config = hf_config  # the whole model's: each rank cuts its share of weights and adapters from it
         if device.type == "cuda" and torch.cuda.device_count() < self.size:
             raise ValueError(f"tensor_parallel_size={self.size} needs {self.size} GPUs; "
                              f"{torch.cuda.device_count()} are visible")
@@ -175,9 +177,10 @@ def serve_rank(config, model_path: str, hf_config: dict, max_model_len: int, dev
                dtype: torch.dtype, rank: int, store_port: int, threads: int, pipe) -> None:
     """A worker rank's whole life: join the group, load its shard, then run rank 0's commands."""
     from tandem.engine import loader
+    from tandem.engine.lora import LoRALayers, load_adapter
     from tandem.engine.model_runner import ModelRunner
     from tandem.engine.models import model_class
-    from tandem.engine.sharding import Shard
+    from tandem.engine.sharding import Shard, shard_lora
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 stops us
     torch.set_num_threads(threads)
@@ -191,9 +194,11 @@ def serve_rank(config, model_path: str, hf_config: dict, max_model_len: int, dev
         pg.allreduce([tensor]).wait()
 
     runner: ModelRunner | None = None
+    adapters = {}  # name -> this rank's share of a LoRA adapter
+    shard = Shard(rank, config.tensor_parallel_size)
     try:
         model = loader.build_model(model_class(hf_config), hf_config, model_path, max_model_len, device,
-                                   dtype, config.load_format, Shard(rank, config.tensor_parallel_size), all_reduce)
+                                   dtype, config.load_format, shard, all_reduce)
         pipe.send(("ok", None))
         while True:
             try:
@@ -210,6 +215,12 @@ def serve_rank(config, model_path: str, hf_config: dict, max_model_len: int, dev
                     model.pack_weights()
                 elif command == "profile":
                     ModelRunner.profile_activations(model, *args, dtype, device)
+                elif command == "loras":  # rank 0's _set_loras: its adapters, in its order (a step names them by index)
+                    adapters = {name: adapters.get(name) or load_adapter(
+                        name, path, model.shape, dtype, device, config.max_lora_rank,
+                        partial(shard_lora, config=hf_config, shard=shard)) for name, path in args[0]}
+                    layers = LoRALayers(model, list(adapters.values()))  # also detaches the ones dropped
+                    runner.loras = layers if adapters else None
                 elif command == "kv_read":  # GroupCaches.encode: this rank's heads
                     layers, slots = args
                     answer = bytes(codec.encode(runner.kv_caches[layers.start:layers.stop], torch.from_numpy(slots)))

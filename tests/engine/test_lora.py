@@ -94,15 +94,19 @@ def _run(llm, prompts, loras) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.parametrize("budget", [2048, 24])  # whole prompts, and chunks beside decode rows
-def test_adapters_and_the_base_model_in_one_batch(adapters, make_llm, budget):
+# whole prompts, and chunks beside decode rows; and over two tensor-parallel ranks, each applying its cut of every
+# adapter (B cut like q/k/v and gate/up's outputs, A like o and down's inputs, inside their partial sums)
+@pytest.mark.parametrize("budget, tp", [(2048, 1), (24, 1), (24, 2)])
+def test_adapters_and_the_base_model_in_one_batch(adapters, make_llm, budget, tp):
     base, root, prompts, expected = adapters
-    llm = make_llm(base, enable_lora=True, max_num_batched_tokens=budget)
+    llm = make_llm(base, enable_lora=True, max_num_batched_tokens=budget, tensor_parallel_size=tp)
     attn, full = LoRARequest("attn", 1, str(root / "attn")), LoRARequest("full", 2, str(root / "full"))
     order = [None, attn, full] * len(prompts)  # every prompt under each, all at once
     got = _run(llm, [p for p in prompts for _ in range(3)], order)
     want = [expected[name][i] for i in range(len(prompts)) for name in ("base", "attn", "full")]
     assert got == want
+    llm.engine.remove_lora("attn")  # every rank drops it; "full" moves to index 0 everywhere
+    assert _run(llm, prompts[:1], [full]) == expected["full"][:1]
 
 
 def test_prefixes_are_shared_only_under_one_adapter(adapters, make_llm):
