@@ -24,7 +24,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of GPU memory for weights, activations and KV cache (default: 0.9)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode CUDA graphs")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="split the model over this many GPUs (on CPUs, processes) (default: 1)")
+                   help="split each layer over this many GPUs (on CPUs, processes) (default: 1)")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the layers into this many stages, each of --tensor-parallel-size ranks (default: 1)")
     p.add_argument("--num-scheduler-steps", type=int, default=1,
                    help="CUDA: greedy decode steps per host round trip when a step is plain decode (default: 1, "
                         "every step returns to the host: streams stay smooth; 8 for throughput, as LLM uses)")
@@ -37,7 +39,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens, cpu_kv_cache_gib=args.kv_cache_gib,
                 device=args.device, gpu_memory_utilization=args.gpu_memory_utilization,
                 enforce_eager=args.enforce_eager, num_scheduler_steps=args.num_scheduler_steps,
-                tensor_parallel_size=args.tensor_parallel_size)
+                tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size)
 
 
 def _sampling(args: argparse.Namespace):

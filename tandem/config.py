@@ -86,7 +86,8 @@ class EngineConfig:
     kv_role: str | None = None  # None: colocated; "producer": prefill worker; "consumer": decode worker
     lora_modules: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> PEFT folder (lora.py)
     max_lora_rank: int = 64
-    tensor_parallel_size: int = 1  # ranks, each with its share of heads and MLP (tp_group.py): GPUs, or CPU processes
+    tensor_parallel_size: int = 1  # ranks, each with its share of heads and MLP (sharding.py): GPUs, or CPU processes
+    pipeline_parallel_size: int = 1  # stages, each with its run of layers (pipeline.py), of tensor_parallel_size ranks
 
     @classmethod
     def from_args(cls, args, **overrides) -> "EngineConfig":
@@ -97,7 +98,7 @@ class EngineConfig:
             device=get("device", "auto"), enforce_eager=get("enforce_eager", False),
             generation_config=get("generation_config", "auto"),
             lora_modules=dict(get("lora_modules") or {}), max_lora_rank=get("max_lora_rank", 64),
-            tensor_parallel_size=get("tensor_parallel_size", 1),
+            tensor_parallel_size=get("tensor_parallel_size", 1), pipeline_parallel_size=get("pipeline_parallel_size", 1),
             cache=CacheConfig(block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks_override,
                               gpu_memory_utilization=get("gpu_memory_utilization", 0.9),
                               enable_prefix_caching=args.enable_prefix_caching, cpu_kv_cache_gib=args.kv_cache_gib),
@@ -109,7 +110,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1 (or None: the model's own), got {self.max_model_len}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size and pipeline_parallel_size must be >= 1, got "
+                             f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")
         if self.kv_role not in (None, "producer", "consumer"):
             raise ValueError(f"kv_role must be None, 'producer' or 'consumer', got {self.kv_role!r}")

@@ -230,7 +230,9 @@ def add_up_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="also run a prefix KV store of this capacity (e.g. 2GiB) that the workers load prompt "
                         "prefixes from and save them to (default: none)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="ranks per worker, each a process holding its share of the model (default: 1)")
+                   help="ranks per worker's layer, each a process holding its share of them (default: 1)")
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="pipeline stages per worker, each holding a run of the layers (default: 1)")
     p.add_argument("--lora-modules", nargs="+", type=lora_module, metavar="NAME=PATH", default=[],
                    help="LoRA adapters (PEFT folders) every worker serves; the gateway lists each as a model")
     p.add_argument("--router-args", default="", help="more `tandem router` flags, one string (a lone flag takes '=': --router-args=--flag)")
@@ -252,7 +254,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"tandem up: error: {exc}", file=sys.stderr)
         return 2
     engine_args = ["--dtype", args.dtype, "--kv-cache-gib", str(args.kv_cache_gib),
-                   "--tensor-parallel-size", str(args.tensor_parallel_size)]
+                   "--tensor-parallel-size", str(args.tensor_parallel_size),
+                   "--pipeline-parallel-size", str(args.pipeline_parallel_size)]
     if args.max_model_len:
         engine_args += ["--max-model-len", str(args.max_model_len)]
     stack = Stack(args.model, args.port, args.prefill, args.decode, args.host, args.threads_per_worker, engine_args,

@@ -30,7 +30,7 @@ class LLM:
                  generation_config: str = "auto", cpu_kv_cache_gib: float = 4.0, enforce_eager: bool = False,
                  load_format: str = "auto", skip_tokenizer_init: bool = False, num_scheduler_steps: int = 8,
                  enable_lora: bool = False, max_lora_rank: int = 64, max_loras: int | None = None,
-                 tensor_parallel_size: int = 1,
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                  **unused: Any) -> None:
         """`enable_lora` and `max_loras` are taken for vLLM's sake: adapters load when a LoRARequest first names
         them, and all of them stay loaded."""
@@ -40,7 +40,7 @@ class LLM:
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len, seed=seed,
             generation_config=generation_config, enforce_eager=enforce_eager, load_format=load_format,
             skip_tokenizer_init=skip_tokenizer_init, max_lora_rank=max_lora_rank,
-            tensor_parallel_size=tensor_parallel_size,
+            tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
             cache=CacheConfig(block_size=block_size, num_gpu_blocks=num_gpu_blocks_override,
                               gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
                               enable_prefix_caching=enable_prefix_caching),

@@ -27,8 +27,9 @@ from tandem.engine.model_runner import ModelRunner
 from tandem.engine.models import model_class
 from tandem.engine.request import Request, RequestGroup
 from tandem.engine.sampler import Sample
-from tandem.engine.sharding import Shard
-from tandem.engine.tp_group import GroupCaches, TPGroup
+from tandem.engine.group_caches import GroupCaches
+from tandem.engine.parallel_group import ParallelGroup
+from tandem.engine.pipeline import Pipeline
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.engine.structured import GrammarBook
 from tandem.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -96,10 +97,13 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
             raise ValueError(f"without chunked prefill a prompt runs in one step: max_num_batched_tokens "
                              f"({sched.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})")
         torch.manual_seed(config.seed)
-        self.peers = self._start_peers(hf_config)  # ranks 1.. of a tensor-parallel group, loading meanwhile
-        shard = Shard(0, config.tensor_parallel_size) if self.peers else None
+        self.peers = self._start_peers(hf_config)  # ranks 1.. of a parallel group, loading meanwhile
+        place = self.peers.placements[0] if self.peers else None
+        # pipeline parallelism: this rank's stage (its layers, and its links to the others)
+        self.pipeline = Pipeline(place, self.peers.links, hf_config["num_hidden_layers"]) if place and place.pp > 1 else None
         self.model = loader.build_model(cls, hf_config, self.model_path, self.max_model_len, self.device, self.dtype,
-                                        config.load_format, shard, self.peers and self.peers.all_reduce)
+                                        config.load_format, place and place.shard, self.peers and self.peers.all_reduce,
+                                        self.pipeline and self.pipeline.layers)
         if self.peers:
             self.peers.wait_ready()
         adapters = [self._load_adapter(name, path) for name, path in config.lora_modules.items()]  # before KV sizing
@@ -111,7 +115,7 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
         cache = config.cache
         num_blocks = self._num_blocks()
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, cache.hash_seed)
-        self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, num_blocks, cache.block_size, self.dtype, self.device, self.pipeline)
         if self.peers:
             self.peers.call("runner", num_blocks, cache.block_size)
             self.runner.peers = self.peers
@@ -154,17 +158,21 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
         self._detok: dict[Request, IncrementalDetokenizer] = {}
         self.stream_outputs = True  # False: `step` reports finished requests only (offline batches)
 
-    def _start_peers(self, hf_config: dict) -> TPGroup | None:
-        """With tensor_parallel_size > 1, the other ranks' processes (tp_group.py), or a clear refusal."""
+    def _start_peers(self, hf_config: dict) -> ParallelGroup | None:
+        """With tensor or pipeline parallelism, the other ranks' processes (parallel_group.py), or a clear
+        refusal of a model that does not split so."""
         config = self.config
-        if config.tensor_parallel_size == 1:
+        if config.tensor_parallel_size * config.pipeline_parallel_size == 1:
             return None
         problem = sharding.shard_problem(hf_config, config.tensor_parallel_size)
         if problem:
             raise ValueError(problem)
+        if config.pipeline_parallel_size > hf_config["num_hidden_layers"]:
+            raise ValueError(f"pipeline_parallel_size={config.pipeline_parallel_size} is more stages than the "
+                             f"model's {hf_config['num_hidden_layers']} layers")
         if self.device.type == "cuda":
             self.device = torch.device("cuda", 0)
-        return TPGroup(config, self.model_path, hf_config, self.max_model_len, self.device, self.dtype)
+        return ParallelGroup(config, self.model_path, hf_config, self.max_model_len, self.device, self.dtype)
 
     def _generation_defaults(self) -> dict[str, Any]:
         return sampling_defaults(self.model_path, self.config.generation_config)
@@ -173,13 +181,15 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
         cache = self.config.cache
         if cache.num_gpu_blocks is not None:
             return cache.num_gpu_blocks
-        per_block = ModelRunner.kv_bytes_per_block(self.model, cache.block_size, self.dtype)
+        # rank 0 holds the most layers of any stage (the first stages get the extra ones): it sizes for all
+        layers = len(self.pipeline.layers) if self.pipeline else self.model.shape.num_layers
+        per_block = ModelRunner.kv_bytes_per_block(self.model, cache.block_size, self.dtype, layers)
         if self.device.type == "cuda":
             sched = self.config.scheduler
             args = (sched.max_num_batched_tokens, self.max_model_len, sched.max_num_seqs, cache.block_size)
-            if self.peers:  # the pass all-reduces: every rank runs it
+            if self.peers:  # the pass all-reduces and sends between stages: every rank runs it
                 self.peers.send("profile", *args)
-            peak = ModelRunner.profile_activations(self.model, *args, self.dtype, self.device)
+            peak = ModelRunner.profile_activations(self.model, *args, self.dtype, self.device, self.pipeline)
             free, total = torch.cuda.mem_get_info(self.device)
             # the fraction is of the whole device, as in vLLM: weights, activations and cache included
             budget = total * cache.gpu_memory_utilization - (total - free) - peak
@@ -190,9 +200,9 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
                                  "(raise gpu_memory_utilization or lower max_num_batched_tokens)")
         else:
             available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-            # the CPU budget is the whole group's: each tensor-parallel rank holds its share of the heads
+            # the CPU budget is the whole group's: each rank holds its share of the heads and layers
             budget = min(cache.cpu_kv_cache_gib * 2**30, available * cache.gpu_memory_utilization)
-            budget /= self.config.tensor_parallel_size
+            budget /= self.peers.size if self.peers else 1
         # never more than every sequence at full length could use
         need = -(-self.max_model_len // cache.block_size)
         fits = int(budget // per_block)

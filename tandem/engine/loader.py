@@ -108,14 +108,17 @@ def init_dummy_weights(model: torch.nn.Module, std: float = 0.02) -> None:
 
 
 def build_model(cls, hf_config: dict, model_path: str, max_model_len: int, device: torch.device,
-                dtype: torch.dtype, load_format: str = "auto", shard=None, all_reduce=None):
+                dtype: torch.dtype, load_format: str = "auto", shard=None, all_reduce=None, layers: range | None = None):
     """The model on `device` in `dtype`, its weights loaded (or random: load_format "dummy"). With a
-    tensor-parallel `shard` (sharding.Shard), that rank's share, whose partial sums `all_reduce` completes."""
-    from tandem.engine import sharding
+    tensor-parallel `shard` (sharding.Shard), that rank's share, whose partial sums `all_reduce` completes;
+    with `layers`, a pipeline stage's (the other layers are not there)."""
+    from tandem.engine import pipeline, sharding
 
     shape_config = hf_config if shard is None else sharding.shard_config(hf_config, shard)
     with torch.device("meta"):  # no random init: every weight is loaded
         model = cls(shape_config, max_model_len)
+        if layers is not None:
+            pipeline.keep_layers(model, layers)
     # not to_empty(): its empty_like on meta tensors imports sympy (~1 s of every CPU worker's start)
     model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     model.init_rope()
@@ -123,6 +126,7 @@ def build_model(cls, hf_config: dict, model_path: str, max_model_len: int, devic
         init_dummy_weights(model)
     else:
         weights = iterate_weights(model_path)
+        weights = weights if layers is None else pipeline.stage_weights(weights, layers)
         model.load_weights(weights if shard is None else sharding.shard_weights(weights, hf_config, shard))
     if shard is not None:
         sharding.reduce_partial_sums(model, all_reduce)

@@ -126,6 +126,8 @@ class LoRALayers:
         self.keys = {a.name: a.key for a in adapters}
         self.batch = LoRABatch()
         for i, layer in enumerate(model.layers):
+            if not hasattr(layer, "qkv_proj"):
+                continue  # another pipeline stage's layer
             for projection in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
                 linear = getattr(layer, projection)
                 parts = {a_i: a.weights[(i, projection)] for a_i, a in enumerate(adapters) if (i, projection) in a.weights}

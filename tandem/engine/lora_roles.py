@@ -9,7 +9,7 @@ from functools import partial
 from typing import Any
 
 from tandem.engine.lora import Adapter, LoRALayers, load_adapter
-from tandem.engine.sharding import Shard, shard_lora
+from tandem.engine.sharding import shard_lora
 
 
 class LoRARoles:
@@ -25,7 +25,12 @@ class LoRARoles:
 
     def _load_adapter(self, name: str, path: str) -> Adapter:
         return load_adapter(name, path, self.model.shape, self.dtype, self.device, self.config.max_lora_rank,
-                            self.peers and partial(shard_lora, config=self.peers.hf_config, shard=Shard(0, self.peers.size)))
+                            self._lora_cut())
+
+    def _lora_cut(self):
+        """Rank 0's cut of an adapter's tensors under tensor parallelism (sharding.shard_lora), else None."""
+        shard = self.peers.placements[0].shard if self.peers else None
+        return shard and partial(shard_lora, config=self.peers.hf_config, shard=shard)
 
     @property
     def lora_paths(self) -> dict[str, str]:

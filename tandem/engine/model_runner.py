@@ -19,7 +19,8 @@ from tandem.outputs import Logprob
 
 if TYPE_CHECKING:
     from tandem.engine.cuda_graphs import GreedyTokens
-    from tandem.engine.tp_group import TPGroup
+    from tandem.engine.parallel_group import ParallelGroup
+    from tandem.engine.pipeline import Pipeline
 
 
 @dataclass
@@ -30,18 +31,23 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, pipeline: "Pipeline | None" = None) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
+        self.pipeline = pipeline  # pipeline parallelism: this rank's stage, its layers and links (pipeline.py)
         s = model.shape
+        self.kv_layers = pipeline.layers if pipeline else range(s.num_layers)  # the layers whose KV lives here
+        # another stage's layers get a one-block stand-in: never read or written here, and it keeps every
+        # layer's cache at its index
         self.kv_caches = [
-            torch.zeros(2, num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)
-            for _ in range(s.num_layers)]
+            torch.zeros(2, num_blocks if i in self.kv_layers else 1, block_size, s.num_kv_heads, s.head_dim,
+                        dtype=dtype, device=device)
+            for i in range(s.num_layers)]
         self.scale = s.head_dim ** -0.5
         self.graphs = None
         self.loras: LoRALayers | None = None  # the engine's LoRA adapters, told each step's rows under them
-        self.peers: "TPGroup | None" = None  # tensor parallelism: the other ranks, told each pass's inputs first
+        self.peers: "ParallelGroup | None" = None  # tensor parallelism: the other ranks, told each pass's inputs first
 
     def capture_graphs(self, max_batch: int, max_model_len: int, max_lanes: int = 0, use_graphs: bool = True) -> None:
         from tandem.engine.cuda_graphs import DecodeGraphs
@@ -66,16 +72,18 @@ class ModelRunner:
         for n in lengths:
             seqs = [SeqSlice(0, n, n, [0] * -(-n // self.block_size))]
             attn = build_attention(self.kv_caches, seqs, [-1] * n, self.scale, self.model.shape.sliding_window)
-            self.model(torch.zeros(n, dtype=torch.long, device=self.device), torch.arange(n, device=self.device), attn)
+            self._run_model(torch.zeros(n, dtype=torch.long, device=self.device), torch.arange(n, device=self.device),
+                            attn)
 
     @staticmethod
     @torch.inference_mode()
     def profile_activations(model: LlamaForCausalLM, num_tokens: int, max_model_len: int, num_logit_rows: int,
-                            block_size: int, dtype: torch.dtype, device: torch.device) -> int:
+                            block_size: int, dtype: torch.dtype, device: torch.device,
+                            pipeline: "Pipeline | None" = None) -> int:
         """Peak bytes a step of `num_tokens` prompt tokens allocates beyond what is live before it (CUDA),
         measured on a throwaway cache just large enough for it."""
         lens = [min(max_model_len, num_tokens - i) for i in range(0, num_tokens, max_model_len)]
-        runner = ModelRunner(model, sum(-(-n // block_size) for n in lens) + 1, block_size, dtype, device)
+        runner = ModelRunner(model, sum(-(-n // block_size) for n in lens) + 1, block_size, dtype, device, pipeline)
         seqs, slots = whole_prompts(lens, block_size)
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -83,8 +91,9 @@ class ModelRunner:
         ids = torch.randint(0, model.shape.vocab, (num_tokens,), device=device)
         positions = torch.cat([torch.arange(n, device=device) for n in lens])
         attn = build_attention(runner.kv_caches, seqs, slots, runner.scale, model.shape.sliding_window)
-        hidden = model(ids, positions, attn)
-        model.compute_logits(hidden[:num_logit_rows]).softmax(dim=-1)
+        hidden = runner._run_model(ids, positions, attn)
+        if hidden is not None:  # rank 0 (other pipeline ranks compute no logits)
+            model.compute_logits(hidden[:num_logit_rows]).softmax(dim=-1)
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - before
         del runner, hidden, attn
@@ -92,9 +101,10 @@ class ModelRunner:
         return peak
 
     @staticmethod
-    def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+    def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype, num_layers: int) -> int:
+        """Bytes of one block over `num_layers` layers (those this rank holds) of this rank's KV heads."""
         s = model.shape
-        return 2 * s.num_layers * block_size * s.num_kv_heads * s.head_dim * dtype.itemsize
+        return 2 * num_layers * block_size * s.num_kv_heads * s.head_dim * dtype.itemsize
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -103,8 +113,8 @@ class ModelRunner:
             self.peers.send("copy", copies)
         src = torch.tensor([c[0] for c in copies], device=self.device)
         dst = torch.tensor([c[1] for c in copies], device=self.device)
-        for cache in self.kv_caches:
-            cache[:, dst] = cache[:, src]
+        for i in self.kv_layers:
+            self.kv_caches[i][:, dst] = self.kv_caches[i][:, src]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, block_tables: dict[str, list[int]],
@@ -213,11 +223,17 @@ class ModelRunner:
         try:
             attn = build_attention(self.kv_caches, seqs, slots, self.scale, self.model.shape.sliding_window,
                                    on_layer_written)
-            return self.model(self._device_tensor(input_ids), self._device_tensor(positions), attn,
-                              None if keep is None else self._device_tensor(keep))
+            return self._run_model(self._device_tensor(input_ids), self._device_tensor(positions), attn,
+                                   None if keep is None else self._device_tensor(keep))
         finally:
             if lora_groups:
                 self.loras.batch = LoRABatch()
+
+    def _run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, attn, keep: torch.Tensor | None = None):
+        """The model's pass, or this rank's stage of it (rank 0 gets the hidden states; other stages None)."""
+        if self.pipeline is None:
+            return self.model(input_ids, positions, attn, keep)
+        return self.pipeline.forward(self.model, input_ids, positions, attn, keep)
 
     def _device_tensor(self, values: list[int]) -> torch.Tensor:
         t = host_longs(values)

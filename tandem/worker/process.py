@@ -82,23 +82,24 @@ def parallelism_error(env: dict[str, str], args: argparse.Namespace) -> str | No
     tensor-parallel size becomes this worker's (`args.tensor_parallel_size`).
 
     The operator writes TANDEM_TENSOR_PARALLEL_SIZE, TANDEM_PIPELINE_PARALLEL_SIZE and, for replicas
-    spanning pods, TANDEM_GROUP_SIZE / TANDEM_WORKER_INDEX / TANDEM_LEADER_ADDRESS. Tensor parallelism
-    within a pod is the engine's (tp_group.py); pipeline stages and groups across pods are not built yet,
-    so such a member stops at once, naming the setting, rather than serve as if it held the whole model."""
+    spanning pods, TANDEM_GROUP_SIZE / TANDEM_WORKER_INDEX / TANDEM_LEADER_ADDRESS. Tensor and pipeline
+    parallelism within a pod are the engine's (parallel_group.py); groups across pods are not built yet, so
+    such a member stops at once, naming the setting, rather than serve as if it held the whole model."""
     sizes = {}
     for name in ("TANDEM_TENSOR_PARALLEL_SIZE", "TANDEM_PIPELINE_PARALLEL_SIZE", "TANDEM_GROUP_SIZE"):
         value = env.get(name, "1")
         if not value.isdigit() or int(value) < 1:
             return f"{name}={value!r} is not a positive integer"
         sizes[name] = int(value)
-    for name in ("TANDEM_PIPELINE_PARALLEL_SIZE", "TANDEM_GROUP_SIZE"):
-        if sizes[name] > 1:
-            return (f"{name}={sizes[name]}: pipeline parallelism and groups spanning pods are not implemented yet; "
-                    "set pipelineParallelSize to 1 and give a replica's pod gpusPerPod >= tensorParallelSize")
-    tp = sizes["TANDEM_TENSOR_PARALLEL_SIZE"]
-    if tp > 1 and args.tensor_parallel_size not in (1, tp):
-        return f"TANDEM_TENSOR_PARALLEL_SIZE={tp} and --tensor-parallel-size {args.tensor_parallel_size} disagree"
-    args.tensor_parallel_size = max(tp, args.tensor_parallel_size)
+    if sizes["TANDEM_GROUP_SIZE"] > 1:
+        return (f"TANDEM_GROUP_SIZE={sizes['TANDEM_GROUP_SIZE']}: groups spanning pods are not implemented yet; "
+                "give a replica's pod gpusPerPod >= tensorParallelSize x pipelineParallelSize")
+    for name, flag in (("TANDEM_TENSOR_PARALLEL_SIZE", "tensor_parallel_size"),
+                       ("TANDEM_PIPELINE_PARALLEL_SIZE", "pipeline_parallel_size")):
+        ours, theirs = sizes[name], getattr(args, flag)
+        if ours > 1 and theirs not in (1, ours):
+            return f"{name}={ours} and --{flag.replace('_', '-')} {theirs} disagree"
+        setattr(args, flag, max(ours, theirs))
     return None
 
 

@@ -26,7 +26,7 @@ class Stack:
     """A KV store, a router, a decode worker and prefill workers started on demand, all on one loop."""
 
     def __init__(self, model: str, store_address: str | None = None, decode_loras: dict | None = None,
-                 decode_tp: int = 1, **store_options) -> None:
+                 decode_tp: int = 1, decode_pp: int = 1, **store_options) -> None:
         from tandem.decode.engine import DecodeEngine
         from tandem.kvstore.main import KVStoreServer
         from tandem.kvstore.store import KVStore
@@ -47,21 +47,21 @@ class Stack:
         self.router = Router(model, "tiny", RouterConfig(local_prefill_threshold=8, heartbeat_interval=0.2),
                              ServerConfig())
         self.port, self.grpc_port = self.run(self.router.start("127.0.0.1", 0, "127.0.0.1", 0))
-        self.decode = self.start(router_pb2.DECODE, "decode-0", DecodeEngine, decode_loras, decode_tp)
+        self.decode = self.start(router_pb2.DECODE, "decode-0", DecodeEngine, decode_loras, decode_tp, decode_pp)
 
-    def config(self, role: str, loras: dict | None = None, tp: int = 1):
+    def config(self, role: str, loras: dict | None = None, tp: int = 1, pp: int = 1):
         from tandem.config import CacheConfig, EngineConfig
 
         return EngineConfig(model=self.model, dtype="float32", kv_role=role, cache=CacheConfig(num_gpu_blocks=128),
-                            lora_modules=loras or {}, tensor_parallel_size=tp)
+                            lora_modules=loras or {}, tensor_parallel_size=tp, pipeline_parallel_size=pp)
 
-    def start(self, role: int, name: str, engine_class=None, loras: dict | None = None, tp: int = 1):
+    def start(self, role: int, name: str, engine_class=None, loras: dict | None = None, tp: int = 1, pp: int = 1):
         from tandem.prefill.engine import PrefillEngine
         from tandem.proto import router_pb2
         from tandem.worker.process import WorkerServer
 
         engine_class = engine_class or PrefillEngine
-        host = engine_class(self.config("consumer" if role == router_pb2.DECODE else "producer", loras, tp), "tiny")
+        host = engine_class(self.config("consumer" if role == router_pb2.DECODE else "producer", loras, tp, pp), "tiny")
         self.hosts.append(host)
         worker = WorkerServer(role, host, router=f"127.0.0.1:{self.grpc_port}", heartbeat_interval=0.2,
                               worker_id=name, kv_store=self.store_address)

@@ -1,7 +1,8 @@
-"""Tensor-parallel workers in the disaggregated stack (in-process router, workers on real gRPC, each TP worker's
-other ranks real processes): KV travels with every KV head whatever the sizes on either side, gathered from a
-prefill group's ranks and scattered over a decode group's, and the KV store's blocks too. So a TP=2 prefill
-pairs with a TP=1 decode and the other way round, and the answer is the one a single process gives."""
+"""Tensor- and pipeline-parallel workers in the disaggregated stack (in-process router, workers on real gRPC,
+each worker's other ranks real processes): KV travels with every layer and KV head whatever the sizes on either
+side, gathered from a prefill group's ranks and scattered over a decode group's, and the KV store's blocks too.
+So a TP=2 prefill pairs with a TP=1 decode and the other way round, and the answer is the one a single process
+gives."""
 from __future__ import annotations
 
 from tandem import LLM, SamplingParams
@@ -47,5 +48,30 @@ def test_kv_moves_between_tensor_parallel_sizes(tiny_model_dirs):
         assert stack.counter("prefill-tp2-b", "tandem:kv_store_blocks", "load") == BLOCKS
         assert stack.workers["prefill-tp2-b"].host.engine.kv.prefix_hits == BLOCKS * 16
         assert _transfers(stack, "prefill-tp2-b") == 1 and stack.decisions("fallback") == 0
+    finally:
+        stack.close()
+
+
+def test_kv_moves_between_pipeline_stages(tiny_model_dirs):
+    """A decode worker of two pipeline stages takes KV from a one-process prefill and from a two-stage one
+    (each layer read from, or written to, the stage that holds it), and a two-stage prefill loads the store."""
+    from tandem.proto import router_pb2
+
+    model = tiny_model_dirs["llama"]
+    stack = Stack(model, decode_pp=2)
+    try:
+        text = stack.router.app.state.ctx.token_text
+        want = [text(t) for t in _reference(model)]
+        assert stack.decode.host.engine.peers.pp == 2
+        stack.start(router_pb2.PREFILL, "prefill-pp2", pp=2)
+        assert stack.complete() == want and _transfers(stack, "prefill-pp2") == 1
+        wait_for(lambda: stack.counter("prefill-pp2", "tandem:kv_store_blocks", "save") == BLOCKS,
+                 "the two-stage prefill to save the prompt's blocks")
+        stack.stop("prefill-pp2")
+        stack.start(router_pb2.PREFILL, "prefill-tp2pp2", tp=2, pp=2)
+        stack.forget_decode_cache()
+        assert stack.complete() == want
+        assert stack.counter("prefill-tp2pp2", "tandem:kv_store_blocks", "load") == BLOCKS
+        assert _transfers(stack, "prefill-tp2pp2") == 1
     finally:
         stack.close()

@@ -94,12 +94,14 @@ def _run(llm, prompts, loras) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-# whole prompts, and chunks beside decode rows; and over two tensor-parallel ranks, each applying its cut of every
-# adapter (B cut like q/k/v and gate/up's outputs, A like o and down's inputs, inside their partial sums)
-@pytest.mark.parametrize("budget, tp", [(2048, 1), (24, 1), (24, 2)])
-def test_adapters_and_the_base_model_in_one_batch(adapters, make_llm, budget, tp):
+# whole prompts, and chunks beside decode rows; over two tensor-parallel ranks, each applying its cut of every
+# adapter (B cut like q/k/v and gate/up's outputs, A like o and down's inputs, inside their partial sums); and over
+# two pipeline stages, each applying the adapter's layers it holds
+@pytest.mark.parametrize("budget, tp, pp", [(2048, 1, 1), (24, 1, 1), (24, 2, 1), (24, 1, 2)])
+def test_adapters_and_the_base_model_in_one_batch(adapters, make_llm, budget, tp, pp):
     base, root, prompts, expected = adapters
-    llm = make_llm(base, enable_lora=True, max_num_batched_tokens=budget, tensor_parallel_size=tp)
+    llm = make_llm(base, enable_lora=True, max_num_batched_tokens=budget, tensor_parallel_size=tp,
+                   pipeline_parallel_size=pp)
     attn, full = LoRARequest("attn", 1, str(root / "attn")), LoRARequest("full", 2, str(root / "full"))
     order = [None, attn, full] * len(prompts)  # every prompt under each, all at once
     got = _run(llm, [p for p in prompts for _ in range(3)], order)

@@ -1,5 +1,6 @@
-"""Tensor parallelism on CPUs: real worker processes joined by gloo, each holding its share of the heads, the
-MLP and the KV cache. What one process computes, two (or three) compute too, and a rank's death is loud."""
+"""Tensor and pipeline parallelism on CPUs: real worker processes joined by gloo, each holding its share of the
+heads, the MLP, the layers and the KV cache. What one process computes, a group computes too, and a rank's death
+is loud."""
 from __future__ import annotations
 
 import os
@@ -36,16 +37,21 @@ def _run(llm: LLM):
     return outs, sorted(tuple(o.token_ids) for o in forks.outputs)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
-def test_two_ranks_compute_what_one_does(make_llm, tiny_model_dirs, arch):
-    """llama: 2 of 4 query heads and 1 of 2 KV heads a rank; mistral: its one KV head on both ranks. A small
-    token budget makes chunked prompts share steps with decode rows; two prompts share a cached prefix."""
+@pytest.mark.parametrize("arch, tp, pp", [("llama", 2, 1), ("mistral", 2, 1), ("llama", 1, 2), ("llama", 2, 2)])
+def test_a_group_computes_what_one_process_does(make_llm, tiny_model_dirs, arch, tp, pp):
+    """Tensor parallelism: llama's ranks hold 2 of 4 query heads and 1 of 2 KV heads each, mistral's its one KV
+    head on both. Pipeline parallelism: each stage one of the 2 layers, hidden states sent on between them.
+    A small token budget makes chunked prompts share steps with decode rows; two prompts share a cached prefix."""
+    from tandem.engine.pipeline import Elsewhere
+
     kw = dict(max_num_batched_tokens=24, max_model_len=128)
     ref, ref_forks = _run(make_llm(tiny_model_dirs[arch], **kw))
-    llm = make_llm(tiny_model_dirs[arch], tensor_parallel_size=2, **kw)
-    shape = llm.engine.model.shape
-    assert (shape.num_heads, shape.num_kv_heads, shape.intermediate) == (2, 1, 64)
-    assert llm.engine.runner.kv_caches[0].shape[3] == 1  # this rank's share of the cache
+    llm = make_llm(tiny_model_dirs[arch], tensor_parallel_size=tp, pipeline_parallel_size=pp, **kw)
+    shape, caches = llm.engine.model.shape, llm.engine.runner.kv_caches
+    assert (shape.num_heads, shape.num_kv_heads, shape.intermediate) == ((2, 1, 64) if tp == 2 else (4, 2, 128))
+    assert caches[0].shape[3] == shape.num_kv_heads  # this rank's share of the cache
+    if pp == 2:  # rank 0 holds layer 0 alone: layer 1's weights and cache are on the other stage
+        assert isinstance(llm.engine.model.layers[1], Elsewhere) and caches[1].shape[1] == 1
     out, forks = _run(llm)
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in ref]
     assert forks == ref_forks
@@ -69,7 +75,8 @@ def test_the_embedded_model_over_three_ranks(make_llm, smollm_dir):
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(tensor_parallel_size=3), "4 attention heads"),
-    (dict(tensor_parallel_size=0), "tensor_parallel_size must be >= 1"),
+    (dict(tensor_parallel_size=0), "tensor_parallel_size and pipeline_parallel_size must be >= 1"),
+    (dict(pipeline_parallel_size=3), "more stages than the model's 2 layers"),
 ])
 def test_a_model_that_does_not_split_is_refused(tiny_model_dirs, kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -83,7 +90,7 @@ def test_a_killed_rank_fails_the_engine_loudly(make_llm, tiny_model_dirs):
     os.kill(rank1.pid, signal.SIGKILL)
     rank1.join(10)
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"rank 1 \(pid \d+\) was killed by signal 9") as err:
+    with pytest.raises(RuntimeError, match=r"rank 1 of the parallel group \(pid \d+\) was killed by signal 9") as err:
         llm.generate(PROMPTS, SamplingParams(max_tokens=4), use_tqdm=False)
     assert getattr(err.value, "fatal", False) and time.monotonic() - start < 10
     llm.engine.abort_request(list(llm.engine.groups))  # the fixture's leak check: nothing left holding blocks

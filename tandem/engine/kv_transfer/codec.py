@@ -78,7 +78,7 @@ def decode_into(cache: torch.Tensor, slots: torch.Tensor, data: bytes | memoryvi
 
 class LocalCaches:
     """The KV cache this process holds whole (every KV head), read and written as the wire carries it.
-    A tensor-parallel group's is tp_group.GroupCaches: the same two methods over every rank's heads."""
+    A parallel group's is group_caches.GroupCaches: the same two methods over every rank's layers and heads."""
 
     def __init__(self, caches: list[torch.Tensor]) -> None:
         self.caches = caches

@@ -82,7 +82,7 @@ def model_fingerprint(hf_config: dict, model: torch.nn.Module) -> str:
 
 def describe(hf_config: dict, model: torch.nn.Module, dtype: torch.dtype, block_size: int) -> LayoutDescriptor:
     """The layout KV travels in: every KV head of the model, whether one process holds them or a
-    tensor-parallel group does (its rank 0 gathers and scatters them: tp_group.GroupCaches), so prefill
+    parallel group does (its rank 0 gathers and scatters them: group_caches.GroupCaches), so prefill
     and decode pair across different tensor-parallel sizes. tp_rank and tp_size stay 0 and 1 until
     ranks transfer their own heads."""
     s = model.shape

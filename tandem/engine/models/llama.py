@@ -144,10 +144,21 @@ class LlamaForCausalLM(nn.Module):
         """The final hidden states of every row, or with `keep` (row indices) of those rows only, in
         that order: a prompt's rows that sample nothing skip the last layer's projection and MLP
         (about 1/num_layers of a prompt step's FLOPs)."""
-        h, residual = self.embed_tokens(input_ids), None
+        h, residual = self.forward_layers(self.embed_tokens(input_ids), None, positions, attn, keep,
+                                          range(len(self.layers)))
+        return self.finish(h, residual)
+
+    def forward_layers(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                       attn: AttentionBatch, keep: torch.Tensor | None, layers: range):
+        """Layers `layers` of the stack (a pipeline stage runs its own): (output, residual) in, and out."""
         last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            h, residual = layer(h, residual, positions, (self.rope_cos, self.rope_sin), attn, keep if i == last else None)
+        for i in layers:
+            h, residual = self.layers[i](h, residual, positions, (self.rope_cos, self.rope_sin), attn,
+                                         keep if i == last else None)
+        return h, residual
+
+    def finish(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The final norm over the last layer's output and residual: the hidden states logits read."""
         return self.norm(h, residual)[0] if h.shape[0] else h
 
     def pack_weights(self) -> None:
