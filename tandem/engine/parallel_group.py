@@ -87,6 +87,11 @@ class ParallelGroup:
                              f"{torch.cuda.device_count()} are visible")
         # rank 0 binds the store on a free port first, so the workers can be told where it is
         self.store = dist.TCPStore("127.0.0.1", 0, self.size, True, timeout=TIMEOUT, wait_for_workers=False)
+        # CPU ranks share the cores: each gets its part of this process's threads, rank 0 too while the group
+        # lives (more threads than cores make every collective wait for a time slice). Only a stage's ranks
+        # compute at once (the others wait on a receive), so the cores are split over tp ranks, not tp x pp.
+        threads = torch.get_num_threads()
+        per_rank = max(1, threads // self.tp)
         ctx = multiprocessing.get_context("spawn")
         self.procs, self.pipes = [], []
         for rank in range(1, self.size):
@@ -94,14 +99,17 @@ class ParallelGroup:
             proc = ctx.Process(target=serve_rank, name=f"tandem-rank{rank}", daemon=True,
                                args=(config, model_path, hf_config, max_model_len, device, dtype,
                                      self.placements[rank], self.store.port,
-                                     max(1, torch.get_num_threads() // self.size), theirs))
+                                     per_rank, theirs))
             proc.start()
             theirs.close()
             self.procs.append(proc)
             self.pipes.append(mine)
         self._lock = threading.RLock()
         self.links = Links(self.store, self.placements[0], device)
-        self._closer = weakref.finalize(self, _stop, self.procs, self.pipes)
+        restore = threads if device.type == "cpu" else None
+        if restore:
+            torch.set_num_threads(per_rank)
+        self._closer = weakref.finalize(self, _stop, self.procs, self.pipes, restore)
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         self.links.all_reduce(tensor)
@@ -156,7 +164,9 @@ class ParallelGroup:
         return f"rank {rank} of the parallel group (pid {proc.pid}) {how}"
 
 
-def _stop(procs, pipes) -> None:
+def _stop(procs, pipes, threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
     for pipe in pipes:
         try:
             pipe.send(("stop", (), False))
