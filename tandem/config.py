@@ -70,6 +70,22 @@ class SchedulerConfig:
 
 
 @dataclass
+class GroupConfig:
+    """A parallel group spread over `size` hosts (pods), the operator's leader/worker group: host `index` runs
+    ranks [index * k, (index + 1) * k) of the tp x pp ranks (k = tp x pp / size); host 0, the leader at
+    `leader`, runs the engine (rank 0), the group's store on `port` and its command listener on `port` + 1."""
+    size: int = 1
+    index: int = 0
+    leader: str = "127.0.0.1"
+    port: int = 29500
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or not 0 <= self.index < self.size or not 0 < self.port < 65535:
+            raise ValueError(f"a group needs size >= 1, 0 <= index < size and a port in 1..65534; got size "
+                             f"{self.size}, index {self.index}, port {self.port}")
+
+
+@dataclass
 class EngineConfig:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     tokenizer: str | None = None
@@ -88,6 +104,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     tensor_parallel_size: int = 1  # ranks, each with its share of heads and MLP (sharding.py): GPUs, or CPU processes
     pipeline_parallel_size: int = 1  # stages, each with its run of layers (pipeline.py), of tensor_parallel_size ranks
+    group: GroupConfig = field(default_factory=GroupConfig)  # the hosts those ranks run on (one, by default)
 
     @classmethod
     def from_args(cls, args, **overrides) -> "EngineConfig":
@@ -99,6 +116,7 @@ class EngineConfig:
             generation_config=get("generation_config", "auto"),
             lora_modules=dict(get("lora_modules") or {}), max_lora_rank=get("max_lora_rank", 64),
             tensor_parallel_size=get("tensor_parallel_size", 1), pipeline_parallel_size=get("pipeline_parallel_size", 1),
+            group=get("group") or GroupConfig(),
             cache=CacheConfig(block_size=args.block_size, num_gpu_blocks=args.num_gpu_blocks_override,
                               gpu_memory_utilization=get("gpu_memory_utilization", 0.9),
                               enable_prefix_caching=args.enable_prefix_caching, cpu_kv_cache_gib=args.kv_cache_gib),
@@ -113,5 +131,9 @@ class EngineConfig:
         if self.tensor_parallel_size < 1 or self.pipeline_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size and pipeline_parallel_size must be >= 1, got "
                              f"{self.tensor_parallel_size} and {self.pipeline_parallel_size}")
+        if (self.tensor_parallel_size * self.pipeline_parallel_size) % self.group.size:
+            raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = "
+                             f"{self.tensor_parallel_size * self.pipeline_parallel_size} ranks do not split evenly "
+                             f"over a group of {self.group.size} hosts")
         if self.kv_role not in (None, "producer", "consumer"):
             raise ValueError(f"kv_role must be None, 'producer' or 'consumer', got {self.kv_role!r}")

@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from tandem.config import CacheConfig, EngineConfig, SchedulerConfig
+from tandem.config import CacheConfig, EngineConfig, GroupConfig, SchedulerConfig
 from tandem.engine.engine import LLMEngine
 from tandem.engine.lora import LoRARequest
 from tandem.outputs import RequestOutput
@@ -30,10 +30,11 @@ class LLM:
                  generation_config: str = "auto", cpu_kv_cache_gib: float = 4.0, enforce_eager: bool = False,
                  load_format: str = "auto", skip_tokenizer_init: bool = False, num_scheduler_steps: int = 8,
                  enable_lora: bool = False, max_lora_rank: int = 64, max_loras: int | None = None,
-                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                 tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, group: GroupConfig | None = None,
                  **unused: Any) -> None:
         """`enable_lora` and `max_loras` are taken for vLLM's sake: adapters load when a LoRARequest first names
-        them, and all of them stay loaded."""
+        them, and all of them stay loaded. `group`: the hosts a tensor/pipeline-parallel group spans (this one,
+        by default; config.GroupConfig)."""
         if unused:
             raise TypeError(f"unknown LLM arguments: {', '.join(sorted(unused))}")
         config = EngineConfig(
@@ -41,6 +42,7 @@ class LLM:
             generation_config=generation_config, enforce_eager=enforce_eager, load_format=load_format,
             skip_tokenizer_init=skip_tokenizer_init, max_lora_rank=max_lora_rank,
             tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+            group=group or GroupConfig(),
             cache=CacheConfig(block_size=block_size, num_gpu_blocks=num_gpu_blocks_override,
                               gpu_memory_utilization=gpu_memory_utilization, cpu_kv_cache_gib=cpu_kv_cache_gib,
                               enable_prefix_caching=enable_prefix_caching),

@@ -100,7 +100,7 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
         self.peers = self._start_peers(hf_config)  # ranks 1.. of a parallel group, loading meanwhile
         place = self.peers.placements[0] if self.peers else None
         # pipeline parallelism: this rank's stage (its layers, and its links to the others)
-        self.pipeline = Pipeline(place, self.peers.links, hf_config["num_hidden_layers"]) if place and place.pp > 1 else None
+        self.pipeline = Pipeline(place, self.peers, hf_config["num_hidden_layers"]) if place and place.pp > 1 else None
         self.model = loader.build_model(cls, hf_config, self.model_path, self.max_model_len, self.device, self.dtype,
                                         config.load_format, place and place.shard, self.peers and self.peers.all_reduce,
                                         self.pipeline and self.pipeline.layers)
@@ -188,7 +188,7 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
             sched = self.config.scheduler
             args = (sched.max_num_batched_tokens, self.max_model_len, sched.max_num_seqs, cache.block_size)
             if self.peers:  # the pass all-reduces and sends between stages: every rank runs it
-                self.peers.send("profile", *args)
+                self.peers.command("profile", *args)
             peak = ModelRunner.profile_activations(self.model, *args, self.dtype, self.device, self.pipeline)
             free, total = torch.cuda.mem_get_info(self.device)
             # the fraction is of the whole device, as in vLLM: weights, activations and cache included

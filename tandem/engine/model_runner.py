@@ -68,7 +68,7 @@ class ModelRunner:
         block 0): Triton compiles a prompt step's kernels, both of prefill attention's tile configs among
         them (chunks up to 1,024 tokens, and longer), now rather than in a first request's step."""
         if self.peers:
-            self.peers.send("compile", lengths)
+            self.peers.command("compile", lengths)
         for n in lengths:
             seqs = [SeqSlice(0, n, n, [0] * -(-n // self.block_size))]
             attn = build_attention(self.kv_caches, seqs, [-1] * n, self.scale, self.model.shape.sliding_window)
@@ -110,7 +110,7 @@ class ModelRunner:
         if not copies:
             return
         if self.peers:
-            self.peers.send("copy", copies)
+            self.peers.command("copy", copies)
         src = torch.tensor([c[0] for c in copies], device=self.device)
         dst = torch.tensor([c[1] for c in copies], device=self.device)
         for i in self.kv_layers:
@@ -211,7 +211,7 @@ class ModelRunner:
             if hidden is not None:
                 return hidden if keep is None else hidden[self._device_tensor(keep)]
         if self.peers:
-            self.peers.send("forward", input_ids, positions, slots, seqs, keep, lora_groups)
+            self.peers.command("forward", input_ids, positions, slots, seqs, keep, lora_groups)
         return self.forward_eager(input_ids, positions, slots, seqs, keep, lora_groups, on_layer_written)
 
     def forward_eager(self, input_ids: list[int], positions: list[int], slots: list[int], seqs: list[SeqSlice],

@@ -8,8 +8,9 @@ every rank then runs the same pass, kept in lockstep by what flows inside it (to
 between GPUs and gloo between CPU processes): the all-reduces within a stage, and the hidden states sent
 from stage to stage and back to rank 0, which alone computes logits and samples.
 
-A worker's lifecycle: started -> (loads its share) ready -> commands until "stop" or until its pipe closes
-(rank 0 is gone) -> exits. A worker that dies breaks the group for good: the next send, all-reduce or
+A worker's lifecycle: started (by rank 0 on its host, by rank_worker.serve_host on the group's other hosts) ->
+joins (connects to rank 0's listener, says its rank, gets its set-up) -> loads its share -> ready -> commands
+until "stop" or until its connection closes (rank 0 is gone) -> exits. A worker that dies breaks the group for good: the next send, all-reduce or
 transfer raises ParallelGroupError, which the engine's host treats as fatal (its requests fail, its health
 check fails), since the weights and KV the dead rank held are gone with it.
 """
@@ -17,8 +18,12 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing
+import os
 import threading
+import time
 import weakref
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Listener
 from typing import Any
 
 import torch
@@ -72,7 +77,8 @@ class Links:
 
 
 class ParallelGroup:
-    """Rank 0's side: starts the workers, sends them commands, and holds rank 0's links."""
+    """Rank 0's side: starts this host's other ranks, lets every rank join (this host's and, in a group spread
+    over hosts, the others' too: rank_worker.serve_host), sends them commands, and holds rank 0's links."""
 
     def __init__(self, config, model_path: str, hf_config: dict, max_model_len: int, device: torch.device,
                  dtype: torch.dtype) -> None:
@@ -82,37 +88,105 @@ class ParallelGroup:
         self.size = self.tp * self.pp
         self.hf_config = hf_config  # the whole model's: each rank cuts its share of weights and adapters from it
         self.placements = [Placement(rank, self.tp, self.pp) for rank in range(self.size)]
-        if device.type == "cuda" and torch.cuda.device_count() < self.size:
-            raise ValueError(f"tensor_parallel_size x pipeline_parallel_size = {self.size} needs {self.size} GPUs; "
-                             f"{torch.cuda.device_count()} are visible")
-        # rank 0 binds the store on a free port first, so the workers can be told where it is
-        self.store = dist.TCPStore("127.0.0.1", 0, self.size, True, timeout=TIMEOUT, wait_for_workers=False)
+        group = config.group
+        local = self.size // group.size  # ranks on this host: 0 .. local - 1
+        if device.type == "cuda" and torch.cuda.device_count() < local:
+            raise ValueError(f"{local} ranks on this host (tensor_parallel_size x pipeline_parallel_size = {self.size} "
+                             f"over {group.size} hosts) need {local} GPUs; {torch.cuda.device_count()} are visible")
+        spread = group.size > 1
+        bind = "0.0.0.0" if spread else "127.0.0.1"  # a group on one host stays on loopback, on free ports
+        self.store = dist.TCPStore(bind, group.port if spread else 0, self.size, True, timeout=TIMEOUT,
+                                   wait_for_workers=False)
+        listener = Listener((bind, group.port + 1 if spread else 0), authkey=group_secret())
         # CPU ranks share the cores: each gets its part of this process's threads, rank 0 too while the group
         # lives (more threads than cores make every collective wait for a time slice). Only a stage's ranks
         # compute at once (the others wait on a receive), so the cores are split over tp ranks, not tp x pp.
         threads = torch.get_num_threads()
         per_rank = max(1, threads // self.tp)
-        ctx = multiprocessing.get_context("spawn")
-        self.procs, self.pipes = [], []
-        for rank in range(1, self.size):
-            mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=serve_rank, name=f"tandem-rank{rank}", daemon=True,
-                               args=(config, model_path, hf_config, max_model_len, device, dtype,
-                                     self.placements[rank], self.store.port,
-                                     per_rank, theirs))
-            proc.start()
-            theirs.close()
-            self.procs.append(proc)
-            self.pipes.append(mine)
-        self._lock = threading.RLock()
-        self.links = Links(self.store, self.placements[0], device)
         restore = threads if device.type == "cpu" else None
+        ctx = multiprocessing.get_context("spawn")
+        self.procs: dict[int, multiprocessing.Process] = {}  # this host's ranks (the others' are their hosts')
+        self.pipes: list = [None] * (self.size - 1)  # rank r's command connection at r - 1
+        self._closer = weakref.finalize(self, _stop, self.procs, self.pipes, restore)
+        for rank in range(1, local):
+            self.procs[rank] = ctx.Process(target=serve_rank, name=f"tandem-rank{rank}", daemon=True,
+                                           args=(("127.0.0.1", listener.address[1]), group_secret(), rank, rank))
+            self.procs[rank].start()
+        try:
+            self._gather(listener, 600 if spread else 120)
+        finally:
+            listener.close()
+        for rank, pipe in enumerate(self.pipes, start=1):
+            pipe.send((config, hf_config, max_model_len, device, dtype, self.placements[rank], self.store.port, per_rank))
+        self._lock = threading.RLock()
         if restore:
             torch.set_num_threads(per_rank)
-        self._closer = weakref.finalize(self, _stop, self.procs, self.pipes, restore)
+        self.links = Links(self.store, self.placements[0], device)
 
+    def _gather(self, listener: Listener, seconds: float) -> None:
+        """Every other rank's command connection, in rank order (each says its rank first)."""
+        done = threading.Event()
+
+        def accept() -> None:
+            try:
+                while not all(self.pipes):
+                    try:
+                        conn = listener.accept()
+                    except AuthenticationError:
+                        continue  # not one of ours: a wrong TANDEM_GROUP_SECRET, or a stray connection
+                    rank = conn.recv()
+                    if isinstance(rank, int) and 0 < rank < self.size and self.pipes[rank - 1] is None:
+                        self.pipes[rank - 1] = conn
+                    else:
+                        conn.close()
+            except (OSError, EOFError):
+                pass  # the listener closed: rank 0 gave up waiting
+            done.set()
+
+        threading.Thread(target=accept, name="tandem-group-join", daemon=True).start()
+        deadline = time.monotonic() + seconds
+        while not done.wait(0.1):
+            for rank, proc in self.procs.items():
+                if proc.exitcode is not None and self.pipes[rank - 1] is None:
+                    raise ParallelGroupError(self._death(rank))
+            if time.monotonic() > deadline:
+                missing = [r for r in range(1, self.size) if self.pipes[r - 1] is None]
+                raise ParallelGroupError(f"ranks {missing} of the parallel group did not join within {seconds:.0f} s")
+
+    # rank 0's collectives: the links', with a failure naming the rank that is gone
     def all_reduce(self, tensor: torch.Tensor) -> None:
-        self.links.all_reduce(tensor)
+        self._named(self.links.all_reduce, tensor)
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        self._named(self.links.send, tensor, dst)
+
+    def recv(self, tensor: torch.Tensor, src: int) -> None:
+        self._named(self.links.recv, tensor, src)
+
+    def _named(self, op, *args) -> None:
+        try:
+            op(*args)
+        except ParallelGroupError as exc:
+            dead = self._dead_ranks()
+            raise ParallelGroupError(f"{'; '.join(dead)} ({exc})" if dead else str(exc)) from None
+
+    def _dead_ranks(self) -> list[str]:
+        """What is known of ranks that are gone: a local one's exit, a remote one's closed connection."""
+        out = []
+        for rank, pipe in enumerate(self.pipes, start=1):
+            proc = self.procs.get(rank)
+            if proc is not None:
+                proc.join(0.2)
+                if proc.exitcode is not None:
+                    out.append(self._death(rank))
+                continue
+            try:
+                if pipe.poll(0):
+                    last = pipe.recv()
+                    out.append(f"rank {rank} of the parallel group (on another host) failed: {last[1]}")
+            except (EOFError, OSError):
+                out.append(f"rank {rank} of the parallel group (on another host) is gone: its connection closed")
+        return out
 
     def wait_ready(self) -> list[Any]:
         """Blocks until every worker answered (its share loaded, or a `call`); their answers, rank 1 first.
@@ -128,7 +202,7 @@ class ParallelGroup:
             answers.append(detail)
         return answers
 
-    def send(self, command: str, *args: Any, reply: bool = False) -> None:
+    def command(self, command: str, *args: Any, reply: bool = False) -> None:
         """Every worker runs `command` next (without `reply`, none answers: the step's collectives are the
         rendezvous)."""
         self.send_each(command, [args] * len(self.pipes), reply)
@@ -136,8 +210,9 @@ class ParallelGroup:
     def send_each(self, command: str, args_by_rank: list[tuple | None], reply: bool = False) -> None:
         """`command` to every worker, each with its own arguments (rank 1's first; None: not to that one)."""
         with self._lock:  # the engine thread and transfer threads (KV arriving) both send
-            for rank, (proc, pipe, args) in enumerate(zip(self.procs, self.pipes, args_by_rank), start=1):
-                if proc.exitcode is not None:
+            for rank, (pipe, args) in enumerate(zip(self.pipes, args_by_rank), start=1):
+                proc = self.procs.get(rank)
+                if proc is not None and proc.exitcode is not None:
                     raise ParallelGroupError(self._death(rank))
                 if args is None:
                     continue
@@ -147,16 +222,18 @@ class ParallelGroup:
                     raise ParallelGroupError(self._death(rank)) from None
 
     def call(self, command: str, *args: Any) -> list[Any]:
-        """`send`, then every worker's answer (set-up commands, whose failures must surface; KV reads)."""
+        """`command`, then every worker's answer (set-up commands, whose failures must surface; KV reads)."""
         with self._lock:
-            self.send(command, *args, reply=True)
+            self.command(command, *args, reply=True)
             return self.wait_ready()
 
     def close(self) -> None:
         self._closer()
 
     def _death(self, rank: int) -> str:
-        proc = self.procs[rank - 1]
+        proc = self.procs.get(rank)
+        if proc is None:
+            return f"rank {rank} of the parallel group (on another host) is unreachable"
         proc.join(0.5)
         code = proc.exitcode
         how = "is still running but unreachable" if code is None else (
@@ -164,15 +241,22 @@ class ParallelGroup:
         return f"rank {rank} of the parallel group (pid {proc.pid}) {how}"
 
 
-def _stop(procs, pipes, threads: int | None) -> None:
+def group_secret() -> bytes:
+    """The key a rank proves it knows before joining (multiprocessing's HMAC challenge): TANDEM_GROUP_SECRET,
+    which a deployment should set per group; a fixed default otherwise."""
+    return os.environ.get("TANDEM_GROUP_SECRET", "tandem-parallel-group").encode()
+
+
+def _stop(procs: dict, pipes: list, threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
     for pipe in pipes:
         try:
-            pipe.send(("stop", (), False))
+            if pipe is not None:
+                pipe.send(("stop", (), False))
         except (BrokenPipeError, OSError):
             pass
-    for proc in procs:
+    for proc in procs.values():
         proc.join(5)
         if proc.exitcode is None:
             proc.kill()

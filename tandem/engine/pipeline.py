@@ -66,7 +66,7 @@ def stage_weights(weights: Iterable[tuple[str, torch.Tensor]], layers: range) ->
 
 
 class Pipeline:
-    """One rank's part of every forward pass (`links`: parallel_group.Links, its sends and receives)."""
+    """One rank's part of every forward pass (`links`: its sends and receives, parallel_group.Links or, on rank 0, the ParallelGroup)."""
 
     def __init__(self, placement: Placement, links, num_layers: int) -> None:
         self.placement, self.links = placement, links

@@ -77,41 +77,56 @@ def engine_config(args: argparse.Namespace, kv_role: str):
     return EngineConfig.from_args(args, kv_role=kv_role)
 
 
-def parallelism_error(env: dict[str, str], args: argparse.Namespace) -> str | None:
-    """Why this process cannot serve its place in a group the operator made, or None; the operator's
-    tensor-parallel size becomes this worker's (`args.tensor_parallel_size`).
+def parallel_settings(env: dict[str, str], args: argparse.Namespace) -> str | None:
+    """The parallel group the operator placed this process in, onto `args` (tensor_parallel_size,
+    pipeline_parallel_size, group: config.GroupConfig); or why it cannot serve there.
 
-    The operator writes TANDEM_TENSOR_PARALLEL_SIZE, TANDEM_PIPELINE_PARALLEL_SIZE and, for replicas
-    spanning pods, TANDEM_GROUP_SIZE / TANDEM_WORKER_INDEX / TANDEM_LEADER_ADDRESS. Tensor and pipeline
-    parallelism within a pod are the engine's (parallel_group.py); groups across pods are not built yet, so
-    such a member stops at once, naming the setting, rather than serve as if it held the whole model."""
+    The operator writes TANDEM_TENSOR_PARALLEL_SIZE and TANDEM_PIPELINE_PARALLEL_SIZE and, for a replica
+    spanning pods, TANDEM_GROUP_SIZE (pods), TANDEM_WORKER_INDEX (this pod's) and TANDEM_LEADER_ADDRESS;
+    TANDEM_GROUP_PORT (default 29500) is where the leader's group store listens, its command listener on the
+    next port. Pod 0 is the leader and serves as a worker; the others host their ranks only (rank_worker.py)."""
+    from tandem.config import GroupConfig
+
     sizes = {}
-    for name in ("TANDEM_TENSOR_PARALLEL_SIZE", "TANDEM_PIPELINE_PARALLEL_SIZE", "TANDEM_GROUP_SIZE"):
-        value = env.get(name, "1")
-        if not value.isdigit() or int(value) < 1:
-            return f"{name}={value!r} is not a positive integer"
+    for name, default in (("TANDEM_TENSOR_PARALLEL_SIZE", "1"), ("TANDEM_PIPELINE_PARALLEL_SIZE", "1"),
+                          ("TANDEM_GROUP_SIZE", "1"), ("TANDEM_WORKER_INDEX", "0"), ("TANDEM_GROUP_PORT", "29500")):
+        value = env.get(name, default)
+        if not value.isdigit() or (int(value) < 1 and name != "TANDEM_WORKER_INDEX"):
+            return f"{name}={value!r} is not a {'non-negative' if name == 'TANDEM_WORKER_INDEX' else 'positive'} integer"
         sizes[name] = int(value)
-    if sizes["TANDEM_GROUP_SIZE"] > 1:
-        return (f"TANDEM_GROUP_SIZE={sizes['TANDEM_GROUP_SIZE']}: groups spanning pods are not implemented yet; "
-                "give a replica's pod gpusPerPod >= tensorParallelSize x pipelineParallelSize")
     for name, flag in (("TANDEM_TENSOR_PARALLEL_SIZE", "tensor_parallel_size"),
                        ("TANDEM_PIPELINE_PARALLEL_SIZE", "pipeline_parallel_size")):
         ours, theirs = sizes[name], getattr(args, flag)
         if ours > 1 and theirs not in (1, ours):
             return f"{name}={ours} and --{flag.replace('_', '-')} {theirs} disagree"
         setattr(args, flag, max(ours, theirs))
+    size = sizes["TANDEM_GROUP_SIZE"]
+    if size > 1 and "TANDEM_LEADER_ADDRESS" not in env:
+        return f"TANDEM_GROUP_SIZE={size} needs TANDEM_LEADER_ADDRESS (the group's pod 0)"
+    try:
+        args.group = GroupConfig(size, sizes["TANDEM_WORKER_INDEX"], env.get("TANDEM_LEADER_ADDRESS", "127.0.0.1"),
+                                 sizes["TANDEM_GROUP_PORT"])
+    except ValueError as exc:
+        return str(exc)
+    ranks = args.tensor_parallel_size * args.pipeline_parallel_size
+    if ranks % size:
+        return f"{ranks} ranks (tensor x pipeline parallel sizes) do not split over TANDEM_GROUP_SIZE={size} pods"
     return None
 
 
 def run_worker(args: argparse.Namespace, role: int) -> int:
     """Build the engine host for `role`, then serve until told to stop."""
     name = router_pb2.Role.Name(role).lower()
-    problem = parallelism_error(dict(os.environ), args)
+    problem = parallel_settings(dict(os.environ), args)
     if problem:
         print(f"tandem {name}: error: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format=f"%(levelname)s %(asctime)s {name} %(name)s: %(message)s")
+    if args.group.index > 0:  # not the group's leader: this pod only hosts ranks of the leader's engine
+        from tandem.engine.rank_worker import serve_host
+
+        return serve_host(args.group, args.tensor_parallel_size * args.pipeline_parallel_size, args.http_port)
     if args.num_threads:
         import torch
 

@@ -57,7 +57,7 @@ def test_a_group_computes_what_one_process_does(make_llm, tiny_model_dirs, arch,
     assert forks == ref_forks
     assert llm.engine.kv.prefix_hits > 0
     llm.engine.close()
-    assert all(p.exitcode == 0 for p in llm.engine.peers.procs)  # told to stop, they stopped
+    assert all(p.exitcode == 0 for p in llm.engine.peers.procs.values())  # told to stop, they stopped
 
 
 def test_the_embedded_model_over_three_ranks(make_llm, smollm_dir):
@@ -86,7 +86,7 @@ def test_a_model_that_does_not_split_is_refused(tiny_model_dirs, kwargs, words):
 def test_a_killed_rank_fails_the_engine_loudly(make_llm, tiny_model_dirs):
     llm = make_llm(tiny_model_dirs["llama"], tensor_parallel_size=2)
     llm.generate("warm up", SamplingParams(max_tokens=2), use_tqdm=False)
-    rank1 = llm.engine.peers.procs[0]
+    rank1 = llm.engine.peers.procs[1]
     os.kill(rank1.pid, signal.SIGKILL)
     rank1.join(10)
     start = time.monotonic()

@@ -23,7 +23,7 @@ def test_a_tensor_parallel_server(tiny_model_dirs):
             model=servers[1].model, stream=True, **ask))
         assert streamed == texts[1]
 
-        rank1 = two.engine.peers.procs[0]
+        rank1 = two.engine.peers.procs[1]
         os.kill(rank1.pid, signal.SIGKILL)
         rank1.join(10)
         with pytest.raises(openai.APIStatusError) as err:
