@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from tandem.config import EngineConfig, default_dtype, parse_dtype, resolve_device
-from tandem.engine import loader, prompt_lanes, sharding
+from tandem.engine import loader, prompt_lanes
 from tandem.engine.attention import attention_backend
 from tandem.inputs import InputChecker
 from tandem.engine.cpu_tuning import tune_host_allocator
@@ -28,7 +28,7 @@ from tandem.engine.models import model_class
 from tandem.engine.request import Request, RequestGroup
 from tandem.engine.sampler import Sample
 from tandem.engine.group_caches import GroupCaches
-from tandem.engine.parallel_group import ParallelGroup
+from tandem.engine.parallel_group import start_group
 from tandem.engine.pipeline import Pipeline
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.engine.structured import GrammarBook
@@ -97,7 +97,10 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
             raise ValueError(f"without chunked prefill a prompt runs in one step: max_num_batched_tokens "
                              f"({sched.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})")
         torch.manual_seed(config.seed)
-        self.peers = self._start_peers(hf_config)  # ranks 1.. of a parallel group, loading meanwhile
+        if self.device.type == "cuda" and config.tensor_parallel_size * config.pipeline_parallel_size > 1:
+            self.device = torch.device("cuda", 0)  # rank 0's
+        # ranks 1.. of a tensor/pipeline-parallel group, loading meanwhile (None: this process alone)
+        self.peers = start_group(config, self.model_path, hf_config, self.max_model_len, self.device, self.dtype)
         place = self.peers.placements[0] if self.peers else None
         # pipeline parallelism: this rank's stage (its layers, and its links to the others)
         self.pipeline = Pipeline(place, self.peers, hf_config["num_hidden_layers"]) if place and place.pp > 1 else None
@@ -157,22 +160,6 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
         self._inflight: tuple | None = None  # (decode rows, Lookahead, GreedyTokens): a lookahead on the device
         self._detok: dict[Request, IncrementalDetokenizer] = {}
         self.stream_outputs = True  # False: `step` reports finished requests only (offline batches)
-
-    def _start_peers(self, hf_config: dict) -> ParallelGroup | None:
-        """With tensor or pipeline parallelism, the other ranks' processes (parallel_group.py), or a clear
-        refusal of a model that does not split so."""
-        config = self.config
-        if config.tensor_parallel_size * config.pipeline_parallel_size == 1:
-            return None
-        problem = sharding.shard_problem(hf_config, config.tensor_parallel_size)
-        if problem:
-            raise ValueError(problem)
-        if config.pipeline_parallel_size > hf_config["num_hidden_layers"]:
-            raise ValueError(f"pipeline_parallel_size={config.pipeline_parallel_size} is more stages than the "
-                             f"model's {hf_config['num_hidden_layers']} layers")
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", 0)
-        return ParallelGroup(config, self.model_path, hf_config, self.max_model_len, self.device, self.dtype)
 
     def _generation_defaults(self) -> dict[str, Any]:
         return sampling_defaults(self.model_path, self.config.generation_config)

@@ -241,6 +241,23 @@ class ParallelGroup:
         return f"rank {rank} of the parallel group (pid {proc.pid}) {how}"
 
 
+def start_group(config, model_path: str, hf_config: dict, max_model_len: int, device: torch.device,
+                dtype: torch.dtype) -> ParallelGroup | None:
+    """With tensor or pipeline parallelism, the group (its other ranks starting); None for one process. A model
+    that does not split so is refused here, before any process starts."""
+    from tandem.engine.sharding import shard_problem
+
+    if config.tensor_parallel_size * config.pipeline_parallel_size == 1:
+        return None
+    problem = shard_problem(hf_config, config.tensor_parallel_size)
+    if problem:
+        raise ValueError(problem)
+    if config.pipeline_parallel_size > hf_config["num_hidden_layers"]:
+        raise ValueError(f"pipeline_parallel_size={config.pipeline_parallel_size} is more stages than the "
+                         f"model's {hf_config['num_hidden_layers']} layers")
+    return ParallelGroup(config, model_path, hf_config, max_model_len, device, dtype)
+
+
 def group_secret() -> bytes:
     """The key a rank proves it knows before joining (multiprocessing's HMAC challenge): TANDEM_GROUP_SECRET,
     which a deployment should set per group; a fixed default otherwise."""
