@@ -8,6 +8,8 @@ CPU backend), without asking users to set environment variables.
 """
 from __future__ import annotations
 
+import os
+
 import ctypes
 import ctypes.util
 import logging
@@ -35,3 +37,16 @@ def tune_host_allocator() -> bool:
     if not ok:
         log.debug("mallopt refused the allocator settings")
     return ok
+
+
+def available_memory() -> int:
+    """Bytes the host can give without swapping: MemAvailable (free pages plus reclaimable page cache). Free
+    pages alone shrink to little on a machine that has read a lot of files, which sized KV caches by chance."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

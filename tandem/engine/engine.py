@@ -13,6 +13,7 @@ from tandem.config import EngineConfig, default_dtype, parse_dtype, resolve_devi
 from tandem.engine import loader, prompt_lanes
 from tandem.engine.attention import attention_backend
 from tandem.inputs import InputChecker
+from tandem.engine import cpu_tuning
 from tandem.engine.cpu_tuning import tune_host_allocator
 from tandem.kernels import cpu as cpu_kernels
 from tandem.engine.kv_cache.manager import KVCacheManager
@@ -186,7 +187,7 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
                                  f"{total * cache.gpu_memory_utilization / 2**30:.1f} GiB allowed "
                                  "(raise gpu_memory_utilization or lower max_num_batched_tokens)")
         else:
-            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+            available = cpu_tuning.available_memory()
             # the CPU budget is the whole group's: each rank holds its share of the heads and layers
             budget = min(cache.cpu_kv_cache_gib * 2**30, available * cache.gpu_memory_utilization)
             budget /= self.peers.size if self.peers else 1

@@ -181,7 +181,9 @@ class ParallelGroup:
                     out.append(self._death(rank))
                 continue
             try:
-                if pipe.poll(0):
+                # a live rank sends nothing unasked; a dead one's closing connection may trail the failed
+                # collective by a moment (its sockets close one by one as it exits)
+                if pipe.poll(1.0):
                     last = pipe.recv()
                     out.append(f"rank {rank} of the parallel group (on another host) failed: {last[1]}")
             except (EOFError, OSError):
