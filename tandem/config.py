@@ -61,12 +61,15 @@ class SchedulerConfig:
     policy: str = "fcfs"  # or "priority", or "lof" (offline batches: pacing.py)
     enable_chunked_prefill: bool = True
     num_scheduler_steps: int = 8  # greedy decode steps per host round trip where they qualify (multi_step.py; CUDA)
+    max_loras: int | None = None  # most LoRA adapters the running requests use at once (vLLM's); None: no limit
 
     def __post_init__(self) -> None:
         if self.policy not in ("fcfs", "priority", "lof"):
             raise ValueError(f"policy must be 'fcfs', 'priority' or 'lof', got {self.policy!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.num_scheduler_steps < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and num_scheduler_steps must be >= 1")
+        if self.max_loras is not None and self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1 (or None: no limit), got {self.max_loras}")
 
 
 @dataclass
@@ -122,7 +125,7 @@ class EngineConfig:
                               enable_prefix_caching=args.enable_prefix_caching, cpu_kv_cache_gib=args.kv_cache_gib),
             scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                       policy=get("scheduling_policy", "fcfs"),
-                                      num_scheduler_steps=get("num_scheduler_steps", 1)),
+                                      num_scheduler_steps=get("num_scheduler_steps", 1), max_loras=get("max_loras")),
             **overrides)
 
     def __post_init__(self) -> None:

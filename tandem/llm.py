@@ -32,8 +32,8 @@ class LLM:
                  enable_lora: bool = False, max_lora_rank: int = 64, max_loras: int | None = None,
                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, group: GroupConfig | None = None,
                  **unused: Any) -> None:
-        """`enable_lora` and `max_loras` are taken for vLLM's sake: adapters load when a LoRARequest first names
-        them, and all of them stay loaded. `group`: the hosts a tensor/pipeline-parallel group spans (this one,
+        """`enable_lora` is taken for vLLM's sake: adapters load when a LoRARequest first names them, and all of
+        them stay loaded; `max_loras` bounds how many the running requests use at once (vLLM's). `group`: the hosts a tensor/pipeline-parallel group spans (this one,
         by default; config.GroupConfig)."""
         if unused:
             raise TypeError(f"unknown LLM arguments: {', '.join(sorted(unused))}")
@@ -48,7 +48,7 @@ class LLM:
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       policy=scheduling_policy, enable_chunked_prefill=enable_chunked_prefill,
-                                      num_scheduler_steps=num_scheduler_steps))
+                                      num_scheduler_steps=num_scheduler_steps, max_loras=max_loras))
         self.engine = LLMEngine(config)
         self.engine.stream_outputs = False  # generate() returns whole outputs: no per-step snapshots
         self._ids = itertools.count()

@@ -63,6 +63,6 @@ class LoRARoles:
         """EngineStats' LoRA fields (none without adapters: this runs after every step)."""
         if not self.loras:
             return {}
-        return {"max_loras": len(self.loras.adapters),
+        return {"max_loras": self.config.scheduler.max_loras or len(self.loras.adapters),
                 "running_loras": tuple(sorted({r.params.lora for r in self.scheduler.running if r.params.lora})),
                 "waiting_loras": tuple(sorted({r.params.lora for r in self.scheduler.waiting if r.params.lora}))}

@@ -10,7 +10,9 @@ Queues and lifecycle:
               A request whose prompt KV came from another worker (see kv_transfer) arrives
               holding its blocks, with all but its last prompt token computed.
   running  -- schedule() admits waiting requests while the token budget, max_num_seqs (sequences:
-              a request's n > 1 samples count from admission) and free blocks allow. A running
+              a request's n > 1 samples count from admission) and free blocks allow; with max_loras, a
+              request under an adapter the running ones do not use waits while they use max_loras
+              adapters (requests behind it may pass it). A running
               request that cannot get a block preempts the lowest-ranked running request: its blocks
               are freed, its computed tokens reset to zero (recompute), and it goes back to the front
               of waiting. Under lof the prompt tokens of a step (chunks of running requests, then
@@ -134,8 +136,15 @@ class Scheduler:
         # max_num_seqs counts sequences, as vLLM's does: a request's n > 1 samples fork from it at its first
         # token and run beside it, so its seats are held from admission (one request always fits)
         seats = self.config.max_num_seqs - sum(r.seats for r in self.running)
-        while self.waiting and budget > 0:
-            req = self.waiting[0]
+        limit = self.config.max_loras
+        loras = {r.params.lora for r in self.running if r.params.lora is not None}
+        i = 0
+        while i < len(self.waiting) and budget > 0:
+            req = self.waiting[i]
+            lora = req.params.lora
+            if limit is not None and lora is not None and lora not in loras and len(loras) >= limit:
+                i += 1  # its adapter waits for a slot; requests behind it may run (vLLM's rule)
+                continue
             need = req.seats
             if need > seats and self.running:
                 break
@@ -150,7 +159,9 @@ class Scheduler:
             num_new = min(num_new, budget)
             if not self.kv.allocate(req, num_new, prefix):
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
+            if lora is not None:
+                loras.add(lora)
             req.num_computed_tokens = cached
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = cached

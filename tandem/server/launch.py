@@ -56,7 +56,9 @@ def add_lora_args(g: argparse._ArgumentGroup) -> None:
                         'vLLM\'s JSON {"name": ..., "path": ...}')
     g.add_argument("--enable-lora", action="store_true", help="taken for vLLM's sake: --lora-modules enables LoRA")
     g.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default: 64)")
-    g.add_argument("--max-loras", type=int, default=None, help="taken for vLLM's sake: every adapter stays loaded")
+    g.add_argument("--max-loras", type=int, default=None,
+                   help="most adapters the running requests use at once; others wait (default: no limit; every "
+                        "adapter stays loaded either way)")
 
 
 def add_runtime_lora_arg(s: argparse._ArgumentGroup) -> None:

@@ -197,3 +197,26 @@ def test_an_adapter_in_use_is_not_unloaded(adapters, make_llm):
     assert all(getattr(layer, p).lora is None for layer in llm.engine.model.layers
                for p in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
     assert _run(llm, prompts[:1], None) == expected["base"][:1]
+
+
+def test_max_loras_bounds_the_adapters_running_at_once(adapters, make_llm):
+    """vLLM's max_loras: with 1, requests under the other adapter wait while one runs, and base-model requests
+    behind them pass them; every output is still its adapter's."""
+    base, root, prompts, expected = adapters
+    llm = make_llm(base, max_loras=1, max_num_batched_tokens=2048)
+    for name in ("attn", "full"):
+        llm.engine.add_lora(name, str(root / name))
+    order = [("attn", 0), ("full", 0), (None, 0), ("attn", 1), ("full", 1)]
+    for i, (name, p) in enumerate(order):
+        llm.engine.add_request(f"r{i}", {"prompt_token_ids": prompts[p]}, PARAMS.clone(lora=name))
+    together, outs, first_step = [], {}, None
+    while llm.engine.has_unfinished_requests():
+        for out in llm.engine.step():
+            if out.finished:
+                outs[out.request_id] = out.outputs[0].token_ids
+        running = {r.params.lora for r in llm.engine.scheduler.running}
+        first_step = first_step or running
+        together.append(len(running - {None}))
+    assert max(together) == 1 and first_step == {"attn", None}  # the base request passed "full"'s
+    assert [outs[f"r{i}"] for i in range(len(order))] == [expected[name or "base"][p] for name, p in order]
+    assert llm.engine.stats().max_loras == 1
