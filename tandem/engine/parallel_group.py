@@ -17,8 +17,10 @@ check fails), since the weights and KV the dead rank held are gone with it.
 from __future__ import annotations
 
 import datetime
+import logging
 import multiprocessing
 import os
+import secrets
 import threading
 import time
 import weakref
@@ -31,6 +33,7 @@ import torch.distributed as dist
 
 from tandem.engine.pipeline import Placement
 
+log = logging.getLogger("tandem.parallel")
 TIMEOUT = datetime.timedelta(seconds=120)  # one collective's wait; idle ranks wait on their pipe, not here
 
 
@@ -97,7 +100,10 @@ class ParallelGroup:
         bind = "0.0.0.0" if spread else "127.0.0.1"  # a group on one host stays on loopback, on free ports
         self.store = dist.TCPStore(bind, group.port if spread else 0, self.size, True, timeout=TIMEOUT,
                                    wait_for_workers=False)
-        listener = Listener((bind, group.port + 1 if spread else 0), authkey=group_secret())
+        # the key a rank proves it knows before anything is unpickled from it: this group's own when its ranks are
+        # this process's children, the deployment's when they come from other hosts
+        secret = group_secret() if spread else secrets.token_bytes(32)
+        listener = Listener((bind, group.port + 1 if spread else 0), authkey=secret)
         # CPU ranks share the cores: each gets its part of this process's threads, rank 0 too while the group
         # lives (more threads than cores make every collective wait for a time slice). Only a stage's ranks
         # compute at once (the others wait on a receive), so the cores are split over tp ranks, not tp x pp.
@@ -110,7 +116,7 @@ class ParallelGroup:
         self._closer = weakref.finalize(self, _stop, self.procs, self.pipes, restore)
         for rank in range(1, local):
             self.procs[rank] = ctx.Process(target=serve_rank, name=f"tandem-rank{rank}", daemon=True,
-                                           args=(("127.0.0.1", listener.address[1]), group_secret(), rank, rank))
+                                           args=(("127.0.0.1", listener.address[1]), secret, rank, rank))
             self.procs[rank].start()
         try:
             self._gather(listener, 600 if spread else 120)
@@ -261,9 +267,14 @@ def start_group(config, model_path: str, hf_config: dict, max_model_len: int, de
 
 
 def group_secret() -> bytes:
-    """The key a rank proves it knows before joining (multiprocessing's HMAC challenge): TANDEM_GROUP_SECRET,
-    which a deployment should set per group; a fixed default otherwise."""
-    return os.environ.get("TANDEM_GROUP_SECRET", "tandem-parallel-group").encode()
+    """The key the ranks of a group spanning hosts prove they know before joining (multiprocessing's HMAC
+    challenge): TANDEM_GROUP_SECRET. Without it a fixed default is used, and a warning says that anything that
+    reaches the leader's command port while the group forms could join it (and be unpickled)."""
+    value = os.environ.get("TANDEM_GROUP_SECRET")
+    if not value:
+        log.warning("TANDEM_GROUP_SECRET is not set: this group spanning hosts authenticates its ranks with a "
+                    "fixed default key; set the same secret on every host of the group")
+    return (value or "tandem-parallel-group").encode()
 
 
 def _stop(procs: dict, pipes: list, threads: int | None) -> None:

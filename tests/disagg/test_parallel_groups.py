@@ -58,7 +58,7 @@ def _two_ports() -> int:
                 continue
 
 
-def test_a_group_spanning_two_hosts(tiny_model_dirs, tmp_path):
+def test_a_group_spanning_two_hosts(tiny_model_dirs, tmp_path, monkeypatch):
     """Two "pods" on this machine: this process is pod 0 (rank 0, LLM's engine), and `tandem decode` with the
     operator's group environment is pod 1, hosting rank 1. Rank 1 joins over TCP and the pair computes what one
     process does; pod 1 answers its probes while its rank runs, and when its rank is killed the leader's next
@@ -78,7 +78,8 @@ def test_a_group_spanning_two_hosts(tiny_model_dirs, tmp_path):
     want = [o.outputs[0].token_ids for o in LLM(model, dtype="float32").generate(prompts, params, use_tqdm=False)]
     port, http_port = _two_ports(), free_port("127.0.0.1")
     env = {**os.environ, "TANDEM_GROUP_SIZE": "2", "TANDEM_WORKER_INDEX": "1", "TANDEM_LEADER_ADDRESS": "127.0.0.1",
-           "TANDEM_GROUP_PORT": str(port), "TANDEM_TENSOR_PARALLEL_SIZE": "2"}
+           "TANDEM_GROUP_PORT": str(port), "TANDEM_TENSOR_PARALLEL_SIZE": "2", "TANDEM_GROUP_SECRET": "s3cret"}
+    monkeypatch.setenv("TANDEM_GROUP_SECRET", "s3cret")  # the leader's (this process's) key
     log = open(tmp_path / "pod1.log", "w")
     pod1 = subprocess.Popen([sys.executable, "-m", "tandem.cli", "decode", model, "--dtype", "float32",
                              "--http-port", str(http_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
