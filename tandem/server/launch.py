@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Any
 
+from tandem.server.tool_parsers import PARSERS
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the served name of the embedded model
 
 
@@ -113,10 +115,11 @@ def add_http_args(p: argparse.ArgumentParser, port: int = 8000) -> None:
     s.add_argument("--chat-template-content-format", choices=["auto", "string", "openai"], default="auto",
                    help="message content as a string or as OpenAI's list of parts; auto (the default) "
                         "reads the template")
-    s.add_argument("--tool-call-parser", choices=["auto", "none", "hermes", "llama3_json", "mistral"], default="auto",
+    s.add_argument("--tool-call-parser", choices=list(PARSERS), default="auto",
                    help="how a model writes its own tool calls (tool_choice auto): hermes (<tool_call> JSON: "
-                        "Qwen2/2.5, Hermes), llama3_json (Llama 3.1+), mistral ([TOOL_CALLS] JSON list); auto (the "
-                        "default) reads the chat template; none leaves replies as text")
+                        "Qwen2/2.5, Hermes), llama3_json (Llama 3.1+), mistral ([TOOL_CALLS] JSON list), pythonic "
+                        "([f(a=1)]: Llama 3.2, Llama 4); auto (the default) reads the chat template; none leaves "
+                        "replies as text")
     add_runtime_lora_arg(s)
     s.add_argument("--response-role", default="assistant", help="role of the generated chat message (default: assistant)")
     s.add_argument("--max-logprobs", type=int, default=20, help="most logprobs a request may ask for (default: 20)")

@@ -3,8 +3,9 @@
 Which parser a request gets: the server's `tool_call_parser` names one, or "auto" (the default) reads the
 chat template the request is rendered with: one that shows the model `<tool_call>` gets `hermes` (Qwen2/2.5,
 Hermes), one with Mistral's `[TOOL_CALLS]` gets `mistral`, one with Llama 3.1's `<|python_tag|>` or its
-JSON-call instructions gets `llama3_json`; any other template, or "none", gets no parser, and the reply
-stays text.
+JSON-call instructions gets `llama3_json`, one with Llama 4's `<|python_start|>` or Llama 3.2's pythonic
+instructions (`[func_name1(...)]`) gets `pythonic`; any other template, or "none", gets no parser, and the
+reply stays text.
 
 A parser is made per request, for its tools' names, and has two jobs, one per kind of response:
 - `parse(text)`: the finished reply as (content, calls). A reply whose call syntax does not parse, or that
@@ -14,13 +15,14 @@ A parser is made per request, for its tools' names, and has two jobs, one per ki
 """
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import re
 import secrets
 from typing import Any, Collection
 
-PARSERS = ("auto", "none", "hermes", "llama3_json", "mistral")
+PARSERS = ("auto", "none", "hermes", "llama3_json", "mistral", "pythonic")
 
 
 def make_call(name: str, arguments: Any, call_id: str | None = None) -> dict[str, Any]:
@@ -143,7 +145,41 @@ class Llama3JsonParser(_Parser):
         return 0 if maybe_call else len(text)
 
 
-_BY_NAME = {p.name: p for p in (HermesParser, Llama3JsonParser, MistralParser)}
+class PythonicParser(_Parser):
+    """A reply that is a Python list of calls with keyword arguments, `[get_weather(city="Paris"), get_time()]`
+    (Llama 3.2's and Llama 4's pythonic tool calling; Llama 4 wraps it in <|python_start|> <|python_end|>).
+    Argument values must be literals (ast.literal_eval: strings, numbers, booleans, None, lists, dicts): a
+    reply with anything else, or that starts any other way, is text."""
+
+    name = "pythonic"
+    START, END = "<|python_start|>", "<|python_end|>"
+
+    def parse(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        body = text.strip().removeprefix(self.START).removesuffix(self.END).strip()
+        if not body.startswith("["):
+            return text, []
+        try:
+            tree = ast.parse(body, mode="eval").body
+            if not isinstance(tree, ast.List) or not tree.elts:
+                raise ValueError("not a list of calls")
+            return None, [self._call(node) for node in tree.elts]
+        except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
+            return text, []
+
+    def _call(self, node: ast.AST) -> dict[str, Any]:
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+            raise ValueError("not a call with keyword arguments")
+        if node.func.id not in self.tools or any(kw.arg is None for kw in node.keywords):
+            raise ValueError("not a call of one of the tools")
+        return make_call(node.func.id, {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords})
+
+    def content_end(self, text: str) -> int:
+        body = text.lstrip()
+        maybe_call = not body or body.startswith(("[", self.START)) or self.START.startswith(body)
+        return 0 if maybe_call else len(text)
+
+
+_BY_NAME = {p.name: p for p in (HermesParser, Llama3JsonParser, MistralParser, PythonicParser)}
 
 
 @functools.lru_cache(maxsize=64)
@@ -159,4 +195,6 @@ def pick(configured: str, template: str | None) -> type[_Parser] | None:
         return _BY_NAME["mistral"]
     if Llama3JsonParser.TAG in template or '"parameters": dictionary of argument name' in template:
         return _BY_NAME["llama3_json"]
+    if PythonicParser.START in template or "[func_name1(" in template:  # Llama 4; Llama 3.2's pythonic prompt
+        return _BY_NAME["pythonic"]
     return None

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from tandem.server.config import ServerConfig
-from tandem.server.tool_parsers import HermesParser, Llama3JsonParser, MistralParser, pick
+from tandem.server.tool_parsers import HermesParser, Llama3JsonParser, MistralParser, PythonicParser, pick
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
          {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
@@ -79,6 +79,25 @@ def test_mistral_parse():
     assert parser.content_end("Checking. [TOOL_") == len("Checking. ")
 
 
+@pytest.mark.parametrize("text, calls", [
+    ('[get_weather(city="Paris", days=3, units=None), get_time()]',
+     [("get_weather", {"city": "Paris", "days": 3, "units": None}), ("get_time", {})]),
+    ('<|python_start|>[get_time(zone="UTC", alts=["GMT", "Z"])]<|python_end|>', [("get_time", {"zone": "UTC", "alts": ["GMT", "Z"]})]),
+    ('[get_weather(city=open("/etc/passwd"))]', None),  # only literals: nothing is evaluated
+    ('[remove(path="/")]', None),  # not one of the tools
+    ('[get_time("UTC")]', None),  # positional arguments name nothing
+    ("Sure: [get_time()]", None),
+    ("[get_time(]", None),
+])
+def test_pythonic_parse(text, calls):
+    content, got = PythonicParser(["get_weather", "get_time"]).parse(text)
+    if calls is None:
+        assert (content, got) == (text, [])
+    else:
+        assert content is None and [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got] == calls
+    assert [PythonicParser(()).content_end(t) for t in ("", " [", "<|py", "Sure", "  Hello [")] == [0, 0, 0, 4, 9]
+
+
 def test_streams_hold_back_only_what_may_be_a_call():
     hermes, llama3 = HermesParser(()), Llama3JsonParser(())
     assert hermes.content_end("Let me check. <tool") == len("Let me check. ")
@@ -102,10 +121,11 @@ def test_the_template_picks_the_parser():
     assert pick("auto", HERMES).name == "hermes"
     assert pick("auto", "{{ '<|python_tag|>' }}").name == "llama3_json"
     assert pick("auto", "{{ '[AVAILABLE_TOOLS]' }}{{ '[TOOL_CALLS]' }}").name == "mistral"
+    assert pick("auto", "{{ '<|python_start|>' }}").name == "pythonic"
     assert pick("auto", "{{ messages }}") is None and pick("none", HERMES) is None
     assert pick("llama3_json", HERMES).name == "llama3_json"
     with pytest.raises(ValueError, match="tool_call_parser must be one of"):
-        ServerConfig(tool_call_parser="pythonic")
+        ServerConfig(tool_call_parser="xlam")
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +193,14 @@ def test_mistral_calls(tiny_engine, serve):
 def _names_and_args_any_id(calls) -> list[tuple[str, dict]]:
     assert all(c.type == "function" and len(c.id) == 9 for c in calls)
     return [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+
+
+def test_pythonic_calls(tiny_engine, serve):
+    server = serve(tiny_engine, ServerConfig(tool_call_parser="pythonic"))
+    reply = '[get_weather(city="Paris"), get_time(zone="UTC")]'
+    choice = _ask(server, reply).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert _names_and_args(choice.message.tool_calls) == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "UTC"})]
+    chunks = [c.choices[0] for c in _ask(server, reply, stream=True) if c.choices]
+    assert not "".join(c.delta.content or "" for c in chunks)
+    assert len(chunks[-1].delta.tool_calls) == 2 and chunks[-1].finish_reason == "tool_calls"
