@@ -33,7 +33,7 @@ from typing import Iterator
 import grpc
 
 from tandem import faults
-from tandem.engine.kv_transfer import shm
+from tandem.engine.kv_transfer import nixl_staging, shm
 from tandem.engine.kv_transfer.codec import KVChunkData
 from tandem.engine.kv_transfer.shm import StagingArea
 from tandem.engine.sampler import Sample
@@ -155,9 +155,10 @@ class GrpcKVSender:
         if t.shm_bytes != self.token_bytes * self.layout.num_layers * (t.num_tokens - t.skip_tokens) or \
                 faults.value("kv.shm_open_fails"):
             return
-        self.staging = StagingArea.attach(t.shm_path, t.shm_bytes)
+        nixl = t.shm_path.startswith(nixl_staging.PREFIX)
+        self.staging = (nixl_staging.NixlRemoteArea if nixl else StagingArea).attach(t.shm_path, t.shm_bytes)
         if self.staging is not None:
-            self.stats.transport = "shm"
+            self.stats.transport = "nixl" if nixl else "shm"
 
     def _fail(self, error: TransferFailed) -> TransferFailed:
         self.stats.failure_class = error.failure_class

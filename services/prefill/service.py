@@ -11,6 +11,7 @@ import time
 import grpc
 
 from tandem.engine.kv_transfer.layout import incompatibility
+from tandem.engine.kv_transfer import nixl_staging
 from tandem.engine.kv_transfer.shm import host_id
 from tandem.prefill.engine import PrefillEngine
 from tandem.prefill.sender import GrpcKVSender, TransferFailed
@@ -102,9 +103,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                     compute.cancel()
                     await asyncio.gather(send, compute, return_exceptions=True)
                     tspan.set_attribute("tandem.transport", sender.transport)
-                if self.kv_transport == "shm" and sender.transport != "shm":
-                    log.warning("request %s: no shared-memory staging area usable (decode on another host, or it "
-                                "cannot be opened): KV went over gRPC", request.request_id)
+                if self.kv_transport in ("shm", "nixl") and sender.transport != self.kv_transport:
+                    log.warning("request %s: --kv-transport %s, but decode offered no staging area of that kind "
+                                "this worker can use: KV went over %s", request.request_id, self.kv_transport,
+                                sender.transport)
                 for name in ("bytes", "handshake_s", "queue_s", "wire_s", "gbps", "retransmits"):
                     tspan.set_attribute(f"tandem.{name}", getattr(stats, name))
             self.transfers.record(stats)
@@ -113,8 +115,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             return prefill_pb2.PrefillReply(transfer=stats, num_cached_tokens=cached, compute_s=compute_s)
 
     def _shm(self, ticket) -> bool:
-        """Try decode's staging area: allowed, offered, and decode runs on this host (same boot)."""
-        return self.kv_transport != "grpc" and bool(ticket.shm_path) and ticket.host_id == self.host_id
+        """Try decode's staging area: allowed, offered, and decode runs on this host (same boot), or it is in
+        memory registered with NIXL, which reaches it from anywhere."""
+        nixl = ticket.shm_path.startswith(nixl_staging.PREFIX)
+        return self.kv_transport != "grpc" and bool(ticket.shm_path) and (nixl or ticket.host_id == self.host_id)
 
     @staticmethod
     async def _compute(stream) -> int:

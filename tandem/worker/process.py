@@ -47,11 +47,14 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                         "core free, else step (sending would slow the forward pass)")
     g.add_argument("--kv-window", type=int, default=16,
                    help="prefill: KV chunks in flight before an acknowledgement (default: 16)")
-    g.add_argument("--kv-transport", choices=["auto", "grpc", "shm"], default="auto",
-                   help="KV bytes between workers on one host: shm stages them in shared memory (/dev/shm, a "
-                        "file per lease) with gRPC for control; grpc streams them; auto (default) uses shm "
-                        "when both workers allow it and decode is on this host, else grpc (shm does too, "
-                        "with a warning)")
+    g.add_argument("--kv-transport", choices=["auto", "grpc", "shm", "nixl"], default="auto",
+                   help="KV bytes between workers: shm stages them in shared memory (/dev/shm, a file per lease) "
+                        "with gRPC for control; nixl (decode) stages them in memory registered with NIXL, which "
+                        "prefill writes into from any host (UCX); grpc streams them; auto (default) uses what "
+                        "decode offers (shm when on this host), else grpc (shm and nixl do too, with a warning)")
+    g.add_argument("--kv-nixl-bytes", type=int, default=512 << 20,
+                   help="decode with --kv-transport nixl: its registered staging buffer, shared by the leases in "
+                        "flight (a lease that finds no room goes over gRPC; default: 512 MiB)")
     g.add_argument("--kv-store", metavar="HOST:PORT", default=os.environ.get("TANDEM_KVSTORE_ADDRESS") or None,
                    help="the prefix KV store (`tandem kvstore`) to load prompt prefixes from before computing them "
                         "and save computed blocks to (default: $TANDEM_KVSTORE_ADDRESS, which the operator sets "
@@ -167,12 +170,12 @@ class WorkerServer:
                  advertise: str | None = None, worker_id: str | None = None, router: str | None = None,
                  heartbeat_interval: float = 0.5, kv_chunk_bytes: int = DEFAULT_CHUNK_BYTES, kv_window: int = 16,
                  kv_port: int = 0, kv_transport: str = "auto", kv_stream: str = "auto",
-                 kv_store: str | None = None) -> None:
+                 kv_store: str | None = None, kv_nixl_bytes: int = 512 << 20) -> None:
         self.role, self.host, self.bind_host = role, host, bind_host
         self.port, self.http_port, self.advertise, self.worker_id = port, http_port, advertise, worker_id
         self.router, self.heartbeat_interval = router, heartbeat_interval
         self.kv_chunk_bytes, self.kv_window, self.kv_port = kv_chunk_bytes, kv_window, kv_port
-        self.kv_transport = kv_transport
+        self.kv_transport, self.kv_nixl_bytes = kv_transport, kv_nixl_bytes
         self.kv_stream = kv_stream
         self.kv_store = kv_store  # the prefix KV store's address
         self.kv_server = self.store = None
@@ -200,10 +203,15 @@ class WorkerServer:
         if self.role == router_pb2.DECODE:
             from tandem.decode.kv_receiver import start_kv_server
             from tandem.decode.service import DecodeServicer
-            from tandem.engine.kv_transfer import shm
+            from tandem.engine.kv_transfer import nixl_staging, shm
             from tandem.proto import decode_pb2_grpc
 
-            if self.kv_transport != "grpc" and shm.usable():
+            if self.kv_transport == "nixl" and nixl_staging.available():
+                host.engine.consumer.staging_pool = nixl_staging.NixlStagingPool(self.kv_nixl_bytes)
+                host.engine.consumer.staging_max_bytes = self.kv_nixl_bytes
+            elif self.kv_transport == "nixl":
+                log.warning("--kv-transport nixl: NIXL is not installed (pip install nixl); KV transfers go over gRPC")
+            elif self.kv_transport != "grpc" and shm.usable():
                 shm.sweep()  # staging files a killed worker left
                 host.engine.consumer.staging_max_bytes = shm.MAX_LEASE_BYTES
             elif self.kv_transport == "shm":
@@ -259,7 +267,7 @@ async def _serve(args: argparse.Namespace, role: int, host) -> int:
                           advertise=args.advertise_address, worker_id=args.worker_id, router=args.router,
                           heartbeat_interval=args.heartbeat_interval, kv_chunk_bytes=args.kv_chunk_bytes,
                           kv_window=args.kv_window, kv_port=args.kv_port, kv_transport=args.kv_transport,
-                          kv_stream=args.kv_stream, kv_store=args.kv_store)
+                          kv_stream=args.kv_stream, kv_store=args.kv_store, kv_nixl_bytes=args.kv_nixl_bytes)
     await worker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

