@@ -3,7 +3,8 @@
 worker grants a lease for a ~N-token prompt, this process writes the lease's KV (random bytes in
 the worker's layout) with the prefill worker's sender, and reports GB/s (see bench/README.md).
 `--transport grpc` streams the bytes over gRPC; `shm` (default) stages them in the lease's
-shared-memory area with gRPC for control (as two workers on one host do)."""
+shared-memory area with gRPC for control (as two workers on one host do); `nixl` WRITEs them through NIXL
+into decode's registered staging buffer, gRPC for control (UCX_TLS=shm,self,tcp UCX_NET_DEVICES=lo here)."""
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ async def one(address: str, tokens: int, chunk_bytes: int, window: int, seed: in
     ticket = (await call.read()).ticket
     sync_channel = grpc.insecure_channel(ticket.endpoint, options=CHANNEL_OPTIONS)
     sender = GrpcKVSender(sync_channel, ticket, state.info.layout, "bench", window=window,
-                          shm=transport == "shm", token_bytes=layout.token_bytes)
+                          shm=transport != "grpc", token_bytes=layout.token_bytes)
     tb, n = layout.token_bytes, ticket.num_tokens - ticket.skip_tokens
     # views of one buffer, so only the transport copies; layers grouped as a step's KV after its forward
     # pass is (KVProducer.save_step), or one layer a chunk as during it (--one-layer)
@@ -73,8 +74,9 @@ def main() -> None:
     p.add_argument("--window", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--transport", choices=["shm", "grpc"], default="shm",
-                   help="shm: bytes staged in shared memory, gRPC for control (default); grpc: bytes over gRPC")
+    p.add_argument("--transport", choices=["shm", "grpc", "nixl"], default="shm",
+                   help="shm: bytes staged in shared memory, gRPC for control (default); nixl: staged through "
+                        "NIXL; grpc: bytes over gRPC")
     p.add_argument("--one-layer", action="store_true",
                    help="a chunk per layer (as when KV leaves during the forward pass); default: layers grouped "
                         "up to --chunk-bytes (as after it)")
@@ -84,7 +86,7 @@ def main() -> None:
     env = {**os.environ, "TANDEM_NO_PROGRESS": "1", "OMP_NUM_THREADS": str(args.threads)}
     cmd = [str(Path(sys.executable).with_name("tandem")), "decode", *([args.model] if args.model else []),
            "--host", "127.0.0.1", "--port", str(port), "--kv-cache-gib", "1", "--num-threads", str(args.threads),
-           "--kv-transport", "auto" if args.transport == "shm" else "grpc"]
+           "--kv-transport", "auto" if args.transport == "shm" else args.transport]
     proc = subprocess.Popen(cmd, cwd=tempfile.gettempdir(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
