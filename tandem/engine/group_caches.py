@@ -1,6 +1,6 @@
 """A parallel group's KV cache as transfers and the KV store see it (codec.LocalCaches' two methods): every
-layer, every KV head. Rank 0 reads its own share and asks the other ranks for theirs over their pipes
-(between forward passes: a worker reads its pipe only then), and scatters what arrives the same way. A
+layer, every KV head. Rank 0 reads its own share and asks the other ranks for theirs over their command
+connections (between forward passes: a worker reads its connection only then), and scatters what arrives the same way. A
 layer lives on its pipeline stage's ranks, its KV heads spread over their tensor-parallel shards; a KV head
 replicated over several shards is read from the first."""
 from __future__ import annotations

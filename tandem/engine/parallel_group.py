@@ -3,7 +3,7 @@ worker processes it starts (rank_worker.py).
 
 Rank 0 runs the whole engine (scheduler, sampler, KV bookkeeping); every rank holds its share of the
 weights and of the KV cache: its stage's layers (pipeline.py), and within them its KV heads and MLP slice
-(sharding.py). Before each forward pass rank 0 sends the step's inputs to the workers over their pipes;
+(sharding.py). Before each forward pass rank 0 sends the step's inputs to the workers over their command connections;
 every rank then runs the same pass, kept in lockstep by what flows inside it (torch.distributed, NCCL
 between GPUs and gloo between CPU processes): the all-reduces within a stage, and the hidden states sent
 from stage to stage and back to rank 0, which alone computes logits and samples.
@@ -34,7 +34,7 @@ import torch.distributed as dist
 from tandem.engine.pipeline import Placement
 
 log = logging.getLogger("tandem.parallel")
-TIMEOUT = datetime.timedelta(seconds=120)  # one collective's wait; idle ranks wait on their pipe, not here
+TIMEOUT = datetime.timedelta(seconds=120)  # one collective's wait; idle ranks wait on their connection, not here
 
 
 class ParallelGroupError(RuntimeError):
@@ -112,8 +112,8 @@ class ParallelGroup:
         restore = threads if device.type == "cpu" else None
         ctx = multiprocessing.get_context("spawn")
         self.procs: dict[int, multiprocessing.Process] = {}  # this host's ranks (the others' are their hosts')
-        self.pipes: list = [None] * (self.size - 1)  # rank r's command connection at r - 1
-        self._closer = weakref.finalize(self, _stop, self.procs, self.pipes, restore)
+        self.conns: list = [None] * (self.size - 1)  # rank r's command connection at r - 1
+        self._closer = weakref.finalize(self, _stop, self.procs, self.conns, restore)
         for rank in range(1, local):
             self.procs[rank] = ctx.Process(target=serve_rank, name=f"tandem-rank{rank}", daemon=True,
                                            args=(("127.0.0.1", listener.address[1]), secret, rank, rank))
@@ -122,8 +122,8 @@ class ParallelGroup:
             self._gather(listener, 600 if spread else 120)
         finally:
             listener.close()
-        for rank, pipe in enumerate(self.pipes, start=1):
-            pipe.send((config, hf_config, max_model_len, device, dtype, self.placements[rank], self.store.port, per_rank))
+        for rank, conn in enumerate(self.conns, start=1):
+            conn.send((config, hf_config, max_model_len, device, dtype, self.placements[rank], self.store.port, per_rank))
         self._lock = threading.RLock()
         if restore:
             torch.set_num_threads(per_rank)
@@ -135,14 +135,14 @@ class ParallelGroup:
 
         def accept() -> None:
             try:
-                while not all(self.pipes):
+                while not all(self.conns):
                     try:
                         conn = listener.accept()
                     except AuthenticationError:
                         continue  # not one of ours: a wrong TANDEM_GROUP_SECRET, or a stray connection
                     rank = conn.recv()
-                    if isinstance(rank, int) and 0 < rank < self.size and self.pipes[rank - 1] is None:
-                        self.pipes[rank - 1] = conn
+                    if isinstance(rank, int) and 0 < rank < self.size and self.conns[rank - 1] is None:
+                        self.conns[rank - 1] = conn
                     else:
                         conn.close()
             except (OSError, EOFError):
@@ -153,10 +153,10 @@ class ParallelGroup:
         deadline = time.monotonic() + seconds
         while not done.wait(0.1):
             for rank, proc in self.procs.items():
-                if proc.exitcode is not None and self.pipes[rank - 1] is None:
+                if proc.exitcode is not None and self.conns[rank - 1] is None:
                     raise ParallelGroupError(self._death(rank))
             if time.monotonic() > deadline:
-                missing = [r for r in range(1, self.size) if self.pipes[r - 1] is None]
+                missing = [r for r in range(1, self.size) if self.conns[r - 1] is None]
                 raise ParallelGroupError(f"ranks {missing} of the parallel group did not join within {seconds:.0f} s")
 
     # rank 0's collectives: the links', with a failure naming the rank that is gone
@@ -179,7 +179,7 @@ class ParallelGroup:
     def _dead_ranks(self) -> list[str]:
         """What is known of ranks that are gone: a local one's exit, a remote one's closed connection."""
         out = []
-        for rank, pipe in enumerate(self.pipes, start=1):
+        for rank, conn in enumerate(self.conns, start=1):
             proc = self.procs.get(rank)
             if proc is not None:
                 proc.join(0.2)
@@ -189,8 +189,8 @@ class ParallelGroup:
             try:
                 # a live rank sends nothing unasked; a dead one's closing connection may trail the failed
                 # collective by a moment (its sockets close one by one as it exits)
-                if pipe.poll(1.0):
-                    last = pipe.recv()
+                if conn.poll(1.0):
+                    last = conn.recv()
                     out.append(f"rank {rank} of the parallel group (on another host) failed: {last[1]}")
             except (EOFError, OSError):
                 out.append(f"rank {rank} of the parallel group (on another host) is gone: its connection closed")
@@ -200,9 +200,9 @@ class ParallelGroup:
         """Blocks until every worker answered (its share loaded, or a `call`); their answers, rank 1 first.
         A worker's failure raises here, naming it."""
         answers = []
-        for rank, pipe in enumerate(self.pipes, start=1):
+        for rank, conn in enumerate(self.conns, start=1):
             try:
-                status, detail = pipe.recv()
+                status, detail = conn.recv()
             except (EOFError, OSError):
                 raise ParallelGroupError(self._death(rank)) from None
             if status != "ok":
@@ -213,19 +213,19 @@ class ParallelGroup:
     def command(self, command: str, *args: Any, reply: bool = False) -> None:
         """Every worker runs `command` next (without `reply`, none answers: the step's collectives are the
         rendezvous)."""
-        self.send_each(command, [args] * len(self.pipes), reply)
+        self.send_each(command, [args] * len(self.conns), reply)
 
     def send_each(self, command: str, args_by_rank: list[tuple | None], reply: bool = False) -> None:
         """`command` to every worker, each with its own arguments (rank 1's first; None: not to that one)."""
         with self._lock:  # the engine thread and transfer threads (KV arriving) both send
-            for rank, (pipe, args) in enumerate(zip(self.pipes, args_by_rank), start=1):
+            for rank, (conn, args) in enumerate(zip(self.conns, args_by_rank), start=1):
                 proc = self.procs.get(rank)
                 if proc is not None and proc.exitcode is not None:
                     raise ParallelGroupError(self._death(rank))
                 if args is None:
                     continue
                 try:
-                    pipe.send((command, args, reply))
+                    conn.send((command, args, reply))
                 except (BrokenPipeError, OSError):
                     raise ParallelGroupError(self._death(rank)) from None
 
@@ -277,13 +277,13 @@ def group_secret() -> bytes:
     return (value or "tandem-parallel-group").encode()
 
 
-def _stop(procs: dict, pipes: list, threads: int | None) -> None:
+def _stop(procs: dict, conns: list, threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
-    for pipe in pipes:
+    for conn in conns:
         try:
-            if pipe is not None:
-                pipe.send(("stop", (), False))
+            if conn is not None:
+                conn.send(("stop", (), False))
         except (BrokenPipeError, OSError):
             pass
     for proc in procs.values():

@@ -32,8 +32,8 @@ def serve_rank(leader: tuple[str, int], secret: bytes, rank: int, local_index: i
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: rank 0 stops us
     _die_with_parent()
-    pipe = _join(leader, secret, rank)
-    config, hf_config, max_model_len, device, dtype, placement, store_port, threads = pipe.recv()
+    conn = _join(leader, secret, rank)
+    config, hf_config, max_model_len, device, dtype, placement, store_port, threads = conn.recv()
     model_path = loader.resolve_model(config.model)  # this host's copy (a GGUF converts into its own cache)
     torch.set_num_threads(threads)
     device = rank_device(device, local_index)
@@ -48,10 +48,10 @@ def serve_rank(leader: tuple[str, int], secret: bytes, rank: int, local_index: i
         model = loader.build_model(model_class(hf_config), hf_config, model_path, max_model_len, device, dtype,
                                    config.load_format, placement.shard, links.all_reduce,
                                    pipeline.layers if pipeline else None)
-        pipe.send(("ok", None))
+        conn.send(("ok", None))
         while True:
             try:
-                command, args, reply = pipe.recv()
+                command, args, reply = conn.recv()
             except (EOFError, OSError):
                 return  # rank 0 is gone
             if command == "stop":
@@ -81,11 +81,11 @@ def serve_rank(leader: tuple[str, int], secret: bytes, rank: int, local_index: i
                     getattr(runner, {"forward": "forward_eager", "copy": "_copy_blocks",
                                      "compile": "compile_prompt_kernels"}[command])(*args)
             if reply:
-                pipe.send(("ok", answer))
+                conn.send(("ok", answer))
     except BaseException as exc:  # noqa: BLE001 - rank 0 must hear why, then this rank is gone
         log.error("rank %d of the parallel group failed:\n%s", rank, traceback.format_exc())
         try:
-            pipe.send(("error", f"{type(exc).__name__}: {exc}"))
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
         except (BrokenPipeError, OSError):
             pass
         raise SystemExit(1) from None

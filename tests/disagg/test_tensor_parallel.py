@@ -53,8 +53,8 @@ def test_kv_moves_between_tensor_parallel_sizes(tiny_model_dirs):
 
 
 def test_kv_moves_between_pipeline_stages(tiny_model_dirs):
-    """A decode worker of two pipeline stages takes KV from a one-process prefill and from a two-stage one
-    (each layer read from, or written to, the stage that holds it), and a two-stage prefill loads the store."""
+    """A decode worker of two pipeline stages takes KV from two-stage prefills (each layer read from, or
+    written to, the stage that holds it), the second of them loading the first's blocks from the store."""
     from tandem.proto import router_pb2
 
     model = tiny_model_dirs["llama"]
@@ -68,10 +68,12 @@ def test_kv_moves_between_pipeline_stages(tiny_model_dirs):
         wait_for(lambda: stack.counter("prefill-pp2", "tandem:kv_store_blocks", "save") == BLOCKS,
                  "the two-stage prefill to save the prompt's blocks")
         stack.stop("prefill-pp2")
-        stack.start(router_pb2.PREFILL, "prefill-tp2pp2", tp=2, pp=2)
+        # a second two-stage prefill loads them, each stage writing its layers (a 2 x 2 group is the colocated
+        # tests': four more processes here would outlast the lease on two loaded cores)
+        stack.start(router_pb2.PREFILL, "prefill-pp2-b", pp=2)
         stack.forget_decode_cache()
         assert stack.complete() == want
-        assert stack.counter("prefill-tp2pp2", "tandem:kv_store_blocks", "load") == BLOCKS
-        assert _transfers(stack, "prefill-tp2pp2") == 1
+        assert stack.counter("prefill-pp2-b", "tandem:kv_store_blocks", "load") == BLOCKS
+        assert _transfers(stack, "prefill-pp2-b") == 1
     finally:
         stack.close()
