@@ -9,13 +9,10 @@ import pytest
 from tandem.engine.kv_transfer import nixl_staging
 from tests.disagg.conftest import router_log, total
 from tests.disagg.test_faults import SMALL_CHUNKS, complete, decisions, model, prompt, reference  # noqa: F401
+from tests.disagg.test_shm import transfers, two_prompts_over
 
 pytestmark = pytest.mark.skipif(not nixl_staging.available(), reason="NIXL is not installed (pip install nixl)")
 UCX = {"UCX_TLS": "shm,self,tcp", "UCX_NET_DEVICES": "lo", "NIXL_LOG_LEVEL": "WARN"}
-
-
-def transfers(s, worker: str, transport: str, outcome: str = "success") -> float:
-    return total(s.metrics(worker), "tandem:kv_transfers_total", outcome=outcome, transport=transport)
 
 
 def _stack(stack_factory, model, prefill_args=(), prefill_env=None):
@@ -27,12 +24,7 @@ def _stack(stack_factory, model, prefill_args=(), prefill_env=None):
 
 def test_nixl_transfer_equals_colocated_and_is_labelled_nixl(stack_factory, model, reference):
     s = _stack(stack_factory, model)
-    for seed in (30, 31):
-        ids = prompt(seed)
-        assert complete(s, model, ids) == reference(ids, 16)
-    for worker in ("prefill-0", "decode-0"):
-        assert transfers(s, worker, "nixl") == 2, worker
-        assert transfers(s, worker, "grpc") == 0, worker
+    two_prompts_over(s, model, reference, "nixl", (30, 31))
     assert "transport=nixl" in router_log(s)
     assert decisions(s, "remote") == 2
 

@@ -23,15 +23,20 @@ def transfers(s, worker: str, transport: str, outcome: str = "success") -> float
     return total(s.metrics(worker), "tandem:kv_transfers_total", outcome=outcome, transport=transport)
 
 
-@pytest.mark.parametrize("stream", ["layer", "step"])
-def test_shm_transfer_equals_colocated_and_is_labelled_shm(stack_factory, model, reference, stream):
-    s = stack_factory(model, 1, 1, worker_args=[*SMALL_CHUNKS, "--kv-stream", stream])
-    for seed in (20, 21):
+def two_prompts_over(s, model, reference, transport: str, seeds: tuple[int, int]) -> None:
+    """Two prompts through the stack equal the colocated engine's, both moved by `transport` on both workers."""
+    for seed in seeds:
         ids = prompt(seed)
         assert complete(s, model, ids) == reference(ids, 16)
     for worker in ("prefill-0", "decode-0"):
-        assert transfers(s, worker, "shm") == 2, worker
+        assert transfers(s, worker, transport) == 2, worker
         assert transfers(s, worker, "grpc") == 0, worker
+
+
+@pytest.mark.parametrize("stream", ["layer", "step"])
+def test_shm_transfer_equals_colocated_and_is_labelled_shm(stack_factory, model, reference, stream):
+    s = stack_factory(model, 1, 1, worker_args=[*SMALL_CHUNKS, "--kv-stream", stream])
+    two_prompts_over(s, model, reference, "shm", (20, 21))
     assert total(s.metrics("prefill-0"), "tandem:kv_transfer_throughput_gbps_count", transport="shm") == 2
     assert total(s.metrics(), "tandem:kv_transfer_bytes_total", transport="shm") > 0
     assert "transport=shm" in router_log(s)
