@@ -124,3 +124,20 @@ def find_stop(text: str, delta_len: int, stops: list[str]) -> tuple[int, str] | 
         if i != -1 and (best is None or i < best[0]):
             best = (i, stop)
     return best
+
+
+# generation_config.json keys that become default sampling parameters (vLLM's behaviour)
+_GEN_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                 "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def sampling_defaults(model_path: str, generation_config: str = "auto") -> dict[str, Any]:
+    """SamplingParams defaults from generation_config.json ('auto': the model's; 'vllm' or 'none':
+    none; or a folder holding one)."""
+    if generation_config in ("vllm", "none"):
+        return {}
+    if generation_config != "auto" and not os.path.isdir(generation_config):
+        raise ValueError(f"generation_config must be 'auto', 'vllm', 'none' or a folder; {generation_config!r} "
+                         "is none of them")
+    gen = load_generation_config(model_path if generation_config == "auto" else generation_config)
+    return {ours: gen[theirs] for theirs, ours in _GEN_DEFAULTS.items() if theirs in gen}

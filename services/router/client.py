@@ -24,7 +24,6 @@ import grpc
 from opentelemetry import trace
 
 from tandem.engine import loader
-from tandem.engine.engine import sampling_defaults
 from tandem.engine.structured import GrammarBook
 from tandem.inputs import InputChecker
 from tandem.outputs import RequestOutput
@@ -39,6 +38,7 @@ from tandem.rpc.grpc_util import ChannelPool
 from tandem.rpc.token_stream import OutputAssembler
 from tandem.sampling_params import SamplingParams
 from tandem.server.engine_client import EngineDeadError, EngineError, EngineStats
+from tandem.tokenizer import sampling_defaults
 from tandem.telemetry import outgoing_metadata, tracer
 from tandem.tokenizer import eos_token_ids, load_tokenizer
 

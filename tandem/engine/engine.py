@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,8 +11,7 @@ from tandem.config import EngineConfig, default_dtype, parse_dtype, resolve_devi
 from tandem.engine import loader, prompt_lanes
 from tandem.engine.attention import attention_backend
 from tandem.inputs import InputChecker
-from tandem.engine import cpu_tuning
-from tandem.engine.cpu_tuning import tune_host_allocator
+from tandem.engine.cpu_tuning import available_memory, tune_host_allocator
 from tandem.kernels import cpu as cpu_kernels
 from tandem.engine.kv_cache.manager import KVCacheManager
 from tandem.engine.kv_roles import KVRoles
@@ -33,47 +30,11 @@ from tandem.engine.parallel_group import start_group
 from tandem.engine.pipeline import Pipeline
 from tandem.engine.scheduler import Scheduler, SchedulerOutput
 from tandem.engine.structured import GrammarBook
-from tandem.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tandem.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
 from tandem.sampling_params import SamplingParams
-from tandem.tokenizer import IncrementalDetokenizer, NoDetokenizer, eos_token_ids, find_stop, load_generation_config, load_tokenizer
+from tandem.tokenizer import IncrementalDetokenizer, NoDetokenizer, eos_token_ids, find_stop, load_tokenizer, sampling_defaults
 
 log = logging.getLogger("tandem.engine")
-
-# generation_config.json keys that become default sampling parameters (vLLM's behaviour)
-_GEN_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                 "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
-
-
-def sampling_defaults(model_path: str, generation_config: str = "auto") -> dict[str, Any]:
-    """SamplingParams defaults from generation_config.json ('auto': the model's; 'vllm' or 'none':
-    none; or a folder holding one)."""
-    if generation_config in ("vllm", "none"):
-        return {}
-    if generation_config != "auto" and not os.path.isdir(generation_config):
-        raise ValueError(f"generation_config must be 'auto', 'vllm', 'none' or a folder; {generation_config!r} "
-                         "is none of them")
-    gen = load_generation_config(model_path if generation_config == "auto" else generation_config)
-    return {ours: gen[theirs] for theirs, ours in _GEN_DEFAULTS.items() if theirs in gen}
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    num_free_blocks: int
-    num_blocks: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    num_lookahead_steps: int = 0  # decode steps run on the device ahead of the host (multi_step.py)
-    num_chained_lookaheads: int = 0  # lookaheads launched before the host applied the previous one
-    num_lookahead_prompt_tokens: int = 0  # prompt tokens computed in lookaheads' prompt lanes
-    # LoRA: the adapters loaded, and those the running and the waiting requests run under
-    max_loras: int = 0
-    running_loras: tuple[str, ...] = ()
-    waiting_loras: tuple[str, ...] = ()
-
 
 class LLMEngine(KVRoles, Lookaheads, LoRARoles):
     def __init__(self, config: EngineConfig) -> None:
@@ -187,7 +148,7 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
                                  f"{total * cache.gpu_memory_utilization / 2**30:.1f} GiB allowed "
                                  "(raise gpu_memory_utilization or lower max_num_batched_tokens)")
         else:
-            available = cpu_tuning.available_memory()
+            available = available_memory()
             # the CPU budget is the whole group's: each rank holds its share of the heads and layers
             budget = min(cache.cpu_kv_cache_gib * 2**30, available * cache.gpu_memory_utilization)
             budget /= self.peers.size if self.peers else 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol, runtime_checkable
 
 from tandem.config import EngineConfig
-from tandem.outputs import RequestOutput
+from tandem.outputs import EngineStats, RequestOutput
 from tandem.sampling_params import SamplingParams
 
 log = logging.getLogger("tandem.server.engine")
@@ -28,20 +28,6 @@ class EngineError(RuntimeError):
 
 class EngineDeadError(EngineError):
     """The engine loop is gone; no request can run until the server restarts."""
-
-
-@dataclass
-class EngineStats:
-    """Engine-side numbers behind /metrics (a snapshot; counters are cumulative)."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0
-    num_free_blocks: int = 0
-    num_blocks: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
 
 
 @runtime_checkable
