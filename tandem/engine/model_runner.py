@@ -47,7 +47,7 @@ class ModelRunner:
         self.scale = s.head_dim ** -0.5
         self.graphs = None
         self.loras: LoRALayers | None = None  # the engine's LoRA adapters, told each step's rows under them
-        self.peers: "ParallelGroup | None" = None  # tensor parallelism: the other ranks, told each pass's inputs first
+        self.peers: "ParallelGroup | None" = None  # a parallel group's other ranks, told each pass's inputs first
 
     def capture_graphs(self, max_batch: int, max_model_len: int, max_lanes: int = 0, use_graphs: bool = True) -> None:
         from tandem.engine.cuda_graphs import DecodeGraphs

@@ -137,7 +137,7 @@ class Scheduler:
         # token and run beside it, so its seats are held from admission (one request always fits)
         seats = self.config.max_num_seqs - sum(r.seats for r in self.running)
         limit = self.config.max_loras
-        loras = {r.params.lora for r in self.running if r.params.lora is not None}
+        loras = set() if limit is None else {r.params.lora for r in self.running if r.params.lora is not None}
         i = 0
         while i < len(self.waiting) and budget > 0:
             req = self.waiting[i]
