@@ -140,7 +140,7 @@ def serve_host(group, world: int, http_port: int | None = None) -> int:
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             alive = all(p.exitcode is None for p in procs)
-            self.send_response(200 if alive and self.path == "/health" else 503 if alive is False else 404)
+            self.send_response(503 if not alive else 200 if self.path == "/health" else 404)
             self.end_headers()
 
         def log_message(self, *args) -> None:
