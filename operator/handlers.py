@@ -1,6 +1,7 @@
 """The kopf handlers: thin, they parse, build, reconcile and report. A TandemModel is reconciled when it
 is created, changed or found at start (resume), and when one of its children is deleted (restored);
-its status follows its workloads' events. Deleting it needs nothing here: every child has an owner
+its status follows its workloads' events. A model whose groups span pods also gets their key's Secret
+(group_key.py), made once and never patched. Deleting it needs nothing here: every child has an owner
 reference, so the garbage collector deletes them (no finalizer)."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Callable
 import kopf
 from pydantic import ValidationError
 
-from tandem.operator import groups, status
+from tandem.operator import group_key, groups, status
 from tandem.operator.build import build_children
 from tandem.operator.common import GROUP_INDEX_LABEL, MANAGED_BY, MODEL_LABEL, Obj
 from tandem.operator.kube import Kube, connect
@@ -78,6 +79,7 @@ def sync(memo: kopf.Memo, body: Obj, publish: Publish) -> None:
         raise kopf.PermanentError(f"invalid spec: {exc}") from exc
     lws = kube.serves(LWS_API_VERSION, "leaderworkersets")
     try:
+        group_key.ensure(kube, model)  # before the groups, whose pods read it
         reconcile(kube, model, build_children(model, lws), lws)
     except Exception as exc:  # noqa: BLE001 - shown as Degraded, then kopf retries
         if new := current_status(kube, model, body, lws, ("ReconcileFailed", f"{type(exc).__name__}: {exc}")):
@@ -116,6 +118,7 @@ def owning_model(kube: Kube, child: Obj) -> Obj | None:
 @kopf.on.event("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", labels=CHILDREN)
 @kopf.on.event("", "v1", "services", labels=CHILDREN)
 @kopf.on.event("", "v1", "configmaps", labels=CHILDREN)
+@kopf.on.event("", "v1", "secrets", labels=CHILDREN)
 def child_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_) -> None:
     """A deleted child is restored; a workload's change updates its TandemModel's status."""
     deleted = event["type"] == "DELETED"

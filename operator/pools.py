@@ -10,6 +10,7 @@ from tandem.operator.common import (DECODE_KV, GROUP_INDEX_LABEL, MODEL_DIR, WOR
                                     container, http_probes, labels, metadata, model_argument, model_volumes,
                                     pod_spec, port, resources, router_grpc_address, selector_labels,
                                     service_host, service_port)
+from tandem.operator import group_key
 from tandem.operator.spec import PoolSpec, TandemModel
 
 Pool = Literal["prefill", "decode"]
@@ -66,10 +67,12 @@ def deployment(model: TandemModel, pool: Pool) -> Obj:
             "spec": body}
 
 
-def group_env(size: int, group_index: Obj, worker_index: Obj, leader_address: str) -> list[Obj]:
-    """What a member of a group knows: its group, its index in it (0 is the leader) and the leader."""
+def group_env(model: TandemModel, size: int, group_index: Obj, worker_index: Obj, leader_address: str) -> list[Obj]:
+    """What a member of a group knows: its group, its index in it (0 is the leader), the leader, and the
+    key that members prove they know (group_key.py)."""
     return [{"name": "TANDEM_GROUP_SIZE", "value": str(size)}, {"name": "TANDEM_GROUP_INDEX", **group_index},
-            {"name": "TANDEM_WORKER_INDEX", **worker_index}, {"name": "TANDEM_LEADER_ADDRESS", "value": leader_address}]
+            {"name": "TANDEM_WORKER_INDEX", **worker_index}, {"name": "TANDEM_LEADER_ADDRESS", "value": leader_address},
+            group_key.env(model)]
 
 
 def label_ref(label: str) -> Obj:
@@ -88,7 +91,7 @@ def stateful_groups(model: TandemModel, pool: Pool) -> list[Obj]:
     for index in range(model.spec.replicas(pool)):
         name = child_name(model, pool, index)
         group_label = {GROUP_INDEX_LABEL: str(index)}
-        env = group_env(size, {"value": str(index)}, label_ref(POD_INDEX_LABEL),
+        env = group_env(model, size, {"value": str(index)}, label_ref(POD_INDEX_LABEL),
                         f"{name}-0.{service_host(model, group_service)}")
         objects.append({
             "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": metadata(model, name, pool, group_label),
@@ -105,7 +108,7 @@ def leader_worker_set(model: TandemModel, pool: Pool) -> list[Obj]:
     group as a whole when one of its pods restarts."""
     size = getattr(model.spec, pool).pods_per_replica
     name = child_name(model, pool, "group")
-    env = group_env(size, label_ref(f"{LWS_LABELS}/group-index"), label_ref(f"{LWS_LABELS}/worker-index"),
+    env = group_env(model, size, label_ref(f"{LWS_LABELS}/group-index"), label_ref(f"{LWS_LABELS}/worker-index"),
                     f"{name}-$(TANDEM_GROUP_INDEX).{service_host(model, name)}")
     lws = {"apiVersion": LWS_API_VERSION, "kind": "LeaderWorkerSet", "metadata": metadata(model, name, pool),
            "spec": {"replicas": model.spec.replicas(pool), "startupPolicy": "LeaderCreated",

@@ -98,11 +98,11 @@ class ParallelGroup:
                              f"over {group.size} hosts) need {local} GPUs; {torch.cuda.device_count()} are visible")
         spread = group.size > 1
         bind = "0.0.0.0" if spread else "127.0.0.1"  # a group on one host stays on loopback, on free ports
-        self.store = dist.TCPStore(bind, group.port if spread else 0, self.size, True, timeout=TIMEOUT,
-                                   wait_for_workers=False)
         # the key a rank proves it knows before anything is unpickled from it: this group's own when its ranks are
         # this process's children, the deployment's when they come from other hosts
         secret = group_secret() if spread else secrets.token_bytes(32)
+        self.store = dist.TCPStore(bind, group.port if spread else 0, self.size, True, timeout=TIMEOUT,
+                                   wait_for_workers=False)
         listener = Listener((bind, group.port + 1 if spread else 0), authkey=secret)
         # CPU ranks share the cores: each gets its part of this process's threads, rank 0 too while the group
         # lives (more threads than cores make every collective wait for a time slice). Only a stage's ranks
@@ -268,13 +268,14 @@ def start_group(config, model_path: str, hf_config: dict, max_model_len: int, de
 
 def group_secret() -> bytes:
     """The key the ranks of a group spanning hosts prove they know before joining (multiprocessing's HMAC
-    challenge): TANDEM_GROUP_SECRET. Without it a fixed default is used, and a warning says that anything that
-    reaches the leader's command port while the group forms could join it (and be unpickled)."""
+    challenge): TANDEM_GROUP_SECRET, the same on every host (the operator puts a random one per model in a
+    Secret). Required: without it anything that reaches the leader's command port could join the group,
+    and what ranks send each other is unpickled."""
     value = os.environ.get("TANDEM_GROUP_SECRET")
     if not value:
-        log.warning("TANDEM_GROUP_SECRET is not set: this group spanning hosts authenticates its ranks with a "
-                    "fixed default key; set the same secret on every host of the group")
-    return (value or "tandem-parallel-group").encode()
+        raise ValueError("a group spanning hosts needs TANDEM_GROUP_SECRET: the same secret on every host of "
+                         "the group (the operator sets it from the model's <model>-group-key Secret)")
+    return value.encode()
 
 
 def _stop(procs: dict, conns: list, threads: int | None) -> None:

@@ -9,6 +9,7 @@ import signal
 import time
 import traceback
 from functools import partial
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client
 
 import torch
@@ -110,6 +111,9 @@ def _join(leader: tuple[str, int], secret: bytes, rank: int, seconds: float = 60
         try:
             conn = Client(leader, authkey=secret)
             break
+        except AuthenticationError:
+            raise SystemExit(f"rank {rank} cannot join the parallel group at {leader[0]}:{leader[1]}: the leader "
+                             "refused its key (TANDEM_GROUP_SECRET differs between the group's hosts)") from None
         except (ConnectionRefusedError, OSError):
             if time.monotonic() > deadline:
                 raise

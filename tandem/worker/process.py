@@ -106,6 +106,8 @@ def parallel_settings(env: dict[str, str], args: argparse.Namespace) -> str | No
     size = sizes["TANDEM_GROUP_SIZE"]
     if size > 1 and "TANDEM_LEADER_ADDRESS" not in env:
         return f"TANDEM_GROUP_SIZE={size} needs TANDEM_LEADER_ADDRESS (the group's pod 0)"
+    if size > 1 and not env.get("TANDEM_GROUP_SECRET"):
+        return f"TANDEM_GROUP_SIZE={size} needs TANDEM_GROUP_SECRET (the key every pod of the group shares)"
     try:
         args.group = GroupConfig(size, sizes["TANDEM_WORKER_INDEX"], env.get("TANDEM_LEADER_ADDRESS", "127.0.0.1"),
                                  sizes["TANDEM_GROUP_PORT"])

@@ -108,6 +108,7 @@ NAMESPACED_RULES = {
     ("leaderworkerset.x-k8s.io", "leaderworkersets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "secrets"): {"list", "watch", "create"},  # groups' keys, made once (operator/group_key.py)
     ("", "pods"): {"list", "watch", "delete"},
     ("", "events"): {"create"},
 }

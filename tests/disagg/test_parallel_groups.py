@@ -13,8 +13,10 @@ import pytest
 
 @pytest.mark.parametrize("role", ["prefill", "decode"])
 @pytest.mark.parametrize("env, named", [({"TANDEM_GROUP_SIZE": "4", "TANDEM_WORKER_INDEX": "1"}, "needs TANDEM_LEADER_ADDRESS"),
+                                        ({"TANDEM_GROUP_SIZE": "2", "TANDEM_LEADER_ADDRESS": "10.0.0.1",
+                                          "TANDEM_TENSOR_PARALLEL_SIZE": "2"}, "needs TANDEM_GROUP_SECRET"),
                                         ({"TANDEM_GROUP_SIZE": "2", "TANDEM_TENSOR_PARALLEL_SIZE": "3",
-                                          "TANDEM_LEADER_ADDRESS": "10.0.0.1"}, "do not split"),
+                                          "TANDEM_LEADER_ADDRESS": "10.0.0.1", "TANDEM_GROUP_SECRET": "s"}, "do not split"),
                                         ({"TANDEM_PIPELINE_PARALLEL_SIZE": "x"}, "not a positive integer")])
 def test_group_member_fails_loudly(role, env, named):
     proc = subprocess.run([sys.executable, "-m", "tandem.cli", role, "--port", "0"], env={**os.environ, **env},
@@ -63,6 +65,7 @@ def test_a_group_spanning_two_hosts(tiny_model_dirs, tmp_path, monkeypatch):
     operator's group environment is pod 1, hosting rank 1. Rank 1 joins over TCP and the pair computes what one
     process does; pod 1 answers its probes while its rank runs, and when its rank is killed the leader's next
     step fails loudly and pod 1 exits 1 (the operator then restarts the whole group)."""
+    import concurrent.futures
     import signal
     import time
 
@@ -81,10 +84,16 @@ def test_a_group_spanning_two_hosts(tiny_model_dirs, tmp_path, monkeypatch):
            "TANDEM_GROUP_PORT": str(port), "TANDEM_TENSOR_PARALLEL_SIZE": "2", "TANDEM_GROUP_SECRET": "s3cret"}
     monkeypatch.setenv("TANDEM_GROUP_SECRET", "s3cret")  # the leader's (this process's) key
     log = open(tmp_path / "pod1.log", "w")
+    leader = concurrent.futures.ThreadPoolExecutor(1).submit(
+        LLM, model, dtype="float32", tensor_parallel_size=2, group=GroupConfig(2, 0, "127.0.0.1", port))
+    # a stranger with another key knocks first: refused before anything of it is unpickled, it stops loudly
+    stranger = subprocess.run([sys.executable, "-m", "tandem.cli", "decode", model, "--dtype", "float32"],
+                              env={**env, "TANDEM_GROUP_SECRET": "guess"}, capture_output=True, text=True, timeout=120)
+    assert stranger.returncode == 1 and "the leader refused its key" in stranger.stderr
     pod1 = subprocess.Popen([sys.executable, "-m", "tandem.cli", "decode", model, "--dtype", "float32",
                              "--http-port", str(http_port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        llm = LLM(model, dtype="float32", tensor_parallel_size=2, group=GroupConfig(2, 0, "127.0.0.1", port))
+        llm = leader.result(timeout=120)
         assert not llm.engine.peers.procs  # rank 1 is pod 1's
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
         assert httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=5).status_code == 200

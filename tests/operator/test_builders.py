@@ -2,6 +2,8 @@
 comes out the same for the same spec, and runs commands the services really accept."""
 from __future__ import annotations
 
+import base64
+
 import pytest
 import yaml
 
@@ -57,6 +59,7 @@ def test_cpu_default_is_router_and_one_pod_pools():
                                 "Deployment/m1-router", "Service/m1-decode", "Service/m1-prefill", "Service/m1-router"]
     assert children["Service/m1-prefill"]["spec"]["clusterIP"] == "None"  # one address per worker
     assert "nvidia.com/gpu" not in str(children["Deployment/m1-decode"])
+    assert "TANDEM_GROUP_SECRET" not in str(children)  # no group, no key
     config = yaml.safe_load(children["ConfigMap/m1-router-config"]["data"]["router.yaml"])
     assert config == {"prefill_workers": "m1-prefill.models.svc.cluster.local:50052",
                       "decode_workers": "m1-decode.models.svc.cluster.local:50052"}
@@ -162,6 +165,7 @@ def test_multi_pod_replicas_become_statefulset_groups_with_leader_addresses():
         assert env["TANDEM_GROUP_SIZE"] == "4" and env["TANDEM_GROUP_INDEX"] == str(index)
         assert env["TANDEM_LEADER_ADDRESS"] == f"m1-decode-{index}-0.m1-decode-group.models.svc.cluster.local"
         assert env["TANDEM_WORKER_INDEX"] == {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
+        assert env["TANDEM_GROUP_SECRET"] == {"secretKeyRef": {"name": "m1-group-key", "key": "key"}}
         assert spec["template"]["metadata"]["labels"]["tandem.dev/group-index"] == str(index)
         assert spec["selector"]["matchLabels"]["tandem.dev/group-index"] == str(index)
         assert len(group["metadata"]["name"] + "-123-") + 10 <= 63  # pod names and revision-hash labels fit
@@ -182,6 +186,7 @@ def test_multi_pod_replicas_become_leaderworkersets_where_installed():
     assert env["TANDEM_LEADER_ADDRESS"] == "m1-decode-group-$(TANDEM_GROUP_INDEX).m1-decode-group.models.svc.cluster.local"
     names = [e["name"] for e in lws["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["env"]]
     assert names.index("TANDEM_GROUP_INDEX") < names.index("TANDEM_LEADER_ADDRESS")  # $(VAR) needs it first
+    assert env["TANDEM_GROUP_SECRET"] == {"secretKeyRef": {"name": "m1-group-key", "key": "key"}}
     assert children["Service/m1-decode"]["spec"]["selector"]["leaderworkerset.sigs.k8s.io/worker-index"] == "0"
     assert not any(c["kind"] == "StatefulSet" for c in children.values())
     assert "Service/m1-decode-group" not in children  # the LeaderWorkerSet makes its own
@@ -199,3 +204,14 @@ def test_the_longest_name_fits_every_generated_name(lws):
             assert len(f"{name}-999") + 11 <= 63
         if child["kind"] == "LeaderWorkerSet":  # worker StatefulSets <name>-<group>, pods <name>-<group>-<worker>
             assert len(f"{name}-999-999") + 11 <= 63
+
+
+def test_the_group_key_secret_validates_and_is_needed_only_by_groups():
+    from tandem.operator import group_key
+
+    groups, single = model_of(SPECS["gpu-groups"]), model_of(SPECS["gpu-single-pod"])
+    secret = group_key.secret(groups, "k" * 43)
+    validate_k8s(secret)
+    assert secret["metadata"]["name"] == "m1-group-key" and base64.b64decode(secret["data"]["key"]) == b"k" * 43
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert group_key.needed(groups) and not group_key.needed(single)

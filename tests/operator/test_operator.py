@@ -8,6 +8,7 @@ garbage collector would, and resourceVersions are added to kmock (VersionedEmula
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import os
 import sys
@@ -53,6 +54,7 @@ RESOURCES = {
     "apps/v1/statefulsets": ("StatefulSet", True, {"status", "scale"}),
     "v1/services": ("Service", True, {"status"}),
     "v1/configmaps": ("ConfigMap", True, set()),
+    "v1/secrets": ("Secret", True, set()),
     "v1/pods": ("Pod", True, {"status"}),
     "v1/events": ("Event", True, set()),
     "v1/namespaces": ("Namespace", False, set()),
@@ -64,10 +66,11 @@ PATHS = {"TandemModel": f"/apis/tandem.dev/v1alpha1/namespaces/{NS}/tandemmodels
          "StatefulSet": f"/apis/apps/v1/namespaces/{NS}/statefulsets",
          "LeaderWorkerSet": f"/apis/leaderworkerset.x-k8s.io/v1/namespaces/{NS}/leaderworkersets",
          "Service": f"/api/v1/namespaces/{NS}/services", "ConfigMap": f"/api/v1/namespaces/{NS}/configmaps",
+         "Secret": f"/api/v1/namespaces/{NS}/secrets",
          "Pod": f"/api/v1/namespaces/{NS}/pods"}
 RESOURCE_OF = {"TandemModel": "tandem.dev/v1alpha1/tandemmodels", "Deployment": "apps/v1/deployments",
                "StatefulSet": "apps/v1/statefulsets", "Service": "v1/services", "ConfigMap": "v1/configmaps",
-               "Pod": "v1/pods", "LeaderWorkerSet": LWS}
+               "Secret": "v1/secrets", "Pod": "v1/pods", "LeaderWorkerSet": LWS}
 
 
 def declare(kmock, resource: str, kind: str, namespaced: bool, subresources: set[str]) -> None:
@@ -239,10 +242,22 @@ async def test_parallelism_change_rebuilds_groups(operator):
     serving = await wait_for(lambda: live(kmock, "Service", "m1-prefill"))
     assert serving["spec"]["selector"]["apps.kubernetes.io/pod-index"] == "0"
 
+    key = live(kmock, "Secret", "m1-group-key")  # the key members prove they know: owned, random
+    assert [r["uid"] for r in key["metadata"]["ownerReferences"]] == ["uid-m1"]
+    assert len(base64.b64decode(key["data"]["key"])) >= 32
+    env = {e["name"]: e for e in first[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TANDEM_GROUP_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "m1-group-key", "key": "key"}
+
     await change_spec(kmock, {"prefill": {"tensorParallelSize": 4}}, generation=2)
     rebuilt = await wait_for(groups(4, 2))
     env = {e["name"]: e.get("value") for e in rebuilt[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["TANDEM_GROUP_SIZE"] == "4" and env["TANDEM_TENSOR_PARALLEL_SIZE"] == "4"
+    assert live(kmock, "Secret", "m1-group-key")["data"] == key["data"]  # one key for the model's life
+    assert requests_to(kmock, "PATCH", "Secret", "m1-group-key") == 0
+
+    await call(kmock, "DELETE", "Secret", "m1-group-key")  # deleted by hand: made again, with a new key
+    remade = await wait_for(lambda: live(kmock, "Secret", "m1-group-key"))
+    assert remade["data"] != key["data"]
     assert first[0]["spec"]["template"] != rebuilt[0]["spec"]["template"]
     for name in ("m1-prefill-0", "m1-prefill-1"):  # deleted and created again, never patched
         assert requests_to(kmock, "DELETE", "StatefulSet", name) == 1

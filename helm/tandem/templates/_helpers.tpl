@@ -78,6 +78,10 @@ tandemmodels/finalizers); a failed group member restarts its whole group (pods d
 - apiGroups: [""]
   resources: [services, configmaps]
   verbs: [get, list, watch, create, patch, delete]
+# the key of groups spanning pods: made once, never patched (the garbage collector deletes it)
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [list, watch, create]
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch, delete]

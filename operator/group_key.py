@@ -1,0 +1,49 @@
+"""The key that the ranks of a group spanning pods prove they know before the leader takes them in
+(TANDEM_GROUP_SECRET, multiprocessing's HMAC challenge: ranks unpickle what they send each other, so a
+stranger that joined could run code in them).
+
+One Secret per TandemModel, `<model>-group-key`, holding a random key. It is made once and never patched:
+a new key would split a running group's members from those started later. The operator makes it again
+(with a new key) if it is deleted; groups restart whole, so a group's members always read one key. Owned
+by the TandemModel like every child, so it goes with it."""
+from __future__ import annotations
+
+import base64
+import secrets
+
+from tandem.operator.common import Obj, child_name, metadata
+from tandem.operator.kube import ConflictError, Kube
+from tandem.operator.spec import TandemModel
+
+SECRET_KEY = "key"
+
+
+def secret_name(model: TandemModel) -> str:
+    return child_name(model, "group-key")
+
+
+def needed(model: TandemModel) -> bool:
+    return any(getattr(model.spec, pool).pods_per_replica > 1 for pool in ("prefill", "decode"))
+
+
+def secret(model: TandemModel, key: str) -> Obj:
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": metadata(model, secret_name(model), "group-key"),
+            "data": {SECRET_KEY: base64.b64encode(key.encode()).decode()}}
+
+
+def env(model: TandemModel) -> Obj:
+    """The group members' TANDEM_GROUP_SECRET, read from the Secret (a pod waits until it exists)."""
+    return {"name": "TANDEM_GROUP_SECRET",
+            "valueFrom": {"secretKeyRef": {"name": secret_name(model), "key": SECRET_KEY}}}
+
+
+def ensure(kube: Kube, model: TandemModel) -> str:
+    """Make the model's Secret with a fresh key unless it exists: 'created', 'kept' or 'not needed'."""
+    if not needed(model):
+        return "not needed"
+    try:
+        kube.create(secret(model, secrets.token_urlsafe(32)))
+        return "created"
+    except ConflictError:
+        return "kept"
