@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tandem.proto import common_pb2 as tandem_dot_proto_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/proto/router.proto\x12\ttandem.v1\x1a\x19tandem/proto/common.proto\"\xd4\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x1d\n\x04role\x18\x03 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12+\n\x06layout\x18\x05 \x01(\x0b\x32\x1b.tandem.v1.LayoutDescriptor\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x14\n\x0ckv_hash_seed\x18\t \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\n \x01(\r\x12\x13\n\x0bmetrics_url\x18\x0b \x01(\t\x12/\n\x05loras\x18\x0c \x03(\x0b\x32 .tandem.v1.WorkerInfo.LorasEntry\x12\x36\n\tlora_keys\x18\r \x03(\x0b\x32#.tandem.v1.WorkerInfo.LoraKeysEntry\x1a,\n\nLorasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rLoraKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe1\x01\n\nWorkerLoad\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x12\n\nnum_leases\x18\x05 \x01(\r\x12\x16\n\x0enum_prefilling\x18\x06 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x07 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x08 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\t \x01(\x04\"g\n\x07KVEvent\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.tandem.v1.KVEvent.Kind\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x04\"\x1f\n\x04Kind\x12\n\n\x06STORED\x10\x00\x12\x0b\n\x07REMOVED\x10\x01\"\xbe\x01\n\x0bWorkerState\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.tandem.v1.WorkerInfo\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.tandem.v1.WorkerLoad\x12\x17\n\x0f\x66irst_event_seq\x18\x03 \x01(\x04\x12\x16\n\x0enext_event_seq\x18\x04 \x01(\x04\x12\x10\n\x08snapshot\x18\x05 \x01(\x08\x12\"\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x12.tandem.v1.KVEvent\"M\n\x0eHeartbeatReply\x12\x17\n\x0f\x61\x63ked_event_seq\x18\x01 \x01(\x04\x12\x12\n\ninterval_s\x18\x02 \x01(\x01\x12\x0e\n\x06resync\x18\x03 \x01(\x08\"9\n\x0cStateRequest\x12\x17\n\x0fsince_event_seq\x18\x01 \x01(\x04\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\";\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"\x11\n\x0f\x44\x65registerReply*5\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\x32\x90\x01\n\x06Router\x12>\n\tHeartbeat\x12\x16.tandem.v1.WorkerState\x1a\x19.tandem.v1.HeartbeatReply\x12\x46\n\nDeregister\x12\x1c.tandem.v1.DeregisterRequest\x1a\x1a.tandem.v1.DeregisterReply2E\n\x06Worker\x12;\n\x08GetState\x12\x17.tandem.v1.StateRequest\x1a\x16.tandem.v1.WorkerStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/proto/router.proto\x12\ttandem.v1\x1a\x19tandem/proto/common.proto\"\xe6\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x1d\n\x04role\x18\x03 \x01(\x0e\x32\x0f.tandem.v1.Role\x12\x0f\n\x07\x61\x64\x64ress\x18\x04 \x01(\t\x12+\n\x06layout\x18\x05 \x01(\x0b\x32\x1b.tandem.v1.LayoutDescriptor\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nvocab_size\x18\x08 \x01(\r\x12\x14\n\x0ckv_hash_seed\x18\t \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\n \x01(\r\x12\x13\n\x0bmetrics_url\x18\x0b \x01(\t\x12/\n\x05loras\x18\x0c \x03(\x0b\x32 .tandem.v1.WorkerInfo.LorasEntry\x12\x36\n\tlora_keys\x18\r \x03(\x0b\x32#.tandem.v1.WorkerInfo.LoraKeysEntry\x12\x10\n\x08kv_store\x18\x0e \x01(\t\x1a,\n\nLorasEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rLoraKeysEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe1\x01\n\nWorkerLoad\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x12\n\nnum_leases\x18\x05 \x01(\r\x12\x16\n\x0enum_prefilling\x18\x06 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x07 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x08 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\t \x01(\x04\"g\n\x07KVEvent\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.tandem.v1.KVEvent.Kind\x12\x14\n\x0c\x62lock_hashes\x18\x02 \x03(\x04\"\x1f\n\x04Kind\x12\n\n\x06STORED\x10\x00\x12\x0b\n\x07REMOVED\x10\x01\"\xbe\x01\n\x0bWorkerState\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.tandem.v1.WorkerInfo\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.tandem.v1.WorkerLoad\x12\x17\n\x0f\x66irst_event_seq\x18\x03 \x01(\x04\x12\x16\n\x0enext_event_seq\x18\x04 \x01(\x04\x12\x10\n\x08snapshot\x18\x05 \x01(\x08\x12\"\n\x06\x65vents\x18\x06 \x03(\x0b\x32\x12.tandem.v1.KVEvent\"M\n\x0eHeartbeatReply\x12\x17\n\x0f\x61\x63ked_event_seq\x18\x01 \x01(\x04\x12\x12\n\ninterval_s\x18\x02 \x01(\x01\x12\x0e\n\x06resync\x18\x03 \x01(\x08\"9\n\x0cStateRequest\x12\x17\n\x0fsince_event_seq\x18\x01 \x01(\x04\x12\x10\n\x08snapshot\x18\x02 \x01(\x08\";\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"\x11\n\x0f\x44\x65registerReply*5\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PREFILL\x10\x01\x12\n\n\x06\x44\x45\x43ODE\x10\x02\x32\x90\x01\n\x06Router\x12>\n\tHeartbeat\x12\x16.tandem.v1.WorkerState\x1a\x19.tandem.v1.HeartbeatReply\x12\x46\n\nDeregister\x12\x1c.tandem.v1.DeregisterRequest\x1a\x1a.tandem.v1.DeregisterReply2E\n\x06Worker\x12;\n\x08GetState\x12\x17.tandem.v1.StateRequest\x1a\x16.tandem.v1.WorkerStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,32 +36,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERINFO_LORASENTRY']._serialized_options = b'8\001'
   _globals['_WORKERINFO_LORAKEYSENTRY']._loaded_options = None
   _globals['_WORKERINFO_LORAKEYSENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=1282
-  _globals['_ROLE']._serialized_end=1335
+  _globals['_ROLE']._serialized_start=1300
+  _globals['_ROLE']._serialized_end=1353
   _globals['_WORKERINFO']._serialized_start=68
-  _globals['_WORKERINFO']._serialized_end=536
-  _globals['_WORKERINFO_LORASENTRY']._serialized_start=443
-  _globals['_WORKERINFO_LORASENTRY']._serialized_end=487
-  _globals['_WORKERINFO_LORAKEYSENTRY']._serialized_start=489
-  _globals['_WORKERINFO_LORAKEYSENTRY']._serialized_end=536
-  _globals['_WORKERLOAD']._serialized_start=539
-  _globals['_WORKERLOAD']._serialized_end=764
-  _globals['_KVEVENT']._serialized_start=766
-  _globals['_KVEVENT']._serialized_end=869
-  _globals['_KVEVENT_KIND']._serialized_start=838
-  _globals['_KVEVENT_KIND']._serialized_end=869
-  _globals['_WORKERSTATE']._serialized_start=872
-  _globals['_WORKERSTATE']._serialized_end=1062
-  _globals['_HEARTBEATREPLY']._serialized_start=1064
-  _globals['_HEARTBEATREPLY']._serialized_end=1141
-  _globals['_STATEREQUEST']._serialized_start=1143
-  _globals['_STATEREQUEST']._serialized_end=1200
-  _globals['_DEREGISTERREQUEST']._serialized_start=1202
-  _globals['_DEREGISTERREQUEST']._serialized_end=1261
-  _globals['_DEREGISTERREPLY']._serialized_start=1263
-  _globals['_DEREGISTERREPLY']._serialized_end=1280
-  _globals['_ROUTER']._serialized_start=1338
-  _globals['_ROUTER']._serialized_end=1482
-  _globals['_WORKER']._serialized_start=1484
-  _globals['_WORKER']._serialized_end=1553
+  _globals['_WORKERINFO']._serialized_end=554
+  _globals['_WORKERINFO_LORASENTRY']._serialized_start=461
+  _globals['_WORKERINFO_LORASENTRY']._serialized_end=505
+  _globals['_WORKERINFO_LORAKEYSENTRY']._serialized_start=507
+  _globals['_WORKERINFO_LORAKEYSENTRY']._serialized_end=554
+  _globals['_WORKERLOAD']._serialized_start=557
+  _globals['_WORKERLOAD']._serialized_end=782
+  _globals['_KVEVENT']._serialized_start=784
+  _globals['_KVEVENT']._serialized_end=887
+  _globals['_KVEVENT_KIND']._serialized_start=856
+  _globals['_KVEVENT_KIND']._serialized_end=887
+  _globals['_WORKERSTATE']._serialized_start=890
+  _globals['_WORKERSTATE']._serialized_end=1080
+  _globals['_HEARTBEATREPLY']._serialized_start=1082
+  _globals['_HEARTBEATREPLY']._serialized_end=1159
+  _globals['_STATEREQUEST']._serialized_start=1161
+  _globals['_STATEREQUEST']._serialized_end=1218
+  _globals['_DEREGISTERREQUEST']._serialized_start=1220
+  _globals['_DEREGISTERREQUEST']._serialized_end=1279
+  _globals['_DEREGISTERREPLY']._serialized_start=1281
+  _globals['_DEREGISTERREPLY']._serialized_end=1298
+  _globals['_ROUTER']._serialized_start=1356
+  _globals['_ROUTER']._serialized_end=1500
+  _globals['_WORKER']._serialized_start=1502
+  _globals['_WORKER']._serialized_end=1571
 # @@protoc_insertion_point(module_scope)

@@ -18,7 +18,7 @@ PREFILL: Role
 DECODE: Role
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "instance_id", "role", "address", "layout", "model", "max_model_len", "vocab_size", "kv_hash_seed", "max_num_seqs", "metrics_url", "loras", "lora_keys")
+    __slots__ = ("worker_id", "instance_id", "role", "address", "layout", "model", "max_model_len", "vocab_size", "kv_hash_seed", "max_num_seqs", "metrics_url", "loras", "lora_keys", "kv_store")
     class LorasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class WorkerInfo(_message.Message):
     METRICS_URL_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
     LORA_KEYS_FIELD_NUMBER: _ClassVar[int]
+    KV_STORE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     instance_id: str
     role: Role
@@ -59,7 +60,8 @@ class WorkerInfo(_message.Message):
     metrics_url: str
     loras: _containers.ScalarMap[str, str]
     lora_keys: _containers.ScalarMap[str, str]
-    def __init__(self, worker_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.LayoutDescriptor, _Mapping]] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_hash_seed: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., metrics_url: _Optional[str] = ..., loras: _Optional[_Mapping[str, str]] = ..., lora_keys: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    kv_store: str
+    def __init__(self, worker_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.LayoutDescriptor, _Mapping]] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_hash_seed: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., metrics_url: _Optional[str] = ..., loras: _Optional[_Mapping[str, str]] = ..., lora_keys: _Optional[_Mapping[str, str]] = ..., kv_store: _Optional[str] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
     __slots__ = ("num_running", "num_waiting", "num_free_blocks", "num_blocks", "num_leases", "num_prefilling", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions")

@@ -85,18 +85,18 @@ class Stack:
         # idle workers sleep (OMP_WAIT_POLICY=PASSIVE below). Splitting the cores made a lone 1,000-token
         # prompt's TTFT 1.7x slower on 2 cores (median 2,125 ms against 1,245-1,300 ms, 7 streamed requests).
         threads = threads_per_worker or os.cpu_count() or 2
+        store_args, stores = [], []
+        if kv_store_bytes:
+            store_port, store_http = free_port(host), free_port(host)
+            stores = [Child("kvstore", [*cmd, "kvstore", "--host", host, "--port", str(store_port), "--http-port",
+                                        str(store_http), "--capacity-bytes", str(kv_store_bytes)], store_http,
+                            env.get("kvstore", {}), registers=False)]
+            store_args = ["--kv-store", f"{host}:{store_port}"]  # the workers load from it, the router follows it
         self.children = [Child("router", [*cmd, "router", *model_arg, "--host", host, "--port", str(port),
                                           "--grpc-host", host, "--grpc-port", str(self.grpc_port),
                                           "--uvicorn-log-level", "warning", *engine_args_for_router(engine_args),
-                                          *router_args], port, env.get("router", {}), registers=False)]
-        store_args = []
-        if kv_store_bytes:
-            store_port, store_http = free_port(host), free_port(host)
-            self.children.append(Child("kvstore", [*cmd, "kvstore", "--host", host, "--port", str(store_port),
-                                                   "--http-port", str(store_http), "--capacity-bytes",
-                                                   str(kv_store_bytes)], store_http, env.get("kvstore", {}),
-                                       registers=False))
-            store_args = ["--kv-store", f"{host}:{store_port}"]
+                                          *store_args, *router_args], port, env.get("router", {}), registers=False),
+                         *stores]
         for role, count in (("prefill", num_prefill), ("decode", num_decode)):
             for i in range(count):
                 name = f"{role}-{i}"

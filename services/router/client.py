@@ -33,14 +33,14 @@ from tandem.router.metrics import RouterMetrics
 from tandem.router.plugins import Profile, RoutingRequest
 from tandem.router.pool import Worker, WorkerPool
 from tandem.router.remote_prefill import DecodeLost, RemotePrefill, cancelled_by_pool
+from tandem.router.store_index import StoreIndex
 from tandem.rpc.convert import params_to_proto
 from tandem.rpc.grpc_util import ChannelPool
 from tandem.rpc.token_stream import OutputAssembler
 from tandem.sampling_params import SamplingParams
 from tandem.server.engine_client import EngineDeadError, EngineError, EngineStats
-from tandem.tokenizer import sampling_defaults
 from tandem.telemetry import outgoing_metadata, tracer
-from tandem.tokenizer import eos_token_ids, load_tokenizer
+from tandem.tokenizer import eos_token_ids, load_tokenizer, sampling_defaults
 
 log = logging.getLogger("tandem.router")
 Code = grpc.StatusCode
@@ -99,6 +99,7 @@ class RemoteEngineClient:
         self.decode_profile = Profile(self.config.decode_filters, self.config.decode_scorers)
         self.prefill_profile = Profile(self.config.prefill_filters, self.config.prefill_scorers)
         self.prefills = RemotePrefill(self)
+        self.store = StoreIndex(self.config.kv_store) if self.config.kv_store else None  # followed by the router
         vocab = self.inputs.vocab_size  # structured outputs compile here as on the decode workers
         self.grammars = GrammarBook(self.tokenizer, vocab, eos_token_ids(self.model_path, self.tokenizer, vocab))
 
@@ -165,7 +166,7 @@ class RemoteEngineClient:
         force_local = False
         try:
             while True:
-                decode = self._pick(self.decode_profile, RoutingRequest(ids, params.max_tokens or 0, lora=params.lora),
+                decode = self._pick(self.decode_profile, self.routing(ids, params, max_tokens=params.max_tokens or 0),
                                     self.pool.live(router_pb2.DECODE), excluded)
                 if decode is None:
                     raise EngineError("no decode worker is available" + (
@@ -207,6 +208,11 @@ class RemoteEngineClient:
             span.end()
             log.info(rec.line(asm))
 
+    def routing(self, tokens: list[int], params: SamplingParams | common_pb2.SamplingParams, **more) -> RoutingRequest:
+        """What the routing plugins see of a request (`params`: the API's, or as sent to workers)."""
+        lora = params.lora if not isinstance(params, common_pb2.SamplingParams) or params.HasField("lora") else None
+        return RoutingRequest(tokens, lora=lora, store=self.store, **more)
+
     def _pick(self, profile: Profile, req: RoutingRequest, workers: list[Worker], excluded: set[str]) -> Worker | None:
         """`excluded`: worker instances that failed this request (a restarted worker is a new one)."""
         started = time.perf_counter()
@@ -220,10 +226,10 @@ class RemoteEngineClient:
             return "fallback", "lease_expired"
         if params.prompt_logprobs is not None:
             return "local", "prompt_logprobs"
-        uncached = len(tokens) - RoutingRequest(tokens, lora=params.lora).cached_tokens(decode)
+        uncached = len(tokens) - self.routing(tokens, params).reusable_tokens(decode)
         if uncached < max(2, self.config.local_prefill_threshold):
             return "local", "below_threshold"
-        if not self.prefill_profile.scores(RoutingRequest(tokens, decode=decode, lora=params.lora),
+        if not self.prefill_profile.scores(self.routing(tokens, params, decode=decode),
                                            self.pool.live(router_pb2.PREFILL)):
             return "fallback", "no_compatible_prefill"
         return "remote", "uncached_above_threshold"

@@ -16,6 +16,7 @@ class RouterConfig:
     decode_attempts: int = 3  # decode workers tried (resuming) before the request fails
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 2.0  # a worker silent this long leaves the pool
+    kv_store: str = ""  # the prefix KV store whose events count in prefix scoring and the prefill decision
     decode_filters: list[str] = field(default_factory=lambda: ["fits", "adapter"])
     decode_scorers: dict[str, float] = field(default_factory=lambda: dict(DECODE_DEFAULTS))
     prefill_filters: list[str] = field(default_factory=lambda: ["compatible", "adapter"])

@@ -57,6 +57,10 @@ def add_router_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     r.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between worker heartbeats (default: 0.5)")
     r.add_argument("--heartbeat-timeout", type=float, default=2.0,
                    help="a worker silent this long leaves the pool (default: 2)")
+    r.add_argument("--kv-store", metavar="HOST:PORT", default=os.environ.get("TANDEM_KVSTORE_ADDRESS") or "",
+                   help="the prefix KV store the workers load from: the router follows its events, so prefixes "
+                        "it holds count in prefix scoring and in the prefill decision (default: "
+                        "$TANDEM_KVSTORE_ADDRESS, which the operator sets when the model has a store)")
     r.add_argument("--decode-scorers", help="decode scorer weights, e.g. kv_free=1,load=1,prefix=1")
     r.add_argument("--prefill-scorers", help="prefill scorer weights, e.g. prefix=1,queue=1")
     r.add_argument("--otlp-traces-endpoint", help="OTLP gRPC endpoint for traces (default: none)")
@@ -72,7 +76,7 @@ def router_config(args: argparse.Namespace):
         local_prefill_threshold=args.local_prefill_threshold, lease_seconds=args.lease_seconds,
         ticket_timeout=args.ticket_timeout, prefill_timeout=args.prefill_timeout,
         prefill_attempts=args.prefill_attempts, decode_attempts=args.decode_attempts,
-        heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
+        heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout, kv_store=args.kv_store,
         decode_scorers=parse_weights(args.decode_scorers, DECODE_DEFAULTS),
         prefill_scorers=parse_weights(args.prefill_scorers, PREFILL_DEFAULTS))
 
@@ -105,7 +109,7 @@ class Router:
         self.pool = WorkerPool(config.heartbeat_interval, config.heartbeat_timeout)
         self.client = RemoteEngineClient(model, model_name, self.pool, config, max_model_len, generation_config)
         self.app = build_app(self.client, server_config)
-        self.client.metrics = RouterMetrics(self.app.state.ctx.metrics.registry, self.pool)
+        self.client.metrics = RouterMetrics(self.app.state.ctx.metrics.registry, self.pool, self.client.store)
         self._add_admin_routes()
         self._tasks: list[asyncio.Task] = []
 
@@ -131,6 +135,8 @@ class Router:
         await self.grpc.start()
         self._tasks = [asyncio.ensure_future(self.pool.sweep())]
         self._tasks += [asyncio.ensure_future(follow(a, self.pool.poll)) for a in static]
+        if self.client.store is not None:
+            self._tasks.append(asyncio.ensure_future(self.client.store.follow()))
         self.http, self._http_task = await start_http(self.app, host, port, log_level, timeout_keep_alive=30,
                                                       timeout_graceful_shutdown=10)
         self.port = bound_port(self.http)
@@ -154,8 +160,9 @@ class Router:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        log.info("router ready: OpenAI API on http://%s:%d/v1, workers register on gRPC port %d%s", host, port,
-                 grpc_port, f", polling {static}" if static else "")
+        log.info("router ready: OpenAI API on http://%s:%d/v1, workers register on gRPC port %d%s%s", host, port,
+                 grpc_port, f", polling {static}" if static else "",
+                 f", following KV store {args.kv_store}" if args.kv_store else "")
         print(f"TANDEM_READY role=router http={host}:{port} grpc={grpc_port} pid={os.getpid()}", flush=True)
         await stop.wait()
         await self.stop()

@@ -1,14 +1,15 @@
 """The router's own series, added to the OpenAI app's registry (which already has TTFT, ITL and
 end-to-end latency as the client saw them): prefill decisions, failovers, scoring time, KV
-transfers per prefill -> decode pair, and the worker pool."""
+transfers per prefill -> decode pair, the worker pool, and the KV store's index."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tandem.proto import router_pb2
 from tandem.router.pool import WorkerPool
+from tandem.router.store_index import StoreIndex
 from tandem.worker.metrics import TransferMetrics
 
 DECISIONS = ("remote", "local", "fallback")
@@ -31,8 +32,20 @@ class _PoolCollector(Collector):
         yield gauge
 
 
+class _StoreCollector(Collector):
+    def __init__(self, store: StoreIndex) -> None:
+        self.store = store
+
+    def collect(self):
+        yield GaugeMetricFamily("tandem:router_kv_store_blocks", "Blocks the prefix KV store holds, as its events "
+                                "told the router.", value=len(self.store))
+        yield CounterMetricFamily("tandem:router_kv_store_resubscriptions", "Times the router subscribed to the "
+                                  "KV store's events again (the store restarted or was unreachable, or the "
+                                  "router fell behind).", value=self.store.resubscriptions)
+
+
 class RouterMetrics:
-    def __init__(self, registry: CollectorRegistry, pool: WorkerPool) -> None:
+    def __init__(self, registry: CollectorRegistry, pool: WorkerPool, store: StoreIndex | None = None) -> None:
         self.decisions = Counter("tandem:router_prefill_decisions", "Where prompts were prefilled: remote "
                                  "(a prefill worker), local (decode, by policy) or fallback (decode, after remote "
                                  "prefill failed or was impossible).", ["decision", "reason"], registry=registry)
@@ -48,5 +61,7 @@ class RouterMetrics:
                                       buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.transfers = TransferMetrics(registry, ("prefill", "decode"))
         registry.register(_PoolCollector(pool))
+        if store is not None:
+            registry.register(_StoreCollector(store))
         for decision, reason in zip(DECISIONS, ("uncached_above_threshold", "below_threshold", "prefill_failed")):
             self.decisions.labels(decision, reason)  # present from the start: rates and ratios exist at zero

@@ -1,7 +1,9 @@
 """Routing policy as plugins, llm-d style: filters drop workers that cannot serve a request,
 scorers rate each remaining worker in [0, 1], a profile sums the weighted scores and picks the
 best. One profile picks the decode worker, another the prefill worker (among those whose KV
-layout matches that decode worker's). Weights come from the router's configuration.
+layout matches that decode worker's). Weights come from the router's configuration. Prefix scoring
+counts the blocks a worker's cache holds (its events) and, at a discount, those it would load from
+the prefix KV store (the store's events, store_index.py).
 """
 from __future__ import annotations
 
@@ -10,6 +12,12 @@ from typing import Callable
 
 from tandem.engine.kv_cache.block_hash import chain_seed, common_prefix_blocks, hash_blocks
 from tandem.router.pool import Worker
+from tandem.router.store_index import StoreIndex
+
+
+# A block the worker loads from the KV store is worth this much of one in its own cache: it skips the compute
+# but crosses the network and waits for its turn on the engine thread.
+STORE_BLOCK_WORTH = 0.5
 
 
 @dataclass
@@ -18,6 +26,7 @@ class RoutingRequest:
     max_tokens: int = 0
     decode: Worker | None = None  # set when picking a prefill worker for this decode worker
     lora: str | None = None  # the LoRA adapter the request runs under
+    store: StoreIndex | None = None  # what the prefix KV store holds, when the router follows one
     _hashes: dict[tuple[int, str], list[int]] = field(default_factory=dict)
 
     def block_hashes(self, block_size: int, seed: str) -> list[int]:
@@ -26,14 +35,28 @@ class RoutingRequest:
             self._hashes[key] = hash_blocks(self.prompt_token_ids, block_size, seed)
         return self._hashes[key]
 
-    def cached_tokens(self, w: Worker) -> int:
-        """Prompt tokens the worker's prefix cache holds (leading full blocks, as its events say), under
-        the request's adapter as that worker keys it."""
+    def _prefix_tokens(self, w: Worker, held: set[int] | frozenset[int]) -> int:
+        """Leading prompt tokens whose blocks are in `held`, hashed as `w` keys them under the request's adapter."""
         bs = w.info.layout.block_size or 16
         if self.lora is not None and self.lora not in w.info.lora_keys:
             return 0
         seed = chain_seed(w.info.kv_hash_seed, None if self.lora is None else w.info.lora_keys[self.lora])
-        return common_prefix_blocks(self.block_hashes(bs, seed), w.cached) * bs
+        return common_prefix_blocks(self.block_hashes(bs, seed), held) * bs
+
+    def cached_tokens(self, w: Worker) -> int:
+        """Prompt tokens the worker's prefix cache holds (leading full blocks, as its events say)."""
+        return self._prefix_tokens(w, w.cached)
+
+    def store_tokens(self, w: Worker) -> int:
+        """Prompt tokens the worker can load from the KV store (as the store's events say): 0 unless it loads
+        from the store the router follows."""
+        if self.store is None or not self.store.serves(w.info.kv_store):
+            return 0
+        return self._prefix_tokens(w, self.store.held(w.compat_hash))
+
+    def reusable_tokens(self, w: Worker) -> int:
+        """Prompt tokens the worker need not compute: cached there, or loaded from the store."""
+        return max(self.cached_tokens(w), self.store_tokens(w))
 
 
 Filter = Callable[[RoutingRequest, list[Worker]], list[Worker]]
@@ -77,7 +100,10 @@ def queue(req: RoutingRequest, w: Worker) -> float:
 
 
 def prefix(req: RoutingRequest, w: Worker) -> float:
-    return req.cached_tokens(w) / max(1, len(req.prompt_token_ids))
+    """The prompt's share the worker holds, the part it would load from the KV store at STORE_BLOCK_WORTH."""
+    cached = req.cached_tokens(w)
+    loaded = max(0, req.store_tokens(w) - cached)
+    return (cached + STORE_BLOCK_WORTH * loaded) / max(1, len(req.prompt_token_ids))
 
 
 FILTERS: dict[str, Filter] = {"adapter": adapter, "compatible": compatible, "fits": fits}

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from tandem.proto import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc, router_pb2
-from tandem.router.plugins import RoutingRequest
 from tandem.router.pool import Worker
 from tandem.telemetry import outgoing_metadata
 
@@ -51,8 +50,7 @@ class RemotePrefill:
         request = prefill_pb2.PrefillRequest(request_id=ticket.request_id, prompt_token_ids=tokens, ticket=ticket,
                                              params=params)
         for attempt in range(self.client.config.prefill_attempts):
-            lora = params.lora if params.HasField("lora") else None
-            prefill = self.client._pick(self.client.prefill_profile, RoutingRequest(tokens, decode=decode, lora=lora),
+            prefill = self.client._pick(self.client.prefill_profile, self.client.routing(tokens, params, decode=decode),
                                         self.client.pool.live(router_pb2.PREFILL), tried)
             if prefill is None:
                 break

@@ -236,7 +236,8 @@ class WorkerServer:
                                 kv_transport=self.kv_transport, store=self.store), self.server)
             extra = lambda load: setattr(load, "num_prefilling", host.num_prefilling)  # noqa: E731
         self.reporter = WorkerReporter(host, self.role, self.worker_id, self.advertise, host.model_name, extra,
-                                       metrics_url=f"http://{metrics_host}:{self.http_port}/metrics")
+                                       metrics_url=f"http://{metrics_host}:{self.http_port}/metrics",
+                                       kv_store=self.kv_store if self.store else "")
         router_pb2_grpc.add_WorkerServicer_to_server(WorkerStateServicer(self.reporter), self.server)
         await self.server.start()
         self._stop = asyncio.Event()

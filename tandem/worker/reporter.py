@@ -25,7 +25,7 @@ MAX_EVENTS_PER_REPORT = 100_000
 class WorkerReporter:
     def __init__(self, engine_host, role: int, worker_id: str, address: str, model: str,
                  load_extra: Callable[[router_pb2.WorkerLoad], None] = lambda load: None,
-                 metrics_url: str = "") -> None:
+                 metrics_url: str = "", kv_store: str = "") -> None:
         self.host = engine_host  # an AsyncEngine: stats() is a snapshot safe to read here
         engine = engine_host.engine
         self.events = KVEventLog()
@@ -37,7 +37,7 @@ class WorkerReporter:
             layout=layout_to_proto(engine.layout), model=model, max_model_len=engine_host.max_model_len,
             vocab_size=engine.model.shape.vocab, kv_hash_seed=engine.kv.hash_seed,
             max_num_seqs=engine.config.scheduler.max_num_seqs, metrics_url=metrics_url,
-            loras=engine.lora_paths, lora_keys=engine.kv.lora_keys)
+            loras=engine.lora_paths, lora_keys=engine.kv.lora_keys, kv_store=kv_store)
 
     def load(self) -> router_pb2.WorkerLoad:
         s = self.host.stats()

@@ -104,3 +104,4 @@ def test_disaggregated_equals_colocated(stack_factory, colocated, tiny_model_dir
         assert sum(total(m, "tandem:kv_store_blocks_total", direction="save") for m in prefills) >= 4
         assert sum(total(m, "tandem:kv_store_failures_total") for m in prefills) == 0
         assert total(s.metrics("kvstore"), "tandem:kvstore_puts_total") >= 4
+        assert total(s.metrics(), "tandem:router_kv_store_blocks") >= 4  # the router follows the store's events

@@ -26,7 +26,7 @@ class Stack:
     """A KV store, a router, a decode worker and prefill workers started on demand, all on one loop."""
 
     def __init__(self, model: str, store_address: str | None = None, decode_loras: dict | None = None,
-                 decode_tp: int = 1, decode_pp: int = 1, **store_options) -> None:
+                 decode_tp: int = 1, decode_pp: int = 1, router_follows_store: bool = False, **store_options) -> None:
         from tandem.decode.engine import DecodeEngine
         from tandem.kvstore.main import KVStoreServer
         from tandem.kvstore.store import KVStore
@@ -44,7 +44,8 @@ class Stack:
             self.run(self.store.start())
             store_address = f"127.0.0.1:{self.store.port}"
         self.store_address = store_address
-        self.router = Router(model, "tiny", RouterConfig(local_prefill_threshold=8, heartbeat_interval=0.2),
+        self.router = Router(model, "tiny", RouterConfig(local_prefill_threshold=8, heartbeat_interval=0.2,
+                                                         kv_store=store_address if router_follows_store else ""),
                              ServerConfig())
         self.port, self.grpc_port = self.run(self.router.start("127.0.0.1", 0, "127.0.0.1", 0))
         self.decode = self.start(router_pb2.DECODE, "decode-0", DecodeEngine, decode_loras, decode_tp, decode_pp)
@@ -190,5 +191,27 @@ def test_a_decode_worker_prefilling_locally_loads_from_the_store(tiny_model_dirs
         stack.complete(other)
         wait_for(lambda: stack.counter("decode-0", "tandem:kv_store_blocks", "save") == len(other) // 16,
                  "decode to save what it prefilled")
+    finally:
+        stack.close()
+
+
+def test_the_router_counts_what_the_store_holds(tiny_model_dirs):
+    """The router follows the store's events: a prompt whose prefix the store holds and whose new part is under
+    the local-prefill threshold is prefilled by decode, which loads the prefix, instead of going to a prefill
+    worker as it would for a router blind to the store."""
+    stack = Stack(tiny_model_dirs["llama"], router_follows_store=True)
+    registry = stack.router.app.state.ctx.metrics.registry
+    try:
+        stack.saved_by_prefill_a()
+        assert stack.decisions("remote") == 1
+        wait_for(lambda: registry.get_sample_value("tandem:router_kv_store_blocks") == len(PROMPT) // 16,
+                 "the router to see the store's blocks")
+        stack.forget_decode_cache()
+        near = PROMPT[:192] + [5, 6, 7, 8, 9]  # 12 blocks the store holds, 5 new tokens
+        assert len(stack.complete(near)) == 6
+        assert stack.decisions("local") == 1 and stack.decisions("remote") == 1
+        assert stack.counter("decode-0", "tandem:kv_store_blocks", "load") == 12
+        assert stack.counter("prefill-a", "tandem:kv_store_blocks", "load") == 0
+        assert registry.get_sample_value("tandem:router_kv_store_resubscriptions_total") == 0
     finally:
         stack.close()

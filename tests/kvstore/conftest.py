@@ -21,12 +21,12 @@ NS = "compat0a"  # a compat_hash namespace
 class Running:
     """A started KVStoreServer and a stub bound to it."""
 
-    def __init__(self, store: KVStore) -> None:
+    def __init__(self, store: KVStore, port: int = 0) -> None:
         self.store = store
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = KVStoreServer(store)
+        self.server = KVStoreServer(store, port=port)
         self._call(self.server.start())
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
         self.stub = kvstore_pb2_grpc.KVStoreStub(self.channel)
@@ -67,12 +67,12 @@ def block(i: int, size: int = 1000) -> bytes:
 
 @pytest.fixture
 def kvstore() -> Iterator[Callable[..., Running]]:
-    """kvstore(**KVStore kwargs) -> a running server; every one started is stopped after the test."""
+    """kvstore(port=0, **KVStore kwargs) -> a running server; every one started is stopped after the test."""
     started: list[Running] = []
 
-    def start(**kwargs) -> Running:
+    def start(port: int = 0, **kwargs) -> Running:
         kwargs.setdefault("capacity_bytes", 1 << 20)
-        started.append(Running(KVStore(**kwargs)))
+        started.append(Running(KVStore(**kwargs), port))
         return started[-1]
 
     yield start

@@ -16,9 +16,9 @@ KV = router_pb2.KVEvent
 
 def state(worker_id: str, role=router_pb2.DECODE, compat="aaa", free=100, blocks=100, running=0, waiting=0,
           prefilling=0, instance="i1", first=0, events=(), snapshot=False, max_len=4096,
-          address: str | None = None) -> router_pb2.WorkerState:
+          address: str | None = None, kv_store: str = "") -> router_pb2.WorkerState:
     info = router_pb2.WorkerInfo(worker_id=worker_id, instance_id=instance, role=role,
-                                 address=address or f"{worker_id}:1",
+                                 address=address or f"{worker_id}:1", kv_store=kv_store,
                                  layout=common_pb2.LayoutDescriptor(compat_hash=compat, block_size=16),
                                  max_model_len=max_len, kv_hash_seed="tandem", max_num_seqs=256)
     load = router_pb2.WorkerLoad(num_free_blocks=free, num_blocks=blocks, num_running=running, num_waiting=waiting,
@@ -64,6 +64,30 @@ def test_prefix_scorer_follows_kv_events(pool):
     # block 3 evicted: only the leading chain counts
     pool.report(state("a", first=0, events=[KV(kind=KV.REMOVED, block_hashes=[hashes[1]])]))
     assert RoutingRequest(PROMPT).cached_tokens(pool.workers["a"]) == 16
+
+
+def test_prefixes_in_the_kv_store_count_for_the_workers_that_load_from_it(pool):
+    """A block a worker would load from the store counts at half a cached one, and only for workers that load
+    from the store the router follows; the prefill decision counts it whole (it is not computed)."""
+    from tandem.proto import kvstore_pb2
+    from tandem.router.plugins import STORE_BLOCK_WORTH
+    from tandem.router.store_index import StoreIndex
+
+    hashes = hash_blocks(PROMPT, 16, "tandem")
+    store = StoreIndex("store:1")
+    store.apply(kvstore_pb2.StoreEvent(kind=kvstore_pb2.StoreEvent.STORED, compat_hash="aaa", block_hashes=hashes[:4]))
+    store.apply(kvstore_pb2.StoreEvent(kind=kvstore_pb2.StoreEvent.STORED, compat_hash="bbb", block_hashes=hashes))
+    pool.report(state("linked", kv_store="store:1", snapshot=True, events=[KV(kind=KV.STORED, block_hashes=hashes[:1])]))
+    pool.report(state("elsewhere", kv_store="store:2"))
+    pool.report(state("unlinked", snapshot=True, events=[KV(kind=KV.STORED, block_hashes=hashes[:2])]))
+    w = pool.workers
+    req = RoutingRequest(PROMPT, store=store)
+    assert [req.reusable_tokens(w[n]) for n in ("linked", "elsewhere", "unlinked")] == [64, 0, 32]
+    assert SCORERS["prefix"](req, w["linked"]) == pytest.approx((16 + STORE_BLOCK_WORTH * 48) / 80)
+    assert Profile([], {"prefix": 1.0}).pick(req, list(w.values())).worker_id == "linked"
+    assert RoutingRequest(PROMPT).reusable_tokens(w["linked"]) == 16  # a router that follows no store
+    store.apply(kvstore_pb2.StoreEvent(kind=kvstore_pb2.StoreEvent.REMOVED, compat_hash="aaa", block_hashes=hashes[1:2]))
+    assert req.store_tokens(w["linked"]) == 16 and len(store) == 3 + 5
 
 
 def test_event_gap_asks_for_a_snapshot(pool):
