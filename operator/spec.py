@@ -123,7 +123,7 @@ class PoolSpec(Placement):
 
 class KVStoreSpec(Placement):
     enabled: bool = False
-    replicas: int = Field(1, ge=1, le=64)
+    replicas: int = Field(1, ge=1, le=64)  # each holds its share of the blocks (kvstore/replicas.py)
     capacity: ByteQuantity = "16Gi"  # the DRAM tier of each replica
     disk_capacity: ByteQuantity | None = None  # a disk tier (an emptyDir) of this size; None: none
 

@@ -24,6 +24,7 @@ def _addresses(value: str) -> list[str]:
 
 
 def add_router_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from tandem.kvstore.replicas import address_argument
     from tandem.server.launch import add_http_args
 
     p = sub.add_parser("router", help="the OpenAI gateway in front of prefill and decode workers",
@@ -57,7 +58,8 @@ def add_router_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     r.add_argument("--heartbeat-interval", type=float, default=0.5, help="seconds between worker heartbeats (default: 0.5)")
     r.add_argument("--heartbeat-timeout", type=float, default=2.0,
                    help="a worker silent this long leaves the pool (default: 2)")
-    r.add_argument("--kv-store", metavar="HOST:PORT", default=os.environ.get("TANDEM_KVSTORE_ADDRESS") or "",
+    r.add_argument("--kv-store", metavar="HOST:PORT[,...]", type=address_argument,
+                   default=os.environ.get("TANDEM_KVSTORE_ADDRESS") or "",
                    help="the prefix KV store the workers load from: the router follows its events, so prefixes "
                         "it holds count in prefix scoring and in the prefill decision (default: "
                         "$TANDEM_KVSTORE_ADDRESS, which the operator sets when the model has a store)")

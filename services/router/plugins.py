@@ -8,7 +8,7 @@ the prefix KV store (the store's events, store_index.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Container
 
 from tandem.engine.kv_cache.block_hash import chain_seed, common_prefix_blocks, hash_blocks
 from tandem.router.pool import Worker
@@ -35,7 +35,7 @@ class RoutingRequest:
             self._hashes[key] = hash_blocks(self.prompt_token_ids, block_size, seed)
         return self._hashes[key]
 
-    def _prefix_tokens(self, w: Worker, held: set[int] | frozenset[int]) -> int:
+    def _prefix_tokens(self, w: Worker, held: Container[int]) -> int:
         """Leading prompt tokens whose blocks are in `held`, hashed as `w` keys them under the request's adapter."""
         bs = w.info.layout.block_size or 16
         if self.lora is not None and self.lora not in w.info.lora_keys:

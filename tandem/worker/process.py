@@ -16,6 +16,7 @@ import socket
 import sys
 
 from tandem.engine.kv_transfer import DEFAULT_CHUNK_BYTES
+from tandem.kvstore.replicas import address_argument
 from tandem.proto import router_pb2, router_pb2_grpc
 
 log = logging.getLogger("tandem.worker")
@@ -55,10 +56,12 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-nixl-bytes", type=int, default=512 << 20,
                    help="decode with --kv-transport nixl: its registered staging buffer, shared by the leases in "
                         "flight (a lease that finds no room goes over gRPC; default: 512 MiB)")
-    g.add_argument("--kv-store", metavar="HOST:PORT", default=os.environ.get("TANDEM_KVSTORE_ADDRESS") or None,
+    g.add_argument("--kv-store", metavar="HOST:PORT[,...]", type=address_argument,
+                   default=os.environ.get("TANDEM_KVSTORE_ADDRESS") or None,
                    help="the prefix KV store (`tandem kvstore`) to load prompt prefixes from before computing them "
-                        "and save computed blocks to (default: $TANDEM_KVSTORE_ADDRESS, which the operator sets "
-                        "when the model's kvStore is enabled; else none)")
+                        "and save computed blocks to; several replicas (a list, or a DNS name resolving to each) "
+                        "each hold their share of the blocks (default: $TANDEM_KVSTORE_ADDRESS, which the operator "
+                        "sets when the model's kvStore is enabled; else none)")
     add_lora_args(g)
     g.add_argument("--kv-port", type=int, default=0,
                    help="decode: port of the KV transfer server prefill workers write to (default: any free)")
@@ -202,6 +205,7 @@ class WorkerServer:
             from tandem.worker.store_link import StoreLink
 
             self.store = StoreLink(self.kv_store, host, host.engine.layout, self.metrics)
+            await self.store.start()
         if self.role == router_pb2.DECODE:
             from tandem.decode.kv_receiver import start_kv_server
             from tandem.decode.service import DecodeServicer

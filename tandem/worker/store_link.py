@@ -15,6 +15,10 @@ payload, a refused put) the prompt is computed here as without it; failures are 
 (`tandem:kv_store_failures`), never the request's error. A failed call sets the store aside for
 `retry_seconds` (a store that hangs would otherwise add its timeout to every prompt), and a put it
 refuses for good (a block over its size limit) ends saving.
+
+A store of several replicas (`HOST:PORT,...`, or a DNS name resolving to each) holds each block on one of
+them, the same for every client (kvstore/replicas.py): a prompt's Exists goes to each replica for its
+share, each Get and Put to its block's replica.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import zlib
 import grpc
 
 from tandem.engine.kv_transfer.layout import LayoutDescriptor
+from tandem.kvstore.replicas import Replicas
 from tandem.proto import kvstore_pb2 as pb
 from tandem.proto import kvstore_pb2_grpc
 from tandem.rpc.convert import layout_to_proto
@@ -49,15 +54,34 @@ class StoreLink:
         self.retry_seconds = retry_seconds
         self._down_until = 0.0  # set aside after a failure until then
         self.saving = True  # off once the store refuses our blocks for good
-        self._stub: kvstore_pb2_grpc.KVStoreStub | None = None
+        self.replicas = Replicas(address)
+        self._channels: dict[str, grpc.aio.Channel] = {}
         self._saves: set[asyncio.Task] = set()
+        self._following: asyncio.Task | None = None
 
-    @property
-    def stub(self) -> kvstore_pb2_grpc.KVStoreStub:
-        if self._stub is None:  # made on the serving loop (an aio channel binds to the loop it starts on)
-            self._channel = grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-            self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
-        return self._stub
+    async def start(self) -> None:
+        """The replica set resolved, and followed while DNS names it (on the serving loop)."""
+        if not self.replicas.static:
+            await self.replicas.refresh()
+            self._following = asyncio.ensure_future(self.replicas.follow())
+
+    def stub(self, replica: str) -> kvstore_pb2_grpc.KVStoreStub:
+        if replica not in self._channels:  # made on the serving loop (an aio channel binds to the loop it starts on)
+            self._channels[replica] = grpc.aio.insecure_channel(replica, options=CHANNEL_OPTIONS)
+        return kvstore_pb2_grpc.KVStoreStub(self._channels[replica])
+
+    async def _held(self, hashes: list[int]) -> list[bool]:
+        """Whether the store holds each of `hashes`, asking each replica about its own share at once."""
+        shares = self.replicas.split(hashes)
+        replies = await asyncio.gather(*(self.stub(r).Exists(pb.ExistsRequest(compat_hash=self.namespace,
+                                                                              block_hashes=share), timeout=self.timeout)
+                                         for r, share in shares.items()))
+        held = {h for share, reply in zip(shares.values(), replies) for h, p in zip(share, reply.present) if p}
+        return [h in held for h in hashes]
+
+    def _get(self, block_hash: int):
+        return self.stub(self.replicas.owner(block_hash)).Get(pb.GetRequest(key=self._key(block_hash)),
+                                                              timeout=self.timeout)
 
     def _key(self, block_hash: int) -> pb.BlockKey:
         return pb.BlockKey(compat_hash=self.namespace, block_hash=block_hash)
@@ -70,16 +94,14 @@ class StoreLink:
         pool = self.engine.kv.pool
         local = next((i for i, h in enumerate(hashes) if pool.lookup(h) is None), len(hashes))
         wanted = hashes[local:]
-        if not wanted or time.monotonic() < self._down_until:
+        if not wanted or time.monotonic() < self._down_until or not self.replicas.addresses:
             return 0
         try:
-            found = await self.stub.Exists(pb.ExistsRequest(compat_hash=self.namespace, block_hashes=wanted),
-                                           timeout=self.timeout)
-            wanted = wanted[:found.prefix_blocks]
+            held = await self._held(wanted)
+            wanted = wanted[:next((i for i, present in enumerate(held) if not present), len(held))]
             replies = []
             for start in range(0, len(wanted), GETS_IN_FLIGHT):
-                replies += await asyncio.gather(*(self.stub.Get(pb.GetRequest(key=self._key(h)), timeout=self.timeout)
-                                                  for h in wanted[start:start + GETS_IN_FLIGHT]))
+                replies += await asyncio.gather(*(self._get(h) for h in wanted[start:start + GETS_IN_FLIGHT]))
                 if not all(r.found for r in replies):
                     break
         except grpc.RpcError as exc:
@@ -100,7 +122,7 @@ class StoreLink:
 
     def save_later(self, token_ids: list[int], lora: str | None = None) -> None:
         """Puts the blocks of `token_ids` this worker's cache holds and the store lacks, in the background."""
-        if not self.saving or time.monotonic() < self._down_until:
+        if not self.saving or time.monotonic() < self._down_until or not self.replicas.addresses:
             return
         task = asyncio.ensure_future(self._save(token_ids, lora))
         self._saves.add(task)
@@ -111,14 +133,12 @@ class StoreLink:
         if not hashes:
             return
         try:
-            held = await self.stub.Exists(pb.ExistsRequest(compat_hash=self.namespace, block_hashes=hashes),
-                                          timeout=self.timeout)
-            missing = [h for h, present in zip(hashes, held.present) if not present]
+            missing = [h for h, present in zip(hashes, await self._held(hashes)) if not present]
             blocks = await self.host.call(self.engine.export_blocks, missing) if missing else []
             for block_hash, payload in blocks:
-                await self.stub.Put(pb.PutRequest(key=self._key(block_hash), payload=payload,
-                                                  crc32=zlib.crc32(payload), layout=self.layout),
-                                    timeout=self.timeout)
+                await self.stub(self.replicas.owner(block_hash)).Put(
+                    pb.PutRequest(key=self._key(block_hash), payload=payload, crc32=zlib.crc32(payload),
+                                  layout=self.layout), timeout=self.timeout)
                 self.metrics.store_blocks.labels("save").inc()
         except grpc.RpcError as exc:
             if exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT):
@@ -144,8 +164,9 @@ class StoreLink:
         await asyncio.gather(*self._saves, return_exceptions=True)
 
     async def close(self) -> None:
-        for task in list(self._saves):
+        tasks = [*self._saves, *([self._following] if self._following else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._saves, return_exceptions=True)
-        if self._stub is not None:
-            await self._channel.close(grace=None)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in self._channels.values():
+            await channel.close(grace=None)

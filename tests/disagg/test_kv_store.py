@@ -26,7 +26,8 @@ class Stack:
     """A KV store, a router, a decode worker and prefill workers started on demand, all on one loop."""
 
     def __init__(self, model: str, store_address: str | None = None, decode_loras: dict | None = None,
-                 decode_tp: int = 1, decode_pp: int = 1, router_follows_store: bool = False, **store_options) -> None:
+                 decode_tp: int = 1, decode_pp: int = 1, router_follows_store: bool = False, store_replicas: int = 1,
+                 **store_options) -> None:
         from tandem.decode.engine import DecodeEngine
         from tandem.kvstore.main import KVStoreServer
         from tandem.kvstore.store import KVStore
@@ -38,11 +39,13 @@ class Stack:
         self.model, self.hosts, self.workers = model, [], {}
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.store = None
+        self.stores = []
         if store_address is None:
-            self.store = KVStoreServer(KVStore(64 << 20, **store_options))
-            self.run(self.store.start())
-            store_address = f"127.0.0.1:{self.store.port}"
+            for _ in range(store_replicas):
+                self.stores.append(KVStoreServer(KVStore(64 << 20, **store_options)))
+                self.run(self.stores[-1].start())
+            store_address = ",".join(f"127.0.0.1:{store.port}" for store in self.stores)
+        self.store = self.stores[0] if self.stores else None
         self.store_address = store_address
         self.router = Router(model, "tiny", RouterConfig(local_prefill_threshold=8, heartbeat_interval=0.2,
                                                          kv_store=store_address if router_follows_store else ""),
@@ -112,8 +115,8 @@ class Stack:
         for name in list(self.workers):
             self.run(self.workers.pop(name).stop())
         self.run(self.router.stop())
-        if self.store is not None:
-            self.run(self.store.stop())
+        for store in self.stores:
+            self.run(store.stop())
         for host in self.hosts:
             host.shutdown()
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -213,5 +216,30 @@ def test_the_router_counts_what_the_store_holds(tiny_model_dirs):
         assert stack.counter("decode-0", "tandem:kv_store_blocks", "load") == 12
         assert stack.counter("prefill-a", "tandem:kv_store_blocks", "load") == 0
         assert registry.get_sample_value("tandem:router_kv_store_resubscriptions_total") == 0
+    finally:
+        stack.close()
+
+
+def test_a_store_of_two_replicas_holds_each_block_once(tiny_model_dirs):
+    """With `--kv-store A,B` each block lives on one replica, the one every worker and the router pick for it:
+    what one prefill worker saved over both, another loads whole, and the router counts it."""
+    from tandem.proto import router_pb2
+
+    stack = Stack(tiny_model_dirs["llama"], router_follows_store=True, store_replicas=2)
+    registry = stack.router.app.state.ctx.metrics.registry
+    try:
+        first = stack.saved_by_prefill_a()
+        held = [store.store.stats().blocks["dram"] for store in stack.stores]
+        assert sum(held) == len(PROMPT) // 16 and min(held) >= 1, held  # 12 blocks, each on one replica
+        wait_for(lambda: registry.get_sample_value("tandem:router_kv_store_blocks") == len(PROMPT) // 16,
+                 "the router to see both replicas' blocks")
+        stack.stop("prefill-a")
+        stack.start(router_pb2.PREFILL, "prefill-b")
+        stack.forget_decode_cache()
+        assert stack.complete(PROMPT[:192] + [5, 6, 7, 8, 9]) and stack.decisions("local") == 1
+        assert stack.counter("decode-0", "tandem:kv_store_blocks", "load") == 12  # from both replicas
+        stack.forget_decode_cache()
+        assert stack.complete() == first  # 8 new tokens: at the threshold, so prefill-b computes them
+        assert stack.counter("prefill-b", "tandem:kv_store_blocks", "load") == 12
     finally:
         stack.close()

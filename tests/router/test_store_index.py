@@ -11,6 +11,10 @@ from tandem.router.store_index import StoreIndex
 from tests.kvstore.conftest import NS, block, kvstore  # noqa: F401 - the fixture
 
 
+def held(index: StoreIndex) -> set[int]:
+    return set().union(*index.held(NS).sets)
+
+
 def wait_for(check, what: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -26,11 +30,11 @@ def test_the_index_follows_the_store_through_a_restart(kvstore):  # noqa: F811
     threading.Thread(target=loop.run_forever, daemon=True).start()
     following = asyncio.run_coroutine_threadsafe(index.follow(retry=0.05), loop)
     try:
-        wait_for(lambda: index.held(NS) == {1}, "the snapshot")
+        wait_for(lambda: held(index) == {1}, "the snapshot")
         kv.put(2, block(2))
-        wait_for(lambda: index.held(NS) == {1, 2}, "a stored block")
+        wait_for(lambda: held(index) == {1, 2}, "a stored block")
         kv.put(3, block(3))  # evicts 1
-        wait_for(lambda: index.held(NS) == {2, 3}, "an evicted block")
+        wait_for(lambda: held(index) == {2, 3}, "an evicted block")
         assert len(index) == 2 and index.resubscriptions == 0
 
         port = kv.server.port
@@ -41,7 +45,7 @@ def test_the_index_follows_the_store_through_a_restart(kvstore):  # noqa: F811
 
         again = kvstore(port=port, capacity_bytes=2000)
         again.put(7, block(7))
-        wait_for(lambda: index.held(NS) == {7}, "the restarted store's blocks")
+        wait_for(lambda: held(index) == {7}, "the restarted store's blocks")
     finally:
         following.cancel()
         loop.call_soon_threadsafe(loop.stop)
