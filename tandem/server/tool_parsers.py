@@ -101,20 +101,37 @@ class HermesParser(_MarkedParser):
 
 
 class MistralParser(_MarkedParser):
-    """`[TOOL_CALLS]` then a JSON list of {"name": ..., "arguments": {...}} (Mistral's v3 tokenizers), after
-    optional text. Call ids are 9 letters and digits: Mistral's templates refuse others in the history."""
+    """Mistral's calls after optional text, in either of its tokenizers' forms: v3-v10's `[TOOL_CALLS]` then a
+    JSON list of {"name": ..., "arguments": {...}}, and v11+'s `[TOOL_CALLS]name[ARGS]{...}` per call (v13 puts
+    `[CALL_ID]id` before `[ARGS]`; its id is kept). Call ids are 9 letters and digits: Mistral's templates
+    refuse others in the history."""
 
     name = "mistral"
     MARKER = "[TOOL_CALLS]"
+    ARGS, CALL_ID = "[ARGS]", "[CALL_ID]"
     _ID = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    _NAMED = re.compile(r"\s*([A-Za-z0-9_.-]+)\s*(?:\[CALL_ID\]\s*([A-Za-z0-9]{9})\s*)?(?:\[ARGS\])?(.*)", re.DOTALL)
+
+    def _new_id(self) -> str:
+        return "".join(secrets.choice(self._ID) for _ in range(9))
 
     def _calls(self, text: str, start: int) -> list[dict[str, Any]]:
-        value = json.loads(text[start + len(self.MARKER):])
-        if not isinstance(value, list) or not value:
-            raise ValueError("not a list of calls")
-        return [_call(v, self.tools, "arguments", "parameters", call_id="".join(secrets.choice(self._ID)
-                                                                                 for _ in range(9)))
-                for v in value]
+        body = text[start + len(self.MARKER):]
+        if body.lstrip().startswith("["):  # v3-v10: one JSON list
+            value = json.loads(body)
+            if not isinstance(value, list) or not value:
+                raise ValueError("not a list of calls")
+            return [_call(v, self.tools, "arguments", "parameters", call_id=self._new_id()) for v in value]
+        calls = []
+        for part in body.split(self.MARKER):  # v11+: name, maybe its id, then its arguments' JSON object
+            named = self._NAMED.fullmatch(part)
+            if named is None or not named.group(3).lstrip().startswith("{"):
+                raise ValueError("not a named call with arguments")
+            name, call_id, args = named.groups()
+            arguments = json.loads(args)
+            calls.append(_call({"name": name, "arguments": arguments}, self.tools, "arguments",
+                               call_id=call_id or self._new_id()))
+        return calls
 
 
 class Llama3JsonParser(_Parser):

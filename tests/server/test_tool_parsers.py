@@ -79,6 +79,21 @@ def test_mistral_parse():
     assert parser.content_end("Checking. [TOOL_") == len("Checking. ")
 
 
+def test_mistral_v11_and_v13_parse():
+    """v11+ tokenizers write each call as [TOOL_CALLS]name[ARGS]{...}; v13 adds [CALL_ID]id, which is kept."""
+    parser = MistralParser({"get_weather", "get_time"})
+    content, calls = parser.parse('Checking. [TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{}')
+    assert content == "Checking. "
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert all(len(c["id"]) == 9 and c["id"].isalnum() for c in calls)
+    _, (call,) = parser.parse('[TOOL_CALLS]get_time[CALL_ID]a1b2c3d4e[ARGS]{"zone": "UTC"}')
+    assert call["id"] == "a1b2c3d4e" and json.loads(call["function"]["arguments"]) == {"zone": "UTC"}
+    for text in ('[TOOL_CALLS]rm[ARGS]{"path": "/"}', '[TOOL_CALLS]get_time[ARGS]{"zone": ', "[TOOL_CALLS]get_time",
+                 '[TOOL_CALLS]get_time[ARGS]{} and more', '[TOOL_CALLS]get_time[ARGS]["UTC"]'):
+        assert parser.parse(text) == (text, []), text
+
+
 @pytest.mark.parametrize("text, calls", [
     ('[get_weather(city="Paris", days=3, units=None), get_time()]',
      [("get_weather", {"city": "Paris", "days": 3, "units": None}), ("get_time", {})]),
@@ -188,6 +203,10 @@ def test_mistral_calls(tiny_engine, serve):
     choice = _ask(server, reply).choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     assert _names_and_args_any_id(choice.message.tool_calls) == [("get_weather", {"city": "Paris"})]
+    v11 = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'  # Mistral Small 3.1+, Devstral, Magistral
+    chunks = [c.choices[0] for c in _ask(server, v11, stream=True) if c.choices]
+    assert not "".join(c.delta.content or "" for c in chunks) and chunks[-1].finish_reason == "tool_calls"
+    assert _names_and_args_any_id(chunks[-1].delta.tool_calls) == [("get_weather", {"city": "Paris"})]
 
 
 def _names_and_args_any_id(calls) -> list[tuple[str, dict]]:
