@@ -227,6 +227,18 @@ def run_hf(cfg: dict, runs: dict[str, list[tuple[int, int]]], rng) -> dict:
     return out
 
 
+def unpruned_last_layer() -> None:
+    """The engine as it ran before it pruned the last layer's rows: every row made, the sampled ones picked after."""
+    from tandem.engine.model_runner import ModelRunner
+
+    forward = ModelRunner._forward
+
+    def every_row(self, input_ids, positions, slots, seqs, on_layer_written, keep=None, *rest):
+        hidden = forward(self, input_ids, positions, slots, seqs, on_layer_written, None, *rest)
+        return hidden if keep is None else hidden[self._device_tensor(keep)]
+    ModelRunner._forward = every_row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="1b,8b")
@@ -244,8 +256,12 @@ def main() -> int:
     ap.add_argument("--budget", type=int, default=16384, help="the engine's max_num_batched_tokens")
     ap.add_argument("--tp", type=int, default=1, help="the engine's tensor_parallel_size (GPUs)")
     ap.add_argument("--warm-seconds", type=float, default=20, help="GPU load before anything is timed")
+    ap.add_argument("--no-prune", action="store_true", help="A/B: every prompt row through the last layer (the "
+                    "engine computes only the sampled rows' projection and MLP there)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "bench/results")
     args = ap.parse_args()
+    if args.no_prune:
+        unpruned_last_layer()
     import triton
     import transformers
 
@@ -258,7 +274,8 @@ def main() -> int:
     result = {"device": device, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
               "ceilings": ceil, "policy": args.policy, "num_scheduler_steps": args.steps,
-              "max_num_batched_tokens": args.budget, "tensor_parallel_size": args.tp, "shapes": {}}
+              "max_num_batched_tokens": args.budget, "tensor_parallel_size": args.tp,
+              "pruned_last_layer": not args.no_prune, "shapes": {}}
     rows = []
     for shape in args.shapes.split(","):
         cfg = llama_config(shape)

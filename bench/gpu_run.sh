@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session in one command (device machine: torch, triton, transformers preinstalled):
-#   bash bench/gpu_run.sh [STAGES]   STAGES: comma list of install,kernels,engine,check,kbench,quick,full,trace,p512,tp
+#   bash bench/gpu_run.sh [STAGES]   STAGES: comma list of install,kernels,engine,check,kbench,quick,full,trace,p512,prune,tp
 # Writes logs and JSON under $OUT (or bench/results).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -49,6 +49,12 @@ if has p512; then  # P512 beside an nvidia-smi log of SM clocks, power and clock
   timeout 300 python3 bench/gpu.py --shapes 8b --workloads P512 --no-hf --repeat 3 --out "$OUT" 2>&1 \
     | grep -v "Warning\|warn" | tail -8
   kill $smi
+fi
+if has prune; then  # the last layer's row pruning on P512, A/B/A on one card (each run its own process)
+  for flag in "" --no-prune ""; do
+    timeout 200 python3 bench/gpu.py --shapes 8b --workloads P512 --no-hf --repeat 3 --warm-seconds 8 $flag \
+      --out "$OUT" 2>&1 | grep -E "^ 8b|TB/s" | sed "s/^/${flag:-pruned} /"
+  done
 fi
 if has tp; then  # tensor parallelism over NCCL, never run on GPUs yet (needs 2 GPUs: nvidia-h100-x2): the check
   # (its float32_tp2 variant against transformers) and 8B throughput at TP=2 against TP=1 in one script
