@@ -144,8 +144,11 @@ def main() -> int:
     variants = {"float32_eager": dict(enforce_eager=True), "float32_graphs": dict(num_scheduler_steps=1),
                 "float32_graphs_multistep": {},
                 "float32_graphs_prompt_lanes": dict(scheduling_policy="lof", max_num_batched_tokens=256)}
-    if DEVICE == "cuda" and torch.cuda.device_count() >= 2:  # tensor parallelism over NCCL (eager steps)
+    # tensor and pipeline parallelism (eager steps): over NCCL on 2 GPUs; on one, with TANDEM_GROUP_BACKEND=gloo
+    # (ranks share the GPU, collectives through the host)
+    if DEVICE == "cuda" and (torch.cuda.device_count() >= 2 or os.environ.get("TANDEM_GROUP_BACKEND") == "gloo"):
         variants["float32_tp2"] = dict(tensor_parallel_size=2)
+        variants["float32_pp2"] = dict(pipeline_parallel_size=2)
     for key, kwargs in variants.items():
         # the multi-step runs also stop requests mid-lookahead: lengths that are not multiples of its 8 steps
         lengths = [NUM_TOKENS - i % 7 for i in range(NUM_PROMPTS)] if "multistep" in key or "lanes" in key else None

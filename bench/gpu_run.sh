@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session in one command (device machine: torch, triton, transformers preinstalled):
-#   bash bench/gpu_run.sh [STAGES]   STAGES: comma list of install,kernels,engine,check,kbench,quick,full,trace,p512,prune,tp
+#   bash bench/gpu_run.sh [STAGES]   STAGES: comma list of install,kernels,engine,check,kbench,quick,full,trace,p512,prune,tpshare,tp
 # Writes logs and JSON under $OUT (or bench/results).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -55,6 +55,15 @@ if has prune; then  # the last layer's row pruning on P512, A/B/A on one card (e
     timeout 200 python3 bench/gpu.py --shapes 8b --workloads P512 --no-hf --repeat 3 --warm-seconds 8 $flag \
       --out "$OUT" 2>&1 | grep -E "^ 8b|TB/s" | sed "s/^/${flag:-pruned} /"
   done
+fi
+if has tpshare; then  # the groups' code on CUDA with one GPU: ranks share it, collectives over gloo through the host
+  # (NCCL refuses two ranks on one GPU); the tests need the GGUF as for `engine`
+  export TANDEM_GROUP_BACKEND=gloo
+  lora=tests/engine/test_lora.py::test_adapters_and_the_base_model_in_one_batch
+  timeout 300 python3 -m pytest tests/engine/test_tensor_parallel.py "$lora[24-2-1]" "$lora[24-1-2]" \
+    -q -p no:cacheprovider 2>&1 | tee "$OUT/tpshare-tests.log" | tail -15
+  timeout 240 python3 bench/gpu_check.py --out "$OUT" 2>&1 | grep -E "tp2|pp2|Error|error"
+  unset TANDEM_GROUP_BACKEND
 fi
 if has tp; then  # tensor parallelism over NCCL, never run on GPUs yet (needs 2 GPUs: nvidia-h100-x2): the check
   # (its float32_tp2 variant against transformers) and 8B throughput at TP=2 against TP=1 in one script

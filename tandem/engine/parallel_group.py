@@ -43,8 +43,20 @@ class ParallelGroupError(RuntimeError):
     fatal = True
 
 
+def gpu_backend() -> str:
+    """The collectives between a group's GPUs: NCCL, one GPU per rank. TANDEM_GROUP_BACKEND=gloo lets ranks share
+    GPUs (every collective staged through host memory), slowly: it exists to run a
+    group's code on CUDA where there are fewer GPUs than ranks (NCCL refuses two ranks on one GPU)."""
+    backend = os.environ.get("TANDEM_GROUP_BACKEND", "nccl")
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"TANDEM_GROUP_BACKEND={backend!r}: nccl or gloo")
+    return backend
+
+
 def rank_device(device: torch.device, rank: int) -> torch.device:
-    return torch.device("cuda", rank) if device.type == "cuda" else device
+    if device.type != "cuda":
+        return device
+    return torch.device("cuda", rank % torch.cuda.device_count() if gpu_backend() == "gloo" else rank)
 
 
 class Links:
@@ -52,9 +64,12 @@ class Links:
     one (all-reduces). Creating them blocks until every rank has."""
 
     def __init__(self, store: dist.Store, placement: Placement, device: torch.device) -> None:
+        nccl = device.type == "cuda" and gpu_backend() == "nccl"
+        self.staged = device.type == "cuda" and not nccl  # gloo sends only host tensors
+
         def join(prefix: str, rank: int, size: int):
             scoped = dist.PrefixStore(prefix, store)
-            if device.type == "cuda":
+            if nccl:
                 return dist.ProcessGroupNCCL(scoped, rank, size)
             return dist.ProcessGroupGloo(scoped, rank, size, TIMEOUT)
 
@@ -63,13 +78,20 @@ class Links:
         self.stage = self.world if p.pp == 1 else join(f"stage{p.stage}", p.rank % p.tp, p.tp) if p.tp > 1 else None
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
-        self._wait(lambda: self.stage.allreduce([tensor]), "all-reduce")
+        host = tensor.cpu() if self.staged else tensor
+        self._wait(lambda: self.stage.allreduce([host]), "all-reduce")
+        if self.staged:
+            tensor.copy_(host)
 
     def send(self, tensor: torch.Tensor, dst: int) -> None:
-        self._wait(lambda: self.world.send([tensor], dst, 0), f"send to rank {dst}")
+        host = tensor.cpu() if self.staged else tensor
+        self._wait(lambda: self.world.send([host], dst, 0), f"send to rank {dst}")
 
     def recv(self, tensor: torch.Tensor, src: int) -> None:
-        self._wait(lambda: self.world.recv([tensor], src, 0), f"receive from rank {src}")
+        host = torch.empty_like(tensor, device="cpu") if self.staged else tensor
+        self._wait(lambda: self.world.recv([host], src, 0), f"receive from rank {src}")
+        if self.staged:
+            tensor.copy_(host)
 
     @staticmethod
     def _wait(start, what: str) -> None:
@@ -93,9 +115,10 @@ class ParallelGroup:
         self.placements = [Placement(rank, self.tp, self.pp) for rank in range(self.size)]
         group = config.group
         local = self.size // group.size  # ranks on this host: 0 .. local - 1
-        if device.type == "cuda" and torch.cuda.device_count() < local:
+        if device.type == "cuda" and torch.cuda.device_count() < local and gpu_backend() == "nccl":
             raise ValueError(f"{local} ranks on this host (tensor_parallel_size x pipeline_parallel_size = {self.size} "
-                             f"over {group.size} hosts) need {local} GPUs; {torch.cuda.device_count()} are visible")
+                             f"over {group.size} hosts) need {local} GPUs; {torch.cuda.device_count()} are visible "
+                             "(TANDEM_GROUP_BACKEND=gloo lets ranks share them, slowly)")
         spread = group.size > 1
         bind = "0.0.0.0" if spread else "127.0.0.1"  # a group on one host stays on loopback, on free ports
         # the key a rank proves it knows before anything is unpickled from it: this group's own when its ranks are
