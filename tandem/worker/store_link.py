@@ -13,8 +13,8 @@ they prefilled themselves.
 The store is a cache: when it fails (unreachable, a block evicted between Exists and Get, a corrupt
 payload, a refused put) the prompt is computed here as without it; failures are logged and counted
 (`tandem:kv_store_failures`), never the request's error. A failed call sets the store aside for
-`retry_seconds` (a store that hangs would otherwise add its timeout to every prompt), and a put it
-refuses for good (a block over its size limit) ends saving.
+`retry_seconds` (a store that hangs would otherwise add its timeout to every prompt; with several
+replicas, only the one that failed), and a put it refuses for good (a block over its size limit) ends saving.
 
 A store of several replicas (`HOST:PORT,...`, or a DNS name resolving to each) holds each block on one of
 them, the same for every client (kvstore/replicas.py): a prompt's Exists goes to each replica for its
@@ -52,7 +52,7 @@ class StoreLink:
         self.metrics = metrics
         self.timeout = timeout  # per call
         self.retry_seconds = retry_seconds
-        self._down_until = 0.0  # set aside after a failure until then
+        self._down_until: dict[str, float] = {}  # replica -> set aside after a failure until then
         self.saving = True  # off once the store refuses our blocks for good
         self.replicas = Replicas(address)
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -65,23 +65,32 @@ class StoreLink:
             await self.replicas.refresh()
             self._following = asyncio.ensure_future(self.replicas.follow())
 
-    def stub(self, replica: str) -> kvstore_pb2_grpc.KVStoreStub:
+    def _up(self, replica: str) -> bool:
+        return self._down_until.get(replica, 0.0) <= time.monotonic()
+
+    async def _call(self, replica: str, method: str, request, direction: str):
+        """One call to one replica; None when it failed (counted and logged; the replica may be set aside)."""
         if replica not in self._channels:  # made on the serving loop (an aio channel binds to the loop it starts on)
             self._channels[replica] = grpc.aio.insecure_channel(replica, options=CHANNEL_OPTIONS)
-        return kvstore_pb2_grpc.KVStoreStub(self._channels[replica])
+        try:
+            return await getattr(kvstore_pb2_grpc.KVStoreStub(self._channels[replica]), method)(
+                request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if method == "Put" and exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT):
+                self.saving = False  # it will refuse every block of this layout alike
+                log.error("KV store %s refused a block (%s: %s): this worker saves no more blocks", replica,
+                          exc.code().name, exc.details())
+            self._failed(direction, exc, replica)
+            return None
 
-    async def _held(self, hashes: list[int]) -> list[bool]:
-        """Whether the store holds each of `hashes`, asking each replica about its own share at once."""
-        shares = self.replicas.split(hashes)
-        replies = await asyncio.gather(*(self.stub(r).Exists(pb.ExistsRequest(compat_hash=self.namespace,
-                                                                              block_hashes=share), timeout=self.timeout)
-                                         for r, share in shares.items()))
-        held = {h for share, reply in zip(shares.values(), replies) for h, p in zip(share, reply.present) if p}
+    async def _held(self, hashes: list[int], direction: str) -> list[bool]:
+        """Whether the store holds each of `hashes`, asking each replica not set aside about its share at once."""
+        shares = {r: share for r, share in self.replicas.split(hashes).items() if self._up(r)}
+        replies = await asyncio.gather(*(self._call(r, "Exists", pb.ExistsRequest(
+            compat_hash=self.namespace, block_hashes=share), direction) for r, share in shares.items()))
+        held = {h for share, reply in zip(shares.values(), replies) if reply is not None
+                for h, present in zip(share, reply.present) if present}
         return [h in held for h in hashes]
-
-    def _get(self, block_hash: int):
-        return self.stub(self.replicas.owner(block_hash)).Get(pb.GetRequest(key=self._key(block_hash)),
-                                                              timeout=self.timeout)
 
     def _key(self, block_hash: int) -> pb.BlockKey:
         return pb.BlockKey(compat_hash=self.namespace, block_hash=block_hash)
@@ -94,21 +103,19 @@ class StoreLink:
         pool = self.engine.kv.pool
         local = next((i for i, h in enumerate(hashes) if pool.lookup(h) is None), len(hashes))
         wanted = hashes[local:]
-        if not wanted or time.monotonic() < self._down_until or not self.replicas.addresses:
+        if not wanted or not any(map(self._up, self.replicas.addresses)):
             return 0
-        try:
-            held = await self._held(wanted)
-            wanted = wanted[:next((i for i, present in enumerate(held) if not present), len(held))]
-            replies = []
-            for start in range(0, len(wanted), GETS_IN_FLIGHT):
-                replies += await asyncio.gather(*(self._get(h) for h in wanted[start:start + GETS_IN_FLIGHT]))
-                if not all(r.found for r in replies):
-                    break
-        except grpc.RpcError as exc:
-            return self._failed("load", exc)
+        held = await self._held(wanted, "load")
+        wanted = wanted[:next((i for i, present in enumerate(held) if not present), len(held))]
+        replies = []
+        for start in range(0, len(wanted), GETS_IN_FLIGHT):
+            replies += await asyncio.gather(*(self._call(self.replicas.owner(h), "Get", pb.GetRequest(key=self._key(h)),
+                                                         "load") for h in wanted[start:start + GETS_IN_FLIGHT]))
+            if not all(r is not None and r.found for r in replies):
+                break
         payloads = []
         for reply in replies:  # the leading blocks still there and intact
-            if not reply.found or zlib.crc32(reply.payload) != reply.crc32:
+            if reply is None or not reply.found or zlib.crc32(reply.payload) != reply.crc32:
                 break
             payloads.append(reply.payload)
         if not payloads:
@@ -122,7 +129,7 @@ class StoreLink:
 
     def save_later(self, token_ids: list[int], lora: str | None = None) -> None:
         """Puts the blocks of `token_ids` this worker's cache holds and the store lacks, in the background."""
-        if not self.saving or time.monotonic() < self._down_until or not self.replicas.addresses:
+        if not self.saving or not any(map(self._up, self.replicas.addresses)):
             return
         task = asyncio.ensure_future(self._save(token_ids, lora))
         self._saves.add(task)
@@ -132,31 +139,29 @@ class StoreLink:
         hashes = self.engine.block_hashes(token_ids, lora)
         if not hashes:
             return
+        held = await self._held(hashes, "save")
+        missing = [h for h, present in zip(hashes, held) if not present and self._up(self.replicas.owner(h))]
         try:
-            missing = [h for h, present in zip(hashes, await self._held(hashes)) if not present]
             blocks = await self.host.call(self.engine.export_blocks, missing) if missing else []
-            for block_hash, payload in blocks:
-                await self.stub(self.replicas.owner(block_hash)).Put(
-                    pb.PutRequest(key=self._key(block_hash), payload=payload, crc32=zlib.crc32(payload),
-                                  layout=self.layout), timeout=self.timeout)
-                self.metrics.store_blocks.labels("save").inc()
-        except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT):
-                self.saving = False  # it will refuse every block of this layout alike
-                log.error("KV store %s refused a block (%s: %s): this worker saves no more blocks", self.address,
-                          exc.code().name, exc.details())
-            self._failed("save", exc)
         except RuntimeError as exc:  # the engine stopped meanwhile
             self._failed("save", exc)
+            return
+        for block_hash, payload in blocks:
+            replica = self.replicas.owner(block_hash)
+            if not self.saving or not self._up(replica):
+                continue
+            put = pb.PutRequest(key=self._key(block_hash), payload=payload, crc32=zlib.crc32(payload), layout=self.layout)
+            if await self._call(replica, "Put", put, "save") is not None:
+                self.metrics.store_blocks.labels("save").inc()
 
-    def _failed(self, direction: str, exc: BaseException) -> int:
+    def _failed(self, direction: str, exc: BaseException, replica: str | None = None) -> int:
         self.metrics.store_failures.labels(direction).inc()
         detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
-        if isinstance(exc, grpc.RpcError) and exc.code() in (grpc.StatusCode.UNAVAILABLE,
-                                                             grpc.StatusCode.DEADLINE_EXCEEDED):
-            self._down_until = time.monotonic() + self.retry_seconds
+        if replica is not None and isinstance(exc, grpc.RpcError) and exc.code() in (
+                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            self._down_until[replica] = time.monotonic() + self.retry_seconds
             detail += f"; not asked again for {self.retry_seconds:g} s"
-        log.warning("KV store %s (%s): %s; computing without it", self.address, direction, detail)
+        log.warning("KV store %s (%s): %s; computing without it", replica or self.address, direction, detail)
         return 0
 
     async def settled(self) -> None:

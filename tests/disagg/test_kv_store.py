@@ -243,3 +243,33 @@ def test_a_store_of_two_replicas_holds_each_block_once(tiny_model_dirs):
         assert stack.counter("prefill-b", "tandem:kv_store_blocks", "load") == 12
     finally:
         stack.close()
+
+
+def test_a_replica_that_is_down_costs_only_its_share(tiny_model_dirs):
+    """One of two replicas stops: its blocks are recomputed, the other's still load, and only the dead one is
+    set aside (asked once, then left alone), so the live replica keeps serving the next prompts."""
+    from tandem.proto import router_pb2
+
+    stack = Stack(tiny_model_dirs["llama"], store_replicas=2)
+    try:
+        first = stack.saved_by_prefill_a()
+        owners = stack.workers["prefill-a"].store.replicas
+        hashes = stack.workers["prefill-a"].host.engine.block_hashes(PROMPT)[:BLOCKS]
+        live = next(s for s in stack.stores if owners.owner(hashes[0]) == f"127.0.0.1:{s.port}")
+        gone = next(s for s in stack.stores if s is not live)  # the prompt's first blocks stay loadable
+        stack.run(gone.stop())
+        stack.stop("prefill-a")
+        stack.start(router_pb2.PREFILL, "prefill-b")
+        stack.forget_decode_cache()
+        assert stack.complete() == first
+        leading_live = next((i for i, h in enumerate(hashes) if owners.owner(h) != f"127.0.0.1:{live.port}"), BLOCKS)
+        assert stack.counter("prefill-b", "tandem:kv_store_blocks", "load") == leading_live
+        assert stack.counter("prefill-b", "tandem:kv_store_failures", "load") == 1  # the dead replica, once
+        assert 0 < leading_live < BLOCKS  # (this prompt's blocks lie on both replicas)
+        assert len(stack.complete(PROMPT[::-1])) == 6  # the dead replica set aside: not asked about this one
+        assert stack.counter("prefill-b", "tandem:kv_store_failures", "load") == 1
+        stack.run(stack.workers["prefill-b"].store.settled())
+        assert stack.counter("prefill-b", "tandem:kv_store_failures", "save") == 0
+    finally:
+        stack.stores.remove(gone)
+        stack.close()
