@@ -112,6 +112,7 @@ def test_hf_source_router_settings_slo_and_kvstore():
     assert [p["name"] for p in children["Service/m1-kvstore"]["spec"]["ports"]] == ["grpc", "metrics"]
     decode = containers(children.values())["m1-decode"]
     assert env_of(decode)["TANDEM_KVSTORE_ADDRESS"] == "m1-kvstore.models.svc.cluster.local:50060"
+    assert env_of(router)["TANDEM_KVSTORE_ADDRESS"] == env_of(decode)["TANDEM_KVSTORE_ADDRESS"]  # it follows the store
     assert "TANDEM_KVSTORE_ADDRESS" not in env_of(containers(build_children(model_of({})))["m1-decode"])
 
 
