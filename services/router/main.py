@@ -60,8 +60,9 @@ def add_router_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="a worker silent this long leaves the pool (default: 2)")
     r.add_argument("--kv-store", metavar="HOST:PORT[,...]", type=address_argument,
                    default=os.environ.get("TANDEM_KVSTORE_ADDRESS") or "",
-                   help="the prefix KV store the workers load from: the router follows its events, so prefixes "
-                        "it holds count in prefix scoring and in the prefill decision (default: "
+                   help="the prefix KV store the workers load from, written as they are given it: the router "
+                        "follows its events, so prefixes it holds count in prefix scoring and in the prefill "
+                        "decision for the workers that report this address (default: "
                         "$TANDEM_KVSTORE_ADDRESS, which the operator sets when the model has a store)")
     r.add_argument("--decode-scorers", help="decode scorer weights, e.g. kv_free=1,load=1,prefix=1")
     r.add_argument("--prefill-scorers", help="prefill scorer weights, e.g. prefix=1,queue=1")
