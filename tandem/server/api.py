@@ -1,6 +1,6 @@
 """`build_app(client, config)`: the OpenAI-compatible FastAPI application over any EngineClient.
 
-Routes: /v1/models, /v1/completions, /v1/chat/completions, /tokenize, /detokenize, /health,
+Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/responses, /tokenize, /detokenize, /health,
 /version, /metrics. Middleware (pure ASGI, so streams and disconnects pass straight through):
 CORS outermost, then X-Request-Id, then the API key on /v1/*.
 """
@@ -27,6 +27,7 @@ from tandem.server.protocol import (ChatCompletionRequest, ChatCompletionRespons
 from tandem.server.serving_chat import ChatServing, render_chat
 from tandem.server.serving_common import ServingContext
 from tandem.server.serving_completions import CompletionServing
+from tandem.server.serving_responses import ResponsesRequest, ResponsesServing
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": desc} for code, desc in (
@@ -81,6 +82,7 @@ def build_app(client: EngineClient, config: ServerConfig | None = None) -> FastA
         raise ValueError(f"a LoRA adapter may not take a served model's name: {sorted(set(names) & set(client.loras))}")
     ctx = ServingContext(client, config, ServerMetrics(names[0], client.stats), names)
     completions, chat = CompletionServing(ctx), ChatServing(ctx)
+    stateless_responses = ResponsesServing(chat)
     app = FastAPI(title="Tandem", version=__version__, default_response_class=SafeJSONResponse,
                   description="OpenAI-compatible LLM serving (vLLM's extra parameters included).")
     app.state.ctx = ctx
@@ -107,6 +109,13 @@ def build_app(client: EngineClient, config: ServerConfig | None = None) -> FastA
         """A chat completion; with `stream: true`, server-sent events ending in `data: [DONE]`."""
         result = await chat.create(body, raw)
         return result if isinstance(result, Response) else json(result)
+
+    @app.post("/v1/responses", responses=_ERRORS, tags=["OpenAI"])
+    async def create_response(body: ResponsesRequest, raw: Request) -> Response:
+        """A response (OpenAI's Responses API, stateless: the conversation comes whole in `input`); with
+        `stream: true`, its typed server-sent events."""
+        result = await stateless_responses.create(body, raw)
+        return result if isinstance(result, Response) else SafeJSONResponse(result)
 
     if config.allow_runtime_lora_updating:
         @app.post("/v1/load_lora_adapter", responses=_ERRORS, tags=["vLLM"])

@@ -7,12 +7,14 @@ import inspect
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import Request
 from starlette.responses import Response
 
 from tandem.outputs import CompletionOutput, RequestOutput
+from tandem.sampling_params import SamplingParams
 from tandem.server.errors import APIError, bad_request
 from tandem.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessage,
                                     ChoiceLogprobs, ResponseMessage, TokenLogprob, TopLogprob, UsageInfo)
@@ -123,6 +125,14 @@ class ChatServing:
         return parser(functions(req.tools)) if parser is not None else None
 
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response | ChatCompletionResponse:
+        started = await self.start(req, raw)
+        if req.stream:
+            return SSEResponse(self._stream(req, started.parser, started.head, started.stream, started.params.stop,
+                                            len(started.ids)))
+        return await cancel_on_disconnect(raw, self._full(req, started.parser, started.head, started.stream))
+
+    async def start(self, req: ChatCompletionRequest, raw: Request) -> "Started":
+        """The request checked, rendered and submitted (what /v1/responses shares with this route)."""
         ctx = self.ctx
         model = ctx.model(req.model)
         if req.top_logprobs and not req.logprobs:
@@ -148,32 +158,22 @@ class ChatServing:
         stream = ctx.track(f"chatcmpl-{rid}-{secrets.token_hex(4)}", ids, params, req.priority, now())
         ctx.log_request(rid, [len(ids)], params)
         head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": model}
-        if req.stream:
-            return SSEResponse(self._stream(req, parser, head, stream, params.stop, len(ids)))
-        return await cancel_on_disconnect(raw, self._full(req, parser, head, stream))
+        return Started(rid, head, parser, stream, ids, params)
 
     @staticmethod
-    def _reply(parser, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    def reply(parser, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """A finished reply as (content, tool calls)."""
         return parser.parse(text) if parser is not None else (text, [])
 
     async def _full(self, req: ChatCompletionRequest, parser, head: dict,
                     stream: AsyncIterator) -> ChatCompletionResponse:
-        final: RequestOutput | None = None
-        try:
-            async for _, out in merge_streams([stream]):
-                final = out
-        except APIError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - engine failures become OpenAI-shaped errors
-            raise stream_error(exc) from exc
-        assert final is not None and final.finished, "a stream ended without a finished output"
+        final = await final_output(stream)
         choices = []
         for o in final.outputs:
             logprobs = None
             if req.logprobs:
                 logprobs = ChoiceLogprobs(content=self._logprobs(o.token_ids, o.logprobs or [], req.top_logprobs or 0))
-            content, calls = self._reply(parser, o.text)
+            content, calls = self.reply(parser, o.text)
             message = ResponseMessage(role=self.ctx.config.response_role, content=content, tool_calls=calls)
             finish = "tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason
             choices.append(ChatChoice(index=o.index, message=message, logprobs=logprobs, finish_reason=finish,
@@ -206,7 +206,7 @@ class ChatServing:
                 for o in out.outputs:
                     if o.index in sent_tokens and sent_tokens[o.index] < 0:
                         continue  # that choice has finished
-                    choice = self._delta(req, parser, o, stops, sent_text, sent_tokens)
+                    choice = self.delta(req, parser, o, stops, sent_text, sent_tokens)
                     if choice is not None:
                         yield chunk(choice)
             if opts is not None and opts.include_usage:
@@ -215,7 +215,7 @@ class ChatServing:
             yield sse(stream_error(exc).body())
         yield SSE_DONE
 
-    def _delta(self, req: ChatCompletionRequest, parser, o: CompletionOutput, stops: list[str],
+    def delta(self, req: ChatCompletionRequest, parser, o: CompletionOutput, stops: list[str],
                sent_text: dict[int, int], sent_tokens: dict[int, int]) -> dict | None:
         """The next chunk of one choice. Text that may still turn out to be a stop string or a tool call is
         held back; tool calls go out whole in the choice's last chunk, once the reply has ended."""
@@ -223,7 +223,7 @@ class ChatServing:
         start, done_tokens = sent_text.get(o.index, 0), sent_tokens.get(o.index, 0)
         calls: list[dict[str, Any]] = []
         if finished:
-            content, calls = self._reply(parser, o.text)
+            content, calls = self.reply(parser, o.text)
             end = len(content or "") if calls else len(o.text)
         else:
             end = len(o.text) - stop_holdback(o.text, stops)
@@ -261,6 +261,31 @@ class ChatServing:
         text = self.ctx.token_text(token_id)
         return {"token": text, "logprob": clamp_logprob(logprob),
                 "bytes": list(text.encode("utf-8", errors="replace"))}
+
+
+@dataclass
+class Started:
+    """A chat request submitted: its ids for responses, what reads its tool calls, and its output stream."""
+    rid: str
+    head: dict[str, Any]
+    parser: Any
+    stream: AsyncIterator[RequestOutput]
+    ids: list[int]
+    params: SamplingParams
+
+
+async def final_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """A request's finished output, engine failures as OpenAI-shaped errors."""
+    final: RequestOutput | None = None
+    try:
+        async for _, out in merge_streams([stream]):
+            final = out
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - engine failures become OpenAI-shaped errors
+        raise stream_error(exc) from exc
+    assert final is not None and final.finished, "a stream ended without a finished output"
+    return final
 
 
 def _usage(out: RequestOutput | None, prompt: int) -> dict[str, int]:

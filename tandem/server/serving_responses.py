@@ -1,0 +1,233 @@
+"""POST /v1/responses: OpenAI's Responses API over the chat route, stateless.
+
+A request becomes a chat completion (instructions as the system message; input messages, function calls and
+their outputs as the conversation; function tools, tool_choice and text.format as chat's tools, tool_choice and
+response_format), so templates, tool-call parsing, structured outputs and sampling are the chat route's. The
+reply comes back as output items: a message with its output_text, then one function_call item per call; a
+reply cut by max_output_tokens is `incomplete`. Streams send Responses' typed events (response.created ...
+response.output_text.delta ... response.completed). Nothing is stored: `previous_response_id` and `background`
+are refused, the client sends the whole conversation (as with `store: false`).
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import Request
+from pydantic import Field
+from starlette.responses import Response
+
+from tandem.outputs import RequestOutput
+from tandem.server.errors import bad_request
+from tandem.server.protocol import ChatCompletionRequest, SamplingRequest
+from tandem.server.serving_chat import ChatServing, Started, final_output
+from tandem.server.serving_common import SSEResponse, cancel_on_disconnect, dumps, merge_streams, stream_error
+
+
+class ResponsesRequest(SamplingRequest):
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    text: dict[str, Any] | None = None
+    store: bool = True  # accepted; nothing is stored
+    metadata: dict[str, str] | None = None
+    previous_response_id: str | None = None
+    background: bool = False
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content: a string, or its text parts joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_request(f"{where}.content must be a string or a list of parts", "input")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+            raise bad_request(f"{where}: content parts of type {kind!r} are not supported: only text parts", "input")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
+    messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    if isinstance(req.input, str):
+        return [*messages, {"role": "user", "content": req.input}]
+    for i, item in enumerate(req.input):
+        kind, where = item.get("type", "message"), f"input[{i}]"
+        if kind == "message" and item.get("role") in ("user", "system", "developer", "assistant"):
+            messages.append({"role": item["role"], "content": _text(item.get("content"), where)})
+        elif kind == "function_call" and isinstance(item.get("name"), str):
+            call = {"id": item.get("call_id") or item.get("id") or f"call_{secrets.token_hex(8)}", "type": "function",
+                    "function": {"name": item["name"], "arguments": item.get("arguments") or "{}"}}
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output" and isinstance(item.get("call_id"), str):
+            output = item.get("output")
+            messages.append({"role": "tool", "tool_call_id": item["call_id"],
+                             "content": output if isinstance(output, str) else json.dumps(output)})
+        else:
+            raise bad_request(f"{where}: items of type {kind!r} are not supported (messages, function_call and "
+                              "function_call_output are)", "input")
+    if not messages:
+        raise bad_request("input is empty", "input")
+    return messages
+
+
+def _tools(req: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, Any]:
+    """Responses' function tools and tool_choice in chat's shape."""
+    tools = None
+    if req.tools:
+        tools = []
+        for i, tool in enumerate(req.tools):
+            if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+                raise bad_request(f"tools[{i}]: only function tools are supported", "tools")
+            tools.append({"type": "function", "function": {key: tool[key] for key in
+                                                           ("name", "description", "parameters") if key in tool}})
+    choice = req.tool_choice
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise bad_request("tool_choice must be none, auto, required or {type: function, name}", "tool_choice")
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    return tools, choice
+
+
+def _response_format(req: ResponsesRequest) -> dict[str, Any] | None:
+    fmt = (req.text or {}).get("format")
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    if fmt.get("type") == "json_schema" and isinstance(fmt.get("schema"), dict):
+        return {"type": "json_schema", "json_schema": {key: fmt[key] for key in ("name", "schema", "strict")
+                                                       if key in fmt}}
+    raise bad_request("text.format must be text, json_object or json_schema with a schema", "text")
+
+
+def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
+    if req.previous_response_id is not None:
+        raise bad_request("this server stores no responses: send the whole conversation in input",
+                          "previous_response_id")
+    if req.background:
+        raise bad_request("background responses are not supported", "background")
+    if req.n != 1:
+        raise bad_request("the Responses API makes one output: n must be 1", "n")
+    tools, choice = _tools(req)
+    sampling = req.model_dump(include=set(SamplingRequest.model_fields) - {"response_format"}, exclude_unset=True)
+    return ChatCompletionRequest(**sampling, messages=_messages(req), max_completion_tokens=req.max_output_tokens,
+                                 tools=tools, tool_choice=choice, response_format=_response_format(req))
+
+
+class ResponsesServing:
+    def __init__(self, chat: ChatServing) -> None:
+        self.chat = chat
+
+    async def create(self, req: ResponsesRequest, raw: Request) -> Response | dict[str, Any]:
+        chat_req = to_chat(req)
+        started = await self.chat.start(chat_req, raw)
+        shell = self._shell(req, started)
+        if req.stream:
+            return SSEResponse(self._events(chat_req, started, shell))
+        return await cancel_on_disconnect(raw, self._full(started, shell))
+
+    @staticmethod
+    def _shell(req: ResponsesRequest, started: Started) -> dict[str, Any]:
+        """The response object before its output: what the request asked for, echoed."""
+        return {"id": f"resp_{started.rid}", "object": "response", "created_at": int(time.time()),
+                "status": "in_progress", "model": started.head["model"], "output": [], "error": None,
+                "incomplete_details": None, "instructions": req.instructions,
+                "max_output_tokens": req.max_output_tokens, "temperature": started.params.temperature,
+                "top_p": started.params.top_p, "tools": req.tools or [], "tool_choice": req.tool_choice or "auto",
+                "parallel_tool_calls": req.parallel_tool_calls, "text": req.text or {"format": {"type": "text"}},
+                "previous_response_id": None, "store": False, "metadata": req.metadata or {}, "usage": None}
+
+    async def _full(self, started: Started, shell: dict[str, Any]) -> dict[str, Any]:
+        final = await final_output(started.stream)
+        content, calls = self.chat.reply(started.parser, final.outputs[0].text)
+        items = ([_message_item(f"msg_{secrets.token_hex(12)}", content, "completed")] if content else [])
+        items += [_call_item(call, "completed") for call in calls]
+        return _finished(shell, final, items)
+
+    async def _events(self, chat_req: ChatCompletionRequest, started: Started,
+                      shell: dict[str, Any]) -> AsyncIterator[bytes]:
+        seq = iter(range(1 << 62))
+
+        def event(kind: str, **body: Any) -> bytes:
+            return b"event: " + kind.encode() + b"\ndata: " + dumps({"type": kind, "sequence_number": next(seq),
+                                                                      **body}) + b"\n\n"
+
+        yield event("response.created", response=shell)
+        yield event("response.in_progress", response=shell)
+        item_id, text, items = f"msg_{secrets.token_hex(12)}", "", []
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        final: RequestOutput | None = None
+        try:
+            async for _, out in merge_streams([started.stream]):
+                final, o = out, out.outputs[0]
+                choice = self.chat.delta(chat_req, started.parser, o, started.params.stop, sent_text, sent_tokens)
+                piece = (choice or {}).get("delta", {}).get("content", "")
+                if piece:
+                    if not text:  # the message item opens with its first text
+                        yield event("response.output_item.added", output_index=0,
+                                    item=_message_item(item_id, None, "in_progress"))
+                        yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0,
+                                    part=_text_part(""))
+                    text += piece
+                    yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
+                                delta=piece, logprobs=[])
+                calls = (choice or {}).get("delta", {}).get("tool_calls", [])
+                items = [_call_item({k: v for k, v in c.items() if k != "index"}, "completed") for c in calls]
+        except Exception as exc:  # noqa: BLE001 - reported in-band: the status line has been sent
+            error = stream_error(exc)
+            yield event("error", code=str(error.status), message=error.message, param=None)
+            return
+        if text:
+            yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=text,
+                        logprobs=[])
+            yield event("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
+                        part=_text_part(text))
+            done = _message_item(item_id, text, "completed")
+            yield event("response.output_item.done", output_index=0, item=done)
+            items = [done, *items]
+        for index, item in enumerate(items[1 if text else 0:], start=1 if text else 0):
+            yield event("response.output_item.added", output_index=index, item={**item, "arguments": "",
+                                                                                 "status": "in_progress"})
+            yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                        delta=item["arguments"])
+            yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                        arguments=item["arguments"])
+            yield event("response.output_item.done", output_index=index, item=item)
+        response = _finished(shell, final, items)
+        yield event("response.completed" if response["status"] == "completed" else "response.incomplete",
+                    response=response)
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _message_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [] if text is None else [_text_part(text)]}
+
+
+def _call_item(call: dict[str, Any], status: str) -> dict[str, Any]:
+    return {"type": "function_call", "id": f"fc_{secrets.token_hex(12)}", "call_id": call["id"],
+            "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": status}
+
+
+def _finished(shell: dict[str, Any], final: RequestOutput, items: list[dict[str, Any]]) -> dict[str, Any]:
+    o = final.outputs[0]
+    prompt, completion = len(final.prompt_token_ids), len(o.token_ids)
+    cut = o.finish_reason == "length"
+    return {**shell, "status": "incomplete" if cut else "completed", "output": items,
+            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+            "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+                      "total_tokens": prompt + completion}}
