@@ -79,6 +79,13 @@ def tiny_model_dirs(tmp_path_factory, smollm_dir) -> dict[str, str]:
     return out
 
 
+def skip_unless_ranks_fit(ranks: int) -> None:
+    """A group on CUDA needs a GPU per rank, unless TANDEM_GROUP_BACKEND=gloo lets its ranks share them."""
+    if (ranks > 1 and torch.cuda.is_available() and torch.cuda.device_count() < ranks
+            and os.environ.get("TANDEM_GROUP_BACKEND") != "gloo"):
+        pytest.skip(f"{ranks} ranks need {ranks} GPUs here (or TANDEM_GROUP_BACKEND=gloo)")
+
+
 @pytest.fixture
 def make_llm():
     """Builds LLMs and, after the test, checks every block came back to each one's pool."""

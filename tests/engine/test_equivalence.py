@@ -137,7 +137,9 @@ def test_last_layer_projects_only_sampled_rows(budget, references, make_llm):
     writes every row's K/V) only the sampled rows go on through its projection and MLP. Output is
     still transformers', and the last layer's MLP sees exactly one row per sampled token."""
     path, prompts, params, expected = references["llama"]
-    llm = make_llm(path, enable_prefix_caching=False, max_num_batched_tokens=budget)
+    # eager, one step a round trip: forward hooks see every pass (a CUDA graph's replay runs none of them)
+    llm = make_llm(path, enable_prefix_caching=False, max_num_batched_tokens=budget, enforce_eager=True,
+                   num_scheduler_steps=1)
     layers, rows = llm.engine.runner.model.layers, {"first": 0, "last": 0}
     hooks = [layers[i].down_proj.register_forward_hook(
         lambda mod, args, out, key=key: rows.__setitem__(key, rows[key] + args[0].shape[0]))
@@ -178,7 +180,8 @@ def test_large_mixed_batch(backend, tiny_model_dirs, make_llm, monkeypatch):
             temperature=0.0, max_tokens=4, min_tokens=4)
     llm = make_llm(path, enable_prefix_caching=False)
     assert _generate(llm, prompts, params) == expected
-    assert {kind for _, kind in keys} == ({"spread"} if backend == "triton" else set())
+    if backend == "triton":  # (on a GPU the torch backend replays graphs too: which ones is not the point)
+        assert {kind for _, kind in keys} == {"spread"}
 
 
 @pytest.mark.parametrize("arch", ["llama"])  # mistral's one KV head runs this backend in test_large_mixed_batch

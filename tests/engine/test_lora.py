@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tandem import LoRARequest, SamplingParams
+from tests.conftest import skip_unless_ranks_fit
 
 NEW_TOKENS = 16
 # PEFT's module -> where transformers' Llama keeps it
@@ -99,6 +100,7 @@ def _run(llm, prompts, loras) -> list[list[int]]:
 # two pipeline stages, each applying the adapter's layers it holds
 @pytest.mark.parametrize("budget, tp, pp", [(2048, 1, 1), (24, 1, 1), (24, 2, 1), (24, 1, 2)])
 def test_adapters_and_the_base_model_in_one_batch(adapters, make_llm, budget, tp, pp):
+    skip_unless_ranks_fit(tp * pp)
     base, root, prompts, expected = adapters
     llm = make_llm(base, enable_lora=True, max_num_batched_tokens=budget, tensor_parallel_size=tp,
                    pipeline_parallel_size=pp)

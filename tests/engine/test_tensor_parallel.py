@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tandem import LLM, SamplingParams
+from tests.conftest import skip_unless_ranks_fit
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog and then", "1 2 3 4 5 6 7 8 9 10 11 12 13",
            "The quick brown fox jumps over the lazy dog and keeps", "Hello"]
@@ -44,6 +45,7 @@ def test_a_group_computes_what_one_process_does(make_llm, tiny_model_dirs, arch,
     A small token budget makes chunked prompts share steps with decode rows; two prompts share a cached prefix."""
     from tandem.engine.pipeline import Elsewhere
 
+    skip_unless_ranks_fit(tp * pp)
     kw = dict(max_num_batched_tokens=24, max_model_len=128)
     ref, ref_forks = _run(make_llm(tiny_model_dirs[arch], **kw))
     llm = make_llm(tiny_model_dirs[arch], tensor_parallel_size=tp, pipeline_parallel_size=pp, **kw)
@@ -65,6 +67,7 @@ def test_the_embedded_model_over_three_ranks(make_llm, smollm_dir):
     params = SamplingParams(temperature=0, max_tokens=16, logprobs=5)
     prompts = ["The capital of France is", "def fibonacci(n):"]
     ref = make_llm(smollm_dir, max_model_len=256).generate(prompts, params, use_tqdm=False)
+    skip_unless_ranks_fit(3)
     llm = make_llm(smollm_dir, max_model_len=256, tensor_parallel_size=3)
     assert llm.engine.model.shape.num_heads == 3
     out = llm.generate(prompts, params, use_tqdm=False)
@@ -84,6 +87,7 @@ def test_a_model_that_does_not_split_is_refused(tiny_model_dirs, kwargs, words):
 
 
 def test_a_killed_rank_fails_the_engine_loudly(make_llm, tiny_model_dirs):
+    skip_unless_ranks_fit(2)
     llm = make_llm(tiny_model_dirs["llama"], tensor_parallel_size=2)
     llm.generate("warm up", SamplingParams(max_tokens=2), use_tqdm=False)
     rank1 = llm.engine.peers.procs[1]
