@@ -1,6 +1,6 @@
 """Greedy output through the disaggregated stack (router + prefill + decode processes, as `tandem
 up` starts them) equals colocated `tandem serve`, token for token, for 1+1 and 2+2 workers; both
-the remote-prefill and the decode-local paths are taken, structured outputs included."""
+the remote-prefill and the decode-local paths are taken, structured outputs and the Responses API included."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +52,11 @@ def run_all(client, model: str) -> list:
     r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPTS[5]}], seed=2,
                                        max_tokens=NEW_TOKENS, temperature=0.8, response_format={"type": "json_object"})
     out.append((r.choices[0].message.content, r.choices[0].finish_reason))
+    # the Responses API: the first chat again, as instructions and input, streamed
+    events = list(client.responses.create(model=model, instructions=CHATS[1][0]["content"], input=CHATS[1][1]["content"],
+                                          max_output_tokens=NEW_TOKENS, temperature=0, stream=True))
+    final = events[-1].response
+    out.append((final.output_text, final.status, final.usage.output_tokens))
     return out
 
 
