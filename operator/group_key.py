@@ -4,8 +4,9 @@ stranger that joined could run code in them).
 
 One Secret per TandemModel, `<model>-group-key`, holding a random key. It is made once and never patched:
 a new key would split a running group's members from those started later. The operator makes it again
-(with a new key) if it is deleted; groups restart whole, so a group's members always read one key. Owned
-by the TandemModel like every child, so it goes with it."""
+(with a new key) if it is deleted, at the next event of one of the model's workloads (the operator may get
+and create Secrets, never list or watch them, so it reads no other Secret); groups restart whole, so a
+group's members always read one key. Owned by the TandemModel like every child, so it goes with it."""
 from __future__ import annotations
 
 import base64
@@ -39,11 +40,22 @@ def env(model: TandemModel) -> Obj:
 
 
 def ensure(kube: Kube, model: TandemModel) -> str:
-    """Make the model's Secret with a fresh key unless it exists: 'created', 'kept' or 'not needed'."""
+    """Make the model's Secret with a fresh key unless it exists: 'created', 'kept' or 'not needed'. One of that
+    name that is not this model's (another object's, or a deleted model's that the garbage collector is taking)
+    is an error, retried: its key is not one to hand this model's pods."""
     if not needed(model):
         return "not needed"
     try:
         kube.create(secret(model, secrets.token_urlsafe(32)))
         return "created"
     except ConflictError:
-        return "kept"
+        pass
+    found = kube.get("v1", "Secret", model.owner.namespace, secret_name(model))
+    if found is None:
+        raise RuntimeError(f"Secret {secret_name(model)} went away while it was being made; trying again")
+    meta = found["metadata"]
+    owners = [ref.get("uid") for ref in meta.get("ownerReferences") or []]
+    if model.owner.uid not in owners or meta.get("deletionTimestamp"):
+        raise RuntimeError(f"Secret {secret_name(model)} exists but is not this TandemModel's (or is being "
+                           "deleted): its groups cannot be given their key")
+    return "kept"

@@ -1,7 +1,8 @@
 """The kopf handlers: thin, they parse, build, reconcile and report. A TandemModel is reconciled when it
 is created, changed or found at start (resume), and when one of its children is deleted (restored);
 its status follows its workloads' events. A model whose groups span pods also gets their key's Secret
-(group_key.py), made once and never patched. Deleting it needs nothing here: every child has an owner
+(group_key.py), made once and never patched, and made again if it is deleted (at the next event of a
+workload of the model: pods that cannot read it change their workload's status). Deleting it needs nothing here: every child has an owner
 reference, so the garbage collector deletes them (no finalizer)."""
 from __future__ import annotations
 
@@ -118,7 +119,6 @@ def owning_model(kube: Kube, child: Obj) -> Obj | None:
 @kopf.on.event("leaderworkerset.x-k8s.io", "v1", "leaderworkersets", labels=CHILDREN)
 @kopf.on.event("", "v1", "services", labels=CHILDREN)
 @kopf.on.event("", "v1", "configmaps", labels=CHILDREN)
-@kopf.on.event("", "v1", "secrets", labels=CHILDREN)
 def child_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_) -> None:
     """A deleted child is restored; a workload's change updates its TandemModel's status."""
     deleted = event["type"] == "DELETED"
@@ -134,6 +134,8 @@ def child_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_) -
             model = TandemModel.from_body(owner, memo.default_image)
         except ValidationError:
             return  # reported by the TandemModel's own handler
+        # a group key deleted by hand is made again when its pods fail to start (their workload changes)
+        group_key.ensure(memo.kube, model)
         if new := current_status(memo.kube, model, owner, memo.kube.serves(LWS_API_VERSION, "leaderworkersets")):
             api_publisher(memo.kube, owner)(new)
 

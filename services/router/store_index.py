@@ -5,7 +5,8 @@ block held), then apply each STORED and REMOVED event as it comes. When the stre
 restarted or closed, the router fell behind and was cut off, the replica is unreachable), everything known
 of that replica is dropped, so nothing stale is claimed, and it subscribes again after `retry` seconds,
 snapshot first. A store of several replicas (kvstore/replicas.py) is followed replica by replica, each
-address its DNS name resolves to as it comes and goes; a block is held if any replica holds it.
+address its DNS name resolves to as it comes and goes; a block counts where its clients look for it, on
+the replica that owns it.
 
 The router reads it for workers that load from the same store (their WorkerInfo.kv_store): a prompt
 prefix the store holds is one such a worker loads instead of computing (plugins.RoutingRequest).
@@ -25,13 +26,15 @@ log = logging.getLogger("tandem.router")
 
 
 class Held:
-    """The blocks of one layout that any replica holds (a set's `in`, over the replicas' sets)."""
+    """The blocks of one layout that the store holds where its clients look for them: on their owner replica
+    (a block left on another replica after the set changed is never loaded, so it does not count)."""
 
-    def __init__(self, sets: list[set[int]]) -> None:
-        self.sets = sets
+    def __init__(self, index: "StoreIndex", compat_hash: str) -> None:
+        self.index, self.compat_hash = index, compat_hash
 
     def __contains__(self, block_hash: int) -> bool:
-        return any(block_hash in s for s in self.sets)
+        owner = self.index.replicas.owner(block_hash)
+        return block_hash in self.index.blocks.get(owner, {}).get(self.compat_hash, ())
 
 
 class StoreIndex:
@@ -42,13 +45,13 @@ class StoreIndex:
         self.resubscriptions = 0
 
     def held(self, compat_hash: str) -> Held:
-        return Held([per[compat_hash] for per in self.blocks.values() if compat_hash in per])
+        return Held(self, compat_hash)
 
     def serves(self, kv_store: str) -> bool:
         """Whether a worker that loads from `kv_store` loads from this store."""
         return bool(kv_store) and kv_store == self.address
 
-    def apply(self, event: kvstore_pb2.StoreEvent, replica: str = "") -> None:
+    def apply(self, event: kvstore_pb2.StoreEvent, replica: str) -> None:
         per = self.blocks.setdefault(replica, {})
         if event.kind == kvstore_pb2.StoreEvent.STORED:
             per.setdefault(event.compat_hash, set()).update(event.block_hashes)

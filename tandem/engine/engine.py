@@ -142,6 +142,7 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
             free, total = torch.cuda.mem_get_info(self.device)
             # the fraction is of the whole device, as in vLLM: weights, activations and cache included
             budget = total * cache.gpu_memory_utilization - (total - free) - peak
+            budget /= self.peers.ranks_per_gpu if self.peers else 1
             if budget < per_block:
                 raise ValueError(f"no room for the KV cache: weights and a {sched.max_num_batched_tokens}-token "
                                  f"step need {(total - free + peak) / 2**30:.1f} GiB of the "

@@ -119,6 +119,9 @@ class ParallelGroup:
             raise ValueError(f"{local} ranks on this host (tensor_parallel_size x pipeline_parallel_size = {self.size} "
                              f"over {group.size} hosts) need {local} GPUs; {torch.cuda.device_count()} are visible "
                              "(TANDEM_GROUP_BACKEND=gloo lets ranks share them, slowly)")
+        # ranks that share rank 0's GPU (TANDEM_GROUP_BACKEND=gloo): each holds a KV cache of rank 0's size
+        self.ranks_per_gpu = (-(-local // torch.cuda.device_count())
+                              if device.type == "cuda" and gpu_backend() == "gloo" else 1)
         spread = group.size > 1
         bind = "0.0.0.0" if spread else "127.0.0.1"  # a group on one host stays on loopback, on free ports
         # the key a rank proves it knows before anything is unpickled from it: this group's own when its ranks are

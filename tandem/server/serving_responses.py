@@ -66,7 +66,10 @@ def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
         elif kind == "function_call" and isinstance(item.get("name"), str):
             call = {"id": item.get("call_id") or item.get("id") or f"call_{secrets.token_hex(8)}", "type": "function",
                     "function": {"name": item["name"], "arguments": item.get("arguments") or "{}"}}
-            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            if messages and messages[-1]["role"] == "assistant":  # one assistant turn: its text, then its calls
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output" and isinstance(item.get("call_id"), str):
             output = item.get("output")
             messages.append({"role": "tool", "tool_call_id": item["call_id"],
@@ -99,6 +102,8 @@ def _tools(req: ResponsesRequest) -> tuple[list[dict[str, Any]] | None, Any]:
 
 def _response_format(req: ResponsesRequest) -> dict[str, Any] | None:
     fmt = (req.text or {}).get("format")
+    if fmt is not None and not isinstance(fmt, dict):
+        raise bad_request("text.format must be an object: {type: text | json_object | json_schema, ...}", "text")
     if fmt is None or fmt.get("type") == "text":
         return None
     if fmt.get("type") == "json_object":
@@ -185,14 +190,17 @@ class ResponsesServing:
                 items = [_call_item({k: v for k, v in c.items() if k != "index"}, "completed") for c in calls]
         except Exception as exc:  # noqa: BLE001 - reported in-band: the status line has been sent
             error = stream_error(exc)
-            yield event("error", code=str(error.status), message=error.message, param=None)
+            yield event("error", code=str(error.status), message=error.message, param=error.param)
+            yield event("response.failed", response={**shell, "status": "failed",
+                                                     "error": {"code": "server_error", "message": error.message}})
             return
         if text:
             yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=text,
                         logprobs=[])
             yield event("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
                         part=_text_part(text))
-            done = _message_item(item_id, text, "completed")
+            done = _message_item(item_id, text, "incomplete" if final.outputs[0].finish_reason == "length"
+                                 else "completed")
             yield event("response.output_item.done", output_index=0, item=done)
             items = [done, *items]
         for index, item in enumerate(items[1 if text else 0:], start=1 if text else 0):
@@ -226,8 +234,10 @@ def _finished(shell: dict[str, Any], final: RequestOutput, items: list[dict[str,
     o = final.outputs[0]
     prompt, completion = len(final.prompt_token_ids), len(o.token_ids)
     cut = o.finish_reason == "length"
+    if cut:  # the message that was cut off is incomplete too
+        items = [{**item, "status": "incomplete"} if item["type"] == "message" else item for item in items]
     return {**shell, "status": "incomplete" if cut else "completed", "output": items,
             "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
-            "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0},
+            "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                       "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
                       "total_tokens": prompt + completion}}

@@ -110,7 +110,7 @@ class MistralParser(_MarkedParser):
     MARKER = "[TOOL_CALLS]"
     ARGS, CALL_ID = "[ARGS]", "[CALL_ID]"
     _ID = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-    _NAMED = re.compile(r"\s*([A-Za-z0-9_.-]+)\s*(?:\[CALL_ID\]\s*([A-Za-z0-9]{9})\s*)?(?:\[ARGS\])?(.*)", re.DOTALL)
+    _NAMED = re.compile(r"\s*([A-Za-z0-9_.-]+)\s*(?:\[CALL_ID\]\s*([A-Za-z0-9]{9})\s*)?(?:\[ARGS\])?\s*")
 
     def _new_id(self) -> str:
         return "".join(secrets.choice(self._ID) for _ in range(9))
@@ -122,16 +122,20 @@ class MistralParser(_MarkedParser):
             if not isinstance(value, list) or not value:
                 raise ValueError("not a list of calls")
             return [_call(v, self.tools, "arguments", "parameters", call_id=self._new_id()) for v in value]
-        calls = []
-        for part in body.split(self.MARKER):  # v11+: name, maybe its id, then its arguments' JSON object
-            named = self._NAMED.fullmatch(part)
-            if named is None or not named.group(3).lstrip().startswith("{"):
+        calls, at, decoder = [], 0, json.JSONDecoder()
+        while True:  # v11+: name, maybe its id, then its arguments' JSON object (which may hold any text)
+            named = self._NAMED.match(body, at)
+            if named is None or not body.startswith("{", named.end()):
                 raise ValueError("not a named call with arguments")
-            name, call_id, args = named.groups()
-            arguments = json.loads(args)
-            calls.append(_call({"name": name, "arguments": arguments}, self.tools, "arguments",
-                               call_id=call_id or self._new_id()))
-        return calls
+            arguments, at = decoder.raw_decode(body, named.end())
+            calls.append(_call({"name": named.group(1), "arguments": arguments}, self.tools, "arguments",
+                               call_id=named.group(2) or self._new_id()))
+            rest = body[at:].lstrip()
+            if not rest:
+                return calls
+            if not rest.startswith(self.MARKER):
+                raise ValueError("text after a call")
+            at = len(body) - len(rest) + len(self.MARKER)
 
 
 class Llama3JsonParser(_Parser):

@@ -65,15 +65,27 @@ class StoreLink:
             await self.replicas.refresh()
             self._following = asyncio.ensure_future(self.replicas.follow())
 
-    def _up(self, replica: str) -> bool:
-        return self._down_until.get(replica, 0.0) <= time.monotonic()
+    def _up(self, replica: str | None) -> bool:
+        """A known replica not set aside (the set may change under a call: a block's owner can be None)."""
+        return replica is not None and self._down_until.get(replica, 0.0) <= time.monotonic()
 
-    async def _call(self, replica: str, method: str, request, direction: str):
-        """One call to one replica; None when it failed (counted and logged; the replica may be set aside)."""
-        if replica not in self._channels:  # made on the serving loop (an aio channel binds to the loop it starts on)
+    def _channel(self, replica: str) -> grpc.aio.Channel:
+        """This replica's channel (made on the serving loop: an aio channel binds to the loop it starts on); those
+        of replicas that left the set are closed."""
+        if replica not in self._channels:
+            for gone in set(self._channels) - set(self.replicas.addresses):
+                asyncio.ensure_future(self._channels.pop(gone).close(grace=None))
+                self._down_until.pop(gone, None)
             self._channels[replica] = grpc.aio.insecure_channel(replica, options=CHANNEL_OPTIONS)
+        return self._channels[replica]
+
+    async def _call(self, replica: str | None, method: str, request, direction: str):
+        """One call to one replica; None when it failed (counted and logged; the replica may be set aside) or the
+        replica is gone from the set."""
+        if not self._up(replica):
+            return None
         try:
-            return await getattr(kvstore_pb2_grpc.KVStoreStub(self._channels[replica]), method)(
+            return await getattr(kvstore_pb2_grpc.KVStoreStub(self._channel(replica)), method)(
                 request, timeout=self.timeout)
         except grpc.RpcError as exc:
             if method == "Put" and exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT):
@@ -83,14 +95,15 @@ class StoreLink:
             self._failed(direction, exc, replica)
             return None
 
-    async def _held(self, hashes: list[int], direction: str) -> list[bool]:
-        """Whether the store holds each of `hashes`, asking each replica not set aside about its share at once."""
+    async def _held(self, hashes: list[int], direction: str) -> list[bool | None]:
+        """Whether the store holds each of `hashes` (None: unknown, its replica failed or is set aside), asking
+        each replica about its share at once."""
         shares = {r: share for r, share in self.replicas.split(hashes).items() if self._up(r)}
         replies = await asyncio.gather(*(self._call(r, "Exists", pb.ExistsRequest(
             compat_hash=self.namespace, block_hashes=share), direction) for r, share in shares.items()))
-        held = {h for share, reply in zip(shares.values(), replies) if reply is not None
-                for h, present in zip(share, reply.present) if present}
-        return [h in held for h in hashes]
+        known = {h: bool(present) for share, reply in zip(shares.values(), replies) if reply is not None
+                 for h, present in zip(share, reply.present)}
+        return [known.get(h) for h in hashes]
 
     def _key(self, block_hash: int) -> pb.BlockKey:
         return pb.BlockKey(compat_hash=self.namespace, block_hash=block_hash)
@@ -140,7 +153,7 @@ class StoreLink:
         if not hashes:
             return
         held = await self._held(hashes, "save")
-        missing = [h for h, present in zip(hashes, held) if not present and self._up(self.replicas.owner(h))]
+        missing = [h for h, present in zip(hashes, held) if present is False]  # unknown ones are left alone
         try:
             blocks = await self.host.call(self.engine.export_blocks, missing) if missing else []
         except RuntimeError as exc:  # the engine stopped meanwhile

@@ -108,7 +108,7 @@ NAMESPACED_RULES = {
     ("leaderworkerset.x-k8s.io", "leaderworkersets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "secrets"): {"list", "watch", "create"},  # groups' keys, made once (operator/group_key.py)
+    ("", "secrets"): {"get", "create"},  # groups' keys, made once (operator/group_key.py); never listed
     ("", "pods"): {"list", "watch", "delete"},
     ("", "events"): {"create"},
 }

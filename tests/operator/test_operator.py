@@ -255,7 +255,10 @@ async def test_parallelism_change_rebuilds_groups(operator):
     assert live(kmock, "Secret", "m1-group-key")["data"] == key["data"]  # one key for the model's life
     assert requests_to(kmock, "PATCH", "Secret", "m1-group-key") == 0
 
-    await call(kmock, "DELETE", "Secret", "m1-group-key")  # deleted by hand: made again, with a new key
+    await call(kmock, "DELETE", "Secret", "m1-group-key")  # deleted by hand: made again, with a new key, at the
+    # next reconcile or workload event (here: its pods fail to start, their StatefulSet's status changes)
+    await call(kmock, "PATCH", "StatefulSet", "m1-prefill-0", {"status": {"replicas": 4, "readyReplicas": 3}},
+               sub="status")
     remade = await wait_for(lambda: live(kmock, "Secret", "m1-group-key"))
     assert remade["data"] != key["data"]
     assert first[0]["spec"]["template"] != rebuilt[0]["spec"]["template"]

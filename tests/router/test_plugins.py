@@ -74,10 +74,12 @@ def test_prefixes_in_the_kv_store_count_for_the_workers_that_load_from_it(pool):
     from tandem.router.store_index import StoreIndex
 
     hashes = hash_blocks(PROMPT, 16, "tandem")
-    store = StoreIndex("store:1")
-    store.apply(kvstore_pb2.StoreEvent(kind=kvstore_pb2.StoreEvent.STORED, compat_hash="aaa", block_hashes=hashes[:4]))
-    store.apply(kvstore_pb2.StoreEvent(kind=kvstore_pb2.StoreEvent.STORED, compat_hash="bbb", block_hashes=hashes))
-    pool.report(state("linked", kv_store="store:1", snapshot=True, events=[KV(kind=KV.STORED, block_hashes=hashes[:1])]))
+    store = StoreIndex("10.0.0.1:1")
+    store.apply(kvstore_pb2.StoreEvent(kind=kvstore_pb2.StoreEvent.STORED, compat_hash="aaa", block_hashes=hashes[:4]),
+                "10.0.0.1:1")
+    store.apply(kvstore_pb2.StoreEvent(kind=kvstore_pb2.StoreEvent.STORED, compat_hash="bbb", block_hashes=hashes),
+                "10.0.0.1:1")
+    pool.report(state("linked", kv_store="10.0.0.1:1", snapshot=True, events=[KV(kind=KV.STORED, block_hashes=hashes[:1])]))
     pool.report(state("elsewhere", kv_store="store:2"))
     pool.report(state("unlinked", snapshot=True, events=[KV(kind=KV.STORED, block_hashes=hashes[:2])]))
     w = pool.workers
@@ -86,8 +88,25 @@ def test_prefixes_in_the_kv_store_count_for_the_workers_that_load_from_it(pool):
     assert SCORERS["prefix"](req, w["linked"]) == pytest.approx((16 + STORE_BLOCK_WORTH * 48) / 80)
     assert Profile([], {"prefix": 1.0}).pick(req, list(w.values())).worker_id == "linked"
     assert RoutingRequest(PROMPT).reusable_tokens(w["linked"]) == 16  # a router that follows no store
-    store.apply(kvstore_pb2.StoreEvent(kind=kvstore_pb2.StoreEvent.REMOVED, compat_hash="aaa", block_hashes=hashes[1:2]))
+    store.apply(kvstore_pb2.StoreEvent(kind=kvstore_pb2.StoreEvent.REMOVED, compat_hash="aaa", block_hashes=hashes[1:2]),
+                "10.0.0.1:1")
     assert req.store_tokens(w["linked"]) == 16 and len(store) == 3 + 5
+
+
+def test_a_block_counts_only_on_the_replica_its_clients_ask(pool):
+    """After the replica set changed, a block left on a replica that no longer owns it is never loaded."""
+    from tandem.proto import kvstore_pb2
+    from tandem.router.store_index import StoreIndex
+
+    hashes = hash_blocks(PROMPT, 16, "tandem")
+    store = StoreIndex("10.0.0.1:1,10.0.0.2:1")
+    owner = store.replicas.owner(hashes[0])
+    other = next(a for a in store.replicas.addresses if a != owner)
+    store.apply(kvstore_pb2.StoreEvent(kind=kvstore_pb2.StoreEvent.STORED, compat_hash="aaa", block_hashes=hashes), other)
+    pool.report(state("linked", kv_store="10.0.0.1:1,10.0.0.2:1"))
+    assert RoutingRequest(PROMPT, store=store).store_tokens(pool.workers["linked"]) == 0
+    store.apply(kvstore_pb2.StoreEvent(kind=kvstore_pb2.StoreEvent.STORED, compat_hash="aaa", block_hashes=hashes), owner)
+    assert RoutingRequest(PROMPT, store=store).store_tokens(pool.workers["linked"]) == 16 * len(hashes)
 
 
 def test_event_gap_asks_for_a_snapshot(pool):

@@ -12,7 +12,7 @@ from tests.kvstore.conftest import NS, block, kvstore  # noqa: F401 - the fixtur
 
 
 def held(index: StoreIndex) -> set[int]:
-    return set().union(*index.held(NS).sets)
+    return set().union(*(per.get(NS, set()) for per in index.blocks.values()))
 
 
 def wait_for(check, what: str, timeout: float = 10.0) -> None:

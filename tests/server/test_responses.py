@@ -30,11 +30,13 @@ def test_a_response_is_the_chat_answer_as_output_items(smol):
     assert resp.object == "response" and resp.id.startswith("resp_")
     assert resp.output_text == chat.choices[0].message.content
     (message,) = resp.output
-    assert message.type == "message" and message.role == "assistant" and message.status == "completed"
+    assert message.type == "message" and message.role == "assistant"
     assert resp.usage.input_tokens == chat.usage.prompt_tokens
     assert resp.usage.output_tokens == chat.usage.completion_tokens
+    assert resp.usage.input_tokens_details.cached_tokens == 0
     if chat.choices[0].finish_reason == "length":
         assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
+        assert message.status == "incomplete"
     else:
         assert resp.status == "completed" and resp.incomplete_details is None
 
@@ -88,6 +90,17 @@ def test_earlier_calls_and_their_outputs_are_the_conversation(tiny):
         {"type": "function_call_output", "call_id": "call_1", "output": "12:00"}])
     assert resp.usage.input_tokens == chat.usage.prompt_tokens
     assert resp.output_text == chat.choices[0].message.content
+    # an earlier reply sent back whole (its text, then two calls) is one assistant turn, as in chat
+    calls = [call, {**call, "id": "call_2"}]
+    chat = _chat(tiny, [{"role": "user", "content": "Time?"}, {"role": "assistant", "content": "Checking.", "tool_calls": calls},
+                        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+                        {"role": "tool", "tool_call_id": "call_2", "content": "13:00"}], max_tokens=4)
+    resp = tiny.openai().responses.create(model=tiny.model, max_output_tokens=4, temperature=0, input=[
+        {"role": "user", "content": "Time?"}, {"role": "assistant", "content": "Checking."},
+        *({"type": "function_call", "call_id": c["id"], "name": "get_time", "arguments": '{"zone": "UTC"}'} for c in calls),
+        {"type": "function_call_output", "call_id": "call_1", "output": "12:00"},
+        {"type": "function_call_output", "call_id": "call_2", "output": "13:00"}])
+    assert resp.usage.input_tokens == chat.usage.prompt_tokens
 
 
 def test_structured_text_follows_its_schema(smol):
@@ -104,6 +117,7 @@ def test_structured_text_follows_its_schema(smol):
     (dict(input=[{"type": "reasoning", "summary": []}]), "input"),
     (dict(input="Hi", tools=[{"type": "web_search"}]), "tools"),
     (dict(input="Hi", text={"format": {"type": "json_schema", "name": "x"}}), "text"),
+    (dict(input="Hi", text={"format": "json_object"}), "text"),
     (dict(input="Hi", background=True), "background"),
 ])
 def test_what_a_stateless_server_cannot_do_is_a_clear_400(tiny, kwargs, param):

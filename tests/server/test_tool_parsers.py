@@ -87,6 +87,8 @@ def test_mistral_v11_and_v13_parse():
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
         ("get_weather", {"city": "Paris"}), ("get_time", {})]
     assert all(len(c["id"]) == 9 and c["id"].isalnum() for c in calls)
+    _, calls = parser.parse('[TOOL_CALLS]get_weather[ARGS]{"q": "[TOOL_CALLS]x"} [TOOL_CALLS]get_time[ARGS]{}')
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"q": "[TOOL_CALLS]x"}, {}]  # a marker in a string
     _, (call,) = parser.parse('[TOOL_CALLS]get_time[CALL_ID]a1b2c3d4e[ARGS]{"zone": "UTC"}')
     assert call["id"] == "a1b2c3d4e" and json.loads(call["function"]["arguments"]) == {"zone": "UTC"}
     for text in ('[TOOL_CALLS]rm[ARGS]{"path": "/"}', '[TOOL_CALLS]get_time[ARGS]{"zone": ', "[TOOL_CALLS]get_time",

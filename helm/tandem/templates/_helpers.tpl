@@ -78,10 +78,11 @@ tandemmodels/finalizers); a failed group member restarts its whole group (pods d
 - apiGroups: [""]
   resources: [services, configmaps]
   verbs: [get, list, watch, create, patch, delete]
-# the key of groups spanning pods: made once, never patched (the garbage collector deletes it)
+# the key of groups spanning pods: made once, never patched (the garbage collector deletes it); no list or
+# watch, so the operator reads no Secret but its own, by name
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [list, watch, create]
+  verbs: [get, create]
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch, delete]
