@@ -110,7 +110,7 @@ def test_rules_are_well_formed():
 
 def test_every_series_read_is_exported(stack_factory, tiny_model_dirs):
     model = tiny_model_dirs["llama"]
-    s = stack_factory(model, 1, 1)
+    s = stack_factory(model, 1, 1, kv_store_bytes=64 << 20)  # the router follows a KV store: its series too
     prompt = list(range(100, 140))  # over the router's local-prefill threshold: prefilled remotely
     s.openai().completions.create(model=model, prompt=prompt, max_tokens=3, temperature=0)
     live: dict[str, dict[str, set[str] | None]] = {
