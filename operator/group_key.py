@@ -45,12 +45,14 @@ def ensure(kube: Kube, model: TandemModel) -> str:
     is an error, retried: its key is not one to hand this model's pods."""
     if not needed(model):
         return "not needed"
-    try:
-        kube.create(secret(model, secrets.token_urlsafe(32)))
-        return "created"
-    except ConflictError:
-        pass
+    # read first: it exists in the common case (every reconcile and workload event asks), one call
     found = kube.get("v1", "Secret", model.owner.namespace, secret_name(model))
+    if found is None:
+        try:
+            kube.create(secret(model, secrets.token_urlsafe(32)))
+            return "created"
+        except ConflictError:  # made meanwhile: check whose it is
+            found = kube.get("v1", "Secret", model.owner.namespace, secret_name(model))
     if found is None:
         raise RuntimeError(f"Secret {secret_name(model)} went away while it was being made; trying again")
     meta = found["metadata"]
