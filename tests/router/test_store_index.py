@@ -40,8 +40,9 @@ def test_the_index_follows_the_store_through_a_restart(kvstore):  # noqa: F811
         port = kv.server.port
         kv.close()
         wait_for(lambda: index.resubscriptions >= 1 and not index.blocks, "the index to forget a store that is gone")
-        time.sleep(0.2)  # resubscribing every 50 ms meanwhile, into a closed port
-        assert not index.blocks
+        tries = index.resubscriptions
+        wait_for(lambda: index.resubscriptions >= tries + 3, "subscribing again, into a closed port")
+        assert not index.blocks  # nothing claimed while the store is away
 
         again = kvstore(port=port, capacity_bytes=2000)
         again.put(7, block(7))
