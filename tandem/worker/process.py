@@ -193,8 +193,6 @@ class WorkerServer:
         from tandem.worker.reporter import WorkerReporter, WorkerStateServicer
 
         host = self.host
-        if self.role == router_pb2.DECODE and self.kv_transport == "nixl":
-            self._nixl_staging()  # before any gRPC object: UCX's start-up then runs beside none of gRPC's fds
         self.server = make_server()
         self.port = bind(self.server, self.bind_host, self.port)
         self.advertise = self.advertise or f"{os.environ.get('POD_IP', '127.0.0.1')}:{self.port}"
@@ -211,10 +209,15 @@ class WorkerServer:
         if self.role == router_pb2.DECODE:
             from tandem.decode.kv_receiver import start_kv_server
             from tandem.decode.service import DecodeServicer
-            from tandem.engine.kv_transfer import shm
+            from tandem.engine.kv_transfer import nixl_staging, shm
             from tandem.proto import decode_pb2_grpc
 
-            if self.kv_transport in ("auto", "shm") and shm.usable():  # (nixl's staging came before the server)
+            if self.kv_transport == "nixl" and nixl_staging.available():
+                host.engine.consumer.staging_pool = nixl_staging.NixlStagingPool(self.kv_nixl_bytes)
+                host.engine.consumer.staging_max_bytes = self.kv_nixl_bytes
+            elif self.kv_transport == "nixl":
+                log.warning("--kv-transport nixl: NIXL is not installed (pip install nixl); KV transfers go over gRPC")
+            elif self.kv_transport != "grpc" and shm.usable():
                 shm.sweep()  # staging files a killed worker left
                 host.engine.consumer.staging_max_bytes = shm.MAX_LEASE_BYTES
             elif self.kv_transport == "shm":
@@ -251,15 +254,6 @@ class WorkerServer:
         if self.kv_store and self.store is None:
             log.warning("--kv-store %s ignored: prefix caching is off, so loaded blocks could not be kept",
                         self.kv_store)
-
-    def _nixl_staging(self) -> None:
-        from tandem.engine.kv_transfer import nixl_staging
-
-        if not nixl_staging.available():
-            log.warning("--kv-transport nixl: NIXL is not installed (pip install nixl); KV transfers go over gRPC")
-            return
-        self.host.engine.consumer.staging_pool = nixl_staging.NixlStagingPool(self.kv_nixl_bytes)
-        self.host.engine.consumer.staging_max_bytes = self.kv_nixl_bytes
 
     async def stop(self) -> None:
         self._stop.set()
