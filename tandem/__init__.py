@@ -6,6 +6,10 @@ import sys
 from typing import TYPE_CHECKING
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC's core logs connection churn at INFO otherwise
+# No Tandem process uses gRPC across a fork (ranks and workers are spawned or exec'd), and gRPC's fork handlers
+# (grpcio >= 1.80) can leave a poller on a closed epoll descriptor around subprocess.Popen: SIGABRT with
+# "epoll_wait error: Bad file descriptor" (grpc/grpc#43055; seen twice as a worker dying at start-up in tests)
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 
 def _checkout_last_on_path() -> None:
