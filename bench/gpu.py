@@ -203,6 +203,9 @@ def run_hf(cfg: dict, runs: dict[str, list[tuple[int, int]]], rng) -> dict:
     """transformers' generate, one static batch per workload (equal lengths only)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    # torch 2.11's cuDNN attention failed inside generate on an H100 ("mha_graph.execute ... is_good()");
+    # flash and memory-efficient SDPA remain
+    torch.backends.cuda.enable_cudnn_sdp(False)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(LlamaConfig(**cfg), dtype=torch.bfloat16).eval()
     out = {}
