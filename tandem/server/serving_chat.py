@@ -1,6 +1,8 @@
 """POST /v1/chat/completions: messages through the chat template, streamed or not, with n,
 logprobs / top_logprobs, continue_final_message, per-request templates and template kwargs, and tool
-calls (forced ones held to their JSON by tool_choice.py, the model's own parsed by tool_parsers.py)."""
+calls (forced ones held to their JSON by tool_choice.py, the model's own parsed by tool_parsers.py).
+Streamed tool calls go out as they grow, as OpenAI's and vLLM's do: a call's name once it is written, its
+arguments once no later text can change them (tool_parsers.CallStream)."""
 from __future__ import annotations
 
 import inspect
@@ -23,6 +25,7 @@ from tandem.server.serving_common import (SSE_DONE, ServingContext, SSEResponse,
                                           stream_error, structured_outputs)
 from tandem.server.tool_choice import ForcedCalls, forced, forced_schema, functions
 from tandem.server import tool_parsers
+from tandem.server.tool_parsers import CallStream
 from tandem.tokenizer import apply_chat_template
 
 # a template that loops over a message's content expects OpenAI's list of parts, not a string
@@ -187,8 +190,7 @@ class ChatServing:
                       stops: list[str], prompt_len: int) -> AsyncIterator[bytes]:
         opts = req.stream_options
         head = {**head, "object": "chat.completion.chunk"}
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
+        sent: dict[int, Sent] = {}
         latest: RequestOutput | None = None
 
         def chunk(choice: dict) -> bytes:
@@ -204,9 +206,9 @@ class ChatServing:
             async for _, out in merge_streams([stream]):
                 latest = out
                 for o in out.outputs:
-                    if o.index in sent_tokens and sent_tokens[o.index] < 0:
+                    if o.index in sent and sent[o.index].done:
                         continue  # that choice has finished
-                    choice = self.delta(req, parser, o, stops, sent_text, sent_tokens)
+                    choice = self.delta(req, parser, o, stops, sent)
                     if choice is not None:
                         yield chunk(choice)
             if opts is not None and opts.include_usage:
@@ -216,19 +218,25 @@ class ChatServing:
         yield SSE_DONE
 
     def delta(self, req: ChatCompletionRequest, parser, o: CompletionOutput, stops: list[str],
-               sent_text: dict[int, int], sent_tokens: dict[int, int]) -> dict | None:
+              sent: dict[int, Sent]) -> dict | None:
         """The next chunk of one choice. Text that may still turn out to be a stop string or a tool call is
-        held back; tool calls go out whole in the choice's last chunk, once the reply has ended."""
+        held back; tool calls go out as they grow (CallStream), the rest of them in the choice's last chunk. A
+        reply whose calls began but did not parse ends as the non-streamed one: its text all content."""
+        state = sent.setdefault(o.index, Sent(CallStream(parser) if parser is not None else None))
         finished = o.finish_reason is not None
-        start, done_tokens = sent_text.get(o.index, 0), sent_tokens.get(o.index, 0)
-        calls: list[dict[str, Any]] = []
+        start, done_tokens = state.text, state.tokens
+        calls: list[dict[str, Any]] | None = None
         if finished:
-            content, calls = self.reply(parser, o.text)
-            end = len(content or "") if calls else len(o.text)
+            content, parsed = self.reply(parser, o.text)
+            calls = state.calls.finish(parsed) if parsed else None
+            end = len(content or "") if calls is not None else len(o.text)
         else:
             end = len(o.text) - stop_holdback(o.text, stops)
             if parser is not None:
-                end = min(end, parser.content_end(o.text))
+                content_end = parser.content_end(o.text)
+                if content_end < end:  # the rest may be calls; what a stop string may still cut is no call's yet
+                    calls = state.calls.update(o.text[:end])
+                end = min(end, content_end)
         text = o.text[start:max(start, end)]
         new_ids = o.token_ids[done_tokens:]
         logprobs = None
@@ -236,14 +244,14 @@ class ChatServing:
             # the engine may already be appending the next step's entry: slice by token count
             entries = (o.logprobs or [])[done_tokens:len(o.token_ids)]
             logprobs = {"content": [e.model_dump() for e in self._logprobs(new_ids, entries, req.top_logprobs or 0)]}
-        if not (text or finished or logprobs):
+        if not (text or finished or logprobs or calls):
             return None
-        sent_text[o.index] = max(start, end)
-        sent_tokens[o.index] = -1 if finished else len(o.token_ids)
+        state.text, state.tokens, state.done = max(start, end), len(o.token_ids), finished
         delta: dict[str, Any] = {"content": text} if text else {}
         if calls:
-            delta["tool_calls"] = [{"index": j, **call} for j, call in enumerate(calls)]
-        finish = ("tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason) if finished else None
+            delta["tool_calls"] = calls
+        called = state.calls is not None and bool(state.calls.final)
+        finish = ("tool_calls" if called and o.finish_reason == "stop" else o.finish_reason) if finished else None
         return {"index": o.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish,
                 "stop_reason": o.stop_reason if finished else None}
 
@@ -272,6 +280,16 @@ class Started:
     stream: AsyncIterator[RequestOutput]
     ids: list[int]
     params: SamplingParams
+
+
+@dataclass
+class Sent:
+    """What a stream has sent of one choice: its text up to `text`, the logprobs of its first `tokens` tokens,
+    its tool calls so far (None: the reply is text); `done` once its last chunk is out."""
+    calls: CallStream | None
+    text: int = 0
+    tokens: int = 0
+    done: bool = False
 
 
 async def final_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:

@@ -5,8 +5,11 @@ their outputs as the conversation; function tools, tool_choice and text.format a
 response_format), so templates, tool-call parsing, structured outputs and sampling are the chat route's. The
 reply comes back as output items: a message with its output_text, then one function_call item per call; a
 reply cut by max_output_tokens is `incomplete`. Streams send Responses' typed events (response.created ...
-response.output_text.delta ... response.completed). Nothing is stored: `previous_response_id` and `background`
-are refused, the client sends the whole conversation (as with `store: false`).
+response.output_text.delta ... response.completed), a function call's as chat streams it: its item added once
+its name is written, response.function_call_arguments.delta as its arguments grow, .done once the reply has
+ended (with the message's); the completed response is the non-streamed one. Nothing is stored:
+`previous_response_id` and `background` are refused, the client sends the whole conversation (as with
+`store: false`).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from starlette.responses import Response
 from tandem.outputs import RequestOutput
 from tandem.server.errors import bad_request
 from tandem.server.protocol import ChatCompletionRequest, SamplingRequest
-from tandem.server.serving_chat import ChatServing, Started, final_output
+from tandem.server.serving_chat import ChatServing, Sent, Started, final_output
 from tandem.server.serving_common import SSEResponse, cancel_on_disconnect, dumps, merge_streams, stream_error
 
 
@@ -168,49 +171,64 @@ class ResponsesServing:
 
         yield event("response.created", response=shell)
         yield event("response.in_progress", response=shell)
-        item_id, text, items = f"msg_{secrets.token_hex(12)}", "", []
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
+        item_id, text = f"msg_{secrets.token_hex(12)}", ""
+        calls: list[dict[str, Any]] = []  # the function_call items opened, by the chat call's index
+        index: dict[str, int] = {}  # each item's output_index: items count in the order they open
+        sent: dict[int, Sent] = {}
         final: RequestOutput | None = None
         try:
             async for _, out in merge_streams([started.stream]):
                 final, o = out, out.outputs[0]
-                choice = self.chat.delta(chat_req, started.parser, o, started.params.stop, sent_text, sent_tokens)
-                piece = (choice or {}).get("delta", {}).get("content", "")
+                choice = self.chat.delta(chat_req, started.parser, o, started.params.stop, sent) or {}
+                piece = choice.get("delta", {}).get("content", "")
                 if piece:
                     if not text:  # the message item opens with its first text
-                        yield event("response.output_item.added", output_index=0,
+                        index[item_id] = len(index)
+                        yield event("response.output_item.added", output_index=index[item_id],
                                     item=_message_item(item_id, None, "in_progress"))
-                        yield event("response.content_part.added", item_id=item_id, output_index=0, content_index=0,
-                                    part=_text_part(""))
+                        yield event("response.content_part.added", item_id=item_id, output_index=index[item_id],
+                                    content_index=0, part=_text_part(""))
                     text += piece
-                    yield event("response.output_text.delta", item_id=item_id, output_index=0, content_index=0,
-                                delta=piece, logprobs=[])
-                calls = (choice or {}).get("delta", {}).get("tool_calls", [])
-                items = [_call_item({k: v for k, v in c.items() if k != "index"}, "completed") for c in calls]
+                    yield event("response.output_text.delta", item_id=item_id, output_index=index[item_id],
+                                content_index=0, delta=piece, logprobs=[])
+                for call in choice.get("delta", {}).get("tool_calls", []):
+                    if "id" in call:  # a call begins: its item opens
+                        calls.append(_call_item({**call, "function": {**call["function"], "arguments": ""}},
+                                                "in_progress"))
+                        index[calls[-1]["id"]] = len(index)
+                        yield event("response.output_item.added", output_index=index[calls[-1]["id"]],
+                                    item=calls[-1])
+                    item, args = calls[call["index"]], call["function"]["arguments"]
+                    if args:
+                        item["arguments"] += args
+                        yield event("response.function_call_arguments.delta", item_id=item["id"],
+                                    output_index=index[item["id"]], delta=args)
         except Exception as exc:  # noqa: BLE001 - reported in-band: the status line has been sent
             error = stream_error(exc)
             yield event("error", code=str(error.status), message=error.message, param=error.param)
             yield event("response.failed", response={**shell, "status": "failed",
                                                      "error": {"code": "server_error", "message": error.message}})
             return
+        items = []
         if text:
-            yield event("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=text,
-                        logprobs=[])
-            yield event("response.content_part.done", item_id=item_id, output_index=0, content_index=0,
-                        part=_text_part(text))
+            yield event("response.output_text.done", item_id=item_id, output_index=index[item_id], content_index=0,
+                        text=text, logprobs=[])
+            yield event("response.content_part.done", item_id=item_id, output_index=index[item_id],
+                        content_index=0, part=_text_part(text))
             done = _message_item(item_id, text, "incomplete" if final.outputs[0].finish_reason == "length"
                                  else "completed")
-            yield event("response.output_item.done", output_index=0, item=done)
-            items = [done, *items]
-        for index, item in enumerate(items[1 if text else 0:], start=1 if text else 0):
-            yield event("response.output_item.added", output_index=index, item={**item, "arguments": "",
-                                                                                 "status": "in_progress"})
-            yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                        delta=item["arguments"])
-            yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+            yield event("response.output_item.done", output_index=index[item_id], item=done)
+            items.append(done)
+        ended = sent[0].calls.final if sent and sent[0].calls is not None else []
+        for j, item in enumerate(calls):
+            if j >= len(ended):  # a call that began, but the reply did not parse: it stays text
+                yield event("response.output_item.done", output_index=index[item["id"]],
+                            item={**item, "status": "incomplete"})
+                continue
+            yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index[item["id"]],
                         arguments=item["arguments"])
-            yield event("response.output_item.done", output_index=index, item=item)
+            items.append({**item, "status": "completed"})
+            yield event("response.output_item.done", output_index=index[item["id"]], item=items[-1])
         response = _finished(shell, final, items)
         yield event("response.completed" if response["status"] == "completed" else "response.incomplete",
                     response=response)

@@ -2,7 +2,9 @@
 held by structured outputs to the tool-call JSON (a named function: an object of its arguments;
 "required": a non-empty array of {"name": one of the tools, "parameters": its arguments}), then parsed into
 the message's `tool_calls` instead of `content`. "auto" (or no choice) lets the model decide: its own call
-syntax is parsed by tool_parsers.py; "none" keeps the tools from the template.
+syntax is parsed by tool_parsers.py; "none" keeps the tools from the template. Streamed, a named function's
+call shows from the first chunk, each of "required"'s calls once its name is written; each call's arguments
+come whole once its JSON closes (they are re-serialized, so no earlier piece is sure to begin them).
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import json
 from typing import Any
 
 from tandem.server.errors import bad_request
-from tandem.server.tool_parsers import make_call
+from tandem.server.tool_parsers import (JSON_SPACE, Begun, arguments_text, json_list_calls, make_call, tool_call_id,
+                                       whole_json)
 
 _ANY_OBJECT = {"type": "object"}
 
@@ -59,12 +62,10 @@ def tool_calls(text: str, tool_choice: Any) -> list[dict[str, Any]] | None:
     """The reply's calls in OpenAI's shape, or None when it is not the whole JSON (cut by max_tokens)."""
     try:
         value = json.loads(text)
-    except ValueError:
+        pairs = ([(call["name"], call["parameters"]) for call in value] if tool_choice == "required"
+                 else [(tool_choice["function"]["name"], value)])
+    except (ValueError, KeyError, TypeError):  # cut by max_tokens; or, unlike the grammar's, no list of calls
         return None
-    if tool_choice == "required":
-        pairs = [(call["name"], call["parameters"]) for call in value]
-    else:
-        pairs = [(tool_choice["function"]["name"], value)]
     return [make_call(name, args) for name, args in pairs]
 
 
@@ -81,6 +82,23 @@ class ForcedCalls:
 
     def content_end(self, text: str) -> int:
         return 0
+
+    def begun(self, text: str) -> list[Begun]:
+        """The calls begun in a prefix of the reply (tool_parsers.py says what that is)."""
+        at = JSON_SPACE.match(text).end()
+        if self.tool_choice == "required":
+            return json_list_calls(text, at + 1, self._read, lambda name: True) if text.startswith("[", at) else []
+        whole = whole_json(text, at)  # the reply is the arguments
+        return [Begun(self.tool_choice["function"]["name"], arguments_text(whole[0]) if whole else "")]
+
+    @staticmethod
+    def _read(value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict) or "name" not in value or "parameters" not in value:
+            raise ValueError("not a call")
+        return make_call(value["name"], value["parameters"])
+
+    def new_id(self) -> str:
+        return tool_call_id()
 
     def strips_its_markers(self, tokenizer: Any) -> bool:
         return False

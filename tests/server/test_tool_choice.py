@@ -8,6 +8,8 @@ import json
 import jsonschema
 import pytest
 
+from tests.server.test_tool_parsers import streamed_calls
+
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
            "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}}}
 TIME = {"type": "object", "additionalProperties": False, "required": ["zone"],
@@ -45,7 +47,7 @@ def test_required_calls_one_or_more_of_the_tools_streamed_and_n_2(smol):
     stream = smol.openai().chat.completions.create(model=smol.model, messages=ASK, tools=TOOLS, max_tokens=120,
                                                    tool_choice="required", temperature=0, stream=True, logprobs=True)
     deltas = [c.choices[0] for c in stream if c.choices]
-    calls = [tc for d in deltas for tc in (d.delta.tool_calls or [])]
+    calls = streamed_calls(deltas)
     assert deltas[-1].finish_reason == "tool_calls" and not any(d.delta.content for d in deltas)
     _check(calls)
     assert "".join(t.token for d in deltas if d.logprobs for t in d.logprobs.content).startswith("[")  # every token's

@@ -5,6 +5,7 @@ so the server sees exactly what a model that calls tools would write."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -27,6 +28,25 @@ LLAMA3_REPLY = '{"name": "get_time", "parameters": {"zone": "UTC; or GMT"}}; {"n
 def _names_and_args(calls) -> list[tuple[str, dict]]:
     assert all(c.type == "function" and c.id.startswith("chatcmpl-tool-") for c in calls)
     return [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+
+
+def streamed_calls(chunks) -> list[SimpleNamespace]:
+    """The calls a stream's choice chunks carry, joined as a client joins them (each call's first piece has its
+    index, id, type and name, later pieces its index and the next part of its arguments), with the chunks that
+    brought each call's name (`named_at`) and the last piece of its arguments (`done_at`)."""
+    calls: list[SimpleNamespace] = []
+    for at, chunk in enumerate(chunks):
+        for piece in chunk.delta.tool_calls or []:
+            if piece.index == len(calls):
+                assert piece.id and piece.type == "function" and piece.function.name, piece
+                calls.append(SimpleNamespace(id=piece.id, type=piece.type, named_at=at, done_at=at,
+                                             function=SimpleNamespace(name=piece.function.name, arguments="")))
+            else:  # the id and name came once, in the call's first piece
+                assert piece.index < len(calls) and piece.id is None and piece.function.name is None, piece
+            if piece.function.arguments:
+                calls[piece.index].function.arguments += piece.function.arguments
+                calls[piece.index].done_at = at
+    return calls
 
 
 def _ask(server, reply: str, stream: bool = False, **kwargs):
@@ -163,8 +183,7 @@ def test_hermes_calls_streamed(hermes_server):
     chunks = [c.choices[0] for c in _ask(hermes_server, HERMES_REPLY, stream=True, logprobs=True) if c.choices]
     text = "".join(c.delta.content or "" for c in chunks)
     assert text == "Let me check. "  # streamed as it came, never a piece of the calls
-    calls = [tc for c in chunks for tc in (c.delta.tool_calls or [])]
-    assert [tc.index for tc in calls] == [0, 1] and chunks[-1].delta.tool_calls
+    calls = streamed_calls(chunks)
     assert _names_and_args(calls) == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "UTC"})]
     assert chunks[-1].finish_reason == "tool_calls"
     tokens = "".join(t.token for c in chunks if c.logprobs for t in c.logprobs.content)
@@ -194,7 +213,9 @@ def test_llama3_json_calls(tiny_engine, serve):
     assert _names_and_args(choice.message.tool_calls) == [("get_time", {"zone": "UTC; or GMT"}), ("get_weather", {})]
     chunks = [c.choices[0] for c in _ask(server, LLAMA3_REPLY, stream=True) if c.choices]
     assert not "".join(c.delta.content or "" for c in chunks)
-    assert len(chunks[-1].delta.tool_calls) == 2 and chunks[-1].finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in streamed_calls(chunks)] == [
+        (c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    assert chunks[-1].finish_reason == "tool_calls"
     text = _ask(server, "Paris is sunny today.").choices[0]
     assert text.message.content == "Paris is sunny today." and not text.message.tool_calls
 
@@ -208,7 +229,7 @@ def test_mistral_calls(tiny_engine, serve):
     v11 = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'  # Mistral Small 3.1+, Devstral, Magistral
     chunks = [c.choices[0] for c in _ask(server, v11, stream=True) if c.choices]
     assert not "".join(c.delta.content or "" for c in chunks) and chunks[-1].finish_reason == "tool_calls"
-    assert _names_and_args_any_id(chunks[-1].delta.tool_calls) == [("get_weather", {"city": "Paris"})]
+    assert _names_and_args_any_id(streamed_calls(chunks)) == [("get_weather", {"city": "Paris"})]
 
 
 def _names_and_args_any_id(calls) -> list[tuple[str, dict]]:
@@ -224,4 +245,5 @@ def test_pythonic_calls(tiny_engine, serve):
     assert _names_and_args(choice.message.tool_calls) == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "UTC"})]
     chunks = [c.choices[0] for c in _ask(server, reply, stream=True) if c.choices]
     assert not "".join(c.delta.content or "" for c in chunks)
-    assert len(chunks[-1].delta.tool_calls) == 2 and chunks[-1].finish_reason == "tool_calls"
+    assert _names_and_args(streamed_calls(chunks)) == _names_and_args(choice.message.tool_calls)
+    assert chunks[-1].finish_reason == "tool_calls"
