@@ -27,6 +27,7 @@ from tandem.server.protocol import (ChatCompletionRequest, ChatCompletionRespons
 from tandem.server.serving_chat import ChatServing, render_chat
 from tandem.server.serving_common import ServingContext
 from tandem.server.serving_completions import CompletionServing
+from tandem.server.response_store import ResponseStore
 from tandem.server.serving_responses import ResponsesRequest, ResponsesServing
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -82,7 +83,7 @@ def build_app(client: EngineClient, config: ServerConfig | None = None) -> FastA
         raise ValueError(f"a LoRA adapter may not take a served model's name: {sorted(set(names) & set(client.loras))}")
     ctx = ServingContext(client, config, ServerMetrics(names[0], client.stats), names)
     completions, chat = CompletionServing(ctx), ChatServing(ctx)
-    stateless_responses = ResponsesServing(chat)
+    responses = ResponsesServing(chat, ResponseStore(config.responses_store_size))
     app = FastAPI(title="Tandem", version=__version__, default_response_class=SafeJSONResponse,
                   description="OpenAI-compatible LLM serving (vLLM's extra parameters included).")
     app.state.ctx = ctx
@@ -112,10 +113,21 @@ def build_app(client: EngineClient, config: ServerConfig | None = None) -> FastA
 
     @app.post("/v1/responses", responses=_ERRORS, tags=["OpenAI"])
     async def create_response(body: ResponsesRequest, raw: Request) -> Response:
-        """A response (OpenAI's Responses API, stateless: the conversation comes whole in `input`); with
+        """A response (OpenAI's Responses API; `previous_response_id` continues a stored one); with
         `stream: true`, its typed server-sent events."""
-        result = await stateless_responses.create(body, raw)
+        result = await responses.create(body, raw)
         return result if isinstance(result, Response) else SafeJSONResponse(result)
+
+    @app.get("/v1/responses/{response_id}", responses=_ERRORS, tags=["OpenAI"])
+    async def retrieve_response(response_id: str) -> Response:
+        """A stored response, as it was returned (or as its stream's last event carried it)."""
+        return SafeJSONResponse(responses.store.get(response_id))
+
+    @app.delete("/v1/responses/{response_id}", responses=_ERRORS, tags=["OpenAI"])
+    async def delete_response(response_id: str) -> Response:
+        """Forget a stored response: it can be neither retrieved nor continued."""
+        responses.store.delete(response_id)
+        return SafeJSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
 
     if config.allow_runtime_lora_updating:
         @app.post("/v1/load_lora_adapter", responses=_ERRORS, tags=["vLLM"])

@@ -20,6 +20,7 @@ class ServerConfig:
     response_role: str = "assistant"
     max_logprobs: int = 20  # most logprobs / top_logprobs a request may ask for
     max_seqs_per_request: int = 256  # prompts x best_of, so one request cannot exhaust memory
+    responses_store_size: int = 1024  # Responses API: stored responses kept (LRU) for previous_response_id; 0: none
     disable_log_requests: bool = False
     enable_request_id_headers: bool = False
     allowed_origins: list[str] = field(default_factory=lambda: ["*"])
@@ -33,6 +34,8 @@ class ServerConfig:
                              f"got {self.chat_template_content_format!r}")
         if self.tool_call_parser not in PARSERS:
             raise ValueError(f"tool_call_parser must be one of {PARSERS}, got {self.tool_call_parser!r}")
+        if self.responses_store_size < 0:
+            raise ValueError(f"responses_store_size must be >= 0, got {self.responses_store_size}")
         if self.served_model_names is not None and not self.served_model_names:
             raise ValueError("served_model_names must not be empty")
         self.chat_template = load_chat_template(self.chat_template)

@@ -123,6 +123,9 @@ def add_http_args(p: argparse.ArgumentParser, port: int = 8000) -> None:
     add_runtime_lora_arg(s)
     s.add_argument("--response-role", default="assistant", help="role of the generated chat message (default: assistant)")
     s.add_argument("--max-logprobs", type=int, default=20, help="most logprobs a request may ask for (default: 20)")
+    s.add_argument("--responses-store-size", type=int, default=1024, metavar="N",
+                   help="Responses API: how many responses this process keeps in memory (least recently used out "
+                        "first) for previous_response_id and GET /v1/responses/ID; 0 stores none (default: 1024)")
     s.add_argument("--disable-log-requests", action="store_true", help="do not log each request")
     s.add_argument("--enable-request-id-headers", action="store_true",
                    help="echo X-Request-Id (or a generated one) in every response")
@@ -143,6 +146,7 @@ def server_config(args: argparse.Namespace):
         allow_runtime_lora_updating=args.allow_runtime_lora_updating,
         response_role=args.response_role,
         max_logprobs=args.max_logprobs, disable_log_requests=args.disable_log_requests,
+        responses_store_size=args.responses_store_size,
         enable_request_id_headers=args.enable_request_id_headers, allowed_origins=args.allowed_origins,
         allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
         allow_credentials=args.allow_credentials)

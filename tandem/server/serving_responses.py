@@ -1,4 +1,4 @@
-"""POST /v1/responses: OpenAI's Responses API over the chat route, stateless.
+"""POST /v1/responses: OpenAI's Responses API over the chat route; GET and DELETE /v1/responses/{id}.
 
 A request becomes a chat completion (instructions as the system message; input messages, function calls and
 their outputs as the conversation; function tools, tool_choice and text.format as chat's tools, tool_choice and
@@ -7,16 +7,17 @@ reply comes back as output items: a message with its output_text, then one funct
 reply cut by max_output_tokens is `incomplete`. Streams send Responses' typed events (response.created ...
 response.output_text.delta ... response.completed), a function call's as chat streams it: its item added once
 its name is written, response.function_call_arguments.delta as its arguments grow, .done once the reply has
-ended (with the message's); the completed response is the non-streamed one. Nothing is stored:
-`previous_response_id` and `background` are refused, the client sends the whole conversation (as with
-`store: false`).
+ended (with the message's); the completed response is the non-streamed one. A finished response (completed or
+incomplete, not failed) is stored unless `store: false` (response_store.py): `previous_response_id` continues
+its conversation (its instructions are not carried over, as OpenAI's are not), so an agent sends only the
+new turn or its calls' outputs. `background` is refused.
 """
 from __future__ import annotations
 
 import json
 import secrets
 import time
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator, Callable, Literal
 
 from fastapi import Request
 from pydantic import Field
@@ -25,6 +26,7 @@ from starlette.responses import Response
 from tandem.outputs import RequestOutput
 from tandem.server.errors import bad_request
 from tandem.server.protocol import ChatCompletionRequest, SamplingRequest
+from tandem.server.response_store import ResponseStore
 from tandem.server.serving_chat import ChatServing, Sent, Started, final_output
 from tandem.server.serving_common import SSEResponse, cancel_on_disconnect, dumps, merge_streams, stream_error
 
@@ -37,7 +39,7 @@ class ResponsesRequest(SamplingRequest):
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
     text: dict[str, Any] | None = None
-    store: bool = True  # accepted; nothing is stored
+    store: bool = True
     metadata: dict[str, str] | None = None
     previous_response_id: str | None = None
     background: bool = False
@@ -58,12 +60,20 @@ def _text(content: Any, where: str) -> str:
     return "\n".join(texts)
 
 
-def _messages(req: ResponsesRequest) -> list[dict[str, Any]]:
-    messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
+def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
+    """The request's input as items: a string is one user message."""
     if isinstance(req.input, str):
-        return [*messages, {"role": "user", "content": req.input}]
-    for i, item in enumerate(req.input):
-        kind, where = item.get("type", "message"), f"input[{i}]"
+        return [{"type": "message", "role": "user", "content": req.input}]
+    return req.input
+
+
+def _messages(instructions: str | None, history: list[dict[str, Any]],
+              items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages from the stored conversation's items and the request's own."""
+    messages = [{"role": "system", "content": instructions}] if instructions else []
+    numbered = [(f"previous_response_id's item {i}", item) for i, item in enumerate(history)]
+    for where, item in numbered + [(f"input[{i}]", item) for i, item in enumerate(items)]:
+        kind = item.get("type", "message")
         if kind == "message" and item.get("role") in ("user", "system", "developer", "assistant"):
             messages.append({"role": item["role"], "content": _text(item.get("content"), where)})
         elif kind == "function_call" and isinstance(item.get("name"), str):
@@ -117,34 +127,46 @@ def _response_format(req: ResponsesRequest) -> dict[str, Any] | None:
     raise bad_request("text.format must be text, json_object or json_schema with a schema", "text")
 
 
-def to_chat(req: ResponsesRequest) -> ChatCompletionRequest:
-    if req.previous_response_id is not None:
-        raise bad_request("this server stores no responses: send the whole conversation in input",
-                          "previous_response_id")
+def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> ChatCompletionRequest:
+    """The chat request that makes this response, after the stored conversation `history`."""
     if req.background:
         raise bad_request("background responses are not supported", "background")
     if req.n != 1:
         raise bad_request("the Responses API makes one output: n must be 1", "n")
     tools, choice = _tools(req)
     sampling = req.model_dump(include=set(SamplingRequest.model_fields) - {"response_format"}, exclude_unset=True)
-    return ChatCompletionRequest(**sampling, messages=_messages(req), max_completion_tokens=req.max_output_tokens,
+    return ChatCompletionRequest(**sampling, messages=_messages(req.instructions, history, input_items(req)),
+                                 max_completion_tokens=req.max_output_tokens,
                                  tools=tools, tool_choice=choice, response_format=_response_format(req))
 
 
 class ResponsesServing:
-    def __init__(self, chat: ChatServing) -> None:
-        self.chat = chat
+    def __init__(self, chat: ChatServing, store: ResponseStore) -> None:
+        self.chat, self.store = chat, store
 
     async def create(self, req: ResponsesRequest, raw: Request) -> Response | dict[str, Any]:
-        chat_req = to_chat(req)
+        chat_req = to_chat(req, self._history(req.previous_response_id))
         started = await self.chat.start(chat_req, raw)
-        shell = self._shell(req, started)
+        shell = self._shell(req, started, self.store.enabled)
+
+        def keep(response: dict[str, Any]) -> dict[str, Any]:
+            if response["store"]:
+                self.store.put(response, input_items(req), req.previous_response_id)
+            return response
         if req.stream:
-            return SSEResponse(self._events(chat_req, started, shell))
-        return await cancel_on_disconnect(raw, self._full(started, shell))
+            return SSEResponse(self._events(chat_req, started, shell, keep))
+        return keep(await cancel_on_disconnect(raw, self._full(started, shell)))
+
+    def _history(self, previous_id: str | None) -> list[dict[str, Any]]:
+        if previous_id is None:
+            return []
+        if not self.store.enabled:
+            raise bad_request("this server stores no responses (--responses-store-size 0): send the whole "
+                              "conversation in input", "previous_response_id")
+        return self.store.history(previous_id)
 
     @staticmethod
-    def _shell(req: ResponsesRequest, started: Started) -> dict[str, Any]:
+    def _shell(req: ResponsesRequest, started: Started, storing: bool) -> dict[str, Any]:
         """The response object before its output: what the request asked for, echoed."""
         return {"id": f"resp_{started.rid}", "object": "response", "created_at": int(time.time()),
                 "status": "in_progress", "model": started.head["model"], "output": [], "error": None,
@@ -152,7 +174,7 @@ class ResponsesServing:
                 "max_output_tokens": req.max_output_tokens, "temperature": started.params.temperature,
                 "top_p": started.params.top_p, "tools": req.tools or [], "tool_choice": req.tool_choice or "auto",
                 "parallel_tool_calls": req.parallel_tool_calls, "text": req.text or {"format": {"type": "text"}},
-                "previous_response_id": None, "store": False, "metadata": req.metadata or {}, "usage": None}
+                "previous_response_id": req.previous_response_id, "store": req.store and storing, "metadata": req.metadata or {}, "usage": None}
 
     async def _full(self, started: Started, shell: dict[str, Any]) -> dict[str, Any]:
         final = await final_output(started.stream)
@@ -161,8 +183,8 @@ class ResponsesServing:
         items += [_call_item(call, "completed") for call in calls]
         return _finished(shell, final, items)
 
-    async def _events(self, chat_req: ChatCompletionRequest, started: Started,
-                      shell: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def _events(self, chat_req: ChatCompletionRequest, started: Started, shell: dict[str, Any],
+                      keep: Callable[[dict[str, Any]], dict[str, Any]]) -> AsyncIterator[bytes]:
         seq = iter(range(1 << 62))
 
         def event(kind: str, **body: Any) -> bytes:
@@ -229,7 +251,7 @@ class ResponsesServing:
                         arguments=item["arguments"])
             items.append({**item, "status": "completed"})
             yield event("response.output_item.done", output_index=index[item["id"]], item=items[-1])
-        response = _finished(shell, final, items)
+        response = keep(_finished(shell, final, items))
         yield event("response.completed" if response["status"] == "completed" else "response.incomplete",
                     response=response)
 

@@ -1,6 +1,6 @@
 """POST /v1/responses through the official client's `responses` API: the chat route's answer as output items,
 streamed as typed events, function tools in and out, conversations carrying earlier calls and their outputs,
-structured text, and what a stateless server refuses."""
+structured text, and what the server refuses (stored responses: test_responses_store.py)."""
 from __future__ import annotations
 
 import json
@@ -112,7 +112,6 @@ def test_structured_text_follows_its_schema(smol):
 
 
 @pytest.mark.parametrize("kwargs, param", [
-    (dict(input="Hi", previous_response_id="resp_1"), "previous_response_id"),
     (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]), "input"),
     (dict(input=[{"type": "reasoning", "summary": []}]), "input"),
     (dict(input="Hi", tools=[{"type": "web_search"}]), "tools"),
@@ -120,7 +119,7 @@ def test_structured_text_follows_its_schema(smol):
     (dict(input="Hi", text={"format": "json_object"}), "text"),
     (dict(input="Hi", background=True), "background"),
 ])
-def test_what_a_stateless_server_cannot_do_is_a_clear_400(tiny, kwargs, param):
+def test_what_the_server_cannot_do_is_a_clear_400(tiny, kwargs, param):
     with pytest.raises(openai.BadRequestError) as err:
         tiny.openai().responses.create(model=tiny.model, **kwargs)
     assert err.value.body["param"] == param
