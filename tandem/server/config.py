@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from tandem.server.reasoning import REASONING_PARSERS
 from tandem.server.tool_parsers import PARSERS
 
 CONTENT_FORMATS = ("auto", "string", "openai")
@@ -17,6 +18,7 @@ class ServerConfig:
     chat_template_content_format: str = "auto"  # how message content reaches the template
     allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
     tool_call_parser: str = "auto"  # the model's own tool-call syntax (tool_parsers.py); auto: read the template
+    reasoning_parser: str | None = None  # deepseek_r1 / qwen3: split the reply's <think> part off (reasoning.py)
     response_role: str = "assistant"
     max_logprobs: int = 20  # most logprobs / top_logprobs a request may ask for
     max_seqs_per_request: int = 256  # prompts x best_of, so one request cannot exhaust memory
@@ -34,6 +36,9 @@ class ServerConfig:
                              f"got {self.chat_template_content_format!r}")
         if self.tool_call_parser not in PARSERS:
             raise ValueError(f"tool_call_parser must be one of {PARSERS}, got {self.tool_call_parser!r}")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS} or None, "
+                             f"got {self.reasoning_parser!r}")
         if self.responses_store_size < 0:
             raise ValueError(f"responses_store_size must be >= 0, got {self.responses_store_size}")
         if self.served_model_names is not None and not self.served_model_names:

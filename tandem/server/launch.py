@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any
 
+from tandem.server.reasoning import REASONING_PARSERS
 from tandem.server.tool_parsers import PARSERS
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # the served name of the embedded model
@@ -120,6 +121,10 @@ def add_http_args(p: argparse.ArgumentParser, port: int = 8000) -> None:
                         "Qwen2/2.5, Hermes), llama3_json (Llama 3.1+), mistral ([TOOL_CALLS] JSON list), pythonic "
                         "([f(a=1)]: Llama 3.2, Llama 4); auto (the default) reads the chat template; none leaves "
                         "replies as text")
+    s.add_argument("--reasoning-parser", choices=list(REASONING_PARSERS), default=None,
+                   help="split a reply's <think>...</think> part off as the message's reasoning (and "
+                        "reasoning_content): deepseek_r1 (DeepSeek-R1 and its distills, QwQ), qwen3 (Qwen3); "
+                        "default: none, the reply stays content")
     add_runtime_lora_arg(s)
     s.add_argument("--response-role", default="assistant", help="role of the generated chat message (default: assistant)")
     s.add_argument("--max-logprobs", type=int, default=20, help="most logprobs a request may ask for (default: 20)")
@@ -143,6 +148,7 @@ def server_config(args: argparse.Namespace):
     return ServerConfig(
         served_model_names=args.served_model_name, api_key=args.api_key, chat_template=args.chat_template,
         chat_template_content_format=args.chat_template_content_format, tool_call_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser,
         allow_runtime_lora_updating=args.allow_runtime_lora_updating,
         response_role=args.response_role,
         max_logprobs=args.max_logprobs, disable_log_requests=args.disable_log_requests,

@@ -164,6 +164,8 @@ class ResponseMessage(OpenAIModel):
     role: str
     content: str | None = None
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    reasoning: str | None = None  # --reasoning-parser: the reply's <think> part (vLLM's current field)
+    reasoning_content: str | None = None  # the same text under its older name (DeepSeek's API, many clients)
 
 
 class ChatChoice(OpenAIModel):

@@ -2,9 +2,12 @@
 logprobs / top_logprobs, continue_final_message, per-request templates and template kwargs, and tool
 calls (forced ones held to their JSON by tool_choice.py, the model's own parsed by tool_parsers.py).
 Streamed tool calls go out as they grow, as OpenAI's and vLLM's do: a call's name once it is written, its
-arguments once no later text can change them (tool_parsers.CallStream)."""
+arguments once no later text can change them (tool_parsers.CallStream). With --reasoning-parser a reply's
+`<think>` part comes back as the message's `reasoning` (and its alias `reasoning_content`), streamed as it
+comes (reasoning.py); tool calls and stop-string hold-back concern the content after it only."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import secrets
@@ -25,6 +28,7 @@ from tandem.server.serving_common import (SSE_DONE, ServingContext, SSEResponse,
                                           stream_error, structured_outputs)
 from tandem.server.tool_choice import ForcedCalls, forced, forced_schema, functions
 from tandem.server import tool_parsers
+from tandem.server.reasoning import Thinking
 from tandem.server.tool_parsers import CallStream
 from tandem.tokenizer import apply_chat_template
 
@@ -105,14 +109,14 @@ class ChatServing:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
 
-    def _prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
-        """The conversation through the chat template, tokenized."""
+    def _prompt_ids(self, req: ChatCompletionRequest) -> tuple[list[int], str]:
+        """The conversation through the chat template, tokenized (and as text)."""
         text = render_chat(self.ctx, req.messages, add_generation_prompt=req.add_generation_prompt,
                            continue_final_message=req.continue_final_message, chat_template=req.chat_template,
                            chat_template_kwargs=req.chat_template_kwargs,
                            tools=req.tools if req.tool_choice != "none" else None)
         try:
-            return self.ctx.client.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+            return self.ctx.client.tokenizer.encode(text, add_special_tokens=req.add_special_tokens), text
         except Exception as exc:  # noqa: BLE001 - e.g. lone surrogates in the messages
             raise bad_request(f"messages could not be tokenized: {exc}", "messages") from exc
 
@@ -130,9 +134,8 @@ class ChatServing:
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response | ChatCompletionResponse:
         started = await self.start(req, raw)
         if req.stream:
-            return SSEResponse(self._stream(req, started.parser, started.head, started.stream, started.params.stop,
-                                            len(started.ids)))
-        return await cancel_on_disconnect(raw, self._full(req, started.parser, started.head, started.stream))
+            return SSEResponse(self._stream(req, started, len(started.ids)))
+        return await cancel_on_disconnect(raw, self._full(req, started))
 
     async def start(self, req: ChatCompletionRequest, raw: Request) -> "Started":
         """The request checked, rendered and submitted (what /v1/responses shares with this route)."""
@@ -142,7 +145,7 @@ class ChatServing:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         if req.n > ctx.config.max_seqs_per_request:
             raise bad_request(f"n must be <= {ctx.config.max_seqs_per_request}", "n")
-        ids = await ctx.prepare(raw, lambda: self._prompt_ids(req))
+        ids, prompt = await ctx.prepare(raw, lambda: self._prompt_ids(req))
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = resolve_max_tokens(ctx, requested, len(ids), ctx.client.generation_defaults.get("max_tokens"),
                                         prompt_param="messages")
@@ -161,35 +164,43 @@ class ChatServing:
         stream = ctx.track(f"chatcmpl-{rid}-{secrets.token_hex(4)}", ids, params, req.priority, now())
         ctx.log_request(rid, [len(ids)], params)
         head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": model}
-        return Started(rid, head, parser, stream, ids, params)
+        thinking = Thinking.for_prompt(prompt) if ctx.config.reasoning_parser else None
+        return Started(rid, head, parser, stream, ids, params, thinking)
 
     @staticmethod
     def reply(parser, text: str) -> tuple[str | None, list[dict[str, Any]]]:
         """A finished reply as (content, tool calls)."""
         return parser.parse(text) if parser is not None else (text, [])
 
-    async def _full(self, req: ChatCompletionRequest, parser, head: dict,
-                    stream: AsyncIterator) -> ChatCompletionResponse:
-        final = await final_output(stream)
+    @staticmethod
+    def answer(started: "Started", text: str) -> tuple[str | None, str | None, list[dict[str, Any]]]:
+        """A finished reply as (reasoning, content, tool calls): calls are read from the content only."""
+        reasoning, content = started.thinking.split(text) if started.thinking is not None else (None, text)
+        if content is None:
+            return reasoning, None, []
+        return (reasoning, *ChatServing.reply(started.parser, content))
+
+    async def _full(self, req: ChatCompletionRequest, started: "Started") -> ChatCompletionResponse:
+        final = await final_output(started.stream)
         choices = []
         for o in final.outputs:
             logprobs = None
             if req.logprobs:
                 logprobs = ChoiceLogprobs(content=self._logprobs(o.token_ids, o.logprobs or [], req.top_logprobs or 0))
-            content, calls = self.reply(parser, o.text)
-            message = ResponseMessage(role=self.ctx.config.response_role, content=content, tool_calls=calls)
+            reasoning, content, calls = self.answer(started, o.text)
+            message = ResponseMessage(role=self.ctx.config.response_role, content=content, tool_calls=calls,
+                                      reasoning=reasoning, reasoning_content=reasoning)
             finish = "tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason
             choices.append(ChatChoice(index=o.index, message=message, logprobs=logprobs, finish_reason=finish,
                                       stop_reason=o.stop_reason))
         completion = sum(len(o.token_ids) for o in final.outputs)
         usage = UsageInfo(prompt_tokens=len(final.prompt_token_ids), completion_tokens=completion,
                           total_tokens=len(final.prompt_token_ids) + completion)
-        return ChatCompletionResponse(choices=choices, usage=usage, **head)
+        return ChatCompletionResponse(choices=choices, usage=usage, **started.head)
 
-    async def _stream(self, req: ChatCompletionRequest, parser, head: dict, stream: AsyncIterator,
-                      stops: list[str], prompt_len: int) -> AsyncIterator[bytes]:
+    async def _stream(self, req: ChatCompletionRequest, started: "Started", prompt_len: int) -> AsyncIterator[bytes]:
         opts = req.stream_options
-        head = {**head, "object": "chat.completion.chunk"}
+        head = {**started.head, "object": "chat.completion.chunk"}
         sent: dict[int, Sent] = {}
         latest: RequestOutput | None = None
 
@@ -203,12 +214,12 @@ class ChatServing:
             for i in range(req.n):  # the role first, as OpenAI does, before any token exists
                 yield chunk({"index": i, "delta": {"role": self.ctx.config.response_role, "content": ""},
                              "logprobs": None, "finish_reason": None})
-            async for _, out in merge_streams([stream]):
+            async for _, out in merge_streams([started.stream]):
                 latest = out
                 for o in out.outputs:
                     if o.index in sent and sent[o.index].done:
                         continue  # that choice has finished
-                    choice = self.delta(req, parser, o, stops, sent)
+                    choice = self.delta(req, started, o, sent)
                     if choice is not None:
                         yield chunk(choice)
             if opts is not None and opts.include_usage:
@@ -217,13 +228,21 @@ class ChatServing:
             yield sse(stream_error(exc).body())
         yield SSE_DONE
 
-    def delta(self, req: ChatCompletionRequest, parser, o: CompletionOutput, stops: list[str],
+    def delta(self, req: ChatCompletionRequest, started: "Started", o: CompletionOutput,
               sent: dict[int, Sent]) -> dict | None:
         """The next chunk of one choice. Text that may still turn out to be a stop string or a tool call is
         held back; tool calls go out as they grow (CallStream), the rest of them in the choice's last chunk. A
-        reply whose calls began but did not parse ends as the non-streamed one: its text all content."""
+        reply whose calls began but did not parse ends as the non-streamed one: its text all content. Reasoning
+        goes out first, as it comes; the rest of this works on the content after it."""
+        parser, stops = started.parser, started.params.stop
         state = sent.setdefault(o.index, Sent(CallStream(parser) if parser is not None else None))
         finished = o.finish_reason is not None
+        think = ""
+        if started.thinking is not None:
+            # reasoning a stop string may still cut is held back too: the stream reassembles to the full reply
+            think, state.reasoned, content = started.thinking.step(o.text, finished, stop_holdback(o.text, stops),
+                                                                   state.reasoned)
+            o = dataclasses.replace(o, text=content)
         start, done_tokens = state.text, state.tokens
         calls: list[dict[str, Any]] | None = None
         if finished:
@@ -244,10 +263,12 @@ class ChatServing:
             # the engine may already be appending the next step's entry: slice by token count
             entries = (o.logprobs or [])[done_tokens:len(o.token_ids)]
             logprobs = {"content": [e.model_dump() for e in self._logprobs(new_ids, entries, req.top_logprobs or 0)]}
-        if not (text or finished or logprobs or calls):
+        if not (text or think or finished or logprobs or calls):
             return None
         state.text, state.tokens, state.done = max(start, end), len(o.token_ids), finished
-        delta: dict[str, Any] = {"content": text} if text else {}
+        delta: dict[str, Any] = {"reasoning": think, "reasoning_content": think} if think else {}
+        if text:
+            delta["content"] = text
         if calls:
             delta["tool_calls"] = calls
         called = state.calls is not None and bool(state.calls.final)
@@ -280,6 +301,7 @@ class Started:
     stream: AsyncIterator[RequestOutput]
     ids: list[int]
     params: SamplingParams
+    thinking: Thinking | None = None  # reads the reply's reasoning part (--reasoning-parser)
 
 
 @dataclass
@@ -290,6 +312,7 @@ class Sent:
     text: int = 0
     tokens: int = 0
     done: bool = False
+    reasoned: int = 0  # the reply's text sent as reasoning ends here
 
 
 async def final_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:

@@ -7,7 +7,10 @@ reply comes back as output items: a message with its output_text, then one funct
 reply cut by max_output_tokens is `incomplete`. Streams send Responses' typed events (response.created ...
 response.output_text.delta ... response.completed), a function call's as chat streams it: its item added once
 its name is written, response.function_call_arguments.delta as its arguments grow, .done once the reply has
-ended (with the message's); the completed response is the non-streamed one. A finished response (completed or
+ended (with the message's); the completed response is the non-streamed one. With --reasoning-parser the reply's
+`<think>` part is a reasoning item before the message (its text as `reasoning_text` content), streamed as
+response.reasoning_text.delta ... .done; reasoning items in the input (clients send them back, and stored
+conversations hold them) are dropped from the prompt, as chat templates drop past reasoning. A finished response (completed or
 incomplete, not failed) is stored unless `store: false` (response_store.py): `previous_response_id` continues
 its conversation (its instructions are not carried over, as OpenAI's are not), so an agent sends only the
 new turn or its calls' outputs. `background` is refused.
@@ -26,6 +29,8 @@ from starlette.responses import Response
 from tandem.outputs import RequestOutput
 from tandem.server.errors import bad_request
 from tandem.server.protocol import ChatCompletionRequest, SamplingRequest
+from tandem.server.response_items import (call_item, finished, item_id, message_item, reasoning_item,
+                                          reasoning_part, text_part)
 from tandem.server.response_store import ResponseStore
 from tandem.server.serving_chat import ChatServing, Sent, Started, final_output
 from tandem.server.serving_common import SSEResponse, cancel_on_disconnect, dumps, merge_streams, stream_error
@@ -74,6 +79,8 @@ def _messages(instructions: str | None, history: list[dict[str, Any]],
     numbered = [(f"previous_response_id's item {i}", item) for i, item in enumerate(history)]
     for where, item in numbered + [(f"input[{i}]", item) for i, item in enumerate(items)]:
         kind = item.get("type", "message")
+        if kind == "reasoning":
+            continue  # past reasoning does not go back into the prompt, as chat templates drop it
         if kind == "message" and item.get("role") in ("user", "system", "developer", "assistant"):
             messages.append({"role": item["role"], "content": _text(item.get("content"), where)})
         elif kind == "function_call" and isinstance(item.get("name"), str):
@@ -88,8 +95,8 @@ def _messages(instructions: str | None, history: list[dict[str, Any]],
             messages.append({"role": "tool", "tool_call_id": item["call_id"],
                              "content": output if isinstance(output, str) else json.dumps(output)})
         else:
-            raise bad_request(f"{where}: items of type {kind!r} are not supported (messages, function_call and "
-                              "function_call_output are)", "input")
+            raise bad_request(f"{where}: items of type {kind!r} are not supported (messages, function_call, "
+                              "function_call_output and reasoning are)", "input")
     if not messages:
         raise bad_request("input is empty", "input")
     return messages
@@ -178,10 +185,11 @@ class ResponsesServing:
 
     async def _full(self, started: Started, shell: dict[str, Any]) -> dict[str, Any]:
         final = await final_output(started.stream)
-        content, calls = self.chat.reply(started.parser, final.outputs[0].text)
-        items = ([_message_item(f"msg_{secrets.token_hex(12)}", content, "completed")] if content else [])
-        items += [_call_item(call, "completed") for call in calls]
-        return _finished(shell, final, items)
+        reasoning, content, calls = self.chat.answer(started, final.outputs[0].text)
+        items = [reasoning_item(item_id("rs"), reasoning, "completed")] if reasoning else []
+        items += [message_item(item_id("msg"), content, "completed")] if content else []
+        items += [call_item(call, "completed") for call in calls]
+        return finished(shell, final, items)
 
     async def _events(self, chat_req: ChatCompletionRequest, started: Started, shell: dict[str, Any],
                       keep: Callable[[dict[str, Any]], dict[str, Any]]) -> AsyncIterator[bytes]:
@@ -193,30 +201,55 @@ class ResponsesServing:
 
         yield event("response.created", response=shell)
         yield event("response.in_progress", response=shell)
-        item_id, text = f"msg_{secrets.token_hex(12)}", ""
+        msg_id, text = item_id("msg"), ""
+        rs_id, thought, thinking = item_id("rs"), "", False  # the reasoning item, while it is open
         calls: list[dict[str, Any]] = []  # the function_call items opened, by the chat call's index
         index: dict[str, int] = {}  # each item's output_index: items count in the order they open
+        items: list[dict[str, Any]] = []  # the finished items, in order
         sent: dict[int, Sent] = {}
         final: RequestOutput | None = None
+
+        def end_reasoning(status: str) -> list[bytes]:
+            nonlocal thinking
+            thinking, at = False, index[rs_id]
+            items.append(reasoning_item(rs_id, thought, status))
+            return [event("response.reasoning_text.done", item_id=rs_id, output_index=at, content_index=0,
+                          text=thought),
+                    event("response.content_part.done", item_id=rs_id, output_index=at, content_index=0,
+                          part=reasoning_part(thought)),
+                    event("response.output_item.done", output_index=at, item=items[-1])]
         try:
             async for _, out in merge_streams([started.stream]):
                 final, o = out, out.outputs[0]
-                choice = self.chat.delta(chat_req, started.parser, o, started.params.stop, sent) or {}
-                piece = choice.get("delta", {}).get("content", "")
+                delta = (self.chat.delta(chat_req, started, o, sent) or {}).get("delta", {})
+                if delta.get("reasoning"):
+                    if not thought:  # the reasoning item opens with its first text
+                        index[rs_id], thinking = len(index), True
+                        yield event("response.output_item.added", output_index=index[rs_id],
+                                    item=reasoning_item(rs_id, None, "in_progress"))
+                        yield event("response.content_part.added", item_id=rs_id, output_index=index[rs_id],
+                                    content_index=0, part=reasoning_part(""))
+                    thought += delta["reasoning"]
+                    yield event("response.reasoning_text.delta", item_id=rs_id, output_index=index[rs_id],
+                                content_index=0, delta=delta["reasoning"])
+                if thinking and (delta.get("content") or delta.get("tool_calls")):
+                    for e in end_reasoning("completed"):  # the content began: the reasoning has ended
+                        yield e
+                piece = delta.get("content", "")
                 if piece:
                     if not text:  # the message item opens with its first text
-                        index[item_id] = len(index)
-                        yield event("response.output_item.added", output_index=index[item_id],
-                                    item=_message_item(item_id, None, "in_progress"))
-                        yield event("response.content_part.added", item_id=item_id, output_index=index[item_id],
-                                    content_index=0, part=_text_part(""))
+                        index[msg_id] = len(index)
+                        yield event("response.output_item.added", output_index=index[msg_id],
+                                    item=message_item(msg_id, None, "in_progress"))
+                        yield event("response.content_part.added", item_id=msg_id, output_index=index[msg_id],
+                                    content_index=0, part=text_part(""))
                     text += piece
-                    yield event("response.output_text.delta", item_id=item_id, output_index=index[item_id],
+                    yield event("response.output_text.delta", item_id=msg_id, output_index=index[msg_id],
                                 content_index=0, delta=piece, logprobs=[])
-                for call in choice.get("delta", {}).get("tool_calls", []):
+                for call in delta.get("tool_calls", []):
                     if "id" in call:  # a call begins: its item opens
-                        calls.append(_call_item({**call, "function": {**call["function"], "arguments": ""}},
-                                                "in_progress"))
+                        calls.append(call_item({**call, "function": {**call["function"], "arguments": ""}},
+                                               "in_progress"))
                         index[calls[-1]["id"]] = len(index)
                         yield event("response.output_item.added", output_index=index[calls[-1]["id"]],
                                     item=calls[-1])
@@ -231,15 +264,17 @@ class ResponsesServing:
             yield event("response.failed", response={**shell, "status": "failed",
                                                      "error": {"code": "server_error", "message": error.message}})
             return
-        items = []
+        cut = final.outputs[0].finish_reason == "length"
+        if thinking:  # the reply ended in (or right after) its reasoning
+            for e in end_reasoning("incomplete" if cut else "completed"):
+                yield e
         if text:
-            yield event("response.output_text.done", item_id=item_id, output_index=index[item_id], content_index=0,
+            yield event("response.output_text.done", item_id=msg_id, output_index=index[msg_id], content_index=0,
                         text=text, logprobs=[])
-            yield event("response.content_part.done", item_id=item_id, output_index=index[item_id],
-                        content_index=0, part=_text_part(text))
-            done = _message_item(item_id, text, "incomplete" if final.outputs[0].finish_reason == "length"
-                                 else "completed")
-            yield event("response.output_item.done", output_index=index[item_id], item=done)
+            yield event("response.content_part.done", item_id=msg_id, output_index=index[msg_id],
+                        content_index=0, part=text_part(text))
+            done = message_item(msg_id, text, "incomplete" if cut else "completed")
+            yield event("response.output_item.done", output_index=index[msg_id], item=done)
             items.append(done)
         ended = sent[0].calls.final if sent and sent[0].calls is not None else []
         for j, item in enumerate(calls):
@@ -251,33 +286,6 @@ class ResponsesServing:
                         arguments=item["arguments"])
             items.append({**item, "status": "completed"})
             yield event("response.output_item.done", output_index=index[item["id"]], item=items[-1])
-        response = keep(_finished(shell, final, items))
+        response = keep(finished(shell, final, items))
         yield event("response.completed" if response["status"] == "completed" else "response.incomplete",
                     response=response)
-
-
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-def _message_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
-    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [] if text is None else [_text_part(text)]}
-
-
-def _call_item(call: dict[str, Any], status: str) -> dict[str, Any]:
-    return {"type": "function_call", "id": f"fc_{secrets.token_hex(12)}", "call_id": call["id"],
-            "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": status}
-
-
-def _finished(shell: dict[str, Any], final: RequestOutput, items: list[dict[str, Any]]) -> dict[str, Any]:
-    o = final.outputs[0]
-    prompt, completion = len(final.prompt_token_ids), len(o.token_ids)
-    cut = o.finish_reason == "length"
-    if cut:  # the message that was cut off is incomplete too
-        items = [{**item, "status": "incomplete"} if item["type"] == "message" else item for item in items]
-    return {**shell, "status": "incomplete" if cut else "completed", "output": items,
-            "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
-            "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-                      "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
-                      "total_tokens": prompt + completion}}

@@ -113,7 +113,7 @@ def test_structured_text_follows_its_schema(smol):
 
 @pytest.mark.parametrize("kwargs, param", [
     (dict(input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]), "input"),
-    (dict(input=[{"type": "reasoning", "summary": []}]), "input"),
+    (dict(input=[{"type": "web_search_call", "id": "ws_1", "status": "completed"}]), "input"),  # reasoning is taken
     (dict(input="Hi", tools=[{"type": "web_search"}]), "tools"),
     (dict(input="Hi", text={"format": {"type": "json_schema", "name": "x"}}), "text"),
     (dict(input="Hi", text={"format": "json_object"}), "text"),
