@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tandem.server.tool_parsers import held_prefix
+
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
 OPEN, CLOSE = "<think>", "</think>"
 
@@ -28,14 +30,6 @@ class Scan:
     start: int | None
     end: int
     content: int | None
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0
 
 
 @dataclass(frozen=True)
@@ -60,7 +54,7 @@ class Thinking:
             return Scan(None, 0, 0)
         close = text.find(CLOSE, start)
         if close < 0:  # still thinking; a reply that ends so is all reasoning
-            end = len(text) if final else len(text) - max(_partial_suffix(text, CLOSE), hold)
+            end = len(text) if final else len(text) - max(held_prefix(text, CLOSE), hold)
             return Scan(start, max(start, end), None)
         after = close + len(CLOSE)
         content = after + len(text[after:]) - len(text[after:].lstrip())

@@ -100,26 +100,37 @@ def _json_call(text: str, at: int, read: Callable[[Any], dict[str, Any]],
     return Begun(function["name"], function["arguments"]), whole[1]
 
 
-def json_list_calls(text: str, at: int, read: Callable[[Any], dict[str, Any]],
-                    named: Callable[[str], bool]) -> list[Begun]:
-    """The calls begun in a JSON list of call objects whose first item starts at text[at] (after spaces)."""
+def json_calls(text: str, at: int, read: Callable[[Any], dict[str, Any]], named: Callable[[str], bool],
+               next_at: Callable[[str, int], int | None]) -> tuple[list[Begun], bool]:
+    """The calls begun in a run of JSON call objects, the first at text[at] (after spaces), each next one
+    where `next_at(text, end of the last)` says (None: the run ends there); and whether every call it
+    began is complete."""
     calls: list[Begun] = []
-    while True:
+    while at is not None:
         try:
             call, end = _json_call(text, JSON_SPACE.match(text, at).end(), read, named)
         except ValueError:
-            return calls
+            return calls, False
         if call is not None:
             calls.append(call)
         if end < 0:
-            return calls
-        at = JSON_SPACE.match(text, end).end()
-        if not text.startswith(",", at):
-            return calls
-        at += 1
+            return calls, False
+        at = next_at(text, end)
+    return calls, True
 
 
-def _held_prefix(text: str, marker: str) -> int:
+def _after_comma(text: str, end: int) -> int | None:
+    at = JSON_SPACE.match(text, end).end()
+    return at + 1 if text.startswith(",", at) else None
+
+
+def json_list_calls(text: str, at: int, read: Callable[[Any], dict[str, Any]],
+                    named: Callable[[str], bool]) -> list[Begun]:
+    """The calls begun in a JSON list of call objects whose first item starts at text[at] (after spaces)."""
+    return json_calls(text, at, read, named, _after_comma)[0]
+
+
+def held_prefix(text: str, marker: str) -> int:
     """Length of text's longest suffix that begins `marker` (a marker that may still be arriving)."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if text.endswith(marker[:n]):
@@ -165,7 +176,7 @@ class _MarkedParser(_Parser):
 
     def content_end(self, text: str) -> int:
         start = text.find(self.MARKER)
-        end = start if start >= 0 else len(text) - _held_prefix(text, self.MARKER)
+        end = start if start >= 0 else len(text) - held_prefix(text, self.MARKER)
         return end if text[:end].strip() else 0  # whitespace alone before a call is no content
 
 
@@ -183,16 +194,11 @@ class HermesParser(_MarkedParser):
         return _call(value, self.tools, "arguments", "parameters")
 
     def begun(self, text: str) -> list[Begun]:
-        calls = []
+        calls: list[Begun] = []
         for block in self._BLOCK.finditer(text):  # the blocks `parse` will read, the last maybe unclosed yet
-            body = block.group(1)
-            try:
-                call, end = _json_call(body, JSON_SPACE.match(body).end(), self._read, self.tools.__contains__)
-            except ValueError:
-                break
-            if call is not None:
-                calls.append(call)
-            if end < 0:
+            got, complete = json_calls(block.group(1), 0, self._read, self.tools.__contains__, lambda *_: None)
+            calls += got
+            if not complete:
                 break
         return calls
 
@@ -294,20 +300,10 @@ class Llama3JsonParser(_Parser):
         return body[len(self.TAG):].lstrip() if body.startswith(self.TAG) else body
 
     def begun(self, text: str) -> list[Begun]:
-        body, calls, at = self._body(text), [], 0
+        body = self._body(text)
         if not body.startswith("{"):
             return []
-        while at < len(body):
-            try:
-                call, end = _json_call(body, at, self._read, self.tools.__contains__)
-            except ValueError:
-                break
-            if call is not None:
-                calls.append(call)
-            if end < 0:
-                break
-            at = _next_call(body, end)
-        return calls
+        return json_calls(body, 0, self._read, self.tools.__contains__, _next_call)[0]
 
     def content_end(self, text: str) -> int:
         body = text.lstrip()
