@@ -214,7 +214,7 @@ class LLMEngine(KVRoles, Lookaheads, LoRARoles):
         compiled = self.grammars.compile(params.structured_outputs)  # a cache hit once the server checked it
         if compiled is not None:
             for seq in group.seqs:
-                seq.grammar = self.grammars.matcher(compiled)
+                seq.grammar = self.grammars.matcher(compiled, params.structured_outputs)
             for tok in resume_token_ids:  # checked before the group is registered: a refusal leaves nothing
                 if not group.seqs[0].grammar.accept_token(tok):
                     raise ValueError(f"resume token {tok} breaks the request's structured_outputs")

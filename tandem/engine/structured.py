@@ -7,6 +7,11 @@ caches compiled grammars; a schema or pattern it cannot compile is the request's
 sequence of the request gets its own matcher -> every sampling step masks the tokens its matcher does
 not allow (`mask`, before the draw) -> each appended token advances the matcher, and one that completes
 the grammar (its end token, the model's EOS) finishes the sequence (engine._append).
+
+With `after` (a text, e.g. `</think>`) the constraint holds only once the output has written it: until then
+the matcher (`After`) masks nothing and only watches for the text's token ids, so a reasoning model thinks
+freely and its answer follows the constraint (the server sets it under --reasoning-parser). The text is
+matched as the tokenizer encodes it alone: the think tags of DeepSeek-R1 and Qwen3 are single tokens.
 """
 from __future__ import annotations
 
@@ -17,12 +22,13 @@ if TYPE_CHECKING:
     import torch
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
-OPTIONS = ("disable_any_whitespace",)  # vLLM's: JSON without whitespace between its tokens
+OPTIONS = ("disable_any_whitespace", "after")  # vLLM's: JSON without whitespace between its tokens; ours
 CACHE_BYTES = 512 << 20  # compiled grammars kept for reuse (vLLM's default too)
 
 
 _SHAPES = ("a dict with exactly one of json (a schema: dict or string), json_object (true), regex (a string), "
-           "choice (a list of strings), grammar (an EBNF string), and optionally disable_any_whitespace")
+           "choice (a list of strings), grammar (an EBNF string), and optionally disable_any_whitespace and "
+           "after (a non-empty string the constraint starts after)")
 
 
 def check_spec(spec: Any) -> str | None:
@@ -30,7 +36,7 @@ def check_spec(spec: Any) -> str | None:
     if not isinstance(spec, dict) or set(spec) - set(KINDS) - set(OPTIONS):
         return _SHAPES
     given = [k for k in KINDS if spec.get(k) not in (None, False)]
-    if len(given) != 1:
+    if len(given) != 1 or not (spec.get("after") is None or isinstance(spec["after"], str) and spec["after"]):
         return _SHAPES
     kind, value = given[0], spec[given[0]]
     ok = {"json": isinstance(value, (dict, str)) or value is True, "json_object": value is True,
@@ -83,16 +89,43 @@ class GrammarBook:
         except Exception as exc:  # noqa: BLE001 - xgrammar raises RuntimeError and others for bad input
             raise ValueError(f"structured_outputs {kind} could not be compiled: {exc}") from None
 
-    @staticmethod
-    def matcher(compiled: Any) -> Any:
+    def matcher(self, compiled: Any, spec: dict) -> Any:
+        """A sequence's matcher for the compiled `spec`."""
         import xgrammar as xgr
 
-        return xgr.GrammarMatcher(compiled)
+        matcher = xgr.GrammarMatcher(compiled)
+        marker = self._args[0].encode(spec["after"], add_special_tokens=False) if spec.get("after") else []
+        return After(matcher, marker) if marker else matcher
+
+
+class After:
+    """A matcher that holds nothing until the output has written `marker` (token ids), then its inner one."""
+
+    def __init__(self, inner: Any, marker: Sequence[int]) -> None:
+        self.inner, self.marker = inner, list(marker)
+        self.tail: list[int] = []  # the output's last tokens, while waiting
+        self.waiting = True
+
+    def accept_token(self, token: int) -> bool:
+        if not self.waiting:
+            return self.inner.accept_token(token)
+        self.tail = (self.tail + [token])[-len(self.marker):]
+        self.waiting = self.tail != self.marker
+        return True
+
+    def fill_next_token_bitmask(self, bitmask: Any, row: int) -> None:
+        self.inner.fill_next_token_bitmask(bitmask, row)
+
+    def is_terminated(self) -> bool:
+        return not self.waiting and self.inner.is_terminated()
+
+    def is_completed(self) -> bool:
+        return not self.waiting and self.inner.is_completed()
 
 
 def mask(logits: torch.Tensor, matchers: list[Any]) -> None:
     """-inf, in place, for every token row i's matcher does not allow next (rows with None: untouched)."""
-    rows = [i for i, m in enumerate(matchers) if m is not None]
+    rows = [i for i, m in enumerate(matchers) if m is not None and not getattr(m, "waiting", False)]
     if not rows:
         return
     import xgrammar as xgr

@@ -28,7 +28,7 @@ from tandem.server.serving_common import (SSE_DONE, ServingContext, SSEResponse,
                                           stream_error, structured_outputs)
 from tandem.server.tool_choice import ForcedCalls, forced, forced_schema, functions
 from tandem.server import tool_parsers
-from tandem.server.reasoning import Thinking
+from tandem.server.reasoning import CLOSE, Thinking
 from tandem.server.tool_parsers import CallStream
 from tandem.tokenizer import apply_chat_template
 
@@ -156,6 +156,12 @@ class ChatServing:
             if params.structured_outputs is not None:
                 raise bad_request("a forced tool call takes no other output constraint", "tool_choice")
             params.structured_outputs = {"json": schema}
+        thinking = Thinking.for_prompt(prompt) if ctx.config.reasoning_parser else None
+        spec = params.structured_outputs
+        if thinking is not None and thinking.opened and spec is not None and "after" not in spec:
+            # the prompt opened a think block: the constraint holds the answer after it, not the thinking
+            # (a request's own `after`, null included, says otherwise)
+            params.structured_outputs = {**spec, "after": CLOSE}
         await ctx.check_constraint(params, "tool_choice" if schema is not None else structured_outputs(req)[1])
         parser = self._tool_parser(req)
         if parser is not None and parser.strips_its_markers(ctx.client.tokenizer):
@@ -164,7 +170,6 @@ class ChatServing:
         stream = ctx.track(f"chatcmpl-{rid}-{secrets.token_hex(4)}", ids, params, req.priority, now())
         ctx.log_request(rid, [len(ids)], params)
         head = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": model}
-        thinking = Thinking.for_prompt(prompt) if ctx.config.reasoning_parser else None
         return Started(rid, head, parser, stream, ids, params, thinking)
 
     @staticmethod

@@ -89,3 +89,36 @@ def test_a_refused_resume_leaves_nothing_behind(tiny_model_dirs):
     assert "done" not in e.groups and not e.has_unfinished_requests()
     e.add_request("done", [1, 2, 3], choices)  # the id is free
     assert run(e)["done"].outputs[0].text in ("yes", "no")
+
+
+def test_a_constraint_after_a_marker_lets_the_output_run_free_until_then(tiny_model_dirs):
+    """`after`: what a reasoning model thinks is its own; the answer after the marker follows the constraint."""
+    e = engine(tiny_model_dirs["llama"], None)
+    tok = e.tokenizer
+    prompt = prompts_for(7, [16])[0]
+    e.add_request("free", prompt, SamplingParams(temperature=0, max_tokens=12))
+    free = run(e)["free"].outputs[0].token_ids
+    # the marker: a token the free run writes that the tokenizer encodes alone to the same id
+    at = next(i for i in range(2, len(free)) if tok.encode(tok.decode([free[i]]), add_special_tokens=False) == [free[i]]
+              and free[i] not in free[:i])
+    marker = tok.decode([free[at]])
+    spec = {"choice": ["yes", "no"], "after": marker}
+    e.add_request("after", prompt, SamplingParams(temperature=0, max_tokens=12, structured_outputs=spec))
+    e.add_request("before", prompt, SamplingParams(temperature=0, max_tokens=12,
+                                                   structured_outputs={"choice": ["yes", "no"]}))
+    done = run(e)
+    out = done["after"].outputs[0]
+    assert out.token_ids[:at + 1] == free[:at + 1]  # unmasked up to and including the marker
+    assert tok.decode(out.token_ids[at + 1:], skip_special_tokens=True) in ("yes", "no")
+    assert out.finish_reason == "stop"
+    assert done["before"].outputs[0].text in ("yes", "no")  # without `after`, from the first token
+    e.add_request("never", prompt, SamplingParams(temperature=0, max_tokens=6,
+                                                  structured_outputs={"regex": "[0-9]+", "after": "\u2603\u2603"}))
+    assert run(e)["never"].outputs[0].token_ids == free[:6]  # a marker never written: nothing is masked
+
+
+@pytest.mark.parametrize("after", ["", 3, ["</think>"]])
+def test_after_must_be_a_text(tiny_model_dirs, after):
+    e = engine(tiny_model_dirs["llama"], None)
+    with pytest.raises(ValueError, match="after"):
+        e.add_request("r", [1, 2, 3], SamplingParams(structured_outputs={"regex": "[0-9]", "after": after}))

@@ -36,7 +36,7 @@ def _ask(server, reply: str, stream: bool = False, **kwargs):
     kwargs.setdefault("max_tokens", 120)
     return server.openai().chat.completions.create(
         model=server.model, messages=ASK, temperature=0, stream=stream,
-        extra_body={"structured_outputs": {"choice": [reply]}}, **kwargs)
+        extra_body={"structured_outputs": {"choice": [reply], "after": None}}, **kwargs)
 
 
 def _joined(chunks) -> tuple[str, str, list[str]]:
@@ -166,12 +166,27 @@ def test_stop_strings_cut_the_content_not_the_reasoning_hold_back(servers):
     assert _joined(_ask(server, reply, stream=True, stop=["STOP"]))[:2] == ("Think, then stop.", "It is 4. ")
 
 
+def test_a_constraint_holds_the_answer_not_the_thinking(servers):
+    """A prompt that opened a think block: response_format constrains what follows </think> (the engine's
+    `after`, tests/engine/test_structured.py), so the thinking runs as it would unconstrained."""
+    ask = dict(model=servers["opens"].model, messages=ASK, temperature=0, max_tokens=10)
+    free = servers["opens"].openai().chat.completions.create(**ask).choices[0].message
+    held = servers["opens"].openai().chat.completions.create(response_format={"type": "json_object"},
+                                                              **ask).choices[0].message
+    assert held.reasoning == free.reasoning and held.reasoning and held.content is None
+    # where no think block is open the constraint holds from the first token, as without a parser
+    plain = servers["chatml"].openai().chat.completions.create(response_format={"type": "json_object"}, **{
+        **ask, "model": servers["chatml"].model}).choices[0].message
+    assert plain.reasoning is None and plain.content.lstrip().startswith("{")
+
+
 # ---- the Responses API ---------------------------------------------------------------------------------
 
 def _respond(server, reply: str, stream: bool = False, **kwargs):
     kwargs.setdefault("max_output_tokens", 120)
     return server.openai().responses.create(model=server.model, input="What is 2 + 2?", temperature=0,
-                                            stream=stream, extra_body={"structured_outputs": {"choice": [reply]}},
+                                            stream=stream,
+                                            extra_body={"structured_outputs": {"choice": [reply], "after": None}},
                                             **kwargs)
 
 
