@@ -61,6 +61,7 @@ class RequestRecord:
     decode: list[str] = field(default_factory=list)
     prefill: str = ""
     prefill_s: float = 0.0  # the prefill worker's compute time (PrefillReply.compute_s)
+    prefill_cached: int = 0  # prompt tokens the prefill worker found in its prefix cache (PrefillReply)
     transfer: common_pb2.TransferStats | None = None
     prefill_failures: list[str] = field(default_factory=list)
     failovers: int = 0
@@ -265,6 +266,8 @@ class RemoteEngineClient:
                     raise DecodeLost("the token stream ended before the request finished")
                 if event.HasField("update"):
                     out = asm.apply(event.update)
+                    if decision == "remote":  # the prompt's KV was made on prefill: its cache hit is the request's
+                        out.num_cached_tokens = rec.prefill_cached
                     yield out
                     if out.finished:
                         return

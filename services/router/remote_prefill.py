@@ -104,6 +104,7 @@ class RemotePrefill:
             if not call.done():
                 call.cancel()  # prefill drops the request and its transfer
         rec.prefill, rec.prefill_s, rec.transfer = prefill.worker_id, reply.compute_s, reply.transfer
+        rec.prefill_cached = reply.num_cached_tokens
         self.client.metrics.transfers.record(reply.transfer, prefill.worker_id, decode.worker_id)
         self.client.metrics.prefill_time.labels(prefill.worker_id, decode.worker_id).observe(time.monotonic() - started)
         return "ok"

@@ -66,10 +66,15 @@ class SamplingRequest(OpenAIModel):
     request_id: str | None = Field(None, description="Used in the response id; random when unset.")
 
 
+class PromptTokensDetails(OpenAIModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (the prefill worker's, disaggregated)
+
+
 class UsageInfo(OpenAIModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 # ---- completions -----------------------------------------------------------------------------------

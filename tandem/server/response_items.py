@@ -34,7 +34,8 @@ def finished(shell: dict[str, Any], final: RequestOutput, items: list[dict[str, 
             item["type"] == "reasoning" and i == len(items) - 1) else item for i, item in enumerate(items)]
     return {**shell, "status": "incomplete" if cut else "completed", "output": items,
             "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
-            "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": final.num_cached_tokens,
+                                                                  "cache_write_tokens": 0},
                       "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
                       "total_tokens": prompt + completion}}
 

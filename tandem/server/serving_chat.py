@@ -25,7 +25,7 @@ from tandem.server.protocol import (ChatChoice, ChatCompletionRequest, ChatCompl
                                     ChoiceLogprobs, ResponseMessage, TokenLogprob, TopLogprob, UsageInfo)
 from tandem.server.serving_common import (SSE_DONE, ServingContext, SSEResponse, cancel_on_disconnect, clamp_logprob,
                                           merge_streams, now, resolve_max_tokens, sampling_params, sse, stop_holdback,
-                                          stream_error, structured_outputs)
+                                          stream_error, structured_outputs, usage_of)
 from tandem.server.tool_choice import ForcedCalls, forced, forced_schema, functions
 from tandem.server import tool_parsers
 from tandem.server.reasoning import CLOSE, Thinking
@@ -198,9 +198,7 @@ class ChatServing:
             finish = "tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason
             choices.append(ChatChoice(index=o.index, message=message, logprobs=logprobs, finish_reason=finish,
                                       stop_reason=o.stop_reason))
-        completion = sum(len(o.token_ids) for o in final.outputs)
-        usage = UsageInfo(prompt_tokens=len(final.prompt_token_ids), completion_tokens=completion,
-                          total_tokens=len(final.prompt_token_ids) + completion)
+        usage = UsageInfo(**usage_of([final]))
         return ChatCompletionResponse(choices=choices, usage=usage, **started.head)
 
     async def _stream(self, req: ChatCompletionRequest, started: "Started", prompt_len: int) -> AsyncIterator[bytes]:
@@ -212,7 +210,7 @@ class ChatServing:
         def chunk(choice: dict) -> bytes:
             body = {**head, "choices": [choice]}
             if opts is not None and opts.continuous_usage_stats:
-                body["usage"] = _usage(latest, prompt_len)
+                body["usage"] = usage_of([latest] if latest else [], prompt_len)
             return sse(body)
 
         try:
@@ -228,7 +226,7 @@ class ChatServing:
                     if choice is not None:
                         yield chunk(choice)
             if opts is not None and opts.include_usage:
-                yield sse({**head, "choices": [], "usage": _usage(latest, prompt_len)})
+                yield sse({**head, "choices": [], "usage": usage_of([latest] if latest else [], prompt_len)})
         except Exception as exc:  # noqa: BLE001 - reported in-band: the status line has been sent
             yield sse(stream_error(exc).body())
         yield SSE_DONE
@@ -333,7 +331,3 @@ async def final_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
     assert final is not None and final.finished, "a stream ended without a finished output"
     return final
 
-
-def _usage(out: RequestOutput | None, prompt: int) -> dict[str, int]:
-    completion = sum(len(o.token_ids) for o in out.outputs) if out is not None else 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

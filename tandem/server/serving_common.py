@@ -190,6 +190,14 @@ def resolve_max_tokens(ctx: ServingContext, requested: int | None, prompt_len: i
     return requested
 
 
+def usage_of(outs: list[RequestOutput], prompt_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage of some requests' latest outputs; `prompt_tokens` when there may be none yet."""
+    prompt = sum(len(o.prompt_token_ids) for o in outs) if prompt_tokens is None else prompt_tokens
+    completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)}}
+
+
 def stop_holdback(text: str, stops: list[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of a stop string: text a
     stream must not emit yet, since the next token may complete the stop (and cut it)."""

@@ -14,7 +14,7 @@ from tandem.server.errors import APIError, bad_request
 from tandem.server.protocol import CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse, UsageInfo
 from tandem.server.serving_common import (SSE_DONE, ServingContext, SSEResponse, cancel_on_disconnect, clamp_logprob,
                                           merge_streams, now, resolve_max_tokens, sampling_params, sse, stop_holdback,
-                                          stream_error, structured_outputs)
+                                          stream_error, structured_outputs, usage_of)
 
 Prompt = tuple[str | None, list[int]]  # (text if given as text, token ids)
 
@@ -89,12 +89,10 @@ class CompletionServing:
             raise
         except Exception as exc:  # noqa: BLE001 - engine failures become OpenAI-shaped errors
             raise stream_error(exc) from exc
-        choices, usage = [], UsageInfo()
+        choices = []
         for i, out in enumerate(finals):
             assert out is not None, "a stream ended without a finished output"
-            usage.prompt_tokens += len(out.prompt_token_ids)
             for o in out.outputs:
-                usage.completion_tokens += len(o.token_ids)
                 logprobs = None
                 if req.logprobs is not None:
                     logprobs = self._logprobs(o.token_ids, o.logprobs or [], len(texts[i]))
@@ -104,8 +102,7 @@ class CompletionServing:
                     index=i * req.n + o.index, text=texts[i] + o.text, logprobs=logprobs,
                     finish_reason=o.finish_reason, stop_reason=o.stop_reason,
                     prompt_logprobs=self._vllm_prompt_logprobs(out) if req.prompt_logprobs is not None else None))
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        return CompletionResponse(choices=choices, usage=usage, **head)
+        return CompletionResponse(choices=choices, usage=UsageInfo(**usage_of(finals)), **head)
 
     async def _stream(self, req: CompletionRequest, head: dict, streams: list, stops: list[list[str]],
                       texts: list[str]) -> AsyncIterator[bytes]:
@@ -127,12 +124,12 @@ class CompletionServing:
                         continue
                     chunk = {**head, "object": "text_completion", "choices": [choice]}
                     if opts is not None and opts.continuous_usage_stats:
-                        chunk["usage"] = _usage(latest)
+                        chunk["usage"] = usage_of(list(latest.values()))
                     yield sse(chunk)
                     if o.finish_reason is not None:
                         done.add(key)
             if opts is not None and opts.include_usage:
-                yield sse({**head, "object": "text_completion", "choices": [], "usage": _usage(latest)})
+                yield sse({**head, "object": "text_completion", "choices": [], "usage": usage_of(list(latest.values()))})
         except Exception as exc:  # noqa: BLE001 - reported in-band: the status line has been sent
             yield sse(stream_error(exc).body())
         yield SSE_DONE
@@ -199,8 +196,3 @@ class CompletionServing:
             str(t): {"logprob": clamp_logprob(v.logprob), "rank": v.rank, "decoded_token": self.ctx.token_text(t)}
             for t, v in e.items()} for e in (out.prompt_logprobs or [])]
 
-
-def _usage(latest: dict[int, RequestOutput]) -> dict[str, int]:
-    prompt = sum(len(o.prompt_token_ids) for o in latest.values())
-    completion = sum(len(c.token_ids) for o in latest.values() for c in o.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

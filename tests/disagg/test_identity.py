@@ -48,6 +48,8 @@ def run_all(client, model: str) -> list:
     r = client.completions.create(model=model, prompt=PROMPTS[2], max_tokens=NEW_TOKENS, temperature=0,
                                   extra_body={"structured_outputs": {"choice": choices}})
     assert r.choices[0].text in choices
+    # its third time: the prefix cache that held it (decode's, or the prefill worker's when prefilled remotely)
+    assert r.usage.prompt_tokens_details.cached_tokens > 0
     out.append(r.choices[0].text)
     r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPTS[5]}], seed=2,
                                        max_tokens=NEW_TOKENS, temperature=0.8, response_format={"type": "json_object"})

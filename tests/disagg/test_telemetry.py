@@ -197,3 +197,16 @@ def test_otlp_export_from_every_process(traced, collector):
         time.sleep(0.1)
     traces = {sp.trace_id for svc, sp in collector.spans if sp.name in want.values()}
     assert len(traces) == 1, "the three processes' spans are not one trace"
+
+
+def test_cached_tokens_of_a_remote_prefill_are_the_prefill_workers(stack_factory, tiny_model_dirs):
+    """usage.prompt_tokens_details.cached_tokens: where prefill ran remotely, the prefill worker's prefix-cache
+    hit (decode, caching nothing here, would report 0)."""
+    model = tiny_model_dirs["llama"]
+    s = stack_factory(model, 1, 1, router_args=["--local-prefill-threshold", "4"],
+                      child_args={"decode-0": ["--no-enable-prefix-caching"]})
+    usage = [s.openai().completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0).usage
+             for _ in range(2)]
+    assert total(s.metrics(), "tandem:router_prefill_decisions_total", decision="remote") == 2
+    assert usage[0].prompt_tokens_details.cached_tokens == 0
+    assert usage[1].prompt_tokens_details.cached_tokens == len(PROMPT) // 16 * 16  # the prompt's whole blocks
