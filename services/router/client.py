@@ -62,6 +62,7 @@ class RequestRecord:
     prefill: str = ""
     prefill_s: float = 0.0  # the prefill worker's compute time (PrefillReply.compute_s)
     prefill_cached: int = 0  # prompt tokens the prefill worker found in its prefix cache (PrefillReply)
+    cached_tokens: int = 0  # the request's prefix-cache hit, as its usage reports it
     transfer: common_pb2.TransferStats | None = None
     prefill_failures: list[str] = field(default_factory=list)
     failovers: int = 0
@@ -75,7 +76,8 @@ class RequestRecord:
         transfer = (f"transport={t.transport} bytes={t.bytes} gbps={t.gbps:.3f} handshake_ms={t.handshake_s * 1e3:.2f} "
                     f"queue_ms={t.queue_s * 1e3:.2f} wire_ms={t.wire_s * 1e3:.2f} chunks={t.chunks} "
                     f"retransmits={t.retransmits} failure_class={t.failure_class or 'none'}") if t else "none"
-        return (f"request {self.request_id}: prompt_tokens={self.prompt_tokens} output_tokens={out_tokens} "
+        return (f"request {self.request_id}: prompt_tokens={self.prompt_tokens} cached_tokens={self.cached_tokens} "
+                f"output_tokens={out_tokens} "
                 f"decision={self.decision} decode={','.join(self.decode) or '-'} prefill={self.prefill or '-'} "
                 f"prefill_ms={self.prefill_s * 1e3:.1f} transfer=[{transfer}] "
                 f"prefill_failures={len(self.prefill_failures)} failovers={self.failovers} "
@@ -268,6 +270,7 @@ class RemoteEngineClient:
                     out = asm.apply(event.update)
                     if decision == "remote":  # the prompt's KV was made on prefill: its cache hit is the request's
                         out.num_cached_tokens = rec.prefill_cached
+                    rec.cached_tokens = out.num_cached_tokens
                     yield out
                     if out.finished:
                         return

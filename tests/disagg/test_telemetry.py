@@ -183,7 +183,7 @@ def test_transfer_metrics_and_request_log(traced):
     assert total(router, "tandem:router_scoring_seconds_count") >= 2  # a decode and a prefill pick
     line = next(ln for ln in router_log(s).splitlines() if "prompt_tokens=200" in ln)
     for field in ("decision=remote", "decode=decode-0", "prefill=prefill-0", "transport=shm",
-                  f"bytes={EXPECTED_BYTES}", "failure_class=none", "failovers=0"):
+                  f"bytes={EXPECTED_BYTES}", "failure_class=none", "failovers=0", "cached_tokens=0"):
         assert field in line, (field, line)
     for number in ("gbps", "handshake_ms", "queue_ms", "wire_ms", "ttft_ms", "prefill_ms"):
         assert re.search(rf"\b{number}=\d+\.\d+", line), (number, line)
@@ -210,3 +210,4 @@ def test_cached_tokens_of_a_remote_prefill_are_the_prefill_workers(stack_factory
     assert total(s.metrics(), "tandem:router_prefill_decisions_total", decision="remote") == 2
     assert usage[0].prompt_tokens_details.cached_tokens == 0
     assert usage[1].prompt_tokens_details.cached_tokens == len(PROMPT) // 16 * 16  # the prompt's whole blocks
+    assert f"cached_tokens={len(PROMPT) // 16 * 16}" in router_log(s)  # and the router's request log says so
