@@ -1,7 +1,7 @@
 """`build_app(client, config)`: the OpenAI-compatible FastAPI application over any EngineClient.
 
-Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/responses, /tokenize, /detokenize, /health,
-/version, /metrics. Middleware (pure ASGI, so streams and disconnects pass straight through):
+Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/responses, /v1/messages (Anthropic's),
+/tokenize, /detokenize, /health, /version, /metrics. Middleware (pure ASGI, so streams and disconnects pass straight through):
 CORS outermost, then X-Request-Id, then the API key on /v1/*.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tandem import __version__
 from tandem.server.config import ServerConfig
 from tandem.server.engine_client import EngineClient
-from tandem.server.errors import APIError, SafeJSONResponse, bad_request, install_error_handlers, unauthorized
+from tandem.server.errors import (ANTHROPIC_PATH, APIError, SafeJSONResponse, bad_request, install_error_handlers,
+                                  respond, unauthorized)
 from tandem.server.metrics import ServerMetrics
 from tandem.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                     CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
@@ -28,6 +29,7 @@ from tandem.server.serving_chat import ChatServing, render_chat
 from tandem.server.serving_common import ServingContext
 from tandem.server.serving_completions import CompletionServing
 from tandem.server.response_store import ResponseStore
+from tandem.server.serving_messages import CountTokensRequest, MessagesRequest, MessagesServing
 from tandem.server.serving_responses import ResponsesRequest, ResponsesServing
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -37,17 +39,23 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class APIKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` on /v1/* (CORS preflights pass: they carry no key)."""
+    """Requires `Authorization: Bearer <key>` on /v1/* (CORS preflights pass: they carry no key); Anthropic's
+    routes also take the key as `x-api-key`, as Anthropic's clients send it."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.key = api_key.encode()
+        self.expected = b"Bearer " + self.key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] != "OPTIONS" and scope["path"].startswith("/v1"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
-                await unauthorized().response()(scope, receive, send)
+        path = scope.get("path", "")
+        if scope["type"] == "http" and scope["method"] != "OPTIONS" and path.startswith("/v1"):
+            headers = dict(scope["headers"])
+            ok = secrets.compare_digest(headers.get(b"authorization", b""), self.expected)
+            if path.startswith(ANTHROPIC_PATH):
+                ok = secrets.compare_digest(headers.get(b"x-api-key", b""), self.key) or ok
+            if not ok:
+                await respond(path, unauthorized())(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -84,6 +92,7 @@ def build_app(client: EngineClient, config: ServerConfig | None = None) -> FastA
     ctx = ServingContext(client, config, ServerMetrics(names[0], client.stats), names)
     completions, chat = CompletionServing(ctx), ChatServing(ctx)
     responses = ResponsesServing(chat, ResponseStore(config.responses_store_size))
+    messages = MessagesServing(chat)
     app = FastAPI(title="Tandem", version=__version__, default_response_class=SafeJSONResponse,
                   description="OpenAI-compatible LLM serving (vLLM's extra parameters included).")
     app.state.ctx = ctx
@@ -128,6 +137,18 @@ def build_app(client: EngineClient, config: ServerConfig | None = None) -> FastA
         """Forget a stored response: it can be neither retrieved nor continued."""
         responses.store.delete(response_id)
         return SafeJSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+    @app.post("/v1/messages", tags=["Anthropic"])
+    async def create_message(body: MessagesRequest, raw: Request) -> Response:
+        """A message (Anthropic's Messages API); with `stream: true`, its server-sent events. Errors come in
+        Anthropic's shape."""
+        result = await messages.create(body, raw)
+        return result if isinstance(result, Response) else SafeJSONResponse(result)
+
+    @app.post("/v1/messages/count_tokens", tags=["Anthropic"])
+    async def count_message_tokens(body: CountTokensRequest, raw: Request) -> Response:
+        """The prompt tokens a message request would take: `{"input_tokens": n}`."""
+        return SafeJSONResponse(await messages.count_tokens(body, raw))
 
     if config.allow_runtime_lora_updating:
         @app.post("/v1/load_lora_adapter", responses=_ERRORS, tags=["vLLM"])

@@ -1,4 +1,5 @@
-"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` for every failure.
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` for every failure; on Anthropic's
+routes (/v1/messages...) Anthropic's shape instead: `{"type": "error", "error": {"type", "message"}}`.
 
 FastAPI's 422 validation bodies never reach a client: they become 400s naming the field. Anything
 unexpected is a 500 with the same shape (and a logged traceback), never a bare text page.
@@ -51,6 +52,23 @@ class APIError(Exception):
         return SafeJSONResponse(self.body(), status_code=self.status)
 
 
+ANTHROPIC_PATH = "/v1/messages"  # the routes whose clients read Anthropic's error shape
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    503: "overloaded_error"}
+
+
+def anthropic_body(err: APIError) -> dict[str, Any]:
+    kind = _ANTHROPIC_TYPES.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+def respond(path: str, err: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """`err` in the shape the route at `path` answers in."""
+    body = anthropic_body(err) if path.startswith(ANTHROPIC_PATH) else err.body()
+    return SafeJSONResponse(body, status_code=err.status, headers=headers)
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -86,26 +104,25 @@ def _describe(err: dict[str, Any]) -> tuple[str, str | None]:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return exc.response()
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return respond(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         if not errors:
-            return bad_request("invalid request body").response()
+            return respond(request.url.path, bad_request("invalid request body"))
         message, param = _describe(errors[0])
         others = {_describe(e)[1] for e in errors[1:]} - {param}
         if others:  # several members of one union failing is one problem, not several
             message += f" (also invalid: {', '.join(sorted(str(o) for o in others))})"
-        return bad_request(message, param).response()
+        return respond(request.url.path, bad_request(message, param))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        err = APIError(exc.status_code, str(exc.detail))
-        return SafeJSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return respond(request.url.path, APIError(exc.status_code, str(exc.detail)), exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return server_error(f"internal server error: {type(exc).__name__}").response()
+        return respond(request.url.path, server_error(f"internal server error: {type(exc).__name__}"))

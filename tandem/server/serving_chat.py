@@ -109,7 +109,7 @@ class ChatServing:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
 
-    def _prompt_ids(self, req: ChatCompletionRequest) -> tuple[list[int], str]:
+    def prompt_ids(self, req: ChatCompletionRequest) -> tuple[list[int], str]:
         """The conversation through the chat template, tokenized (and as text)."""
         text = render_chat(self.ctx, req.messages, add_generation_prompt=req.add_generation_prompt,
                            continue_final_message=req.continue_final_message, chat_template=req.chat_template,
@@ -145,7 +145,7 @@ class ChatServing:
             raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
         if req.n > ctx.config.max_seqs_per_request:
             raise bad_request(f"n must be <= {ctx.config.max_seqs_per_request}", "n")
-        ids, prompt = await ctx.prepare(raw, lambda: self._prompt_ids(req))
+        ids, prompt = await ctx.prepare(raw, lambda: self.prompt_ids(req))
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_tokens = resolve_max_tokens(ctx, requested, len(ids), ctx.client.generation_defaults.get("max_tokens"),
                                         prompt_param="messages")

@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Callable, Iterator
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -56,6 +57,10 @@ class LiveServer:
     def async_openai(self, **kwargs) -> openai.AsyncOpenAI:
         kwargs.setdefault("api_key", "unused")
         return openai.AsyncOpenAI(base_url=self.url + "/v1", max_retries=0, timeout=120, **kwargs)
+
+    def anthropic(self, **kwargs) -> anthropic.Anthropic:
+        kwargs.setdefault("api_key", "unused")
+        return anthropic.Anthropic(base_url=self.url, max_retries=0, timeout=120, **kwargs)
 
     def post(self, path: str, **kwargs) -> httpx.Response:
         return httpx.post(self.url + path, timeout=120, **kwargs)
