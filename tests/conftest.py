@@ -3,7 +3,6 @@ and a block-accounting check after every test that made an engine."""
 from __future__ import annotations
 
 import os
-import shutil
 
 # first: tandem puts the repository root last on sys.path (tandem/__init__.py says why), and pytest's import
 # mode is `append` (pyproject.toml) so that it stays there; the tests' children import tandem first too
