@@ -297,7 +297,15 @@ def main() -> int:
         else:
             ours = run_tandem(folder, runs, np.random.default_rng(1), max(longest, 4096), args.profile, args.out,
                               args.repeat, args.policy, args.steps, args.budget, args.tp)
-        hf = {} if args.no_hf else run_hf(cfg, runs, np.random.default_rng(1))
+        hf = {}
+        if not args.no_hf:
+            try:
+                hf = run_hf(cfg, runs, np.random.default_rng(1))
+            except Exception as exc:  # noqa: BLE001 - the baseline failing must not lose the engine's figures
+                print(f"  transformers failed on {shape}: {type(exc).__name__}: {exc}", flush=True)
+                result.setdefault("transformers_errors", {})[shape] = f"{type(exc).__name__}: {exc}"
+                gc.collect()
+                torch.cuda.empty_cache()
         shape_result = {}
         for w, reqs in runs.items():
             ceiling_tps = sum(o for _, o in reqs) / roofline_seconds(cfg, reqs, ceil)
