@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tandem.server.tool_parsers import held_prefix
+from tandem.server.call_stream import held_prefix
 
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
 OPEN, CLOSE = "<think>", "</think>"

@@ -2,7 +2,7 @@
 logprobs / top_logprobs, continue_final_message, per-request templates and template kwargs, and tool
 calls (forced ones held to their JSON by tool_choice.py, the model's own parsed by tool_parsers.py).
 Streamed tool calls go out as they grow, as OpenAI's and vLLM's do: a call's name once it is written, its
-arguments once no later text can change them (tool_parsers.CallStream). With --reasoning-parser a reply's
+arguments once no later text can change them (call_stream.CallStream). With --reasoning-parser a reply's
 `<think>` part comes back as the message's `reasoning` (and its alias `reasoning_content`), streamed as it
 comes (reasoning.py); tool calls and stop-string hold-back concern the content after it only."""
 from __future__ import annotations
@@ -29,7 +29,7 @@ from tandem.server.serving_common import (SSE_DONE, ServingContext, SSEResponse,
 from tandem.server.tool_choice import ForcedCalls, forced, forced_schema, functions
 from tandem.server import tool_parsers
 from tandem.server.reasoning import CLOSE, Thinking
-from tandem.server.tool_parsers import CallStream
+from tandem.server.call_stream import CallStream
 from tandem.tokenizer import apply_chat_template
 
 # a template that loops over a message's content expects OpenAI's list of parts, not a string

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from tandem.server.errors import bad_request
-from tandem.server.tool_parsers import (JSON_SPACE, Begun, arguments_text, json_list_calls, make_call, tool_call_id,
+from tandem.server.call_stream import (JSON_SPACE, Begun, arguments_text, json_list_calls, make_call, tool_call_id,
                                        whole_json)
 
 _ANY_OBJECT = {"type": "object"}

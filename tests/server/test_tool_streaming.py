@@ -1,4 +1,4 @@
-"""Tool calls streamed as they grow (tool_parsers.CallStream): a call's id and name in the first chunk that can
+"""Tool calls streamed as they grow (call_stream.CallStream): a call's id and name in the first chunk that can
 tell its name, its arguments in the first chunk that makes them whole, the pieces joining to the non-streamed
 arguments. First each parser's `begun` over every prefix of replies, then real streams through the client."""
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 
 from tandem.server.config import ServerConfig
 from tandem.server.tool_choice import ForcedCalls
-from tandem.server.tool_parsers import CallStream, HermesParser, Llama3JsonParser, MistralParser, PythonicParser
+from tandem.server.call_stream import CallStream
+from tandem.server.tool_parsers import HermesParser, Llama3JsonParser, MistralParser, PythonicParser
 from tests.server import test_tool_choice as forced
 from tests.server.test_tool_parsers import HERMES, HERMES_REPLY, LLAMA3_REPLY, TOOLS, _ask, streamed_calls
 
