@@ -70,11 +70,16 @@ class PromptTokensDetails(OpenAIModel):
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (the prefill worker's, disaggregated)
 
 
+class CompletionTokensDetails(OpenAIModel):
+    reasoning_tokens: int = 0  # output tokens of the reply's think block, its tags included
+
+
 class UsageInfo(OpenAIModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None  # with --reasoning-parser
 
 
 # ---- completions -----------------------------------------------------------------------------------

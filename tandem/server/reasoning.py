@@ -16,6 +16,7 @@ known; `Thinking.step` is what a stream sends of it next.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from tandem.server.call_stream import held_prefix
 
@@ -70,6 +71,24 @@ class Thinking:
         if scan.start is None:
             return None, text  # no think block: the whole reply, empty or not, as today
         return reasoning or None, content or None
+
+    def tokens(self, text: str, token_ids: list[int], decode: Callable[[list[int]], str]) -> int:
+        """How many of a finished reply's tokens went to its reasoning, think tags included: the fewest whose
+        text reaches past `</think>` (all of them for a reply still thinking at its end; none without a block)."""
+        scan = self.scan(text, True)
+        if scan.start is None:
+            return 0
+        if scan.content is None and text.find(CLOSE, scan.start) < 0:
+            return len(token_ids)
+        reach = text.find(CLOSE, scan.start) + len(CLOSE)
+        low, high = 1, len(token_ids)  # decode of a prefix is monotone in length: bisect on it
+        while low < high:
+            mid = (low + high) // 2
+            if len(decode(token_ids[:mid])) >= reach:
+                high = mid
+            else:
+                low = mid + 1
+        return high
 
     def step(self, text: str, final: bool, hold: int, sent: int) -> tuple[str, int, str]:
         """For a stream that has sent the reasoning up to `sent` of `text`: the reasoning to send now, where

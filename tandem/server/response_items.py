@@ -25,7 +25,8 @@ def call_item(call: dict[str, Any], status: str) -> dict[str, Any]:
             "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": status}
 
 
-def finished(shell: dict[str, Any], final: RequestOutput, items: list[dict[str, Any]]) -> dict[str, Any]:
+def finished(shell: dict[str, Any], final: RequestOutput, items: list[dict[str, Any]],
+             reasoning_tokens: int = 0) -> dict[str, Any]:
     o = final.outputs[0]
     prompt, completion = len(final.prompt_token_ids), len(o.token_ids)
     cut = o.finish_reason == "length"
@@ -36,7 +37,7 @@ def finished(shell: dict[str, Any], final: RequestOutput, items: list[dict[str, 
             "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
             "usage": {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": final.num_cached_tokens,
                                                                   "cache_write_tokens": 0},
-                      "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+                      "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
                       "total_tokens": prompt + completion}}
 
 

@@ -198,8 +198,20 @@ class ChatServing:
             finish = "tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason
             choices.append(ChatChoice(index=o.index, message=message, logprobs=logprobs, finish_reason=finish,
                                       stop_reason=o.stop_reason))
-        usage = UsageInfo(**usage_of([final]))
+        usage = UsageInfo(**usage_of([final], reasoning_tokens=self.reasoning_tokens(started, [final])))
         return ChatCompletionResponse(choices=choices, usage=usage, **started.head)
+
+    def reasoning_tokens(self, started: "Started", outs: list[RequestOutput]) -> int | None:
+        """Output tokens spent in think blocks (None without a reasoning parser)."""
+        if started.thinking is None:
+            return None
+        skip = started.params.skip_special_tokens
+        decode = lambda ids: self.ctx.client.tokenizer.decode(ids, skip_special_tokens=skip)  # noqa: E731
+        return sum(started.thinking.tokens(o.text, o.token_ids, decode) for out in outs for o in out.outputs)
+
+    def _usage(self, started: "Started", latest: RequestOutput | None, prompt_len: int) -> dict[str, Any]:
+        outs = [latest] if latest else []
+        return usage_of(outs, prompt_len, self.reasoning_tokens(started, outs))
 
     async def _stream(self, req: ChatCompletionRequest, started: "Started", prompt_len: int) -> AsyncIterator[bytes]:
         opts = req.stream_options
@@ -210,7 +222,7 @@ class ChatServing:
         def chunk(choice: dict) -> bytes:
             body = {**head, "choices": [choice]}
             if opts is not None and opts.continuous_usage_stats:
-                body["usage"] = usage_of([latest] if latest else [], prompt_len)
+                body["usage"] = self._usage(started, latest, prompt_len)
             return sse(body)
 
         try:
@@ -226,7 +238,7 @@ class ChatServing:
                     if choice is not None:
                         yield chunk(choice)
             if opts is not None and opts.include_usage:
-                yield sse({**head, "choices": [], "usage": usage_of([latest] if latest else [], prompt_len)})
+                yield sse({**head, "choices": [], "usage": self._usage(started, latest, prompt_len)})
         except Exception as exc:  # noqa: BLE001 - reported in-band: the status line has been sent
             yield sse(stream_error(exc).body())
         yield SSE_DONE

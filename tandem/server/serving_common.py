@@ -190,12 +190,16 @@ def resolve_max_tokens(ctx: ServingContext, requested: int | None, prompt_len: i
     return requested
 
 
-def usage_of(outs: list[RequestOutput], prompt_tokens: int | None = None) -> dict[str, Any]:
-    """OpenAI's usage of some requests' latest outputs; `prompt_tokens` when there may be none yet."""
+def usage_of(outs: list[RequestOutput], prompt_tokens: int | None = None,
+             reasoning_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage of some requests' latest outputs; `prompt_tokens` when there may be none yet;
+    `reasoning_tokens` with a reasoning parser."""
     prompt = sum(len(o.prompt_token_ids) for o in outs) if prompt_tokens is None else prompt_tokens
     completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)}}
+            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)},
+            **({} if reasoning_tokens is None else
+               {"completion_tokens_details": {"reasoning_tokens": reasoning_tokens}})}
 
 
 def stop_holdback(text: str, stops: list[str]) -> int:

@@ -189,7 +189,7 @@ class ResponsesServing:
         items = [reasoning_item(item_id("rs"), reasoning, "completed")] if reasoning else []
         items += [message_item(item_id("msg"), content, "completed")] if content else []
         items += [call_item(call, "completed") for call in calls]
-        return finished(shell, final, items)
+        return finished(shell, final, items, self.chat.reasoning_tokens(started, [final]) or 0)
 
     async def _events(self, chat_req: ChatCompletionRequest, started: Started, shell: dict[str, Any],
                       keep: Callable[[dict[str, Any]], dict[str, Any]]) -> AsyncIterator[bytes]:
@@ -286,6 +286,6 @@ class ResponsesServing:
                         arguments=item["arguments"])
             items.append({**item, "status": "completed"})
             yield event("response.output_item.done", output_index=index[item["id"]], item=items[-1])
-        response = keep(finished(shell, final, items))
+        response = keep(finished(shell, final, items, self.chat.reasoning_tokens(started, [final]) or 0))
         yield event("response.completed" if response["status"] == "completed" else "response.incomplete",
                     response=response)

@@ -240,3 +240,29 @@ def test_other_unknown_input_items_are_still_refused(servers):
     with pytest.raises(openai.BadRequestError, match="reasoning are"):
         servers["opens"].openai().responses.create(model=servers["opens"].model, max_output_tokens=2,
                                                    input=[{"type": "computer_call", "id": "c"}])
+
+
+def test_usage_counts_the_reasoning_tokens(servers):
+    reply = "Hmm, 2 + 2 < 5.</think>\n\nIt is 4."
+    usage = _ask(servers["opens"], reply).usage
+    thought = usage.completion_tokens_details.reasoning_tokens
+    assert 0 < thought < usage.completion_tokens  # the think block's tokens, not the answer's
+    chunks = list(_ask(servers["opens"], reply, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == thought
+    assert _respond(servers["opens"], reply).usage.output_tokens_details.reasoning_tokens == thought
+    cut = _ask(servers["opens"], LONG_THOUGHT + "</think>4", max_tokens=8).usage
+    assert cut.completion_tokens_details.reasoning_tokens == cut.completion_tokens == 8  # all of it thinking
+    assert _ask(servers["chatml"], "No thinking here.").usage.completion_tokens_details.reasoning_tokens == 0
+    assert _ask(servers["plain"], "<think>Two.</think>4").usage.completion_tokens_details is None
+
+
+@pytest.mark.parametrize("opened, pieces, want", [
+    (True, ["a", "b", "</think>", "c", "d"], 3),
+    (True, ["a", "b</th", "ink>c", "d"], 3),  # the token that completes </think> counts, content in it or not
+    (False, ["<think>", "x", "</think>", "\n", "y"], 3),
+    (True, ["still", " going"], 2),  # no close: all of it
+    (False, ["no", " block"], 0),
+])
+def test_reasoning_tokens_are_those_up_to_the_close(opened, pieces, want):
+    decode = lambda ids: "".join(pieces[i] for i in ids)  # noqa: E731
+    assert Thinking(opened).tokens("".join(pieces), list(range(len(pieces))), decode) == want
