@@ -12,6 +12,7 @@ resumed, so with the fault on every decode worker the one that takes the request
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
@@ -34,6 +35,13 @@ def value(name: str) -> str | None:
 def number(name: str) -> float | None:
     v = ACTIVE.get(name)
     return None if v is None else float(v)
+
+
+async def flushed(seconds: float = 0.25) -> None:
+    """Time for what this worker has streamed to leave it: gRPC may still hold the last messages when the
+    generator resumes, and a kill then loses them; the router, having seen no token, would resume the request
+    as a new one on a worker that the fault does not spare (a clean-clone run failed so)."""
+    await asyncio.sleep(seconds)
 
 
 def kill_self() -> None:

@@ -78,8 +78,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                         yield decode_pb2.GenerateEvent(update=update)
                         streamed = len(item.outputs[0].token_ids) if item.outputs else 0
                         if kill_after is not None and streamed >= kill_after:
+                            await faults.flushed()
                             faults.kill_self()
                         if stop_after is not None and streamed >= stop_after:
+                            await faults.flushed()
                             faults.stop_self()
             except LeaseExpired as exc:
                 span.add_event("lease expired")
