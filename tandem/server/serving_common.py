@@ -202,6 +202,17 @@ def usage_of(outs: list[RequestOutput], prompt_tokens: int | None = None,
                {"completion_tokens_details": {"reasoning_tokens": reasoning_tokens}})}
 
 
+def joined_text(content: Any, kinds: tuple[str, ...], what: str, param: str) -> str:
+    """Message content as one string: a string, or text parts (of the given types) joined by newlines."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") in kinds
+                                         and isinstance(part.get("text"), str) for part in content):
+        return "\n".join(part["text"] for part in content)
+    raise bad_request(f"{what} must be a string or a list of text parts ({', '.join(kinds)}): no other kinds "
+                      "are supported", param)
+
+
 def stop_holdback(text: str, stops: list[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of a stop string: text a
     stream must not emit yet, since the next token may complete the stop (and cut it)."""

@@ -24,8 +24,8 @@ from tandem.outputs import CompletionOutput, RequestOutput
 from tandem.server.errors import anthropic_body, bad_request
 from tandem.server.protocol import ChatCompletionRequest, OpenAIModel, SamplingRequest
 from tandem.server.serving_chat import ChatServing, Sent, Started, final_output
-from tandem.server.serving_common import (SSEResponse, cancel_on_disconnect, dumps, merge_streams, stream_error,
-                                          usage_of)
+from tandem.server.serving_common import (SSEResponse, cancel_on_disconnect, dumps, joined_text, merge_streams,
+                                          stream_error, usage_of)
 
 
 class AnthropicMessage(OpenAIModel):
@@ -62,19 +62,10 @@ class MessagesRequest(CountTokensRequest, SamplingRequest):
     metadata: dict[str, Any] | None = None  # accepted (user_id), unused
 
 
-def _text(content: Any, where: str, param: str) -> str:
-    """A string, or text blocks joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text"
-                                         and isinstance(b.get("text"), str) for b in content):
-        return "\n".join(b["text"] for b in content)
-    raise bad_request(f"{where} must be a string or a list of text blocks", param)
-
-
 def _messages(req: CountTokensRequest) -> list[dict[str, Any]]:
     """The conversation in chat's shape."""
-    out = [{"role": "system", "content": _text(req.system, "system", "system")}] if req.system else []
+    system = joined_text(req.system, ("text",), "system", "system") if req.system else None
+    out = [{"role": "system", "content": system}] if system is not None else []
     for i, m in enumerate(req.messages):
         blocks = [{"type": "text", "text": m.content}] if isinstance(m.content, str) else m.content
         texts: list[str] = []
@@ -98,7 +89,8 @@ def _messages(req: CountTokensRequest) -> list[dict[str, Any]]:
             elif kind == "tool_result" and m.role == "user" and isinstance(block.get("tool_use_id"), str):
                 flush()
                 out.append({"role": "tool", "tool_call_id": block["tool_use_id"],
-                            "content": _text(block.get("content") or "", f"{where}.content", "messages")})
+                            "content": joined_text(block.get("content") or "", ("text",), f"{where}.content",
+                                                   "messages")})
             else:
                 raise bad_request(f"{where}: {kind!r} blocks are not supported in {m.role} messages (text, "
                                   "tool_use and thinking in assistant ones, text and tool_result in user ones)",

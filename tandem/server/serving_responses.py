@@ -10,8 +10,8 @@ its name is written, response.function_call_arguments.delta as its arguments gro
 ended (with the message's); the completed response is the non-streamed one. With --reasoning-parser the reply's
 `<think>` part is a reasoning item before the message (its text as `reasoning_text` content), streamed as
 response.reasoning_text.delta ... .done; reasoning items in the input (clients send them back, and stored
-conversations hold them) are dropped from the prompt, as chat templates drop past reasoning. A finished response (completed or
-incomplete, not failed) is stored unless `store: false` (response_store.py): `previous_response_id` continues
+conversations hold them) are dropped from the prompt, as chat templates drop past reasoning. A finished
+response (completed or incomplete, not failed) is stored unless `store: false` (response_store.py): `previous_response_id` continues
 its conversation (its instructions are not carried over, as OpenAI's are not), so an agent sends only the
 new turn or its calls' outputs. `background` is refused.
 """
@@ -33,7 +33,10 @@ from tandem.server.response_items import (call_item, finished, item_id, message_
                                           reasoning_part, text_part)
 from tandem.server.response_store import ResponseStore
 from tandem.server.serving_chat import ChatServing, Sent, Started, final_output
-from tandem.server.serving_common import SSEResponse, cancel_on_disconnect, dumps, merge_streams, stream_error
+from tandem.server.serving_common import (SSEResponse, cancel_on_disconnect, dumps, joined_text, merge_streams,
+                                          stream_error)
+
+_TEXT_PARTS = ("input_text", "output_text", "text")
 
 
 class ResponsesRequest(SamplingRequest):
@@ -48,21 +51,6 @@ class ResponsesRequest(SamplingRequest):
     metadata: dict[str, str] | None = None
     previous_response_id: str | None = None
     background: bool = False
-
-
-def _text(content: Any, where: str) -> str:
-    """A message's content: a string, or its text parts joined."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise bad_request(f"{where}.content must be a string or a list of parts", "input")
-    texts = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
-            raise bad_request(f"{where}: content parts of type {kind!r} are not supported: only text parts", "input")
-        texts.append(part["text"])
-    return "\n".join(texts)
 
 
 def input_items(req: ResponsesRequest) -> list[dict[str, Any]]:
@@ -82,7 +70,8 @@ def _messages(instructions: str | None, history: list[dict[str, Any]],
         if kind == "reasoning":
             continue  # past reasoning does not go back into the prompt, as chat templates drop it
         if kind == "message" and item.get("role") in ("user", "system", "developer", "assistant"):
-            messages.append({"role": item["role"], "content": _text(item.get("content"), where)})
+            text = joined_text(item.get("content"), _TEXT_PARTS, f"{where}.content", "input")
+            messages.append({"role": item["role"], "content": text})
         elif kind == "function_call" and isinstance(item.get("name"), str):
             call = {"id": item.get("call_id") or item.get("id") or f"call_{secrets.token_hex(8)}", "type": "function",
                     "function": {"name": item["name"], "arguments": item.get("arguments") or "{}"}}
@@ -181,7 +170,8 @@ class ResponsesServing:
                 "max_output_tokens": req.max_output_tokens, "temperature": started.params.temperature,
                 "top_p": started.params.top_p, "tools": req.tools or [], "tool_choice": req.tool_choice or "auto",
                 "parallel_tool_calls": req.parallel_tool_calls, "text": req.text or {"format": {"type": "text"}},
-                "previous_response_id": req.previous_response_id, "store": req.store and storing, "metadata": req.metadata or {}, "usage": None}
+                "previous_response_id": req.previous_response_id, "store": req.store and storing,
+                "metadata": req.metadata or {}, "usage": None}
 
     async def _full(self, started: Started, shell: dict[str, Any]) -> dict[str, Any]:
         final = await final_output(started.stream)
